@@ -1,0 +1,1 @@
+"""The Engram table service: rows, shards, tiers. Never imports `trainer`."""

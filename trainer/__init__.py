@@ -1,0 +1,1 @@
+"""The model side: tokenizer compression, N-gram hashing, the Engram module, training."""
