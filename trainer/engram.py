@@ -1,0 +1,201 @@
+"""The Engram module: hashed N-gram rows, gated by the hidden state, fused into the residual.
+
+ENGRAM.md §3. Per position t the row ids of every (order n, head k) table are known from the
+tokens alone (trainer/hashing.py); the rows are concatenated into e_t, projected to a key and a
+value, and each of the M residual branches gates the shared value with its own key and norms:
+
+    alpha_m = sigmoid(s(RMSNorm_h,m(h_m) . RMSNorm_k,m(W_K,m e) / sqrt(D))),  s(x) = sign(x) sqrt(|x|)
+    v~_m    = alpha_m * W_V e
+    Y_m     = SiLU(CausalDepthwiseConv(RMSNorm_m(v~_m))) + v~_m       (kernel 4, dilation = max_ngram)
+
+The tables sit behind `EngramTables`, so the module never changes when rows move out of process.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from memory_service.rows import init_rows, table_seed
+
+
+@dataclass(frozen=True)
+class EngramConfig:
+    """Sizes of the Engram layers of one model. `table_sizes` is per N-gram order n = 2..max_ngram;
+    the hashing rounds each head's size up to a distinct prime."""
+
+    hidden_size: int = 1024
+    num_branches: int = 4
+    max_ngram: int = 3
+    heads_per_ngram: int = 8
+    d_mem: int = 512  # retrieved width per N-gram order; each head's row is d_mem / heads wide
+    table_sizes: tuple[int, ...] = (129280 * 5, 129280 * 5)
+    layer_ids: tuple[int, ...] = (1, 15)
+    kernel_size: int = 4
+    use_gate: bool = True  # False: the ablation that adds the value ungated
+    init_scale: float = 1.0  # std of the initial rows (nn.Embedding's default is 1)
+    seed: int = 0  # hashing seed and base of every table's init seed
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "table_sizes", tuple(self.table_sizes))
+        object.__setattr__(self, "layer_ids", tuple(self.layer_ids))
+        if self.max_ngram < 2:
+            raise ValueError(f"max_ngram {self.max_ngram} must be >= 2")
+        if len(self.table_sizes) != self.max_ngram - 1:
+            raise ValueError(f"table_sizes {self.table_sizes} needs one size per order 2..{self.max_ngram}")
+        if self.d_mem % self.heads_per_ngram:
+            raise ValueError(f"d_mem {self.d_mem} must be a multiple of heads_per_ngram {self.heads_per_ngram}")
+        for name in ("hidden_size", "num_branches", "heads_per_ngram", "d_mem", "kernel_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} {getattr(self, name)} must be >= 1")
+        if self.init_scale <= 0:
+            raise ValueError(f"init_scale {self.init_scale} must be > 0")
+
+    @property
+    def num_heads(self) -> int:
+        """Tables per Engram layer: one per (order, head)."""
+        return (self.max_ngram - 1) * self.heads_per_ngram
+
+    @property
+    def head_width(self) -> int:
+        return self.d_mem // self.heads_per_ngram
+
+    @property
+    def retrieved_width(self) -> int:
+        """Width of e_t: (max_ngram - 1) * d_mem."""
+        return (self.max_ngram - 1) * self.d_mem
+
+    @classmethod
+    def from_name(cls, name: str, **overrides) -> "EngramConfig":
+        if name not in ENGRAM_PRESETS:
+            raise ValueError(f"unknown Engram preset {name!r}; known: {sorted(ENGRAM_PRESETS)}")
+        return cls(**{**ENGRAM_PRESETS[name], **overrides})
+
+
+ENGRAM_PRESETS: dict[str, dict] = {
+    # The reference demo (engram_demo_v1.py).
+    "demo": dict(hidden_size=1024, num_branches=4, max_ngram=3, heads_per_ngram=8, d_mem=512,
+                 table_sizes=(129280 * 5, 129280 * 5), layer_ids=(1, 15), seed=0),
+    # Trains on 2 CPU cores: the quality benchmark's size.
+    "tiny": dict(hidden_size=256, num_branches=4, max_ngram=3, heads_per_ngram=4, d_mem=128,
+                 table_sizes=(100_000, 100_000), layer_ids=(1,), seed=0),
+}
+
+
+class EngramTables(nn.Module):
+    """Where rows live. `lookup(layer, row_ids)`: (B, T, H) int64 -> (B, T, H * head_width)."""
+
+    def lookup(self, layer: int, row_ids: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def forward(self, layer: int, row_ids: torch.Tensor) -> torch.Tensor:
+        return self.lookup(layer, row_ids)
+
+
+class LocalTables(EngramTables):
+    """All (order, head) tables of each Engram layer in-process, as one embedding per layer whose
+    rows are the heads' tables laid end to end (one gather per layer instead of H).
+
+    `sparse=True` gives the sparse gradients `torch.optim.SparseAdam` needs; initial rows come from
+    `memory_service.rows.init_rows`, so they equal the table service's rows for the same seed.
+    """
+
+    def __init__(self, cfg: EngramConfig, sizes: dict[int, list[int]], sparse: bool = True,
+                 dtype: torch.dtype = torch.float32):
+        super().__init__()
+        self.cfg = cfg
+        self.sizes = {layer: list(s) for layer, s in sizes.items()}
+        self.embeddings = nn.ModuleDict()
+        for layer, layer_sizes in self.sizes.items():
+            if len(layer_sizes) != cfg.num_heads:
+                raise ValueError(f"layer {layer}: {len(layer_sizes)} table sizes, expected {cfg.num_heads}")
+            offsets = torch.tensor(np.cumsum([0] + layer_sizes[:-1]), dtype=torch.int64)  # (H,)
+            self.register_buffer(f"offsets_{layer}", offsets, persistent=False)
+            emb = nn.Embedding(sum(layer_sizes), cfg.head_width, sparse=sparse, dtype=dtype)
+            with torch.no_grad():
+                emb.weight.copy_(torch.from_numpy(self.initial_rows(layer)))
+            self.embeddings[str(layer)] = emb
+
+    def initial_rows(self, layer: int) -> np.ndarray:
+        """(sum of sizes, head_width) float32: each head's table from its own seed."""
+        return np.concatenate([
+            init_rows(table_seed(self.cfg.seed, layer, head), np.arange(size), self.cfg.head_width,
+                      self.cfg.init_scale)
+            for head, size in enumerate(self.sizes[layer])
+        ])
+
+    def lookup(self, layer: int, row_ids: torch.Tensor) -> torch.Tensor:
+        offsets = getattr(self, f"offsets_{layer}")  # (H,)
+        rows = self.embeddings[str(layer)](row_ids + offsets)  # (B, T, H, w)
+        return rows.flatten(-2)  # (B, T, H * w)
+
+
+def signed_sqrt(x: torch.Tensor) -> torch.Tensor:
+    """sign(x) * sqrt(max(|x|, 1e-6)): the reference's squashing of the gate logit."""
+    return x.abs().clamp_min(1e-6).sqrt() * x.sign()
+
+
+class Engram(nn.Module):
+    """One Engram layer over M residual branches. forward(hidden (B, T, M, D), rows (B, T, E))
+    returns Y (B, T, M, D), to be added to the residual: H <- H + Y."""
+
+    def __init__(self, cfg: EngramConfig):
+        super().__init__()
+        self.cfg = cfg
+        D, M, E = cfg.hidden_size, cfg.num_branches, cfg.retrieved_width
+        # One fused projection: rows [0, D) are W_V (shared), then M blocks of W_K (one per branch).
+        self.proj = nn.Linear(E, (M + 1) * D, bias=False)
+        self.key_norms = nn.ModuleList([nn.RMSNorm(D, eps=1e-6) for _ in range(M)])
+        self.query_norms = nn.ModuleList([nn.RMSNorm(D, eps=1e-6) for _ in range(M)])
+        self.value_norms = nn.ModuleList([nn.RMSNorm(D, eps=1e-6) for _ in range(M)])
+        dilation = cfg.max_ngram
+        self.conv = nn.Conv1d(M * D, M * D, cfg.kernel_size, groups=M * D, bias=False,
+                              padding=(cfg.kernel_size - 1) * dilation, dilation=dilation)
+        self.reset_parameters()
+
+    def reset_parameters(self, std: float = 0.02, generator: torch.Generator | None = None) -> None:
+        """W_V and one W_K drawn, the W_K copied to every branch so an M-branch model starts as the
+        M=1 model (same random draws whatever M); conv zero so the module starts as the gated value."""
+        D, M = self.cfg.hidden_size, self.cfg.num_branches
+        with torch.no_grad():
+            w = self.proj.weight.view(M + 1, D, -1)  # (M+1, D, E)
+            nn.init.normal_(w[0], std=std, generator=generator)
+            nn.init.normal_(w[1], std=std, generator=generator)
+            w[2:] = w[1]
+            nn.init.zeros_(self.conv.weight)
+
+    def gates(self, hidden: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
+        """hidden, keys (B, T, M, D) -> alpha (B, T, M, 1)."""
+        q = torch.stack([n(hidden[:, :, m]) for m, n in enumerate(self.query_norms)], dim=2)
+        k = torch.stack([n(keys[:, :, m]) for m, n in enumerate(self.key_norms)], dim=2)
+        logit = (q * k).sum(-1, keepdim=True) / math.sqrt(self.cfg.hidden_size)  # (B, T, M, 1)
+        return torch.sigmoid(signed_sqrt(logit))
+
+    def value_path(self, gated: torch.Tensor) -> torch.Tensor:
+        """v~ (B, T, M, D) -> SiLU(conv(RMSNorm(v~))) + v~, causal along T."""
+        B, T, M, D = gated.shape
+        normed = torch.cat([n(gated[:, :, m]) for m, n in enumerate(self.value_norms)], dim=-1)  # (B, T, M*D)
+        conv = self.conv(normed.transpose(1, 2))[..., :T]  # (B, M*D, T): left padding only = causal
+        return F.silu(conv).transpose(1, 2).reshape(B, T, M, D) + gated
+
+    def forward(self, hidden: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+        B, T, M, D = hidden.shape
+        if M != self.cfg.num_branches or D != self.cfg.hidden_size:
+            raise ValueError(f"hidden {tuple(hidden.shape)} does not match M={self.cfg.num_branches}, "
+                             f"D={self.cfg.hidden_size}")
+        projected = self.proj(rows.to(hidden.dtype)).view(B, T, M + 1, D)  # (B, T, M+1, D)
+        value, keys = projected[:, :, :1], projected[:, :, 1:]  # (B, T, 1, D), (B, T, M, D)
+        if self.cfg.use_gate:
+            gated = self.gates(hidden, keys) * value  # (B, T, M, D)
+        else:
+            gated = value.expand(B, T, M, D)
+        return self.value_path(gated)
+
+    def flops_per_token(self) -> int:
+        """Multiply-adds x2 of the projections: what an iso-FLOPs baseline must spend elsewhere."""
+        cfg = self.cfg
+        return 2 * cfg.retrieved_width * (cfg.num_branches + 1) * cfg.hidden_size

@@ -1,0 +1,38 @@
+"""Raw token ids -> Engram row ids of every Engram layer: compression, then multi-head hashing.
+
+Row ids depend only on the tokens, so they are computed as soon as a batch (or a sampled token) is
+known, on the tokens' device, before the forward pass needs the rows.
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from trainer.engram import EngramConfig
+from trainer.hashing import NgramHashConfig, NgramHasher
+from trainer.tokenizer_compression import TokenizerCompression
+
+
+def identity_compression(vocab_size: int) -> TokenizerCompression:
+    """The no-compression ablation: every raw id is its own canonical id."""
+    return TokenizerCompression(lookup=np.arange(vocab_size, dtype=np.int64), num_canonical=vocab_size)
+
+
+class RowIndexer:
+    """Maps raw token ids (B, T) to {layer: row ids (B, T, H)} for an Engram config."""
+
+    def __init__(self, cfg: EngramConfig, compression: TokenizerCompression, raw_pad_id: int):
+        self.cfg = cfg
+        self.compression = compression
+        self.hasher = NgramHasher(NgramHashConfig(
+            vocab_size=compression.num_canonical, table_sizes=cfg.table_sizes, max_ngram=cfg.max_ngram,
+            heads_per_ngram=cfg.heads_per_ngram, layer_ids=cfg.layer_ids,
+            pad_id=compression.map_pad(raw_pad_id), seed=cfg.seed))
+
+    def table_sizes(self) -> dict[int, list[int]]:
+        """{layer: prime row count of each (order, head) table, in row-id column order}."""
+        return {layer: self.hasher.table_sizes(layer) for layer in self.cfg.layer_ids}
+
+    def __call__(self, tokens: torch.Tensor) -> dict[int, torch.Tensor]:
+        compressed = self.compression.compress_torch(tokens)  # (B, T)
+        return {layer: self.hasher.hash_torch(compressed, layer) for layer in self.cfg.layer_ids}

@@ -1,0 +1,156 @@
+"""Local training: the backbone with AdamW, the Engram tables with lazy sparse Adam (ENGRAM.md §4).
+
+Tables follow `torch.optim.SparseAdam` on `nn.Embedding(sparse=True)`: only rows in the batch move,
+one step counter per table, learning rate `table_lr_mult` (5) x the backbone's, no weight decay.
+"""
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from trainer.data import Batches, Corpus, CorpusConfig, eval_batches
+from trainer.engram import LocalTables
+from trainer.model import EngramLM, ModelConfig
+from trainer.row_index import RowIndexer, identity_compression
+from trainer.tokenizer_compression import TokenizerCompression
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """One local training run. `model` is a ModelConfig (a preset by default)."""
+
+    model: ModelConfig = field(default_factory=lambda: ModelConfig.from_name("tiny"))
+    corpus: CorpusConfig = field(default_factory=CorpusConfig)
+    steps: int = 200
+    batch_size: int = 16
+    lr: float = 3e-3
+    table_lr_mult: float = 5.0
+    weight_decay: float = 0.1
+    warmup_steps: int = 20
+    min_lr_ratio: float = 0.1
+    seed: int = 0
+    compress_tokens: bool = True  # False: the no-compression ablation
+    keep_whitespace_runs: bool = False
+    eval_batches: int = 16
+    threads: int | None = None
+    checkpoint: str | None = None
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        for name in ("steps", "batch_size", "eval_batches"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} {getattr(self, name)} must be >= 1")
+        if self.lr <= 0 or self.table_lr_mult <= 0:
+            raise ValueError(f"lr {self.lr} and table_lr_mult {self.table_lr_mult} must be > 0")
+        if not 0 <= self.warmup_steps < self.steps:
+            raise ValueError(f"warmup_steps {self.warmup_steps} must be in [0, steps={self.steps})")
+
+
+@dataclass
+class TrainResult:
+    val_loss: float
+    train_losses: list[float]
+    seconds: float
+    tokens_per_s: float
+    compression: str
+
+
+def lr_at(cfg: TrainConfig, step: int) -> float:
+    """Linear warmup, then cosine decay to min_lr_ratio x lr."""
+    if step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    progress = (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps)
+    return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+def build(cfg: TrainConfig, corpus: Corpus) -> tuple[EngramLM, RowIndexer | None, str]:
+    """The model for `cfg` on `corpus`, its row indexer (None for a baseline), and a compression summary."""
+    model_cfg = replace(cfg.model, vocab_size=corpus.vocab_size)
+    if model_cfg.engram is None:
+        return EngramLM(model_cfg, seed=cfg.seed), None, "no Engram"
+    if cfg.compress_tokens:
+        compression = TokenizerCompression.from_tokenizer(corpus.tokenizer, cfg.keep_whitespace_runs)
+    else:
+        compression = identity_compression(corpus.vocab_size)
+    indexer = RowIndexer(model_cfg.engram, compression, corpus.pad_id)
+    tables = LocalTables(model_cfg.engram, indexer.table_sizes(), sparse=True)
+    return EngramLM(model_cfg, tables, seed=cfg.seed), indexer, compression.summary()
+
+
+def make_optimizers(model: EngramLM, cfg: TrainConfig) -> list[torch.optim.Optimizer]:
+    """AdamW on the backbone (decay on matrices but the hyper-connection mix), SparseAdam on tables."""
+    named = [(n, p) for n, p in model.named_parameters() if not n.startswith("tables.")]
+    decay = [p for n, p in named if p.ndim >= 2 and not n.endswith(".mix")]
+    no_decay = [p for n, p in named if not (p.ndim >= 2 and not n.endswith(".mix"))]
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    optimizers: list[torch.optim.Optimizer] = [torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.95))]
+    if model.tables is not None:
+        optimizers.append(torch.optim.SparseAdam(list(model.tables.parameters()),
+                                                 lr=cfg.lr * cfg.table_lr_mult, betas=(0.9, 0.95)))
+    return optimizers
+
+
+def loss_on(model: EngramLM, indexer: RowIndexer | None, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    row_ids = indexer(x) if indexer is not None else None
+    logits = model(x, row_ids)  # (B, T, V)
+    return F.cross_entropy(logits.flatten(0, 1), y.flatten())
+
+
+@torch.no_grad()
+def evaluate(model: EngramLM, indexer: RowIndexer | None, batches: list) -> float:
+    """Mean held-out loss (nats/token) over fixed validation windows."""
+    model.eval()
+    losses = [loss_on(model, indexer, x, y).item() for x, y in batches]
+    model.train()
+    return sum(losses) / len(losses)
+
+
+def train(cfg: TrainConfig, corpus: Corpus | None = None) -> TrainResult:
+    """Train one model for cfg.steps and return its held-out loss."""
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    corpus = corpus or Corpus.load(cfg.corpus)
+    model, indexer, summary = build(cfg, corpus)
+    optimizers = make_optimizers(model, cfg)
+    context = cfg.model.context
+    batches = Batches(corpus.train, cfg.batch_size, context, seed=cfg.seed)
+    held_out = eval_batches(corpus.val, cfg.batch_size, context, cfg.eval_batches)
+    losses: list[float] = []
+    start = time.perf_counter()
+    bar = tqdm(range(cfg.steps), disable=not cfg.progress, desc="train", dynamic_ncols=True)
+    for step in bar:
+        lr = lr_at(cfg, step)
+        for opt in optimizers:
+            for group in opt.param_groups:
+                group["lr"] = lr * (cfg.table_lr_mult if isinstance(opt, torch.optim.SparseAdam) else 1.0)
+        x, y = batches.next()
+        loss = loss_on(model, indexer, x, y)
+        for opt in optimizers:
+            opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.dense_parameters(), 1.0)
+        for opt in optimizers:
+            opt.step()
+        losses.append(loss.item())
+        elapsed = time.perf_counter() - start
+        bar.set_postfix(loss=f"{losses[-1]:.3f}", tok_s=f"{(step + 1) * x.numel() / elapsed:,.0f}")
+    seconds = time.perf_counter() - start
+    val_loss = evaluate(model, indexer, held_out)
+    if cfg.checkpoint:
+        save_checkpoint(cfg, model, optimizers, Path(cfg.checkpoint))
+    return TrainResult(val_loss, losses, seconds, cfg.steps * cfg.batch_size * context / seconds, summary)
+
+
+def save_checkpoint(cfg: TrainConfig, model: EngramLM, optimizers: list, path: Path) -> None:
+    """Model, optimizer states and the config in one file, written atomically."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    torch.save({"config": asdict(cfg), "model": model.state_dict(),
+                "optimizers": [opt.state_dict() for opt in optimizers]}, tmp)
+    tmp.replace(path)
