@@ -212,7 +212,7 @@ def test_hash_all_covers_every_layer():
 
 # ---- torch path ------------------------------------------------------------------------------
 
-DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)]
 
 
 @pytest.mark.parametrize("device", DEVICES)

@@ -142,8 +142,7 @@ def test_compress_rejects_non_integer_ids(compression):
         compression.compress_torch(torch.tensor([0.0]))
 
 
-DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
-    not torch.cuda.is_available(), reason="needs a CUDA device"))]
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)]
 
 
 @pytest.mark.parametrize("device", DEVICES)

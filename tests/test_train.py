@@ -1,0 +1,71 @@
+"""Local training end to end on a real (small) corpus, and the `engram train-local` command."""
+import shutil
+import sysconfig
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import torch
+
+from trainer.cli import main
+from trainer.data import CorpusConfig
+from trainer.engram import EngramConfig
+from trainer.model import ModelConfig
+from trainer.train import TrainConfig, lr_at, train
+
+
+@pytest.fixture(scope="module")
+def corpus_dir(tmp_path_factory) -> Path:
+    """Twenty real stdlib modules copied into a folder: a corpus users would bring."""
+    root = tmp_path_factory.mktemp("corpus")
+    stdlib = Path(sysconfig.get_paths()["stdlib"])
+    for name in ["argparse", "json/decoder", "json/encoder", "textwrap", "string", "random", "heapq",
+                 "bisect", "fractions", "functools", "contextlib", "dataclasses", "enum", "shlex",
+                 "csv", "difflib", "glob", "fnmatch", "abc", "copy"]:
+        shutil.copy(stdlib / f"{name}.py", root / f"{name.replace('/', '_')}.py")
+    return root
+
+
+def small_train_config(corpus_dir: Path, tmp_path: Path, **kw) -> TrainConfig:
+    e = EngramConfig(hidden_size=32, num_branches=2, max_ngram=3, heads_per_ngram=2, d_mem=16,
+                     table_sizes=(1009, 1009), layer_ids=(0,), init_scale=0.1)
+    model = ModelConfig(hidden_size=32, num_layers=2, num_heads=2, mlp_hidden=64, context=32,
+                        num_branches=2, engram=e)
+    corpus = CorpusConfig(corpus_dir=str(corpus_dir), vocab_size=512, cache_dir=str(tmp_path / "cache"))
+    return TrainConfig(model=model, corpus=corpus, steps=30, batch_size=8, warmup_steps=3, eval_batches=2,
+                       progress=False, **kw)
+
+
+def test_training_lowers_loss_and_checkpoints(corpus_dir, tmp_path):
+    ckpt = tmp_path / "model.pt"
+    result = train(small_train_config(corpus_dir, tmp_path, checkpoint=str(ckpt)))
+    first, last = sum(result.train_losses[:3]) / 3, sum(result.train_losses[-3:]) / 3
+    assert last < first - 0.5, (first, last)
+    assert result.val_loss < first
+    saved = torch.load(ckpt, weights_only=False)
+    assert saved["config"]["steps"] == 30
+    assert any(k.startswith("tables.embeddings.0") for k in saved["model"])
+    assert len(saved["optimizers"]) == 2  # AdamW on the backbone, SparseAdam on the tables
+    assert "smaller" in result.compression
+
+
+def test_same_seed_same_result(corpus_dir, tmp_path):
+    cfg = replace(small_train_config(corpus_dir, tmp_path), steps=4, warmup_steps=1)
+    assert train(cfg).train_losses == train(cfg).train_losses
+
+
+def test_lr_schedule_warms_up_then_decays():
+    cfg = TrainConfig(steps=100, warmup_steps=10, lr=1.0, min_lr_ratio=0.1)
+    assert lr_at(cfg, 0) == pytest.approx(0.1)
+    assert lr_at(cfg, 9) == pytest.approx(1.0)
+    assert lr_at(cfg, 99) == pytest.approx(0.1, abs=0.01)
+    with pytest.raises(ValueError, match="warmup_steps 5 must be in"):
+        TrainConfig(steps=5, warmup_steps=5)
+
+
+def test_cli_train_local(corpus_dir, tmp_path, capsys):
+    ckpt = tmp_path / "cli.pt"
+    assert main(["train-local", "--corpus", str(corpus_dir), "--steps", "2", "--batch-size", "2",
+                 "--context", "32", "--checkpoint", str(ckpt)]) == 0
+    out = capsys.readouterr().out
+    assert "held-out loss" in out and "tokenizer compression" in out and ckpt.exists()

@@ -1,0 +1,75 @@
+"""The `engram` command. It parses argv into config dataclasses and calls plain functions; it is the
+top layer, so the table service never imports the trainer."""
+from __future__ import annotations
+
+import argparse
+import sys
+from dataclasses import replace
+
+from trainer.data import Corpus, CorpusConfig
+from trainer.model import MODEL_PRESETS, ModelConfig
+from trainer.train import TrainConfig, train
+
+
+def add_train_args(p: argparse.ArgumentParser, steps: int, context: int | None = None) -> None:
+    p.add_argument("--preset", default="tiny", choices=sorted(MODEL_PRESETS), help="model size preset")
+    p.add_argument("--steps", type=int, default=steps)
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--context", type=int, default=context, help="tokens per sequence (default: the preset's)")
+    p.add_argument("--lr", type=float, default=3e-3, help="backbone learning rate (tables get 5x)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--corpus", default=None, help="folder of text/source files (default: Python stdlib)")
+    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--checkpoint", default=None, help="write the trained model here")
+    p.add_argument("--no-engram", action="store_true", help="train the iso-FLOPs baseline instead")
+    p.add_argument("--no-compression", action="store_true", help="hash raw token ids")
+    p.add_argument("--keep-whitespace-runs", action="store_true",
+                   help="tokenizer compression keeps whitespace runs (indentation) distinct")
+
+
+def train_config(args: argparse.Namespace) -> TrainConfig:
+    model = ModelConfig.from_name(args.preset)
+    if args.context:
+        model = replace(model, context=args.context)
+    if args.no_engram:
+        model = model.iso_flops_baseline()
+    return TrainConfig(model=model, corpus=CorpusConfig(corpus_dir=args.corpus), steps=args.steps,
+                       batch_size=args.batch_size, lr=args.lr, seed=args.seed, threads=args.threads,
+                       warmup_steps=min(20, args.steps // 10), checkpoint=args.checkpoint,
+                       compress_tokens=not args.no_compression,
+                       keep_whitespace_runs=args.keep_whitespace_runs)
+
+
+def cmd_train_local(args: argparse.Namespace) -> int:
+    cfg = train_config(args)
+    corpus = Corpus.load(cfg.corpus)
+    print(f"corpus: {len(corpus.train):,} train / {len(corpus.val):,} held-out tokens "
+          f"({corpus.num_train_files} / {corpus.num_val_files} files), vocab {corpus.vocab_size}")
+    result = train(cfg, corpus)
+    print(f"tokenizer compression: {result.compression}")
+    print(f"held-out loss {result.val_loss:.4f} nats/token after {cfg.steps} steps "
+          f"({result.tokens_per_s:,.0f} tokens/s)")
+    if cfg.checkpoint:
+        print(f"checkpoint: {cfg.checkpoint}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="engram", description="Engram memory: train and serve hashed N-gram tables")
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("train-local", help="train a model with in-process Engram tables")
+    add_train_args(p, steps=200)
+    p.set_defaults(func=cmd_train_local)
+    p = sub.add_parser("demo", help="the main job: train a small Engram model on the Python stdlib")
+    add_train_args(p, steps=60, context=128)
+    p.set_defaults(func=cmd_train_local)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(sys.argv[1:] if argv is None else argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
