@@ -52,13 +52,14 @@ def run_one(job: tuple[str, int, TrainConfig]) -> dict:
     name, seed, cfg = job
     result = train(replace(cfg, seed=seed))
     return {"variant": name, "seed": seed, "val_loss": result.val_loss, "seconds": result.seconds,
-            "tokens_per_s": result.tokens_per_s, "final_train_loss": result.train_losses[-1],
+            "tokens_per_s": result.tokens_per_s,
+            "train_loss_tail": statistics.mean(result.train_losses[-10:]),  # what tuning looked at
             "compression": result.compression}
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--steps", type=int, default=120)
+    p.add_argument("--steps", type=int, default=100)
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--context", type=int, default=128)
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
@@ -66,8 +67,10 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--jobs", type=int, default=2, help="runs in parallel, one thread each")
     p.add_argument("--corpus", default=None, help="folder of text/source files (default: Python stdlib)")
     p.add_argument("--lr", type=float, default=3e-3)
-    p.add_argument("--table-lr-mult", type=float, default=5.0)
-    p.add_argument("--init-scale", type=float, default=None, help="std of initial Engram rows")
+    # ENGRAM.md's recipe is 5x; on this 100-step schedule the training loss kept falling up to
+    # 50x (bench/results/quality.md records the sweep); 20x is the value used for the headline.
+    p.add_argument("--table-lr-mult", type=float, default=20.0)
+    p.add_argument("--init-scale", type=float, default=None, help="std of initial Engram rows (preset: 0.05)")
     p.add_argument("--threads", type=int, default=None, help="torch threads per run (default: cores / jobs)")
     p.add_argument("--out", default="bench/results/quality")
     p.add_argument("--json", action="store_true")

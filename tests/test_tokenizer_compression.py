@@ -166,3 +166,20 @@ def test_save_load_round_trip(byte_level_bpe, tmp_path):
 def test_rejects_a_lookup_that_misses_a_canonical_id():
     with pytest.raises(ValueError, match="does not map onto exactly 0..2"):
         TokenizerCompression(np.array([0, 2, 2], dtype=np.int64), 3)
+
+
+@pytest.mark.slow
+def test_ratio_on_the_corpus_tokenizer():
+    """The stdlib corpus's 8192-token BPE: report both rules' ratios (printed with -s)."""
+    from trainer.data import Corpus, CorpusConfig
+
+    tokenizer = Corpus.load(CorpusConfig()).tokenizer
+    default = TokenizerCompression.from_tokenizer(tokenizer)
+    keep = TokenizerCompression.from_tokenizer(tokenizer, keep_whitespace_runs=True)
+    print(f"\nstdlib BPE, default rule: {default.summary()}\nstdlib BPE, keep_whitespace_runs: {keep.summary()}")
+    assert 0.5 < default.ratio < 0.8
+    assert default.num_canonical < keep.num_canonical < default.raw_vocab_size
+    # indentation runs (3 and 8 spaces): merged by the default rule, kept apart by the variant
+    three, eight = tokenizer.token_to_id("ĠĠĠ"), tokenizer.token_to_id("ĠĠĠĠĠĠĠĠ")
+    assert default.lookup[three] == default.lookup[eight]
+    assert keep.lookup[three] != keep.lookup[eight]

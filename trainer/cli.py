@@ -3,7 +3,9 @@ top layer, so the table service never imports the trainer."""
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
+import threading
 from dataclasses import replace
 
 from trainer.data import Corpus, CorpusConfig
@@ -17,6 +19,8 @@ def add_train_args(p: argparse.ArgumentParser, steps: int, context: int | None =
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--context", type=int, default=context, help="tokens per sequence (default: the preset's)")
     p.add_argument("--lr", type=float, default=3e-3, help="backbone learning rate (tables get 5x)")
+    p.add_argument("--table-lr-mult", type=float, default=5.0,
+                   help="table learning rate / backbone's (ENGRAM.md: 5; bench_quality uses 20)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--corpus", default=None, help="folder of text/source files (default: Python stdlib)")
     p.add_argument("--threads", type=int, default=None)
@@ -34,7 +38,8 @@ def train_config(args: argparse.Namespace) -> TrainConfig:
     if args.no_engram:
         model = model.iso_flops_baseline()
     return TrainConfig(model=model, corpus=CorpusConfig(corpus_dir=args.corpus), steps=args.steps,
-                       batch_size=args.batch_size, lr=args.lr, seed=args.seed, threads=args.threads,
+                       batch_size=args.batch_size, lr=args.lr, table_lr_mult=args.table_lr_mult,
+                       seed=args.seed, threads=args.threads,
                        warmup_steps=min(20, args.steps // 10), checkpoint=args.checkpoint,
                        compress_tokens=not args.no_compression,
                        keep_whitespace_runs=args.keep_whitespace_runs)
@@ -54,12 +59,41 @@ def cmd_train_local(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    """Run a tables cluster until SIGINT/SIGTERM, then stop every shard cleanly."""
+    from memory_service.cluster import ClusterConfig, connect, start_local
+
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    config = dict(name=args.name, host=args.host, port=args.port)
+    ClusterConfig(num_shards=args.shards, **config)  # check arguments before starting anything
+    if args.address:
+        cluster = connect(args.address, num_shards=args.shards, **config)
+    else:
+        cluster = start_local(num_shards=args.shards, **config)
+    for a in cluster.addresses:
+        print(f"shard {a.shard_id}: {a.target}", flush=True)
+    print(f"serving {len(cluster.addresses)} shards of cluster {args.name!r}; Ctrl-C to stop", flush=True)
+    stop.wait()
+    cluster.shutdown()
+    print("stopped", flush=True)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="engram", description="Engram memory: train and serve hashed N-gram tables")
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("train-local", help="train a model with in-process Engram tables")
     add_train_args(p, steps=200)
     p.set_defaults(func=cmd_train_local)
+    p = sub.add_parser("serve", help="run a tables cluster (Ray shard actors serving gRPC) until interrupted")
+    p.add_argument("--shards", type=int, default=2)
+    p.add_argument("--address", default=None, help="Ray cluster to run on (default: an embedded local one)")
+    p.add_argument("--host", default="127.0.0.1", help="bind address of the shards' gRPC servers")
+    p.add_argument("--port", type=int, default=0, help="first shard's port (0: any free port)")
+    p.add_argument("--name", default="default", help="cluster name, for drivers that attach by name")
+    p.set_defaults(func=cmd_serve)
     p = sub.add_parser("demo", help="the main job: train a small Engram model on the Python stdlib")
     add_train_args(p, steps=60, context=128)
     p.set_defaults(func=cmd_train_local)

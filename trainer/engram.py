@@ -81,8 +81,10 @@ ENGRAM_PRESETS: dict[str, dict] = {
     "demo": dict(hidden_size=1024, num_branches=4, max_ngram=3, heads_per_ngram=8, d_mem=512,
                  table_sizes=(129280 * 5, 129280 * 5), layer_ids=(1, 15), seed=0),
     # Trains on 2 CPU cores: the quality benchmark's size.
+    # init_scale 0.05: with N(0, 1) rows the projected value (std ~0.3) swamped a residual stream
+    # of std 0.02 and the Engram model trailed the baseline by 4% at 100 steps; 0.05 fixed that.
     "tiny": dict(hidden_size=256, num_branches=4, max_ngram=3, heads_per_ngram=4, d_mem=128,
-                 table_sizes=(100_000, 100_000), layer_ids=(1,), seed=0),
+                 table_sizes=(100_000, 100_000), layer_ids=(1,), init_scale=0.05, seed=0),
 }
 
 
