@@ -63,15 +63,15 @@ def cmd_serve(args: argparse.Namespace) -> int:
     """Run a tables cluster until SIGINT/SIGTERM, then stop every shard cleanly."""
     from memory_service.cluster import ClusterConfig, connect, start_local
 
-    stop = threading.Event()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda *_: stop.set())
     config = dict(name=args.name, host=args.host, port=args.port)
     ClusterConfig(num_shards=args.shards, **config)  # check arguments before starting anything
     if args.address:
         cluster = connect(args.address, num_shards=args.shards, **config)
     else:
         cluster = start_local(num_shards=args.shards, **config)
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):  # after Ray's start: its driver installs its own
+        signal.signal(sig, lambda *_: stop.set())
     for a in cluster.addresses:
         print(f"shard {a.shard_id}: {a.target}", flush=True)
     print(f"serving {len(cluster.addresses)} shards of cluster {args.name!r}; Ctrl-C to stop", flush=True)

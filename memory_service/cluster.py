@@ -1,0 +1,202 @@
+"""Shards as Ray actors, each serving gRPC, found through a named registry actor.
+
+`start_local()` starts an embedded local Ray cluster on demand (the default: demo, tests);
+`connect(address)` attaches to a running Ray cluster (`ray start --head`, KubeRay). Either way the
+shard actors are real Ray actors placed with the custom resource `engram_shard`, so a deployment
+pins shards to nodes by declaring that resource only where shards should run.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+import socket
+import time
+from dataclasses import dataclass
+
+import ray
+
+from memory_service.shard import Shard
+
+NAMESPACE = "engram_memory"  # named actors are per namespace: every driver must use this one
+SHARD_RESOURCE = "engram_shard"
+
+
+@dataclass(frozen=True)
+class ShardAddress:
+    shard_id: int
+    host: str
+    port: int
+
+    @property
+    def target(self) -> str:
+        """gRPC target, "host:port"."""
+        return f"{self.host}:{self.port}"
+
+
+@dataclass(frozen=True)
+class ClusterConfig:
+    """Where and how shards run. `port` 0 lets each shard pick a free port; a fixed port P gives
+    shard i port P + i (Kubernetes needs fixed ports). `host` is the bind address (loopback by
+    default; binding elsewhere exposes the unauthenticated API)."""
+
+    num_shards: int = 2
+    name: str = "default"  # several tables clusters can share one Ray cluster under different names
+    host: str = "127.0.0.1"
+    port: int = 0
+    num_cpus_per_shard: float = 0.0  # shards mostly wait on IO; 0 keeps small machines schedulable
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.num_shards <= 4096:
+            raise ValueError(f"num_shards {self.num_shards} must be in [1, 4096]")
+        if not 0 <= self.port <= 65535 or (self.port and self.port + self.num_shards - 1 > 65535):
+            raise ValueError(f"port {self.port} with {self.num_shards} shards exceeds 65535")
+        if not self.name:
+            raise ValueError("cluster name must not be empty")
+
+
+@ray.remote(num_cpus=0)
+class Registry:
+    """(shard id -> address) of one tables cluster; a named actor so any driver finds it."""
+
+    def __init__(self, num_shards: int):
+        self.num_shards = num_shards
+        self.addresses: dict[int, ShardAddress] = {}
+
+    def register(self, address: ShardAddress) -> None:
+        self.addresses[address.shard_id] = address
+
+    def shards(self) -> list[ShardAddress]:
+        return [self.addresses[i] for i in sorted(self.addresses)]
+
+    def get_num_shards(self) -> int:
+        return self.num_shards
+
+
+@ray.remote(max_concurrency=4)
+class ShardActor:
+    """One shard: the plain `Shard` behind a gRPC server started inside the actor's process."""
+
+    def __init__(self, shard_id: int, num_shards: int, host: str, port: int, registry_name: str):
+        from memory_service.servicer import serve  # import in the actor process only
+
+        self.shard = Shard(shard_id, num_shards)
+        self.server = serve(self.shard, host=host, port=port)
+        advertised = node_ip() if host in ("0.0.0.0", "::") else host
+        self.address = ShardAddress(shard_id, advertised, self.server.port)
+        ray.get(ray.get_actor(registry_name, namespace=NAMESPACE).register.remote(self.address))
+
+    def get_address(self) -> ShardAddress:
+        return self.address
+
+    def counters(self) -> dict[str, int]:
+        return dataclasses.asdict(self.shard.counters)
+
+    def digest(self) -> str:
+        """Digest of every table's rows and optimizer state: proves a rejected request changed nothing."""
+        return self.shard.digest()
+
+    def rss_bytes(self) -> int:
+        """Anonymous resident memory of this actor's process (Linux), for memory budgets."""
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("RssAnon:"):
+                    return int(line.split()[1]) * 1024
+        return 0
+
+    def stop(self, grace: float = 1.0) -> None:
+        self.server.stop(grace)
+
+
+def node_ip() -> str:
+    return ray.util.get_node_ip_address() if ray.is_initialized() else socket.gethostbyname(socket.gethostname())
+
+
+class TableCluster:
+    """Handles to the shard actors of one tables cluster and their gRPC addresses."""
+
+    def __init__(self, config: ClusterConfig, actors: list, registry, owns_ray: bool, owns_actors: bool = True):
+        self.config = config
+        self.actors = actors
+        self.registry = registry
+        self.owns_ray = owns_ray
+        self.owns_actors = owns_actors  # False when attached to shards another driver started
+        self.addresses: list[ShardAddress] = ray.get(registry.shards.remote())
+
+    @property
+    def targets(self) -> list[str]:
+        return [a.target for a in self.addresses]
+
+    def client(self, **kwargs):
+        from memory_service.client import MemoryClient
+
+        return MemoryClient(self.targets, **kwargs)
+
+    def shutdown(self) -> None:
+        """Stop the gRPC servers and kill the actors if this object started them; stop Ray if it
+        started Ray."""
+        if self.owns_actors:
+            ray.get([a.stop.remote() for a in self.actors])
+            for actor in [*self.actors, self.registry]:
+                ray.kill(actor)
+        if self.owns_ray:
+            ray.shutdown()
+
+
+def registry_name(name: str) -> str:
+    return f"engram_registry:{name}"
+
+
+def init_local_ray(num_cpus: int | None = None) -> bool:
+    """Start the embedded single-machine Ray cluster if none is running in this process.
+
+    Loopback only and token auth off: this cluster never leaves the machine. Returns True if it
+    started Ray (and so should stop it)."""
+    if ray.is_initialized():
+        return False
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    ray.init(namespace=NAMESPACE, num_cpus=num_cpus, resources={SHARD_RESOURCE: 4096},
+             include_dashboard=False, log_to_driver=False, configure_logging=False)
+    return True
+
+
+def launch(config: ClusterConfig, owns_ray: bool = False) -> TableCluster:
+    """Start `config.num_shards` shard actors and wait until every one serves gRPC."""
+    name = registry_name(config.name)
+    registry = Registry.options(name=name, namespace=NAMESPACE).remote(config.num_shards)
+    actors = [
+        ShardActor.options(num_cpus=config.num_cpus_per_shard, resources={SHARD_RESOURCE: 1},
+                           name=f"engram_shard:{config.name}:{i}", namespace=NAMESPACE)
+        .remote(i, config.num_shards, config.host, config.port + i if config.port else 0, name)
+        for i in range(config.num_shards)
+    ]
+    ray.get([a.get_address.remote() for a in actors])  # raises here if a shard failed to start
+    return TableCluster(config, actors, registry, owns_ray)
+
+
+def start_local(num_shards: int = 2, **kwargs) -> TableCluster:
+    """Embedded default: a local Ray cluster started on demand, with `num_shards` shards."""
+    owns_ray = init_local_ray()
+    return launch(ClusterConfig(num_shards=num_shards, **kwargs), owns_ray=owns_ray)
+
+
+def connect(address: str, num_shards: int | None = None, **kwargs) -> TableCluster:
+    """Attach to a running Ray cluster at `address`. With `num_shards`, start that many shards
+    there; without, find the shards another driver started under the cluster name."""
+    owns_ray = False
+    if not ray.is_initialized():
+        ray.init(address=address, namespace=NAMESPACE, log_to_driver=False)
+        owns_ray = True
+    if num_shards is not None:
+        return launch(ClusterConfig(num_shards=num_shards, **kwargs), owns_ray=owns_ray)
+    config = ClusterConfig(**kwargs)
+    registry = ray.get_actor(registry_name(config.name), namespace=NAMESPACE)
+    expected = ray.get(registry.get_num_shards.remote())
+    deadline = time.monotonic() + 60
+    while len(ray.get(registry.shards.remote())) < expected:
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"only some of {expected} shards of cluster {config.name!r} registered in 60 s")
+        time.sleep(0.2)
+    actors = [ray.get_actor(f"engram_shard:{config.name}:{i}", namespace=NAMESPACE) for i in range(expected)]
+    return TableCluster(ClusterConfig(num_shards=expected, **kwargs), actors, registry, owns_ray, owns_actors=False)

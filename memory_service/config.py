@@ -1,0 +1,62 @@
+"""Configuration of tables and shards: typed, checked once, shared by the shard, servicer and client."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+OPTIMIZERS = ("sparse_adam", "adagrad", "sgd")
+DTYPES = ("float32", "bfloat16")
+MAX_TABLE_ROWS = 2**62
+
+
+@dataclass(frozen=True)
+class OptimizerConfig:
+    """The optimizer a shard applies to pushed gradients. `kind`: sparse_adam (lazy Adam with
+    torch.optim.SparseAdam's semantics), adagrad (torch.optim.Adagrad on sparse gradients) or sgd."""
+
+    kind: str = "sparse_adam"
+    lr: float = 1e-3
+    beta1: float = 0.9
+    beta2: float = 0.999
+    eps: float = 1e-8  # Adam's epsilon; Adagrad uses it too (torch default 1e-10 there: set it)
+    initial_accumulator_value: float = 0.0  # Adagrad only
+
+    def __post_init__(self) -> None:
+        if self.kind not in OPTIMIZERS:
+            raise ValueError(f"optimizer kind {self.kind!r} must be one of {OPTIMIZERS}")
+        if not self.lr > 0:
+            raise ValueError(f"optimizer lr {self.lr} must be > 0")
+        for name in ("beta1", "beta2"):
+            if not 0.0 <= getattr(self, name) < 1.0:
+                raise ValueError(f"optimizer {name} {getattr(self, name)} must be in [0, 1)")
+        if not self.eps > 0 or self.initial_accumulator_value < 0:
+            raise ValueError(f"optimizer eps {self.eps} must be > 0 and initial_accumulator_value "
+                             f"{self.initial_accumulator_value} >= 0")
+
+
+@dataclass(frozen=True)
+class TableConfig:
+    """One Engram table: `num_rows` rows of `width` values. Rows are created lazily from
+    (seed, row id) by memory_service.rows.init_rows with std `init_scale`. `dtype` is the dtype
+    rows travel in (storage and optimizer math are float32)."""
+
+    name: str
+    num_rows: int
+    width: int
+    dtype: str = "float32"
+    init_scale: float = 1.0
+    seed: int = 0
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+
+    def __post_init__(self) -> None:
+        if not self.name or len(self.name) > 256 or not self.name.isprintable():
+            raise ValueError(f"table name {self.name!r} must be 1..256 printable characters")
+        if not 1 <= self.num_rows <= MAX_TABLE_ROWS:
+            raise ValueError(f"table {self.name!r}: num_rows {self.num_rows} must be in [1, 2**62]")
+        if not 1 <= self.width <= 65536:
+            raise ValueError(f"table {self.name!r}: width {self.width} must be in [1, 65536]")
+        if self.dtype not in DTYPES:
+            raise ValueError(f"table {self.name!r}: dtype {self.dtype!r} must be one of {DTYPES}")
+        if not self.init_scale > 0:
+            raise ValueError(f"table {self.name!r}: init_scale {self.init_scale} must be > 0")
+        if not 0 <= self.seed < 2**64:
+            raise ValueError(f"table {self.name!r}: seed {self.seed} must be in [0, 2**64)")

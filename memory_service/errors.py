@@ -1,0 +1,21 @@
+"""Errors of the table service. Each maps to one gRPC status code in the servicer, and back to the
+same class in the client, so callers see the same exception in-process and over the wire."""
+
+
+class MemoryServiceError(Exception):
+    """Base class: a request the service rejected without changing any state."""
+
+
+class InvalidArgument(MemoryServiceError, ValueError):
+    """Bad ids, widths, dtypes or payloads (gRPC INVALID_ARGUMENT)."""
+
+
+class TableNotFound(MemoryServiceError, KeyError):
+    """The named table does not exist on this shard (gRPC NOT_FOUND)."""
+
+    def __str__(self) -> str:  # KeyError quotes its message; keep it readable
+        return str(self.args[0]) if self.args else ""
+
+
+class TableExists(MemoryServiceError):
+    """A table of this name exists with a different config (gRPC ALREADY_EXISTS)."""

@@ -1,0 +1,183 @@
+"""The gRPC face of one shard: `MemoryServicer` converts messages to numpy arrays and config
+dataclasses, calls the plain `Shard`, and converts back; `serve` runs it with the health service.
+
+The servicer holds no table logic. It checks only what the Shard's Python API cannot see: the dtype
+and width a message claims against the table's, payload lengths, and a table named twice in one
+request. It decodes a whole multi-table Push before calling `Shard.push`, which validates ids and
+applies all tables or none, so a rejected request changes no state.
+"""
+from __future__ import annotations
+
+import functools
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+
+from memory_service import wire
+from memory_service.errors import InvalidArgument, TableExists, TableNotFound
+from memory_service.rpc import memory_pb2, memory_pb2_grpc
+from memory_service.shard import Shard, TableInfo, TablePush
+from memory_service.wire import MAX_MESSAGE_BYTES, MESSAGE_OPTIONS  # noqa: F401 (re-exported)
+
+SERVICE_NAME = memory_pb2.DESCRIPTOR.services_by_name["MemoryService"].full_name
+# so_reuseport=0: a second server asking for a port in use fails instead of silently sharing it.
+SERVER_OPTIONS = (*MESSAGE_OPTIONS, ("grpc.so_reuseport", 0))
+# The status each service error travels as; the client maps it back to the same class.
+ERROR_STATUS = {
+    TableNotFound: grpc.StatusCode.NOT_FOUND,
+    TableExists: grpc.StatusCode.ALREADY_EXISTS,
+    ValueError: grpc.StatusCode.INVALID_ARGUMENT,  # InvalidArgument and the configs' checks
+}
+
+
+def _maps_errors(method):
+    """Abort the rpc with the status of a service error, its message as the details."""
+    @functools.wraps(method)
+    def wrapper(self, request, context):
+        try:
+            return method(self, request, context)
+        except tuple(ERROR_STATUS) as err:
+            code = next(code for cls, code in ERROR_STATUS.items() if isinstance(err, cls))
+            context.abort(code, str(err))
+    return wrapper
+
+
+class MemoryServicer(memory_pb2_grpc.MemoryServiceServicer):
+    """Serves one `Shard` over gRPC. gRPC calls it from a thread pool: the Shard's lock
+    serialises the requests."""
+
+    def __init__(self, shard: Shard) -> None:
+        self.shard = shard
+
+    @_maps_errors
+    def CreateTable(self, request, context):
+        info = self.shard.create_table(wire.table_config_from_proto(request.config))
+        return wire.table_info_to_proto(info)
+
+    @_maps_errors
+    def DescribeTable(self, request, context):
+        return wire.table_info_to_proto(self.shard.describe_table(request.name))
+
+    @_maps_errors
+    def DropTable(self, request, context):
+        self.shard.drop_table(request.name)
+        return memory_pb2.DropTableResponse()
+
+    @_maps_errors
+    def ListTables(self, request, context):
+        return memory_pb2.ListTablesResponse(names=sorted(self.shard.list_tables()))
+
+    @_maps_errors
+    def Fetch(self, request, context):
+        requests = {}  # table -> ids (n,) int64
+        for msg in request.tables:
+            _check_once(requests, msg.table, "fetch")
+            requests[msg.table] = wire.decode_ids(msg.ids, msg.table)
+        configs = {name: self.shard.describe_table(name).config for name in requests}
+        rows = self.shard.fetch(requests)  # table -> (n, width) float32
+        return memory_pb2.FetchResponse(tables=[
+            memory_pb2.TableRows(table=name, dtype=wire.dtype_to_proto(cfg.dtype), width=cfg.width,
+                                 rows=wire.encode_rows(rows[name], cfg.dtype))
+            for name, cfg in configs.items()])
+
+    @_maps_errors
+    def Push(self, request, context):
+        if not request.client_id:
+            raise InvalidArgument("push: client_id must be non-empty")
+        pushes = {}  # table -> TablePush, all decoded before the shard sees any
+        for msg in request.tables:
+            _check_once(pushes, msg.table, "push")
+            pushes[msg.table] = _decode_push(msg, self.shard.describe_table(msg.table))
+        rows_updated = self.shard.push(request.client_id, pushes)
+        return memory_pb2.PushResponse(rows_updated=rows_updated)
+
+    @_maps_errors
+    def Stats(self, request, context):
+        counters = self.shard.counters
+        return memory_pb2.StatsResponse(
+            shard_id=self.shard.shard_id, num_shards=self.shard.num_shards,
+            counters=memory_pb2.ShardCounters(
+                fetch_requests=counters.fetch_requests, fetch_rows=counters.fetch_rows,
+                push_requests=counters.push_requests, push_rows=counters.push_rows),
+            tables=[wire.table_stats_to_proto(info) for info in self._describe_all()])
+
+    def _describe_all(self) -> list[TableInfo]:
+        """Every table's info, sorted by name, skipping one dropped by a concurrent request."""
+        infos = []
+        for name in sorted(self.shard.list_tables()):
+            try:
+                infos.append(self.shard.describe_table(name))
+            except TableNotFound:
+                pass
+        return infos
+
+
+def _check_once(seen: dict, table: str, rpc: str) -> None:
+    if table in seen:
+        raise InvalidArgument(f"{rpc}: table {table!r} appears more than once in one request")
+
+
+def _decode_push(msg: memory_pb2.TableGrads, info: TableInfo) -> TablePush:
+    """One table's gradients -> TablePush, after checking dtype, width and payload lengths against
+    the table's config."""
+    cfg = info.config
+    dtype = wire.dtype_from_proto(msg.dtype, f"table {cfg.name!r}")
+    if dtype != cfg.dtype:
+        raise InvalidArgument(f"table {cfg.name!r}: grads dtype {dtype} does not match the table's "
+                              f"dtype {cfg.dtype}")
+    if msg.width != cfg.width:
+        raise InvalidArgument(f"table {cfg.name!r}: grads width {msg.width} does not match the "
+                              f"table's width {cfg.width}")
+    ids = wire.decode_ids(msg.ids, cfg.name)  # (n,) int64
+    grads = wire.decode_rows(msg.grads, len(ids), cfg.width, dtype, cfg.name)  # (n, width) float32
+    return TablePush(step=msg.step, ids=ids, grads=grads)
+
+
+@dataclass
+class ShardServer:
+    """A running gRPC server of one shard. `port` is the bound port (never 0)."""
+
+    server: grpc.Server
+    health: health.HealthServicer
+    host: str
+    port: int
+
+    @property
+    def address(self) -> str:
+        """'host:port', what grpc.insecure_channel takes."""
+        return _address(self.host, self.port)
+
+    def stop(self, grace: float | None = None) -> None:
+        """Report NOT_SERVING, finish in-flight rpcs for up to `grace` seconds, and stop."""
+        self.health.enter_graceful_shutdown()
+        self.server.stop(grace).wait()
+
+    def wait(self) -> None:
+        """Block until the server stops."""
+        self.server.wait_for_termination()
+
+
+def serve(shard: Shard, host: str = "127.0.0.1", port: int = 0,
+          max_workers: int = 8) -> ShardServer:
+    """Serve `shard` and the grpc.health.v1 service on host:port (port 0 picks a free port)."""
+    server = grpc.server(ThreadPoolExecutor(max_workers=max_workers), options=SERVER_OPTIONS)
+    memory_pb2_grpc.add_MemoryServiceServicer_to_server(MemoryServicer(shard), server)
+    health_servicer = _add_health(server)
+    bound = server.add_insecure_port(_address(host, port))  # raises RuntimeError if it cannot bind
+    server.start()
+    return ShardServer(server, health_servicer, host, bound)
+
+
+def _address(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"  # IPv6 hosts go in brackets
+
+
+def _add_health(server: grpc.Server) -> health.HealthServicer:
+    """The standard health service, SERVING for the whole server ("") and for MemoryService."""
+    servicer = health.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(servicer, server)
+    for service in ("", SERVICE_NAME):
+        servicer.set(service, health_pb2.HealthCheckResponse.SERVING)
+    return servicer

@@ -1,0 +1,193 @@
+"""A shard: its part of every table, behind the checks of the service's public edge.
+
+`Shard` is what a shard actor's gRPC servicer calls. It validates a whole request (every table,
+every id, every gradient) before touching any state, so a rejected request, even one naming
+several tables, changes nothing; it sums duplicate ids' gradients before the optimizer sees them
+(the update is non-linear, as torch's `grad.coalesce()` before SparseAdam); and one lock
+serialises requests because gRPC serves them from a thread pool.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import threading
+from dataclasses import dataclass
+
+import numpy as np
+
+from memory_service.config import TableConfig
+from memory_service.errors import InvalidArgument, TableExists, TableNotFound
+from memory_service.sharding import shard_of
+from memory_service.store import TableStore
+
+
+@dataclass(frozen=True)
+class TableInfo:
+    config: TableConfig
+    step: int
+    rows_materialized: int
+    nbytes: int
+
+
+@dataclass(frozen=True, eq=False)  # eq on ndarray fields would be ambiguous
+class TablePush:
+    """Gradients of one table: ids (n,) integer, grads (n, width) float, at table `step` >= 1."""
+
+    step: int
+    ids: np.ndarray
+    grads: np.ndarray
+
+
+@dataclass
+class ShardCounters:
+    """Requests and row ids served (rows before deduplication), to prove a shard did the work."""
+
+    fetch_requests: int = 0
+    fetch_rows: int = 0
+    push_requests: int = 0
+    push_rows: int = 0
+
+
+def _config_diff(a: object, b: object, prefix: str = "") -> list[str]:
+    """'field: a != b' for each differing field of two config dataclasses, nested ones flattened."""
+    diffs = []
+    for f in dataclasses.fields(a):
+        x, y = getattr(a, f.name), getattr(b, f.name)
+        if dataclasses.is_dataclass(x):
+            diffs += _config_diff(x, y, f"{prefix}{f.name}.")
+        elif x != y:
+            diffs.append(f"{prefix}{f.name} {x!r} != {y!r}")
+    return diffs
+
+
+def _sum_duplicates(ids: np.ndarray, grads: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """ids (n,), grads (n, w) -> distinct ids (m,) sorted, summed grads (m, w), in id order."""
+    order = np.argsort(ids, kind="stable")
+    ids, grads = ids[order], grads[order]
+    starts = np.flatnonzero(np.r_[True, ids[1:] != ids[:-1]])  # (m,) first of each run
+    if len(starts) == len(ids):
+        return ids, grads
+    return ids[starts], np.add.reduceat(grads, starts, axis=0)
+
+
+class Shard:
+    """Shard `shard_id` of `num_shards`: rows r with r % num_shards == shard_id of every table."""
+
+    def __init__(self, shard_id: int, num_shards: int) -> None:
+        if not 0 <= shard_id < num_shards:
+            raise InvalidArgument(f"shard id {shard_id} must be in [0, {num_shards})")
+        self.shard_id, self.num_shards = shard_id, num_shards
+        self.counters = ShardCounters()
+        self._tables: dict[str, TableStore] = {}
+        self._lock = threading.Lock()
+
+    def create_table(self, cfg: TableConfig) -> TableInfo:
+        """Creates the table; re-creating with the identical config is a no-op."""
+        with self._lock:
+            store = self._tables.get(cfg.name)
+            if store is None:
+                store = self._tables[cfg.name] = TableStore(cfg)
+            elif store.cfg != cfg:
+                diff = ", ".join(_config_diff(store.cfg, cfg))
+                raise TableExists(f"table {cfg.name!r} exists with a different config: {diff}")
+            return self._info(store)
+
+    def describe_table(self, name: str) -> TableInfo:
+        with self._lock:
+            return self._info(self._store(name))
+
+    def drop_table(self, name: str) -> None:
+        with self._lock:
+            self._store(name)
+            del self._tables[name]
+
+    def list_tables(self) -> list[str]:
+        with self._lock:
+            return sorted(self._tables)
+
+    def fetch(self, requests: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Rows of each table's ids (n,) -> (n, width) float32, in the ids' order, repeats kept."""
+        with self._lock:
+            checked = {name: self._checked_ids(name, ids) for name, ids in requests.items()}
+            self.counters.fetch_requests += 1
+            self.counters.fetch_rows += sum(len(ids) for ids in checked.values())
+            return {name: self._tables[name].read(ids) for name, ids in checked.items()}
+
+    def push(self, client_id: str, pushes: dict[str, TablePush]) -> int:
+        """Applies each table's gradients at its step; returns the number of distinct rows updated.
+
+        `client_id` names the sender for logs and metrics; updates do not depend on it.
+        """
+        with self._lock:
+            checked = {name: self._checked_push(name, p) for name, p in pushes.items()}
+            self.counters.push_requests += 1
+            self.counters.push_rows += sum(len(ids) for _, ids, _ in checked.values())
+            num_updated = 0
+            for name, (step, ids, grads) in checked.items():
+                if not len(ids):  # like torch, an empty gradient is no step
+                    continue
+                ids, grads = _sum_duplicates(ids, grads)
+                self._tables[name].update(ids, grads, step)
+                num_updated += len(ids)
+            return num_updated
+
+    def owns(self, ids: np.ndarray) -> bool:
+        """Whether every id (n,) lives on this shard."""
+        return bool(np.all(shard_of(ids, self.num_shards) == self.shard_id))
+
+    def digest(self) -> str:
+        """sha256 over every table's digest, in name order: equal iff no state changed."""
+        with self._lock:
+            h = hashlib.sha256()
+            for name in sorted(self._tables):
+                h.update(self._tables[name].digest().encode())
+            return h.hexdigest()
+
+    def _info(self, store: TableStore) -> TableInfo:
+        return TableInfo(store.cfg, store.step, store.num_materialized, store.nbytes)
+
+    def _store(self, name: str) -> TableStore:
+        if name not in self._tables:
+            raise TableNotFound(f"table {name!r} not found on shard {self.shard_id}")
+        return self._tables[name]
+
+    def _checked_ids(self, name: str, ids: np.ndarray) -> np.ndarray:
+        """ids of table `name` as (n,) int64, or InvalidArgument naming the first bad id."""
+        num_rows = self._store(name).cfg.num_rows
+        ids = np.asarray(ids)
+        if ids.ndim != 1 or not np.issubdtype(ids.dtype, np.integer):
+            raise InvalidArgument(f"table {name!r}: row ids must be a 1-D integer array, "
+                                  f"got {ids.dtype} of shape {ids.shape}")
+        bad = (ids < 0) | (ids >= num_rows)  # before the int64 cast: a uint64 id may not fit
+        if bad.any():
+            raise InvalidArgument(f"table {name!r}: row id {ids[bad.argmax()]} out of range "
+                                  f"[0, {num_rows})")
+        ids = ids.astype(np.int64, copy=False)
+        shards = shard_of(ids, self.num_shards)
+        if (foreign := shards != self.shard_id).any():
+            i = foreign.argmax()
+            raise InvalidArgument(f"table {name!r}: row id {ids[i]} belongs to shard {shards[i]} "
+                                  f"of {self.num_shards}, not to shard {self.shard_id}")
+        return ids
+
+    def _checked_push(self, name: str, push: TablePush) -> tuple[int, np.ndarray, np.ndarray]:
+        """(step, ids (n,) int64, grads (n, width) f32) of a valid push, else InvalidArgument."""
+        ids = self._checked_ids(name, push.ids)
+        width = self._tables[name].cfg.width
+        if not isinstance(push.step, (int, np.integer)) or push.step < 1:
+            raise InvalidArgument(f"table {name!r}: step {push.step} must be an integer >= 1")
+        grads = np.asarray(push.grads)
+        if grads.ndim != 2 or not np.issubdtype(grads.dtype, np.floating):
+            raise InvalidArgument(f"table {name!r}: gradients must be a 2-D float array "
+                                  f"(n, width), got {grads.dtype} of shape {grads.shape}")
+        if grads.shape[1] != width:
+            raise InvalidArgument(f"table {name!r}: gradient width {grads.shape[1]} != table "
+                                  f"width {width}")
+        if grads.shape[0] != len(ids):
+            raise InvalidArgument(f"table {name!r}: {grads.shape[0]} gradient rows != "
+                                  f"{len(ids)} row ids")
+        grads = grads.astype(np.float32, copy=False)
+        if not (finite := np.isfinite(grads).all(axis=1)).all():
+            i = finite.argmin()
+            raise InvalidArgument(f"table {name!r}: gradient of row id {ids[i]} is not finite")
+        return int(push.step), ids, grads

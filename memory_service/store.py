@@ -1,0 +1,159 @@
+"""One table's rows on one shard: lazily materialised rows and optimizer state in float32 arenas.
+
+A row costs memory only once a push has written it; until then a read returns
+`init_rows(seed, id)`, the value it would have had, so an untouched 100M-row table costs nothing
+and a row starts identical whatever the number of shards. Written rows live in growable arenas,
+ids (cap,), rows (cap, width) and state (cap, state_width), at a slot found through `_SlotIndex`, an
+open-addressing hash table probed with whole-array numpy operations: with 1M rows written it
+finds 16k ids in ~1 ms where a Python dict took 12 ms (2-core VM). tests/test_store.py prints
+the 16k read and update times.
+"""
+from __future__ import annotations
+
+import hashlib
+
+import numpy as np
+
+from memory_service.config import TableConfig
+from memory_service.optimizer import make_optimizer
+from memory_service.rows import init_rows
+
+_EMPTY = -1  # key of a free bucket (row ids are >= 0)
+_FIBONACCI = np.uint64(0x9E3779B97F4A7C15)  # multiplicative hash: spreads ids r = s mod N too
+
+
+class _SlotIndex:
+    """row id -> arena slot, linear probing at load <= 1/2, all ids of a call probed together."""
+
+    def __init__(self) -> None:
+        self._bits = 4
+        self._keys = np.full(1 << self._bits, _EMPTY, dtype=np.int64)  # (buckets,) row ids
+        self._slots = np.zeros(1 << self._bits, dtype=np.int64)  # (buckets,) arena slots
+        self.size = 0
+
+    @property
+    def nbytes(self) -> int:
+        return self._keys.nbytes + self._slots.nbytes
+
+    def _home(self, ids: np.ndarray) -> np.ndarray:
+        return (ids.astype(np.uint64) * _FIBONACCI >> np.uint64(64 - self._bits)).astype(np.int64)
+
+    def lookup(self, ids: np.ndarray) -> np.ndarray:
+        """ids: (n,) int64 -> (n,) int64 slots, -1 where the id has no slot."""
+        out = np.full(ids.shape[0], -1, dtype=np.int64)
+        pending, bucket = np.arange(ids.shape[0]), self._home(ids)  # (m,) each, shrinking
+        mask = len(self._keys) - 1
+        while pending.size:
+            keys = self._keys[bucket]
+            hit = keys == ids[pending]
+            out[pending[hit]] = self._slots[bucket[hit]]
+            probe_on = ~hit & (keys != _EMPTY)
+            pending, bucket = pending[probe_on], (bucket[probe_on] + 1) & mask
+        return out
+
+    def insert(self, ids: np.ndarray, slots: np.ndarray) -> None:
+        """Adds distinct ids, none present yet. ids, slots: (n,) int64."""
+        if 2 * (self.size + len(ids)) > len(self._keys):
+            self._grow(self.size + len(ids))
+        pending, bucket = np.arange(len(ids)), self._home(ids)
+        mask = len(self._keys) - 1
+        while pending.size:
+            free = self._keys[bucket] == _EMPTY
+            # Pending ids may reach the same free bucket: the first takes it, the rest probe on.
+            _, first = np.unique(bucket[free], return_index=True)
+            won, won_bucket = pending[free][first], bucket[free][first]
+            self._keys[won_bucket], self._slots[won_bucket] = ids[won], slots[won]
+            placed = np.zeros(len(ids), dtype=bool)
+            placed[won] = True
+            probe_on = ~placed[pending]
+            pending, bucket = pending[probe_on], (bucket[probe_on] + 1) & mask
+        self.size += len(ids)
+
+    def _grow(self, size: int) -> None:
+        live = self._keys != _EMPTY
+        ids, slots = self._keys[live], self._slots[live]
+        self._bits = max(self._bits + 1, (2 * size - 1).bit_length())
+        self._keys = np.full(1 << self._bits, _EMPTY, dtype=np.int64)
+        self._slots = np.zeros(1 << self._bits, dtype=np.int64)
+        self.size = 0
+        self.insert(ids, slots)
+
+
+class TableStore:
+    """The rows of one table held by one shard, and their optimizer state."""
+
+    def __init__(self, cfg: TableConfig) -> None:
+        self.cfg = cfg
+        self.optimizer = make_optimizer(cfg.optimizer)
+        self._state_width = self.optimizer.state_width(cfg.width)
+        self._index = _SlotIndex()
+        self._ids = np.empty(0, dtype=np.int64)  # (cap,) row id of each slot
+        self._rows = np.empty((0, cfg.width), dtype=np.float32)  # (cap, width)
+        self._state = np.empty((0, self._state_width), dtype=np.float32)  # (cap, state_width)
+        self._step = 0
+
+    @property
+    def step(self) -> int:
+        """The largest table step applied so far (0 before any push)."""
+        return self._step
+
+    @property
+    def num_materialized(self) -> int:
+        return self._index.size
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes held: the row and state arenas (capacity, up to 2x the rows written) and index."""
+        return self._ids.nbytes + self._rows.nbytes + self._state.nbytes + self._index.nbytes
+
+    def read(self, ids: np.ndarray) -> np.ndarray:
+        """Rows of `ids` (n,) int64 in range -> (n, width) float32; stores nothing."""
+        slots = self._index.lookup(ids)  # (n,)
+        missing = slots < 0
+        if not missing.any():
+            return self._rows[slots]
+        out = np.empty((len(ids), self.cfg.width), dtype=np.float32)
+        out[~missing] = self._rows[slots[~missing]]
+        out[missing] = init_rows(self.cfg.seed, ids[missing], self.cfg.width, self.cfg.init_scale)
+        return out
+
+    def update(self, ids: np.ndarray, grads: np.ndarray, step: int) -> None:
+        """Applies the optimizer at table `step` to distinct `ids` (n,) with `grads` (n, width)."""
+        slots = self._index.lookup(ids)  # (n,)
+        missing = slots < 0
+        if missing.any():
+            slots[missing] = self._materialize(ids[missing])
+        rows, state = self._rows[slots], self._state[slots]  # (n, w), (n, s) gathered copies
+        self.optimizer.apply(rows, state, grads, step)
+        self._rows[slots], self._state[slots] = rows, state
+        self._step = max(self._step, step)
+
+    def _materialize(self, ids: np.ndarray) -> np.ndarray:
+        """Gives new ids (m,) slots holding their initial row and state; returns the slots (m,)."""
+        first, size = self._index.size, self._index.size + len(ids)
+        if size > len(self._ids):
+            self._reserve(max(size, 2 * len(self._ids), 1024))
+        slots = np.arange(first, size, dtype=np.int64)
+        self._ids[slots] = ids
+        self._rows[slots] = init_rows(self.cfg.seed, ids, self.cfg.width, self.cfg.init_scale)
+        self._state[slots] = self.optimizer.initial_state(len(ids), self.cfg.width)
+        self._index.insert(ids, slots)
+        return slots
+
+    def _reserve(self, capacity: int) -> None:
+        used = self._index.size
+        for name in ("_ids", "_rows", "_state"):
+            old = getattr(self, name)
+            new = np.empty((capacity,) + old.shape[1:], dtype=old.dtype)
+            new[:used] = old[:used]
+            setattr(self, name, new)
+
+    def digest(self) -> str:
+        """sha256 of the config, step and every written (id, row, state), in id order."""
+        used = self._index.size
+        order = np.argsort(self._ids[:used])
+        h = hashlib.sha256(repr(self.cfg).encode())
+        h.update(np.int64(self._step).tobytes())
+        for arena in (self._ids, self._rows, self._state):
+            h.update(np.ascontiguousarray(arena[:used][order]).tobytes())
+        return h.hexdigest()

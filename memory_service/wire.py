@@ -1,0 +1,181 @@
+"""Messages <-> numpy arrays and config dataclasses: the one place that knows the wire formats of
+proto/engram_memory/v1/memory.proto, shared by the servicer and the client.
+
+Ids travel as int64 little-endian bytes, rows and gradients as row-major little-endian fp32 or bf16
+bytes. Decoding is zero-copy where the format allows (`np.frombuffer` over the message's bytes: the
+arrays are read-only views); bf16 decoding widens to a new float32 array.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from memory_service.config import OptimizerConfig, TableConfig
+from memory_service.errors import InvalidArgument
+from memory_service.rpc import memory_pb2
+from memory_service.shard import TableInfo
+
+# The largest batch the client sends in one message: 65536 rows x width 1024 fp32 = 256 MiB of rows
+# (plus 512 KiB of ids). gRPC's default 4 MiB receive limit would stop a 64k x 64 fp32 fetch
+# (16 MiB); the client splits batches bigger than this.
+MAX_BATCH_ROWS = 65536
+MAX_BATCH_WIDTH = 1024
+# 256 MiB of rows + 4 MiB for ids and framing = 260 MiB (272_629_760 bytes), far below gRPC's 2 GiB
+# hard cap. Servers and channels use it for both send and receive.
+MAX_MESSAGE_BYTES = MAX_BATCH_ROWS * MAX_BATCH_WIDTH * 4 + 4 * 2**20
+MESSAGE_OPTIONS = (
+    ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+    ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+)
+
+ITEMSIZE = {"float32": 4, "bfloat16": 2}
+_DTYPE_TO_PROTO = {"float32": memory_pb2.DTYPE_FLOAT32, "bfloat16": memory_pb2.DTYPE_BFLOAT16}
+_DTYPE_FROM_PROTO = {v: k for k, v in _DTYPE_TO_PROTO.items()}
+_OPTIMIZER_TO_PROTO = {
+    "sparse_adam": memory_pb2.OPTIMIZER_KIND_SPARSE_ADAM,
+    "adagrad": memory_pb2.OPTIMIZER_KIND_ADAGRAD,
+    "sgd": memory_pb2.OPTIMIZER_KIND_SGD,
+}
+_OPTIMIZER_FROM_PROTO = {v: k for k, v in _OPTIMIZER_TO_PROTO.items()}
+
+
+# --- ids and rows ---------------------------------------------------------------------------------
+
+def encode_ids(ids: np.ndarray) -> bytes:
+    """Row ids (n,) of any integer dtype -> n * 8 bytes of int64 little-endian."""
+    ids = np.asarray(ids)
+    if ids.dtype.kind not in "iu":
+        raise InvalidArgument(f"ids must be integers, got dtype {ids.dtype}")
+    return np.ascontiguousarray(ids.reshape(-1), dtype="<i8").tobytes()
+
+
+def decode_ids(payload: bytes, table: str) -> np.ndarray:
+    """int64 little-endian bytes -> read-only ids (n,) int64 viewing `payload` (no copy)."""
+    if len(payload) % 8:
+        raise InvalidArgument(f"table {table!r}: ids payload of {len(payload)} bytes is not a "
+                              f"multiple of 8 (int64 ids)")
+    return np.frombuffer(payload, dtype="<i8")
+
+
+def encode_rows(rows: np.ndarray, dtype: str) -> bytes:
+    """Rows (n, width) float32 -> row-major little-endian bytes in `dtype` (float32 or bfloat16)."""
+    rows = np.ascontiguousarray(rows, dtype="<f4")  # (n, width); no copy when already so
+    if dtype == "float32":
+        return rows.tobytes()
+    if dtype == "bfloat16":
+        return float32_to_bfloat16_bits(rows).tobytes()
+    raise InvalidArgument(f"dtype {dtype!r} must be one of {tuple(ITEMSIZE)}")
+
+
+def decode_rows(payload: bytes, n: int, width: int, dtype: str, table: str) -> np.ndarray:
+    """Row-major little-endian bytes -> rows (n, width) float32: a read-only view of `payload` for
+    float32, a new array for bfloat16. InvalidArgument when the length is not n*width*itemsize."""
+    if dtype not in ITEMSIZE:
+        raise InvalidArgument(f"table {table!r}: dtype {dtype!r} must be one of {tuple(ITEMSIZE)}")
+    expected = n * width * ITEMSIZE[dtype]
+    if len(payload) != expected:
+        raise InvalidArgument(f"table {table!r}: rows payload of {len(payload)} bytes, expected "
+                              f"{expected} ({n} rows x width {width} x {ITEMSIZE[dtype]} bytes "
+                              f"{dtype})")
+    if dtype == "float32":
+        return np.frombuffer(payload, dtype="<f4").reshape(n, width)
+    return bfloat16_bits_to_float32(np.frombuffer(payload, dtype="<u2")).reshape(n, width)
+
+
+def float32_to_bfloat16_bits(x: np.ndarray) -> np.ndarray:
+    """float32 array -> uint16 bf16 bit patterns of the same shape, rounded to nearest even like
+    torch's .to(torch.bfloat16): add 0x7FFF plus the lowest kept bit, keep the upper 16 bits.
+    Overflow rounds to +-inf as it should. NaN is special-cased, since the add could carry it into
+    inf or -0: it keeps its sign and upper payload bits, with the quiet bit set so that it stays a
+    NaN. (torch writes 0x7FC0 or 0xFFFF for NaN depending on its code path: any NaN will do.)"""
+    bits = np.ascontiguousarray(x, dtype="<f4").view(np.uint32)
+    rounded = (bits >> 16) & 1
+    rounded += 0x7FFF
+    rounded += bits  # wraps only for NaN bit patterns, which are overwritten below
+    out = (rounded >> 16).astype("<u2")
+    nan = np.isnan(x)
+    out[nan] = (bits[nan] >> 16) | 0x0040
+    return out
+
+
+def bfloat16_bits_to_float32(bits: np.ndarray) -> np.ndarray:
+    """uint16 bf16 bit patterns -> float32 array of the same shape (exact: bf16 is fp32's prefix)."""
+    return (bits.astype(np.uint32) << 16).view(np.float32)
+
+
+# --- enums ----------------------------------------------------------------------------------------
+
+def dtype_to_proto(dtype: str) -> int:
+    """'float32' / 'bfloat16' -> the DType enum value."""
+    return _DTYPE_TO_PROTO[dtype]
+
+
+def dtype_from_proto(value: int, what: str) -> str:
+    """DType enum value -> 'float32' / 'bfloat16'; InvalidArgument (naming `what`) otherwise."""
+    if value not in _DTYPE_FROM_PROTO:
+        raise InvalidArgument(f"{what}: dtype {_enum_name(memory_pb2.DType, value)} must be one of "
+                              f"DTYPE_FLOAT32, DTYPE_BFLOAT16")
+    return _DTYPE_FROM_PROTO[value]
+
+
+def _enum_name(enum, value: int) -> str:
+    return enum.Name(value) if value in enum.values() else str(value)
+
+
+# --- configs and table info -----------------------------------------------------------------------
+
+def optimizer_config_to_proto(cfg: OptimizerConfig) -> memory_pb2.OptimizerConfig:
+    return memory_pb2.OptimizerConfig(
+        kind=_OPTIMIZER_TO_PROTO[cfg.kind], lr=cfg.lr, beta1=cfg.beta1, beta2=cfg.beta2,
+        eps=cfg.eps, initial_accumulator_value=cfg.initial_accumulator_value)
+
+
+def optimizer_config_from_proto(msg: memory_pb2.OptimizerConfig, table: str) -> OptimizerConfig:
+    """InvalidArgument (naming the table) for an unknown kind or out-of-range hyperparameters."""
+    if msg.kind not in _OPTIMIZER_FROM_PROTO:
+        kinds = ", ".join(memory_pb2.OptimizerKind.Name(k) for k in _OPTIMIZER_FROM_PROTO)
+        raise InvalidArgument(f"table {table!r}: optimizer kind "
+                              f"{_enum_name(memory_pb2.OptimizerKind, msg.kind)} must be one of {kinds}")
+    return _checked(f"table {table!r}: ", OptimizerConfig, kind=_OPTIMIZER_FROM_PROTO[msg.kind],
+                    lr=msg.lr, beta1=msg.beta1, beta2=msg.beta2, eps=msg.eps,
+                    initial_accumulator_value=msg.initial_accumulator_value)
+
+
+def table_config_to_proto(cfg: TableConfig) -> memory_pb2.TableConfig:
+    return memory_pb2.TableConfig(
+        name=cfg.name, num_rows=cfg.num_rows, width=cfg.width, dtype=dtype_to_proto(cfg.dtype),
+        init_scale=cfg.init_scale, seed=cfg.seed,
+        optimizer=optimizer_config_to_proto(cfg.optimizer))
+
+
+def table_config_from_proto(msg: memory_pb2.TableConfig) -> TableConfig:
+    """A checked TableConfig; InvalidArgument names the bad field and its bound."""
+    if not msg.HasField("optimizer"):
+        raise InvalidArgument(f"table {msg.name!r}: the optimizer config is required")
+    return _checked("", TableConfig, name=msg.name, num_rows=msg.num_rows, width=msg.width,
+                    dtype=dtype_from_proto(msg.dtype, f"table {msg.name!r}"),
+                    init_scale=msg.init_scale, seed=msg.seed,
+                    optimizer=optimizer_config_from_proto(msg.optimizer, msg.name))
+
+
+def _checked(prefix: str, cls, **fields):
+    """cls(**fields), with the ValueError of its __post_init__ turned into InvalidArgument."""
+    try:
+        return cls(**fields)
+    except ValueError as err:
+        raise InvalidArgument(f"{prefix}{err}") from None
+
+
+def table_info_to_proto(info: TableInfo) -> memory_pb2.TableInfo:
+    return memory_pb2.TableInfo(config=table_config_to_proto(info.config), step=info.step,
+                                rows_materialized=info.rows_materialized, nbytes=info.nbytes)
+
+
+def table_info_from_proto(msg: memory_pb2.TableInfo) -> TableInfo:
+    return TableInfo(config=table_config_from_proto(msg.config), step=msg.step,
+                     rows_materialized=msg.rows_materialized, nbytes=msg.nbytes)
+
+
+def table_stats_to_proto(info: TableInfo) -> memory_pb2.TableStats:
+    return memory_pb2.TableStats(name=info.config.name, num_rows=info.config.num_rows,
+                                 width=info.config.width, step=info.step,
+                                 rows_materialized=info.rows_materialized, nbytes=info.nbytes)

@@ -1,0 +1,36 @@
+"""Shared fixtures: one real local Ray cluster per test session (ray.init costs seconds and
+~600 MiB), and tables clusters of real shard actors serving gRPC on 127.0.0.1."""
+import itertools
+
+import pytest
+
+_names = itertools.count()
+
+
+@pytest.fixture(scope="session")
+def ray_session():
+    import ray
+
+    from memory_service.cluster import init_local_ray
+
+    started = init_local_ray()
+    yield ray
+    if started:
+        ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def make_cluster(ray_session):
+    """Factory: make_cluster(num_shards) -> a TableCluster, shut down at the end of the session."""
+    from memory_service.cluster import ClusterConfig, launch
+
+    clusters = []
+
+    def make(num_shards: int):
+        cluster = launch(ClusterConfig(num_shards=num_shards, name=f"test{next(_names)}"))
+        clusters.append(cluster)
+        return cluster
+
+    yield make
+    for cluster in clusters:
+        cluster.shutdown()
