@@ -19,6 +19,9 @@ from memory_service.shard import Shard
 
 NAMESPACE = "engram_memory"  # named actors are per namespace: every driver must use this one
 SHARD_RESOURCE = "engram_shard"
+# glibc malloc settings for shard processes: without them every multi-MB gRPC message pays for
+# mmap/munmap and page faults (measured here: ~2x loopback throughput for large messages).
+SHARD_ENV = {"MALLOC_MMAP_THRESHOLD_": "1073741824", "MALLOC_TRIM_THRESHOLD_": "4294967296"}
 
 
 @dataclass(frozen=True)
@@ -79,6 +82,7 @@ class ShardActor:
     def __init__(self, shard_id: int, num_shards: int, host: str, port: int, registry_name: str):
         from memory_service.servicer import serve  # import in the actor process only
 
+        _normal_priority()  # before serve(): the gRPC threads inherit this thread's priority
         self.shard = Shard(shard_id, num_shards)
         self.server = serve(self.shard, host=host, port=port)
         advertised = node_ip() if host in ("0.0.0.0", "::") else host
@@ -105,6 +109,15 @@ class ShardActor:
 
     def stop(self, grace: float = 1.0) -> None:
         self.server.stop(grace)
+
+
+def _normal_priority() -> None:
+    """Undo Ray's worker niceness where allowed (a cluster started with RAY_worker_niceness=0 needs
+    nothing; lowering niceness needs CAP_SYS_NICE, so elsewhere this keeps what it has)."""
+    try:
+        os.setpriority(os.PRIO_PROCESS, 0, 0)
+    except (PermissionError, OSError):
+        pass
 
 
 def node_ip() -> str:
@@ -156,6 +169,9 @@ def init_local_ray(num_cpus: int | None = None) -> bool:
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    # Ray runs workers at nice 15; a shard answers latency-bound requests while the trainer computes
+    # beside it on the same cores, and at nice 15 a 16k-row fetch took 2x as long (measured here).
+    os.environ.setdefault("RAY_worker_niceness", "0")
     ray.init(namespace=NAMESPACE, num_cpus=num_cpus, resources={SHARD_RESOURCE: 4096},
              include_dashboard=False, log_to_driver=False, configure_logging=False)
     return True
@@ -167,7 +183,8 @@ def launch(config: ClusterConfig, owns_ray: bool = False) -> TableCluster:
     registry = Registry.options(name=name, namespace=NAMESPACE).remote(config.num_shards)
     actors = [
         ShardActor.options(num_cpus=config.num_cpus_per_shard, resources={SHARD_RESOURCE: 1},
-                           name=f"engram_shard:{config.name}:{i}", namespace=NAMESPACE)
+                           name=f"engram_shard:{config.name}:{i}", namespace=NAMESPACE,
+                           runtime_env={"env_vars": SHARD_ENV})
         .remote(i, config.num_shards, config.host, config.port + i if config.port else 0, name)
         for i in range(config.num_shards)
     ]

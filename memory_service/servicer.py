@@ -17,6 +17,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from memory_service import wire
 from memory_service.errors import InvalidArgument, TableExists, TableNotFound
+from memory_service.reply_buffer import ReplyFiles
 from memory_service.rpc import memory_pb2, memory_pb2_grpc
 from memory_service.shard import Shard, TableInfo, TablePush
 from memory_service.wire import MAX_MESSAGE_BYTES, MESSAGE_OPTIONS  # noqa: F401 (re-exported)
@@ -50,6 +51,7 @@ class MemoryServicer(memory_pb2_grpc.MemoryServiceServicer):
 
     def __init__(self, shard: Shard) -> None:
         self.shard = shard
+        self.reply_files = ReplyFiles()
 
     @_maps_errors
     def CreateTable(self, request, context):
@@ -76,11 +78,26 @@ class MemoryServicer(memory_pb2_grpc.MemoryServiceServicer):
             _check_once(requests, msg.table, "fetch")
             requests[msg.table] = wire.decode_ids(msg.ids, msg.table)
         configs = {name: self.shard.describe_table(name).config for name in requests}
+        reply = request.shared_memory if request.HasField("shared_memory") else None
+        if reply is not None:
+            self._open_reply_file(reply.path, context)  # before reading, so a retry counts once
         rows = self.shard.fetch(requests)  # table -> (n, width) float32
+        if reply is not None:  # rows go straight into the client's file; the response is small
+            self.reply_files.write(reply.path, [(msg.reply_offset, rows[msg.table], configs[msg.table].dtype)
+                                                for msg in request.tables])
+            payloads = [b""] * len(rows)
+        else:
+            payloads = [wire.encode_rows(rows[name], cfg.dtype) for name, cfg in configs.items()]
         return memory_pb2.FetchResponse(tables=[
-            memory_pb2.TableRows(table=name, dtype=wire.dtype_to_proto(cfg.dtype), width=cfg.width,
-                                 rows=wire.encode_rows(rows[name], cfg.dtype))
-            for name, cfg in configs.items()])
+            memory_pb2.TableRows(table=name, dtype=wire.dtype_to_proto(cfg.dtype), width=cfg.width, rows=payload)
+            for (name, cfg), payload in zip(configs.items(), payloads)])
+
+    def _open_reply_file(self, path: str, context) -> None:
+        try:
+            self.reply_files.open(path)
+        except OSError:
+            context.abort(grpc.StatusCode.FAILED_PRECONDITION,
+                          f"shared-memory reply file {path!r} cannot be opened on this shard's host")
 
     @_maps_errors
     def Push(self, request, context):

@@ -106,12 +106,14 @@ class ListTablesResponse(_message.Message):
     def __init__(self, names: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class TableIds(_message.Message):
-    __slots__ = ("table", "ids")
+    __slots__ = ("table", "ids", "reply_offset")
     TABLE_FIELD_NUMBER: _ClassVar[int]
     IDS_FIELD_NUMBER: _ClassVar[int]
+    REPLY_OFFSET_FIELD_NUMBER: _ClassVar[int]
     table: str
     ids: bytes
-    def __init__(self, table: _Optional[str] = ..., ids: _Optional[bytes] = ...) -> None: ...
+    reply_offset: int
+    def __init__(self, table: _Optional[str] = ..., ids: _Optional[bytes] = ..., reply_offset: _Optional[int] = ...) -> None: ...
 
 class TableRows(_message.Message):
     __slots__ = ("table", "dtype", "width", "rows")
@@ -125,11 +127,19 @@ class TableRows(_message.Message):
     rows: bytes
     def __init__(self, table: _Optional[str] = ..., dtype: _Optional[_Union[DType, str]] = ..., width: _Optional[int] = ..., rows: _Optional[bytes] = ...) -> None: ...
 
+class SharedMemoryReply(_message.Message):
+    __slots__ = ("path",)
+    PATH_FIELD_NUMBER: _ClassVar[int]
+    path: str
+    def __init__(self, path: _Optional[str] = ...) -> None: ...
+
 class FetchRequest(_message.Message):
-    __slots__ = ("tables",)
+    __slots__ = ("tables", "shared_memory")
     TABLES_FIELD_NUMBER: _ClassVar[int]
+    SHARED_MEMORY_FIELD_NUMBER: _ClassVar[int]
     tables: _containers.RepeatedCompositeFieldContainer[TableIds]
-    def __init__(self, tables: _Optional[_Iterable[_Union[TableIds, _Mapping]]] = ...) -> None: ...
+    shared_memory: SharedMemoryReply
+    def __init__(self, tables: _Optional[_Iterable[_Union[TableIds, _Mapping]]] = ..., shared_memory: _Optional[_Union[SharedMemoryReply, _Mapping]] = ...) -> None: ...
 
 class FetchResponse(_message.Message):
     __slots__ = ("tables",)
