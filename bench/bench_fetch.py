@@ -129,7 +129,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--shards", type=int, nargs="+", default=[1, 2, 4])
     p.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"])
     p.add_argument("--rows", type=int, default=262144, help="table rows (all stored)")
-    p.add_argument("--repeats", type=int, default=20)
+    p.add_argument("--repeats", type=int, default=30)
     p.add_argument("--out", default="bench/results/fetch")
     p.add_argument("--json", action="store_true")
     args = p.parse_args(argv)
