@@ -9,7 +9,9 @@ embedding rows over loopback.
 
     python bench/bench_fetch.py [--ids 1024 16384 65536] [--shards 1 2 4] [--repeats 20] [--json]
 
-The headline cell is 16k ids, fp32 x 64, 2 shards, one client.
+The headline cell is 16k ids, fp32 x 64, 2 shards, one client, with the client's default
+same-host path (rows written into a shared-memory file the client owns); "gRPC reply only" is the
+same fetch with the rows inside the gRPC response, what a client on another host gets.
 """
 from __future__ import annotations
 
@@ -59,7 +61,7 @@ def service_cells(num_shards: int, dtype: str, table: np.ndarray, id_sets: dict,
     cfg = TableConfig(name="bench", num_rows=len(table), width=WIDTH, dtype=dtype,
                       optimizer=OptimizerConfig(kind="sgd", lr=1e-3))
     out = []
-    with cluster.client() as client:
+    with cluster.client() as client, cluster.client(shared_memory=False) as grpc_only:
         client.create_table(cfg)
         for start in range(0, len(table), 65536):  # materialise every row (zero gradient)
             ids = np.arange(start, min(start + 65536, len(table)))
@@ -67,6 +69,7 @@ def service_cells(num_shards: int, dtype: str, table: np.ndarray, id_sets: dict,
         for n, ids in id_sets.items():
             grads = np.zeros((n, WIDTH), np.float32)
             for kind, fn in (("fetch", lambda: client.fetch({"bench": ids})),
+                             ("fetch, gRPC reply only", lambda: grpc_only.fetch({"bench": ids})),
                              ("push", lambda: client.push({"bench": (ids, grads)}, step=2))):
                 out.append({**cell(f"service {kind}", n, timed(fn, repeats)), "shards": num_shards, "dtype": dtype})
     cluster.shutdown()

@@ -173,3 +173,21 @@ def test_engram_serve_process(tmp_path):
         out, _ = proc.communicate(timeout=60)
         assert proc.returncode == 0, out
         assert "stopped" in out
+
+
+def test_connect_finds_shards_through_the_registry(make_cluster):
+    """A second driver attaches by cluster name and reaches the same shards (owning nothing)."""
+    from memory_service.cluster import connect
+
+    cluster = make_cluster(2)
+    attached = connect("ignored-when-ray-is-running", name=cluster.config.name)
+    assert attached.targets == cluster.targets and not attached.owns_actors
+    cfg = TableConfig(name="via-registry", num_rows=64, width=4)
+    with attached.client() as client:
+        client.create_table(cfg)
+        client.push({cfg.name: (np.arange(8), np.ones((8, 4), np.float32))}, step=1)
+    with cluster.client() as client:
+        assert client.fetch({cfg.name: np.arange(8)})[cfg.name].shape == (8, 4)
+    attached.shutdown()  # detaches only: the shards still serve
+    with cluster.client() as client:
+        assert client.table(cfg.name).num_rows == 64
