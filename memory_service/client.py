@@ -122,7 +122,8 @@ class MemoryClient:
             for shard, chunk, future in sent:
                 response, via_shm = self._fetch_result(routes, shard, chunk, buffer, bases, future)
                 self._place(chunk, response, via_shm, grouped, buffer, bases)
-            return {name: torch.from_numpy(self._decoded(name, grouped[name]).take(r.index, axis=0)
+            # gather first, then widen bf16: the gather moves half the bytes
+            return {name: torch.from_numpy(self._decoded(name, grouped[name].take(r.index, axis=0))
                                            .reshape(*r.shape, -1)) for name, r in routes.items()}
         finally:
             if buffer is not None:
