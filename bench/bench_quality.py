@@ -4,7 +4,9 @@ Every model trains for the same steps on the same tokens: models with the same s
 data order and start from the same backbone draws. The baseline has no Engram and spends the FLOPs
 of Engram's projections on wider MLPs at the Engram layers (ModelConfig.iso_flops_baseline).
 Ablations: no gate, no tokenizer compression, M=1 (no hyper-connection branches), and
-compression that keeps whitespace runs distinct (indentation matters on source code).
+compression that keeps whitespace runs distinct (indentation matters on source code). The table
+optimizer: "engram" trains its tables with the default (TrainConfig.table_optimizer); the
+"<kind>_tables" variant with the other one (dense-equivalent `adam` vs lazy `sparse_adam`).
 
     python bench/bench_quality.py [--steps N] [--seeds 0 1] [--jobs 2] [--corpus DIR] [--json]
 
@@ -27,7 +29,11 @@ from trainer.data import Corpus, CorpusConfig
 from trainer.model import ModelConfig
 from trainer.train import TrainConfig, train
 
-VARIANTS = ("baseline", "engram", "no_gate", "no_compression", "single_branch", "keep_whitespace")
+TABLE_OPTIMIZER = TrainConfig.table_optimizer  # what "engram" uses; "<kind>_tables" use another
+OPTIMIZER_VARIANTS = {"adam_tables": "adam", "sparse_adam_tables": "sparse_adam"}
+VARIANTS = ("baseline", "engram", "no_gate", "no_compression", "single_branch", "keep_whitespace",
+            *OPTIMIZER_VARIANTS)
+DEFAULT_VARIANTS = [v for v in VARIANTS if OPTIMIZER_VARIANTS.get(v) != TABLE_OPTIMIZER]
 
 
 def variant_config(base: TrainConfig, name: str) -> TrainConfig:
@@ -45,6 +51,8 @@ def variant_config(base: TrainConfig, name: str) -> TrainConfig:
         return replace(base, model=replace(model, num_branches=1, engram=replace(model.engram, num_branches=1)))
     if name == "keep_whitespace":
         return replace(base, keep_whitespace_runs=True)
+    if name in OPTIMIZER_VARIANTS:
+        return replace(base, table_optimizer=OPTIMIZER_VARIANTS[name])
     raise ValueError(f"unknown variant {name!r}; known: {VARIANTS}")
 
 
@@ -63,7 +71,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--context", type=int, default=128)
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
-    p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS)
+    p.add_argument("--variants", nargs="+", default=DEFAULT_VARIANTS, choices=VARIANTS)
     p.add_argument("--jobs", type=int, default=2, help="runs in parallel, one thread each")
     p.add_argument("--corpus", default=None, help="folder of text/source files (default: Python stdlib)")
     p.add_argument("--lr", type=float, default=3e-3)
@@ -101,6 +109,10 @@ def summarize(rows: list[dict], variants: list[str], seeds: list[int]) -> dict:
         out["baseline_loss"] = out["variants"]["baseline"]["loss"]
         out["paired_gains"] = out["variants"]["engram"]["paired_gains"]
         out["mean_gain_pct"] = 100 * statistics.mean(out["paired_gains"])
+        # the Engram gain per table optimizer, paired by seed ("engram" runs the default one)
+        out["gain_by_table_optimizer"] = {TABLE_OPTIMIZER: out["paired_gains"], **{
+            kind: out["variants"][v]["paired_gains"] for v, kind in OPTIMIZER_VARIANTS.items()
+            if v in variants and kind != TABLE_OPTIMIZER}}
     return out
 
 

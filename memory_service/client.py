@@ -183,29 +183,37 @@ class MemoryClient:
         return self.pool.submit(self.fetch, ids)
 
     def push(self, grads: dict[str, tuple[np.ndarray | torch.Tensor, np.ndarray | torch.Tensor]],
-             step: int) -> int:
-        """Apply gradients {table: (ids (n,), grads (n, width))} as table step `step` on the shards
-        (duplicate ids summed here first). Returns rows updated."""
+             step: int, lr: float | None = None) -> int:
+        """Apply gradients {table: (ids (n,), grads (n, width))} as table step `step` with learning
+        rate `lr` (None: each table's configured lr) on the shards (duplicate ids summed here
+        first). Every shard hears of every step, with an empty push if none of its rows has a
+        gradient: an adam table catches rows up over steps, and needs each step's lr. Returns
+        rows updated."""
         routes, summed = {}, {}
         for name, (table_ids, table_grads) in grads.items():
             routes[name] = route = self._route(name, table_ids)
             g = torch.as_tensor(table_grads, dtype=torch.float32).reshape(len(route.index), -1)  # (n, width)
             summed[name] = torch.zeros(len(route.grouped), g.shape[1]).index_add_(
                 0, torch.from_numpy(route.index), g).numpy()  # (u, width), grouped by shard
+        requests = self._requests(routes)
+        silent = set(range(self.num_shards)) - {shard for shard, _ in requests}
+        requests += [(shard, [(name, 0, 0) for name in routes]) for shard in sorted(silent)]
         futures = []
-        for shard, chunk in self._requests(routes):
+        for shard, chunk in requests:
             request = memory_pb2.PushRequest(client_id=self.client_id, tables=[
-                self._grads_message(name, step, routes[name].grouped[start:stop], summed[name][start:stop])
+                self._grads_message(name, step, lr, routes[name].grouped[start:stop],
+                                    summed[name][start:stop])
                 for name, start, stop in chunk])
             futures.append(self._call(self.stubs[shard].Push, request))
         return sum(self._result(f).rows_updated for f in futures)
 
-    def _grads_message(self, name: str, step: int, ids: np.ndarray, grads: np.ndarray):
+    def _grads_message(self, name: str, step: int, lr: float | None, ids: np.ndarray, grads: np.ndarray):
         cfg = self.table(name)
         if grads.shape[1] != cfg.width:
             raise InvalidArgument(f"table {name!r}: gradient width {grads.shape[1]} != table width {cfg.width}")
         return memory_pb2.TableGrads(table=name, step=step, dtype=wire.dtype_to_proto(cfg.dtype), width=cfg.width,
-                                     ids=wire.encode_ids(ids), grads=wire.encode_rows(grads, cfg.dtype))
+                                     ids=wire.encode_ids(ids), grads=wire.encode_rows(grads, cfg.dtype),
+                                     lr=lr or 0.0)
 
     # -- plumbing -------------------------------------------------------------------------------
     def _route(self, name: str, ids) -> _Route:

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-OPTIMIZERS = ("sparse_adam", "adagrad", "sgd")
+OPTIMIZERS = ("sparse_adam", "adam", "adagrad", "sgd")
 DTYPES = ("float32", "bfloat16")
 MAX_TABLE_ROWS = 2**62
 
@@ -11,7 +11,9 @@ MAX_TABLE_ROWS = 2**62
 @dataclass(frozen=True)
 class OptimizerConfig:
     """The optimizer a shard applies to pushed gradients. `kind`: sparse_adam (lazy Adam with
-    torch.optim.SparseAdam's semantics), adagrad (torch.optim.Adagrad on sparse gradients) or sgd."""
+    torch.optim.SparseAdam's semantics), adam (torch.optim.Adam on the whole dense table, at sparse
+    cost: rows are caught up over the steps they skipped when read or written), adagrad
+    (torch.optim.Adagrad on sparse gradients) or sgd. `lr` is the rate of pushes that name none."""
 
     kind: str = "sparse_adam"
     lr: float = 1e-3

@@ -22,6 +22,7 @@ from abc import ABC, abstractmethod
 
 import numpy as np
 
+from memory_service.catch_up import AdamDecay, CatchUpStats, catch_up
 from memory_service.config import OptimizerConfig
 
 
@@ -38,10 +39,19 @@ def _fused_add(rows: np.ndarray, alpha: float, values: np.ndarray) -> None:
 
 
 class TableOptimizer(ABC):
-    """Updates n distinct rows in place from their (already duplicate-summed) gradients."""
+    """Updates n distinct rows in place from their (already duplicate-summed) gradients.
+
+    It also keeps the table's step log: the learning rate each step was pushed with (a schedule
+    is allowed), so every update, and dense Adam's catch-up over skipped steps, uses the rate the
+    step actually had.
+    """
+
+    catches_up = False  # True: rows must be brought up to date before they are read or updated
 
     def __init__(self, config: OptimizerConfig) -> None:
         self.config = config
+        self.step = 0  # the largest step recorded
+        self._lrs = np.full(1, np.nan)  # (step + 1,) float64 learning rate per step; nan: no push
 
     @abstractmethod
     def state_width(self, width: int) -> int:
@@ -52,8 +62,53 @@ class TableOptimizer(ABC):
         return np.zeros((n, self.state_width(width)), dtype=np.float32)
 
     @abstractmethod
-    def apply(self, rows: np.ndarray, state: np.ndarray, grads: np.ndarray, step: int) -> None:
-        """rows: (n, w) f32, state: (n, s) f32, grads: (n, w) f32; `step` >= 1 is the table step."""
+    def apply(self, rows: np.ndarray, state: np.ndarray, grads: np.ndarray, step: int,
+              lr: float | None = None) -> None:
+        """rows: (n, w) f32, state: (n, s) f32, grads: (n, w) f32; `step` >= 1 is the table step,
+        `lr` its learning rate (None: the configured one)."""
+
+    def checked_lr(self, step: int, lr: float | None) -> float:
+        """The learning rate of a push for `step` (None or 0: the configured lr), or ValueError if
+        the push cannot be applied: a different lr than the step already has, or, for optimizers
+        that catch up, a step other than the current or the next one (the step log has no holes)."""
+        lr = self.config.lr if lr is None or lr == 0 else float(lr)
+        if not (math.isfinite(lr) and lr > 0):
+            raise ValueError(f"learning rate {lr} of step {step} must be finite and > 0")
+        if step < len(self._lrs) and not math.isnan(known := float(self._lrs[step])) and known != lr:
+            raise ValueError(f"step {step} was pushed with learning rate {known!r}, not {lr!r}")
+        if self.catches_up and step not in (self.step, self.step + 1):
+            raise ValueError(f"table is at step {self.step}: a {self.config.kind} table takes pushes "
+                             f"for step {self.step} or {self.step + 1} only (every step, in order)")
+        return lr
+
+    def record_step(self, step: int, lr: float | None) -> None:
+        """Logs `step` with its learning rate (checked_lr first)."""
+        lr = self.checked_lr(step, lr)
+        if step >= len(self._lrs):
+            self._lrs = np.concatenate([self._lrs, np.full(max(step + 1 - len(self._lrs), len(self._lrs)), np.nan)])
+        self._lrs[step] = lr
+        self.step = max(self.step, step)
+
+    def lr_at(self, step: int) -> float:
+        return float(self._lrs[step])
+
+    def catch_up(self, rows: np.ndarray, state: np.ndarray, last: np.ndarray, target: int) -> None:
+        """Brings rows last updated at steps `last` (n,) up to step `target` (n, ...) in place.
+        Nothing to do for optimizers whose rows move only when they have a gradient."""
+
+    def update(self, rows: np.ndarray, state: np.ndarray, last: np.ndarray, grads: np.ndarray,
+               step: int) -> None:
+        """Catch-up to step - 1, then the step's update; `last` (n,) becomes `step`. Gathered copies."""
+        self.catch_up(rows, state, last, step - 1)
+        self.apply(rows, state, grads, step, self.lr_at(step))
+        last[:] = step
+
+    def log_state(self) -> dict[str, np.ndarray]:
+        """The step log, for checkpoints."""
+        return {"step": np.int64(self.step), "lrs": self._lrs[: self.step + 1].copy()}
+
+    def load_log_state(self, log: dict[str, np.ndarray]) -> None:
+        self.step, self._lrs = int(log["step"]), np.array(log["lrs"], dtype=np.float64)
 
 
 class SparseAdam(TableOptimizer):
@@ -62,8 +117,10 @@ class SparseAdam(TableOptimizer):
     def state_width(self, width: int) -> int:
         return 2 * width
 
-    def apply(self, rows: np.ndarray, state: np.ndarray, grads: np.ndarray, step: int) -> None:
+    def apply(self, rows: np.ndarray, state: np.ndarray, grads: np.ndarray, step: int,
+              lr: float | None = None) -> None:
         c, w = self.config, rows.shape[1]
+        lr = c.lr if lr is None else lr
         # Contiguous copies of the two halves: numpy runs an (n, w) op on a strided half as n
         # short loops, which made a 16k x 64 update 2x slower than copy + contiguous ops.
         exp_avg, exp_avg_sq = state[:, :w].copy(), state[:, w:].copy()  # (n, w) each
@@ -78,7 +135,7 @@ class SparseAdam(TableOptimizer):
         state[:, :w], state[:, w:] = exp_avg, exp_avg_sq
         denom = np.sqrt(exp_avg_sq, out=sq_update)
         denom += np.float32(c.eps)
-        step_size = c.lr * math.sqrt(1 - c.beta2**step) / (1 - c.beta1**step)
+        step_size = lr * math.sqrt(1 - c.beta2**step) / (1 - c.beta1**step)
         ratio = np.divide(exp_avg, denom, out=avg_update)
         ratio *= np.float32(-step_size)
         rows += ratio
@@ -93,11 +150,12 @@ class Adagrad(TableOptimizer):
     def initial_state(self, n: int, width: int) -> np.ndarray:
         return np.full((n, width), self.config.initial_accumulator_value, dtype=np.float32)
 
-    def apply(self, rows: np.ndarray, state: np.ndarray, grads: np.ndarray, step: int) -> None:
+    def apply(self, rows: np.ndarray, state: np.ndarray, grads: np.ndarray, step: int,
+              lr: float | None = None) -> None:
         state += grads * grads
         std = np.sqrt(state)  # (n, w)
         std += np.float32(self.config.eps)
-        _fused_add(rows, -self.config.lr, np.divide(grads, std, out=std))
+        _fused_add(rows, -(self.config.lr if lr is None else lr), np.divide(grads, std, out=std))
 
 
 class SGD(TableOptimizer):
@@ -106,12 +164,81 @@ class SGD(TableOptimizer):
     def state_width(self, width: int) -> int:
         return 0
 
-    def apply(self, rows: np.ndarray, state: np.ndarray, grads: np.ndarray, step: int) -> None:
-        _fused_add(rows, -self.config.lr, grads)
+    def apply(self, rows: np.ndarray, state: np.ndarray, grads: np.ndarray, step: int,
+              lr: float | None = None) -> None:
+        _fused_add(rows, -(self.config.lr if lr is None else lr), grads)
 
 
-_KINDS: dict[str, type[TableOptimizer]] = {"sparse_adam": SparseAdam, "adagrad": Adagrad,
-                                           "sgd": SGD}
+class Adam(TableOptimizer):
+    """torch.optim.Adam applied to the whole dense table, at the cost of sparse updates.
+
+    Under dense Adam a row keeps moving after its last gradient (its momentum decays over the
+    following steps). Here a row moves only when it is read or written: it is first caught up
+    over the steps it skipped (memory_service/catch_up.py, closed form, vectorised over rows),
+    then, for a write, given torch's Adam step in torch's float32 order of operations. State per
+    row: [exp_avg (w), exp_avg_sq (w)]; the step each row was last brought up to date is kept by
+    the row's owner (the store), next to the state.
+    """
+
+    catches_up = True
+
+    def __init__(self, config: OptimizerConfig) -> None:
+        super().__init__(config)
+        self.decay = AdamDecay.of(config.beta1, config.beta2, config.eps)
+        self.stats = CatchUpStats()
+        self._ss = np.zeros(1)  # (step + 1,) float32-rounded lr_j / (1 - beta1^j)
+        self._bsq = np.ones(1)  # (step + 1,) float32-rounded sqrt(1 - beta2^j)
+
+    def state_width(self, width: int) -> int:
+        return 2 * width
+
+    def record_step(self, step: int, lr: float | None) -> None:
+        super().record_step(step, lr)
+        if len(self._ss) <= self.step:
+            j = np.arange(len(self._ss), self.step + 1)
+            c = self.config
+            ss = self._lrs[j] / (1 - c.beta1 ** j.astype(np.float64))
+            bsq = np.sqrt(1 - c.beta2 ** j.astype(np.float64))
+            self._ss = np.concatenate([self._ss, ss.astype(np.float32).astype(np.float64)])
+            self._bsq = np.concatenate([self._bsq, bsq.astype(np.float32).astype(np.float64)])
+
+    def load_log_state(self, log: dict[str, np.ndarray]) -> None:
+        super().load_log_state(log)
+        self._ss, self._bsq = np.zeros(1), np.ones(1)
+        steps, self.step = self.step, 0
+        for j in range(1, steps + 1):
+            self.record_step(j, self.lr_at(j))
+
+    def catch_up(self, rows: np.ndarray, state: np.ndarray, last: np.ndarray, target: int) -> None:
+        w = rows.shape[1]
+        m, v = state[:, :w].copy(), state[:, w:].copy()
+        catch_up(rows, m, v, last, target, self._ss[: target + 1], self._bsq[: target + 1],
+                 self.decay, self.stats)
+        state[:, :w], state[:, w:] = m, v
+
+    def apply(self, rows: np.ndarray, state: np.ndarray, grads: np.ndarray, step: int,
+              lr: float | None = None) -> None:
+        c, w = self.config, rows.shape[1]
+        lr = c.lr if lr is None else lr
+        m, v = state[:, :w].copy(), state[:, w:].copy()  # (n, w) each
+        # exp_avg.lerp_(grad, 1 - beta1): one rounding of m + weight * (grad - m) (an FMA)
+        weight = np.float32(1 - c.beta1)
+        if weight < 0.5:
+            m = (m + np.float64(weight) * (grads - m)).astype(np.float32)
+        else:
+            m = (grads - np.float64(1 - weight) * (grads - m)).astype(np.float32)
+        # exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
+        v *= np.float32(c.beta2)
+        v += np.float32(1 - c.beta2) * grads * grads
+        # denom = sqrt(v) / sqrt(1 - beta2^t) + eps;  param.addcdiv_(m, denom, value=-lr / (1 - beta1^t))
+        denom = np.sqrt(v) / np.float32(math.sqrt(1 - c.beta2**step))
+        denom += np.float32(c.eps)
+        rows += np.float32(-lr / (1 - c.beta1**step)) * m / denom
+        state[:, :w], state[:, w:] = m, v
+
+
+_KINDS: dict[str, type[TableOptimizer]] = {"sparse_adam": SparseAdam, "adam": Adam,
+                                           "adagrad": Adagrad, "sgd": SGD}
 
 
 def make_optimizer(cfg: OptimizerConfig) -> TableOptimizer:

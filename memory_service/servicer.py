@@ -149,7 +149,7 @@ def _decode_push(msg: memory_pb2.TableGrads, info: TableInfo) -> TablePush:
                               f"table's width {cfg.width}")
     ids = wire.decode_ids(msg.ids, cfg.name)  # (n,) int64
     grads = wire.decode_rows(msg.grads, len(ids), cfg.width, dtype, cfg.name)  # (n, width) float32
-    return TablePush(step=msg.step, ids=ids, grads=grads)
+    return TablePush(step=msg.step, ids=ids, grads=grads, lr=msg.lr or None)
 
 
 @dataclass

@@ -27,15 +27,18 @@ class TableInfo:
     step: int
     rows_materialized: int
     nbytes: int
+    optimizer_rows: int = 0  # rows the optimizer processed (updated or caught up)
 
 
 @dataclass(frozen=True, eq=False)  # eq on ndarray fields would be ambiguous
 class TablePush:
-    """Gradients of one table: ids (n,) integer, grads (n, width) float, at table `step` >= 1."""
+    """Gradients of one table: ids (n,) integer, grads (n, width) float, at table `step` >= 1 with
+    learning rate `lr` (None: the table's configured lr)."""
 
     step: int
     ids: np.ndarray
     grads: np.ndarray
+    lr: float | None = None
 
 
 @dataclass
@@ -62,6 +65,8 @@ def _config_diff(a: object, b: object, prefix: str = "") -> list[str]:
 
 def _sum_duplicates(ids: np.ndarray, grads: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """ids (n,), grads (n, w) -> distinct ids (m,) sorted, summed grads (m, w), in id order."""
+    if not len(ids):
+        return ids, grads
     order = np.argsort(ids, kind="stable")
     ids, grads = ids[order], grads[order]
     starts = np.flatnonzero(np.r_[True, ids[1:] != ids[:-1]])  # (m,) first of each run
@@ -121,14 +126,14 @@ class Shard:
         with self._lock:
             checked = {name: self._checked_push(name, p) for name, p in pushes.items()}
             self.counters.push_requests += 1
-            self.counters.push_rows += sum(len(ids) for _, ids, _ in checked.values())
+            self.counters.push_rows += sum(len(p.ids) for p in pushes.values())  # repeats counted
             num_updated = 0
             for name, (step, ids, grads) in checked.items():
-                if not len(ids):  # like torch, an empty gradient is no step
-                    continue
-                ids, grads = _sum_duplicates(ids, grads)
-                self._tables[name].update(ids, grads, step)
-                num_updated += len(ids)
+                store = self._tables[name]
+                store.record_step(step, pushes[name].lr)  # an empty push still logs the step's lr
+                if len(ids):
+                    store.update(ids, grads, step, pushes[name].lr)
+                    num_updated += len(ids)
             return num_updated
 
     def owns(self, ids: np.ndarray) -> bool:
@@ -144,7 +149,8 @@ class Shard:
             return h.hexdigest()
 
     def _info(self, store: TableStore) -> TableInfo:
-        return TableInfo(store.cfg, store.step, store.num_materialized, store.nbytes)
+        return TableInfo(store.cfg, store.step, store.num_materialized, store.nbytes,
+                         store.optimizer_rows)
 
     def _store(self, name: str) -> TableStore:
         if name not in self._tables:
@@ -171,7 +177,8 @@ class Shard:
         return ids
 
     def _checked_push(self, name: str, push: TablePush) -> tuple[int, np.ndarray, np.ndarray]:
-        """(step, ids (n,) int64, grads (n, width) f32) of a valid push, else InvalidArgument."""
+        """(step, distinct ids (m,) int64, their summed grads (m, width) f32) of a valid push,
+        else InvalidArgument."""
         ids = self._checked_ids(name, push.ids)
         width = self._tables[name].cfg.width
         if not isinstance(push.step, (int, np.integer)) or push.step < 1:
@@ -190,4 +197,9 @@ class Shard:
         if not (finite := np.isfinite(grads).all(axis=1)).all():
             i = finite.argmin()
             raise InvalidArgument(f"table {name!r}: gradient of row id {ids[i]} is not finite")
+        ids, grads = _sum_duplicates(ids, grads)
+        try:
+            self._tables[name].check_push(ids, int(push.step), push.lr)
+        except ValueError as err:
+            raise InvalidArgument(f"table {name!r}: {err}") from None
         return int(push.step), ids, grads

@@ -90,12 +90,13 @@ class TableStore:
         self._ids = np.empty(0, dtype=np.int64)  # (cap,) row id of each slot
         self._rows = np.empty((0, cfg.width), dtype=np.float32)  # (cap, width)
         self._state = np.empty((0, self._state_width), dtype=np.float32)  # (cap, state_width)
-        self._step = 0
+        self._last = np.empty(0, dtype=np.int64)  # (cap,) step each row was last brought up to date
+        self.optimizer_rows = 0  # rows the optimizer processed: updated, or caught up on a read
 
     @property
     def step(self) -> int:
-        """The largest table step applied so far (0 before any push)."""
-        return self._step
+        """The largest table step pushed so far (0 before any push)."""
+        return self.optimizer.step
 
     @property
     def num_materialized(self) -> int:
@@ -104,11 +105,16 @@ class TableStore:
     @property
     def nbytes(self) -> int:
         """Bytes held: the row and state arenas (capacity, up to 2x the rows written) and index."""
-        return self._ids.nbytes + self._rows.nbytes + self._state.nbytes + self._index.nbytes
+        return (self._ids.nbytes + self._rows.nbytes + self._state.nbytes + self._last.nbytes
+                + self._index.nbytes)
 
     def read(self, ids: np.ndarray) -> np.ndarray:
-        """Rows of `ids` (n,) int64 in range -> (n, width) float32; stores nothing."""
+        """Rows of `ids` (n,) int64 in range -> (n, width) float32, as they stand at the table's
+        step: an optimizer that catches up (dense Adam) first brings the written rows among them
+        up to date, and keeps the result. Never-written rows are computed, not stored."""
         slots = self._index.lookup(ids)  # (n,)
+        if self.optimizer.catches_up:
+            self._catch_up(slots[slots >= 0])
         missing = slots < 0
         if not missing.any():
             return np.take(self._rows, slots, axis=0)  # ~3x faster than self._rows[slots] here
@@ -117,16 +123,45 @@ class TableStore:
         out[missing] = init_rows(self.cfg.seed, ids[missing], self.cfg.width, self.cfg.init_scale)
         return out
 
-    def update(self, ids: np.ndarray, grads: np.ndarray, step: int) -> None:
-        """Applies the optimizer at table `step` to distinct `ids` (n,) with `grads` (n, width)."""
+    def check_push(self, ids: np.ndarray, step: int, lr: float | None) -> None:
+        """ValueError unless a push of distinct `ids` (n,) at `step` with `lr` can be applied:
+        the step log accepts it and, for an optimizer that catches up, no row already took a
+        gradient at `step` (the update is not additive: the pushes of one step must be summed)."""
+        self.optimizer.checked_lr(step, lr)
+        if self.optimizer.catches_up and len(ids):
+            slots = self._index.lookup(ids)
+            done = np.zeros(len(ids), dtype=bool)
+            done[slots >= 0] = self._last[slots[slots >= 0]] >= step
+            if done.any():
+                raise ValueError(f"row id {ids[done.argmax()]} already took a gradient at step "
+                                 f"{step}: send each step's gradients of a row in one push")
+
+    def record_step(self, step: int, lr: float | None) -> None:
+        """Logs table `step` and its learning rate (a push, possibly empty, arrived for it)."""
+        self.optimizer.record_step(step, lr)
+
+    def update(self, ids: np.ndarray, grads: np.ndarray, step: int, lr: float | None = None) -> None:
+        """Applies the optimizer at table `step` with learning rate `lr` (None: the configured one)
+        to distinct `ids` (n,) with `grads` (n, width)."""
+        self.record_step(step, lr)
         slots = self._index.lookup(ids)  # (n,)
         missing = slots < 0
         if missing.any():
             slots[missing] = self._materialize(ids[missing])
-        rows, state = self._rows[slots], self._state[slots]  # (n, w), (n, s) gathered copies
-        self.optimizer.apply(rows, state, grads, step)
-        self._rows[slots], self._state[slots] = rows, state
-        self._step = max(self._step, step)
+        rows, state, last = self._rows[slots], self._state[slots], self._last[slots]  # gathered copies
+        self.optimizer.update(rows, state, last, grads, step)
+        self._rows[slots], self._state[slots], self._last[slots] = rows, state, last
+        self.optimizer_rows += len(ids)
+
+    def _catch_up(self, slots: np.ndarray) -> None:
+        """Brings the rows at `slots` (n,) (repeats allowed) up to the table's step."""
+        behind = np.unique(slots[self._last[slots] < self.step])  # (m,)
+        if not behind.size:
+            return
+        rows, state, last = self._rows[behind], self._state[behind], self._last[behind]
+        self.optimizer.catch_up(rows, state, last, self.step)
+        self._rows[behind], self._state[behind], self._last[behind] = rows, state, last
+        self.optimizer_rows += behind.size
 
     def _materialize(self, ids: np.ndarray) -> np.ndarray:
         """Gives new ids (m,) slots holding their initial row and state; returns the slots (m,)."""
@@ -137,23 +172,46 @@ class TableStore:
         self._ids[slots] = ids
         self._rows[slots] = init_rows(self.cfg.seed, ids, self.cfg.width, self.cfg.init_scale)
         self._state[slots] = self.optimizer.initial_state(len(ids), self.cfg.width)
+        # State zero: as if the row had been caught up to the step before this one's.
+        self._last[slots] = max(self.step - 1, 0)
         self._index.insert(ids, slots)
         return slots
 
     def _reserve(self, capacity: int) -> None:
         used = self._index.size
-        for name in ("_ids", "_rows", "_state"):
+        for name in ("_ids", "_rows", "_state", "_last"):
             old = getattr(self, name)
             new = np.empty((capacity,) + old.shape[1:], dtype=old.dtype)
             new[:used] = old[:used]
             setattr(self, name, new)
 
     def digest(self) -> str:
-        """sha256 of the config, step and every written (id, row, state), in id order."""
+        """sha256 of the config, step log and every written (id, row, state, last step), in id order."""
         used = self._index.size
         order = np.argsort(self._ids[:used])
         h = hashlib.sha256(repr(self.cfg).encode())
-        h.update(np.int64(self._step).tobytes())
-        for arena in (self._ids, self._rows, self._state):
+        for value in self.optimizer.log_state().values():
+            h.update(np.ascontiguousarray(value).tobytes())
+        for arena in (self._ids, self._rows, self._state, self._last):
             h.update(np.ascontiguousarray(arena[:used][order]).tobytes())
         return h.hexdigest()
+
+    def state_dict(self) -> dict[str, np.ndarray]:
+        """Everything a restore needs: written rows as they stand, their optimizer state and last
+        step, and the step log (dense Adam's catch-up reads the skipped steps' learning rates)."""
+        used = self._index.size
+        return {"ids": self._ids[:used].copy(), "rows": self._rows[:used].copy(),
+                "state": self._state[:used].copy(), "last": self._last[:used].copy(),
+                **self.optimizer.log_state()}
+
+    @classmethod
+    def from_state_dict(cls, cfg: TableConfig, state: dict[str, np.ndarray]) -> "TableStore":
+        """The store `state_dict` described, for `cfg`; continues bit-identically."""
+        store = cls(cfg)
+        store.optimizer.load_log_state(state)
+        n = len(state["ids"])
+        store._reserve(max(n, 1024))
+        store._ids[:n], store._rows[:n] = state["ids"], state["rows"]
+        store._state[:n], store._last[:n] = state["state"], state["last"]
+        store._index.insert(store._ids[:n], np.arange(n, dtype=np.int64))
+        return store

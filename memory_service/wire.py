@@ -34,6 +34,7 @@ _OPTIMIZER_TO_PROTO = {
     "sparse_adam": memory_pb2.OPTIMIZER_KIND_SPARSE_ADAM,
     "adagrad": memory_pb2.OPTIMIZER_KIND_ADAGRAD,
     "sgd": memory_pb2.OPTIMIZER_KIND_SGD,
+    "adam": memory_pb2.OPTIMIZER_KIND_ADAM,
 }
 _OPTIMIZER_FROM_PROTO = {v: k for k, v in _OPTIMIZER_TO_PROTO.items()}
 
@@ -167,15 +168,18 @@ def _checked(prefix: str, cls, **fields):
 
 def table_info_to_proto(info: TableInfo) -> memory_pb2.TableInfo:
     return memory_pb2.TableInfo(config=table_config_to_proto(info.config), step=info.step,
-                                rows_materialized=info.rows_materialized, nbytes=info.nbytes)
+                                rows_materialized=info.rows_materialized, nbytes=info.nbytes,
+                                optimizer_rows=info.optimizer_rows)
 
 
 def table_info_from_proto(msg: memory_pb2.TableInfo) -> TableInfo:
     return TableInfo(config=table_config_from_proto(msg.config), step=msg.step,
-                     rows_materialized=msg.rows_materialized, nbytes=msg.nbytes)
+                     rows_materialized=msg.rows_materialized, nbytes=msg.nbytes,
+                     optimizer_rows=msg.optimizer_rows)
 
 
 def table_stats_to_proto(info: TableInfo) -> memory_pb2.TableStats:
     return memory_pb2.TableStats(name=info.config.name, num_rows=info.config.num_rows,
                                  width=info.config.width, step=info.step,
-                                 rows_materialized=info.rows_materialized, nbytes=info.nbytes)
+                                 rows_materialized=info.rows_materialized, nbytes=info.nbytes,
+                                 optimizer_rows=info.optimizer_rows)

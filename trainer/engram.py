@@ -13,6 +13,7 @@ The tables sit behind `EngramTables`, so the module never changes when rows move
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -111,6 +112,8 @@ class LocalTables(EngramTables):
         super().__init__()
         self.cfg = cfg
         self.sizes = {layer: list(s) for layer, s in sizes.items()}
+        # Called as hook(weight, ids) before each gather: dense-equivalent Adam catches rows up there.
+        self.read_hooks: list[Callable[[torch.Tensor, torch.Tensor], None]] = []
         self.embeddings = nn.ModuleDict()
         for layer, layer_sizes in self.sizes.items():
             if len(layer_sizes) != cfg.num_heads:
@@ -132,7 +135,10 @@ class LocalTables(EngramTables):
 
     def lookup(self, layer: int, row_ids: torch.Tensor) -> torch.Tensor:
         offsets = getattr(self, f"offsets_{layer}")  # (H,)
-        rows = self.embeddings[str(layer)](row_ids + offsets)  # (B, T, H, w)
+        emb, ids = self.embeddings[str(layer)], row_ids + offsets  # (B, T, H)
+        for hook in self.read_hooks:
+            hook(emb.weight, ids)
+        rows = emb(ids)  # (B, T, H, w)
         return rows.flatten(-2)  # (B, T, H * w)
 
 

@@ -15,9 +15,11 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from trainer.data import Batches, Corpus, CorpusConfig, eval_batches
+from memory_service.config import OPTIMIZERS, OptimizerConfig
 from trainer.engram import LocalTables
 from trainer.model import EngramLM, ModelConfig
 from trainer.row_index import RowIndexer, identity_compression
+from trainer.table_optimizer import TableOptimizer
 from trainer.tokenizer_compression import TokenizerCompression
 
 
@@ -31,6 +33,7 @@ class TrainConfig:
     batch_size: int = 16
     lr: float = 3e-3
     table_lr_mult: float = 5.0
+    table_optimizer: str = "sparse_adam"  # memory_service.config.OPTIMIZERS: the tables' optimizer
     weight_decay: float = 0.1
     warmup_steps: int = 20
     min_lr_ratio: float = 0.1
@@ -48,6 +51,8 @@ class TrainConfig:
                 raise ValueError(f"{name} {getattr(self, name)} must be >= 1")
         if self.lr <= 0 or self.table_lr_mult <= 0:
             raise ValueError(f"lr {self.lr} and table_lr_mult {self.table_lr_mult} must be > 0")
+        if self.table_optimizer not in OPTIMIZERS:
+            raise ValueError(f"table_optimizer {self.table_optimizer!r} must be one of {OPTIMIZERS}")
         if not 0 <= self.warmup_steps < self.steps:
             raise ValueError(f"warmup_steps {self.warmup_steps} must be in [0, steps={self.steps})")
 
@@ -84,15 +89,16 @@ def build(cfg: TrainConfig, corpus: Corpus) -> tuple[EngramLM, RowIndexer | None
 
 
 def make_optimizers(model: EngramLM, cfg: TrainConfig) -> list[torch.optim.Optimizer]:
-    """AdamW on the backbone (decay on matrices but the hyper-connection mix), SparseAdam on tables."""
+    """AdamW on the backbone (decay on matrices but the hyper-connection mix); the tables take
+    `cfg.table_optimizer`, the same math the table service runs."""
     named = [(n, p) for n, p in model.named_parameters() if not n.startswith("tables.")]
     decay = [p for n, p in named if p.ndim >= 2 and not n.endswith(".mix")]
     no_decay = [p for n, p in named if not (p.ndim >= 2 and not n.endswith(".mix"))]
     groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     optimizers: list[torch.optim.Optimizer] = [torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.95))]
     if model.tables is not None:
-        optimizers.append(torch.optim.SparseAdam(list(model.tables.parameters()),
-                                                 lr=cfg.lr * cfg.table_lr_mult, betas=(0.9, 0.95)))
+        optimizers.append(TableOptimizer(model.tables, OptimizerConfig(
+            cfg.table_optimizer, lr=cfg.lr * cfg.table_lr_mult, beta1=0.9, beta2=0.95)))
     return optimizers
 
 
@@ -128,7 +134,7 @@ def train(cfg: TrainConfig, corpus: Corpus | None = None) -> TrainResult:
         lr = lr_at(cfg, step)
         for opt in optimizers:
             for group in opt.param_groups:
-                group["lr"] = lr * (cfg.table_lr_mult if isinstance(opt, torch.optim.SparseAdam) else 1.0)
+                group["lr"] = lr * (cfg.table_lr_mult if isinstance(opt, TableOptimizer) else 1.0)
         x, y = batches.next()
         loss = loss_on(model, indexer, x, y)
         for opt in optimizers:

@@ -19,6 +19,7 @@ class OptimizerKind(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     OPTIMIZER_KIND_SPARSE_ADAM: _ClassVar[OptimizerKind]
     OPTIMIZER_KIND_ADAGRAD: _ClassVar[OptimizerKind]
     OPTIMIZER_KIND_SGD: _ClassVar[OptimizerKind]
+    OPTIMIZER_KIND_ADAM: _ClassVar[OptimizerKind]
 DTYPE_UNSPECIFIED: DType
 DTYPE_FLOAT32: DType
 DTYPE_BFLOAT16: DType
@@ -26,6 +27,7 @@ OPTIMIZER_KIND_UNSPECIFIED: OptimizerKind
 OPTIMIZER_KIND_SPARSE_ADAM: OptimizerKind
 OPTIMIZER_KIND_ADAGRAD: OptimizerKind
 OPTIMIZER_KIND_SGD: OptimizerKind
+OPTIMIZER_KIND_ADAM: OptimizerKind
 
 class OptimizerConfig(_message.Message):
     __slots__ = ("kind", "lr", "beta1", "beta2", "eps", "initial_accumulator_value")
@@ -62,16 +64,18 @@ class TableConfig(_message.Message):
     def __init__(self, name: _Optional[str] = ..., num_rows: _Optional[int] = ..., width: _Optional[int] = ..., dtype: _Optional[_Union[DType, str]] = ..., init_scale: _Optional[float] = ..., seed: _Optional[int] = ..., optimizer: _Optional[_Union[OptimizerConfig, _Mapping]] = ...) -> None: ...
 
 class TableInfo(_message.Message):
-    __slots__ = ("config", "step", "rows_materialized", "nbytes")
+    __slots__ = ("config", "step", "rows_materialized", "nbytes", "optimizer_rows")
     CONFIG_FIELD_NUMBER: _ClassVar[int]
     STEP_FIELD_NUMBER: _ClassVar[int]
     ROWS_MATERIALIZED_FIELD_NUMBER: _ClassVar[int]
     NBYTES_FIELD_NUMBER: _ClassVar[int]
+    OPTIMIZER_ROWS_FIELD_NUMBER: _ClassVar[int]
     config: TableConfig
     step: int
     rows_materialized: int
     nbytes: int
-    def __init__(self, config: _Optional[_Union[TableConfig, _Mapping]] = ..., step: _Optional[int] = ..., rows_materialized: _Optional[int] = ..., nbytes: _Optional[int] = ...) -> None: ...
+    optimizer_rows: int
+    def __init__(self, config: _Optional[_Union[TableConfig, _Mapping]] = ..., step: _Optional[int] = ..., rows_materialized: _Optional[int] = ..., nbytes: _Optional[int] = ..., optimizer_rows: _Optional[int] = ...) -> None: ...
 
 class CreateTableRequest(_message.Message):
     __slots__ = ("config",)
@@ -148,20 +152,22 @@ class FetchResponse(_message.Message):
     def __init__(self, tables: _Optional[_Iterable[_Union[TableRows, _Mapping]]] = ...) -> None: ...
 
 class TableGrads(_message.Message):
-    __slots__ = ("table", "step", "dtype", "width", "ids", "grads")
+    __slots__ = ("table", "step", "dtype", "width", "ids", "grads", "lr")
     TABLE_FIELD_NUMBER: _ClassVar[int]
     STEP_FIELD_NUMBER: _ClassVar[int]
     DTYPE_FIELD_NUMBER: _ClassVar[int]
     WIDTH_FIELD_NUMBER: _ClassVar[int]
     IDS_FIELD_NUMBER: _ClassVar[int]
     GRADS_FIELD_NUMBER: _ClassVar[int]
+    LR_FIELD_NUMBER: _ClassVar[int]
     table: str
     step: int
     dtype: DType
     width: int
     ids: bytes
     grads: bytes
-    def __init__(self, table: _Optional[str] = ..., step: _Optional[int] = ..., dtype: _Optional[_Union[DType, str]] = ..., width: _Optional[int] = ..., ids: _Optional[bytes] = ..., grads: _Optional[bytes] = ...) -> None: ...
+    lr: float
+    def __init__(self, table: _Optional[str] = ..., step: _Optional[int] = ..., dtype: _Optional[_Union[DType, str]] = ..., width: _Optional[int] = ..., ids: _Optional[bytes] = ..., grads: _Optional[bytes] = ..., lr: _Optional[float] = ...) -> None: ...
 
 class PushRequest(_message.Message):
     __slots__ = ("client_id", "tables")
@@ -194,20 +200,22 @@ class ShardCounters(_message.Message):
     def __init__(self, fetch_requests: _Optional[int] = ..., fetch_rows: _Optional[int] = ..., push_requests: _Optional[int] = ..., push_rows: _Optional[int] = ...) -> None: ...
 
 class TableStats(_message.Message):
-    __slots__ = ("name", "num_rows", "width", "step", "rows_materialized", "nbytes")
+    __slots__ = ("name", "num_rows", "width", "step", "rows_materialized", "nbytes", "optimizer_rows")
     NAME_FIELD_NUMBER: _ClassVar[int]
     NUM_ROWS_FIELD_NUMBER: _ClassVar[int]
     WIDTH_FIELD_NUMBER: _ClassVar[int]
     STEP_FIELD_NUMBER: _ClassVar[int]
     ROWS_MATERIALIZED_FIELD_NUMBER: _ClassVar[int]
     NBYTES_FIELD_NUMBER: _ClassVar[int]
+    OPTIMIZER_ROWS_FIELD_NUMBER: _ClassVar[int]
     name: str
     num_rows: int
     width: int
     step: int
     rows_materialized: int
     nbytes: int
-    def __init__(self, name: _Optional[str] = ..., num_rows: _Optional[int] = ..., width: _Optional[int] = ..., step: _Optional[int] = ..., rows_materialized: _Optional[int] = ..., nbytes: _Optional[int] = ...) -> None: ...
+    optimizer_rows: int
+    def __init__(self, name: _Optional[str] = ..., num_rows: _Optional[int] = ..., width: _Optional[int] = ..., step: _Optional[int] = ..., rows_materialized: _Optional[int] = ..., nbytes: _Optional[int] = ..., optimizer_rows: _Optional[int] = ...) -> None: ...
 
 class StatsResponse(_message.Message):
     __slots__ = ("shard_id", "num_shards", "counters", "tables")

@@ -1,0 +1,100 @@
+"""The table service's optimizers, applied in-process to LocalTables' embeddings.
+
+One implementation of the math: memory_service.optimizer, the code the shards run. So a model
+trained with in-process tables and one trained through the service take the same updates, and
+dense-equivalent Adam (`adam`) works in both: a row is caught up over the steps it skipped when
+the forward reads it (LocalTables calls `catch_up` before each gather) and when its gradient
+arrives. Rows never read are never touched.
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from memory_service.config import OptimizerConfig
+from memory_service.optimizer import make_optimizer
+from trainer.engram import LocalTables
+
+
+class TableOptimizer(torch.optim.Optimizer):
+    """Optimizer of kind `config.kind` over every embedding of `tables` (sparse gradients).
+
+    The group's "lr" is the current step's learning rate (set it per step for a schedule); each
+    step's rate is logged, as the shards log the rates pushed to them.
+    """
+
+    def __init__(self, tables: LocalTables, config: OptimizerConfig) -> None:
+        params = list(tables.parameters())
+        if any(p.device.type != "cpu" for p in params):
+            raise ValueError("TableOptimizer runs the shards' numpy math: in-process tables must be on the CPU")
+        super().__init__(params, {"lr": config.lr})
+        self.config = config
+        self.steps_taken = 0
+        self.rows_processed = 0  # rows updated or caught up, since construction
+        self._math = {}
+        for p in params:
+            self._math[p] = make_optimizer(config)
+            rows, width = p.shape
+            self.state[p]["moments"] = torch.from_numpy(self._math[p].initial_state(rows, width))
+            self.state[p]["last"] = torch.zeros(rows, dtype=torch.int64)  # step last brought up to date
+        tables.read_hooks.append(self.catch_up)
+
+    @torch.no_grad()
+    def catch_up(self, weight: torch.Tensor, ids: torch.Tensor) -> None:
+        """Brings the rows `ids` (any shape) of `weight` up to the last step, before a read."""
+        math = self._math.get(weight)
+        if math is None or not math.catches_up:
+            return
+        last = self.state[weight]["last"].numpy()  # (rows,)
+        flat = ids.reshape(-1).cpu().numpy()
+        behind = np.unique(flat[last[flat] < math.step])  # (m,)
+        if behind.size:
+            self._apply_rows(weight, behind, lambda *arrays: math.catch_up(*arrays, math.step))
+
+    @torch.no_grad()
+    def step(self, closure=None) -> None:
+        """One table step: every table logs it with its lr, tables with a gradient update the
+        rows in it (duplicates summed, as torch's coalesce)."""
+        if closure is not None:
+            raise ValueError("TableOptimizer.step takes no closure")
+        self.steps_taken += 1
+        step = self.steps_taken
+        for group in self.param_groups:
+            for p in group["params"]:
+                math = self._math[p]
+                math.record_step(step, float(group["lr"]))
+                if p.grad is None:
+                    continue
+                if not p.grad.is_sparse:
+                    raise ValueError("TableOptimizer needs sparse gradients (nn.Embedding(sparse=True))")
+                grad = p.grad.coalesce()
+                ids = grad.indices()[0].numpy()  # (m,) distinct
+                grads = grad.values().to(torch.float32).numpy()  # (m, width)
+                self._apply_rows(p, ids, lambda r, s, l: math.update(r, s, l, grads, step))
+
+    def _apply_rows(self, weight: torch.Tensor, ids: np.ndarray, fn) -> None:
+        """Gathers rows, moments and last steps of `ids` (m,), runs fn on the copies, scatters back."""
+        rows, moments = weight.data.numpy(), self.state[weight]["moments"].numpy()
+        last = self.state[weight]["last"].numpy()
+        r, s, l = rows[ids], moments[ids], last[ids]
+        fn(r, s, l)
+        rows[ids], moments[ids], last[ids] = r, s, l
+        self.rows_processed += len(ids)
+
+    def state_dict(self) -> dict:
+        """torch's optimizer state plus, per table, its step log (the learning rates catch-up
+        needs) and each row's last step (kept apart: torch's loader would cast it to float)."""
+        out = super().state_dict()
+        params = self.param_groups[0]["params"]
+        out["state"] = {i: {"moments": st["moments"]} for i, st in out["state"].items()}
+        out["tables"] = [{**self._math[p].log_state(), "last": self.state[p]["last"]} for p in params]
+        out["steps_taken"] = self.steps_taken
+        return out
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        state_dict = dict(state_dict)
+        tables, self.steps_taken = state_dict.pop("tables"), state_dict.pop("steps_taken")
+        super().load_state_dict(state_dict)
+        for p, table in zip(self.param_groups[0]["params"], tables):
+            self._math[p].load_log_state(table)
+            self.state[p]["last"] = table["last"].clone()
