@@ -149,11 +149,20 @@ def signed_sqrt(x: torch.Tensor) -> torch.Tensor:
 
 class Engram(nn.Module):
     """One Engram layer over M residual branches. forward(hidden (B, T, M, D), rows (B, T, E))
-    returns Y (B, T, M, D), to be added to the residual: H <- H + Y."""
+    returns Y (B, T, M, D), to be added to the residual: H <- H + Y.
 
-    def __init__(self, cfg: EngramConfig):
+    `kernels` picks the code around the projections: "auto" runs the fused Triton kernels
+    (trainer/kernels/gating.py) on CUDA tensors and `gates` / `value_path` elsewhere; "triton" and
+    "torch" force one. It is a plain attribute, so a built model can be switched."""
+
+    KERNELS = ("auto", "triton", "torch")
+
+    def __init__(self, cfg: EngramConfig, kernels: str = "auto"):
         super().__init__()
+        if kernels not in self.KERNELS:
+            raise ValueError(f"kernels {kernels!r} must be one of {self.KERNELS}")
         self.cfg = cfg
+        self.kernels = kernels
         D, M, E = cfg.hidden_size, cfg.num_branches, cfg.retrieved_width
         # One fused projection: rows [0, D) are W_V (shared), then M blocks of W_K (one per branch).
         self.proj = nn.Linear(E, (M + 1) * D, bias=False)
@@ -196,12 +205,36 @@ class Engram(nn.Module):
             raise ValueError(f"hidden {tuple(hidden.shape)} does not match M={self.cfg.num_branches}, "
                              f"D={self.cfg.hidden_size}")
         projected = self.proj(rows.to(hidden.dtype)).view(B, T, M + 1, D)  # (B, T, M+1, D)
+        if self.uses_triton(hidden):
+            return self.fused_forward(hidden, projected)
         value, keys = projected[:, :, :1], projected[:, :, 1:]  # (B, T, 1, D), (B, T, M, D)
         if self.cfg.use_gate:
             gated = self.gates(hidden, keys) * value  # (B, T, M, D)
         else:
             gated = value.expand(B, T, M, D)
         return self.value_path(gated)
+
+    def uses_triton(self, hidden: torch.Tensor) -> bool:
+        """Whether forward runs the Triton kernels for this input (see `kernels`)."""
+        # float64 (gradcheck) has no kernel: "auto" leaves it to PyTorch
+        return self.kernels == "triton" or (self.kernels == "auto" and hidden.is_cuda
+                                            and hidden.dtype != torch.float64)
+
+    def fused_forward(self, hidden: torch.Tensor, projected: torch.Tensor) -> torch.Tensor:
+        """forward after the projection, in the fused kernels: hidden (B, T, M, D), projected
+        (B, T, M+1, D) -> Y (B, T, M, D), the same as `gates` and `value_path`."""
+        from trainer.kernels import gating  # imports Triton only once a kernel runs
+
+        B, T, M, D = hidden.shape
+        eps = self.value_norms[0].eps
+        if self.cfg.use_gate:
+            wq = torch.stack([n.weight for n in self.query_norms])  # (M, D)
+            wk = torch.stack([n.weight for n in self.key_norms])  # (M, D)
+            gated = gating.fused_gate(hidden, projected, wq, wk, eps)  # (B, T, M, D)
+        else:
+            gated = projected[:, :, :1].expand(B, T, M, D)
+        wv = torch.stack([n.weight for n in self.value_norms])  # (M, D)
+        return gating.fused_value_path(gated, wv, self.conv.weight, self.cfg.max_ngram, eps)
 
     def flops_per_token(self) -> int:
         """Multiply-adds x2 of the projections: what an iso-FLOPs baseline must spend elsewhere."""

@@ -35,4 +35,7 @@ class RowIndexer:
 
     def __call__(self, tokens: torch.Tensor) -> dict[int, torch.Tensor]:
         compressed = self.compression.compress_torch(tokens)  # (B, T)
+        if compressed.is_cuda:  # one Triton kernel per layer, no host round trip
+            from trainer.kernels.hashing import hash_layer
+            return {layer: hash_layer(self.hasher, compressed, layer) for layer in self.cfg.layer_ids}
         return {layer: self.hasher.hash_torch(compressed, layer) for layer in self.cfg.layer_ids}
