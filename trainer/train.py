@@ -1,7 +1,9 @@
-"""Local training: the backbone with AdamW, the Engram tables with lazy sparse Adam (ENGRAM.md §4).
+"""Local training: the backbone with AdamW, the Engram tables with the table service's optimizer
+(ENGRAM.md §4), applied in-process by trainer/table_optimizer.py.
 
-Tables follow `torch.optim.SparseAdam` on `nn.Embedding(sparse=True)`: only rows in the batch move,
-one step counter per table, learning rate `table_lr_mult` (5) x the backbone's, no weight decay.
+By default the tables take dense-equivalent Adam (`adam`: what torch.optim.Adam on the dense table
+would hold, at sparse cost); `sparse_adam` is torch's SparseAdam. One step counter per table,
+learning rate `table_lr_mult` x the backbone's, no weight decay.
 """
 from __future__ import annotations
 
@@ -33,7 +35,9 @@ class TrainConfig:
     batch_size: int = 16
     lr: float = 3e-3
     table_lr_mult: float = 5.0
-    table_optimizer: str = "sparse_adam"  # memory_service.config.OPTIMIZERS: the tables' optimizer
+    # memory_service.config.OPTIMIZERS. "adam" (dense-equivalent) beat "sparse_adam" paired by seed
+    # in bench/bench_quality.py (bench/results/quality.md).
+    table_optimizer: str = "adam"
     weight_decay: float = 0.1
     warmup_steps: int = 20
     min_lr_ratio: float = 0.1
