@@ -148,9 +148,10 @@ def _series(m: np.ndarray, inv: np.ndarray, last: np.ndarray, steps: np.ndarray,
     TRUNCATION x the first term on every row (usually 2 or 3; x_max^P is far more pessimistic,
     because the steps with large x carry little weight)."""
     inv_max = inv.max(axis=1)  # (r,)
-    weights = [_window_sums(last, steps, ss, bsq, decay, 0)]  # W_p (r,) each
+    window_sum = _window_sums(last, steps, ss, bsq, decay)
+    weights = [window_sum(0)]  # W_p (r,) each
     while True:
-        weights.append(_window_sums(last, steps, ss, bsq, decay, len(weights)))
+        weights.append(window_sum(len(weights)))
         tail = (decay.eps * inv_max) ** (len(weights) - 1) * weights[-1] / weights[0]
         if len(weights) > MAX_TERMS or tail.max() <= TRUNCATION * (1 - x_max):
             break
@@ -184,17 +185,23 @@ def _mixed(m: np.ndarray, inv: np.ndarray, last: np.ndarray, steps: np.ndarray, 
 
 
 def _window_sums(last: np.ndarray, steps: np.ndarray, ss: np.ndarray, bsq: np.ndarray,
-                 decay: AdamDecay, p: int) -> np.ndarray:
-    """W_p = sum_{k=1..steps} ss[last+k] bsq[last+k]^(p+1) rho_p^k: (r,).
+                 decay: AdamDecay):
+    """A function p -> W_p = sum_{k=1..steps} ss[last+k] bsq[last+k]^(p+1) rho_p^k: (r,).
 
-    One cumulative sum per distinct last step: rows last written together share it."""
+    One cumulative sum per distinct last step: rows last written together share it. The windows
+    are gathered once, for all the terms asked for."""
     starts, group = np.unique(last, return_inverse=True)  # (g,), (r,)
     span = int(steps.max())
     k = np.arange(1, span + 1, dtype=np.float64)  # (span,)
     j = np.minimum(starts[:, None] + np.arange(1, span + 1), len(ss) - 1)  # (g, span)
-    rho = decay.b1 / decay.b2 ** ((p + 1) / 2)
-    cum = np.cumsum(ss[j] * bsq[j] ** (p + 1) * rho**k, axis=1)  # (g, span)
-    return cum[group, steps - 1]
+    step_size, root = ss[j], bsq[j]  # (g, span)
+
+    def window_sum(p: int) -> np.ndarray:
+        rho = decay.b1 / decay.b2 ** ((p + 1) / 2)
+        cum = np.cumsum(step_size * root ** (p + 1) * rho**k, axis=1)  # (g, span)
+        return cum[group, steps - 1]
+
+    return window_sum
 
 
 def _loop(m: np.ndarray, inv: np.ndarray, last: np.ndarray, steps: np.ndarray, ss: np.ndarray,

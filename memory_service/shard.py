@@ -130,10 +130,11 @@ class Shard:
             num_updated = 0
             for name, (step, ids, grads) in checked.items():
                 store = self._tables[name]
-                store.record_step(step, pushes[name].lr)  # an empty push still logs the step's lr
                 if len(ids):
-                    store.update(ids, grads, step, pushes[name].lr)
+                    store.update(ids, grads, step, pushes[name].lr)  # logs the step, then updates
                     num_updated += len(ids)
+                else:
+                    store.record_step(step, pushes[name].lr)  # an empty push still logs its lr
             return num_updated
 
     def owns(self, ids: np.ndarray) -> bool:
