@@ -6,7 +6,9 @@ One fetch or push call covers several tables: ids are deduplicated, routed to th
 """
 from __future__ import annotations
 
+import time
 import uuid
+from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
@@ -64,8 +66,12 @@ class MemoryClient:
         self.timeout = timeout
         self.client_id = client_id or uuid.uuid4().hex
         self.pool = ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="memory-client")
-        # rpcs get threads of their own: a fetch_async on `pool` waits on its rpcs
-        self.rpc_pool = ThreadPoolExecutor(max_workers=max(4, 2 * len(targets)), thread_name_prefix="memory-rpc")
+        # rpcs get threads of their own: a fetch_async on `pool` waits on its rpcs, and a fetch
+        # held at a shard for a later step must leave threads for the push that releases it
+        self.rpc_pool = ThreadPoolExecutor(max_workers=max(8, 4 * len(targets)), thread_name_prefix="memory-rpc")
+        # trace(event, fields) is called as requests leave ("fetch_sent", "push_sent": shard,
+        # step) and as fetches end ("fetch_done": seconds): progress bars and ordering tests read it
+        self.trace: Callable[[str, dict], None] | None = None
         self.tables: dict[str, TableConfig] = {}
         # Same-host fast path: rows come back through shared memory until a shard says it cannot
         # open the file (it runs on another host); then that shard's rows come over gRPC.
@@ -103,8 +109,10 @@ class MemoryClient:
         return self._all(lambda stub: self._call(stub.Stats, memory_pb2.StatsRequest()))
 
     # -- rows -----------------------------------------------------------------------------------
-    def fetch(self, ids: dict[str, np.ndarray | torch.Tensor]) -> dict[str, torch.Tensor]:
-        """Rows of several tables: {table: ids (any shape)} -> {table: float32 (*shape, width)}."""
+    def fetch(self, ids: dict[str, np.ndarray | torch.Tensor], min_step: int = 0) -> dict[str, torch.Tensor]:
+        """Rows of several tables: {table: ids (any shape)} -> {table: float32 (*shape, width)},
+        as of table step `min_step` or later (shards hold the request until pushes got there)."""
+        start_time = time.perf_counter()
         routes = {name: self._route(name, table_ids) for name, table_ids in ids.items()}
         requests = self._requests(routes)  # [(shard, [(table, start, stop)])]
         # Layout of every table's distinct rows, shards side by side: one gather makes the result.
@@ -117,14 +125,17 @@ class MemoryClient:
         buffer = self.replies.acquire(end) if shm else None
         try:
             grouped = {name: self._grouped_view(name, buffer, bases[name], len(r.grouped)) for name, r in routes.items()}
-            sent = [(shard, chunk, self._send_fetch(routes, shard, chunk, buffer, bases))
+            sent = [(shard, chunk, self._send_fetch(routes, shard, chunk, buffer, bases, min_step))
                     for shard, chunk in requests]
             for shard, chunk, future in sent:
-                response, via_shm = self._fetch_result(routes, shard, chunk, buffer, bases, future)
+                response, via_shm = self._fetch_result(routes, shard, chunk, buffer, bases, future, min_step)
                 self._place(chunk, response, via_shm, grouped, buffer, bases)
             # gather first, then widen bf16: the gather moves half the bytes
-            return {name: torch.from_numpy(self._decoded(name, grouped[name].take(r.index, axis=0))
-                                           .reshape(*r.shape, -1)) for name, r in routes.items()}
+            out = {name: torch.from_numpy(self._decoded(name, grouped[name].take(r.index, axis=0))
+                                          .reshape(*r.shape, -1)) for name, r in routes.items()}
+            if self.trace is not None:
+                self.trace("fetch_done", {"step": min_step, "seconds": time.perf_counter() - start_time})
+            return out
         finally:
             if buffer is not None:
                 self.replies.release(buffer)
@@ -152,16 +163,18 @@ class MemoryClient:
                 raise InvalidArgument(f"table {name!r}: shard replied {len(rows.rows)} bytes, expected {expected}")
             grouped[name][start:stop] = np.frombuffer(rows.rows, grouped[name].dtype).reshape(-1, cfg.width)
 
-    def _send_fetch(self, routes, shard: int, chunk, buffer, bases):
+    def _send_fetch(self, routes, shard: int, chunk, buffer, bases, min_step: int):
         use_shm = buffer is not None and self.same_host[shard]
         request = memory_pb2.FetchRequest(tables=[
             memory_pb2.TableIds(table=name, ids=wire.encode_ids(routes[name].grouped[start:stop]),
                                 reply_offset=bases[name] + start * self._row_bytes(name) if use_shm else 0)
             for name, start, stop in chunk
-        ], shared_memory=memory_pb2.SharedMemoryReply(path=buffer.path) if use_shm else None)
+        ], shared_memory=memory_pb2.SharedMemoryReply(path=buffer.path) if use_shm else None, min_step=min_step)
+        if self.trace is not None:
+            self.trace("fetch_sent", {"shard": shard, "step": min_step})
         return self._call(self.stubs[shard].Fetch, request), use_shm
 
-    def _fetch_result(self, routes, shard: int, chunk, buffer, bases, sent):
+    def _fetch_result(self, routes, shard: int, chunk, buffer, bases, sent, min_step: int):
         """(response, whether rows came through shared memory); asks again over gRPC alone if
         the shard cannot open the reply file (it runs on another host)."""
         future, use_shm = sent
@@ -171,24 +184,26 @@ class MemoryClient:
             if not use_shm or err.code() != grpc.StatusCode.FAILED_PRECONDITION:
                 _raise(err)
         self.same_host[shard] = False
-        future, _ = self._send_fetch(routes, shard, chunk, None, bases)
+        future, _ = self._send_fetch(routes, shard, chunk, None, bases, min_step)
         return self._result(future), False
 
     def _row_bytes(self, name: str) -> int:
         cfg = self.table(name)
         return cfg.width * wire.ITEMSIZE[cfg.dtype]
 
-    def fetch_async(self, ids: dict[str, np.ndarray | torch.Tensor]) -> Future:
+    def fetch_async(self, ids: dict[str, np.ndarray | torch.Tensor], min_step: int = 0) -> Future:
         """`fetch` in the background: a Future of its result, so callers can prefetch."""
-        return self.pool.submit(self.fetch, ids)
+        return self.pool.submit(self.fetch, ids, min_step)
 
     def push(self, grads: dict[str, tuple[np.ndarray | torch.Tensor, np.ndarray | torch.Tensor]],
-             step: int, lr: float | None = None) -> int:
+             step: int, lr: float | None = None, contributors: int = 1) -> int:
         """Apply gradients {table: (ids (n,), grads (n, width))} as table step `step` with learning
         rate `lr` (None: each table's configured lr) on the shards (duplicate ids summed here
         first). Every shard hears of every step, with an empty push if none of its rows has a
-        gradient: an adam table catches rows up over steps, and needs each step's lr. Returns
-        rows updated."""
+        gradient: an adam table catches rows up over steps, and needs each step's lr. With
+        `contributors` K > 1 this is one of K data-parallel workers' parts of the step: the shards
+        apply the sum of the K parts once. Returns rows updated (0 for a part that did not
+        complete its step)."""
         routes, summed = {}, {}
         for name, (table_ids, table_grads) in grads.items():
             routes[name] = route = self._route(name, table_ids)
@@ -196,14 +211,20 @@ class MemoryClient:
             summed[name] = torch.zeros(len(route.grouped), g.shape[1]).index_add_(
                 0, torch.from_numpy(route.index), g).numpy()  # (u, width), grouped by shard
         requests = self._requests(routes)
-        silent = set(range(self.num_shards)) - {shard for shard, _ in requests}
+        shards = [shard for shard, _ in requests]
+        if contributors > 1 and len(shards) != len(set(shards)):
+            raise InvalidArgument(f"a part of a {contributors}-worker step must reach each shard in one request: "
+                                  f"raise max_rows_per_request above {self.max_rows_per_request}")
+        silent = set(range(self.num_shards)) - set(shards)
         requests += [(shard, [(name, 0, 0) for name in routes]) for shard in sorted(silent)]
         futures = []
         for shard, chunk in requests:
-            request = memory_pb2.PushRequest(client_id=self.client_id, tables=[
+            request = memory_pb2.PushRequest(client_id=self.client_id, contributors=contributors, tables=[
                 self._grads_message(name, step, lr, routes[name].grouped[start:stop],
                                     summed[name][start:stop])
                 for name, start, stop in chunk])
+            if self.trace is not None:
+                self.trace("push_sent", {"shard": shard, "step": step})
             futures.append(self._call(self.stubs[shard].Push, request))
         return sum(self._result(f).rows_updated for f in futures)
 

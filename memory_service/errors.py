@@ -19,3 +19,8 @@ class TableNotFound(MemoryServiceError, KeyError):
 
 class TableExists(MemoryServiceError):
     """A table of this name exists with a different config (gRPC ALREADY_EXISTS)."""
+
+
+class StepNotReached(MemoryServiceError):
+    """A fetch waited for a table step that no push brought before its deadline (gRPC
+    DEADLINE_EXCEEDED)."""

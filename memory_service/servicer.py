@@ -16,12 +16,13 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from memory_service import wire
-from memory_service.errors import InvalidArgument, TableExists, TableNotFound
+from memory_service.errors import InvalidArgument, StepNotReached, TableExists, TableNotFound
 from memory_service.reply_buffer import ReplyFiles
 from memory_service.rpc import memory_pb2, memory_pb2_grpc
 from memory_service.shard import Shard, TableInfo, TablePush
 from memory_service.wire import MAX_MESSAGE_BYTES, MESSAGE_OPTIONS  # noqa: F401 (re-exported)
 
+MAX_FETCH_WAIT_S = 600.0
 SERVICE_NAME = memory_pb2.DESCRIPTOR.services_by_name["MemoryService"].full_name
 # so_reuseport=0: a second server asking for a port in use fails instead of silently sharing it.
 SERVER_OPTIONS = (*MESSAGE_OPTIONS, ("grpc.so_reuseport", 0))
@@ -29,6 +30,7 @@ SERVER_OPTIONS = (*MESSAGE_OPTIONS, ("grpc.so_reuseport", 0))
 ERROR_STATUS = {
     TableNotFound: grpc.StatusCode.NOT_FOUND,
     TableExists: grpc.StatusCode.ALREADY_EXISTS,
+    StepNotReached: grpc.StatusCode.DEADLINE_EXCEEDED,
     ValueError: grpc.StatusCode.INVALID_ARGUMENT,  # InvalidArgument and the configs' checks
 }
 
@@ -81,7 +83,7 @@ class MemoryServicer(memory_pb2_grpc.MemoryServiceServicer):
         reply = request.shared_memory if request.HasField("shared_memory") else None
         if reply is not None:
             self._open_reply_file(reply.path, context)  # before reading, so a retry counts once
-        rows = self.shard.fetch(requests)  # table -> (n, width) float32
+        rows = self.shard.fetch(requests, request.min_step, _wait_budget(context))  # table -> (n, width) f32
         if reply is not None:  # rows go straight into the client's file; the response is small
             self.reply_files.write(reply.path, [(msg.reply_offset, rows[msg.table], configs[msg.table].dtype)
                                                 for msg in request.tables])
@@ -107,7 +109,7 @@ class MemoryServicer(memory_pb2_grpc.MemoryServiceServicer):
         for msg in request.tables:
             _check_once(pushes, msg.table, "push")
             pushes[msg.table] = _decode_push(msg, self.shard.describe_table(msg.table))
-        rows_updated = self.shard.push(request.client_id, pushes)
+        rows_updated = self.shard.push(request.client_id, pushes, max(1, request.contributors))
         return memory_pb2.PushResponse(rows_updated=rows_updated)
 
     @_maps_errors
@@ -129,6 +131,13 @@ class MemoryServicer(memory_pb2_grpc.MemoryServiceServicer):
             except TableNotFound:
                 pass
         return infos
+
+
+def _wait_budget(context) -> float:
+    """Seconds a held fetch may wait: until just before the rpc's deadline (so the caller hears
+    why), at most MAX_FETCH_WAIT_S when it set none."""
+    remaining = context.time_remaining()
+    return MAX_FETCH_WAIT_S if remaining is None else max(0.0, min(remaining - 0.05, MAX_FETCH_WAIT_S))
 
 
 def _check_once(seen: dict, table: str, rpc: str) -> None:
@@ -177,7 +186,7 @@ class ShardServer:
 
 
 def serve(shard: Shard, host: str = "127.0.0.1", port: int = 0,
-          max_workers: int = 8) -> ShardServer:
+          max_workers: int = 16) -> ShardServer:
     """Serve `shard` and the grpc.health.v1 service on host:port (port 0 picks a free port)."""
     server = grpc.server(ThreadPoolExecutor(max_workers=max_workers), options=SERVER_OPTIONS)
     memory_pb2_grpc.add_MemoryServiceServicer_to_server(MemoryServicer(shard), server)

@@ -5,6 +5,12 @@ every id, every gradient) before touching any state, so a rejected request, even
 several tables, changes nothing; it sums duplicate ids' gradients before the optimizer sees them
 (the update is non-linear, as torch's `grad.coalesce()` before SparseAdam); and one lock
 serialises requests because gRPC serves them from a thread pool.
+
+Two things make training through the service exact. A fetch may name the table step it must see
+(`min_step`): it waits, without holding the lock, until pushes brought every table there, so a
+trainer can send the next step's fetch before this step's push. And K data-parallel workers push
+their parts of one step separately (`contributors=K`): the shard sums the K parts and applies the
+optimizer once, as one worker with the whole batch would.
 """
 from __future__ import annotations
 
@@ -16,7 +22,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from memory_service.config import TableConfig
-from memory_service.errors import InvalidArgument, TableExists, TableNotFound
+from memory_service.errors import InvalidArgument, StepNotReached, TableExists, TableNotFound
 from memory_service.sharding import shard_of
 from memory_service.store import TableStore
 
@@ -39,6 +45,17 @@ class TablePush:
     ids: np.ndarray
     grads: np.ndarray
     lr: float | None = None
+
+
+@dataclass
+class _Parts:
+    """The parts of one (table, step) pushed so far by data-parallel workers."""
+
+    contributors: int
+    lr: float | None
+    clients: set[str] = dataclasses.field(default_factory=set)
+    ids: list[np.ndarray] = dataclasses.field(default_factory=list)
+    grads: list[np.ndarray] = dataclasses.field(default_factory=list)
 
 
 @dataclass
@@ -84,7 +101,9 @@ class Shard:
         self.shard_id, self.num_shards = shard_id, num_shards
         self.counters = ShardCounters()
         self._tables: dict[str, TableStore] = {}
+        self._parts: dict[tuple[str, int], _Parts] = {}  # (table, step) -> parts held so far
         self._lock = threading.Lock()
+        self._stepped = threading.Condition(self._lock)  # notified when a table's step advances
 
     def create_table(self, cfg: TableConfig) -> TableInfo:
         """Creates the table; re-creating with the identical config is a no-op."""
@@ -105,26 +124,44 @@ class Shard:
         with self._lock:
             self._store(name)
             del self._tables[name]
+            self._parts = {key: parts for key, parts in self._parts.items() if key[0] != name}
+            self._stepped.notify_all()  # fetches waiting on it answer NOT_FOUND
 
     def list_tables(self) -> list[str]:
         with self._lock:
             return sorted(self._tables)
 
-    def fetch(self, requests: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        """Rows of each table's ids (n,) -> (n, width) float32, in the ids' order, repeats kept."""
+    def fetch(self, requests: dict[str, np.ndarray], min_step: int = 0,
+              timeout: float | None = None) -> dict[str, np.ndarray]:
+        """Rows of each table's ids (n,) -> (n, width) float32, in the ids' order, repeats kept,
+        read once every table's step is >= `min_step` (StepNotReached after `timeout` seconds)."""
         with self._lock:
             checked = {name: self._checked_ids(name, ids) for name, ids in requests.items()}
+            if min_step > 0:
+                reached = lambda: all(name not in self._tables or self._tables[name].step >= min_step
+                                      for name in checked)
+                if not self._stepped.wait_for(reached, timeout):
+                    steps = {name: self._store(name).step for name in checked}
+                    raise StepNotReached(f"fetch waited {timeout:.1f} s for step {min_step}; tables are at {steps}")
+                for name in checked:
+                    self._store(name)  # dropped while this fetch waited
             self.counters.fetch_requests += 1
             self.counters.fetch_rows += sum(len(ids) for ids in checked.values())
             return {name: self._tables[name].read(ids) for name, ids in checked.items()}
 
-    def push(self, client_id: str, pushes: dict[str, TablePush]) -> int:
+    def push(self, client_id: str, pushes: dict[str, TablePush], contributors: int = 1) -> int:
         """Applies each table's gradients at its step; returns the number of distinct rows updated.
 
-        `client_id` names the sender for logs and metrics; updates do not depend on it.
+        With `contributors` K > 1 this is one worker's part of the step: parts are held until K
+        distinct `client_id`s sent theirs, then their sum is applied once. Otherwise `client_id`
+        names the sender for logs and metrics; updates do not depend on it.
         """
+        if not 1 <= contributors <= 65536:
+            raise InvalidArgument(f"contributors {contributors} must be in [1, 65536]")
         with self._lock:
             checked = {name: self._checked_push(name, p) for name, p in pushes.items()}
+            if contributors > 1:
+                checked = self._add_parts(client_id, checked, pushes, contributors)
             self.counters.push_requests += 1
             self.counters.push_rows += sum(len(p.ids) for p in pushes.values())  # repeats counted
             num_updated = 0
@@ -135,7 +172,39 @@ class Shard:
                     num_updated += len(ids)
                 else:
                     store.record_step(step, pushes[name].lr)  # an empty push still logs its lr
+            self._stepped.notify_all()
             return num_updated
+
+    def _add_parts(self, client_id: str, checked: dict, pushes: dict[str, TablePush], contributors: int) -> dict:
+        """Holds each table's part; returns {table: (step, ids, summed grads)} of the steps whose
+        K-th part this is. Checks every table before holding any part."""
+        for name, (step, _, _) in checked.items():
+            parts = self._parts.get((name, step))
+            if parts is None:
+                continue
+            if parts.contributors != contributors:
+                raise InvalidArgument(f"table {name!r} step {step}: {contributors} contributors, but "
+                                      f"earlier parts said {parts.contributors}")
+            if parts.lr != pushes[name].lr:
+                raise InvalidArgument(f"table {name!r} step {step}: lr {pushes[name].lr} differs from "
+                                      f"the earlier parts' {parts.lr}")
+            if client_id in parts.clients:
+                raise InvalidArgument(f"table {name!r} step {step}: client {client_id!r} already sent its part")
+        complete = {}
+        for name, (step, ids, grads) in checked.items():
+            parts = self._parts.setdefault((name, step), _Parts(contributors, pushes[name].lr))
+            parts.clients.add(client_id)
+            parts.ids.append(ids)
+            parts.grads.append(grads)
+            if len(parts.clients) == contributors:
+                del self._parts[(name, step)]
+                ids, grads = _sum_duplicates(np.concatenate(parts.ids), np.concatenate(parts.grads))
+                try:
+                    self._tables[name].check_push(ids, step, parts.lr)
+                except ValueError as err:
+                    raise InvalidArgument(f"table {name!r}: {err}") from None
+                complete[name] = (step, ids, grads)
+        return complete
 
     def owns(self, ids: np.ndarray) -> bool:
         """Whether every id (n,) lives on this shard."""

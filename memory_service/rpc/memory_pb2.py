@@ -24,17 +24,17 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1d\x65ngram_memory/v1/memory.proto\x12\x10\x65ngram_memory.v1\"\x9a\x01\n\x0fOptimizerConfig\x12-\n\x04kind\x18\x01 \x01(\x0e\x32\x1f.engram_memory.v1.OptimizerKind\x12\n\n\x02lr\x18\x02 \x01(\x01\x12\r\n\x05\x62\x65ta1\x18\x03 \x01(\x01\x12\r\n\x05\x62\x65ta2\x18\x04 \x01(\x01\x12\x0b\n\x03\x65ps\x18\x05 \x01(\x01\x12!\n\x19initial_accumulator_value\x18\x06 \x01(\x01\"\xbc\x01\n\x0bTableConfig\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x10\n\x08num_rows\x18\x02 \x01(\x04\x12\r\n\x05width\x18\x03 \x01(\r\x12&\n\x05\x64type\x18\x04 \x01(\x0e\x32\x17.engram_memory.v1.DType\x12\x12\n\ninit_scale\x18\x05 \x01(\x01\x12\x0c\n\x04seed\x18\x06 \x01(\x04\x12\x34\n\toptimizer\x18\x07 \x01(\x0b\x32!.engram_memory.v1.OptimizerConfig\"\x8b\x01\n\tTableInfo\x12-\n\x06\x63onfig\x18\x01 \x01(\x0b\x32\x1d.engram_memory.v1.TableConfig\x12\x0c\n\x04step\x18\x02 \x01(\x04\x12\x19\n\x11rows_materialized\x18\x03 \x01(\x04\x12\x0e\n\x06nbytes\x18\x04 \x01(\x04\x12\x16\n\x0eoptimizer_rows\x18\x05 \x01(\x04\"C\n\x12\x43reateTableRequest\x12-\n\x06\x63onfig\x18\x01 \x01(\x0b\x32\x1d.engram_memory.v1.TableConfig\"$\n\x14\x44\x65scribeTableRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\" \n\x10\x44ropTableRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"\x13\n\x11\x44ropTableResponse\"\x13\n\x11ListTablesRequest\"#\n\x12ListTablesResponse\x12\r\n\x05names\x18\x01 \x03(\t\"<\n\x08TableIds\x12\r\n\x05table\x18\x01 \x01(\t\x12\x0b\n\x03ids\x18\x02 \x01(\x0c\x12\x14\n\x0creply_offset\x18\x03 \x01(\x04\"_\n\tTableRows\x12\r\n\x05table\x18\x01 \x01(\t\x12&\n\x05\x64type\x18\x02 \x01(\x0e\x32\x17.engram_memory.v1.DType\x12\r\n\x05width\x18\x03 \x01(\r\x12\x0c\n\x04rows\x18\x04 \x01(\x0c\"!\n\x11SharedMemoryReply\x12\x0c\n\x04path\x18\x01 \x01(\t\"v\n\x0c\x46\x65tchRequest\x12*\n\x06tables\x18\x01 \x03(\x0b\x32\x1a.engram_memory.v1.TableIds\x12:\n\rshared_memory\x18\x02 \x01(\x0b\x32#.engram_memory.v1.SharedMemoryReply\"<\n\rFetchResponse\x12+\n\x06tables\x18\x01 \x03(\x0b\x32\x1b.engram_memory.v1.TableRows\"\x88\x01\n\nTableGrads\x12\r\n\x05table\x18\x01 \x01(\t\x12\x0c\n\x04step\x18\x02 \x01(\x04\x12&\n\x05\x64type\x18\x03 \x01(\x0e\x32\x17.engram_memory.v1.DType\x12\r\n\x05width\x18\x04 \x01(\r\x12\x0b\n\x03ids\x18\x05 \x01(\x0c\x12\r\n\x05grads\x18\x06 \x01(\x0c\x12\n\n\x02lr\x18\x07 \x01(\x01\"N\n\x0bPushRequest\x12\x11\n\tclient_id\x18\x01 \x01(\t\x12,\n\x06tables\x18\x02 \x03(\x0b\x32\x1c.engram_memory.v1.TableGrads\"$\n\x0cPushResponse\x12\x14\n\x0crows_updated\x18\x01 \x01(\x04\"\x0e\n\x0cStatsRequest\"e\n\rShardCounters\x12\x16\n\x0e\x66\x65tch_requests\x18\x01 \x01(\x04\x12\x12\n\nfetch_rows\x18\x02 \x01(\x04\x12\x15\n\rpush_requests\x18\x03 \x01(\x04\x12\x11\n\tpush_rows\x18\x04 \x01(\x04\"\x8c\x01\n\nTableStats\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x10\n\x08num_rows\x18\x02 \x01(\x04\x12\r\n\x05width\x18\x03 \x01(\r\x12\x0c\n\x04step\x18\x04 \x01(\x04\x12\x19\n\x11rows_materialized\x18\x05 \x01(\x04\x12\x0e\n\x06nbytes\x18\x06 \x01(\x04\x12\x16\n\x0eoptimizer_rows\x18\x07 \x01(\x04\"\x96\x01\n\rStatsResponse\x12\x10\n\x08shard_id\x18\x01 \x01(\r\x12\x12\n\nnum_shards\x18\x02 \x01(\r\x12\x31\n\x08\x63ounters\x18\x03 \x01(\x0b\x32\x1f.engram_memory.v1.ShardCounters\x12,\n\x06tables\x18\x04 \x03(\x0b\x32\x1c.engram_memory.v1.TableStats*E\n\x05\x44Type\x12\x15\n\x11\x44TYPE_UNSPECIFIED\x10\x00\x12\x11\n\rDTYPE_FLOAT32\x10\x01\x12\x12\n\x0e\x44TYPE_BFLOAT16\x10\x02*\x9c\x01\n\rOptimizerKind\x12\x1e\n\x1aOPTIMIZER_KIND_UNSPECIFIED\x10\x00\x12\x1e\n\x1aOPTIMIZER_KIND_SPARSE_ADAM\x10\x01\x12\x1a\n\x16OPTIMIZER_KIND_ADAGRAD\x10\x02\x12\x16\n\x12OPTIMIZER_KIND_SGD\x10\x03\x12\x17\n\x13OPTIMIZER_KIND_ADAM\x10\x04\x32\xc1\x04\n\rMemoryService\x12P\n\x0b\x43reateTable\x12$.engram_memory.v1.CreateTableRequest\x1a\x1b.engram_memory.v1.TableInfo\x12T\n\rDescribeTable\x12&.engram_memory.v1.DescribeTableRequest\x1a\x1b.engram_memory.v1.TableInfo\x12T\n\tDropTable\x12\".engram_memory.v1.DropTableRequest\x1a#.engram_memory.v1.DropTableResponse\x12W\n\nListTables\x12#.engram_memory.v1.ListTablesRequest\x1a$.engram_memory.v1.ListTablesResponse\x12H\n\x05\x46\x65tch\x12\x1e.engram_memory.v1.FetchRequest\x1a\x1f.engram_memory.v1.FetchResponse\x12\x45\n\x04Push\x12\x1d.engram_memory.v1.PushRequest\x1a\x1e.engram_memory.v1.PushResponse\x12H\n\x05Stats\x12\x1e.engram_memory.v1.StatsRequest\x1a\x1f.engram_memory.v1.StatsResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1d\x65ngram_memory/v1/memory.proto\x12\x10\x65ngram_memory.v1\"\x9a\x01\n\x0fOptimizerConfig\x12-\n\x04kind\x18\x01 \x01(\x0e\x32\x1f.engram_memory.v1.OptimizerKind\x12\n\n\x02lr\x18\x02 \x01(\x01\x12\r\n\x05\x62\x65ta1\x18\x03 \x01(\x01\x12\r\n\x05\x62\x65ta2\x18\x04 \x01(\x01\x12\x0b\n\x03\x65ps\x18\x05 \x01(\x01\x12!\n\x19initial_accumulator_value\x18\x06 \x01(\x01\"\xbc\x01\n\x0bTableConfig\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x10\n\x08num_rows\x18\x02 \x01(\x04\x12\r\n\x05width\x18\x03 \x01(\r\x12&\n\x05\x64type\x18\x04 \x01(\x0e\x32\x17.engram_memory.v1.DType\x12\x12\n\ninit_scale\x18\x05 \x01(\x01\x12\x0c\n\x04seed\x18\x06 \x01(\x04\x12\x34\n\toptimizer\x18\x07 \x01(\x0b\x32!.engram_memory.v1.OptimizerConfig\"\x8b\x01\n\tTableInfo\x12-\n\x06\x63onfig\x18\x01 \x01(\x0b\x32\x1d.engram_memory.v1.TableConfig\x12\x0c\n\x04step\x18\x02 \x01(\x04\x12\x19\n\x11rows_materialized\x18\x03 \x01(\x04\x12\x0e\n\x06nbytes\x18\x04 \x01(\x04\x12\x16\n\x0eoptimizer_rows\x18\x05 \x01(\x04\"C\n\x12\x43reateTableRequest\x12-\n\x06\x63onfig\x18\x01 \x01(\x0b\x32\x1d.engram_memory.v1.TableConfig\"$\n\x14\x44\x65scribeTableRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\" \n\x10\x44ropTableRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"\x13\n\x11\x44ropTableResponse\"\x13\n\x11ListTablesRequest\"#\n\x12ListTablesResponse\x12\r\n\x05names\x18\x01 \x03(\t\"<\n\x08TableIds\x12\r\n\x05table\x18\x01 \x01(\t\x12\x0b\n\x03ids\x18\x02 \x01(\x0c\x12\x14\n\x0creply_offset\x18\x03 \x01(\x04\"_\n\tTableRows\x12\r\n\x05table\x18\x01 \x01(\t\x12&\n\x05\x64type\x18\x02 \x01(\x0e\x32\x17.engram_memory.v1.DType\x12\r\n\x05width\x18\x03 \x01(\r\x12\x0c\n\x04rows\x18\x04 \x01(\x0c\"!\n\x11SharedMemoryReply\x12\x0c\n\x04path\x18\x01 \x01(\t\"\x88\x01\n\x0c\x46\x65tchRequest\x12*\n\x06tables\x18\x01 \x03(\x0b\x32\x1a.engram_memory.v1.TableIds\x12:\n\rshared_memory\x18\x02 \x01(\x0b\x32#.engram_memory.v1.SharedMemoryReply\x12\x10\n\x08min_step\x18\x03 \x01(\x04\"<\n\rFetchResponse\x12+\n\x06tables\x18\x01 \x03(\x0b\x32\x1b.engram_memory.v1.TableRows\"\x88\x01\n\nTableGrads\x12\r\n\x05table\x18\x01 \x01(\t\x12\x0c\n\x04step\x18\x02 \x01(\x04\x12&\n\x05\x64type\x18\x03 \x01(\x0e\x32\x17.engram_memory.v1.DType\x12\r\n\x05width\x18\x04 \x01(\r\x12\x0b\n\x03ids\x18\x05 \x01(\x0c\x12\r\n\x05grads\x18\x06 \x01(\x0c\x12\n\n\x02lr\x18\x07 \x01(\x01\"d\n\x0bPushRequest\x12\x11\n\tclient_id\x18\x01 \x01(\t\x12,\n\x06tables\x18\x02 \x03(\x0b\x32\x1c.engram_memory.v1.TableGrads\x12\x14\n\x0c\x63ontributors\x18\x03 \x01(\r\"$\n\x0cPushResponse\x12\x14\n\x0crows_updated\x18\x01 \x01(\x04\"\x0e\n\x0cStatsRequest\"e\n\rShardCounters\x12\x16\n\x0e\x66\x65tch_requests\x18\x01 \x01(\x04\x12\x12\n\nfetch_rows\x18\x02 \x01(\x04\x12\x15\n\rpush_requests\x18\x03 \x01(\x04\x12\x11\n\tpush_rows\x18\x04 \x01(\x04\"\x8c\x01\n\nTableStats\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x10\n\x08num_rows\x18\x02 \x01(\x04\x12\r\n\x05width\x18\x03 \x01(\r\x12\x0c\n\x04step\x18\x04 \x01(\x04\x12\x19\n\x11rows_materialized\x18\x05 \x01(\x04\x12\x0e\n\x06nbytes\x18\x06 \x01(\x04\x12\x16\n\x0eoptimizer_rows\x18\x07 \x01(\x04\"\x96\x01\n\rStatsResponse\x12\x10\n\x08shard_id\x18\x01 \x01(\r\x12\x12\n\nnum_shards\x18\x02 \x01(\r\x12\x31\n\x08\x63ounters\x18\x03 \x01(\x0b\x32\x1f.engram_memory.v1.ShardCounters\x12,\n\x06tables\x18\x04 \x03(\x0b\x32\x1c.engram_memory.v1.TableStats*E\n\x05\x44Type\x12\x15\n\x11\x44TYPE_UNSPECIFIED\x10\x00\x12\x11\n\rDTYPE_FLOAT32\x10\x01\x12\x12\n\x0e\x44TYPE_BFLOAT16\x10\x02*\x9c\x01\n\rOptimizerKind\x12\x1e\n\x1aOPTIMIZER_KIND_UNSPECIFIED\x10\x00\x12\x1e\n\x1aOPTIMIZER_KIND_SPARSE_ADAM\x10\x01\x12\x1a\n\x16OPTIMIZER_KIND_ADAGRAD\x10\x02\x12\x16\n\x12OPTIMIZER_KIND_SGD\x10\x03\x12\x17\n\x13OPTIMIZER_KIND_ADAM\x10\x04\x32\xc1\x04\n\rMemoryService\x12P\n\x0b\x43reateTable\x12$.engram_memory.v1.CreateTableRequest\x1a\x1b.engram_memory.v1.TableInfo\x12T\n\rDescribeTable\x12&.engram_memory.v1.DescribeTableRequest\x1a\x1b.engram_memory.v1.TableInfo\x12T\n\tDropTable\x12\".engram_memory.v1.DropTableRequest\x1a#.engram_memory.v1.DropTableResponse\x12W\n\nListTables\x12#.engram_memory.v1.ListTablesRequest\x1a$.engram_memory.v1.ListTablesResponse\x12H\n\x05\x46\x65tch\x12\x1e.engram_memory.v1.FetchRequest\x1a\x1f.engram_memory.v1.FetchResponse\x12\x45\n\x04Push\x12\x1d.engram_memory.v1.PushRequest\x1a\x1e.engram_memory.v1.PushResponse\x12H\n\x05Stats\x12\x1e.engram_memory.v1.StatsRequest\x1a\x1f.engram_memory.v1.StatsResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'engram_memory.v1.memory_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_DTYPE']._serialized_start=1809
-  _globals['_DTYPE']._serialized_end=1878
-  _globals['_OPTIMIZERKIND']._serialized_start=1881
-  _globals['_OPTIMIZERKIND']._serialized_end=2037
+  _globals['_DTYPE']._serialized_start=1850
+  _globals['_DTYPE']._serialized_end=1919
+  _globals['_OPTIMIZERKIND']._serialized_start=1922
+  _globals['_OPTIMIZERKIND']._serialized_end=2078
   _globals['_OPTIMIZERCONFIG']._serialized_start=52
   _globals['_OPTIMIZERCONFIG']._serialized_end=206
   _globals['_TABLECONFIG']._serialized_start=209
@@ -59,24 +59,24 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_TABLEROWS']._serialized_end=918
   _globals['_SHAREDMEMORYREPLY']._serialized_start=920
   _globals['_SHAREDMEMORYREPLY']._serialized_end=953
-  _globals['_FETCHREQUEST']._serialized_start=955
-  _globals['_FETCHREQUEST']._serialized_end=1073
-  _globals['_FETCHRESPONSE']._serialized_start=1075
-  _globals['_FETCHRESPONSE']._serialized_end=1135
-  _globals['_TABLEGRADS']._serialized_start=1138
-  _globals['_TABLEGRADS']._serialized_end=1274
-  _globals['_PUSHREQUEST']._serialized_start=1276
-  _globals['_PUSHREQUEST']._serialized_end=1354
-  _globals['_PUSHRESPONSE']._serialized_start=1356
-  _globals['_PUSHRESPONSE']._serialized_end=1392
-  _globals['_STATSREQUEST']._serialized_start=1394
-  _globals['_STATSREQUEST']._serialized_end=1408
-  _globals['_SHARDCOUNTERS']._serialized_start=1410
-  _globals['_SHARDCOUNTERS']._serialized_end=1511
-  _globals['_TABLESTATS']._serialized_start=1514
-  _globals['_TABLESTATS']._serialized_end=1654
-  _globals['_STATSRESPONSE']._serialized_start=1657
-  _globals['_STATSRESPONSE']._serialized_end=1807
-  _globals['_MEMORYSERVICE']._serialized_start=2040
-  _globals['_MEMORYSERVICE']._serialized_end=2617
+  _globals['_FETCHREQUEST']._serialized_start=956
+  _globals['_FETCHREQUEST']._serialized_end=1092
+  _globals['_FETCHRESPONSE']._serialized_start=1094
+  _globals['_FETCHRESPONSE']._serialized_end=1154
+  _globals['_TABLEGRADS']._serialized_start=1157
+  _globals['_TABLEGRADS']._serialized_end=1293
+  _globals['_PUSHREQUEST']._serialized_start=1295
+  _globals['_PUSHREQUEST']._serialized_end=1395
+  _globals['_PUSHRESPONSE']._serialized_start=1397
+  _globals['_PUSHRESPONSE']._serialized_end=1433
+  _globals['_STATSREQUEST']._serialized_start=1435
+  _globals['_STATSREQUEST']._serialized_end=1449
+  _globals['_SHARDCOUNTERS']._serialized_start=1451
+  _globals['_SHARDCOUNTERS']._serialized_end=1552
+  _globals['_TABLESTATS']._serialized_start=1555
+  _globals['_TABLESTATS']._serialized_end=1695
+  _globals['_STATSRESPONSE']._serialized_start=1698
+  _globals['_STATSRESPONSE']._serialized_end=1848
+  _globals['_MEMORYSERVICE']._serialized_start=2081
+  _globals['_MEMORYSERVICE']._serialized_end=2658
 # @@protoc_insertion_point(module_scope)

@@ -138,12 +138,14 @@ class SharedMemoryReply(_message.Message):
     def __init__(self, path: _Optional[str] = ...) -> None: ...
 
 class FetchRequest(_message.Message):
-    __slots__ = ("tables", "shared_memory")
+    __slots__ = ("tables", "shared_memory", "min_step")
     TABLES_FIELD_NUMBER: _ClassVar[int]
     SHARED_MEMORY_FIELD_NUMBER: _ClassVar[int]
+    MIN_STEP_FIELD_NUMBER: _ClassVar[int]
     tables: _containers.RepeatedCompositeFieldContainer[TableIds]
     shared_memory: SharedMemoryReply
-    def __init__(self, tables: _Optional[_Iterable[_Union[TableIds, _Mapping]]] = ..., shared_memory: _Optional[_Union[SharedMemoryReply, _Mapping]] = ...) -> None: ...
+    min_step: int
+    def __init__(self, tables: _Optional[_Iterable[_Union[TableIds, _Mapping]]] = ..., shared_memory: _Optional[_Union[SharedMemoryReply, _Mapping]] = ..., min_step: _Optional[int] = ...) -> None: ...
 
 class FetchResponse(_message.Message):
     __slots__ = ("tables",)
@@ -170,12 +172,14 @@ class TableGrads(_message.Message):
     def __init__(self, table: _Optional[str] = ..., step: _Optional[int] = ..., dtype: _Optional[_Union[DType, str]] = ..., width: _Optional[int] = ..., ids: _Optional[bytes] = ..., grads: _Optional[bytes] = ..., lr: _Optional[float] = ...) -> None: ...
 
 class PushRequest(_message.Message):
-    __slots__ = ("client_id", "tables")
+    __slots__ = ("client_id", "tables", "contributors")
     CLIENT_ID_FIELD_NUMBER: _ClassVar[int]
     TABLES_FIELD_NUMBER: _ClassVar[int]
+    CONTRIBUTORS_FIELD_NUMBER: _ClassVar[int]
     client_id: str
     tables: _containers.RepeatedCompositeFieldContainer[TableGrads]
-    def __init__(self, client_id: _Optional[str] = ..., tables: _Optional[_Iterable[_Union[TableGrads, _Mapping]]] = ...) -> None: ...
+    contributors: int
+    def __init__(self, client_id: _Optional[str] = ..., tables: _Optional[_Iterable[_Union[TableGrads, _Mapping]]] = ..., contributors: _Optional[int] = ...) -> None: ...
 
 class PushResponse(_message.Message):
     __slots__ = ("rows_updated",)
