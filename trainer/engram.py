@@ -92,11 +92,12 @@ ENGRAM_PRESETS: dict[str, dict] = {
 class EngramTables(nn.Module):
     """Where rows live. `lookup(layer, row_ids)`: (B, T, H) int64 -> (B, T, H * head_width).
 
-    `prefetch(row_ids)` announces the row ids {layer: (B, T, H)} of the next forward as soon as the
-    tokens are known, so tables that live elsewhere can start fetching; in-process tables ignore it.
+    `prefetch(row_ids, min_step)` announces the row ids {layer: (B, T, H)} of a coming forward as
+    soon as the tokens are known, so tables that live elsewhere can start fetching (as of table
+    step `min_step`, default the latest); in-process tables ignore it.
     """
 
-    def prefetch(self, row_ids: dict[int, torch.Tensor]) -> None:
+    def prefetch(self, row_ids: dict[int, torch.Tensor], min_step: int | None = None) -> None:
         return None
 
     def lookup(self, layer: int, row_ids: torch.Tensor) -> torch.Tensor:

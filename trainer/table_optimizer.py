@@ -16,6 +16,16 @@ from memory_service.optimizer import make_optimizer
 from trainer.engram import LocalTables
 
 
+def _summed(grad: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+    """A sparse gradient's distinct row ids (m,) sorted and their summed rows (m, width) float32.
+    Repeats are summed in the order they occur, as the table service's client sums them (torch's
+    coalesce sums in another order), so in-process and remote training take identical updates."""
+    ids, values = (grad.indices(), grad.values()) if grad.is_coalesced() else (grad._indices(), grad._values())
+    distinct, inverse = torch.unique(ids[0], return_inverse=True)  # (m,), (n,)
+    summed = torch.zeros(len(distinct), values.shape[1]).index_add_(0, inverse, values.to(torch.float32))
+    return distinct.numpy(), summed.numpy()
+
+
 class TableOptimizer(torch.optim.Optimizer):
     """Optimizer of kind `config.kind` over every embedding of `tables` (sparse gradients).
 
@@ -54,7 +64,7 @@ class TableOptimizer(torch.optim.Optimizer):
     @torch.no_grad()
     def step(self, closure=None) -> None:
         """One table step: every table logs it with its lr, tables with a gradient update the
-        rows in it (duplicates summed, as torch's coalesce)."""
+        rows in it (duplicates summed in the order they occur)."""
         if closure is not None:
             raise ValueError("TableOptimizer.step takes no closure")
         self.steps_taken += 1
@@ -67,9 +77,7 @@ class TableOptimizer(torch.optim.Optimizer):
                     continue
                 if not p.grad.is_sparse:
                     raise ValueError("TableOptimizer needs sparse gradients (nn.Embedding(sparse=True))")
-                grad = p.grad.coalesce()
-                ids = grad.indices()[0].numpy()  # (m,) distinct
-                grads = grad.values().to(torch.float32).numpy()  # (m, width)
+                ids, grads = _summed(p.grad)
                 self._apply_rows(p, ids, lambda r, s, l: math.update(r, s, l, grads, step))
 
     def _apply_rows(self, weight: torch.Tensor, ids: np.ndarray, fn) -> None:

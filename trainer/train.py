@@ -1,25 +1,36 @@
-"""Local training: the backbone with AdamW, the Engram tables with the table service's optimizer
-(ENGRAM.md §4), applied in-process by trainer/table_optimizer.py.
+"""Training: the backbone with AdamW, the Engram tables with the table service's optimizer
+(ENGRAM.md §4), in-process (trainer/table_optimizer.py) or on the shards of a table service
+(trainer/remote_rows.py, given a `MemoryClient`). The loop is the same for both: batches come
+from a `Prefetcher`, which hashes them and requests their rows ahead of the forward.
 
 By default the tables take dense-equivalent Adam (`adam`: what torch.optim.Adam on the dense table
 would hold, at sparse cost); `sparse_adam` is torch's SparseAdam. One step counter per table,
 learning rate `table_lr_mult` x the backbone's, no weight decay.
+
+Data-parallel (`rank` of `world` workers, torch.distributed initialised by the caller, e.g. Ray
+Train): every worker draws the same batch and takes its slice; dense gradients are all-reduced
+(mean), and each worker pushes its part of the table gradients scaled by 1/world, which the shards
+sum and apply once per step.
 """
 from __future__ import annotations
 
 import math
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from tqdm import tqdm
 
 from trainer.data import Batches, Corpus, CorpusConfig, eval_batches
 from memory_service.config import OPTIMIZERS, OptimizerConfig
-from trainer.engram import LocalTables
+from trainer.engram import EngramTables, LocalTables
 from trainer.model import EngramLM, ModelConfig
+from trainer.prefetch import Prefetcher
+from trainer.remote_rows import RemoteTables
 from trainer.row_index import RowIndexer, identity_compression
 from trainer.table_optimizer import TableOptimizer
 from trainer.tokenizer_compression import TokenizerCompression
@@ -61,6 +72,21 @@ class TrainConfig:
             raise ValueError(f"warmup_steps {self.warmup_steps} must be in [0, steps={self.steps})")
 
 
+@dataclass(frozen=True)
+class ServiceOptions:
+    """How a run reads and writes tables that live in the table service. `staleness` 0 is exact
+    (each fetch sees every earlier push: the result of local training); k > 0 lets a fetch miss
+    the last k pushes so the look-ahead fetch needs no wait."""
+
+    prefix: str = "engram"  # the run's tables are "<prefix>/layer<i>/head<h>"
+    lookahead: bool = True
+    staleness: int = 0
+
+    def __post_init__(self) -> None:
+        if self.staleness < 0:
+            raise ValueError(f"staleness {self.staleness} must be >= 0")
+
+
 @dataclass
 class TrainResult:
     val_loss: float
@@ -68,6 +94,7 @@ class TrainResult:
     seconds: float
     tokens_per_s: float
     compression: str
+    val_losses: list[tuple[int, float]] = field(default_factory=list)  # (step, held-out loss) along the run
 
 
 def lr_at(cfg: TrainConfig, step: int) -> float:
@@ -78,8 +105,13 @@ def lr_at(cfg: TrainConfig, step: int) -> float:
     return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
-def build(cfg: TrainConfig, corpus: Corpus) -> tuple[EngramLM, RowIndexer | None, str]:
-    """The model for `cfg` on `corpus`, its row indexer (None for a baseline), and a compression summary."""
+TablesFactory = Callable[["EngramConfig", dict[int, list[int]]], EngramTables]
+
+
+def build(cfg: TrainConfig, corpus: Corpus, make_tables: TablesFactory | None = None
+          ) -> tuple[EngramLM, RowIndexer | None, str]:
+    """The model for `cfg` on `corpus`, its row indexer (None for a baseline), and a compression
+    summary. `make_tables(engram_cfg, sizes)` gives the tables (default: in-process)."""
     model_cfg = replace(cfg.model, vocab_size=corpus.vocab_size)
     if model_cfg.engram is None:
         return EngramLM(model_cfg, seed=cfg.seed), None, "no Engram"
@@ -88,8 +120,23 @@ def build(cfg: TrainConfig, corpus: Corpus) -> tuple[EngramLM, RowIndexer | None
     else:
         compression = identity_compression(corpus.vocab_size)
     indexer = RowIndexer(model_cfg.engram, compression, corpus.pad_id)
-    tables = LocalTables(model_cfg.engram, indexer.table_sizes(), sparse=True)
+    make_tables = make_tables or (lambda engram, sizes: LocalTables(engram, sizes, sparse=True))
+    tables = make_tables(model_cfg.engram, indexer.table_sizes())
     return EngramLM(model_cfg, tables, seed=cfg.seed), indexer, compression.summary()
+
+
+def table_optimizer_config(cfg: TrainConfig) -> OptimizerConfig:
+    """The tables' optimizer; its lr is the peak rate (each step carries the scheduled one)."""
+    return OptimizerConfig(cfg.table_optimizer, lr=cfg.lr * cfg.table_lr_mult, beta1=0.9, beta2=0.95)
+
+
+def remote_tables(client, cfg: TrainConfig, service: ServiceOptions = ServiceOptions(), world: int = 1,
+                  read_only: bool = False) -> TablesFactory:
+    """A factory of `RemoteTables` on `client`'s service, created there (or attached to)."""
+    def make(engram, sizes) -> RemoteTables:
+        return RemoteTables(client, engram, sizes, table_optimizer_config(cfg), prefix=service.prefix,
+                            read_only=read_only, contributors=world, grad_scale=1.0 / world).create()
+    return make
 
 
 def make_optimizers(model: EngramLM, cfg: TrainConfig) -> list[torch.optim.Optimizer]:
@@ -100,67 +147,115 @@ def make_optimizers(model: EngramLM, cfg: TrainConfig) -> list[torch.optim.Optim
     no_decay = [p for n, p in named if not (p.ndim >= 2 and not n.endswith(".mix"))]
     groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     optimizers: list[torch.optim.Optimizer] = [torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.95))]
-    if model.tables is not None:
-        optimizers.append(TableOptimizer(model.tables, OptimizerConfig(
-            cfg.table_optimizer, lr=cfg.lr * cfg.table_lr_mult, beta1=0.9, beta2=0.95)))
+    if isinstance(model.tables, LocalTables):  # remote tables are optimised on the shards
+        optimizers.append(TableOptimizer(model.tables, table_optimizer_config(cfg)))
     return optimizers
-
-
-def loss_on(model: EngramLM, indexer: RowIndexer | None, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    row_ids = indexer(x) if indexer is not None else None
-    logits = model(x, row_ids)  # (B, T, V)
-    return F.cross_entropy(logits.flatten(0, 1), y.flatten())
 
 
 @torch.no_grad()
 def evaluate(model: EngramLM, indexer: RowIndexer | None, batches: list) -> float:
-    """Mean held-out loss (nats/token) over fixed validation windows."""
+    """Mean held-out loss (nats/token) over fixed validation windows (all their rows requested first)."""
     model.eval()
-    losses = [loss_on(model, indexer, x, y).item() for x, y in batches]
+    row_ids = [indexer(x) if indexer is not None else None for x, _ in batches]
+    if indexer is not None:
+        for ids in row_ids:
+            model.tables.prefetch(ids)
+    losses = []
+    for (x, y), ids in zip(batches, row_ids):
+        logits = model(x, ids)
+        losses.append(F.cross_entropy(logits.flatten(0, 1), y.flatten()).item())
     model.train()
     return sum(losses) / len(losses)
 
 
-def train(cfg: TrainConfig, corpus: Corpus | None = None) -> TrainResult:
-    """Train one model for cfg.steps and return its held-out loss."""
+def train(cfg: TrainConfig, corpus: Corpus | None = None, client=None,
+          service: ServiceOptions = ServiceOptions(), rank: int = 0, world: int = 1,
+          eval_every: int = 0) -> TrainResult:
+    """Train one model for cfg.steps and return its held-out loss. With `client` (a MemoryClient)
+    the tables live in its service; `rank`/`world` make this one of `world` data-parallel workers.
+    `eval_every` > 0 also records the held-out loss every that many steps (rank 0)."""
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
+    if cfg.batch_size % world:
+        raise ValueError(f"batch_size {cfg.batch_size} must be a multiple of the {world} workers")
     corpus = corpus or Corpus.load(cfg.corpus)
-    model, indexer, summary = build(cfg, corpus)
+    make_tables = remote_tables(client, cfg, service, world) if client is not None else None
+    model, indexer, summary = build(cfg, corpus, make_tables)
+    tables = model.tables if isinstance(model.tables, RemoteTables) else None
     optimizers = make_optimizers(model, cfg)
     context = cfg.model.context
     batches = Batches(corpus.train, cfg.batch_size, context, seed=cfg.seed)
+    part = cfg.batch_size // world
+
+    def next_batch() -> tuple[torch.Tensor, torch.Tensor]:
+        x, y = batches.next()  # every worker draws the whole batch and keeps its slice
+        return x[rank * part:(rank + 1) * part], y[rank * part:(rank + 1) * part]
+
+    feed = Prefetcher(next_batch, cfg.steps, indexer, model.tables, service.lookahead, service.staleness)
     held_out = eval_batches(corpus.val, cfg.batch_size, context, cfg.eval_batches)
     losses: list[float] = []
+    val_losses: list[tuple[int, float]] = []
     start = time.perf_counter()
-    bar = tqdm(range(cfg.steps), disable=not cfg.progress, desc="train", dynamic_ncols=True)
+    bar = tqdm(range(cfg.steps), disable=not cfg.progress or rank != 0, desc="train", dynamic_ncols=True)
     for step in bar:
         lr = lr_at(cfg, step)
         for opt in optimizers:
             for group in opt.param_groups:
                 group["lr"] = lr * (cfg.table_lr_mult if isinstance(opt, TableOptimizer) else 1.0)
-        x, y = batches.next()
-        loss = loss_on(model, indexer, x, y)
+        batch = feed.next(step)
+        if tables is not None:
+            tables.begin_step(step, lr * cfg.table_lr_mult)
+        logits = model(batch.x, batch.row_ids)
+        loss = F.cross_entropy(logits.flatten(0, 1), batch.y.flatten())
         for opt in optimizers:
             opt.zero_grad(set_to_none=True)
-        loss.backward()
+        loss.backward()  # remote tables push their gradients from inside it
+        if tables is not None:
+            tables.end_step()
+        if world > 1:
+            loss = _all_reduce_mean(model.dense_parameters(), loss.detach(), world)
         torch.nn.utils.clip_grad_norm_(model.dense_parameters(), 1.0)
         for opt in optimizers:
             opt.step()
         losses.append(loss.item())
+        if eval_every and rank == 0 and (step + 1) % eval_every == 0 and step + 1 < cfg.steps:
+            val_losses.append((step + 1, evaluate(model, indexer, held_out)))
         elapsed = time.perf_counter() - start
-        bar.set_postfix(loss=f"{losses[-1]:.3f}", tok_s=f"{(step + 1) * x.numel() / elapsed:,.0f}")
+        postfix = dict(loss=f"{losses[-1]:.3f}", tok_s=f"{(step + 1) * cfg.batch_size * context / elapsed:,.0f}")
+        if tables is not None:
+            postfix["fetch_wait_ms"] = f"{1e3 * tables.times.wait_s / max(1, tables.times.fetches):.1f}"
+        bar.set_postfix(postfix)
     seconds = time.perf_counter() - start
-    val_loss = evaluate(model, indexer, held_out)
-    if cfg.checkpoint:
-        save_checkpoint(cfg, model, optimizers, Path(cfg.checkpoint))
-    return TrainResult(val_loss, losses, seconds, cfg.steps * cfg.batch_size * context / seconds, summary)
+    val_loss = evaluate(model, indexer, held_out) if rank == 0 else float("nan")
+    val_losses.append((cfg.steps, val_loss))
+    if tables is not None:
+        tables.close()
+    if cfg.checkpoint and rank == 0:
+        save_checkpoint(cfg, model, optimizers, Path(cfg.checkpoint), service if tables is not None else None)
+    return TrainResult(val_loss, losses, seconds, cfg.steps * cfg.batch_size * context / seconds, summary,
+                       val_losses)
 
 
-def save_checkpoint(cfg: TrainConfig, model: EngramLM, optimizers: list, path: Path) -> None:
-    """Model, optimizer states and the config in one file, written atomically."""
+def _all_reduce_mean(params: list[torch.Tensor], loss: torch.Tensor, world: int) -> torch.Tensor:
+    """Averages the dense gradients (one flat all-reduce) and the loss over the workers."""
+    grads = [p.grad for p in params if p.grad is not None]
+    flat = torch.cat([g.reshape(-1) for g in grads] + [loss.reshape(1)])
+    dist.all_reduce(flat)
+    flat /= world
+    offset = 0
+    for g in grads:
+        g.copy_(flat[offset:offset + g.numel()].view_as(g))
+        offset += g.numel()
+    return flat[-1]
+
+
+def save_checkpoint(cfg: TrainConfig, model: EngramLM, optimizers: list, path: Path,
+                    service: ServiceOptions | None = None) -> None:
+    """Model, optimizer states and the config in one file, written atomically. Tables that live
+    in the service stay there: the checkpoint names them (`service`), for a reader to attach."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(path.suffix + ".tmp")
     torch.save({"config": asdict(cfg), "model": model.state_dict(),
-                "optimizers": [opt.state_dict() for opt in optimizers]}, tmp)
+                "optimizers": [opt.state_dict() for opt in optimizers],
+                "service": asdict(service) if service is not None else None}, tmp)
     tmp.replace(path)

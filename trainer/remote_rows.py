@@ -1,0 +1,167 @@
+"""Remote rows: the Engram module's tables living in the table service.
+
+Each (layer, order, head) table of the model is one service table whose initial rows are those of
+`LocalTables` (same seeds), so a model trains the same whether its rows are here or there.
+Forward: the rows of every Engram layer of a batch come in one fetch (one request per shard),
+started by `prefetch` as soon as the row ids are known. Backward: a hook on each layer's rows hands
+their gradient to a push thread, which deduplicates, sums and sends it as the table step, while
+the backward goes on; the optimizer runs on the shards.
+
+The step protocol: `begin_step(step, lr)` before the forward of training step `step` (0-based; its
+push is table step `step + 1`), `end_step()` after its backward. A fetch names the table step it
+must see (`min_step`); the shards hold it until then, which keeps training exact however early the
+fetch is sent.
+"""
+from __future__ import annotations
+
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+import torch
+
+from memory_service.client import MemoryClient
+from memory_service.config import OptimizerConfig, TableConfig
+from memory_service.rows import table_seed
+from trainer.engram import EngramConfig, EngramTables
+
+
+def table_name(prefix: str, layer: int, head: int) -> str:
+    """The service table of one (order, head) column of an Engram layer's row ids."""
+    return f"{prefix}/layer{layer}/head{head}"
+
+
+@dataclass
+class _Pending:
+    """A fetch in flight: the row ids it serves (matched by identity) and the layers still to read it."""
+
+    row_ids: dict[int, torch.Tensor]
+    future: Future
+    unread: set[int] = field(default_factory=set)
+
+
+@dataclass
+class FetchTimes:
+    """Where fetch time went, summed since the last `reset`: `wait_s` blocked the forward;
+    `fetch_s` is the requests' own time (mostly hidden by prefetch)."""
+
+    fetches: int = 0
+    wait_s: float = 0.0
+    fetch_s: float = 0.0
+
+    def reset(self) -> None:
+        self.fetches, self.wait_s, self.fetch_s = 0, 0.0, 0.0
+
+
+class RemoteTables(EngramTables):
+    """`EngramTables` backed by a `MemoryClient`. `sizes`: {layer: row count per head}, as
+    `RowIndexer.table_sizes()` gives. With `contributors` K > 1 this is one of K data-parallel
+    workers: pushes are its part of each step (gradients scaled by `grad_scale`, e.g. 1/K for a
+    mean loss), applied by the shards once all K arrived. `read_only` never pushes."""
+
+    def __init__(self, client: MemoryClient, cfg: EngramConfig, sizes: dict[int, list[int]],
+                 optimizer: OptimizerConfig, prefix: str = "engram", read_only: bool = False,
+                 contributors: int = 1, grad_scale: float = 1.0):
+        super().__init__()
+        self.client, self.cfg, self.read_only = client, cfg, read_only
+        self.contributors, self.grad_scale = contributors, grad_scale
+        self.names = {layer: [table_name(prefix, layer, h) for h in range(len(s))] for layer, s in sizes.items()}
+        self.configs = [TableConfig(table_name(prefix, layer, h), size, cfg.head_width, "float32", cfg.init_scale,
+                                    table_seed(cfg.seed, layer, h), optimizer)
+                        for layer, layer_sizes in sizes.items() for h, size in enumerate(layer_sizes)]
+        self.times = FetchTimes()
+        self.steps_pushed = 0  # table steps this trainer has pushed (its next fetch must see them)
+        self._pending: list[_Pending] = []
+        self._step: int | None = None  # table step the current forward's gradients make
+        self._lr: float | None = None
+        self._pushed: set[int] = set()
+        self._pusher = ThreadPoolExecutor(max_workers=1, thread_name_prefix="engram-push")  # in step order
+        self._pushes: list[Future] = []
+
+    def create(self) -> "RemoteTables":
+        """Creates the tables on every shard (idempotent: attaching to existing tables is fine)
+        and starts from the step they are at."""
+        for table in self.configs:
+            self.client.create_table(table)
+        names = {t.name for t in self.configs}
+        steps = {int(t.step) for shard in self.client.stats() for t in shard.tables if t.name in names}
+        if len(steps) > 1:
+            raise RuntimeError(f"the tables {sorted(names)[0]}.. are at different steps {sorted(steps)} "
+                               "on different shards: a push was interrupted; restore a checkpoint")
+        self.steps_pushed = max(steps, default=0)
+        return self
+
+    # -- forward --------------------------------------------------------------------------------
+    def prefetch(self, row_ids: dict[int, torch.Tensor], min_step: int | None = None) -> None:
+        """Starts fetching the rows of `row_ids` {layer: (B, T, H)}, as of table step `min_step`
+        (default: every step this trainer pushed)."""
+        min_step = self.steps_pushed if min_step is None else min_step
+        ids = {name: row_ids[layer][..., h] for layer in row_ids for h, name in enumerate(self.names[layer])}
+        started = time.perf_counter()
+
+        def fetched() -> dict[str, torch.Tensor]:
+            rows = self.client.fetch(ids, min_step)
+            self.times.fetch_s += time.perf_counter() - started
+            return rows
+
+        self._pending.append(_Pending(row_ids, self.client.pool.submit(fetched), set(row_ids)))
+
+    def lookup(self, layer: int, row_ids: torch.Tensor) -> torch.Tensor:
+        pending = next((p for p in self._pending if p.row_ids.get(layer) is row_ids), None)
+        if pending is None:  # nobody prefetched these ids: fetch now
+            self.prefetch({layer: row_ids})
+            pending = self._pending[-1]
+        started = time.perf_counter()
+        fetched = pending.future.result()
+        self.times.wait_s += time.perf_counter() - started
+        self.times.fetches += 1
+        pending.unread.discard(layer)
+        if not pending.unread:
+            self._pending.remove(pending)
+        rows = torch.cat([fetched[name] for name in self.names[layer]], dim=-1)  # (B, T, H * w)
+        rows = rows.to(row_ids.device, non_blocking=True)
+        if torch.is_grad_enabled() and not self.read_only:
+            if self._step is None:
+                raise RuntimeError("RemoteTables: call begin_step(step, lr) before a training forward "
+                                   "(or run it under torch.no_grad())")
+            rows.requires_grad_(True)
+            rows.register_hook(lambda grad, layer=layer, ids=row_ids, step=self._step, lr=self._lr:
+                               self._on_grad(layer, ids, grad, step, lr))
+        return rows
+
+    # -- backward -------------------------------------------------------------------------------
+    def begin_step(self, step: int, lr: float) -> None:
+        """Training step `step` (0-based) begins: its gradients are table step `step + 1` at `lr`."""
+        self._step, self._lr, self._pushed = step + 1, float(lr), set()
+
+    def _on_grad(self, layer: int, row_ids: torch.Tensor, grad: torch.Tensor, step: int, lr: float) -> None:
+        """Backward reached this layer's rows: hand their gradient to the push thread."""
+        H, w = len(self.names[layer]), self.cfg.head_width
+        grads = grad.detach().reshape(-1, H, w)  # (B*T, H, w)
+        ids = row_ids.detach().reshape(-1, H)  # (B*T, H)
+        if self.grad_scale != 1.0:
+            grads = grads * self.grad_scale
+        tables = {name: (ids[:, h], grads[:, h]) for h, name in enumerate(self.names[layer])}
+        self._pushes.append(self._pusher.submit(self.client.push, tables, step, lr, self.contributors))
+        self._pushed.add(layer)
+
+    def end_step(self) -> None:
+        """The step's backward ended: every layer must have pushed; surfaces failed pushes."""
+        missing = set(self.names) - self._pushed
+        if missing:
+            raise RuntimeError(f"step {self._step}: Engram layers {sorted(missing)} got no gradient to push")
+        self.steps_pushed, self._step = self._step, None
+        done = [f for f in self._pushes if f.done()]
+        self._pushes = [f for f in self._pushes if not f.done()]
+        for f in done:
+            f.result()  # raises a push's error here, in the training loop
+
+    def flush(self) -> None:
+        """Waits until every push sent so far was applied (or raises its error)."""
+        pushes, self._pushes = self._pushes, []
+        for f in pushes:
+            f.result()
+
+    def close(self) -> None:
+        self.flush()
+        self._pusher.shutdown(wait=True)
