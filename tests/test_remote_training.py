@@ -49,3 +49,46 @@ def test_training_through_the_service_equals_local_training(make_cluster, corpus
         want = state[f"tables.embeddings.{layer}.weight"].numpy()
         assert rows.shape == want.shape and not np.allclose(rows, initial)
         np.testing.assert_allclose(rows, want, rtol=1e-5, atol=1e-6)
+
+
+def test_prefetch_runs_ahead_of_the_forward_and_the_backward(make_cluster, corpus_dir, tmp_path):
+    """Every shard request for step s leaves before the forward reaches the first Engram layer,
+    and the look-ahead request for step s+1 before step s's backward ends (the last gradient
+    backward computes is the token embedding's)."""
+    cfg = replace(small_train_config(corpus_dir, tmp_path), steps=6, warmup_steps=1, threads=1)
+    corpus = Corpus.load(cfg.corpus)
+    cluster = make_cluster(2)
+    events = []
+    import trainer.train as train_module
+
+    real_build = train_module.build
+
+    def build_and_watch(*args, **kwargs):  # the real model, with hooks that log what happens
+        model, indexer, summary = real_build(*args, **kwargs)
+        engram = next(b.engram for b in model.blocks if b.engram is not None)
+        forwards = iter(range(cfg.steps))
+        engram.register_forward_pre_hook(
+            lambda m, a: events.append(("engram_forward", next(forwards))) if m.training else None)
+        backwards = iter(range(cfg.steps))
+        model.embed.weight.register_post_accumulate_grad_hook(
+            lambda p: events.append(("backward_end", next(backwards))))
+        return model, indexer, summary
+
+    with cluster.client() as client:
+        client.trace = lambda kind, f: events.append((kind, f.get("step"), f.get("shard")))
+        train_module.build = build_and_watch
+        try:
+            train(cfg, corpus, client=client, service=ServiceOptions(prefix="order"))
+        finally:
+            train_module.build = real_build
+    position = {}
+    for i, event in enumerate(events):
+        position.setdefault(event, i)
+    for s in range(cfg.steps):
+        sent = [position[("fetch_sent", s, shard)] for shard in (0, 1)]
+        assert max(sent) < position[("engram_forward", s)], s
+        if s + 1 < cfg.steps:
+            assert max(position[("fetch_sent", s + 1, shard)] for shard in (0, 1)) < position[("backward_end", s)], s
+    # the look-ahead never reaches past the last step: fetches of step `steps` are the evaluation's
+    last_backward = position[("backward_end", cfg.steps - 1)]
+    assert all(i > last_backward for i, e in enumerate(events) if e[:2] == ("fetch_sent", cfg.steps))
