@@ -13,14 +13,15 @@ from trainer.model import MODEL_PRESETS, ModelConfig
 from trainer.train import TrainConfig, train
 
 
-def add_train_args(p: argparse.ArgumentParser, steps: int, context: int | None = None) -> None:
+def add_train_args(p: argparse.ArgumentParser, steps: int, context: int | None = None,
+                   table_lr_mult: float = 5.0) -> None:
     p.add_argument("--preset", default="tiny", choices=sorted(MODEL_PRESETS), help="model size preset")
     p.add_argument("--steps", type=int, default=steps)
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--context", type=int, default=context, help="tokens per sequence (default: the preset's)")
     p.add_argument("--lr", type=float, default=3e-3, help="backbone learning rate (tables get 5x)")
-    p.add_argument("--table-lr-mult", type=float, default=5.0,
-                   help="table learning rate / backbone's (ENGRAM.md: 5; bench_quality uses 20)")
+    p.add_argument("--table-lr-mult", type=float, default=table_lr_mult,
+                   help="table learning rate / backbone's (ENGRAM.md: 5; bench_quality found 50 best here)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--corpus", default=None, help="folder of text/source files (default: Python stdlib)")
     p.add_argument("--threads", type=int, default=None)
@@ -59,6 +60,52 @@ def cmd_train_local(args: argparse.Namespace) -> int:
     return 0
 
 
+def add_service_args(p: argparse.ArgumentParser, prefix: str) -> None:
+    p.add_argument("--cluster", default="default", help="name of the tables cluster to attach to")
+    p.add_argument("--prefix", default=prefix, help="this run's tables are <prefix>/layer<i>/head<h>")
+    p.add_argument("--staleness", type=int, default=0,
+                   help="0: exact (each fetch sees every earlier push); k: fetches may miss the last k pushes")
+    p.add_argument("--no-lookahead", action="store_true", help="do not request the next step's rows early")
+
+
+def service_options(args: argparse.Namespace):
+    from trainer.train import ServiceOptions
+
+    return ServiceOptions(prefix=args.prefix, lookahead=not args.no_lookahead, staleness=args.staleness)
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    """Train through a running tables cluster: in this process, or on `--workers` Ray Train workers."""
+    from memory_service.cluster import connect
+    from trainer.distributed import train_workers
+
+    cfg = train_config(args)
+    service = service_options(args)
+    cluster = connect(args.address, name=args.cluster)
+    print(f"attached to {len(cluster.addresses)} shards of tables cluster {args.cluster!r}", flush=True)
+    try:
+        if args.workers > 1:
+            Corpus.load(cfg.corpus)  # prepare the cached corpus once, before the workers read it
+            result = train_workers(cfg, args.workers, args.cluster, service, use_gpu=args.gpu)
+        else:
+            with cluster.client() as client:
+                result = train(cfg, client=client, service=service)
+    finally:
+        cluster.shutdown()
+    print(f"held-out loss {result.val_loss:.4f} nats/token after {cfg.steps} steps "
+          f"({result.tokens_per_s:,.0f} tokens/s, {args.workers} worker(s))")
+    if cfg.checkpoint:
+        print(f"checkpoint: {cfg.checkpoint}")
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from trainer.demo import DemoConfig, run
+
+    return run(DemoConfig(train=train_config(args), out_dir=args.out, address=args.address,
+                          cluster=args.cluster, shards=args.shards, service=service_options(args)))
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     """Run a tables cluster until SIGINT/SIGTERM, then stop every shard cleanly."""
     from memory_service.cluster import ClusterConfig, connect, start_local
@@ -94,9 +141,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=int, default=0, help="first shard's port (0: any free port)")
     p.add_argument("--name", default="default", help="cluster name, for drivers that attach by name")
     p.set_defaults(func=cmd_serve)
-    p = sub.add_parser("demo", help="the main job: train a small Engram model on the Python stdlib")
-    add_train_args(p, steps=60, context=128)
-    p.set_defaults(func=cmd_train_local)
+    p = sub.add_parser("train", help="train through a running tables cluster (attach with --address)")
+    add_train_args(p, steps=200)
+    p.add_argument("--address", required=True, help="Ray cluster address (e.g. 127.0.0.1:6379 or auto)")
+    p.add_argument("--workers", type=int, default=1, help="data-parallel Ray Train workers (> 1: TorchTrainer)")
+    p.add_argument("--gpu", action="store_true", help="one GPU per worker (NCCL)")
+    add_service_args(p, prefix="engram")
+    p.set_defaults(func=cmd_train)
+    p = sub.add_parser("demo", help="the main job: an Engram model trained through the table service vs the baseline")
+    add_train_args(p, steps=60, context=128, table_lr_mult=50.0)
+    p.add_argument("--address", default=None, help="Ray cluster to attach to (default: start an embedded one)")
+    p.add_argument("--shards", type=int, default=2, help="shards of the embedded cluster")
+    p.add_argument("--out", default="engram-demo", help="folder for the checkpoint and the loss plot")
+    add_service_args(p, prefix="demo")
+    p.set_defaults(func=cmd_demo, cluster="demo")
     return parser
 
 

@@ -59,5 +59,6 @@ class Prefetcher:
         if self.indexer is None:
             return Prepared(step, x, y, None)
         row_ids = self.indexer(x)  # on x's device
-        self.tables.prefetch(row_ids, min_step=max(0, step - self.staleness))
+        if self.tables is not None:  # None: rows are fetched when the forward asks
+            self.tables.prefetch(row_ids, min_step=max(0, step - self.staleness))
         return Prepared(step, x, y, row_ids)

@@ -79,7 +79,8 @@ class ServiceOptions:
     the last k pushes so the look-ahead fetch needs no wait."""
 
     prefix: str = "engram"  # the run's tables are "<prefix>/layer<i>/head<h>"
-    lookahead: bool = True
+    prefetch: bool = True  # False: rows are fetched when the forward reaches the Engram layer
+    lookahead: bool = True  # also request the next step's rows during this step
     staleness: int = 0
 
     def __post_init__(self) -> None:
@@ -170,10 +171,11 @@ def evaluate(model: EngramLM, indexer: RowIndexer | None, batches: list) -> floa
 
 def train(cfg: TrainConfig, corpus: Corpus | None = None, client=None,
           service: ServiceOptions = ServiceOptions(), rank: int = 0, world: int = 1,
-          eval_every: int = 0) -> TrainResult:
+          eval_every: int = 0, on_step: Callable[[int], None] | None = None) -> TrainResult:
     """Train one model for cfg.steps and return its held-out loss. With `client` (a MemoryClient)
     the tables live in its service; `rank`/`world` make this one of `world` data-parallel workers.
-    `eval_every` > 0 also records the held-out loss every that many steps (rank 0)."""
+    `eval_every` > 0 also records the held-out loss every that many steps (rank 0); `on_step(step)`
+    is called as each step ends (benchmarks time steps with it)."""
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     if cfg.batch_size % world:
@@ -191,7 +193,8 @@ def train(cfg: TrainConfig, corpus: Corpus | None = None, client=None,
         x, y = batches.next()  # every worker draws the whole batch and keeps its slice
         return x[rank * part:(rank + 1) * part], y[rank * part:(rank + 1) * part]
 
-    feed = Prefetcher(next_batch, cfg.steps, indexer, model.tables, service.lookahead, service.staleness)
+    feed = Prefetcher(next_batch, cfg.steps, indexer, model.tables if service.prefetch else None,
+                      service.prefetch and service.lookahead, service.staleness)
     held_out = eval_batches(corpus.val, cfg.batch_size, context, cfg.eval_batches)
     losses: list[float] = []
     val_losses: list[tuple[int, float]] = []
@@ -218,6 +221,8 @@ def train(cfg: TrainConfig, corpus: Corpus | None = None, client=None,
         for opt in optimizers:
             opt.step()
         losses.append(loss.item())
+        if on_step is not None:
+            on_step(step)
         if eval_every and rank == 0 and (step + 1) % eval_every == 0 and step + 1 < cfg.steps:
             val_losses.append((step + 1, evaluate(model, indexer, held_out)))
         elapsed = time.perf_counter() - start
