@@ -112,10 +112,12 @@ class LocalTables(EngramTables):
 
     `sparse=True` gives the sparse gradients `torch.optim.SparseAdam` needs; initial rows come from
     `memory_service.rows.init_rows`, so they equal the table service's rows for the same seed.
+    `initialize_rows=False` leaves them uninitialised for a caller that loads them next (a
+    checkpoint): computing initial rows costs seconds per million.
     """
 
     def __init__(self, cfg: EngramConfig, sizes: dict[int, list[int]], sparse: bool = True,
-                 dtype: torch.dtype = torch.float32):
+                 dtype: torch.dtype = torch.float32, initialize_rows: bool = True):
         super().__init__()
         self.cfg = cfg
         self.sizes = {layer: list(s) for layer, s in sizes.items()}
@@ -127,9 +129,10 @@ class LocalTables(EngramTables):
                 raise ValueError(f"layer {layer}: {len(layer_sizes)} table sizes, expected {cfg.num_heads}")
             offsets = torch.tensor(np.cumsum([0] + layer_sizes[:-1]), dtype=torch.int64)  # (H,)
             self.register_buffer(f"offsets_{layer}", offsets, persistent=False)
-            emb = nn.Embedding(sum(layer_sizes), cfg.head_width, sparse=sparse, dtype=dtype)
-            with torch.no_grad():
-                emb.weight.copy_(torch.from_numpy(self.initial_rows(layer)))
+            emb = nn.utils.skip_init(nn.Embedding, sum(layer_sizes), cfg.head_width, sparse=sparse, dtype=dtype)
+            if initialize_rows:
+                with torch.no_grad():
+                    emb.weight.copy_(torch.from_numpy(self.initial_rows(layer)))
             self.embeddings[str(layer)] = emb
 
     def initial_rows(self, layer: int) -> np.ndarray:
