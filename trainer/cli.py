@@ -9,6 +9,7 @@ import threading
 from dataclasses import replace
 
 from trainer.data import Corpus, CorpusConfig
+from trainer.infer import generate_text, load_checkpoint
 from trainer.model import MODEL_PRESETS, ModelConfig
 from trainer.train import TrainConfig, train
 
@@ -59,6 +60,14 @@ def cmd_train_local(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_generate(args: argparse.Namespace) -> int:
+    """Print the prompt and its continuation by a trained checkpoint."""
+    model, indexer, _, corpus = load_checkpoint(args.checkpoint)
+    print(generate_text(model, indexer, corpus.tokenizer, args.prompt, args.max_new_tokens,
+                        top_k=args.top_k, temperature=args.temperature, seed=args.seed))
+    return 0
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     """Run a tables cluster until SIGINT/SIGTERM, then stop every shard cleanly."""
     from memory_service.cluster import ClusterConfig, connect, start_local
@@ -82,11 +91,20 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="engram", description="Engram memory: train and serve hashed N-gram tables")
+    parser = argparse.ArgumentParser(
+        prog="engram", description="Engram memory: train, generate with and serve hashed N-gram tables")
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("train-local", help="train a model with in-process Engram tables")
     add_train_args(p, steps=200)
     p.set_defaults(func=cmd_train_local)
+    p = sub.add_parser("generate", help="continue a prompt with a checkpoint written by train-local")
+    p.add_argument("--checkpoint", required=True, help="a file written by train-local --checkpoint")
+    p.add_argument("--prompt", required=True, help="text to continue")
+    p.add_argument("--max-new-tokens", type=int, default=64, help="prompt + new tokens must fit the context")
+    p.add_argument("--top-k", type=int, default=0, help="sample among the k most likely tokens (0: greedy)")
+    p.add_argument("--temperature", type=float, default=1.0, help="divides the logits before top-k sampling")
+    p.add_argument("--seed", type=int, default=0, help="sampling seed")
+    p.set_defaults(func=cmd_generate)
     p = sub.add_parser("serve", help="run a tables cluster (Ray shard actors serving gRPC) until interrupted")
     p.add_argument("--shards", type=int, default=2)
     p.add_argument("--address", default=None, help="Ray cluster to run on (default: an embedded local one)")
