@@ -9,6 +9,7 @@ import threading
 from dataclasses import replace
 
 from trainer.data import Corpus, CorpusConfig
+from trainer.infer import generate_text, load_checkpoint
 from trainer.model import MODEL_PRESETS, ModelConfig
 from trainer.train import TrainConfig, train
 
@@ -106,6 +107,32 @@ def cmd_demo(args: argparse.Namespace) -> int:
                           cluster=args.cluster, shards=args.shards, service=service_options(args)))
 
 
+def cmd_generate(args: argparse.Namespace) -> int:
+    """Print the prompt and its continuation by a trained checkpoint; with `--address`, its rows
+    are read from the tables cluster it was trained through."""
+    if args.address is None:
+        model, indexer, _, corpus = load_checkpoint(args.checkpoint)
+        print(generate_text(model, indexer, corpus.tokenizer, args.prompt, args.max_new_tokens,
+                            top_k=args.top_k, temperature=args.temperature, seed=args.seed))
+        return 0
+    import torch
+
+    from memory_service.cluster import connect
+    from trainer.infer import service_tables
+
+    service = torch.load(args.checkpoint, map_location="cpu", weights_only=False).get("service") or {}
+    cluster = connect(args.address, name=args.cluster)
+    try:
+        with cluster.client() as client:
+            prefix = args.prefix or service.get("prefix", "engram")
+            model, indexer, _, corpus = load_checkpoint(args.checkpoint, service_tables(client, prefix))
+            print(generate_text(model, indexer, corpus.tokenizer, args.prompt, args.max_new_tokens,
+                                top_k=args.top_k, temperature=args.temperature, seed=args.seed))
+    finally:
+        cluster.shutdown()
+    return 0
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     """Run a tables cluster until SIGINT/SIGTERM, then stop every shard cleanly."""
     from memory_service.cluster import ClusterConfig, connect, start_local
@@ -129,11 +156,24 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="engram", description="Engram memory: train and serve hashed N-gram tables")
+    parser = argparse.ArgumentParser(
+        prog="engram", description="Engram memory: train, generate with and serve hashed N-gram tables")
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("train-local", help="train a model with in-process Engram tables")
     add_train_args(p, steps=200)
     p.set_defaults(func=cmd_train_local)
+    p = sub.add_parser("generate", help="continue a prompt with a trained checkpoint")
+    p.add_argument("--checkpoint", required=True, help="a file written by train-local, train or demo")
+    p.add_argument("--prompt", required=True, help="text to continue")
+    p.add_argument("--max-new-tokens", type=int, default=64, help="prompt + new tokens must fit the context")
+    p.add_argument("--top-k", type=int, default=0, help="sample among the k most likely tokens (0: greedy)")
+    p.add_argument("--temperature", type=float, default=1.0, help="divides the logits before top-k sampling")
+    p.add_argument("--seed", type=int, default=0, help="sampling seed")
+    p.add_argument("--address", default=None,
+                   help="Ray cluster whose table service holds the rows (checkpoints of `engram train`/`demo`)")
+    p.add_argument("--cluster", default="default", help="tables cluster name (the demo's is 'demo')")
+    p.add_argument("--prefix", default=None, help="table prefix (default: the checkpoint's)")
+    p.set_defaults(func=cmd_generate)
     p = sub.add_parser("serve", help="run a tables cluster (Ray shard actors serving gRPC) until interrupted")
     p.add_argument("--shards", type=int, default=2)
     p.add_argument("--address", default=None, help="Ray cluster to run on (default: an embedded local one)")

@@ -65,9 +65,10 @@ def run(cfg: DemoConfig) -> int:
 def sample(client, checkpoint: Path, cfg: DemoConfig) -> str:
     """Greedy continuation of the prompt by the checkpoint's model, its rows read (never written)
     through the service."""
-    from trainer.infer import generate_text
+    from trainer.infer import generate_text, load_checkpoint, service_tables
 
-    return generate_text(checkpoint, cfg.prompt, cfg.max_new_tokens, client=client)
+    model, indexer, _, corpus = load_checkpoint(checkpoint, service_tables(client, cfg.service.prefix))
+    return generate_text(model, indexer, corpus.tokenizer, cfg.prompt, cfg.max_new_tokens)
 
 
 def shard_table(stats: list) -> str:

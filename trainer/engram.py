@@ -113,10 +113,12 @@ class LocalTables(EngramTables):
 
     `sparse=True` gives the sparse gradients `torch.optim.SparseAdam` needs; initial rows come from
     `memory_service.rows.init_rows`, so they equal the table service's rows for the same seed.
+    `initialize_rows=False` leaves them uninitialised for a caller that loads them next (a
+    checkpoint): computing initial rows costs seconds per million.
     """
 
     def __init__(self, cfg: EngramConfig, sizes: dict[int, list[int]], sparse: bool = True,
-                 dtype: torch.dtype = torch.float32):
+                 dtype: torch.dtype = torch.float32, initialize_rows: bool = True):
         super().__init__()
         self.cfg = cfg
         self.sizes = {layer: list(s) for layer, s in sizes.items()}
@@ -128,9 +130,10 @@ class LocalTables(EngramTables):
                 raise ValueError(f"layer {layer}: {len(layer_sizes)} table sizes, expected {cfg.num_heads}")
             offsets = torch.tensor(np.cumsum([0] + layer_sizes[:-1]), dtype=torch.int64)  # (H,)
             self.register_buffer(f"offsets_{layer}", offsets, persistent=False)
-            emb = nn.Embedding(sum(layer_sizes), cfg.head_width, sparse=sparse, dtype=dtype)
-            with torch.no_grad():
-                emb.weight.copy_(torch.from_numpy(self.initial_rows(layer)))
+            emb = nn.utils.skip_init(nn.Embedding, sum(layer_sizes), cfg.head_width, sparse=sparse, dtype=dtype)
+            if initialize_rows:
+                with torch.no_grad():
+                    emb.weight.copy_(torch.from_numpy(self.initial_rows(layer)))
             self.embeddings[str(layer)] = emb
 
     def initial_rows(self, layer: int) -> np.ndarray:
@@ -200,27 +203,60 @@ class Engram(nn.Module):
         logit = (q * k).sum(-1, keepdim=True) / math.sqrt(self.cfg.hidden_size)  # (B, T, M, 1)
         return torch.sigmoid(signed_sqrt(logit))
 
+    @property
+    def num_past_inputs(self) -> int:
+        """(kernel_size - 1) * dilation: how many earlier positions the causal conv reads."""
+        return (self.cfg.kernel_size - 1) * self.cfg.max_ngram
+
+    def normed_values(self, gated: torch.Tensor) -> torch.Tensor:
+        """v~ (B, T, M, D) -> the conv's input RMSNorm_m(v~_m), branches side by side (B, T, M*D)."""
+        return torch.cat([n(gated[:, :, m]) for m, n in enumerate(self.value_norms)], dim=-1)
+
     def value_path(self, gated: torch.Tensor) -> torch.Tensor:
         """v~ (B, T, M, D) -> SiLU(conv(RMSNorm(v~))) + v~, causal along T."""
         B, T, M, D = gated.shape
-        normed = torch.cat([n(gated[:, :, m]) for m, n in enumerate(self.value_norms)], dim=-1)  # (B, T, M*D)
+        normed = self.normed_values(gated)  # (B, T, M*D)
         conv = self.conv(normed.transpose(1, 2))[..., :T]  # (B, M*D, T): left padding only = causal
         return F.silu(conv).transpose(1, 2).reshape(B, T, M, D) + gated
 
-    def forward(self, hidden: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    def gated_value(self, hidden: torch.Tensor, projected: torch.Tensor) -> torch.Tensor:
+        """hidden (B, T, M, D), projected (B, T, M+1, D) -> v~ (B, T, M, D): each branch's gate
+        times the shared value (the value alone in the no-gate ablation)."""
+        B, T, M, D = hidden.shape
+        value, keys = projected[:, :, :1], projected[:, :, 1:]  # (B, T, 1, D), (B, T, M, D)
+        if self.cfg.use_gate:
+            return self.gates(hidden, keys) * value  # (B, T, M, D)
+        return value.expand(B, T, M, D)
+
+    def project(self, hidden: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+        """rows (B, T, E) -> [W_V e, W_K,1 e, ..., W_K,M e] (B, T, M+1, D), after checking that
+        hidden (B, T, M, D) has this layer's branches and width."""
         B, T, M, D = hidden.shape
         if M != self.cfg.num_branches or D != self.cfg.hidden_size:
             raise ValueError(f"hidden {tuple(hidden.shape)} does not match M={self.cfg.num_branches}, "
                              f"D={self.cfg.hidden_size}")
-        projected = self.proj(rows.to(hidden.dtype)).view(B, T, M + 1, D)  # (B, T, M+1, D)
+        return self.proj(rows.to(hidden.dtype)).view(B, T, M + 1, D)
+
+    def forward(self, hidden: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+        projected = self.project(hidden, rows)  # (B, T, M+1, D)
         if self.uses_triton(hidden):
             return self.fused_forward(hidden, projected)
-        value, keys = projected[:, :, :1], projected[:, :, 1:]  # (B, T, 1, D), (B, T, M, D)
-        if self.cfg.use_gate:
-            gated = self.gates(hidden, keys) * value  # (B, T, M, D)
-        else:
-            gated = value.expand(B, T, M, D)
-        return self.value_path(gated)
+        return self.value_path(self.gated_value(hidden, projected))
+
+    def decode(self, hidden: torch.Tensor, rows: torch.Tensor,
+               past: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """`forward` over new positions of a sequence whose earlier conv inputs are `past`.
+
+        hidden (B, T, M, D), rows (B, T, E), past (B, M*D, num_past_inputs): the normalised values
+        of the positions just before these (zeros before the start, as the conv's padding) ->
+        (Y (B, T, M, D), the new past). Always the PyTorch path: the Triton value-path kernel
+        reads whole sequences from position 0.
+        """
+        B, T, M, D = hidden.shape
+        gated = self.gated_value(hidden, self.project(hidden, rows))  # (B, T, M, D)
+        window = torch.cat([past, self.normed_values(gated).transpose(1, 2)], dim=-1)  # (B, M*D, past + T)
+        conv = F.conv1d(window, self.conv.weight, dilation=self.conv.dilation, groups=M * D)  # (B, M*D, T)
+        return F.silu(conv).transpose(1, 2).reshape(B, T, M, D) + gated, window[:, :, T:]
 
     def uses_triton(self, hidden: torch.Tensor) -> bool:
         """Whether forward runs the Triton kernels for this input (see `kernels`)."""

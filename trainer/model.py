@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from trainer.decode_cache import DecodeCache
 from trainer.engram import Engram, EngramConfig, EngramTables
 
 
@@ -110,11 +111,19 @@ class Attention(nn.Module):
         self.qkv = nn.Linear(cfg.hidden_size, 3 * cfg.hidden_size, bias=False)
         self.out = nn.Linear(cfg.hidden_size, cfg.hidden_size, bias=False)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                cache: DecodeCache | None = None, layer: int = 0) -> torch.Tensor:
+        """x (B, T, D) -> (B, T, D); cos, sin (T, hs/2) at the tokens' positions. With a cache, the
+        tokens follow the cached ones: their keys and values join block `layer`'s cached ones."""
         B, T, D = x.shape
         q, k, v = self.qkv(x).view(B, T, 3, self.num_heads, D // self.num_heads).unbind(2)  # (B, T, nh, hs)
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # (B, nh, T, hs)
-        y = F.scaled_dot_product_attention(rotary(q, cos, sin), rotary(k, cos, sin), v, is_causal=True)
+        if cache is None:
+            y = F.scaled_dot_product_attention(rotary(q, cos, sin), rotary(k, cos, sin), v, is_causal=True)
+        else:
+            k, v = cache.store_kv(layer, rotary(k, cos, sin), v)  # (B, nh, position + T, hs)
+            y = F.scaled_dot_product_attention(rotary(q, cos, sin), k, v,
+                                               attn_mask=cache.attention_mask(T, x.device))
         return self.out(y.transpose(1, 2).reshape(B, T, D))
 
 
@@ -132,6 +141,7 @@ class SwiGLU(nn.Module):
 class Block(nn.Module):
     def __init__(self, cfg: ModelConfig, index: int):
         super().__init__()
+        self.index = index
         self.engram = Engram(cfg.engram) if cfg.engram and index in cfg.engram.layer_ids else None
         self.attn_norm = nn.RMSNorm(cfg.hidden_size, eps=1e-6)
         self.attn = Attention(cfg)
@@ -142,15 +152,27 @@ class Block(nn.Module):
         self.mlp_hc = HyperConnection(cfg.num_branches, 2 * index + 1)
 
     def forward(self, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                rows: torch.Tensor | None) -> torch.Tensor:
+                rows: torch.Tensor | None, cache: DecodeCache | None = None) -> torch.Tensor:
+        """h (B, T, M, D) -> (B, T, M, D); rows (B, T, E) at an Engram layer. With a cache, the
+        T tokens continue the cached sequence and the cache takes this block's new state."""
         if self.engram is not None:
-            h = h + self.engram(h, rows)  # (B, T, M, D)
-        h = self.attn_hc.write(h, self.attn(self.attn_norm(self.attn_hc.read(h)), cos, sin))
+            h = h + self.engram_output(h, rows, cache)  # (B, T, M, D)
+        attn_out = self.attn(self.attn_norm(self.attn_hc.read(h)), cos, sin, cache, self.index)
+        h = self.attn_hc.write(h, attn_out)
         return self.mlp_hc.write(h, self.mlp(self.mlp_norm(self.mlp_hc.read(h))))
+
+    def engram_output(self, h: torch.Tensor, rows: torch.Tensor, cache: DecodeCache | None) -> torch.Tensor:
+        """Y (B, T, M, D) of this block's Engram; with a cache, its conv continues from the cached
+        inputs and the cache takes the new ones."""
+        if cache is None:
+            return self.engram(h, rows)
+        out, cache.conv_inputs[self.index] = self.engram.decode(h, rows, cache.conv_inputs[self.index])
+        return out
 
 
 class EngramLM(nn.Module):
-    """Decoder LM. forward(tokens (B, T), row_ids {layer: (B, T, H)}) -> logits (B, T, V).
+    """Decoder LM. forward(tokens (B, T), row_ids {layer: (B, T, H)}) -> logits (B, T, V);
+    with a DecodeCache (`new_cache`) the tokens continue the cached sequence (trainer/infer.py).
 
     Row ids are computed outside (trainer/hashing.py) because they depend only on the tokens:
     that is what lets a caller prefetch rows before the forward pass."""
@@ -190,20 +212,55 @@ class EngramLM(nn.Module):
         if not self.cfg.tie_embeddings:
             nn.init.normal_(self.lm_head.weight, std=std, generator=g)
 
-    def forward(self, tokens: torch.Tensor, row_ids: dict[int, torch.Tensor] | None = None) -> torch.Tensor:
+    def forward(self, tokens: torch.Tensor, row_ids: dict[int, torch.Tensor] | None = None,
+                cache: DecodeCache | None = None) -> torch.Tensor:
+        """Logits (B, T, V) of `tokens` (B, T). With a cache they are positions [position,
+        position + T) of the cached sequence (the cache advances by T), and the logits equal the
+        full forward's there; row_ids are then those of these T tokens only (RowIndexer.extend)."""
         B, T = tokens.shape
-        if T > self.cfg.context:
-            raise ValueError(f"sequence length {T} exceeds the context {self.cfg.context}")
+        start = 0 if cache is None else cache.position
+        if start + T > self.cfg.context:
+            raise ValueError(f"sequence length {start + T} exceeds the context {self.cfg.context}"
+                             + (f" ({start} cached + {T} new)" if cache is not None else ""))
+        if cache is not None:
+            cache.check_room(B, T)
         h = self.embed(tokens).unsqueeze(2).expand(B, T, self.cfg.num_branches, -1)  # (B, T, M, D)
-        cos, sin = self.cos[:T], self.sin[:T]
+        cos, sin = self.cos[start:start + T], self.sin[start:start + T]  # (T, hs/2)
         for i, block in enumerate(self.blocks):
             rows = None
             if block.engram is not None:
                 if row_ids is None or i not in row_ids:
                     raise ValueError(f"Engram layer {i} needs row ids; got layers {sorted(row_ids or {})}")
                 rows = self.tables.lookup(i, row_ids[i])  # (B, T, E)
-            h = block(h, cos, sin, rows)
+            h = block(h, cos, sin, rows, cache)
+        if cache is not None:
+            cache.position += T
         return self.lm_head(self.final_norm(h.mean(dim=2)))  # (B, T, V)
+
+    def new_cache(self, batch_size: int, capacity: int | None = None,
+                  recent_ids: torch.Tensor | None = None) -> DecodeCache:
+        """An empty DecodeCache for `batch_size` sequences of up to `capacity` tokens (default:
+        the context), on the model's device and dtype. An Engram model needs `recent_ids`
+        (B, max_ngram - 1) from RowIndexer.initial_recent_ids; a baseline takes none."""
+        cfg = self.cfg
+        capacity = cfg.context if capacity is None else capacity
+        if not 1 <= capacity <= cfg.context:
+            raise ValueError(f"cache capacity {capacity} must be in [1, context {cfg.context}]")
+        if batch_size < 1:
+            raise ValueError(f"batch_size {batch_size} must be >= 1")
+        if (recent_ids is None) != (cfg.engram is None):
+            raise ValueError("an Engram model's cache needs recent_ids and a baseline's takes none")
+        if recent_ids is not None and tuple(recent_ids.shape) != (batch_size, cfg.engram.max_ngram - 1):
+            raise ValueError(f"recent_ids shape {tuple(recent_ids.shape)} must be "
+                             f"({batch_size}, {cfg.engram.max_ngram - 1})")
+        weight = self.embed.weight
+        kv_shape = (batch_size, cfg.num_heads, capacity, cfg.hidden_size // cfg.num_heads)
+        keys = [weight.new_empty(kv_shape) for _ in self.blocks]  # read only where written
+        values = [weight.new_empty(kv_shape) for _ in self.blocks]
+        conv_inputs = {  # zeros: what the full forward's left padding feeds the conv
+            i: weight.new_zeros(batch_size, cfg.num_branches * cfg.hidden_size, b.engram.num_past_inputs)
+            for i, b in enumerate(self.blocks) if b.engram is not None}
+        return DecodeCache(keys, values, conv_inputs, recent_ids)
 
     def dense_parameters(self) -> list[nn.Parameter]:
         """Everything but the Engram tables (those get a sparse optimizer of their own)."""

@@ -83,6 +83,20 @@ class RemoteTables(EngramTables):
         and starts from the step they are at."""
         for table in self.configs:
             self.client.create_table(table)
+        return self._at_current_step()
+
+    def attach(self) -> "RemoteTables":
+        """Uses tables that exist (TableNotFound otherwise) after checking they hold this
+        model's rows (row count, width, seed); their optimizer is whatever trained them."""
+        for want in self.configs:
+            have = self.client.table(want.name)
+            if (have.num_rows, have.width, have.seed, have.init_scale) != (want.num_rows, want.width, want.seed, want.init_scale):
+                raise ValueError(f"table {want.name!r} in the service is not this model's table: "
+                                 f"{have.num_rows} rows x {have.width}, seed {have.seed}; expected "
+                                 f"{want.num_rows} x {want.width}, seed {want.seed}")
+        return self._at_current_step()
+
+    def _at_current_step(self) -> "RemoteTables":
         names = {t.name for t in self.configs}
         steps = {int(t.step) for shard in self.client.stats() for t in shard.tables if t.name in names}
         if len(steps) > 1:

@@ -34,7 +34,33 @@ class RowIndexer:
         return {layer: self.hasher.table_sizes(layer) for layer in self.cfg.layer_ids}
 
     def __call__(self, tokens: torch.Tensor) -> dict[int, torch.Tensor]:
-        compressed = self.compression.compress_torch(tokens)  # (B, T)
+        """Row ids {layer: (B, T, H)} of whole sequences `tokens` (B, T), raw ids."""
+        return self.hash(self.compression.compress_torch(tokens))
+
+    def initial_recent_ids(self, batch_size: int, device: torch.device | str = "cpu") -> torch.Tensor:
+        """(B, max_ngram - 1) compressed pad ids: what the hash reads before a sequence starts,
+        so `extend` from these gives a sequence's first tokens the rows `__call__` gives them."""
+        return torch.full((batch_size, self.cfg.max_ngram - 1), self.hasher.cfg.pad_id,
+                          dtype=torch.int64, device=device)
+
+    def extend(self, recent_ids: torch.Tensor,
+               tokens: torch.Tensor) -> tuple[dict[int, torch.Tensor], torch.Tensor]:
+        """Row ids of raw `tokens` (B, T) appended to sequences whose last max_ngram - 1
+        compressed ids are `recent_ids` (B, max_ngram - 1) -> ({layer: (B, T, H)}, the new
+        recent ids). Bit-identical to `__call__` on the whole sequences: this hashes the recent
+        ids and the new ones as one sequence, and a new token's N-grams reach back at most
+        max_ngram - 1 positions, so they never reach the pad the hash puts before that sequence."""
+        n = self.cfg.max_ngram - 1
+        if recent_ids.dim() != 2 or recent_ids.shape[1] != n or tokens.dim() != 2 \
+                or recent_ids.shape[0] != tokens.shape[0]:
+            raise ValueError(f"recent_ids {tuple(recent_ids.shape)} and tokens {tuple(tokens.shape)} must be "
+                             f"(B, {n}) and (B, T)")
+        ids = torch.cat([recent_ids, self.compression.compress_torch(tokens)], dim=1)  # (B, n + T)
+        rows = self.hash(ids)
+        return {layer: r[:, n:].contiguous() for layer, r in rows.items()}, ids[:, -n:]
+
+    def hash(self, compressed: torch.Tensor) -> dict[int, torch.Tensor]:
+        """Row ids {layer: (B, T, H)} of compressed ids (B, T), on their device."""
         if compressed.is_cuda:  # one Triton kernel per layer, no host round trip
             from trainer.kernels.hashing import hash_layer
             return {layer: hash_layer(self.hasher, compressed, layer) for layer in self.cfg.layer_ids}

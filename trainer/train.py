@@ -114,16 +114,24 @@ def build(cfg: TrainConfig, corpus: Corpus, make_tables: TablesFactory | None = 
     """The model for `cfg` on `corpus`, its row indexer (None for a baseline), and a compression
     summary. `make_tables(engram_cfg, sizes)` gives the tables (default: in-process)."""
     model_cfg = replace(cfg.model, vocab_size=corpus.vocab_size)
-    if model_cfg.engram is None:
+    indexer = build_indexer(cfg, corpus)
+    if indexer is None:
         return EngramLM(model_cfg, seed=cfg.seed), None, "no Engram"
+    make_tables = make_tables or (lambda engram, sizes: LocalTables(engram, sizes, sparse=True))
+    tables = make_tables(model_cfg.engram, indexer.table_sizes())
+    return EngramLM(model_cfg, tables, seed=cfg.seed), indexer, indexer.compression.summary()
+
+
+def build_indexer(cfg: TrainConfig, corpus: Corpus) -> RowIndexer | None:
+    """The row indexer of `cfg`'s Engram layers on `corpus`'s tokenizer (None for a baseline);
+    inference builds it here too, so a loaded model hashes exactly as it was trained."""
+    if cfg.model.engram is None:
+        return None
     if cfg.compress_tokens:
         compression = TokenizerCompression.from_tokenizer(corpus.tokenizer, cfg.keep_whitespace_runs)
     else:
         compression = identity_compression(corpus.vocab_size)
-    indexer = RowIndexer(model_cfg.engram, compression, corpus.pad_id)
-    make_tables = make_tables or (lambda engram, sizes: LocalTables(engram, sizes, sparse=True))
-    tables = make_tables(model_cfg.engram, indexer.table_sizes())
-    return EngramLM(model_cfg, tables, seed=cfg.seed), indexer, compression.summary()
+    return RowIndexer(cfg.model.engram, compression, corpus.pad_id)
 
 
 def table_optimizer_config(cfg: TrainConfig) -> OptimizerConfig:
