@@ -36,6 +36,17 @@ class _Route:
     bounds: np.ndarray  # (num_shards + 1,) slice bounds per shard
 
 
+@dataclass
+class _Fetch:
+    """A fetch whose requests are sent: what `_finish_fetch` needs to assemble the replies."""
+    routes: dict[str, _Route]
+    bases: dict[str, int]  # table -> byte offset of its rows in the reply layout
+    buffer: object  # the shared-memory reply buffer, or None
+    sent: list  # [(shard, chunk, (future, via_shm))]
+    min_step: int
+    started: float
+
+
 def _raise(err: grpc.RpcError) -> None:
     cls = _ERRORS.get(err.code(), MemoryServiceError)
     raise cls(err.details()) from None
@@ -112,6 +123,15 @@ class MemoryClient:
     def fetch(self, ids: dict[str, np.ndarray | torch.Tensor], min_step: int = 0) -> dict[str, torch.Tensor]:
         """Rows of several tables: {table: ids (any shape)} -> {table: float32 (*shape, width)},
         as of table step `min_step` or later (shards hold the request until pushes got there)."""
+        return self._finish_fetch(self._start_fetch(ids, min_step))
+
+    def fetch_async(self, ids: dict[str, np.ndarray | torch.Tensor], min_step: int = 0) -> Future:
+        """`fetch` with the requests sent before it returns (routing runs in the caller's thread)
+        and the replies gathered in the background: a Future of the rows, for prefetching."""
+        return self.pool.submit(self._finish_fetch, self._start_fetch(ids, min_step))
+
+    def _start_fetch(self, ids, min_step: int) -> "_Fetch":
+        """Route the ids and send one request per shard (chunked); nothing waits here."""
         start_time = time.perf_counter()
         routes = {name: self._route(name, table_ids) for name, table_ids in ids.items()}
         requests = self._requests(routes)  # [(shard, [(table, start, stop)])]
@@ -124,17 +144,27 @@ class MemoryClient:
                and any(self.same_host[shard] for shard, _ in requests))
         buffer = self.replies.acquire(end) if shm else None
         try:
-            grouped = {name: self._grouped_view(name, buffer, bases[name], len(r.grouped)) for name, r in routes.items()}
             sent = [(shard, chunk, self._send_fetch(routes, shard, chunk, buffer, bases, min_step))
                     for shard, chunk in requests]
-            for shard, chunk, future in sent:
-                response, via_shm = self._fetch_result(routes, shard, chunk, buffer, bases, future, min_step)
+        except BaseException:
+            if buffer is not None:
+                self.replies.release(buffer)
+            raise
+        return _Fetch(routes, bases, buffer, sent, min_step, start_time)
+
+    def _finish_fetch(self, fetch: "_Fetch") -> dict[str, torch.Tensor]:
+        """Wait for a started fetch's replies and assemble the rows in the caller's order."""
+        routes, bases, buffer = fetch.routes, fetch.bases, fetch.buffer
+        try:
+            grouped = {name: self._grouped_view(name, buffer, bases[name], len(r.grouped)) for name, r in routes.items()}
+            for shard, chunk, future in fetch.sent:
+                response, via_shm = self._fetch_result(routes, shard, chunk, buffer, bases, future, fetch.min_step)
                 self._place(chunk, response, via_shm, grouped, buffer, bases)
             # gather first, then widen bf16: the gather moves half the bytes
             out = {name: torch.from_numpy(self._decoded(name, grouped[name].take(r.index, axis=0))
                                           .reshape(*r.shape, -1)) for name, r in routes.items()}
             if self.trace is not None:
-                self.trace("fetch_done", {"step": min_step, "seconds": time.perf_counter() - start_time})
+                self.trace("fetch_done", {"step": fetch.min_step, "seconds": time.perf_counter() - fetch.started})
             return out
         finally:
             if buffer is not None:
@@ -190,10 +220,6 @@ class MemoryClient:
     def _row_bytes(self, name: str) -> int:
         cfg = self.table(name)
         return cfg.width * wire.ITEMSIZE[cfg.dtype]
-
-    def fetch_async(self, ids: dict[str, np.ndarray | torch.Tensor], min_step: int = 0) -> Future:
-        """`fetch` in the background: a Future of its result, so callers can prefetch."""
-        return self.pool.submit(self.fetch, ids, min_step)
 
     def push(self, grads: dict[str, tuple[np.ndarray | torch.Tensor, np.ndarray | torch.Tensor]],
              step: int, lr: float | None = None, contributors: int = 1) -> int:

@@ -92,3 +92,47 @@ def test_prefetch_runs_ahead_of_the_forward_and_the_backward(make_cluster, corpu
     # the look-ahead never reaches past the last step: fetches of step `steps` are the evaluation's
     last_backward = position[("backward_end", cfg.steps - 1)]
     assert all(i > last_backward for i, e in enumerate(events) if e[:2] == ("fetch_sent", cfg.steps))
+
+
+def test_generation_reads_rows_from_the_service_ahead_of_each_forward(make_cluster, corpus_dir, tmp_path, capsys):
+    """A checkpoint trained through the service generates with its rows read from the service
+    (read-only: no push), each token's request sent before the forward for that token starts; the
+    tokens equal those of in-process tables holding the same rows; `engram generate` does the same
+    from the command line."""
+    from trainer.cli import main
+    from trainer.engram import LocalTables
+    from trainer.infer import generate, load_checkpoint, service_tables
+
+    cfg = replace(small_train_config(corpus_dir, tmp_path), steps=4, warmup_steps=1, threads=1,
+                  checkpoint=str(tmp_path / "remote.pt"))
+    cluster = make_cluster(2)
+    with cluster.client() as client:
+        train(cfg, client=client, service=ServiceOptions(prefix="gen"))
+        model, indexer, _, corpus = load_checkpoint(cfg.checkpoint, service_tables(client, "gen"))
+        pushes = sum(c["push_requests"] for c in ray.get([a.counters.remote() for a in cluster.actors]))
+        events = []
+        model.register_forward_pre_hook(lambda m, a: events.append("forward"))
+        client.trace = lambda kind, f: events.append(kind) if kind == "fetch_sent" else None
+        prompt = torch.tensor([corpus.tokenizer.encode("def main(").ids] * 2)
+        remote_tokens = generate(model, indexer, prompt, max_new_tokens=6)
+        client.trace = None
+        sizes = indexer.table_sizes()
+        rows = remote_rows(client, "gen", sizes, step=cfg.steps)
+        assert sum(c["push_requests"] for c in ray.get([a.counters.remote() for a in cluster.actors])) == pushes
+    assert events.count("forward") == 6  # the prompt, then one per new token but the last
+    starts = [i for i, e in enumerate(events) if e == "forward"]
+    for previous, start in zip([-1] + starts, starts):
+        assert "fetch_sent" in events[previous + 1:start]  # this forward's rows were requested first
+    local = LocalTables(model.cfg.engram, sizes)
+    with torch.no_grad():
+        for layer, layer_rows in rows.items():
+            local.embeddings[str(layer)].weight.copy_(torch.from_numpy(layer_rows))
+    model.tables = local
+    torch.testing.assert_close(generate(model, indexer, prompt, max_new_tokens=6), remote_tokens)
+
+    address = ray.get_runtime_context().gcs_address
+    assert main(["generate", "--checkpoint", cfg.checkpoint, "--prompt", "def main(", "--max-new-tokens", "5",
+                 "--address", address, "--cluster", cluster.config.name]) == 0
+    assert capsys.readouterr().out.startswith("def main(")
+    with pytest.raises(ValueError, match="trained through the table service"):
+        load_checkpoint(cfg.checkpoint)

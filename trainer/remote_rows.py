@@ -112,13 +112,10 @@ class RemoteTables(EngramTables):
         min_step = self.steps_pushed if min_step is None else min_step
         ids = {name: row_ids[layer][..., h] for layer in row_ids for h, name in enumerate(self.names[layer])}
         started = time.perf_counter()
-
-        def fetched() -> dict[str, torch.Tensor]:
-            rows = self.client.fetch(ids, min_step)
-            self.times.fetch_s += time.perf_counter() - started
-            return rows
-
-        self._pending.append(_Pending(row_ids, self.client.pool.submit(fetched), set(row_ids)))
+        future = self.client.fetch_async(ids, min_step)  # the requests are sent when this returns
+        future.add_done_callback(lambda _: setattr(self.times, "fetch_s",
+                                                   self.times.fetch_s + time.perf_counter() - started))
+        self._pending.append(_Pending(row_ids, future, set(row_ids)))
 
     def lookup(self, layer: int, row_ids: torch.Tensor) -> torch.Tensor:
         pending = next((p for p in self._pending if p.row_ids.get(layer) is row_ids), None)
