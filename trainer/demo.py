@@ -22,7 +22,7 @@ class DemoConfig:
     cluster: str = "demo"
     shards: int = 2
     service: ServiceOptions = ServiceOptions(prefix="demo")
-    eval_every: int = 10
+    eval_every: int = 20
     prompt: str = "def "
     max_new_tokens: int = 40
 
@@ -68,7 +68,8 @@ def sample(client, checkpoint: Path, cfg: DemoConfig) -> str:
     from trainer.infer import generate_text, load_checkpoint, service_tables
 
     model, indexer, _, corpus = load_checkpoint(checkpoint, service_tables(client, cfg.service.prefix))
-    return generate_text(model, indexer, corpus.tokenizer, cfg.prompt, cfg.max_new_tokens)
+    room = model.cfg.context - len(corpus.tokenizer.encode(cfg.prompt).ids)  # prompt + new must fit
+    return generate_text(model, indexer, corpus.tokenizer, cfg.prompt, min(cfg.max_new_tokens, room))
 
 
 def shard_table(stats: list) -> str:

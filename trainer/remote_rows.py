@@ -31,7 +31,7 @@ def table_name(prefix: str, layer: int, head: int) -> str:
     return f"{prefix}/layer{layer}/head{head}"
 
 
-@dataclass
+@dataclass(eq=False)  # compared by identity: fields hold tensors
 class _Pending:
     """A fetch in flight: the row ids it serves (matched by identity) and the layers still to read it."""
 
