@@ -1,0 +1,84 @@
+"""Generation speed with the Engram tables in-process vs read from the table service.
+
+The demo's model (`tiny` preset, context 128) with identical rows in both (the service's initial
+rows equal the in-process tables'), cached decoding, greedy, a 16-token prompt and `--new` new
+tokens, at batch 1 and 16. Per new token the service serves B x H rows per Engram layer (B x 8
+here: ~1 KiB at batch 1): the fetch is latency-bound, so the look-ahead that hides it is sending
+the request as soon as the token is sampled, while the blocks before the first Engram layer run.
+Baseline: the same generation with in-process tables, same process. The tokens must be equal.
+
+Prints tokens/s per (batch, tables) and remote/local; `--json`: one object with `tokens_per_s`
+{"local_b1", "remote_b1", "local_b16", "remote_b16"} and the ratios.
+
+    python bench/bench_generate.py [--new 64] [--repeats 3] [--json]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from dataclasses import replace
+
+MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": "1073741824", "MALLOC_TRIM_THRESHOLD_": "4294967296"}
+if any(os.environ.get(k) != v for k, v in MALLOC_ENV.items()):
+    os.execve(sys.executable, [sys.executable, *sys.argv], {**os.environ, **MALLOC_ENV})
+
+import torch  # noqa: E402
+
+from memory_service.cluster import start_local  # noqa: E402
+from trainer.data import Corpus, CorpusConfig  # noqa: E402
+from trainer.infer import generate  # noqa: E402
+from trainer.model import ModelConfig  # noqa: E402
+from trainer.train import TrainConfig, build, remote_tables  # noqa: E402
+
+
+def timed(model, indexer, prompt: torch.Tensor, new: int, repeats: int) -> tuple[float, torch.Tensor]:
+    """Best-of-`repeats` new tokens per second, and the tokens."""
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        tokens = generate(model, indexer, prompt, new)
+        best = min(best, time.perf_counter() - start)
+    return prompt.shape[0] * new / best, tokens
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--new", type=int, default=64, help="new tokens per sequence")
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--json", action="store_true")
+    args = p.parse_args()
+    cfg = TrainConfig(model=replace(ModelConfig.from_name("tiny"), context=128), corpus=CorpusConfig(), progress=False)
+    corpus = Corpus.load(cfg.corpus)
+    local_model, indexer, _ = build(cfg, corpus)
+    local_model.eval()
+    val = torch.from_numpy(corpus.val[:16 * 16].astype("int64")).view(16, 16)  # 16 prompts of 16 tokens
+    out: dict = {"preset": "tiny", "new_tokens": args.new, "prompt_tokens": 16, "tokens_per_s": {}}
+    cluster = start_local(num_shards=2, name="bench-generate")
+    try:
+        with cluster.client() as client:
+            remote_model, _, _ = build(cfg, corpus, remote_tables(client, cfg, read_only=True))
+            remote_model.load_state_dict(local_model.state_dict(), strict=False)  # same dense weights
+            remote_model.eval()
+            for batch in (1, 16):
+                prompt = val[:batch]
+                local_tps, local_tokens = timed(local_model, indexer, prompt, args.new, args.repeats)
+                remote_tps, remote_tokens = timed(remote_model, indexer, prompt, args.new, args.repeats)
+                if not torch.equal(local_tokens, remote_tokens):
+                    raise AssertionError(f"batch {batch}: remote tables generated other tokens than local ones")
+                out["tokens_per_s"][f"local_b{batch}"] = local_tps
+                out["tokens_per_s"][f"remote_b{batch}"] = remote_tps
+                out[f"remote_over_local_b{batch}"] = remote_tps / local_tps
+                if not args.json:
+                    print(f"batch {batch:>2}: local {local_tps:7.1f} tokens/s, remote {remote_tps:7.1f} tokens/s "
+                          f"({remote_tps / local_tps:.2f}x)", flush=True)
+    finally:
+        cluster.shutdown()
+    if args.json:
+        print(json.dumps(out))
+
+
+if __name__ == "__main__":
+    main()
