@@ -72,6 +72,7 @@ class RemoteTables(EngramTables):
         self.times = FetchTimes()
         self.steps_pushed = 0  # table steps this trainer has pushed (its next fetch must see them)
         self._pending: list[_Pending] = []
+        self._copy_stream = None  # the side stream of host-to-GPU row copies (created on first use)
         self._step: int | None = None  # table step the current forward's gradients make
         self._lr: float | None = None
         self._pushed: set[int] = set()
@@ -115,7 +116,22 @@ class RemoteTables(EngramTables):
         future = self.client.fetch_async(ids, min_step)  # the requests are sent when this returns
         future.add_done_callback(lambda _: setattr(self.times, "fetch_s",
                                                    self.times.fetch_s + time.perf_counter() - started))
+        device = next(iter(row_ids.values())).device
+        if device.type == "cuda":  # copy to the GPU as soon as the rows arrive, off the compute stream
+            future = self.client.pool.submit(self._to_gpu, future, device)
         self._pending.append(_Pending(row_ids, future, set(row_ids)))
+
+    def _to_gpu(self, future: Future, device: torch.device) -> tuple[dict[str, torch.Tensor], object]:
+        """The fetched rows copied from pinned host buffers on a side stream; returns them and the
+        event the compute stream waits on before reading them."""
+        rows = future.result()
+        if self._copy_stream is None:
+            self._copy_stream = torch.cuda.Stream(device)
+        with torch.cuda.stream(self._copy_stream):
+            on_gpu = {name: r.pin_memory().to(device, non_blocking=True) for name, r in rows.items()}
+            done = torch.cuda.Event()
+            done.record(self._copy_stream)
+        return on_gpu, done
 
     def lookup(self, layer: int, row_ids: torch.Tensor) -> torch.Tensor:
         pending = next((p for p in self._pending if p.row_ids.get(layer) is row_ids), None)
@@ -124,13 +140,19 @@ class RemoteTables(EngramTables):
             pending = self._pending[-1]
         started = time.perf_counter()
         fetched = pending.future.result()
+        if isinstance(fetched, tuple):  # on the GPU: order the compute stream after the copy
+            fetched, done = fetched
+            stream = torch.cuda.current_stream(row_ids.device)
+            stream.wait_event(done)
+            for r in fetched.values():
+                r.record_stream(stream)  # the allocator must not reuse them before this stream is done
         self.times.wait_s += time.perf_counter() - started
         self.times.fetches += 1
         pending.unread.discard(layer)
         if not pending.unread:
             self._pending.remove(pending)
-        rows = torch.cat([fetched[name] for name in self.names[layer]], dim=-1)  # (B, T, H * w)
-        rows = rows.to(row_ids.device, non_blocking=True)
+        rows = torch.cat([fetched[name] for name in self.names[layer]], dim=-1)  # (B, T, H * w), ids' device
+        rows = rows.to(row_ids.device)  # rows fetched without prefetch arrive on the host
         if torch.is_grad_enabled() and not self.read_only:
             if self._step is None:
                 raise RuntimeError("RemoteTables: call begin_step(step, lr) before a training forward "
@@ -152,9 +174,14 @@ class RemoteTables(EngramTables):
         ids = row_ids.detach().reshape(-1, H)  # (B*T, H)
         if self.grad_scale != 1.0:
             grads = grads * self.grad_scale
-        tables = {name: (ids[:, h], grads[:, h]) for h, name in enumerate(self.names[layer])}
-        self._pushes.append(self._pusher.submit(self.client.push, tables, step, lr, self.contributors))
+        self._pushes.append(self._pusher.submit(self._push, layer, ids, grads, step, lr))
         self._pushed.add(layer)
+
+    def _push(self, layer: int, ids: torch.Tensor, grads: torch.Tensor, step: int, lr: float) -> int:
+        """On the push thread: one layer's (B*T, H) ids and (B*T, H, w) gradients as its tables' step."""
+        ids, grads = ids.cpu(), grads.cpu()  # from the GPU: ordered after the backward's kernels
+        tables = {name: (ids[:, h], grads[:, h]) for h, name in enumerate(self.names[layer])}
+        return self.client.push(tables, step, lr, self.contributors)
 
     def end_step(self) -> None:
         """The step's backward ended: every layer must have pushed; surfaces failed pushes."""
