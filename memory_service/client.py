@@ -6,6 +6,7 @@ One fetch or push call covers several tables: ids are deduplicated, routed to th
 """
 from __future__ import annotations
 
+import dataclasses
 import time
 import uuid
 from collections.abc import Callable
@@ -16,11 +17,12 @@ import grpc
 import numpy as np
 import torch
 
-from memory_service import reply_buffer, wire
+from memory_service import collisions, reply_buffer, wire
 from memory_service.config import TableConfig
 from memory_service.errors import InvalidArgument, MemoryServiceError, TableExists, TableNotFound
 from memory_service.rpc import memory_pb2, memory_pb2_grpc
 from memory_service.sharding import shard_of
+from memory_service.utilization import ClusterReport
 
 _ERRORS = {grpc.StatusCode.INVALID_ARGUMENT: InvalidArgument, grpc.StatusCode.NOT_FOUND: TableNotFound,
            grpc.StatusCode.ALREADY_EXISTS: TableExists}
@@ -34,6 +36,7 @@ class _Route:
     index: np.ndarray  # (n,) caller position -> position in `grouped`
     shape: tuple[int, ...]  # the caller's ids shape
     bounds: np.ndarray  # (num_shards + 1,) slice bounds per shard
+    ngrams: collisions.NgramBatch | None = None  # the N-grams behind `grouped`'s lookups
 
 
 @dataclass
@@ -119,21 +122,38 @@ class MemoryClient:
         """One StatsResponse per shard, in shard order."""
         return self._all(lambda stub: self._call(stub.Stats, memory_pb2.StatsRequest()))
 
-    # -- rows -----------------------------------------------------------------------------------
-    def fetch(self, ids: dict[str, np.ndarray | torch.Tensor], min_step: int = 0) -> dict[str, torch.Tensor]:
-        """Rows of several tables: {table: ids (any shape)} -> {table: float32 (*shape, width)},
-        as of table step `min_step` or later (shards hold the request until pushes got there)."""
-        return self._finish_fetch(self._start_fetch(ids, min_step))
+    def report(self) -> ClusterReport:
+        """Every shard's utilization and what they add up to (what `engram stats` prints)."""
+        return ClusterReport(tuple(wire.shard_report_from_proto(r) for r in self.stats()))
 
-    def fetch_async(self, ids: dict[str, np.ndarray | torch.Tensor], min_step: int = 0) -> Future:
+    def samples_collisions(self, name: str) -> bool:
+        """Whether fetches of table `name` should carry N-gram fingerprints (its
+        collision_sample_rate > 0); callers skip computing them otherwise."""
+        return self.table(name).collision_sample_rate > 0
+
+    # -- rows -----------------------------------------------------------------------------------
+    def fetch(self, ids: dict[str, np.ndarray | torch.Tensor], min_step: int = 0,
+              ngrams: dict[str, np.ndarray] | None = None) -> dict[str, torch.Tensor]:
+        """Rows of several tables: {table: ids (any shape)} -> {table: float32 (*shape, width)},
+        as of table step `min_step` or later (shards hold the request until pushes got there).
+
+        `ngrams`: {table: uint64 fingerprints shaped like its ids} of the N-grams behind the
+        lookups (trainer.fingerprint), sent along for the tables' collision stats; ignored for
+        tables with collision stats off (see `samples_collisions`)."""
+        return self._finish_fetch(self._start_fetch(ids, min_step, ngrams))
+
+    def fetch_async(self, ids: dict[str, np.ndarray | torch.Tensor], min_step: int = 0,
+                    ngrams: dict[str, np.ndarray] | None = None) -> Future:
         """`fetch` with the requests sent before it returns (routing runs in the caller's thread)
         and the replies gathered in the background: a Future of the rows, for prefetching."""
-        return self.pool.submit(self._finish_fetch, self._start_fetch(ids, min_step))
+        return self.pool.submit(self._finish_fetch, self._start_fetch(ids, min_step, ngrams))
 
-    def _start_fetch(self, ids, min_step: int) -> "_Fetch":
+    def _start_fetch(self, ids, min_step: int, ngrams=None) -> "_Fetch":
         """Route the ids and send one request per shard (chunked); nothing waits here."""
         start_time = time.perf_counter()
         routes = {name: self._route(name, table_ids) for name, table_ids in ids.items()}
+        for name, fingerprints in (ngrams or {}).items():
+            routes[name] = self._with_ngrams(name, routes[name], fingerprints)
         requests = self._requests(routes)  # [(shard, [(table, start, stop)])]
         # Layout of every table's distinct rows, shards side by side: one gather makes the result.
         bases, end = {}, 0
@@ -170,6 +190,19 @@ class MemoryClient:
             if buffer is not None:
                 self.replies.release(buffer)
 
+    def _with_ngrams(self, name: str, route: _Route, fingerprints) -> _Route:
+        """The route with the N-grams of its lookups summarised per distinct id."""
+        rate = self.table(name).collision_sample_rate
+        if not rate:
+            return route
+        fingerprints = np.asarray(fingerprints)
+        if fingerprints.shape != route.shape or fingerprints.dtype != np.uint64:
+            raise InvalidArgument(f"table {name!r}: ngrams must be uint64 shaped like the ids "
+                                  f"{route.shape}, got {fingerprints.dtype} {fingerprints.shape}")
+        batch = collisions.summarize(route.grouped, route.index, fingerprints,
+                                     collisions.sample_threshold(rate))
+        return dataclasses.replace(route, ngrams=batch)
+
     def _grouped_view(self, name: str, buffer, base: int, num: int) -> np.ndarray:
         """Where a table's distinct rows land: (u, width) in the table's wire dtype."""
         cfg = self.table(name)
@@ -197,12 +230,17 @@ class MemoryClient:
         use_shm = buffer is not None and self.same_host[shard]
         request = memory_pb2.FetchRequest(tables=[
             memory_pb2.TableIds(table=name, ids=wire.encode_ids(routes[name].grouped[start:stop]),
-                                reply_offset=bases[name] + start * self._row_bytes(name) if use_shm else 0)
+                                reply_offset=bases[name] + start * self._row_bytes(name) if use_shm else 0,
+                                ngrams=self._ngrams_message(routes[name], start, stop))
             for name, start, stop in chunk
         ], shared_memory=memory_pb2.SharedMemoryReply(path=buffer.path) if use_shm else None, min_step=min_step)
         if self.trace is not None:
             self.trace("fetch_sent", {"shard": shard, "step": min_step})
         return self._call(self.stubs[shard].Fetch, request), use_shm
+
+    @staticmethod
+    def _ngrams_message(route: _Route, start: int, stop: int):
+        return None if route.ngrams is None else wire.encode_ngrams(route.ngrams.slice(start, stop))
 
     def _fetch_result(self, routes, shard: int, chunk, buffer, bases, sent, min_step: int):
         """(response, whether rows came through shared memory); asks again over gRPC alone if

@@ -2,8 +2,9 @@
 
 `start_local()` starts an embedded local Ray cluster on demand (the default: demo, tests);
 `connect(address)` attaches to a running Ray cluster (`ray start --head`, KubeRay). Either way the
-shard actors are real Ray actors placed with the custom resource `engram_shard`, so a deployment
-pins shards to nodes by declaring that resource only where shards should run.
+shard actors are real Ray actors placed with a custom resource (`engram_shard` by default,
+`ClusterConfig.shard_resource`), so a deployment pins shards to nodes by declaring that resource
+only where shards should run (deploy/: one unit per shard pod).
 """
 from __future__ import annotations
 
@@ -29,6 +30,7 @@ class ShardAddress:
     shard_id: int
     host: str
     port: int
+    metrics_port: int = 0  # the shard's Prometheus endpoint, http://host:metrics_port/metrics; 0: none
 
     @property
     def target(self) -> str:
@@ -38,15 +40,21 @@ class ShardAddress:
 
 @dataclass(frozen=True)
 class ClusterConfig:
-    """Where and how shards run. `port` 0 lets each shard pick a free port; a fixed port P gives
-    shard i port P + i (Kubernetes needs fixed ports). `host` is the bind address (loopback by
-    default; binding elsewhere exposes the unauthenticated API)."""
+    """Where and how shards run. `port` 0 lets each shard pick a free port; a fixed port P makes
+    each shard bind the first free port from P upward (at most num_shards tries): on Kubernetes
+    every shard has a pod, and so a network namespace, of its own and all listen on P, the port the
+    manifests declare; shards sharing a host take P, P + 1, ... `metrics_port` likewise places each
+    shard's Prometheus endpoint (at its gRPC port's offset from P), None disables it. `host` is the
+    bind address (loopback by default; binding elsewhere exposes the unauthenticated API).
+    `shard_resource` is the Ray custom resource each shard takes one unit of."""
 
     num_shards: int = 2
     name: str = "default"  # several tables clusters can share one Ray cluster under different names
     host: str = "127.0.0.1"
     port: int = 0
     num_cpus_per_shard: float = 0.0  # shards mostly wait on IO; 0 keeps small machines schedulable
+    metrics_port: int | None = 0
+    shard_resource: str = SHARD_RESOURCE
 
     def __post_init__(self) -> None:
         if not 1 <= self.num_shards <= 4096:
@@ -55,6 +63,12 @@ class ClusterConfig:
             raise ValueError(f"port {self.port} with {self.num_shards} shards exceeds 65535")
         if not self.name:
             raise ValueError("cluster name must not be empty")
+        if self.metrics_port is not None and not (
+                0 <= self.metrics_port and self.metrics_port + self.num_shards - 1 <= 65535):
+            raise ValueError(f"metrics_port {self.metrics_port} with {self.num_shards} shards must "
+                             f"be in [0, 65535]")
+        if not self.shard_resource:
+            raise ValueError("shard_resource must not be empty")
 
 
 @ray.remote(num_cpus=0)
@@ -79,14 +93,14 @@ class Registry:
 class ShardActor:
     """One shard: the plain `Shard` behind a gRPC server started inside the actor's process."""
 
-    def __init__(self, shard_id: int, num_shards: int, host: str, port: int, registry_name: str):
-        from memory_service.servicer import serve  # import in the actor process only
-
+    def __init__(self, shard_id: int, num_shards: int, host: str, port: int, registry_name: str,
+                 metrics_port: int | None = None, cluster: str = "default", port_tries: int = 1):
         _normal_priority()  # before serve(): the gRPC threads inherit this thread's priority
         self.shard = Shard(shard_id, num_shards)
-        self.server = serve(self.shard, host=host, port=port)
+        self.server = _serve_first_free(self.shard, host, port, metrics_port, cluster, port_tries)
         advertised = node_ip() if host in ("0.0.0.0", "::") else host
-        self.address = ShardAddress(shard_id, advertised, self.server.port)
+        metrics = self.server.metrics.port if self.server.metrics is not None else 0
+        self.address = ShardAddress(shard_id, advertised, self.server.port, metrics)
         ray.get(ray.get_actor(registry_name, namespace=NAMESPACE).register.remote(self.address))
 
     def get_address(self) -> ShardAddress:
@@ -109,6 +123,23 @@ class ShardActor:
 
     def stop(self, grace: float = 1.0) -> None:
         self.server.stop(grace)
+
+
+def _serve_first_free(shard: Shard, host: str, port: int, metrics_port: int | None, cluster: str,
+                      tries: int):
+    """serve() on the first of ports port, port + 1, ... (`tries` of them; one try for port 0)
+    whose gRPC and metrics ports are both free."""
+    from memory_service.servicer import serve  # import in the actor process only
+
+    error: Exception | None = None
+    for offset in range(tries if port else 1):
+        try:
+            return serve(shard, host=host, port=port + offset if port else 0, cluster=cluster,
+                         metrics_port=metrics_port + offset if metrics_port else metrics_port)
+        except (RuntimeError, OSError) as err:  # gRPC's and http.server's "address in use"
+            error = err
+    raise RuntimeError(f"shard {shard.shard_id}: no free port in [{port}, {port + tries}) "
+                       f"(metrics from {metrics_port}) on {host}") from error
 
 
 def _normal_priority() -> None:
@@ -182,10 +213,11 @@ def launch(config: ClusterConfig, owns_ray: bool = False) -> TableCluster:
     name = registry_name(config.name)
     registry = Registry.options(name=name, namespace=NAMESPACE).remote(config.num_shards)
     actors = [
-        ShardActor.options(num_cpus=config.num_cpus_per_shard, resources={SHARD_RESOURCE: 1},
+        ShardActor.options(num_cpus=config.num_cpus_per_shard, resources={config.shard_resource: 1},
                            name=f"engram_shard:{config.name}:{i}", namespace=NAMESPACE,
                            runtime_env={"env_vars": SHARD_ENV})
-        .remote(i, config.num_shards, config.host, config.port + i if config.port else 0, name)
+        .remote(i, config.num_shards, config.host, config.port, name, config.metrics_port,
+                config.name, config.num_shards)
         for i in range(config.num_shards)
     ]
     ray.get([a.get_address.remote() for a in actors])  # raises here if a shard failed to start

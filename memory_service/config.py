@@ -48,6 +48,9 @@ class TableConfig:
     init_scale: float = 1.0
     seed: int = 0
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    # Share of slots whose N-grams shards keep for collision stats (memory_service.collisions);
+    # 0 turns collision stats off: clients attach nothing and shards keep nothing.
+    collision_sample_rate: float = 0.0
 
     def __post_init__(self) -> None:
         if not self.name or len(self.name) > 256 or not self.name.isprintable():
@@ -62,3 +65,6 @@ class TableConfig:
             raise ValueError(f"table {self.name!r}: init_scale {self.init_scale} must be > 0")
         if not 0 <= self.seed < 2**64:
             raise ValueError(f"table {self.name!r}: seed {self.seed} must be in [0, 2**64)")
+        if not 0.0 <= self.collision_sample_rate <= 1.0:
+            raise ValueError(f"table {self.name!r}: collision_sample_rate "
+                             f"{self.collision_sample_rate} must be in [0, 1]")

@@ -8,7 +8,9 @@ applies all tables or none, so a rejected request changes no state.
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
+import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
@@ -17,9 +19,11 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from memory_service import wire
 from memory_service.errors import InvalidArgument, StepNotReached, TableExists, TableNotFound
+from memory_service.metrics import MetricsServer, ShardMetrics, serve_metrics
 from memory_service.reply_buffer import ReplyFiles
 from memory_service.rpc import memory_pb2, memory_pb2_grpc
 from memory_service.shard import Shard, TableInfo, TablePush
+from memory_service.utilization import ShardReport
 from memory_service.wire import MAX_MESSAGE_BYTES, MESSAGE_OPTIONS  # noqa: F401 (re-exported)
 
 MAX_FETCH_WAIT_S = 600.0
@@ -47,13 +51,33 @@ def _maps_errors(method):
     return wrapper
 
 
+def _observed(rpc: str):
+    """Record the call's handling time and row ids (or its error) in the servicer's metrics."""
+    def decorator(method):
+        @functools.wraps(method)
+        def wrapper(self, request, context):
+            start = time.perf_counter()
+            try:
+                response = method(self, request, context)
+            except Exception:  # an aborted rpc raises out of the handler
+                self.metrics.observe_error(rpc)
+                raise
+            num_ids = sum(len(msg.ids) for msg in request.tables) // 8  # int64 ids
+            self.metrics.observe(rpc, time.perf_counter() - start, num_ids)
+            return response
+        return wrapper
+    return decorator
+
+
 class MemoryServicer(memory_pb2_grpc.MemoryServiceServicer):
     """Serves one `Shard` over gRPC. gRPC calls it from a thread pool: the Shard's lock
     serialises the requests."""
 
-    def __init__(self, shard: Shard) -> None:
+    def __init__(self, shard: Shard, metrics: ShardMetrics | None = None) -> None:
         self.shard = shard
         self.reply_files = ReplyFiles()
+        self.metrics = metrics or ShardMetrics()
+        self.metrics_port = 0  # set by serve() once the Prometheus endpoint listens
 
     @_maps_errors
     def CreateTable(self, request, context):
@@ -73,6 +97,7 @@ class MemoryServicer(memory_pb2_grpc.MemoryServiceServicer):
     def ListTables(self, request, context):
         return memory_pb2.ListTablesResponse(names=sorted(self.shard.list_tables()))
 
+    @_observed("fetch")
     @_maps_errors
     def Fetch(self, request, context):
         requests = {}  # table -> ids (n,) int64
@@ -80,10 +105,12 @@ class MemoryServicer(memory_pb2_grpc.MemoryServiceServicer):
             _check_once(requests, msg.table, "fetch")
             requests[msg.table] = wire.decode_ids(msg.ids, msg.table)
         configs = {name: self.shard.describe_table(name).config for name in requests}
+        samples = self._ngram_samples(request, requests, configs)  # checked before any row is read
         reply = request.shared_memory if request.HasField("shared_memory") else None
         if reply is not None:
             self._open_reply_file(reply.path, context)  # before reading, so a retry counts once
         rows = self.shard.fetch(requests, request.min_step, _wait_budget(context))  # table -> (n, width) f32
+        self.shard.record_ngrams(samples)
         if reply is not None:  # rows go straight into the client's file; the response is small
             self.reply_files.write(reply.path, [(msg.reply_offset, rows[msg.table], configs[msg.table].dtype)
                                                 for msg in request.tables])
@@ -94,6 +121,19 @@ class MemoryServicer(memory_pb2_grpc.MemoryServiceServicer):
             memory_pb2.TableRows(table=name, dtype=wire.dtype_to_proto(cfg.dtype), width=cfg.width, rows=payload)
             for (name, cfg), payload in zip(configs.items(), payloads)])
 
+    def _ngram_samples(self, request, requests, configs) -> dict:
+        """{table: (ids, NgramBatch)} of the tables whose ids carry the N-grams behind them."""
+        samples = {}
+        for msg in request.tables:
+            if not msg.HasField("ngrams"):
+                continue
+            if not configs[msg.table].collision_sample_rate:
+                raise InvalidArgument(f"table {msg.table!r}: ngrams sent but the table's "
+                                      f"collision_sample_rate is 0 (collision stats off)")
+            ids = requests[msg.table]
+            samples[msg.table] = (ids, wire.decode_ngrams(msg.ngrams, ids, msg.table))
+        return samples
+
     def _open_reply_file(self, path: str, context) -> None:
         try:
             self.reply_files.open(path)
@@ -101,6 +141,7 @@ class MemoryServicer(memory_pb2_grpc.MemoryServiceServicer):
             context.abort(grpc.StatusCode.FAILED_PRECONDITION,
                           f"shared-memory reply file {path!r} cannot be opened on this shard's host")
 
+    @_observed("push")
     @_maps_errors
     def Push(self, request, context):
         if not request.client_id:
@@ -114,23 +155,15 @@ class MemoryServicer(memory_pb2_grpc.MemoryServiceServicer):
 
     @_maps_errors
     def Stats(self, request, context):
-        counters = self.shard.counters
-        return memory_pb2.StatsResponse(
-            shard_id=self.shard.shard_id, num_shards=self.shard.num_shards,
-            counters=memory_pb2.ShardCounters(
-                fetch_requests=counters.fetch_requests, fetch_rows=counters.fetch_rows,
-                push_requests=counters.push_requests, push_rows=counters.push_rows),
-            tables=[wire.table_stats_to_proto(info) for info in self._describe_all()])
+        return wire.shard_report_to_proto(self.report())
 
-    def _describe_all(self) -> list[TableInfo]:
-        """Every table's info, sorted by name, skipping one dropped by a concurrent request."""
-        infos = []
-        for name in sorted(self.shard.list_tables()):
-            try:
-                infos.append(self.shard.describe_table(name))
-            except TableNotFound:
-                pass
-        return infos
+    def report(self) -> ShardReport:
+        """The shard's utilization now: what Stats returns and Prometheus scrapes."""
+        return ShardReport(shard_id=self.shard.shard_id, num_shards=self.shard.num_shards,
+                           uptime_s=self.metrics.uptime_s,
+                           counters=dataclasses.replace(self.shard.counters),
+                           fetch=self.metrics.window("fetch"), push=self.metrics.window("push"),
+                           tables=self.shard.usage(), metrics_port=self.metrics_port)
 
 
 def _wait_budget(context) -> float:
@@ -169,6 +202,7 @@ class ShardServer:
     health: health.HealthServicer
     host: str
     port: int
+    metrics: MetricsServer | None = None  # the Prometheus endpoint, when serve() started one
 
     @property
     def address(self) -> str:
@@ -179,21 +213,34 @@ class ShardServer:
         """Report NOT_SERVING, finish in-flight rpcs for up to `grace` seconds, and stop."""
         self.health.enter_graceful_shutdown()
         self.server.stop(grace).wait()
+        if self.metrics is not None:
+            self.metrics.stop()
 
     def wait(self) -> None:
         """Block until the server stops."""
         self.server.wait_for_termination()
 
 
-def serve(shard: Shard, host: str = "127.0.0.1", port: int = 0,
-          max_workers: int = 16) -> ShardServer:
-    """Serve `shard` and the grpc.health.v1 service on host:port (port 0 picks a free port)."""
+def serve(shard: Shard, host: str = "127.0.0.1", port: int = 0, max_workers: int = 16,
+          metrics_port: int | None = None, cluster: str = "default") -> ShardServer:
+    """Serve `shard` and the grpc.health.v1 service on host:port (port 0 picks a free port), and
+    with `metrics_port` its Prometheus endpoint on host:metrics_port (0: a free port), labelled
+    with the tables cluster's name. Held fetches (min_step) occupy a worker thread each."""
     server = grpc.server(ThreadPoolExecutor(max_workers=max_workers), options=SERVER_OPTIONS)
-    memory_pb2_grpc.add_MemoryServiceServicer_to_server(MemoryServicer(shard), server)
+    servicer = MemoryServicer(shard)
+    memory_pb2_grpc.add_MemoryServiceServicer_to_server(servicer, server)
     health_servicer = _add_health(server)
     bound = server.add_insecure_port(_address(host, port))  # raises RuntimeError if it cannot bind
+    metrics = None
+    if metrics_port is not None:
+        try:
+            metrics = serve_metrics(servicer.report, servicer.metrics, cluster, host, metrics_port)
+        except OSError:
+            server.stop(None)
+            raise
+        servicer.metrics_port = metrics.port
     server.start()
-    return ShardServer(server, health_servicer, host, bound)
+    return ShardServer(server, health_servicer, host, bound, metrics)
 
 
 def _address(host: str, port: int) -> str:

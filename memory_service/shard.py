@@ -21,10 +21,12 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from memory_service.collisions import CollisionSketch, NgramBatch
 from memory_service.config import TableConfig
 from memory_service.errors import InvalidArgument, StepNotReached, TableExists, TableNotFound
 from memory_service.sharding import shard_of
 from memory_service.store import TableStore
+from memory_service.utilization import MEMORY_TIER, TableUsage, TierUsage
 
 
 @dataclass(frozen=True)
@@ -102,6 +104,7 @@ class Shard:
         self.counters = ShardCounters()
         self._tables: dict[str, TableStore] = {}
         self._parts: dict[tuple[str, int], _Parts] = {}  # (table, step) -> parts held so far
+        self._collisions: dict[str, CollisionSketch] = {}  # tables with collision stats on
         self._lock = threading.Lock()
         self._stepped = threading.Condition(self._lock)  # notified when a table's step advances
 
@@ -111,6 +114,8 @@ class Shard:
             store = self._tables.get(cfg.name)
             if store is None:
                 store = self._tables[cfg.name] = TableStore(cfg)
+                if cfg.collision_sample_rate > 0:
+                    self._collisions[cfg.name] = CollisionSketch(cfg.collision_sample_rate)
             elif store.cfg != cfg:
                 diff = ", ".join(_config_diff(store.cfg, cfg))
                 raise TableExists(f"table {cfg.name!r} exists with a different config: {diff}")
@@ -124,6 +129,7 @@ class Shard:
         with self._lock:
             self._store(name)
             del self._tables[name]
+            self._collisions.pop(name, None)
             self._parts = {key: parts for key, parts in self._parts.items() if key[0] != name}
             self._stepped.notify_all()  # fetches waiting on it answer NOT_FOUND
 
@@ -205,6 +211,30 @@ class Shard:
                     raise InvalidArgument(f"table {name!r}: {err}") from None
                 complete[name] = (step, ids, grads)
         return complete
+
+    def record_ngrams(self, samples: dict[str, tuple[np.ndarray, NgramBatch]]) -> None:
+        """Adds the N-grams behind a fetch that succeeded: {table: (its distinct ids (n,), their
+        NgramBatch)}, for the tables' collision stats. Tables with collision stats off (or dropped
+        since) are skipped."""
+        for name, (ids, batch) in samples.items():
+            sketch = self._collisions.get(name)
+            if sketch is not None:
+                sketch.record(np.asarray(ids, dtype=np.int64), batch)
+
+    def usage(self) -> tuple[TableUsage, ...]:
+        """Rows, bytes, reads and collision counts of every table, sorted by name."""
+        with self._lock:
+            return tuple(self._usage(self._tables[name]) for name in sorted(self._tables))
+
+    def _usage(self, store: TableStore) -> TableUsage:
+        cfg, state = store.cfg, store.state_nbytes
+        sketch = self._collisions.get(cfg.name)
+        memory = TierUsage(MEMORY_TIER, rows=store.num_materialized, bytes=store.nbytes - state,
+                           hits=store.hits)
+        return TableUsage(name=cfg.name, num_rows=cfg.num_rows, width=cfg.width, step=store.step,
+                          rows_read=store.rows_read, optimizer_rows=store.optimizer_rows,
+                          optimizer_state_bytes=state, tiers=(memory,),
+                          collisions=sketch.counts() if sketch is not None else None)
 
     def owns(self, ids: np.ndarray) -> bool:
         """Whether every id (n,) lives on this shard."""

@@ -92,6 +92,8 @@ class TableStore:
         self._state = np.empty((0, self._state_width), dtype=np.float32)  # (cap, state_width)
         self._last = np.empty(0, dtype=np.int64)  # (cap,) step each row was last brought up to date
         self.optimizer_rows = 0  # rows the optimizer processed: updated, or caught up on a read
+        self.rows_read = 0  # ids read since start
+        self.hits = 0  # of those, ids found stored (the rest were computed from the seed)
 
     @property
     def step(self) -> int:
@@ -108,6 +110,11 @@ class TableStore:
         return (self._ids.nbytes + self._rows.nbytes + self._state.nbytes + self._last.nbytes
                 + self._index.nbytes)
 
+    @property
+    def state_nbytes(self) -> int:
+        """Bytes of the optimizer-state arena (part of `nbytes`)."""
+        return self._state.nbytes
+
     def read(self, ids: np.ndarray) -> np.ndarray:
         """Rows of `ids` (n,) int64 in range -> (n, width) float32, as they stand at the table's
         step: an optimizer that catches up (dense Adam) first brings the written rows among them
@@ -116,6 +123,8 @@ class TableStore:
         if self.optimizer.catches_up:
             self._catch_up(slots[slots >= 0])
         missing = slots < 0
+        self.rows_read += len(ids)
+        self.hits += len(ids) - int(np.count_nonzero(missing))
         if not missing.any():
             return np.take(self._rows, slots, axis=0)  # ~3x faster than self._rows[slots] here
         out = np.empty((len(ids), self.cfg.width), dtype=np.float32)

@@ -7,12 +7,17 @@ arrays are read-only views); bf16 decoding widens to a new float32 array.
 """
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 
+from memory_service.collisions import CollisionCounts, NgramBatch
 from memory_service.config import OptimizerConfig, TableConfig
 from memory_service.errors import InvalidArgument
+from memory_service.metrics import RpcWindow
 from memory_service.rpc import memory_pb2
-from memory_service.shard import TableInfo
+from memory_service.shard import ShardCounters, TableInfo
+from memory_service.utilization import ShardReport, TableUsage, TierUsage
 
 # The largest batch the client sends in one message: 65536 rows x width 1024 fp32 = 256 MiB of rows
 # (plus 512 KiB of ids). gRPC's default 4 MiB receive limit would stop a 64k x 64 fp32 fetch
@@ -145,7 +150,8 @@ def table_config_to_proto(cfg: TableConfig) -> memory_pb2.TableConfig:
     return memory_pb2.TableConfig(
         name=cfg.name, num_rows=cfg.num_rows, width=cfg.width, dtype=dtype_to_proto(cfg.dtype),
         init_scale=cfg.init_scale, seed=cfg.seed,
-        optimizer=optimizer_config_to_proto(cfg.optimizer))
+        optimizer=optimizer_config_to_proto(cfg.optimizer),
+        collision_sample_rate=cfg.collision_sample_rate)
 
 
 def table_config_from_proto(msg: memory_pb2.TableConfig) -> TableConfig:
@@ -155,7 +161,8 @@ def table_config_from_proto(msg: memory_pb2.TableConfig) -> TableConfig:
     return _checked("", TableConfig, name=msg.name, num_rows=msg.num_rows, width=msg.width,
                     dtype=dtype_from_proto(msg.dtype, f"table {msg.name!r}"),
                     init_scale=msg.init_scale, seed=msg.seed,
-                    optimizer=optimizer_config_from_proto(msg.optimizer, msg.name))
+                    optimizer=optimizer_config_from_proto(msg.optimizer, msg.name),
+                    collision_sample_rate=msg.collision_sample_rate)
 
 
 def _checked(prefix: str, cls, **fields):
@@ -178,8 +185,90 @@ def table_info_from_proto(msg: memory_pb2.TableInfo) -> TableInfo:
                      optimizer_rows=msg.optimizer_rows)
 
 
-def table_stats_to_proto(info: TableInfo) -> memory_pb2.TableStats:
-    return memory_pb2.TableStats(name=info.config.name, num_rows=info.config.num_rows,
-                                 width=info.config.width, step=info.step,
-                                 rows_materialized=info.rows_materialized, nbytes=info.nbytes,
-                                 optimizer_rows=info.optimizer_rows)
+
+# --- N-gram samples (collision stats) -------------------------------------------------------------
+
+def encode_ngrams(batch: NgramBatch) -> memory_pb2.NgramSample:
+    """An NgramBatch -> its message (lookups and pair lookups as uint32: one batch's counts)."""
+    return memory_pb2.NgramSample(
+        lookups=batch.lookups.astype("<u4").tobytes(),
+        fingerprints=batch.fingerprints.astype("<u8").tobytes(),
+        mixed=batch.mixed.astype(np.uint8).tobytes(),
+        pair_index=batch.pair_index.astype("<u4").tobytes(),
+        pair_fingerprints=batch.pair_fingerprints.astype("<u8").tobytes(),
+        pair_lookups=batch.pair_lookups.astype("<u4").tobytes())
+
+
+def decode_ngrams(msg: memory_pb2.NgramSample, ids: np.ndarray, table: str) -> NgramBatch:
+    """The N-grams behind a TableIds' ids (n,), checked: lengths, ranges, and ids distinct (a
+    lookup register takes one entry per id and request). InvalidArgument names what is wrong."""
+    fields = {name: _fixed_width(getattr(msg, name), dtype, f"table {table!r}: ngrams.{name}")
+              for name, dtype in (("lookups", "<u4"), ("fingerprints", "<u8"), ("mixed", np.uint8),
+                                  ("pair_index", "<u4"), ("pair_fingerprints", "<u8"),
+                                  ("pair_lookups", "<u4"))}
+    if len(np.unique(ids)) != len(ids):
+        raise InvalidArgument(f"table {table!r}: ids must be distinct when ngrams are attached")
+    return NgramBatch.checked(len(ids), **fields, table=table)
+
+
+def _fixed_width(payload: bytes, dtype, what: str) -> np.ndarray:
+    itemsize = np.dtype(dtype).itemsize
+    if len(payload) % itemsize:
+        raise InvalidArgument(f"{what}: {len(payload)} bytes is not a multiple of {itemsize}")
+    return np.frombuffer(payload, dtype=dtype)
+
+
+# --- utilization (the Stats rpc) ------------------------------------------------------------------
+
+def shard_report_to_proto(report: ShardReport) -> memory_pb2.StatsResponse:
+    c = report.counters
+    return memory_pb2.StatsResponse(
+        shard_id=report.shard_id, num_shards=report.num_shards,
+        counters=memory_pb2.ShardCounters(fetch_requests=c.fetch_requests, fetch_rows=c.fetch_rows,
+                                          push_requests=c.push_requests, push_rows=c.push_rows),
+        tables=[_table_usage_to_proto(t) for t in report.tables],
+        fetch=_rpc_window_to_proto(report.fetch), push=_rpc_window_to_proto(report.push),
+        uptime_seconds=report.uptime_s, metrics_port=report.metrics_port)
+
+
+def shard_report_from_proto(msg: memory_pb2.StatsResponse) -> ShardReport:
+    c = msg.counters
+    return ShardReport(
+        shard_id=msg.shard_id, num_shards=msg.num_shards, uptime_s=msg.uptime_seconds,
+        counters=ShardCounters(c.fetch_requests, c.fetch_rows, c.push_requests, c.push_rows),
+        fetch=_rpc_window_from_proto(msg.fetch), push=_rpc_window_from_proto(msg.push),
+        tables=tuple(_table_usage_from_proto(t) for t in msg.tables), metrics_port=msg.metrics_port)
+
+
+def _rpc_window_to_proto(w: RpcWindow) -> memory_pb2.RpcStats:
+    return memory_pb2.RpcStats(requests=w.requests, rows=w.rows, requests_per_s=w.requests_per_s,
+                               rows_per_s=w.rows_per_s, p50_seconds=w.p50_s, p99_seconds=w.p99_s,
+                               window_seconds=w.window_s, errors=w.errors)
+
+
+def _rpc_window_from_proto(msg: memory_pb2.RpcStats) -> RpcWindow:
+    return RpcWindow(requests=msg.requests, rows=msg.rows, errors=msg.errors,
+                     window_s=msg.window_seconds, p50_s=msg.p50_seconds, p99_s=msg.p99_seconds)
+
+
+def _table_usage_to_proto(t: TableUsage) -> memory_pb2.TableStats:
+    msg = memory_pb2.TableStats(
+        name=t.name, num_rows=t.num_rows, width=t.width, step=t.step, rows_materialized=t.rows,
+        nbytes=t.bytes, optimizer_rows=t.optimizer_rows,
+        tiers=[memory_pb2.TierStats(tier=x.tier, rows=x.rows, bytes=x.bytes, hits=x.hits) for x in t.tiers],
+        optimizer_state_bytes=t.optimizer_state_bytes, rows_read=t.rows_read)
+    if t.collisions is not None:
+        msg.collisions.CopyFrom(memory_pb2.CollisionStats(**dataclasses.asdict(t.collisions)))
+    return msg
+
+
+def _table_usage_from_proto(msg: memory_pb2.TableStats) -> TableUsage:
+    collisions = None
+    if msg.HasField("collisions"):
+        collisions = CollisionCounts(**{f.name: getattr(msg.collisions, f.name)
+                                        for f in dataclasses.fields(CollisionCounts)})
+    return TableUsage(name=msg.name, num_rows=msg.num_rows, width=msg.width, step=msg.step,
+                      rows_read=msg.rows_read, optimizer_rows=msg.optimizer_rows,
+                      optimizer_state_bytes=msg.optimizer_state_bytes,
+                      tiers=tuple(TierUsage(x.tier, x.rows, x.bytes, x.hits) for x in msg.tiers),
+                      collisions=collisions)

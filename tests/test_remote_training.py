@@ -131,6 +131,7 @@ def test_generation_reads_rows_from_the_service_ahead_of_each_forward(make_clust
     torch.testing.assert_close(generate(model, indexer, prompt, max_new_tokens=6), remote_tokens)
 
     address = ray.get_runtime_context().gcs_address
+    capsys.readouterr()  # what training printed
     assert main(["generate", "--checkpoint", cfg.checkpoint, "--prompt", "def main(", "--max-new-tokens", "5",
                  "--address", address, "--cluster", cluster.config.name]) == 0
     assert capsys.readouterr().out.startswith("def main(")

@@ -137,7 +137,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
     """Run a tables cluster until SIGINT/SIGTERM, then stop every shard cleanly."""
     from memory_service.cluster import ClusterConfig, connect, start_local
 
-    config = dict(name=args.name, host=args.host, port=args.port)
+    config = dict(name=args.name, host=args.host, port=args.port,
+                  metrics_port=None if args.no_metrics else args.metrics_port,
+                  shard_resource=args.resource)
     ClusterConfig(num_shards=args.shards, **config)  # check arguments before starting anything
     if args.address:
         cluster = connect(args.address, num_shards=args.shards, **config)
@@ -148,10 +150,36 @@ def cmd_serve(args: argparse.Namespace) -> int:
         signal.signal(sig, lambda *_: stop.set())
     for a in cluster.addresses:
         print(f"shard {a.shard_id}: {a.target}", flush=True)
+    for a in cluster.addresses:
+        if a.metrics_port:
+            print(f"metrics {a.shard_id}: http://{a.host}:{a.metrics_port}/metrics", flush=True)
     print(f"serving {len(cluster.addresses)} shards of cluster {args.name!r}; Ctrl-C to stop", flush=True)
     stop.wait()
     cluster.shutdown()
     print("stopped", flush=True)
+    return 0
+
+
+def cmd_stats(args: argparse.Namespace) -> int:
+    """Print the tables cluster's utilization and collision stats (memory_service/stats_view.py)."""
+    from memory_service import stats_view
+    from memory_service.client import MemoryClient
+    from memory_service.cluster import connect
+
+    cluster = None
+    if args.targets:
+        targets = args.targets.split(",")
+    else:
+        cluster = connect(args.address, name=args.name)
+        targets = cluster.targets
+    try:
+        with MemoryClient(targets, shared_memory=False) as client:
+            stats_view.show(client.report, args.table or None, as_json=args.json, watch=args.watch)
+    except KeyboardInterrupt:  # the way out of --watch
+        pass
+    finally:
+        if cluster is not None:
+            cluster.shutdown()  # detaches only: the shards keep serving
     return 0
 
 
@@ -180,6 +208,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--host", default="127.0.0.1", help="bind address of the shards' gRPC servers")
     p.add_argument("--port", type=int, default=0, help="first shard's port (0: any free port)")
     p.add_argument("--name", default="default", help="cluster name, for drivers that attach by name")
+    p.add_argument("--metrics-port", type=int, default=0,
+                   help="first shard's Prometheus port (0: any free port); shards sharing a host take the next ones")
+    p.add_argument("--no-metrics", action="store_true", help="serve no Prometheus endpoint")
+    p.add_argument("--resource", default="engram_shard",
+                   help="Ray custom resource each shard takes one unit of (pins shards to the nodes declaring it)")
     p.set_defaults(func=cmd_serve)
     p = sub.add_parser("train", help="train through a running tables cluster (attach with --address)")
     add_train_args(p, steps=200)
@@ -195,6 +228,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="engram-demo", help="folder for the checkpoint and the loss plot")
     add_service_args(p, prefix="demo")
     p.set_defaults(func=cmd_demo, cluster="demo")
+    p = sub.add_parser("stats", help="show shard utilization and hash-collision stats of a tables cluster")
+    p.add_argument("--address", default="auto", help="Ray cluster the shards run on (default: RAY_ADDRESS or the local one)")
+    p.add_argument("--name", default="default", help="tables cluster name (as given to engram serve)")
+    p.add_argument("--targets", default=None, help="comma-separated shard gRPC targets instead of --address")
+    p.add_argument("--table", action="append", help="show only this table (repeatable)")
+    p.add_argument("--json", action="store_true", help="print JSON (one document per line with --watch)")
+    p.add_argument("--watch", type=float, nargs="?", const=2.0, default=None, metavar="SECONDS",
+                   help="redraw every SECONDS (default 2) until Ctrl-C")
+    p.set_defaults(func=cmd_stats)
     return parser
 
 

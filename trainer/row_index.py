@@ -9,6 +9,7 @@ import numpy as np
 import torch
 
 from trainer.engram import EngramConfig
+from trainer.fingerprint import ngram_fingerprints
 from trainer.hashing import NgramHashConfig, NgramHasher
 from trainer.tokenizer_compression import TokenizerCompression
 
@@ -65,3 +66,13 @@ class RowIndexer:
             from trainer.kernels.hashing import hash_layer
             return {layer: hash_layer(self.hasher, compressed, layer) for layer in self.cfg.layer_ids}
         return {layer: self.hasher.hash_torch(compressed, layer) for layer in self.cfg.layer_ids}
+
+    def fingerprints(self, tokens: torch.Tensor) -> dict[int, np.ndarray]:
+        """{layer: (B, T, H) uint64}: the fingerprint of the N-gram behind each row id that
+        `__call__` returns (same columns: the heads of n = 2 first, then n = 3, ...), for the table
+        service's collision stats. Equal for every layer: the N-grams do not depend on it."""
+        compressed = self.compression.compress_torch(tokens).cpu().numpy()  # (B, T) int64
+        per_order = ngram_fingerprints(compressed, self.cfg.max_ngram, self.hasher.cfg.pad_id)
+        K = self.cfg.heads_per_ngram
+        columns = np.repeat(np.stack(per_order, axis=-1), K, axis=-1)  # (B, T, (max_ngram-1)*K)
+        return {layer: columns for layer in self.cfg.layer_ids}

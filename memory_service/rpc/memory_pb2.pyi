@@ -46,7 +46,7 @@ class OptimizerConfig(_message.Message):
     def __init__(self, kind: _Optional[_Union[OptimizerKind, str]] = ..., lr: _Optional[float] = ..., beta1: _Optional[float] = ..., beta2: _Optional[float] = ..., eps: _Optional[float] = ..., initial_accumulator_value: _Optional[float] = ...) -> None: ...
 
 class TableConfig(_message.Message):
-    __slots__ = ("name", "num_rows", "width", "dtype", "init_scale", "seed", "optimizer")
+    __slots__ = ("name", "num_rows", "width", "dtype", "init_scale", "seed", "optimizer", "collision_sample_rate")
     NAME_FIELD_NUMBER: _ClassVar[int]
     NUM_ROWS_FIELD_NUMBER: _ClassVar[int]
     WIDTH_FIELD_NUMBER: _ClassVar[int]
@@ -54,6 +54,7 @@ class TableConfig(_message.Message):
     INIT_SCALE_FIELD_NUMBER: _ClassVar[int]
     SEED_FIELD_NUMBER: _ClassVar[int]
     OPTIMIZER_FIELD_NUMBER: _ClassVar[int]
+    COLLISION_SAMPLE_RATE_FIELD_NUMBER: _ClassVar[int]
     name: str
     num_rows: int
     width: int
@@ -61,7 +62,8 @@ class TableConfig(_message.Message):
     init_scale: float
     seed: int
     optimizer: OptimizerConfig
-    def __init__(self, name: _Optional[str] = ..., num_rows: _Optional[int] = ..., width: _Optional[int] = ..., dtype: _Optional[_Union[DType, str]] = ..., init_scale: _Optional[float] = ..., seed: _Optional[int] = ..., optimizer: _Optional[_Union[OptimizerConfig, _Mapping]] = ...) -> None: ...
+    collision_sample_rate: float
+    def __init__(self, name: _Optional[str] = ..., num_rows: _Optional[int] = ..., width: _Optional[int] = ..., dtype: _Optional[_Union[DType, str]] = ..., init_scale: _Optional[float] = ..., seed: _Optional[int] = ..., optimizer: _Optional[_Union[OptimizerConfig, _Mapping]] = ..., collision_sample_rate: _Optional[float] = ...) -> None: ...
 
 class TableInfo(_message.Message):
     __slots__ = ("config", "step", "rows_materialized", "nbytes", "optimizer_rows")
@@ -110,14 +112,32 @@ class ListTablesResponse(_message.Message):
     def __init__(self, names: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class TableIds(_message.Message):
-    __slots__ = ("table", "ids", "reply_offset")
+    __slots__ = ("table", "ids", "reply_offset", "ngrams")
     TABLE_FIELD_NUMBER: _ClassVar[int]
     IDS_FIELD_NUMBER: _ClassVar[int]
     REPLY_OFFSET_FIELD_NUMBER: _ClassVar[int]
+    NGRAMS_FIELD_NUMBER: _ClassVar[int]
     table: str
     ids: bytes
     reply_offset: int
-    def __init__(self, table: _Optional[str] = ..., ids: _Optional[bytes] = ..., reply_offset: _Optional[int] = ...) -> None: ...
+    ngrams: NgramSample
+    def __init__(self, table: _Optional[str] = ..., ids: _Optional[bytes] = ..., reply_offset: _Optional[int] = ..., ngrams: _Optional[_Union[NgramSample, _Mapping]] = ...) -> None: ...
+
+class NgramSample(_message.Message):
+    __slots__ = ("lookups", "fingerprints", "mixed", "pair_index", "pair_fingerprints", "pair_lookups")
+    LOOKUPS_FIELD_NUMBER: _ClassVar[int]
+    FINGERPRINTS_FIELD_NUMBER: _ClassVar[int]
+    MIXED_FIELD_NUMBER: _ClassVar[int]
+    PAIR_INDEX_FIELD_NUMBER: _ClassVar[int]
+    PAIR_FINGERPRINTS_FIELD_NUMBER: _ClassVar[int]
+    PAIR_LOOKUPS_FIELD_NUMBER: _ClassVar[int]
+    lookups: bytes
+    fingerprints: bytes
+    mixed: bytes
+    pair_index: bytes
+    pair_fingerprints: bytes
+    pair_lookups: bytes
+    def __init__(self, lookups: _Optional[bytes] = ..., fingerprints: _Optional[bytes] = ..., mixed: _Optional[bytes] = ..., pair_index: _Optional[bytes] = ..., pair_fingerprints: _Optional[bytes] = ..., pair_lookups: _Optional[bytes] = ...) -> None: ...
 
 class TableRows(_message.Message):
     __slots__ = ("table", "dtype", "width", "rows")
@@ -191,6 +211,64 @@ class StatsRequest(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...
 
+class RpcStats(_message.Message):
+    __slots__ = ("requests", "rows", "requests_per_s", "rows_per_s", "p50_seconds", "p99_seconds", "window_seconds", "errors")
+    REQUESTS_FIELD_NUMBER: _ClassVar[int]
+    ROWS_FIELD_NUMBER: _ClassVar[int]
+    REQUESTS_PER_S_FIELD_NUMBER: _ClassVar[int]
+    ROWS_PER_S_FIELD_NUMBER: _ClassVar[int]
+    P50_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    P99_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    WINDOW_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    ERRORS_FIELD_NUMBER: _ClassVar[int]
+    requests: int
+    rows: int
+    requests_per_s: float
+    rows_per_s: float
+    p50_seconds: float
+    p99_seconds: float
+    window_seconds: float
+    errors: int
+    def __init__(self, requests: _Optional[int] = ..., rows: _Optional[int] = ..., requests_per_s: _Optional[float] = ..., rows_per_s: _Optional[float] = ..., p50_seconds: _Optional[float] = ..., p99_seconds: _Optional[float] = ..., window_seconds: _Optional[float] = ..., errors: _Optional[int] = ...) -> None: ...
+
+class TierStats(_message.Message):
+    __slots__ = ("tier", "rows", "bytes", "hits")
+    TIER_FIELD_NUMBER: _ClassVar[int]
+    ROWS_FIELD_NUMBER: _ClassVar[int]
+    BYTES_FIELD_NUMBER: _ClassVar[int]
+    HITS_FIELD_NUMBER: _ClassVar[int]
+    tier: str
+    rows: int
+    bytes: int
+    hits: int
+    def __init__(self, tier: _Optional[str] = ..., rows: _Optional[int] = ..., bytes: _Optional[int] = ..., hits: _Optional[int] = ...) -> None: ...
+
+class CollisionStats(_message.Message):
+    __slots__ = ("sample_rate", "tracked_slots", "exact", "lookups", "colliding_lookups", "sampled_slots_touched", "sampled_distinct_ngrams", "sampled_max_distinct", "sampled_lookups", "sampled_colliding_lookups", "saturated_slots")
+    SAMPLE_RATE_FIELD_NUMBER: _ClassVar[int]
+    TRACKED_SLOTS_FIELD_NUMBER: _ClassVar[int]
+    EXACT_FIELD_NUMBER: _ClassVar[int]
+    LOOKUPS_FIELD_NUMBER: _ClassVar[int]
+    COLLIDING_LOOKUPS_FIELD_NUMBER: _ClassVar[int]
+    SAMPLED_SLOTS_TOUCHED_FIELD_NUMBER: _ClassVar[int]
+    SAMPLED_DISTINCT_NGRAMS_FIELD_NUMBER: _ClassVar[int]
+    SAMPLED_MAX_DISTINCT_FIELD_NUMBER: _ClassVar[int]
+    SAMPLED_LOOKUPS_FIELD_NUMBER: _ClassVar[int]
+    SAMPLED_COLLIDING_LOOKUPS_FIELD_NUMBER: _ClassVar[int]
+    SATURATED_SLOTS_FIELD_NUMBER: _ClassVar[int]
+    sample_rate: float
+    tracked_slots: int
+    exact: bool
+    lookups: int
+    colliding_lookups: int
+    sampled_slots_touched: int
+    sampled_distinct_ngrams: int
+    sampled_max_distinct: int
+    sampled_lookups: int
+    sampled_colliding_lookups: int
+    saturated_slots: int
+    def __init__(self, sample_rate: _Optional[float] = ..., tracked_slots: _Optional[int] = ..., exact: _Optional[bool] = ..., lookups: _Optional[int] = ..., colliding_lookups: _Optional[int] = ..., sampled_slots_touched: _Optional[int] = ..., sampled_distinct_ngrams: _Optional[int] = ..., sampled_max_distinct: _Optional[int] = ..., sampled_lookups: _Optional[int] = ..., sampled_colliding_lookups: _Optional[int] = ..., saturated_slots: _Optional[int] = ...) -> None: ...
+
 class ShardCounters(_message.Message):
     __slots__ = ("fetch_requests", "fetch_rows", "push_requests", "push_rows")
     FETCH_REQUESTS_FIELD_NUMBER: _ClassVar[int]
@@ -204,7 +282,7 @@ class ShardCounters(_message.Message):
     def __init__(self, fetch_requests: _Optional[int] = ..., fetch_rows: _Optional[int] = ..., push_requests: _Optional[int] = ..., push_rows: _Optional[int] = ...) -> None: ...
 
 class TableStats(_message.Message):
-    __slots__ = ("name", "num_rows", "width", "step", "rows_materialized", "nbytes", "optimizer_rows")
+    __slots__ = ("name", "num_rows", "width", "step", "rows_materialized", "nbytes", "optimizer_rows", "tiers", "optimizer_state_bytes", "rows_read", "collisions")
     NAME_FIELD_NUMBER: _ClassVar[int]
     NUM_ROWS_FIELD_NUMBER: _ClassVar[int]
     WIDTH_FIELD_NUMBER: _ClassVar[int]
@@ -212,6 +290,10 @@ class TableStats(_message.Message):
     ROWS_MATERIALIZED_FIELD_NUMBER: _ClassVar[int]
     NBYTES_FIELD_NUMBER: _ClassVar[int]
     OPTIMIZER_ROWS_FIELD_NUMBER: _ClassVar[int]
+    TIERS_FIELD_NUMBER: _ClassVar[int]
+    OPTIMIZER_STATE_BYTES_FIELD_NUMBER: _ClassVar[int]
+    ROWS_READ_FIELD_NUMBER: _ClassVar[int]
+    COLLISIONS_FIELD_NUMBER: _ClassVar[int]
     name: str
     num_rows: int
     width: int
@@ -219,16 +301,28 @@ class TableStats(_message.Message):
     rows_materialized: int
     nbytes: int
     optimizer_rows: int
-    def __init__(self, name: _Optional[str] = ..., num_rows: _Optional[int] = ..., width: _Optional[int] = ..., step: _Optional[int] = ..., rows_materialized: _Optional[int] = ..., nbytes: _Optional[int] = ..., optimizer_rows: _Optional[int] = ...) -> None: ...
+    tiers: _containers.RepeatedCompositeFieldContainer[TierStats]
+    optimizer_state_bytes: int
+    rows_read: int
+    collisions: CollisionStats
+    def __init__(self, name: _Optional[str] = ..., num_rows: _Optional[int] = ..., width: _Optional[int] = ..., step: _Optional[int] = ..., rows_materialized: _Optional[int] = ..., nbytes: _Optional[int] = ..., optimizer_rows: _Optional[int] = ..., tiers: _Optional[_Iterable[_Union[TierStats, _Mapping]]] = ..., optimizer_state_bytes: _Optional[int] = ..., rows_read: _Optional[int] = ..., collisions: _Optional[_Union[CollisionStats, _Mapping]] = ...) -> None: ...
 
 class StatsResponse(_message.Message):
-    __slots__ = ("shard_id", "num_shards", "counters", "tables")
+    __slots__ = ("shard_id", "num_shards", "counters", "tables", "fetch", "push", "uptime_seconds", "metrics_port")
     SHARD_ID_FIELD_NUMBER: _ClassVar[int]
     NUM_SHARDS_FIELD_NUMBER: _ClassVar[int]
     COUNTERS_FIELD_NUMBER: _ClassVar[int]
     TABLES_FIELD_NUMBER: _ClassVar[int]
+    FETCH_FIELD_NUMBER: _ClassVar[int]
+    PUSH_FIELD_NUMBER: _ClassVar[int]
+    UPTIME_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    METRICS_PORT_FIELD_NUMBER: _ClassVar[int]
     shard_id: int
     num_shards: int
     counters: ShardCounters
     tables: _containers.RepeatedCompositeFieldContainer[TableStats]
-    def __init__(self, shard_id: _Optional[int] = ..., num_shards: _Optional[int] = ..., counters: _Optional[_Union[ShardCounters, _Mapping]] = ..., tables: _Optional[_Iterable[_Union[TableStats, _Mapping]]] = ...) -> None: ...
+    fetch: RpcStats
+    push: RpcStats
+    uptime_seconds: float
+    metrics_port: int
+    def __init__(self, shard_id: _Optional[int] = ..., num_shards: _Optional[int] = ..., counters: _Optional[_Union[ShardCounters, _Mapping]] = ..., tables: _Optional[_Iterable[_Union[TableStats, _Mapping]]] = ..., fetch: _Optional[_Union[RpcStats, _Mapping]] = ..., push: _Optional[_Union[RpcStats, _Mapping]] = ..., uptime_seconds: _Optional[float] = ..., metrics_port: _Optional[int] = ...) -> None: ...

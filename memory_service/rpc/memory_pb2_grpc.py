@@ -126,7 +126,8 @@ class MemoryServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def Stats(self, request, context):
-        """Returns this shard's identity, request counters and per-table memory.
+        """Returns this shard's identity, request counters, recent request rates and latencies, and
+        per-table rows, bytes, tier hits and collision counts.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
