@@ -19,13 +19,13 @@ import torch
 
 from memory_service import collisions, reply_buffer, wire
 from memory_service.config import TableConfig
-from memory_service.errors import InvalidArgument, MemoryServiceError, TableExists, TableNotFound
+from memory_service.errors import InvalidArgument, MemoryServiceError, RowsMoved, TableExists, TableNotFound
 from memory_service.rpc import memory_pb2, memory_pb2_grpc
 from memory_service.sharding import shard_of
 from memory_service.utilization import ClusterReport
 
 _ERRORS = {grpc.StatusCode.INVALID_ARGUMENT: InvalidArgument, grpc.StatusCode.NOT_FOUND: TableNotFound,
-           grpc.StatusCode.ALREADY_EXISTS: TableExists}
+           grpc.StatusCode.ALREADY_EXISTS: TableExists, grpc.StatusCode.ABORTED: RowsMoved}
 
 
 @dataclass(frozen=True)
@@ -65,15 +65,22 @@ def _as_ids(ids) -> np.ndarray:
 
 
 class MemoryClient:
-    """Client of one tables cluster given its shards' gRPC targets in shard order."""
+    """Client of one tables cluster given its shards' gRPC targets in shard order: the cold shards
+    (row r's home is cold shard r % N) and, optionally, the hot shards (while row r is hot, its
+    home is hot shard r % H). The client learns which rows are hot from the hot shards' maps and
+    refreshes them when a shard answers that a row moved (RowsMoved), then re-sends."""
 
     def __init__(self, targets: list[str], max_rows_per_request: int = 65536, timeout: float = 60.0,
-                 client_id: str | None = None, max_workers: int = 8, shared_memory: bool = True):
+                 client_id: str | None = None, max_workers: int = 8, shared_memory: bool = True,
+                 hot_targets: list[str] = ()):
         if not targets:
             raise ValueError("MemoryClient needs at least one shard target")
         if max_rows_per_request < 1:
             raise ValueError(f"max_rows_per_request {max_rows_per_request} must be >= 1")
-        self.targets = list(targets)
+        self.num_cold, self.num_hot = len(targets), len(hot_targets)
+        self.targets = list(targets) + list(hot_targets)  # shard index: cold 0..N-1, then hot
+        self._hot: dict[str, np.ndarray] = {}  # table -> sorted ids that are hot (any hot shard)
+        self.refreshes = 0  # hot-map refreshes after a RowsMoved answer
         self.channels = [grpc.insecure_channel(t, options=wire.MESSAGE_OPTIONS) for t in self.targets]
         self.stubs = [memory_pb2_grpc.MemoryServiceStub(c) for c in self.channels]
         self.max_rows_per_request = max_rows_per_request
@@ -140,13 +147,47 @@ class MemoryClient:
         `ngrams`: {table: uint64 fingerprints shaped like its ids} of the N-grams behind the
         lookups (trainer.fingerprint), sent along for the tables' collision stats; ignored for
         tables with collision stats off (see `samples_collisions`)."""
-        return self._finish_fetch(self._start_fetch(ids, min_step, ngrams))
+        return self._fetch_until_routed(self._start_fetch(ids, min_step, ngrams), ids, min_step, ngrams)
 
     def fetch_async(self, ids: dict[str, np.ndarray | torch.Tensor], min_step: int = 0,
                     ngrams: dict[str, np.ndarray] | None = None) -> Future:
         """`fetch` with the requests sent before it returns (routing runs in the caller's thread)
         and the replies gathered in the background: a Future of the rows, for prefetching."""
-        return self.pool.submit(self._finish_fetch, self._start_fetch(ids, min_step, ngrams))
+        return self.pool.submit(self._fetch_until_routed, self._start_fetch(ids, min_step, ngrams),
+                                ids, min_step, ngrams)
+
+    def _fetch_until_routed(self, started: "_Fetch", ids, min_step: int, ngrams) -> dict[str, torch.Tensor]:
+        """Finishes a started fetch; while rows moved under it, refreshes the hot maps and sends
+        it again (reads change nothing, so a whole retry is safe), until the client's timeout."""
+        deadline, backoff = time.monotonic() + self.timeout, 0.001
+        while True:
+            try:
+                return self._finish_fetch(started)
+            except RowsMoved:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(backoff)
+                backoff = min(2 * backoff, 0.05)
+                self._refresh_hot(ids)
+                started = self._start_fetch(ids, min_step, ngrams)
+
+    # -- hot shards -----------------------------------------------------------------------------
+    def hot_ids(self, name: str) -> np.ndarray:
+        """Sorted ids of table `name` that are hot, as this client last heard."""
+        if self.num_hot and name not in self._hot:
+            self._load_hot(name)
+        return self._hot.get(name, np.empty(0, np.int64))
+
+    def _load_hot(self, name: str) -> None:
+        request = memory_pb2.HotMapRequest(table=name)
+        maps = self._all(lambda stub: self._call(stub.HotMap, request), self.stubs[self.num_cold:])
+        self._hot[name] = np.sort(np.concatenate([wire.decode_ids(m.ids, name) for m in maps]))
+
+    def _refresh_hot(self, names) -> None:
+        self.refreshes += 1
+        for name in names:
+            if self.num_hot:
+                self._load_hot(name)
 
     def _start_fetch(self, ids, min_step: int, ngrams=None) -> "_Fetch":
         """Route the ids and send one request per shard (chunked); nothing waits here."""
@@ -281,16 +322,38 @@ class MemoryClient:
                                   f"raise max_rows_per_request above {self.max_rows_per_request}")
         silent = set(range(self.num_shards)) - set(shards)
         requests += [(shard, [(name, 0, 0) for name in routes]) for shard in sorted(silent)]
-        futures = []
-        for shard, chunk in requests:
-            request = memory_pb2.PushRequest(client_id=self.client_id, contributors=contributors, tables=[
-                self._grads_message(name, step, lr, routes[name].grouped[start:stop],
-                                    summed[name][start:stop])
-                for name, start, stop in chunk])
-            if self.trace is not None:
-                self.trace("push_sent", {"shard": shard, "step": step})
-            futures.append(self._call(self.stubs[shard].Push, request))
-        return sum(self._result(f).rows_updated for f in futures)
+        deadline, backoff, updated = time.monotonic() + self.timeout, 0.001, 0
+        while True:
+            futures = []
+            for shard, chunk in requests:
+                request = memory_pb2.PushRequest(client_id=self.client_id, contributors=contributors, tables=[
+                    self._grads_message(name, step, lr, routes[name].grouped[start:stop],
+                                        summed[name][start:stop])
+                    for name, start, stop in chunk])
+                if self.trace is not None:
+                    self.trace("push_sent", {"shard": shard, "step": step})
+                futures.append((chunk, self._call(self.stubs[shard].Push, request)))
+            moved = {}  # table -> [(ids, grads)] of requests refused because rows moved
+            for chunk, future in futures:
+                try:
+                    updated += self._result(future).rows_updated
+                except RowsMoved:
+                    if time.monotonic() > deadline:
+                        raise
+                    for name, start, stop in chunk:
+                        moved.setdefault(name, []).append((routes[name].grouped[start:stop], summed[name][start:stop]))
+            if not moved:
+                return updated
+            # Re-send only the refused requests' rows, to their homes now: the others applied.
+            time.sleep(backoff)
+            backoff = min(2 * backoff, 0.05)
+            self._refresh_hot(moved)
+            routes, summed = {}, {}
+            for name, parts in moved.items():  # distinct ids, their summed gradients
+                routes[name] = route = self._route(name, np.concatenate([ids for ids, _ in parts]))
+                summed[name] = np.empty((len(route.grouped), self.table(name).width), np.float32)
+                summed[name][route.index] = np.concatenate([g for _, g in parts])
+            requests = [r for r in self._requests(routes) if any(stop > start for _, start, stop in r[1])]
 
     def _grads_message(self, name: str, step: int, lr: float | None, ids: np.ndarray, grads: np.ndarray):
         cfg = self.table(name)
@@ -309,15 +372,31 @@ class MemoryClient:
         bad = arr[(arr < 0) | (arr >= num_rows)]
         if bad.size:
             raise InvalidArgument(f"table {name!r}: row id {int(bad[0])} out of range [0, {num_rows})")
+        flat = arr.reshape(-1)
+        hot = self.hot_ids(name) if self.num_hot else None
+        if hot is not None and len(hot):
+            return self._route_hot(flat, arr.shape, hot)
         # One sort groups by shard and dedups: key = shard * per_shard + id // N is a bijection
         # on [0, num_rows) that orders ids by (shard, id) and stays below num_rows + N.
-        n = self.num_shards
+        n = self.num_cold
         per_shard = -(-num_rows // n)
-        flat = arr.reshape(-1)
         keys, index = np.unique((flat % n) * per_shard + flat // n, return_inverse=True)  # (u,), (n,)
         grouped = (keys % per_shard) * n + keys // per_shard
         bounds = np.searchsorted(keys, np.arange(n + 1) * per_shard)
+        bounds = np.concatenate([bounds, np.full(self.num_hot, bounds[-1])])  # no ids for hot shards
         return _Route(grouped, index.reshape(-1), arr.shape, bounds)
+
+    def _route_hot(self, flat: np.ndarray, shape: tuple, hot: np.ndarray) -> _Route:
+        """`_route` when some rows are hot: hot ids go to hot shard id % H (index N + id % H)."""
+        distinct, first, index = np.unique(flat, return_index=True, return_inverse=True)  # (u,) x2, (n,)
+        pos = np.searchsorted(hot, distinct).clip(max=len(hot) - 1)
+        shard = np.where(hot[pos] == distinct, self.num_cold + distinct % self.num_hot,
+                         distinct % self.num_cold)  # (u,)
+        order = np.argsort(shard, kind="stable")  # by shard, then id
+        rank = np.empty_like(order)
+        rank[order] = np.arange(len(order))
+        bounds = np.searchsorted(shard[order], np.arange(self.num_shards + 1))
+        return _Route(distinct[order], rank[index.reshape(-1)], shape, bounds)
 
     def _requests(self, routes: dict[str, _Route]) -> list[tuple[int, list[tuple[str, int, int]]]]:
         """Per shard, requests [(table, start, stop)] of at most max_rows_per_request rows and
@@ -352,8 +431,8 @@ class MemoryClient:
         except grpc.RpcError as err:
             _raise(err)
 
-    def _all(self, call) -> list:
-        futures = [call(stub) for stub in self.stubs]
+    def _all(self, call, stubs=None) -> list:
+        futures = [call(stub) for stub in (self.stubs if stubs is None else stubs)]
         return [self._result(f) for f in futures]
 
     def close(self) -> None:

@@ -24,3 +24,8 @@ class TableExists(MemoryServiceError):
 class StepNotReached(MemoryServiceError):
     """A fetch waited for a table step that no push brought before its deadline (gRPC
     DEADLINE_EXCEEDED)."""
+
+
+class RowsMoved(MemoryServiceError):
+    """A row of the request has its home on another shard now (gRPC ABORTED, "moved: <version>"):
+    refresh the hot map and send it there."""

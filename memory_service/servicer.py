@@ -15,10 +15,11 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import grpc
+import numpy as np
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from memory_service import wire
-from memory_service.errors import InvalidArgument, StepNotReached, TableExists, TableNotFound
+from memory_service.errors import InvalidArgument, RowsMoved, StepNotReached, TableExists, TableNotFound
 from memory_service.metrics import MetricsServer, ShardMetrics, serve_metrics
 from memory_service.reply_buffer import ReplyFiles
 from memory_service.rpc import memory_pb2, memory_pb2_grpc
@@ -35,6 +36,7 @@ ERROR_STATUS = {
     TableNotFound: grpc.StatusCode.NOT_FOUND,
     TableExists: grpc.StatusCode.ALREADY_EXISTS,
     StepNotReached: grpc.StatusCode.DEADLINE_EXCEEDED,
+    RowsMoved: grpc.StatusCode.ABORTED,
     ValueError: grpc.StatusCode.INVALID_ARGUMENT,  # InvalidArgument and the configs' checks
 }
 
@@ -133,6 +135,32 @@ class MemoryServicer(memory_pb2_grpc.MemoryServiceServicer):
             ids = requests[msg.table]
             samples[msg.table] = (ids, wire.decode_ngrams(msg.ngrams, ids, msg.table))
         return samples
+
+    @_maps_errors
+    def ExportRows(self, request, context):
+        ids = wire.decode_ids(request.ids, request.table)
+        return wire.records_to_proto(request.table, self.shard.export_rows(request.table, ids, request.version))
+
+    @_maps_errors
+    def ImportRows(self, request, context):
+        name = request.records.table
+        cfg = self.shard.describe_table(name).config
+        records = wire.records_from_proto(request.records, cfg.width, self.shard.state_width(name))
+        self.shard.import_rows(name, records, request.version)
+        return memory_pb2.ImportRowsResponse()
+
+    @_maps_errors
+    def HotMap(self, request, context):
+        version, ids = self.shard.hot_map(request.table)
+        return memory_pb2.HotMapResponse(version=version, ids=wire.encode_ids(ids))
+
+    @_maps_errors
+    def DrainAccesses(self, request, context):
+        return memory_pb2.DrainAccessesResponse(tables=[
+            memory_pb2.TableAccesses(
+                table=name, ids=wire.encode_ids(np.concatenate(reqs) if reqs else np.empty(0, np.int64)),
+                lengths=wire.encode_ids(np.array([len(r) for r in reqs], np.int64)), expected=wire.encode_ids(expected))
+            for name, (reqs, expected) in self.shard.drain_accesses().items()])
 
     def _open_reply_file(self, path: str, context) -> None:
         try:

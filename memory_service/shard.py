@@ -24,6 +24,7 @@ import numpy as np
 from memory_service.collisions import CollisionSketch, NgramBatch
 from memory_service.config import TableConfig
 from memory_service.errors import InvalidArgument, StepNotReached, TableExists, TableNotFound
+from memory_service.homes import Homes, RowRecords
 from memory_service.sharding import shard_of
 from memory_service.store import TableStore
 from memory_service.utilization import MEMORY_TIER, TableUsage, TierUsage
@@ -58,6 +59,23 @@ class _Parts:
     clients: set[str] = dataclasses.field(default_factory=set)
     ids: list[np.ndarray] = dataclasses.field(default_factory=list)
     grads: list[np.ndarray] = dataclasses.field(default_factory=list)
+
+
+@dataclass
+class _Accesses:
+    """One table's reads since placement last looked, bounded to MAX_REQUESTS requests."""
+
+    MAX_REQUESTS = 256
+    requests: list[np.ndarray] = dataclasses.field(default_factory=list)
+    expected: list[np.ndarray] = dataclasses.field(default_factory=list)
+
+    def record(self, ids: np.ndarray) -> None:
+        self.requests.append(ids.copy())  # distinct: the client deduplicates each request
+        del self.requests[:-self.MAX_REQUESTS]
+
+    def expect(self, ids: np.ndarray) -> None:
+        self.expected.append(ids.copy())
+        del self.expected[:-self.MAX_REQUESTS]
 
 
 @dataclass
@@ -97,10 +115,13 @@ def _sum_duplicates(ids: np.ndarray, grads: np.ndarray) -> tuple[np.ndarray, np.
 class Shard:
     """Shard `shard_id` of `num_shards`: rows r with r % num_shards == shard_id of every table."""
 
-    def __init__(self, shard_id: int, num_shards: int) -> None:
+    def __init__(self, shard_id: int, num_shards: int, role: str = "cold", track_accesses: bool = False) -> None:
         if not 0 <= shard_id < num_shards:
             raise InvalidArgument(f"shard id {shard_id} must be in [0, {num_shards})")
         self.shard_id, self.num_shards = shard_id, num_shards
+        self.homes = Homes(role)  # a hot shard is shard `shard_id` of the `num_shards` hot ones
+        self.track_accesses = track_accesses  # keep reads for placement (hot shards, tiers) to drain
+        self._accesses: dict[str, _Accesses] = {}
         self.counters = ShardCounters()
         self._tables: dict[str, TableStore] = {}
         self._parts: dict[tuple[str, int], _Parts] = {}  # (table, step) -> parts held so far
@@ -130,6 +151,8 @@ class Shard:
             self._store(name)
             del self._tables[name]
             self._collisions.pop(name, None)
+            self.homes.drop(name)
+            self._accesses.pop(name, None)
             self._parts = {key: parts for key, parts in self._parts.items() if key[0] != name}
             self._stepped.notify_all()  # fetches waiting on it answer NOT_FOUND
 
@@ -144,6 +167,9 @@ class Shard:
         with self._lock:
             checked = {name: self._checked_ids(name, ids) for name, ids in requests.items()}
             if min_step > 0:
+                for name, ids in checked.items():  # a look-ahead read: placement may act on it now
+                    if self.track_accesses and self._tables[name].step < min_step:
+                        self._accesses.setdefault(name, _Accesses()).expect(ids)
                 reached = lambda: all(name not in self._tables or self._tables[name].step >= min_step
                                       for name in checked)
                 if not self._stepped.wait_for(reached, timeout):
@@ -151,8 +177,13 @@ class Shard:
                     raise StepNotReached(f"fetch waited {timeout:.1f} s for step {min_step}; tables are at {steps}")
                 for name in checked:
                     self._store(name)  # dropped while this fetch waited
+            for name, ids in checked.items():
+                self.homes.check(name, ids)  # after any wait: a row may have moved meanwhile
             self.counters.fetch_requests += 1
             self.counters.fetch_rows += sum(len(ids) for ids in checked.values())
+            if self.track_accesses:
+                for name, ids in checked.items():
+                    self._accesses.setdefault(name, _Accesses()).record(ids)
             return {name: self._tables[name].read(ids) for name, ids in checked.items()}
 
     def push(self, client_id: str, pushes: dict[str, TablePush], contributors: int = 1) -> int:
@@ -211,6 +242,46 @@ class Shard:
                     raise InvalidArgument(f"table {name!r}: {err}") from None
                 complete[name] = (step, ids, grads)
         return complete
+
+    # -- hot and cold shards ----------------------------------------------------------------------
+    def export_rows(self, name: str, ids: np.ndarray, version: int) -> RowRecords:
+        """Hands distinct rows `ids` (n,) over for a move: removed here with their optimizer state,
+        refused (RowsMoved) from now on. Rows never written come back absent."""
+        with self._lock:
+            ids = self._checked_ids(name, ids)
+            if len(np.unique(ids)) != len(ids):
+                raise InvalidArgument(f"table {name!r}: export ids must be distinct")
+            self.homes.check(name, ids)
+            records = self._tables[name].export_rows(ids)
+            self.homes.leave(name, ids, version)
+            return records
+
+    def import_rows(self, name: str, records: RowRecords, version: int) -> None:
+        """Takes rows moved here (exported by their previous home)."""
+        with self._lock:
+            ids = self._checked_ids(name, records.ids)
+            self._tables[name].import_rows(records)
+            self.homes.arrive(name, ids, version)
+
+    def state_width(self, name: str) -> int:
+        """Optimizer-state values per row of table `name`."""
+        with self._lock:
+            store = self._store(name)
+            return store.optimizer.state_width(store.cfg.width)
+
+    def hot_map(self, name: str) -> tuple[int, np.ndarray]:
+        """(version, sorted ids) of the rows of `name` this hot shard is home of."""
+        with self._lock:
+            self._store(name)
+            return self.homes.version, self.homes.ids(name)
+
+    def drain_accesses(self) -> dict[str, tuple[list[np.ndarray], np.ndarray]]:
+        """{table: (the distinct ids of each fetch served, ids of held look-ahead fetches)} since
+        the last call; bounded (the oldest requests are dropped first)."""
+        with self._lock:
+            drained, self._accesses = self._accesses, {}
+        return {name: (a.requests, np.concatenate(a.expected) if a.expected else np.empty(0, np.int64))
+                for name, a in drained.items()}
 
     def record_ngrams(self, samples: dict[str, tuple[np.ndarray, NgramBatch]]) -> None:
         """Adds the N-grams behind a fetch that succeeded: {table: (its distinct ids (n,), their
@@ -278,8 +349,9 @@ class Shard:
 
     def _checked_push(self, name: str, push: TablePush) -> tuple[int, np.ndarray, np.ndarray]:
         """(step, distinct ids (m,) int64, their summed grads (m, width) f32) of a valid push,
-        else InvalidArgument."""
+        else InvalidArgument (or RowsMoved)."""
         ids = self._checked_ids(name, push.ids)
+        self.homes.check(name, ids)
         width = self._tables[name].cfg.width
         if not isinstance(push.step, (int, np.integer)) or push.step < 1:
             raise InvalidArgument(f"table {name!r}: step {push.step} must be an integer >= 1")

@@ -16,6 +16,7 @@ import numpy as np
 
 from memory_service.config import TableConfig
 from memory_service.optimizer import make_optimizer
+from memory_service.homes import RowRecords
 from memory_service.rows import init_rows
 
 _EMPTY = -1  # key of a free bucket (row ids are >= 0)
@@ -171,6 +172,33 @@ class TableStore:
         self.optimizer.catch_up(rows, state, last, self.step)
         self._rows[behind], self._state[behind], self._last[behind] = rows, state, last
         self.optimizer_rows += behind.size
+
+    def export_rows(self, ids: np.ndarray) -> RowRecords:
+        """Removes distinct `ids` (n,) from this store and returns them exactly as held (rows,
+        optimizer state, last step); ids never written come back absent."""
+        slots = self._index.lookup(ids)
+        present = slots >= 0
+        kept = slots[present]
+        records = RowRecords(ids, present, self._rows[kept], self._state[kept], self._last[kept])
+        if len(kept):
+            live = np.ones(self._index.size, dtype=bool)
+            live[kept] = False
+            survivors = np.flatnonzero(live)  # (m,) slots that stay, compacted to 0..m-1
+            self._index = _SlotIndex()
+            for name in ("_ids", "_rows", "_state", "_last"):
+                arr = getattr(self, name)
+                arr[:len(survivors)] = arr[survivors]
+            self._index.insert(self._ids[:len(survivors)].copy(), np.arange(len(survivors), dtype=np.int64))
+        return records
+
+    def import_rows(self, records: RowRecords) -> None:
+        """Takes rows exported by another store of the same table (none of them held here)."""
+        ids = records.ids[records.present]
+        if len(ids):
+            if (self._index.lookup(ids) >= 0).any():
+                raise ValueError("import_rows: some rows are already held here")
+            slots = self._materialize(ids)
+            self._rows[slots], self._state[slots], self._last[slots] = records.rows, records.state, records.last
 
     def _materialize(self, ids: np.ndarray) -> np.ndarray:
         """Gives new ids (m,) slots holding their initial row and state; returns the slots (m,)."""

@@ -272,3 +272,27 @@ def _table_usage_from_proto(msg: memory_pb2.TableStats) -> TableUsage:
                       optimizer_state_bytes=msg.optimizer_state_bytes,
                       tiers=tuple(TierUsage(x.tier, x.rows, x.bytes, x.hits) for x in msg.tiers),
                       collisions=collisions)
+
+
+def records_to_proto(table: str, records) -> memory_pb2.RowRecords:
+    """RowRecords (memory_service.homes) -> message; float32 and int64 little-endian."""
+    return memory_pb2.RowRecords(
+        table=table, ids=encode_ids(records.ids), present=np.asarray(records.present, np.uint8).tobytes(),
+        rows=np.ascontiguousarray(records.rows, "<f4").tobytes(),
+        state=np.ascontiguousarray(records.state, "<f4").tobytes(), last=encode_ids(records.last))
+
+
+def records_from_proto(msg: memory_pb2.RowRecords, width: int, state_width: int):
+    """Message -> RowRecords, after checking every payload's length against the counts."""
+    from memory_service.homes import RowRecords
+
+    ids = decode_ids(msg.ids, msg.table)
+    if len(msg.present) != len(ids):
+        raise InvalidArgument(f"table {msg.table!r}: {len(msg.present)} present flags for {len(ids)} ids")
+    present = np.frombuffer(msg.present, np.uint8).astype(bool)
+    p = int(present.sum())
+    if len(msg.rows) != 4 * p * width or len(msg.state) != 4 * p * state_width or len(msg.last) != 8 * p:
+        raise InvalidArgument(f"table {msg.table!r}: record payloads do not match {p} rows of width "
+                              f"{width} (state {state_width})")
+    return RowRecords(ids, present, np.frombuffer(msg.rows, "<f4").reshape(p, width),
+                      np.frombuffer(msg.state, "<f4").reshape(p, state_width), np.frombuffer(msg.last, "<i8"))

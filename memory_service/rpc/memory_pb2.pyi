@@ -326,3 +326,77 @@ class StatsResponse(_message.Message):
     uptime_seconds: float
     metrics_port: int
     def __init__(self, shard_id: _Optional[int] = ..., num_shards: _Optional[int] = ..., counters: _Optional[_Union[ShardCounters, _Mapping]] = ..., tables: _Optional[_Iterable[_Union[TableStats, _Mapping]]] = ..., fetch: _Optional[_Union[RpcStats, _Mapping]] = ..., push: _Optional[_Union[RpcStats, _Mapping]] = ..., uptime_seconds: _Optional[float] = ..., metrics_port: _Optional[int] = ...) -> None: ...
+
+class ExportRowsRequest(_message.Message):
+    __slots__ = ("table", "ids", "version")
+    TABLE_FIELD_NUMBER: _ClassVar[int]
+    IDS_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    table: str
+    ids: bytes
+    version: int
+    def __init__(self, table: _Optional[str] = ..., ids: _Optional[bytes] = ..., version: _Optional[int] = ...) -> None: ...
+
+class RowRecords(_message.Message):
+    __slots__ = ("table", "ids", "present", "rows", "state", "last")
+    TABLE_FIELD_NUMBER: _ClassVar[int]
+    IDS_FIELD_NUMBER: _ClassVar[int]
+    PRESENT_FIELD_NUMBER: _ClassVar[int]
+    ROWS_FIELD_NUMBER: _ClassVar[int]
+    STATE_FIELD_NUMBER: _ClassVar[int]
+    LAST_FIELD_NUMBER: _ClassVar[int]
+    table: str
+    ids: bytes
+    present: bytes
+    rows: bytes
+    state: bytes
+    last: bytes
+    def __init__(self, table: _Optional[str] = ..., ids: _Optional[bytes] = ..., present: _Optional[bytes] = ..., rows: _Optional[bytes] = ..., state: _Optional[bytes] = ..., last: _Optional[bytes] = ...) -> None: ...
+
+class ImportRowsRequest(_message.Message):
+    __slots__ = ("records", "version")
+    RECORDS_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    records: RowRecords
+    version: int
+    def __init__(self, records: _Optional[_Union[RowRecords, _Mapping]] = ..., version: _Optional[int] = ...) -> None: ...
+
+class ImportRowsResponse(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class HotMapRequest(_message.Message):
+    __slots__ = ("table",)
+    TABLE_FIELD_NUMBER: _ClassVar[int]
+    table: str
+    def __init__(self, table: _Optional[str] = ...) -> None: ...
+
+class HotMapResponse(_message.Message):
+    __slots__ = ("version", "ids")
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    IDS_FIELD_NUMBER: _ClassVar[int]
+    version: int
+    ids: bytes
+    def __init__(self, version: _Optional[int] = ..., ids: _Optional[bytes] = ...) -> None: ...
+
+class DrainAccessesRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class TableAccesses(_message.Message):
+    __slots__ = ("table", "ids", "lengths", "expected")
+    TABLE_FIELD_NUMBER: _ClassVar[int]
+    IDS_FIELD_NUMBER: _ClassVar[int]
+    LENGTHS_FIELD_NUMBER: _ClassVar[int]
+    EXPECTED_FIELD_NUMBER: _ClassVar[int]
+    table: str
+    ids: bytes
+    lengths: bytes
+    expected: bytes
+    def __init__(self, table: _Optional[str] = ..., ids: _Optional[bytes] = ..., lengths: _Optional[bytes] = ..., expected: _Optional[bytes] = ...) -> None: ...
+
+class DrainAccessesResponse(_message.Message):
+    __slots__ = ("tables",)
+    TABLES_FIELD_NUMBER: _ClassVar[int]
+    tables: _containers.RepeatedCompositeFieldContainer[TableAccesses]
+    def __init__(self, tables: _Optional[_Iterable[_Union[TableAccesses, _Mapping]]] = ...) -> None: ...

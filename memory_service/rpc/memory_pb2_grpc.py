@@ -70,6 +70,26 @@ class MemoryServiceStub:
                 request_serializer=engram__memory_dot_v1_dot_memory__pb2.StatsRequest.SerializeToString,
                 response_deserializer=engram__memory_dot_v1_dot_memory__pb2.StatsResponse.FromString,
                 _registered_method=True)
+        self.ExportRows = channel.unary_unary(
+                '/engram_memory.v1.MemoryService/ExportRows',
+                request_serializer=engram__memory_dot_v1_dot_memory__pb2.ExportRowsRequest.SerializeToString,
+                response_deserializer=engram__memory_dot_v1_dot_memory__pb2.RowRecords.FromString,
+                _registered_method=True)
+        self.ImportRows = channel.unary_unary(
+                '/engram_memory.v1.MemoryService/ImportRows',
+                request_serializer=engram__memory_dot_v1_dot_memory__pb2.ImportRowsRequest.SerializeToString,
+                response_deserializer=engram__memory_dot_v1_dot_memory__pb2.ImportRowsResponse.FromString,
+                _registered_method=True)
+        self.HotMap = channel.unary_unary(
+                '/engram_memory.v1.MemoryService/HotMap',
+                request_serializer=engram__memory_dot_v1_dot_memory__pb2.HotMapRequest.SerializeToString,
+                response_deserializer=engram__memory_dot_v1_dot_memory__pb2.HotMapResponse.FromString,
+                _registered_method=True)
+        self.DrainAccesses = channel.unary_unary(
+                '/engram_memory.v1.MemoryService/DrainAccesses',
+                request_serializer=engram__memory_dot_v1_dot_memory__pb2.DrainAccessesRequest.SerializeToString,
+                response_deserializer=engram__memory_dot_v1_dot_memory__pb2.DrainAccessesResponse.FromString,
+                _registered_method=True)
 
 
 class MemoryServiceServicer:
@@ -133,6 +153,41 @@ class MemoryServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ExportRows(self, request, context):
+        """-- hot and cold shards (memory_service/migration.py) ----------------------------------------
+        A row has one home: its cold shard (id % num_cold) or, while it is hot, the hot shard
+        id % num_hot. A request naming a row that moved away is refused whole with ABORTED and the
+        details "moved: <hot map version>"; the client refreshes the hot map (HotMap) and re-routes.
+
+        Removes rows (and their optimizer state) from this shard for a move, marks them moved, and
+        returns them; rows never written come back as absent and stay nowhere.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ImportRows(self, request, context):
+        """Takes rows moved here; they are served from this shard from now on.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def HotMap(self, request, context):
+        """A hot shard's rows of a table: the ids it is home of and the map's version.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def DrainAccesses(self, request, context):
+        """The distinct ids of each request this shard served since the last call, and the ids of
+        fetches held for a later step (the look-ahead), per table: what placement decides from.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_MemoryServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -170,6 +225,26 @@ def add_MemoryServiceServicer_to_server(servicer, server):
                     servicer.Stats,
                     request_deserializer=engram__memory_dot_v1_dot_memory__pb2.StatsRequest.FromString,
                     response_serializer=engram__memory_dot_v1_dot_memory__pb2.StatsResponse.SerializeToString,
+            ),
+            'ExportRows': grpc.unary_unary_rpc_method_handler(
+                    servicer.ExportRows,
+                    request_deserializer=engram__memory_dot_v1_dot_memory__pb2.ExportRowsRequest.FromString,
+                    response_serializer=engram__memory_dot_v1_dot_memory__pb2.RowRecords.SerializeToString,
+            ),
+            'ImportRows': grpc.unary_unary_rpc_method_handler(
+                    servicer.ImportRows,
+                    request_deserializer=engram__memory_dot_v1_dot_memory__pb2.ImportRowsRequest.FromString,
+                    response_serializer=engram__memory_dot_v1_dot_memory__pb2.ImportRowsResponse.SerializeToString,
+            ),
+            'HotMap': grpc.unary_unary_rpc_method_handler(
+                    servicer.HotMap,
+                    request_deserializer=engram__memory_dot_v1_dot_memory__pb2.HotMapRequest.FromString,
+                    response_serializer=engram__memory_dot_v1_dot_memory__pb2.HotMapResponse.SerializeToString,
+            ),
+            'DrainAccesses': grpc.unary_unary_rpc_method_handler(
+                    servicer.DrainAccesses,
+                    request_deserializer=engram__memory_dot_v1_dot_memory__pb2.DrainAccessesRequest.FromString,
+                    response_serializer=engram__memory_dot_v1_dot_memory__pb2.DrainAccessesResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -362,6 +437,114 @@ class MemoryService:
             '/engram_memory.v1.MemoryService/Stats',
             engram__memory_dot_v1_dot_memory__pb2.StatsRequest.SerializeToString,
             engram__memory_dot_v1_dot_memory__pb2.StatsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ExportRows(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/engram_memory.v1.MemoryService/ExportRows',
+            engram__memory_dot_v1_dot_memory__pb2.ExportRowsRequest.SerializeToString,
+            engram__memory_dot_v1_dot_memory__pb2.RowRecords.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ImportRows(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/engram_memory.v1.MemoryService/ImportRows',
+            engram__memory_dot_v1_dot_memory__pb2.ImportRowsRequest.SerializeToString,
+            engram__memory_dot_v1_dot_memory__pb2.ImportRowsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def HotMap(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/engram_memory.v1.MemoryService/HotMap',
+            engram__memory_dot_v1_dot_memory__pb2.HotMapRequest.SerializeToString,
+            engram__memory_dot_v1_dot_memory__pb2.HotMapResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DrainAccesses(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/engram_memory.v1.MemoryService/DrainAccesses',
+            engram__memory_dot_v1_dot_memory__pb2.DrainAccessesRequest.SerializeToString,
+            engram__memory_dot_v1_dot_memory__pb2.DrainAccessesResponse.FromString,
             options,
             channel_credentials,
             insecure,
