@@ -12,7 +12,7 @@ import dataclasses
 import os
 import socket
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import ray
 
@@ -31,6 +31,7 @@ class ShardAddress:
     host: str
     port: int
     metrics_port: int = 0  # the shard's Prometheus endpoint, http://host:metrics_port/metrics; 0: none
+    role: str = "cold"  # "cold": home of rows id % num_shards; "hot": of the hot rows id % num_hot
 
     @property
     def target(self) -> str:
@@ -55,8 +56,14 @@ class ClusterConfig:
     num_cpus_per_shard: float = 0.0  # shards mostly wait on IO; 0 keeps small machines schedulable
     metrics_port: int | None = 0
     shard_resource: str = SHARD_RESOURCE
+    num_hot: int = 0  # hot shards (one per GPU where there are GPUs; DRAM otherwise)
+    hot_rows: int = 65536  # rows per table each hot shard keeps
+    placement: str = "engram"  # memory_service.placement.make_policy name
+    migrate_interval_s: float = 0.05
 
     def __post_init__(self) -> None:
+        if not 0 <= self.num_hot <= 64 or self.hot_rows < 0:
+            raise ValueError(f"num_hot {self.num_hot} must be in [0, 64] and hot_rows {self.hot_rows} >= 0")
         if not 1 <= self.num_shards <= 4096:
             raise ValueError(f"num_shards {self.num_shards} must be in [1, 4096]")
         if not 0 <= self.port <= 65535 or (self.port and self.port + self.num_shards - 1 > 65535):
@@ -75,18 +82,21 @@ class ClusterConfig:
 class Registry:
     """(shard id -> address) of one tables cluster; a named actor so any driver finds it."""
 
-    def __init__(self, num_shards: int):
-        self.num_shards = num_shards
-        self.addresses: dict[int, ShardAddress] = {}
+    def __init__(self, num_shards: int, num_hot: int = 0):
+        self.num_shards, self.num_hot = num_shards, num_hot
+        self.addresses: dict[tuple[str, int], ShardAddress] = {}
 
     def register(self, address: ShardAddress) -> None:
-        self.addresses[address.shard_id] = address
+        self.addresses[(address.role, address.shard_id)] = address
 
-    def shards(self) -> list[ShardAddress]:
-        return [self.addresses[i] for i in sorted(self.addresses)]
+    def shards(self, role: str = "cold") -> list[ShardAddress]:
+        return [a for (r, _), a in sorted(self.addresses.items()) if r == role]
 
     def get_num_shards(self) -> int:
         return self.num_shards
+
+    def get_num_hot(self) -> int:
+        return self.num_hot
 
 
 @ray.remote(max_concurrency=4)
@@ -94,14 +104,37 @@ class ShardActor:
     """One shard: the plain `Shard` behind a gRPC server started inside the actor's process."""
 
     def __init__(self, shard_id: int, num_shards: int, host: str, port: int, registry_name: str,
-                 metrics_port: int | None = None, cluster: str = "default", port_tries: int = 1):
+                 metrics_port: int | None = None, cluster: str = "default", port_tries: int = 1,
+                 role: str = "cold", track_accesses: bool = False, migration: dict | None = None):
         _normal_priority()  # before serve(): the gRPC threads inherit this thread's priority
-        self.shard = Shard(shard_id, num_shards)
+        self.shard = Shard(shard_id, num_shards, role=role, track_accesses=track_accesses)
         self.server = _serve_first_free(self.shard, host, port, metrics_port, cluster, port_tries)
         advertised = node_ip() if host in ("0.0.0.0", "::") else host
         metrics = self.server.metrics.port if self.server.metrics is not None else 0
-        self.address = ShardAddress(shard_id, advertised, self.server.port, metrics)
+        self.address = ShardAddress(shard_id, advertised, self.server.port, metrics, role)
+        self.migrator = None
+        if migration is not None:  # a hot shard places rows between the cold shards and itself
+            from memory_service.migration import Migrator
+
+            self.migrator = Migrator(self.shard, **migration).start()
         ray.get(ray.get_actor(registry_name, namespace=NAMESPACE).register.remote(self.address))
+
+    def table_state(self, name: str) -> dict:
+        """This shard's written rows of `name` with their optimizer state (Shard.table_state)."""
+        return self.shard.table_state(name)
+
+    def stop_migration(self) -> None:
+        """Ends this hot shard's migration (after the move in progress): rows stay where they are."""
+        if self.migrator is not None:
+            self.migrator.stop()
+
+    def migration_counters(self) -> dict[str, int]:
+        """Rounds, rows promoted and demoted by this hot shard's migrator (and its last error)."""
+        if self.migrator is None:
+            return {}
+        out = dataclasses.asdict(self.migrator.counters)
+        out["error"] = repr(self.migrator.error) if self.migrator.error else ""
+        return out
 
     def get_address(self) -> ShardAddress:
         return self.address
@@ -122,6 +155,8 @@ class ShardActor:
         return 0
 
     def stop(self, grace: float = 1.0) -> None:
+        if self.migrator is not None:
+            self.migrator.stop()
         self.server.stop(grace)
 
 
@@ -158,29 +193,37 @@ def node_ip() -> str:
 class TableCluster:
     """Handles to the shard actors of one tables cluster and their gRPC addresses."""
 
-    def __init__(self, config: ClusterConfig, actors: list, registry, owns_ray: bool, owns_actors: bool = True):
+    def __init__(self, config: ClusterConfig, actors: list, registry, owns_ray: bool, owns_actors: bool = True,
+                 hot_actors: list = ()):
         self.config = config
-        self.actors = actors
+        self.actors = actors  # the cold shards, in shard order
+        self.hot_actors = list(hot_actors)
         self.registry = registry
         self.owns_ray = owns_ray
         self.owns_actors = owns_actors  # False when attached to shards another driver started
         self.addresses: list[ShardAddress] = ray.get(registry.shards.remote())
+        self.hot_addresses: list[ShardAddress] = ray.get(registry.shards.remote("hot"))
 
     @property
     def targets(self) -> list[str]:
         return [a.target for a in self.addresses]
 
+    @property
+    def hot_targets(self) -> list[str]:
+        return [a.target for a in self.hot_addresses]
+
     def client(self, **kwargs):
         from memory_service.client import MemoryClient
 
-        return MemoryClient(self.targets, **kwargs)
+        return MemoryClient(self.targets, hot_targets=self.hot_targets, **kwargs)
 
     def shutdown(self) -> None:
         """Stop the gRPC servers and kill the actors if this object started them; stop Ray if it
         started Ray."""
         if self.owns_actors:
+            ray.get([a.stop.remote() for a in self.hot_actors])  # migration stops first
             ray.get([a.stop.remote() for a in self.actors])
-            for actor in [*self.actors, self.registry]:
+            for actor in [*self.hot_actors, *self.actors, self.registry]:
                 ray.kill(actor)
         if self.owns_ray:
             ray.shutdown()
@@ -211,23 +254,37 @@ def init_local_ray(num_cpus: int | None = None) -> bool:
 def launch(config: ClusterConfig, owns_ray: bool = False) -> TableCluster:
     """Start `config.num_shards` shard actors and wait until every one serves gRPC."""
     name = registry_name(config.name)
-    registry = Registry.options(name=name, namespace=NAMESPACE).remote(config.num_shards)
+    registry = Registry.options(name=name, namespace=NAMESPACE).remote(config.num_shards, config.num_hot)
+    shards = config.num_shards + config.num_hot
     actors = [
         ShardActor.options(num_cpus=config.num_cpus_per_shard, resources={config.shard_resource: 1},
                            name=f"engram_shard:{config.name}:{i}", namespace=NAMESPACE,
                            runtime_env={"env_vars": SHARD_ENV})
         .remote(i, config.num_shards, config.host, config.port, name, config.metrics_port,
-                config.name, config.num_shards)
+                config.name, shards, track_accesses=config.num_hot > 0)
         for i in range(config.num_shards)
     ]
-    ray.get([a.get_address.remote() for a in actors])  # raises here if a shard failed to start
-    return TableCluster(config, actors, registry, owns_ray)
+    cold = ray.get([a.get_address.remote() for a in actors])  # raises here if a shard failed to start
+    gpus = ray.cluster_resources().get("GPU", 0) >= config.num_hot > 0
+    migration = dict(cold_targets=[a.target for a in cold], capacity=config.hot_rows,
+                     policy=config.placement, interval_s=config.migrate_interval_s)
+    hot_actors = [
+        ShardActor.options(num_cpus=config.num_cpus_per_shard, num_gpus=1 if gpus else 0,
+                           resources={config.shard_resource: 1}, name=f"engram_hot:{config.name}:{i}",
+                           namespace=NAMESPACE, runtime_env={"env_vars": SHARD_ENV})
+        .remote(i, config.num_hot, config.host, config.port, name, config.metrics_port, config.name, shards,
+                role="hot", track_accesses=True, migration=migration)
+        for i in range(config.num_hot)
+    ]
+    ray.get([a.get_address.remote() for a in hot_actors])
+    return TableCluster(config, actors, registry, owns_ray, hot_actors=hot_actors)
 
 
-def start_local(num_shards: int = 2, **kwargs) -> TableCluster:
-    """Embedded default: a local Ray cluster started on demand, with `num_shards` shards."""
+def start_local(num_shards: int = 2, num_hot: int = 1, **kwargs) -> TableCluster:
+    """Embedded default: a local Ray cluster started on demand, with `num_shards` cold shards and
+    `num_hot` hot shards."""
     owns_ray = init_local_ray()
-    return launch(ClusterConfig(num_shards=num_shards, **kwargs), owns_ray=owns_ray)
+    return launch(ClusterConfig(num_shards=num_shards, num_hot=num_hot, **kwargs), owns_ray=owns_ray)
 
 
 def connect(address: str, num_shards: int | None = None, **kwargs) -> TableCluster:
@@ -248,4 +305,11 @@ def connect(address: str, num_shards: int | None = None, **kwargs) -> TableClust
             raise TimeoutError(f"only some of {expected} shards of cluster {config.name!r} registered in 60 s")
         time.sleep(0.2)
     actors = [ray.get_actor(f"engram_shard:{config.name}:{i}", namespace=NAMESPACE) for i in range(expected)]
-    return TableCluster(ClusterConfig(num_shards=expected, **kwargs), actors, registry, owns_ray, owns_actors=False)
+    num_hot = ray.get(registry.get_num_hot.remote())
+    while len(ray.get(registry.shards.remote("hot"))) < num_hot:
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"only some of {num_hot} hot shards of cluster {config.name!r} registered in 60 s")
+        time.sleep(0.2)
+    hot = [ray.get_actor(f"engram_hot:{config.name}:{i}", namespace=NAMESPACE) for i in range(num_hot)]
+    return TableCluster(replace(config, num_shards=expected, num_hot=num_hot), actors, registry, owns_ray,
+                        owns_actors=False, hot_actors=hot)

@@ -36,3 +36,38 @@ class Policy(ABC):
         """(admit, evict): distinct ids not in `resident` (sorted distinct ids now in the tier) to
         bring in, and ids of `resident` to move out, so that len(resident) - len(evict) +
         len(admit) <= capacity; at most `max_moves` admissions when given."""
+
+
+class LFUPolicy(Policy):
+    """Plain LFU: exact read counts; keeps the `capacity` most-read rows seen."""
+
+    def __init__(self, capacity: int) -> None:
+        super().__init__(capacity)
+        self._counts: dict[int, int] = {}
+
+    def record(self, ids: np.ndarray) -> None:
+        for i in np.asarray(ids, np.int64).tolist():
+            self._counts[i] = self._counts.get(i, 0) + 1
+
+    def plan(self, resident: np.ndarray, max_moves: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+        if not self._counts:
+            return np.empty(0, np.int64), np.empty(0, np.int64)
+        ids = np.fromiter(self._counts.keys(), np.int64, len(self._counts))
+        counts = np.fromiter(self._counts.values(), np.int64, len(self._counts))
+        best = ids[np.argsort(-counts, kind="stable")[:self.capacity]]
+        admit = np.setdiff1d(best, resident)
+        if max_moves is not None:
+            admit = admit[:max_moves]
+        keep = np.union1d(np.intersect1d(resident, best), admit)
+        evict = np.setdiff1d(resident, keep)
+        overflow = len(keep) - self.capacity
+        if overflow > 0:
+            admit = admit[:len(admit) - overflow]
+        return admit, evict
+
+
+def make_policy(name: str, capacity: int) -> Policy:
+    """A policy by name: "lfu" (and, until the tuned policies land, "engram" = lfu)."""
+    if name in ("lfu", "engram"):
+        return LFUPolicy(capacity)
+    raise ValueError(f"unknown placement policy {name!r}")

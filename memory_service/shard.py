@@ -263,6 +263,12 @@ class Shard:
             self._tables[name].import_rows(records)
             self.homes.arrive(name, ids, version)
 
+    def table_state(self, name: str) -> dict[str, np.ndarray]:
+        """The table's written rows on this shard with their optimizer state and last step, and its
+        step log (TableStore.state_dict): what a checkpoint or an exactness check reads."""
+        with self._lock:
+            return self._store(name).state_dict()
+
     def state_width(self, name: str) -> int:
         """Optimizer-state values per row of table `name`."""
         with self._lock:

@@ -21,13 +21,14 @@ def ray_session():
 
 @pytest.fixture(scope="session")
 def make_cluster(ray_session):
-    """Factory: make_cluster(num_shards) -> a TableCluster, shut down at the end of the session."""
+    """Factory: make_cluster(num_shards, **ClusterConfig fields) -> a TableCluster, shut down at
+    the end of the session."""
     from memory_service.cluster import ClusterConfig, launch
 
     clusters = []
 
-    def make(num_shards: int):
-        cluster = launch(ClusterConfig(num_shards=num_shards, name=f"test{next(_names)}"))
+    def make(num_shards: int, **kwargs):
+        cluster = launch(ClusterConfig(num_shards=num_shards, name=f"test{next(_names)}", **kwargs))
         clusters.append(cluster)
         return cluster
 

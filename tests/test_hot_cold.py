@@ -1,0 +1,59 @@
+"""Hot and cold shards: rows migrate between 1 hot and 2 cold shards as reads shift, and the
+tables end exactly as all-DRAM shards given the same pushes would hold them, every fetch along the
+way seeing the current rows."""
+import numpy as np
+import pytest
+import ray
+
+from memory_service.config import OptimizerConfig, TableConfig
+from memory_service.shard import Shard, TablePush
+
+pytestmark = pytest.mark.slow
+
+WIDTH = 8
+TABLE = TableConfig("hc", 5000, WIDTH, init_scale=0.1, seed=4,
+                    optimizer=OptimizerConfig("adam", lr=0.01, beta1=0.9, beta2=0.95))
+
+
+def merged_state(cluster, name: str) -> dict[int, tuple]:
+    """id -> (row, state, last) over every shard, cold and hot (each row in exactly one)."""
+    out = {}
+    for actor in [*cluster.actors, *cluster.hot_actors]:
+        state = ray.get(actor.table_state.remote(name))
+        for i, row_id in enumerate(state["ids"].tolist()):
+            assert row_id not in out, f"row {row_id} held by two shards"
+            out[row_id] = (state["rows"][i], state["state"][i], state["last"][i])
+    return out
+
+
+def test_migrating_rows_stay_exact(make_cluster):
+    cluster = make_cluster(2, num_hot=1, hot_rows=64, migrate_interval_s=0.005)
+    reference = Shard(0, 1)
+    reference.create_table(TABLE)
+    rng = np.random.default_rng(0)
+    hot_sets = [rng.choice(5000, 300, replace=False) for _ in range(4)]  # the popular rows shift
+    with cluster.client() as client:
+        client.create_table(TABLE)
+        for step in range(1, 61):
+            popular = hot_sets[(step // 15) % 4]
+            ids = np.unique(np.r_[rng.choice(popular, 200), rng.integers(0, 5000, 50)])
+            got = client.fetch({"hc": ids}, min_step=step - 1)["hc"].numpy()
+            np.testing.assert_array_equal(got, reference.fetch({"hc": ids})["hc"], err_msg=f"step {step}")
+            grads = rng.normal(size=(len(ids), WIDTH)).astype(np.float32)
+            client.push({"hc": (ids, grads)}, step=step, lr=0.01 * (1 + step % 3))
+            reference.push("ref", {"hc": TablePush(step, ids, grads, lr=0.01 * (1 + step % 3))})
+        ray.get(cluster.hot_actors[0].stop_migration.remote())  # rows hold still while we read them all
+        counters = ray.get(cluster.hot_actors[0].migration_counters.remote())
+        refreshes = client.refreshes
+        everything = np.arange(5000)
+        np.testing.assert_array_equal(client.fetch({"hc": everything}, min_step=60)["hc"].numpy(),
+                                      reference.fetch({"hc": everything})["hc"])
+    assert counters["promoted"] > 0 and counters["demoted"] > 0 and not counters["error"], counters
+    assert refreshes > 0
+    state, ref = merged_state(cluster, "hc"), reference.table_state("hc")
+    assert sorted(state) == sorted(ref["ids"].tolist())
+    for i, row_id in enumerate(ref["ids"].tolist()):
+        row, opt, last = state[row_id]
+        np.testing.assert_array_equal(row, ref["rows"][i])
+        np.testing.assert_array_equal(opt, ref["state"][i])
+        assert last == ref["last"][i]
