@@ -304,8 +304,9 @@ class MemoryClient:
              step: int, lr: float | None = None, contributors: int = 1) -> int:
         """Apply gradients {table: (ids (n,), grads (n, width))} as table step `step` with learning
         rate `lr` (None: each table's configured lr) on the shards (duplicate ids summed here
-        first). Every shard hears of every step, with an empty push if none of its rows has a
-        gradient: an adam table catches rows up over steps, and needs each step's lr. With
+        first). Requests refused because rows moved (hot/cold shards) are re-sent to the rows' new
+        homes; then every shard gets the step's commit (an adam table catches rows up over steps
+        and needs each step's lr), and reads see the step from then on. With
         `contributors` K > 1 this is one of K data-parallel workers' parts of the step: the shards
         apply the sum of the K parts once. Returns rows updated (0 for a part that did not
         complete its step)."""
@@ -316,17 +317,13 @@ class MemoryClient:
             summed[name] = torch.zeros(len(route.grouped), g.shape[1]).index_add_(
                 0, torch.from_numpy(route.index), g).numpy()  # (u, width), grouped by shard
         requests = self._requests(routes)
-        shards = [shard for shard, _ in requests]
-        if contributors > 1 and len(shards) != len(set(shards)):
-            raise InvalidArgument(f"a part of a {contributors}-worker step must reach each shard in one request: "
-                                  f"raise max_rows_per_request above {self.max_rows_per_request}")
-        silent = set(range(self.num_shards)) - set(shards)
-        requests += [(shard, [(name, 0, 0) for name in routes]) for shard in sorted(silent)]
+        names = list(routes)
         deadline, backoff, updated = time.monotonic() + self.timeout, 0.001, 0
         while True:
             futures = []
             for shard, chunk in requests:
-                request = memory_pb2.PushRequest(client_id=self.client_id, contributors=contributors, tables=[
+                request = memory_pb2.PushRequest(client_id=self.client_id, contributors=contributors,
+                                                 commit_later=True, tables=[
                     self._grads_message(name, step, lr, routes[name].grouped[start:stop],
                                         summed[name][start:stop])
                     for name, start, stop in chunk])
@@ -343,7 +340,7 @@ class MemoryClient:
                     for name, start, stop in chunk:
                         moved.setdefault(name, []).append((routes[name].grouped[start:stop], summed[name][start:stop]))
             if not moved:
-                return updated
+                return updated + self._commit(names, step, lr, contributors)
             # Re-send only the refused requests' rows, to their homes now: the others applied.
             time.sleep(backoff)
             backoff = min(2 * backoff, 0.05)
@@ -354,6 +351,13 @@ class MemoryClient:
                 summed[name] = np.empty((len(route.grouped), self.table(name).width), np.float32)
                 summed[name][route.index] = np.concatenate([g for _, g in parts])
             requests = [r for r in self._requests(routes) if any(stop > start for _, start, stop in r[1])]
+
+    def _commit(self, names: list[str], step: int, lr: float | None, contributors: int) -> int:
+        """Tells every shard that step `step` of the tables is complete (all requests landed)."""
+        request = memory_pb2.CommitStepRequest(
+            client_id=self.client_id, contributors=contributors,
+            tables=[memory_pb2.TableStep(table=name, step=step, lr=lr or 0.0) for name in names])
+        return sum(r.rows_updated for r in self._all(lambda stub: self._call(stub.CommitStep, request)))
 
     def _grads_message(self, name: str, step: int, lr: float | None, ids: np.ndarray, grads: np.ndarray):
         cfg = self.table(name)

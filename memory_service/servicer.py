@@ -178,8 +178,20 @@ class MemoryServicer(memory_pb2_grpc.MemoryServiceServicer):
         for msg in request.tables:
             _check_once(pushes, msg.table, "push")
             pushes[msg.table] = _decode_push(msg, self.shard.describe_table(msg.table))
-        rows_updated = self.shard.push(request.client_id, pushes, max(1, request.contributors))
+        rows_updated = self.shard.push(request.client_id, pushes, max(1, request.contributors),
+                                       commit=not request.commit_later)
         return memory_pb2.PushResponse(rows_updated=rows_updated)
+
+    @_maps_errors
+    def CommitStep(self, request, context):
+        if not request.client_id:
+            raise InvalidArgument("commit: client_id must be non-empty")
+        steps = {}
+        for msg in request.tables:
+            _check_once(steps, msg.table, "commit")
+            steps[msg.table] = (msg.step, msg.lr or None)
+        updated = self.shard.commit(request.client_id, steps, max(1, request.contributors))
+        return memory_pb2.CommitStepResponse(rows_updated=updated)
 
     @_maps_errors
     def Stats(self, request, context):
@@ -191,7 +203,8 @@ class MemoryServicer(memory_pb2_grpc.MemoryServiceServicer):
                            uptime_s=self.metrics.uptime_s,
                            counters=dataclasses.replace(self.shard.counters),
                            fetch=self.metrics.window("fetch"), push=self.metrics.window("push"),
-                           tables=self.shard.usage(), metrics_port=self.metrics_port)
+                           tables=self.shard.usage(), metrics_port=self.metrics_port,
+                           role=self.shard.homes.role)
 
 
 def _wait_budget(context) -> float:

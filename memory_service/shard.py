@@ -125,6 +125,7 @@ class Shard:
         self.counters = ShardCounters()
         self._tables: dict[str, TableStore] = {}
         self._parts: dict[tuple[str, int], _Parts] = {}  # (table, step) -> parts held so far
+        self._commits: dict[tuple[str, int], set[str]] = {}  # (table, step) -> clients that committed it
         self._collisions: dict[str, CollisionSketch] = {}  # tables with collision stats on
         self._lock = threading.Lock()
         self._stepped = threading.Condition(self._lock)  # notified when a table's step advances
@@ -154,6 +155,7 @@ class Shard:
             self.homes.drop(name)
             self._accesses.pop(name, None)
             self._parts = {key: parts for key, parts in self._parts.items() if key[0] != name}
+            self._commits = {key: c for key, c in self._commits.items() if key[0] != name}
             self._stepped.notify_all()  # fetches waiting on it answer NOT_FOUND
 
     def list_tables(self) -> list[str]:
@@ -168,12 +170,12 @@ class Shard:
             checked = {name: self._checked_ids(name, ids) for name, ids in requests.items()}
             if min_step > 0:
                 for name, ids in checked.items():  # a look-ahead read: placement may act on it now
-                    if self.track_accesses and self._tables[name].step < min_step:
+                    if self.track_accesses and self._tables[name].committed < min_step:
                         self._accesses.setdefault(name, _Accesses()).expect(ids)
-                reached = lambda: all(name not in self._tables or self._tables[name].step >= min_step
+                reached = lambda: all(name not in self._tables or self._tables[name].committed >= min_step
                                       for name in checked)
                 if not self._stepped.wait_for(reached, timeout):
-                    steps = {name: self._store(name).step for name in checked}
+                    steps = {name: self._store(name).committed for name in checked}
                     raise StepNotReached(f"fetch waited {timeout:.1f} s for step {min_step}; tables are at {steps}")
                 for name in checked:
                     self._store(name)  # dropped while this fetch waited
@@ -186,35 +188,72 @@ class Shard:
                     self._accesses.setdefault(name, _Accesses()).record(ids)
             return {name: self._tables[name].read(ids) for name, ids in checked.items()}
 
-    def push(self, client_id: str, pushes: dict[str, TablePush], contributors: int = 1) -> int:
+    def push(self, client_id: str, pushes: dict[str, TablePush], contributors: int = 1,
+             commit: bool = True) -> int:
         """Applies each table's gradients at its step; returns the number of distinct rows updated.
 
-        With `contributors` K > 1 this is one worker's part of the step: parts are held until K
-        distinct `client_id`s sent theirs, then their sum is applied once. Otherwise `client_id`
-        names the sender for logs and metrics; updates do not depend on it.
+        With `commit` the step is complete at once: fetches waiting for it are answered. Without,
+        the sender commits it (`commit`) after all its requests of the step arrived — several
+        requests per shard when rows moved under it — and only then do reads see the step.
+        With `contributors` K > 1 this is one worker's part of the step: parts are held and their
+        sum applied once, when K distinct `client_id`s sent (with `commit`) or committed (without)
+        theirs. Otherwise `client_id` names the sender for logs and metrics.
         """
         if not 1 <= contributors <= 65536:
             raise InvalidArgument(f"contributors {contributors} must be in [1, 65536]")
         with self._lock:
             checked = {name: self._checked_push(name, p) for name, p in pushes.items()}
             if contributors > 1:
-                checked = self._add_parts(client_id, checked, pushes, contributors)
+                checked = self._add_parts(client_id, checked, pushes, contributors, finish=commit)
             self.counters.push_requests += 1
             self.counters.push_rows += sum(len(p.ids) for p in pushes.values())  # repeats counted
             num_updated = 0
             for name, (step, ids, grads) in checked.items():
                 store = self._tables[name]
                 if len(ids):
-                    store.update(ids, grads, step, pushes[name].lr)  # logs the step, then updates
+                    store.update(ids, grads, step, pushes[name].lr, commit)  # logs the step, then updates
                     num_updated += len(ids)
                 else:
                     store.record_step(step, pushes[name].lr)  # an empty push still logs its lr
+                if commit:
+                    store.commit(step, pushes[name].lr)
             self._stepped.notify_all()
             return num_updated
 
-    def _add_parts(self, client_id: str, checked: dict, pushes: dict[str, TablePush], contributors: int) -> dict:
+    def commit(self, client_id: str, steps: dict[str, tuple[int, float | None]], contributors: int = 1) -> int:
+        """Step `step` of each table {name: (step, lr)} is complete for `client_id`: every one of
+        its requests of the step arrived. With K > 1 contributors, the K-th distinct client's commit
+        applies the sum of the parts held. Returns rows updated."""
+        if not 1 <= contributors <= 65536:
+            raise InvalidArgument(f"contributors {contributors} must be in [1, 65536]")
+        with self._lock:
+            for name, (step, lr) in steps.items():
+                self._store(name).optimizer.checked_lr(step, lr)  # before any change
+                if contributors > 1 and client_id in self._commits.get((name, step), ()):
+                    raise InvalidArgument(f"table {name!r} step {step}: client {client_id!r} already committed")
+            updated = 0
+            for name, (step, lr) in steps.items():
+                store = self._tables[name]
+                if contributors > 1:
+                    committed = self._commits.setdefault((name, step), set())
+                    committed.add(client_id)
+                    if len(committed) < contributors:
+                        continue
+                    del self._commits[(name, step)]
+                    parts = self._parts.pop((name, step), None)
+                    if parts is not None and parts.ids:
+                        ids, grads = _sum_duplicates(np.concatenate(parts.ids), np.concatenate(parts.grads))
+                        store.update(ids, grads, step, lr, commit=False)
+                        updated += len(ids)
+                store.commit(step, lr)
+            self._stepped.notify_all()
+            return updated
+
+    def _add_parts(self, client_id: str, checked: dict, pushes: dict[str, TablePush], contributors: int,
+                   finish: bool = True) -> dict:
         """Holds each table's part; returns {table: (step, ids, summed grads)} of the steps whose
-        K-th part this is. Checks every table before holding any part."""
+        K-th part this is (with `finish`; without, a client may send several requests of its
+        part, and its commit counts instead). Checks every table before holding any part."""
         for name, (step, _, _) in checked.items():
             parts = self._parts.get((name, step))
             if parts is None:
@@ -225,7 +264,7 @@ class Shard:
             if parts.lr != pushes[name].lr:
                 raise InvalidArgument(f"table {name!r} step {step}: lr {pushes[name].lr} differs from "
                                       f"the earlier parts' {parts.lr}")
-            if client_id in parts.clients:
+            if finish and client_id in parts.clients:
                 raise InvalidArgument(f"table {name!r} step {step}: client {client_id!r} already sent its part")
         complete = {}
         for name, (step, ids, grads) in checked.items():
@@ -233,7 +272,7 @@ class Shard:
             parts.clients.add(client_id)
             parts.ids.append(ids)
             parts.grads.append(grads)
-            if len(parts.clients) == contributors:
+            if finish and len(parts.clients) == contributors:
                 del self._parts[(name, step)]
                 ids, grads = _sum_duplicates(np.concatenate(parts.ids), np.concatenate(parts.grads))
                 try:

@@ -92,6 +92,7 @@ class TableStore:
         self._rows = np.empty((0, cfg.width), dtype=np.float32)  # (cap, width)
         self._state = np.empty((0, self._state_width), dtype=np.float32)  # (cap, state_width)
         self._last = np.empty(0, dtype=np.int64)  # (cap,) step each row was last brought up to date
+        self.committed = 0  # the last complete step: reads are brought up to it
         self.optimizer_rows = 0  # rows the optimizer processed: updated, or caught up on a read
         self.rows_read = 0  # ids read since start
         self.hits = 0  # of those, ids found stored (the rest were computed from the seed)
@@ -100,6 +101,15 @@ class TableStore:
     def step(self) -> int:
         """The largest table step pushed so far (0 before any push)."""
         return self.optimizer.step
+
+    def commit(self, step: int, lr: float | None) -> None:
+        """Step `step` is complete: every gradient of it arrived. Reads see it (rows are caught up
+        to it) from now on; logs the step with `lr` if no push did."""
+        if step > self.step:
+            self.record_step(step, lr)
+        else:
+            self.optimizer.checked_lr(step, lr)
+        self.committed = max(self.committed, step)
 
     @property
     def num_materialized(self) -> int:
@@ -150,10 +160,14 @@ class TableStore:
         """Logs table `step` and its learning rate (a push, possibly empty, arrived for it)."""
         self.optimizer.record_step(step, lr)
 
-    def update(self, ids: np.ndarray, grads: np.ndarray, step: int, lr: float | None = None) -> None:
+    def update(self, ids: np.ndarray, grads: np.ndarray, step: int, lr: float | None = None,
+               commit: bool = True) -> None:
         """Applies the optimizer at table `step` with learning rate `lr` (None: the configured one)
-        to distinct `ids` (n,) with `grads` (n, width)."""
+        to distinct `ids` (n,) with `grads` (n, width); with `commit`, the step is complete (see
+        `commit`), else more of its gradients may come."""
         self.record_step(step, lr)
+        if commit:
+            self.committed = max(self.committed, step)
         slots = self._index.lookup(ids)  # (n,)
         missing = slots < 0
         if missing.any():
@@ -165,11 +179,11 @@ class TableStore:
 
     def _catch_up(self, slots: np.ndarray) -> None:
         """Brings the rows at `slots` (n,) (repeats allowed) up to the table's step."""
-        behind = np.unique(slots[self._last[slots] < self.step])  # (m,)
+        behind = np.unique(slots[self._last[slots] < self.committed])  # (m,)
         if not behind.size:
             return
         rows, state, last = self._rows[behind], self._state[behind], self._last[behind]
-        self.optimizer.catch_up(rows, state, last, self.step)
+        self.optimizer.catch_up(rows, state, last, self.committed)
         self._rows[behind], self._state[behind], self._last[behind] = rows, state, last
         self.optimizer_rows += behind.size
 
@@ -251,4 +265,5 @@ class TableStore:
         store._ids[:n], store._rows[:n] = state["ids"], state["rows"]
         store._state[:n], store._last[:n] = state["state"], state["last"]
         store._index.insert(store._ids[:n], np.arange(n, dtype=np.int64))
+        store.committed = store.step
         return store

@@ -68,6 +68,7 @@ class ShardReport:
     push: RpcWindow
     tables: tuple[TableUsage, ...]  # sorted by name
     metrics_port: int = 0
+    role: str = "cold"  # "hot": shard_id / num_shards count the hot shards
 
     @property
     def load(self) -> int:

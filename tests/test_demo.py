@@ -19,9 +19,9 @@ def test_demo_runs_end_to_end(ray_session, corpus_dir, tmp_path, capsys, monkeyp
     assert "held-out loss after 4 steps: Engram" in printed and "baseline" in printed
     assert "rows read from the service" in printed
     lines = printed.splitlines()
-    header = next(i for i, line in enumerate(lines) if line.startswith("shard  fetches"))
-    shard_rows = [line.split() for line in lines[header + 1:header + 3]]
-    assert [int(r[0]) for r in shard_rows] == [0, 1]
-    assert all(int(r[3].replace(",", "")) == 4 for r in shard_rows)  # 4 steps pushed to each shard
+    header = next(i for i, line in enumerate(lines) if line.startswith("shard   step"))
+    shard_rows = [line.split() for line in lines[header + 1:header + 4]]
+    assert [r[:2] for r in shard_rows] == [["cold", "0"], ["cold", "1"], ["hot", "0"]]  # the embedded default
+    assert all(int(r[2]) == 4 for r in shard_rows)  # every shard took the 4 steps
     assert (out / "model.pt").exists()
     assert (out / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -24,22 +24,28 @@ def remote_rows(client, prefix: str, sizes: dict[int, list[int]], step: int) -> 
             for layer, s in sizes.items()}
 
 
-def test_training_through_the_service_equals_local_training(make_cluster, corpus_dir, tmp_path):
-    """50 steps on 2 shards, sparse Adam at 5x, prefetch and look-ahead on, exact mode: every
-    loss and the final rows equal in-process training's."""
+@pytest.mark.parametrize("num_hot", [0, 1], ids=["cold", "hot+cold"])
+def test_training_through_the_service_equals_local_training(make_cluster, corpus_dir, tmp_path, num_hot):
+    """50 steps on 2 shards (and a hot shard whose small capacity keeps rows migrating), sparse
+    Adam at 5x, prefetch and look-ahead on, exact mode: every loss and the final rows equal
+    in-process training's."""
     cfg = replace(small_train_config(corpus_dir, tmp_path), steps=50, warmup_steps=5,
                   table_optimizer="sparse_adam", table_lr_mult=5.0, threads=1)
     corpus = Corpus.load(cfg.corpus)
-    cluster = make_cluster(2)
+    cluster = make_cluster(2, num_hot=num_hot, hot_rows=128, migrate_interval_s=0.01)
     with cluster.client() as client:
         remote = train(cfg, corpus, client=client, service=ServiceOptions(prefix="equiv", lookahead=True))
         pushes = [c["push_requests"] for c in ray.get([a.counters.remote() for a in cluster.actors])]
+        moves = [ray.get(a.migration_counters.remote()) for a in cluster.hot_actors]
+        for a in cluster.hot_actors:
+            ray.get(a.stop_migration.remote())  # rows hold still while we read them all
         model, indexer, _ = build(cfg, corpus)
         got = remote_rows(client, "equiv", indexer.table_sizes(), step=cfg.steps)
     ckpt = tmp_path / "local.pt"
     local = train(replace(cfg, checkpoint=str(ckpt)), corpus)
 
-    assert pushes == [cfg.steps, cfg.steps]  # each shard took each step's push: no local fallback
+    assert min(pushes) >= cfg.steps  # each cold shard took each step's push: no local fallback
+    assert all(m["promoted"] > 0 and m["demoted"] > 0 and not m["error"] for m in moves), moves
     np.testing.assert_allclose(remote.train_losses, local.train_losses, rtol=1e-5)
     assert remote.val_loss == pytest.approx(local.val_loss, rel=1e-5)
     assert remote.train_losses[-1] < remote.train_losses[0] - 0.5  # it trained

@@ -76,12 +76,14 @@ def sample(client, checkpoint: Path, cfg: DemoConfig) -> str:
 
 def shard_table(stats: list) -> str:
     """Each shard's requests and rows served, and what it stores."""
-    lines = ["shard  fetches  rows fetched  pushes  rows pushed  rows stored      MB"]
+    lines = ["shard   step  fetches  rows fetched  pushes  rows pushed  rows stored      MB"]
     for s in stats:
         stored = sum(t.rows_materialized for t in s.tables)
         mb = sum(t.nbytes for t in s.tables) / 2**20
+        step = max((t.step for t in s.tables), default=0)
         c = s.counters
-        lines.append(f"{s.shard_id:>5}  {c.fetch_requests:>7,}  {c.fetch_rows:>12,}  {c.push_requests:>6,}  "
+        name = f"{s.role or 'cold'} {s.shard_id}"
+        lines.append(f"{name:>6}  {step:>4}  {c.fetch_requests:>7,}  {c.fetch_rows:>12,}  {c.push_requests:>6,}  "
                      f"{c.push_rows:>11,}  {stored:>11,}  {mb:>6.1f}")
     return "\n".join(lines)
 

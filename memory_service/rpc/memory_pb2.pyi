@@ -192,14 +192,42 @@ class TableGrads(_message.Message):
     def __init__(self, table: _Optional[str] = ..., step: _Optional[int] = ..., dtype: _Optional[_Union[DType, str]] = ..., width: _Optional[int] = ..., ids: _Optional[bytes] = ..., grads: _Optional[bytes] = ..., lr: _Optional[float] = ...) -> None: ...
 
 class PushRequest(_message.Message):
+    __slots__ = ("client_id", "tables", "contributors", "commit_later")
+    CLIENT_ID_FIELD_NUMBER: _ClassVar[int]
+    TABLES_FIELD_NUMBER: _ClassVar[int]
+    CONTRIBUTORS_FIELD_NUMBER: _ClassVar[int]
+    COMMIT_LATER_FIELD_NUMBER: _ClassVar[int]
+    client_id: str
+    tables: _containers.RepeatedCompositeFieldContainer[TableGrads]
+    contributors: int
+    commit_later: bool
+    def __init__(self, client_id: _Optional[str] = ..., tables: _Optional[_Iterable[_Union[TableGrads, _Mapping]]] = ..., contributors: _Optional[int] = ..., commit_later: _Optional[bool] = ...) -> None: ...
+
+class TableStep(_message.Message):
+    __slots__ = ("table", "step", "lr")
+    TABLE_FIELD_NUMBER: _ClassVar[int]
+    STEP_FIELD_NUMBER: _ClassVar[int]
+    LR_FIELD_NUMBER: _ClassVar[int]
+    table: str
+    step: int
+    lr: float
+    def __init__(self, table: _Optional[str] = ..., step: _Optional[int] = ..., lr: _Optional[float] = ...) -> None: ...
+
+class CommitStepRequest(_message.Message):
     __slots__ = ("client_id", "tables", "contributors")
     CLIENT_ID_FIELD_NUMBER: _ClassVar[int]
     TABLES_FIELD_NUMBER: _ClassVar[int]
     CONTRIBUTORS_FIELD_NUMBER: _ClassVar[int]
     client_id: str
-    tables: _containers.RepeatedCompositeFieldContainer[TableGrads]
+    tables: _containers.RepeatedCompositeFieldContainer[TableStep]
     contributors: int
-    def __init__(self, client_id: _Optional[str] = ..., tables: _Optional[_Iterable[_Union[TableGrads, _Mapping]]] = ..., contributors: _Optional[int] = ...) -> None: ...
+    def __init__(self, client_id: _Optional[str] = ..., tables: _Optional[_Iterable[_Union[TableStep, _Mapping]]] = ..., contributors: _Optional[int] = ...) -> None: ...
+
+class CommitStepResponse(_message.Message):
+    __slots__ = ("rows_updated",)
+    ROWS_UPDATED_FIELD_NUMBER: _ClassVar[int]
+    rows_updated: int
+    def __init__(self, rows_updated: _Optional[int] = ...) -> None: ...
 
 class PushResponse(_message.Message):
     __slots__ = ("rows_updated",)
@@ -308,7 +336,7 @@ class TableStats(_message.Message):
     def __init__(self, name: _Optional[str] = ..., num_rows: _Optional[int] = ..., width: _Optional[int] = ..., step: _Optional[int] = ..., rows_materialized: _Optional[int] = ..., nbytes: _Optional[int] = ..., optimizer_rows: _Optional[int] = ..., tiers: _Optional[_Iterable[_Union[TierStats, _Mapping]]] = ..., optimizer_state_bytes: _Optional[int] = ..., rows_read: _Optional[int] = ..., collisions: _Optional[_Union[CollisionStats, _Mapping]] = ...) -> None: ...
 
 class StatsResponse(_message.Message):
-    __slots__ = ("shard_id", "num_shards", "counters", "tables", "fetch", "push", "uptime_seconds", "metrics_port")
+    __slots__ = ("shard_id", "num_shards", "counters", "tables", "fetch", "push", "uptime_seconds", "metrics_port", "role")
     SHARD_ID_FIELD_NUMBER: _ClassVar[int]
     NUM_SHARDS_FIELD_NUMBER: _ClassVar[int]
     COUNTERS_FIELD_NUMBER: _ClassVar[int]
@@ -317,6 +345,7 @@ class StatsResponse(_message.Message):
     PUSH_FIELD_NUMBER: _ClassVar[int]
     UPTIME_SECONDS_FIELD_NUMBER: _ClassVar[int]
     METRICS_PORT_FIELD_NUMBER: _ClassVar[int]
+    ROLE_FIELD_NUMBER: _ClassVar[int]
     shard_id: int
     num_shards: int
     counters: ShardCounters
@@ -325,7 +354,8 @@ class StatsResponse(_message.Message):
     push: RpcStats
     uptime_seconds: float
     metrics_port: int
-    def __init__(self, shard_id: _Optional[int] = ..., num_shards: _Optional[int] = ..., counters: _Optional[_Union[ShardCounters, _Mapping]] = ..., tables: _Optional[_Iterable[_Union[TableStats, _Mapping]]] = ..., fetch: _Optional[_Union[RpcStats, _Mapping]] = ..., push: _Optional[_Union[RpcStats, _Mapping]] = ..., uptime_seconds: _Optional[float] = ..., metrics_port: _Optional[int] = ...) -> None: ...
+    role: str
+    def __init__(self, shard_id: _Optional[int] = ..., num_shards: _Optional[int] = ..., counters: _Optional[_Union[ShardCounters, _Mapping]] = ..., tables: _Optional[_Iterable[_Union[TableStats, _Mapping]]] = ..., fetch: _Optional[_Union[RpcStats, _Mapping]] = ..., push: _Optional[_Union[RpcStats, _Mapping]] = ..., uptime_seconds: _Optional[float] = ..., metrics_port: _Optional[int] = ..., role: _Optional[str] = ...) -> None: ...
 
 class ExportRowsRequest(_message.Message):
     __slots__ = ("table", "ids", "version")

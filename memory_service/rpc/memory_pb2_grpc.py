@@ -65,6 +65,11 @@ class MemoryServiceStub:
                 request_serializer=engram__memory_dot_v1_dot_memory__pb2.PushRequest.SerializeToString,
                 response_deserializer=engram__memory_dot_v1_dot_memory__pb2.PushResponse.FromString,
                 _registered_method=True)
+        self.CommitStep = channel.unary_unary(
+                '/engram_memory.v1.MemoryService/CommitStep',
+                request_serializer=engram__memory_dot_v1_dot_memory__pb2.CommitStepRequest.SerializeToString,
+                response_deserializer=engram__memory_dot_v1_dot_memory__pb2.CommitStepResponse.FromString,
+                _registered_method=True)
         self.Stats = channel.unary_unary(
                 '/engram_memory.v1.MemoryService/Stats',
                 request_serializer=engram__memory_dot_v1_dot_memory__pb2.StatsRequest.SerializeToString,
@@ -145,6 +150,15 @@ class MemoryServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def CommitStep(self, request, context):
+        """Completes a step pushed with commit_later on this shard: logs it (with its lr) if no push
+        did, applies the summed parts of K contributors at the K-th commit, and answers the fetches
+        held for it. Every shard gets every step's commit.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def Stats(self, request, context):
         """Returns this shard's identity, request counters, recent request rates and latencies, and
         per-table rows, bytes, tier hits and collision counts.
@@ -220,6 +234,11 @@ def add_MemoryServiceServicer_to_server(servicer, server):
                     servicer.Push,
                     request_deserializer=engram__memory_dot_v1_dot_memory__pb2.PushRequest.FromString,
                     response_serializer=engram__memory_dot_v1_dot_memory__pb2.PushResponse.SerializeToString,
+            ),
+            'CommitStep': grpc.unary_unary_rpc_method_handler(
+                    servicer.CommitStep,
+                    request_deserializer=engram__memory_dot_v1_dot_memory__pb2.CommitStepRequest.FromString,
+                    response_serializer=engram__memory_dot_v1_dot_memory__pb2.CommitStepResponse.SerializeToString,
             ),
             'Stats': grpc.unary_unary_rpc_method_handler(
                     servicer.Stats,
@@ -410,6 +429,33 @@ class MemoryService:
             '/engram_memory.v1.MemoryService/Push',
             engram__memory_dot_v1_dot_memory__pb2.PushRequest.SerializeToString,
             engram__memory_dot_v1_dot_memory__pb2.PushResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CommitStep(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/engram_memory.v1.MemoryService/CommitStep',
+            engram__memory_dot_v1_dot_memory__pb2.CommitStepRequest.SerializeToString,
+            engram__memory_dot_v1_dot_memory__pb2.CommitStepResponse.FromString,
             options,
             channel_credentials,
             insecure,
