@@ -194,6 +194,8 @@ class MemoryClient:
         start_time = time.perf_counter()
         routes = {name: self._route(name, table_ids) for name, table_ids in ids.items()}
         for name, fingerprints in (ngrams or {}).items():
+            if name not in routes:
+                raise InvalidArgument(f"ngrams given for table {name!r}, which this fetch does not read")
             routes[name] = self._with_ngrams(name, routes[name], fingerprints)
         requests = self._requests(routes)  # [(shard, [(table, start, stop)])]
         # Layout of every table's distinct rows, shards side by side: one gather makes the result.

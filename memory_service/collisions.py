@@ -177,6 +177,29 @@ class _SampledSlot:
         self.saturated = False
 
 
+@dataclass
+class _SampleTotals:
+    """Sums over the sampled slots."""
+
+    lookups: int = 0
+    colliding: int = 0  # lookups of slots holding >= 2 distinct N-grams
+    distinct: int = 0
+    max_distinct: int = 0
+    saturated: int = 0
+
+    @classmethod
+    def of(cls, slots) -> "_SampleTotals":
+        totals = cls()
+        for e in slots:
+            d = len(e.fingerprints)
+            totals.lookups += e.lookups
+            totals.colliding += e.lookups if d >= 2 else 0
+            totals.distinct += d
+            totals.max_distinct = max(totals.max_distinct, d)
+            totals.saturated += e.saturated
+        return totals
+
+
 class CollisionSketch:
     """Lookup registers and a slot sample of one table on one shard (see the module docstring).
     Thread-safe: fetches record from gRPC's thread pool."""
@@ -184,11 +207,11 @@ class CollisionSketch:
     def __init__(self, sample_rate: float, max_tracked_slots: int = MAX_TRACKED_SLOTS,
                  max_sampled_slots: int = MAX_SAMPLED_SLOTS,
                  max_ngrams_per_slot: int = MAX_NGRAMS_PER_SLOT) -> None:
-        for name, value in (("max_tracked_slots", max_tracked_slots),
-                            ("max_sampled_slots", max_sampled_slots),
-                            ("max_ngrams_per_slot", max_ngrams_per_slot)):
-            if value < 1:
-                raise ValueError(f"{name} {value} must be >= 1")
+        for name, value, least in (("max_tracked_slots", max_tracked_slots, 1),
+                                   ("max_sampled_slots", max_sampled_slots, 1),
+                                   ("max_ngrams_per_slot", max_ngrams_per_slot, 2)):
+            if value < least:
+                raise ValueError(f"{name} {value} must be >= {least}")
         self.threshold = sample_threshold(sample_rate)
         self.max_tracked_slots = max_tracked_slots
         self.max_sampled_slots = max_sampled_slots
@@ -199,6 +222,9 @@ class CollisionSketch:
         self._mixed = np.empty(0, dtype=bool)  # (cap,) >= 2 distinct N-grams seen
         self._exact = True
         self._sampled: dict[int, _SampledSlot] = {}
+        # The sample's totals, kept as it grows so that `counts` (every Stats call and scrape) does
+        # not walk up to max_sampled_slots Python objects; recounted when the rate halves.
+        self._totals = _SampleTotals()
         self._lock = threading.Lock()
 
     @property
@@ -241,16 +267,25 @@ class CollisionSketch:
 
     def _update_sample(self, ids: np.ndarray, fingerprints: np.ndarray, lookups: np.ndarray) -> None:
         keep = is_sampled(ids, self.threshold)  # the client may sample at a rate we halved
+        totals = self._totals
         for slot, fp, n in zip(ids[keep].tolist(), fingerprints[keep].tolist(), lookups[keep].tolist()):
             entry = self._sampled.get(slot)
             if entry is None:
                 entry = self._sampled[slot] = _SampledSlot()
+            before = len(entry.fingerprints)
             entry.lookups += n
             if fp not in entry.fingerprints:
-                if len(entry.fingerprints) < self.max_ngrams_per_slot:
+                if before < self.max_ngrams_per_slot:
                     entry.fingerprints.add(fp)
-                else:
+                elif not entry.saturated:
                     entry.saturated = True
+                    totals.saturated += 1
+            after = len(entry.fingerprints)
+            totals.lookups += n
+            totals.distinct += after - before
+            totals.max_distinct = max(totals.max_distinct, after)
+            if after >= 2:  # a slot turning shared brings the lookups it had so far
+                totals.colliding += n if before >= 2 else entry.lookups
         while len(self._sampled) > self.max_sampled_slots:
             self._halve_sample()
 
@@ -260,21 +295,19 @@ class CollisionSketch:
         slots = np.fromiter(self._sampled, dtype=np.int64, count=len(self._sampled))
         for slot in slots[~is_sampled(slots, self.threshold)].tolist():
             del self._sampled[slot]
+        self._totals = _SampleTotals.of(self._sampled.values())
 
     def counts(self) -> CollisionCounts:
         with self._lock:
             used = self._index.size
             lookups, mixed = self._lookups[:used], self._mixed[:used]
-            sampled = list(self._sampled.values())
-            distinct = [len(e.fingerprints) for e in sampled]
+            t = self._totals
             return CollisionCounts(
                 sample_rate=self.sample_rate, tracked_slots=used, exact=self._exact,
                 lookups=int(lookups.sum()), colliding_lookups=int(lookups[mixed].sum()),
-                sampled_slots_touched=len(sampled), sampled_distinct_ngrams=sum(distinct),
-                sampled_max_distinct=max(distinct, default=0),
-                sampled_lookups=sum(e.lookups for e in sampled),
-                sampled_colliding_lookups=sum(e.lookups for e, d in zip(sampled, distinct) if d >= 2),
-                saturated_slots=sum(e.saturated for e in sampled))
+                sampled_slots_touched=len(self._sampled), sampled_distinct_ngrams=t.distinct,
+                sampled_max_distinct=t.max_distinct, sampled_lookups=t.lookups,
+                sampled_colliding_lookups=t.colliding, saturated_slots=t.saturated)
 
 
 @dataclass(frozen=True)

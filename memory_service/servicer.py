@@ -75,10 +75,10 @@ class MemoryServicer(memory_pb2_grpc.MemoryServiceServicer):
     """Serves one `Shard` over gRPC. gRPC calls it from a thread pool: the Shard's lock
     serialises the requests."""
 
-    def __init__(self, shard: Shard, metrics: ShardMetrics | None = None) -> None:
+    def __init__(self, shard: Shard) -> None:
         self.shard = shard
         self.reply_files = ReplyFiles()
-        self.metrics = metrics or ShardMetrics()
+        self.metrics = ShardMetrics()
         self.metrics_port = 0  # set by serve() once the Prometheus endpoint listens
 
     @_maps_errors

@@ -338,19 +338,22 @@ class Shard:
                 sketch.record(np.asarray(ids, dtype=np.int64), batch)
 
     def usage(self) -> tuple[TableUsage, ...]:
-        """Rows, bytes, reads and collision counts of every table, sorted by name."""
+        """Rows, bytes, reads and collision counts of every table, sorted by name. Collision
+        counts are read after the shard's lock is released (each sketch has its own)."""
         with self._lock:
-            return tuple(self._usage(self._tables[name]) for name in sorted(self._tables))
+            tables = [(self._usage(self._tables[name]), self._collisions.get(name))
+                      for name in sorted(self._tables)]
+        return tuple(usage if sketch is None else dataclasses.replace(usage, collisions=sketch.counts())
+                     for usage, sketch in tables)
 
-    def _usage(self, store: TableStore) -> TableUsage:
+    @staticmethod
+    def _usage(store: TableStore) -> TableUsage:
         cfg, state = store.cfg, store.state_nbytes
-        sketch = self._collisions.get(cfg.name)
         memory = TierUsage(MEMORY_TIER, rows=store.num_materialized, bytes=store.nbytes - state,
                            hits=store.hits)
         return TableUsage(name=cfg.name, num_rows=cfg.num_rows, width=cfg.width, step=store.step,
                           rows_read=store.rows_read, optimizer_rows=store.optimizer_rows,
-                          optimizer_state_bytes=state, tiers=(memory,),
-                          collisions=sketch.counts() if sketch is not None else None)
+                          optimizer_state_bytes=state, tiers=(memory,))
 
     def owns(self, ids: np.ndarray) -> bool:
         """Whether every id (n,) lives on this shard."""

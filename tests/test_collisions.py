@@ -77,6 +77,7 @@ def test_registers_are_exact_across_batches_and_clients():
     assert counts.sampled_distinct_ngrams == sum(len(g) for _, g in sampled.values())
     assert counts.sampled_max_distinct == max(len(g) for _, g in sampled.values())
     assert counts.sampled_lookups == sum(n for n, _ in sampled.values())
+    assert counts.sampled_colliding_lookups == sum(n for n, g in sampled.values() if len(g) >= 2) > 0
 
 
 def test_register_bound_turns_exact_off_and_caps_memory():
@@ -104,15 +105,20 @@ def test_sample_rate_halves_to_a_consistent_subsample():
     assert counts.sampled_slots_touched == len(kept)
     assert counts.sampled_distinct_ngrams == sum(len(g) for _, g in kept.values())
     assert counts.sampled_lookups == sum(n for n, _ in kept.values())
+    assert counts.sampled_colliding_lookups == sum(n for n, g in kept.values() if len(g) >= 2)
+    assert counts.sampled_max_distinct == max(len(g) for _, g in kept.values())
 
 
 def test_saturated_slot_keeps_a_bounded_set():
     sketch = CollisionSketch(sample_rate=1.0, max_ngrams_per_slot=4)
     ids = np.zeros(10, dtype=np.int64)
-    record(sketch, ids, np.arange(10, dtype=np.uint64), sketch.threshold)
+    for _ in range(2):
+        record(sketch, ids, np.arange(10, dtype=np.uint64), sketch.threshold)
     counts = sketch.counts()
     assert counts.sampled_max_distinct == 4 and counts.saturated_slots == 1
-    assert counts.lookups == counts.colliding_lookups == 10
+    assert counts.lookups == counts.colliding_lookups == counts.sampled_colliding_lookups == 20
+    with pytest.raises(ValueError, match="max_ngrams_per_slot 1 must be >= 2"):
+        CollisionSketch(sample_rate=1.0, max_ngrams_per_slot=1)
 
 
 def test_threshold_bounds_and_rate():

@@ -1,0 +1,229 @@
+"""The manifests run: from the cpu-small overlay, derive what each pod would run (the `ray start`
+commands KubeRay builds from rayStartParams for the head and each worker replica, the head's
+`engram serve` sidecar, and the RayJob's entrypoint), run them as separate processes on this
+machine, and read the shards they started, and the training progress the job made, with
+`engram stats`.
+
+The processes share a private network namespace that has only a loopback interface (as the pods
+of a cluster share a network, though each pod has its own namespace there): nothing they open is
+reachable from outside, every address is 127.0.0.1, and the manifests' fixed ports (6379, 50051,
+9464, ...) are free whatever else runs on the host. What differs between pods and processes in one
+namespace is replaced, each replacement asserted to apply (a change to the manifests' form fails
+here rather than slipping through):
+- the head's service name becomes 127.0.0.1 (port kept);
+- the two ports every Ray node opens at a fixed default (the dashboard agent's and the metrics
+  export's) get a distinct value per worker pod: in a cluster each pod has them to itself;
+- volume mount paths (/checkpoints) become a temporary directory;
+- token auth, which KubeRay wires up from a Secret, is off (RAY_AUTH_MODE=disabled).
+Needs util-linux's unshare and nsenter, iproute2's ip, and root or unprivileged user namespaces.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from deploy import manifests
+
+pytestmark = pytest.mark.slow
+OVERLAY = manifests.DEPLOY / "overlays" / "cpu-small"
+BIN = Path(sys.executable).parent  # the image's PATH: ray and engram live here
+READY_S = 180
+
+
+def replace(text: str, old: str, new: str) -> str:
+    assert old in text, f"{old!r} not in {text!r}: the manifests changed form"
+    return text.replace(old, new)
+
+
+class Local:
+    """Maps one pod's commands onto processes in the shared namespace (see the module docstring)."""
+
+    def __init__(self, tmp: Path):
+        self.mounts = {"/checkpoints": str(tmp / "checkpoints")}
+        Path(self.mounts["/checkpoints"]).mkdir()
+
+    def ray_start(self, command: str, node_type: str, index: int) -> str:
+        if node_type == "head":
+            return command
+        command = replace(command, "--dashboard-agent-listen-port=52365",
+                          f"--dashboard-agent-listen-port={52366 + index}")
+        command = replace(command, "--metrics-export-port=8080", f"--metrics-export-port={8081 + index}")
+        return replace(command, "engram-head-svc.default.svc.cluster.local:", "127.0.0.1:")
+
+    def entrypoint(self, command: str) -> str:
+        for path, local in self.mounts.items():
+            command = replace(command, path, local)
+        return command
+
+
+class Network:
+    """A network namespace with only loopback, held open by a sleeping process; `enter(argv)` is
+    argv run inside it."""
+
+    def __init__(self):
+        rootless = os.geteuid() != 0
+        unshare = ["unshare", "--user", "--map-root-user", "--net"] if rootless else ["unshare", "--net"]
+        self.holder = subprocess.Popen(unshare + ["bash", "-c", "ip link set lo up && exec sleep infinity"],
+                                       start_new_session=True)
+        self.prefix = ["nsenter", "-t", str(self.holder.pid)]
+        self.prefix += ["--user", "--net", "--preserve-credentials"] if rootless else ["--net"]
+        deadline = time.monotonic() + 30
+        while not self._loopback_up():
+            assert self.holder.poll() is None and time.monotonic() < deadline, \
+                "could not set up a network namespace (unshare, nsenter and ip are needed)"
+            time.sleep(0.2)
+
+    def _loopback_up(self) -> bool:
+        shown = subprocess.run(self.enter(["ip", "link", "show", "lo", "up"]), capture_output=True)
+        return b"UP" in shown.stdout
+
+    def enter(self, argv: list[str]) -> list[str]:
+        return [*self.prefix, "--", *argv]
+
+    def close(self) -> None:
+        self.holder.kill()
+        self.holder.wait(timeout=10)
+
+
+class Processes:
+    """Processes started inside the network, each in a session of its own, all ended by their ids
+    at the end."""
+
+    def __init__(self, network: Network, logs: Path, env: dict[str, str]):
+        self.network, self.logs, self.env, self.procs = network, logs, env, []
+
+    def start(self, name: str, argv: list[str], extra_env: dict[str, str] | None = None) -> None:
+        with open(self.logs / f"{name}.log", "w") as log:
+            proc = subprocess.Popen(self.network.enter(argv), stdout=log, stderr=subprocess.STDOUT,
+                                    start_new_session=True, env={**self.env, **(extra_env or {})})
+        self.procs.append((name, proc))
+
+    def run(self, argv: list[str], timeout: float = 180, **env) -> subprocess.CompletedProcess:
+        return subprocess.run(self.network.enter(argv), capture_output=True, text=True,
+                              timeout=timeout, env={**self.env, **env})
+
+    def log(self, name: str) -> str:
+        return (self.logs / f"{name}.log").read_text()
+
+    def stop(self) -> None:
+        """SIGTERM each session, newest first (the tables' driver before Ray), then SIGKILL
+        whatever is left of those sessions, found by session id."""
+        for _, proc in reversed(self.procs):
+            _signal_session(proc.pid, signal.SIGTERM)
+            try:
+                proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                pass
+        for _, proc in self.procs:
+            _signal_session(proc.pid, signal.SIGKILL)
+            proc.wait(timeout=20)
+
+
+def _signal_session(sid: int, sig: int) -> None:
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue
+        if int(fields[3]) == sid:  # field 6 of /proc/<pid>/stat: the session id
+            try:
+                os.kill(int(stat.parent.name), sig)
+            except ProcessLookupError:
+                pass
+
+
+def wait_for(check, what: str, procs: Processes, timeout: float = READY_S):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if result := check():
+            return result
+        time.sleep(1)
+    logs = "\n".join(f"--- {name}\n{procs.log(name)[-3000:]}" for name, _ in procs.procs)
+    raise AssertionError(f"timed out waiting for {what}\n{logs}")
+
+
+def engram_stats(procs: Processes, name: str) -> dict:
+    out = procs.run(["engram", "stats", "--address", f"127.0.0.1:{manifests.HEAD_PORT}", "--name", name, "--json"])
+    assert out.returncode == 0, out.stderr
+    return json.loads(out.stdout)
+
+
+def shard_nodes(procs: Processes) -> list[dict]:
+    """The Ray resources of the node each shard actor runs on."""
+    script = (
+        "import json, ray\n"
+        f"ray.init(address='127.0.0.1:{manifests.HEAD_PORT}', log_to_driver=False)\n"
+        "from ray.util.state import list_actors\n"
+        "nodes = {n['NodeID']: n['Resources'] for n in ray.nodes() if n['Alive']}\n"
+        "actors = list_actors(filters=[('class_name', '=', 'ShardActor'), ('state', '=', 'ALIVE')])\n"
+        "print(json.dumps([nodes[a.node_id] for a in actors]))\n")
+    out = procs.run(["python", "-c", script])
+    assert out.returncode == 0, out.stderr
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def test_manifests_run(tmp_path_factory):
+    docs = manifests.render(OVERLAY)
+    pods = manifests.pods(docs)
+    serve = manifests.serve_args(docs)
+    (job,) = manifests.by_kind(docs, "RayJob")
+    tmp = Path(os.path.realpath("/tmp")) / f"egd{os.getpid()}"  # short: Ray's socket paths
+    tmp.mkdir()
+    local = Local(tmp_path_factory.mktemp("pods"))
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
+    env.update(PATH=f"{BIN}:{env['PATH']}", PYTHONPATH=str(manifests.ROOT), RAY_TMPDIR=str(tmp),
+               RAY_AUTH_MODE="disabled", RAY_USAGE_STATS_ENABLED="0", RAY_worker_niceness="0",
+               OMP_NUM_THREADS="1", RAY_raylet_start_wait_time_s="120")  # nodes start slowly on one core
+    network = Network()
+    procs = Processes(network, tmp_path_factory.mktemp("logs"), env)
+    try:
+        # 1. the Ray containers: head first, then every worker replica
+        head, workers = pods[0], pods[1:]
+        assert head.node_type == "head" and {p.group for p in workers} == {"shards", "trainers"}
+        procs.start("head", ["bash", "-c", local.ray_start(head.ray_start, "head", 0)])
+        health = ["ray", "health-check", "--address", f"127.0.0.1:{manifests.HEAD_PORT}"]
+        wait_for(lambda: procs.run(health).returncode == 0, "the head's GCS", procs)
+        wait_for(lambda: "Ray runtime started" in procs.log("head"), "the head", procs)
+        for i, pod in enumerate(workers):  # one at a time: this test shares one core
+            procs.start(pod.name, ["bash", "-c", local.ray_start(pod.ray_start, "worker", i)])
+            wait_for(lambda: "Ray runtime started" in procs.log(pod.name), pod.name, procs)
+        # 2. the head's sidecar: the tables' driver starts the shards on the shard pods
+        (sidecar,) = head.sidecars()
+        sidecar_env = {e["name"]: e["value"] for e in sidecar.get("env", []) if "value" in e}
+        procs.start("engram-serve", sidecar["command"] + sidecar["args"],
+                    {**sidecar_env, "RAY_AUTH_MODE": "disabled"})
+        wait_for(lambda: f"serving {serve.shards} shards" in procs.log("engram-serve"), "the shards", procs)
+        stats = engram_stats(procs, serve.name)
+        assert stats["num_shards"] == serve.shards == sum(p.group == "shards" for p in workers)
+        targets = sorted(line.split(": ")[1] for line in procs.log("engram-serve").splitlines()
+                         if line.startswith("shard "))
+        # one namespace for both shard pods: the first free ports from --port
+        assert targets == [f"127.0.0.1:{serve.port + i}" for i in range(serve.shards)]
+        nodes = shard_nodes(procs)
+        assert len(nodes) == serve.shards and all(n.get(serve.resource) == 1.0 for n in nodes)
+        # 3. the RayJob's entrypoint, run as Ray runs a job's driver: on the head, RAY_ADDRESS set
+        entrypoint = local.entrypoint(job["spec"]["entrypoint"])
+        run = procs.run(["bash", "-c", entrypoint], timeout=900,
+                        RAY_ADDRESS=f"127.0.0.1:{manifests.HEAD_PORT}")
+        if run.returncode != 0 and "invalid choice: 'train'" in run.stderr:
+            pytest.xfail(f"the RayJob entrypoint `{job['spec']['entrypoint']}` needs `engram train "
+                         f"--address` (built in main, not in this branch); everything before it ran")
+        assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+        # 4. engram stats reads the training progress
+        stats = engram_stats(procs, serve.name)
+        steps = int(re.search(r"--steps (\d+)", entrypoint)[1])
+        assert stats["tables"] and all(t["step"] == steps and t["rows"] > 0 for t in stats["tables"])
+        assert all(s["counters"]["push_requests"] >= steps for s in stats["shards"])
+    finally:
+        procs.stop()
+        network.close()
+        shutil.rmtree(tmp, ignore_errors=True)
