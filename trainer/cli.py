@@ -62,7 +62,8 @@ def cmd_train_local(args: argparse.Namespace) -> int:
 
 
 def add_service_args(p: argparse.ArgumentParser, prefix: str) -> None:
-    p.add_argument("--cluster", default="default", help="name of the tables cluster to attach to")
+    p.add_argument("--name", "--cluster", dest="cluster", default="default",
+                   help="name of the tables cluster to attach to (as given to engram serve --name)")
     p.add_argument("--prefix", default=prefix, help="this run's tables are <prefix>/layer<i>/head<h>")
     p.add_argument("--staleness", type=int, default=0,
                    help="0: exact (each fetch sees every earlier push); k: fetches may miss the last k pushes")
@@ -87,7 +88,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     try:
         if args.workers > 1:
             Corpus.load(cfg.corpus)  # prepare the cached corpus once, before the workers read it
-            result = train_workers(cfg, args.workers, args.cluster, service, use_gpu=args.gpu)
+            result = train_workers(cfg, args.workers, args.cluster, service, use_gpu=args.gpu,
+                                   resource=args.worker_resource)
         else:
             with cluster.client() as client:
                 result = train(cfg, client=client, service=service)
@@ -199,7 +201,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="sampling seed")
     p.add_argument("--address", default=None,
                    help="Ray cluster whose table service holds the rows (checkpoints of `engram train`/`demo`)")
-    p.add_argument("--cluster", default="default", help="tables cluster name (the demo's is 'demo')")
+    p.add_argument("--name", "--cluster", dest="cluster", default="default",
+                   help="tables cluster name (the demo's is 'demo')")
     p.add_argument("--prefix", default=None, help="table prefix (default: the checkpoint's)")
     p.set_defaults(func=cmd_generate)
     p = sub.add_parser("serve", help="run a tables cluster (Ray shard actors serving gRPC) until interrupted")
@@ -219,6 +222,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--address", required=True, help="Ray cluster address (e.g. 127.0.0.1:6379 or auto)")
     p.add_argument("--workers", type=int, default=1, help="data-parallel Ray Train workers (> 1: TorchTrainer)")
     p.add_argument("--gpu", action="store_true", help="one GPU per worker (NCCL)")
+    p.add_argument("--worker-resource", default=None,
+                   help="custom Ray resource each worker takes one unit of (deploy/: engram_trainer)")
     add_service_args(p, prefix="engram")
     p.set_defaults(func=cmd_train)
     p = sub.add_parser("demo", help="the main job: an Engram model trained through the table service vs the baseline")

@@ -16,9 +16,11 @@ from trainer.train import ServiceOptions, TrainConfig, TrainResult, train
 
 def train_workers(cfg: TrainConfig, workers: int, cluster_name: str = "default",
                   service: ServiceOptions = ServiceOptions(), use_gpu: bool = False,
-                  cpus_per_worker: float = 1.0, storage_path: str | None = None) -> TrainResult:
+                  cpus_per_worker: float = 1.0, storage_path: str | None = None,
+                  resource: str | None = None) -> TrainResult:
     """Trains with `workers` Ray Train workers against the tables cluster `cluster_name` of the
-    Ray cluster this driver is connected to; returns rank 0's result."""
+    Ray cluster this driver is connected to; returns rank 0's result. `resource`: a custom Ray
+    resource each worker takes one unit of, to pin workers to trainer nodes."""
     from ray.train import RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
@@ -27,7 +29,8 @@ def train_workers(cfg: TrainConfig, workers: int, cluster_name: str = "default",
     trainer = TorchTrainer(
         _worker, train_loop_config={"cfg": cfg, "cluster": cluster_name, "service": service},
         scaling_config=ScalingConfig(num_workers=workers, use_gpu=use_gpu,
-                                     resources_per_worker={"CPU": cpus_per_worker}),
+                                     resources_per_worker={"CPU": cpus_per_worker,
+                                                           **({resource: 1} if resource else {})}),
         run_config=RunConfig(name=f"engram-{service.prefix.replace('/', '-')}",
                              storage_path=storage_path or tempfile.mkdtemp(prefix="engram-train-")))
     return trainer.fit().return_value
