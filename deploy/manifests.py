@@ -16,6 +16,7 @@ container's resources, and the containers beside it.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import math
 import re
@@ -87,8 +88,9 @@ def is_custom(doc: dict) -> bool:
     return (doc["apiVersion"], doc["kind"]) in CRD_FILES
 
 
+@functools.cache  # a CRD is ~1 MB of YAML: read and convert it once per process
 def crd_schema(api_version: str, kind: str) -> dict:
-    """The strict openAPIV3Schema of a vendored CRD's served version."""
+    """The strict openAPIV3Schema of a vendored CRD's served version (shared: do not modify)."""
     crd = load_yaml(CRDS / CRD_FILES[(api_version, kind)])[0]
     version = api_version.split("/")[1]
     schema = next(v for v in crd["spec"]["versions"] if v["name"] == version)["schema"]["openAPIV3Schema"]

@@ -62,6 +62,10 @@ def test_known_traffic_at_two_shards(make_cluster):
     assert table.collisions is None  # collision stats off for this table
     # Latencies and rates: plausible ranges only (timings vary with the machine).
     for shard in (s0, s1):
+        print(f"\nshard {shard.shard_id}: fetch p50/p99 {shard.fetch.p50_s * 1e3:.2f}/"
+              f"{shard.fetch.p99_s * 1e3:.2f} ms, push {shard.push.p50_s * 1e3:.2f}/"
+              f"{shard.push.p99_s * 1e3:.2f} ms; imbalance load {report.load_imbalance:.4f} "
+              f"rows {report.rows_imbalance:.4f}")
         for w in (shard.fetch, shard.push):
             assert 10e-6 <= w.p50_s <= w.p99_s < 5.0
             assert 0 < w.window_s <= 60 and w.requests_per_s == pytest.approx(w.requests / w.window_s)
