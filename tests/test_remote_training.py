@@ -143,3 +143,15 @@ def test_generation_reads_rows_from_the_service_ahead_of_each_forward(make_clust
     assert capsys.readouterr().out.startswith("def main(")
     with pytest.raises(ValueError, match="trained through the table service"):
         load_checkpoint(cfg.checkpoint)
+
+
+def test_training_sends_ngrams_for_collision_stats(make_cluster, corpus_dir, tmp_path):
+    """With a collision sample rate the trainer's fetches carry the N-grams behind the row ids, and
+    the shards count lookups of every table (tiny tables: most slots collide)."""
+    cfg = replace(small_train_config(corpus_dir, tmp_path), steps=3, warmup_steps=1, threads=1)
+    cluster = make_cluster(2)
+    with cluster.client() as client:
+        train(cfg, client=client, service=ServiceOptions(prefix="coll", collision_sample_rate=1.0))
+        tables = [t for shard in client.stats() for t in shard.tables if t.name.startswith("coll/")]
+    assert tables and all(t.HasField("collisions") and t.collisions.lookups > 0 for t in tables)
+    assert sum(t.collisions.colliding_lookups for t in tables) > 0

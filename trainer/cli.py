@@ -68,12 +68,15 @@ def add_service_args(p: argparse.ArgumentParser, prefix: str) -> None:
     p.add_argument("--staleness", type=int, default=0,
                    help="0: exact (each fetch sees every earlier push); k: fetches may miss the last k pushes")
     p.add_argument("--no-lookahead", action="store_true", help="do not request the next step's rows early")
+    p.add_argument("--collision-sample-rate", type=float, default=0.0,
+                   help="share of table slots whose N-grams the shards track for `engram stats` (0: off)")
 
 
 def service_options(args: argparse.Namespace):
     from trainer.train import ServiceOptions
 
-    return ServiceOptions(prefix=args.prefix, lookahead=not args.no_lookahead, staleness=args.staleness)
+    return ServiceOptions(prefix=args.prefix, lookahead=not args.no_lookahead, staleness=args.staleness,
+                          collision_sample_rate=args.collision_sample_rate)
 
 
 def cmd_train(args: argparse.Namespace) -> int:

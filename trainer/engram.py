@@ -97,7 +97,10 @@ class EngramTables(nn.Module):
     step `min_step`, default the latest); in-process tables ignore it.
     """
 
-    def prefetch(self, row_ids: dict[int, torch.Tensor], min_step: int | None = None) -> None:
+    wants_ngrams = False  # True: `prefetch` takes the N-gram fingerprints (collision stats)
+
+    def prefetch(self, row_ids: dict[int, torch.Tensor], min_step: int | None = None,
+                 ngrams: dict[int, "np.ndarray"] | None = None) -> None:
         return None
 
     def lookup(self, layer: int, row_ids: torch.Tensor) -> torch.Tensor:

@@ -60,5 +60,6 @@ class Prefetcher:
             return Prepared(step, x, y, None)
         row_ids = self.indexer(x)  # on x's device
         if self.tables is not None:  # None: rows are fetched when the forward asks
-            self.tables.prefetch(row_ids, min_step=max(0, step - self.staleness))
+            ngrams = self.indexer.fingerprints(x) if self.tables.wants_ngrams else None
+            self.tables.prefetch(row_ids, min_step=max(0, step - self.staleness), ngrams=ngrams)
         return Prepared(step, x, y, row_ids)

@@ -18,6 +18,7 @@ import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 
 from memory_service.client import MemoryClient
@@ -61,14 +62,16 @@ class RemoteTables(EngramTables):
 
     def __init__(self, client: MemoryClient, cfg: EngramConfig, sizes: dict[int, list[int]],
                  optimizer: OptimizerConfig, prefix: str = "engram", read_only: bool = False,
-                 contributors: int = 1, grad_scale: float = 1.0):
+                 contributors: int = 1, grad_scale: float = 1.0, collision_sample_rate: float = 0.0):
         super().__init__()
         self.client, self.cfg, self.read_only = client, cfg, read_only
         self.contributors, self.grad_scale = contributors, grad_scale
         self.names = {layer: [table_name(prefix, layer, h) for h in range(len(s))] for layer, s in sizes.items()}
         self.configs = [TableConfig(table_name(prefix, layer, h), size, cfg.head_width, "float32", cfg.init_scale,
-                                    table_seed(cfg.seed, layer, h), optimizer)
+                                    table_seed(cfg.seed, layer, h), optimizer,
+                                    collision_sample_rate=collision_sample_rate)
                         for layer, layer_sizes in sizes.items() for h, size in enumerate(layer_sizes)]
+        self.wants_ngrams = collision_sample_rate > 0  # fetches carry the N-grams for collision stats
         self.times = FetchTimes()
         self.steps_pushed = 0  # table steps this trainer has pushed (its next fetch must see them)
         self._pending: list[_Pending] = []
@@ -107,13 +110,17 @@ class RemoteTables(EngramTables):
         return self
 
     # -- forward --------------------------------------------------------------------------------
-    def prefetch(self, row_ids: dict[int, torch.Tensor], min_step: int | None = None) -> None:
+    def prefetch(self, row_ids: dict[int, torch.Tensor], min_step: int | None = None,
+                 ngrams: dict[int, np.ndarray] | None = None) -> None:
         """Starts fetching the rows of `row_ids` {layer: (B, T, H)}, as of table step `min_step`
-        (default: every step this trainer pushed)."""
+        (default: every step this trainer pushed); `ngrams` {layer: (B, T, H) uint64} are the
+        fingerprints of the N-grams behind the ids, for the tables' collision stats."""
         min_step = self.steps_pushed if min_step is None else min_step
         ids = {name: row_ids[layer][..., h] for layer in row_ids for h, name in enumerate(self.names[layer])}
+        fingerprints = None if ngrams is None else {
+            name: ngrams[layer][..., h] for layer in row_ids for h, name in enumerate(self.names[layer])}
         started = time.perf_counter()
-        future = self.client.fetch_async(ids, min_step)  # the requests are sent when this returns
+        future = self.client.fetch_async(ids, min_step, fingerprints)  # requests sent when this returns
         future.add_done_callback(lambda _: setattr(self.times, "fetch_s",
                                                    self.times.fetch_s + time.perf_counter() - started))
         device = next(iter(row_ids.values())).device

@@ -80,6 +80,7 @@ class ServiceOptions:
 
     prefix: str = "engram"  # the run's tables are "<prefix>/layer<i>/head<h>"
     prefetch: bool = True  # False: rows are fetched when the forward reaches the Engram layer
+    collision_sample_rate: float = 0.0  # > 0: fetches carry N-gram fingerprints for collision stats
     lookahead: bool = True  # also request the next step's rows during this step
     staleness: int = 0
 
@@ -144,7 +145,8 @@ def remote_tables(client, cfg: TrainConfig, service: ServiceOptions = ServiceOpt
     """A factory of `RemoteTables` on `client`'s service, created there (or attached to)."""
     def make(engram, sizes) -> RemoteTables:
         return RemoteTables(client, engram, sizes, table_optimizer_config(cfg), prefix=service.prefix,
-                            read_only=read_only, contributors=world, grad_scale=1.0 / world).create()
+                            read_only=read_only, contributors=world, grad_scale=1.0 / world,
+                            collision_sample_rate=service.collision_sample_rate).create()
     return make
 
 
