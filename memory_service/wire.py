@@ -255,7 +255,7 @@ def _table_usage_to_proto(t: TableUsage) -> memory_pb2.TableStats:
     msg = memory_pb2.TableStats(
         name=t.name, num_rows=t.num_rows, width=t.width, step=t.step, rows_materialized=t.rows,
         nbytes=t.bytes, optimizer_rows=t.optimizer_rows,
-        tiers=[memory_pb2.TierStats(tier=x.tier, rows=x.rows, bytes=x.bytes, hits=x.hits) for x in t.tiers],
+        tiers=[memory_pb2.TierStats(**dataclasses.asdict(x)) for x in t.tiers],
         optimizer_state_bytes=t.optimizer_state_bytes, rows_read=t.rows_read)
     if t.collisions is not None:
         msg.collisions.CopyFrom(memory_pb2.CollisionStats(**dataclasses.asdict(t.collisions)))
@@ -270,5 +270,6 @@ def _table_usage_from_proto(msg: memory_pb2.TableStats) -> TableUsage:
     return TableUsage(name=msg.name, num_rows=msg.num_rows, width=msg.width, step=msg.step,
                       rows_read=msg.rows_read, optimizer_rows=msg.optimizer_rows,
                       optimizer_state_bytes=msg.optimizer_state_bytes,
-                      tiers=tuple(TierUsage(x.tier, x.rows, x.bytes, x.hits) for x in msg.tiers),
+                      tiers=tuple(TierUsage(**{f.name: getattr(x, f.name) for f in dataclasses.fields(TierUsage)})
+                                  for x in msg.tiers),
                       collisions=collisions)
