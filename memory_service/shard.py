@@ -21,12 +21,17 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from memory_service import placement
 from memory_service.collisions import CollisionSketch, NgramBatch
-from memory_service.config import TableConfig
+from memory_service.config import StorageConfig, TableConfig
 from memory_service.errors import InvalidArgument, StepNotReached, TableExists, TableNotFound
+from memory_service.placement import Policy
+from memory_service.placer import Placer
 from memory_service.sharding import shard_of
-from memory_service.store import TableStore
-from memory_service.utilization import MEMORY_TIER, TableUsage, TierUsage
+from memory_service.store import TableStore, state_width_of
+from memory_service.tiers.cold import ColdEnvironment, record_dtype
+from memory_service.tiers.warm import WarmTier
+from memory_service.utilization import TableUsage
 
 
 @dataclass(frozen=True)
@@ -95,25 +100,84 @@ def _sum_duplicates(ids: np.ndarray, grads: np.ndarray) -> tuple[np.ndarray, np.
 
 
 class Shard:
-    """Shard `shard_id` of `num_shards`: rows r with r % num_shards == shard_id of every table."""
+    """Shard `shard_id` of `num_shards`: rows r with r % num_shards == shard_id of every table.
 
-    def __init__(self, shard_id: int, num_shards: int) -> None:
+    With `storage.path` set it is a cold shard: every table's written rows live in an LMDB
+    environment in that directory (reopening the directory recovers them), DRAM keeps at most
+    `storage.dram_budget_bytes` of them, and a background `Placer` moves rows between the two
+    following the placement policy. Call `close()` to write dirty rows back and close the files."""
+
+    def __init__(self, shard_id: int, num_shards: int, storage: StorageConfig | None = None) -> None:
         if not 0 <= shard_id < num_shards:
             raise InvalidArgument(f"shard id {shard_id} must be in [0, {num_shards})")
         self.shard_id, self.num_shards = shard_id, num_shards
+        self.storage = storage if storage is not None else StorageConfig()
         self.counters = ShardCounters()
         self._tables: dict[str, TableStore] = {}
         self._parts: dict[tuple[str, int], _Parts] = {}  # (table, step) -> parts held so far
         self._collisions: dict[str, CollisionSketch] = {}  # tables with collision stats on
         self._lock = threading.Lock()
         self._stepped = threading.Condition(self._lock)  # notified when a table's step advances
+        self._cold: ColdEnvironment | None = None
+        self.placer: Placer | None = None
+        if self.storage.path is not None:
+            self._open_cold()
+
+    def _open_cold(self) -> None:
+        """Opens the LMDB directory, reopens the tables it holds and starts placement."""
+        make_policy(self.storage.policy, 0)  # an unknown policy name fails here, not in a thread
+        self._cold = ColdEnvironment(self.storage.path, self.storage.map_bytes)
+        try:
+            self._cold.check_shard(self.shard_id, self.num_shards)
+        except ValueError as err:
+            self._cold.close()
+            raise InvalidArgument(str(err)) from None
+        for meta in self._cold.tables().values():
+            cfg = TableConfig.from_dict(meta["config"])
+            self._tables[cfg.name] = self._new_store(cfg)
+        self._split_budget()
+        self.placer = Placer(self._lock, self._tables.values, self.storage.placement_interval_s,
+                             self.storage.max_moves)
+        self.placer.start()
+
+    def _new_store(self, cfg: TableConfig) -> TableStore:
+        if self._cold is None:
+            return TableStore(cfg)
+        state_width = state_width_of(cfg)
+        rows_here = -(-cfg.num_rows // self.num_shards)
+        self._cold.reserve(min(rows_here * record_dtype(cfg.width, state_width).itemsize * 3 // 2,
+                               self.storage.map_bytes))
+        cold = self._cold.open_table(cfg.name, {"config": cfg.to_dict()}, cfg.width, state_width)
+        warm = WarmTier(cfg.width, state_width, max_rows=0)  # _split_budget sizes it
+        return TableStore(cfg, warm=warm, cold=cold, policy=make_policy(self.storage.policy, 0))
+
+    def _split_budget(self) -> None:
+        """Gives each table an equal share of the DRAM budget, as rows of its own size."""
+        if self._cold is None or not self._tables:
+            return
+        share = self.storage.dram_budget_bytes // len(self._tables)
+        for store in self._tables.values():
+            store.set_warm_capacity(WarmTier.rows_within(share, store.cfg.width, store.warm.state_width))
+
+    def close(self) -> None:
+        """Stops placement, writes dirty rows back and closes the LMDB files (a cold shard; an
+        all-DRAM shard has nothing to close). The shard serves nothing afterwards."""
+        if self.placer is not None:
+            self.placer.stop()
+        with self._lock:
+            for store in self._tables.values():
+                store.close()
+            if self._cold is not None:
+                self._cold.close()
+                self._cold = None
 
     def create_table(self, cfg: TableConfig) -> TableInfo:
         """Creates the table; re-creating with the identical config is a no-op."""
         with self._lock:
             store = self._tables.get(cfg.name)
             if store is None:
-                store = self._tables[cfg.name] = TableStore(cfg)
+                store = self._tables[cfg.name] = self._new_store(cfg)
+                self._split_budget()
                 if cfg.collision_sample_rate > 0:
                     self._collisions[cfg.name] = CollisionSketch(cfg.collision_sample_rate)
             elif store.cfg != cfg:
@@ -127,8 +191,11 @@ class Shard:
 
     def drop_table(self, name: str) -> None:
         with self._lock:
-            self._store(name)
+            self._store(name).close(flush=False)
             del self._tables[name]
+            if self._cold is not None:
+                self._cold.drop_table(name)
+                self._split_budget()
             self._collisions.pop(name, None)
             self._parts = {key: parts for key, parts in self._parts.items() if key[0] != name}
             self._stepped.notify_all()  # fetches waiting on it answer NOT_FOUND
@@ -144,6 +211,9 @@ class Shard:
         with self._lock:
             checked = {name: self._checked_ids(name, ids) for name, ids in requests.items()}
             if min_step > 0:
+                for name, ids in checked.items():  # look-ahead: these rows are read soon
+                    if self._tables[name].step < min_step:
+                        self._tables[name].expect(ids)
                 reached = lambda: all(name not in self._tables or self._tables[name].step >= min_step
                                       for name in checked)
                 if not self._stepped.wait_for(reached, timeout):
@@ -227,13 +297,11 @@ class Shard:
             return tuple(self._usage(self._tables[name]) for name in sorted(self._tables))
 
     def _usage(self, store: TableStore) -> TableUsage:
-        cfg, state = store.cfg, store.state_nbytes
+        cfg = store.cfg
         sketch = self._collisions.get(cfg.name)
-        memory = TierUsage(MEMORY_TIER, rows=store.num_materialized, bytes=store.nbytes - state,
-                           hits=store.hits)
         return TableUsage(name=cfg.name, num_rows=cfg.num_rows, width=cfg.width, step=store.step,
                           rows_read=store.rows_read, optimizer_rows=store.optimizer_rows,
-                          optimizer_state_bytes=state, tiers=(memory,),
+                          optimizer_state_bytes=store.state_nbytes, tiers=store.tier_usage(),
                           collisions=sketch.counts() if sketch is not None else None)
 
     def owns(self, ids: np.ndarray) -> bool:
@@ -303,3 +371,14 @@ class Shard:
         except ValueError as err:
             raise InvalidArgument(f"table {name!r}: {err}") from None
         return int(push.step), ids, grads
+
+
+def make_policy(name: str, capacity: int) -> Policy:
+    """The placement policy `name` for a tier of `capacity` rows: placement.make_policy's when
+    placement.py provides the factory, else the plain LRU policy this module knows by name."""
+    factory = getattr(placement, "make_policy", None)
+    if factory is not None:
+        return factory(name, capacity)
+    if name == "lru":
+        return placement.LRUPolicy(capacity)
+    raise ValueError(f"placement policy {name!r} unknown: this build knows 'lru'")
