@@ -8,10 +8,10 @@ table. Raw rather than msgpack: with fixed-size values a batch decodes with one 
 over the joined values, where msgpack needs a Python call per record and would only wrap the same
 bytes.
 
-Reads: one read transaction per request, ids deduplicated and sorted, one `Cursor.getmulti` (the C
-loop of py-lmdb: no Python per row) and one decode of the joined values. Writes: one write
-transaction per batch, `putmulti` over sorted keys, encoded in chunks so the bytes objects alive at
-once stay small.
+Reads: one read transaction per request, ids deduplicated and sorted, `Cursor.getmulti` (the C loop
+of py-lmdb: no Python per row) over chunks of 4096 keys, each chunk's joined values decoded with
+numpy into one record array. Writes: one write transaction per batch, `putmulti` over sorted keys,
+encoded in the same chunks. Chunks bound the Python bytes objects alive at once (see _CHUNK).
 
 The environment is opened with `writemap` and without `sync`: pages a transaction dirties are
 written in the shared file mapping (file-backed memory, not the process's anonymous memory: a
@@ -48,7 +48,10 @@ _LR = np.dtype("<f8")
 _META_DB = b"meta"
 _SHARD_KEY = b"shard"
 _TABLE_PREFIX = b"table:"
-_WRITE_CHUNK = 16384  # records encoded per putmulti call
+# Records per getmulti / putmulti call: each call makes a Python bytes object per record (~800 B
+# for width 64 with Adam state); in chunks, the heap they take stays a few MiB and is reused by the
+# next chunk, where one 100k-row call left ~80 MiB of fragmented heap in a cold shard's RssAnon.
+_CHUNK = 4096
 _SCAN_CHUNK = 65536  # records per scan chunk
 _first, _second = itemgetter(0), itemgetter(1)
 
@@ -184,15 +187,25 @@ class ColdTier(Tier):
     def environment(self) -> ColdEnvironment:
         return self._environment
 
-    def _decode(self, ids: np.ndarray, pairs: list[tuple[bytes, bytes]]) -> tuple[np.ndarray, np.ndarray]:
-        """getmulti's (key, value) pairs for sorted distinct `ids` (u,) -> (found (u,) bool,
-        records (m,) of the found ids, in id order)."""
-        records = np.frombuffer(b"".join(map(_second, pairs)), dtype=self.record)  # (m,)
-        if len(pairs) == len(ids):
-            return np.ones(len(ids), dtype=bool), records
-        found = np.zeros(len(ids), dtype=bool)
-        found[np.searchsorted(ids, _ids_of(b"".join(map(_first, pairs))))] = True
-        return found, records
+    def _read(self, cursor: lmdb.Cursor, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Sorted distinct `ids` (u,) -> (found (u,) bool, raw records (m, itemsize) uint8 of
+        the found ids in id order), read with getmulti chunk by chunk into one array."""
+        found = np.ones(len(ids), dtype=bool)
+        # Records handled as raw bytes (u, itemsize): numpy copies and gathers uint8 rows at
+        # memcpy speed, structured items one field at a time (7 ms vs 1 ms for 16k records).
+        records = np.empty((len(ids), self.record.itemsize), dtype=np.uint8)  # the first m filled
+        m = 0
+        for start in range(0, len(ids), _CHUNK):
+            chunk = ids[start:start + _CHUNK]
+            pairs = cursor.getmulti(_keys(chunk))
+            values = np.frombuffer(b"".join(map(_second, pairs)), dtype=np.uint8)
+            records[m:m + len(pairs)] = values.reshape(len(pairs), self.record.itemsize)
+            m += len(pairs)
+            if len(pairs) < len(chunk):
+                got = np.zeros(len(chunk), dtype=bool)
+                got[np.searchsorted(chunk, _ids_of(b"".join(map(_first, pairs))))] = True
+                found[start:start + _CHUNK] = got
+        return found, records[:m]
 
     def get(self, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
         if not len(ids):
@@ -200,12 +213,15 @@ class ColdTier(Tier):
             return np.zeros(0, dtype=bool), empty.rows, empty.state, empty.last
         uniq, inverse = np.unique(ids, return_inverse=True)  # sorted keys: one left-to-right walk
         with self._env.begin(db=self._rows_db) as txn:
-            pairs = txn.cursor().getmulti(_keys(uniq))
-        found_u, records = self._decode(uniq, pairs)
+            found_u, records = self._read(txn.cursor(), uniq)
         found = found_u[inverse]
         rank = np.cumsum(found_u) - 1  # (u,) index in `records` of each found id
-        records = records[rank[inverse[found]]]  # (k,) in request order: a writable copy
+        records = self._decode(np.take(records, rank[inverse[found]], axis=0))  # (k,) request order
         return found, records["row"], records["state"], records["last"]
+
+    def _decode(self, raw: np.ndarray) -> np.ndarray:
+        """Raw records (m, itemsize) uint8 -> (m,) records (a view)."""
+        return raw.view(self.record).reshape(len(raw))
 
     def put(self, ids: np.ndarray, rows: np.ndarray, state: np.ndarray, last: np.ndarray,
             log: tuple[int, float] | None = None) -> None:
@@ -219,8 +235,8 @@ class ColdTier(Tier):
 
         def write(txn: lmdb.Transaction) -> None:
             cursor = txn.cursor(db=self._rows_db)
-            for start in range(0, len(keys), _WRITE_CHUNK):
-                chunk = slice(start, start + _WRITE_CHUNK)
+            for start in range(0, len(keys), _CHUNK):
+                chunk = slice(start, start + _CHUNK)
                 cursor.putmulti(zip(_keys(keys[chunk]), values[chunk].tolist()))
             if log is not None:
                 self._put_log(txn, np.array([log[0]]), np.array([log[1]]))
@@ -232,21 +248,20 @@ class ColdTier(Tier):
             return RowRecords.empty(self.width, self.state_width)
         order = np.argsort(ids)
         sorted_ids = ids[order]
-        keys = _keys(sorted_ids)
 
-        def take(txn: lmdb.Transaction) -> list[tuple[bytes, bytes]]:
-            pairs = txn.cursor(db=self._rows_db).getmulti(keys)
-            for key in map(_first, pairs):
+        def take(txn: lmdb.Transaction) -> tuple[np.ndarray, np.ndarray]:
+            found, records = self._read(txn.cursor(db=self._rows_db), sorted_ids)
+            for key in _keys(sorted_ids[found]):
                 txn.delete(key, db=self._rows_db)
-            return pairs
+            return found, records
 
-        found_sorted, records = self._decode(sorted_ids, self._environment.write(take))
+        found_sorted, records = self._environment.write(take)
         found = np.empty(len(ids), dtype=bool)
         found[order] = found_sorted
         # records are in id order; return them in the order of `ids`
         rank = np.empty(len(ids), dtype=np.int64)
         rank[order] = np.cumsum(found_sorted) - 1
-        records = records[rank[found]]
+        records = self._decode(np.take(records, rank[found], axis=0))
         return RowRecords(ids[found], records["row"].copy(), records["state"].copy(), records["last"].copy())
 
     def delete(self, ids: np.ndarray) -> None:
