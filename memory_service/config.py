@@ -84,8 +84,9 @@ class TableConfig:
 class StorageConfig:
     """Where a shard keeps its rows. `path` None (the default): every written row in DRAM. With a
     `path`, a cold shard: its LMDB environment lives in that directory and holds every written row,
-    while DRAM keeps at most `dram_budget_bytes` of them (rows, optimizer state and index, split
-    equally between the shard's tables), chosen by the placement policy named `policy`
+    while DRAM keeps rows in at most `dram_budget_bytes` (split equally between the shard's
+    tables; each share holds rows, optimizer state and index in 15/16 of it, the rest is left to
+    the placement policy and request buffers), chosen by the placement policy named `policy`
     (memory_service/placement.py). A background thread applies the policy's plans every
     `placement_interval_s` seconds, at most `max_moves` row admissions per batch under the shard's
     lock. The LMDB map starts at `map_bytes` per table (less for small tables) and doubles when
@@ -94,7 +95,7 @@ class StorageConfig:
     path: str | None = None
     dram_budget_bytes: int = 1 << 30
     policy: str = "lru"
-    placement_interval_s: float = 0.05
+    placement_interval_s: float = 0.1
     max_moves: int = 65536
     map_bytes: int = 1 << 30
 

@@ -51,7 +51,8 @@ class LRUPolicy(Policy):
     def record(self, ids: np.ndarray) -> None:
         ids = np.asarray(ids, dtype=np.int64)
         kept = self._recent[~np.isin(self._recent, ids)]
-        self._recent = np.concatenate([kept, ids])[-self.capacity:] if self.capacity else ids[:0]
+        recent = np.concatenate([kept, ids])
+        self._recent = recent[max(len(recent) - self.capacity, 0):].copy()  # a copy: no view pins `recent`
 
     def plan(self, resident: np.ndarray, max_moves: int | None = None) -> tuple[np.ndarray, np.ndarray]:
         recent = self._recent[max(len(self._recent) - self.capacity, 0):] if self.capacity else self._recent[:0]

@@ -8,8 +8,11 @@ interleave with a long run of moves.
 """
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import logging
 import threading
+import time
 from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING
 
@@ -17,6 +20,27 @@ if TYPE_CHECKING:
     from memory_service.store import TableStore
 
 log = logging.getLogger(__name__)
+TRIM_INTERVAL_S = 1.0
+
+
+def _libc_trim():
+    """glibc's malloc_trim, or None elsewhere."""
+    try:
+        return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim
+    except (OSError, AttributeError):
+        return None
+
+
+_malloc_trim = _libc_trim()
+
+
+def release_free_heap() -> None:
+    """Returns free heap pages to the OS (glibc). A cold shard's requests and moves allocate
+    large transient buffers (replies, getmulti's bytes objects) between long-lived objects; glibc
+    keeps the freed pages (with shard actors' MALLOC_TRIM_THRESHOLD_, up to 4 GiB), which would
+    show in RssAnon as if the table used them."""
+    if _malloc_trim is not None:
+        _malloc_trim(0)
 
 
 class Placer:
@@ -68,9 +92,13 @@ class Placer:
                                          or not self._thread.is_alive(), timeout) and self.passes >= target
 
     def _run(self) -> None:
+        trimmed = time.monotonic()
         while not self._stop.wait(self.interval_s):
             try:
                 self.run_once()
+                if time.monotonic() - trimmed >= TRIM_INTERVAL_S:
+                    release_free_heap()
+                    trimmed = time.monotonic()
             except BaseException as err:  # noqa: BLE001 (kept for the shard to report, then stop)
                 log.exception("placement stopped")
                 self.error = err

@@ -34,6 +34,13 @@ from memory_service.tiers.warm import WarmTier
 from memory_service.utilization import TableUsage
 
 
+# 1/HEADROOM of each table's DRAM share holds no rows: it is left to the placement policy's
+# bookkeeping (plain LRU keeps 8 bytes per resident row, 1% of a share of 64-wide Adam rows; a
+# frequency sketch needs more) and to what requests leave allocated between them (measured in
+# tests/test_cold_memory.py: at rest, 2.6 MiB beyond a 240 MiB warm tier, LRU included).
+HEADROOM = 16
+
+
 @dataclass(frozen=True)
 class TableInfo:
     config: TableConfig
@@ -152,10 +159,12 @@ class Shard:
         return TableStore(cfg, warm=warm, cold=cold, policy=make_policy(self.storage.policy, 0))
 
     def _split_budget(self) -> None:
-        """Gives each table an equal share of the DRAM budget, as rows of its own size."""
+        """Gives each table an equal share of the DRAM budget, as rows of its own size, less the
+        headroom (see HEADROOM)."""
         if self._cold is None or not self._tables:
             return
         share = self.storage.dram_budget_bytes // len(self._tables)
+        share -= share // HEADROOM
         for store in self._tables.values():
             store.set_warm_capacity(WarmTier.rows_within(share, store.cfg.width, store.warm.state_width))
 

@@ -85,6 +85,9 @@ class TableStore:
         self.rows_read = 0  # ids read since start
         self.hits = 0  # of those, ids found stored (the rest were computed from the seed)
         self._capacity = self.warm.max_rows  # rows the warm tier may keep (None: no limit)
+        # False once a plan moved nothing and no request came since: an idle table costs the
+        # placer no planning (a plan sorts every resident id) and no memory for it.
+        self._unsettled = True
         self.closed = False  # set when the table is dropped or its shard closes
         if cold is not None:
             self._load_log()
@@ -128,6 +131,7 @@ class TableStore:
             return self._read_warm(ids)
         out = self._read_tiered(ids)
         self.policy.record(np.unique(ids))
+        self._unsettled = True
         return out
 
     def _read_warm(self, ids: np.ndarray) -> np.ndarray:
@@ -202,6 +206,7 @@ class TableStore:
         """Ids (n,) a fetch held for a later step will read: the policy's look-ahead."""
         if self.policy is not None:
             self.policy.expect(np.unique(ids))
+            self._unsettled = True
 
     # --- writes ---
 
@@ -247,6 +252,7 @@ class TableStore:
             new = self._is_new_step(step)
             self.optimizer.record_step(step, lr)
             self._update_tiered(ids, grads, step, (step, self.optimizer.lr_at(step)) if new else None)
+            self._unsettled = True  # rows read before they were written can be admitted now
         self.optimizer_rows += len(ids)
 
     def _update_warm(self, ids: np.ndarray, grads: np.ndarray, step: int) -> None:
@@ -296,6 +302,7 @@ class TableStore:
         """Rows the warm tier may keep from now on. Growing takes effect at once; shrinking once
         `place()` has evicted down to it."""
         self._capacity = max_rows
+        self._unsettled = True
         if self.policy is not None:
             self.policy.capacity = max_rows
         if self.warm.max_rows is None or max_rows >= len(self.warm):
@@ -304,7 +311,7 @@ class TableStore:
     def place(self, max_moves: int | None = None) -> int:
         """Applies one placement plan (evictions, then at most `max_moves` admissions); returns
         the rows moved. Called between requests (the shard's Placer), never inside one."""
-        if self.cold is None:
+        if self.cold is None or not self._unsettled:
             return 0
         resident = np.sort(self.warm.ids())
         admit, evict = self.policy.plan(resident, max_moves)
@@ -316,8 +323,10 @@ class TableStore:
         admit = admit[: max(int(min(room, len(admit))), 0)]
         found, rows, state, last = self.cold.get(admit)
         self.warm.append(admit[found], rows, state, last)
-        self.warm_counters.promotions += int(np.count_nonzero(found))
-        return len(evict) + int(np.count_nonzero(found))
+        moved = len(evict) + int(np.count_nonzero(found))
+        self.warm_counters.promotions += moved - len(evict)
+        self._unsettled = moved > 0
+        return moved
 
     def _checked_plan(self, resident: np.ndarray, admit, evict) -> tuple[np.ndarray, np.ndarray]:
         admit = np.asarray(admit, dtype=np.int64).reshape(-1)
@@ -375,6 +384,7 @@ class TableStore:
             self.warm.put(records.ids, records.rows, records.state, records.last)
             return
         self.cold.put(records.ids, records.rows, records.state, records.last)
+        self._unsettled = True
         slots = self.warm.lookup(records.ids)
         resident = slots >= 0
         self.warm.write_at(slots[resident], records.rows[resident], records.state[resident],
@@ -406,16 +416,18 @@ class TableStore:
             yield chunk
 
     def digest(self) -> str:
-        """sha256 of the config, step log and every written (id, row, state, last step), in id order."""
+        """sha256 of the config, step log and every written (id, row, state, last step), in id
+        order: one sha256 per field over its values in id order, then one over the config, step
+        log and those four, so a cold table is hashed in one streaming pass, never held whole."""
+        fields = {f: hashlib.sha256() for f in ("ids", "rows", "state", "last")}
+        for chunk in self._records():
+            for name, field_hash in fields.items():
+                field_hash.update(np.ascontiguousarray(getattr(chunk, name)).tobytes())
         h = hashlib.sha256(repr(self.cfg).encode())
         for value in self.optimizer.log_state().values():
             h.update(np.ascontiguousarray(value).tobytes())
-        # The hash is over all ids, then all rows, ...: a cold table is streamed once per field,
-        # never held in memory whole.
-        warm = list(self._records()) if self.cold is None else None
-        for field in ("ids", "rows", "state", "last"):
-            for chunk in warm if warm is not None else self._records():
-                h.update(np.ascontiguousarray(getattr(chunk, field)).tobytes())
+        for field_hash in fields.values():
+            h.update(field_hash.digest())
         return h.hexdigest()
 
     def state_dict(self) -> dict[str, np.ndarray]:

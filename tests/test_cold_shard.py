@@ -164,3 +164,19 @@ def test_cold_shards_as_ray_actors_each_own_a_directory(ray_session, tmp_path):
             assert reopened.digest() == digest
         finally:
             reopened.close()
+
+
+def test_storage_config_is_checked():
+    with pytest.raises(ValueError, match="dram_budget_bytes -1 must be >= 0"):
+        StorageConfig(path="x", dram_budget_bytes=-1)
+    with pytest.raises(ValueError, match="placement_interval_s 0 must be > 0"):
+        StorageConfig(path="x", placement_interval_s=0)
+    with pytest.raises(ValueError, match="map_bytes 1024 must be >= 1 MiB"):
+        StorageConfig(path="x", map_bytes=1024)
+    assert StorageConfig(path="/d").for_shard(3).path == "/d/shard-0003"
+    assert StorageConfig().for_shard(3).path is None
+
+
+def test_unknown_policy_fails_at_start(tmp_path):
+    with pytest.raises(ValueError, match="belady"):
+        Shard(0, 1, StorageConfig(path=str(tmp_path), policy="belady"))
