@@ -96,7 +96,7 @@ class StorageConfig:
     dram_budget_bytes: int = 1 << 30
     policy: str = "lru"
     placement_interval_s: float = 0.1
-    max_moves: int = 65536
+    max_moves: int = 16384  # a batch holds the shard's lock for ~25 ms of LMDB reads here
     map_bytes: int = 1 << 30
 
     def __post_init__(self) -> None:

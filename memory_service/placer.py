@@ -47,7 +47,7 @@ class Placer:
     """Runs `place()` on the stores `stores()` lists (called under `lock`) on a daemon thread."""
 
     def __init__(self, lock: threading.Lock, stores: Callable[[], Iterable["TableStore"]],
-                 interval_s: float = 0.05, max_moves: int = 65536) -> None:
+                 interval_s: float = 0.1, max_moves: int = 16384) -> None:
         self._lock = lock
         self._stores = stores
         self.interval_s, self.max_moves = interval_s, max_moves

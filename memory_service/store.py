@@ -367,6 +367,8 @@ class TableStore:
         exactly (row, state, last step), in the order of `ids`. Never-written ids are absent from
         the result and stay nowhere."""
         ids = np.asarray(ids, dtype=np.int64)
+        if len(np.unique(ids)) != len(ids):
+            raise ValueError(f"table {self.cfg.name!r}: export_rows takes distinct ids")
         warm = self.warm.pop(ids)
         if self.cold is None:
             return warm
