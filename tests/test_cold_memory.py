@@ -138,22 +138,24 @@ def test_cold_shard_keeps_rss_anon_within_budget_and_reopens(tmp_path, monkeypat
     try:
         info = shard.describe_table(CFG.name)
         assert (info.rows_materialized, info.step) == (NUM_PUSHED, NUM_PUSHED // BATCH)
-        store = shard._store(CFG.name)
-        np.testing.assert_array_equal(store.cold.ids(), np.sort(ids))  # every row, and no other
-        assert shard.digest() == got["digest"]  # every row, state and last step bit for bit
         rng = np.random.default_rng(2)
         sample = rng.choice(ids, 10_000, replace=False)
         never = np.setdiff1d(rng.integers(0, CFG.num_rows, 200), ids)
         reference = reference_of(sample, ids)
-        np.testing.assert_array_equal(shard.fetch({CFG.name: sample})[CFG.name], reference.read(sample))
-        found, rows, state, last = store.cold.get(sample)
+        with shard._lock:  # the shard's placement thread runs beside these reads of its store
+            store = shard._store(CFG.name)
+            np.testing.assert_array_equal(store.cold.ids(), np.sort(ids))  # every row, and no other
+            found, rows, state, last = store.cold.get(sample)
+            log = store.optimizer.log_state()
         expected = reference.warm.get(sample)
         assert found.all() and expected[0].all()
         for got_field, want in zip((rows, state, last), expected[1:]):
             np.testing.assert_array_equal(got_field, want)
+        assert log["step"] == reference.optimizer.log_state()["step"]
+        np.testing.assert_array_equal(log["lrs"], reference.optimizer.log_state()["lrs"])
+        assert shard.digest() == got["digest"]  # every row, state and last step bit for bit
+        np.testing.assert_array_equal(shard.fetch({CFG.name: sample})[CFG.name], reference.read(sample))
         np.testing.assert_array_equal(shard.fetch({CFG.name: never})[CFG.name],
                                       init_rows(CFG.seed, never, CFG.width, CFG.init_scale))
-        assert store.optimizer.log_state()["step"] == reference.optimizer.log_state()["step"]
-        np.testing.assert_array_equal(store.optimizer.log_state()["lrs"], reference.optimizer.log_state()["lrs"])
     finally:
         shard.close()

@@ -104,16 +104,17 @@ def test_usage_reports_memory_over_cold(tmp_path):
     try:
         drive([shard], range(1, 11))
         assert shard.placer.wait_passes(2)
-        for table in shard.usage():
-            memory, cold = table.tiers
-            assert (memory.tier, cold.tier) == (MEMORY_TIER, COLD_TIER)
-            store = shard._tables[table.name]
-            assert cold.rows == store.num_materialized == table.rows > memory.rows > 0
-            assert memory.rows <= store.warm.max_rows < 200  # the budget's share of DRAM
-            assert memory.hits + memory.misses == table.rows_read == 10 * 150
-            assert memory.misses == cold.hits + cold.misses
-            assert memory.promotions > 0 and cold.bytes > 0 and memory.dirty_rows == store.warm.num_dirty
-            assert table.bytes == memory.bytes + cold.bytes + table.optimizer_state_bytes
+        with shard._lock:  # placement is running: look at the stores between its batches
+            for table in (shard._usage(shard._tables[name]) for name in sorted(shard._tables)):
+                memory, cold = table.tiers
+                assert (memory.tier, cold.tier) == (MEMORY_TIER, COLD_TIER)
+                store = shard._tables[table.name]
+                assert cold.rows == store.num_materialized == table.rows > memory.rows > 0
+                assert memory.rows <= store.warm.max_rows < 200  # the budget's share of DRAM
+                assert memory.hits + memory.misses == table.rows_read == 10 * 150
+                assert memory.misses == cold.hits + cold.misses
+                assert memory.promotions > 0 and cold.bytes > 0 and memory.dirty_rows == store.warm.num_dirty
+                assert table.bytes == memory.bytes + cold.bytes + table.optimizer_state_bytes
     finally:
         shard.close()
 
@@ -121,13 +122,13 @@ def test_usage_reports_memory_over_cold(tmp_path):
 def test_dropped_table_leaves_the_lmdb_files(tmp_path):
     shard = cold_shard(tmp_path)
     drive([shard], range(1, 4))
-    lazy = shard._tables["lazy"].digest()
     shard.drop_table("dense")
+    digest = shard.digest()  # of "lazy" alone (under the shard's lock: placement is running)
     shard.close()
     reopened = Shard(0, 2, storage(tmp_path))
     try:
         assert reopened.list_tables() == ["lazy"]
-        assert reopened._tables["lazy"].digest() == lazy
+        assert reopened.digest() == digest
         reopened.create_table(TABLES[0])
         assert reopened.describe_table("dense").rows_materialized == 0
     finally:
