@@ -16,6 +16,7 @@ from dataclasses import dataclass, replace
 
 import ray
 
+from memory_service.config import StorageConfig
 from memory_service.shard import Shard
 
 NAMESPACE = "engram_memory"  # named actors are per namespace: every driver must use this one
@@ -47,7 +48,9 @@ class ClusterConfig:
     manifests declare; shards sharing a host take P, P + 1, ... `metrics_port` likewise places each
     shard's Prometheus endpoint (at its gRPC port's offset from P), None disables it. `host` is the
     bind address (loopback by default; binding elsewhere exposes the unauthenticated API).
-    `shard_resource` is the Ray custom resource each shard takes one unit of."""
+    `shard_resource` is the Ray custom resource each shard takes one unit of. `storage` is where
+    shards keep rows: all in DRAM by default; with `storage.path`, each shard is a cold shard with
+    its LMDB files in its own subdirectory `shard-NNNN` of that path (StorageConfig.for_shard)."""
 
     num_shards: int = 2
     name: str = "default"  # several tables clusters can share one Ray cluster under different names
@@ -60,6 +63,7 @@ class ClusterConfig:
     hot_rows: int = 65536  # rows per table each hot shard keeps
     placement: str = "engram"  # memory_service.placement.make_policy name
     migrate_interval_s: float = 0.05
+    storage: StorageConfig = StorageConfig()  # the cold shards' DRAM budget over LMDB (path None: DRAM only)
 
     def __post_init__(self) -> None:
         if not 0 <= self.num_hot <= 64 or self.hot_rows < 0:
@@ -105,9 +109,10 @@ class ShardActor:
 
     def __init__(self, shard_id: int, num_shards: int, host: str, port: int, registry_name: str,
                  metrics_port: int | None = None, cluster: str = "default", port_tries: int = 1,
-                 role: str = "cold", track_accesses: bool = False, migration: dict | None = None):
+                 role: str = "cold", track_accesses: bool = False, migration: dict | None = None,
+                 storage: StorageConfig | None = None):
         _normal_priority()  # before serve(): the gRPC threads inherit this thread's priority
-        self.shard = Shard(shard_id, num_shards, role=role, track_accesses=track_accesses)
+        self.shard = Shard(shard_id, num_shards, role=role, track_accesses=track_accesses, storage=storage)
         self.server = _serve_first_free(self.shard, host, port, metrics_port, cluster, port_tries)
         advertised = node_ip() if host in ("0.0.0.0", "::") else host
         metrics = self.server.metrics.port if self.server.metrics is not None else 0
@@ -155,9 +160,11 @@ class ShardActor:
         return 0
 
     def stop(self, grace: float = 1.0) -> None:
+        """Stops migrating and serving, then closes the shard (a cold shard writes its dirty rows back)."""
         if self.migrator is not None:
             self.migrator.stop()
-        self.server.stop(grace)
+        self.server.stop(grace)  # waits for in-flight rpcs (up to `grace`)
+        self.shard.close()
 
 
 def _serve_first_free(shard: Shard, host: str, port: int, metrics_port: int | None, cluster: str,
@@ -261,7 +268,7 @@ def launch(config: ClusterConfig, owns_ray: bool = False) -> TableCluster:
                            name=f"engram_shard:{config.name}:{i}", namespace=NAMESPACE,
                            runtime_env={"env_vars": SHARD_ENV})
         .remote(i, config.num_shards, config.host, config.port, name, config.metrics_port,
-                config.name, shards, track_accesses=config.num_hot > 0)
+                config.name, shards, track_accesses=config.num_hot > 0, storage=config.storage.for_shard(i))
         for i in range(config.num_shards)
     ]
     cold = ray.get([a.get_address.remote() for a in actors])  # raises here if a shard failed to start

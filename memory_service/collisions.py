@@ -38,7 +38,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from memory_service.errors import InvalidArgument
-from memory_service.store import _SlotIndex  # the store's vectorised row id -> arena slot map
+from memory_service.tiers.warm import SlotIndex  # the stores' vectorised row id -> arena slot map
 
 _GOLDEN = np.uint64(0x9E3779B97F4A7C15)
 _MIX1 = np.uint64(0xBF58476D1CE4E5B9)
@@ -216,7 +216,7 @@ class CollisionSketch:
         self.max_tracked_slots = max_tracked_slots
         self.max_sampled_slots = max_sampled_slots
         self.max_ngrams_per_slot = max_ngrams_per_slot
-        self._index = _SlotIndex()
+        self._index = SlotIndex()
         self._first = np.empty(0, dtype=np.uint64)  # (cap,) first fingerprint of each register
         self._lookups = np.empty(0, dtype=np.int64)  # (cap,)
         self._mixed = np.empty(0, dtype=bool)  # (cap,) >= 2 distinct N-grams seen

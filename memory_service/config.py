@@ -1,6 +1,8 @@
 """Configuration of tables and shards: typed, checked once, shared by the shard, servicer and client."""
 from __future__ import annotations
 
+import dataclasses
+import os
 from dataclasses import dataclass, field
 
 OPTIMIZERS = ("sparse_adam", "adam", "adagrad", "sgd")
@@ -68,3 +70,51 @@ class TableConfig:
         if not 0.0 <= self.collision_sample_rate <= 1.0:
             raise ValueError(f"table {self.name!r}: collision_sample_rate "
                              f"{self.collision_sample_rate} must be in [0, 1]")
+
+    def to_dict(self) -> dict:
+        """Plain data (a cold shard stores it beside the table's rows)."""
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "TableConfig":
+        return cls(**{**data, "optimizer": OptimizerConfig(**data["optimizer"])})
+
+
+@dataclass(frozen=True)
+class StorageConfig:
+    """Where a shard keeps its rows. `path` None (the default): every written row in DRAM. With a
+    `path`, a cold shard: its LMDB environment lives in that directory and holds every written row,
+    while DRAM keeps rows in at most `dram_budget_bytes` (split equally between the shard's
+    tables; each share holds rows, optimizer state and index in 15/16 of it, the rest is left to
+    the placement policy and request buffers), chosen by the placement policy named `policy`
+    (memory_service/placement.py). A background thread applies the policy's plans every
+    `placement_interval_s` seconds, at most `max_moves` row admissions per batch under the shard's
+    lock. The LMDB map starts at `map_bytes` per table (less for small tables) and doubles when
+    full."""
+
+    path: str | None = None
+    dram_budget_bytes: int = 1 << 30
+    policy: str = "lru"
+    placement_interval_s: float = 0.1
+    max_moves: int = 16384  # a batch holds the shard's lock for ~25 ms of LMDB reads here
+    map_bytes: int = 1 << 30
+
+    def __post_init__(self) -> None:
+        if self.path is not None and not self.path:
+            raise ValueError("storage path must be a directory or None, not empty")
+        if self.dram_budget_bytes < 0:
+            raise ValueError(f"dram_budget_bytes {self.dram_budget_bytes} must be >= 0")
+        if not self.policy:
+            raise ValueError("storage policy must name a placement policy")
+        if not self.placement_interval_s > 0:
+            raise ValueError(f"placement_interval_s {self.placement_interval_s} must be > 0")
+        if self.max_moves < 1:
+            raise ValueError(f"max_moves {self.max_moves} must be >= 1")
+        if self.map_bytes < 1 << 20:
+            raise ValueError(f"map_bytes {self.map_bytes} must be >= 1 MiB")
+
+    def for_shard(self, shard_id: int) -> "StorageConfig":
+        """The config of shard `shard_id`: its own subdirectory of `path`."""
+        if self.path is None:
+            return self
+        return dataclasses.replace(self, path=os.path.join(self.path, f"shard-{shard_id:04d}"))

@@ -17,18 +17,6 @@ from memory_service.errors import RowsMoved
 EMPTY = np.empty(0, dtype=np.int64)
 
 
-@dataclass(frozen=True, eq=False)
-class RowRecords:
-    """Rows leaving or entering a shard: ids (n,), which were written (present (n,) bool), and for
-    the p present ones their rows (p, width), optimizer state (p, state_width) and last step (p,)."""
-
-    ids: np.ndarray
-    present: np.ndarray
-    rows: np.ndarray
-    state: np.ndarray
-    last: np.ndarray
-
-
 @dataclass
 class Homes:
     """The moving part of one shard's homes: `role` "cold" (rows moved away) or "hot" (rows held)."""

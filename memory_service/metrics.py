@@ -186,6 +186,12 @@ METRICS: tuple[tuple[str, str, tuple[str, ...], str], ...] = (
     ("engram_table_rows_read", "counter", ("table",), "Row ids read by Fetch."),
     ("engram_table_tier_hits", "counter", ("table", "tier"),
      "Row reads served from the tier (the rest were never written: computed from the seed)."),
+    ("engram_table_tier_misses", "counter", ("table", "tier"),
+     "Row reads the tier did not hold (read from the tier below, or computed from the seed)."),
+    ("engram_table_tier_promotions", "counter", ("table", "tier"), "Rows placement moved into the tier."),
+    ("engram_table_tier_demotions", "counter", ("table", "tier"), "Rows placement moved out of the tier."),
+    ("engram_table_tier_dirty_rows", "gauge", ("table", "tier"),
+     "Rows the tier holds that are newer than the tier below's copy."),
     ("engram_table_collision_sample_rate", "gauge", ("table",),
      "Share of slots sampled for collision stats now."),
     ("engram_table_ngram_lookups", "counter", ("table",),
@@ -239,6 +245,10 @@ class ShardCollector:
             families["engram_table_rows"].add_metric([*key, tier.tier], tier.rows)
             families["engram_table_bytes"].add_metric([*key, tier.tier], tier.bytes)
             families["engram_table_tier_hits"].add_metric([*key, tier.tier], tier.hits)
+            families["engram_table_tier_misses"].add_metric([*key, tier.tier], tier.misses)
+            families["engram_table_tier_promotions"].add_metric([*key, tier.tier], tier.promotions)
+            families["engram_table_tier_demotions"].add_metric([*key, tier.tier], tier.demotions)
+            families["engram_table_tier_dirty_rows"].add_metric([*key, tier.tier], tier.dirty_rows)
         c = table.collisions
         if c is None:
             return

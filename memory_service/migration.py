@@ -23,7 +23,6 @@ import grpc
 import numpy as np
 
 from memory_service import wire
-from memory_service.homes import RowRecords
 from memory_service.placement import Policy, make_policy
 from memory_service.rpc import memory_pb2, memory_pb2_grpc
 from memory_service.shard import Shard
@@ -118,7 +117,7 @@ class Migrator:
                 table=name, ids=wire.encode_ids(part), version=version), timeout=self.timeout)
             cfg = self.hot.describe_table(name).config
             records = wire.records_from_proto(reply, cfg.width, self.hot.state_width(name))
-            self.hot.import_rows(name, records, version)
+            self.hot.import_rows(name, records, version, part)
             self.counters.promoted += len(part)
 
     def _demote(self, name: str, ids: np.ndarray) -> None:
@@ -126,16 +125,10 @@ class Migrator:
         records = self.hot.export_rows(name, ids, version)
         n = len(self.cold)
         for c in range(n):
-            mask = records.ids % n == c
-            if mask.any():
+            part = ids[ids % n == c]
+            if len(part):
                 self.cold[c].ImportRows(memory_pb2.ImportRowsRequest(
-                    records=wire.records_to_proto(name, select(records, mask)), version=version), timeout=self.timeout)
+                    records=wire.records_to_proto(name, records.take(records.ids % n == c)), version=version,
+                    ids=wire.encode_ids(part)), timeout=self.timeout)
         self.counters.demoted += len(ids)
 
-
-def select(records: RowRecords, mask: np.ndarray) -> RowRecords:
-    """The records of ids where `mask` (n,) is true."""
-    data = np.cumsum(records.present) - 1  # (n,) index into the present rows
-    keep = mask & records.present
-    return RowRecords(records.ids[mask], records.present[mask], records.rows[data[keep]],
-                      records.state[data[keep]], records.last[data[keep]])

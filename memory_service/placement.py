@@ -38,6 +38,31 @@ class Policy(ABC):
         len(admit) <= capacity; at most `max_moves` admissions when given."""
 
 
+class LRUPolicy(Policy):
+    """Keeps the `capacity` most recently read rows (plain LRU, a baseline; look-ahead ignored).
+
+    The recency list is an array of distinct ids, oldest first, trimmed to `capacity`: the rows
+    LRU keeps are exactly its contents, so nothing older needs remembering."""
+
+    def __init__(self, capacity: int) -> None:
+        super().__init__(capacity)
+        self._recent = np.empty(0, dtype=np.int64)  # (<= capacity,) distinct ids, oldest first
+
+    def record(self, ids: np.ndarray) -> None:
+        ids = np.asarray(ids, dtype=np.int64)
+        kept = self._recent[~np.isin(self._recent, ids)]
+        recent = np.concatenate([kept, ids])
+        self._recent = recent[max(len(recent) - self.capacity, 0):].copy()  # a copy: no view pins `recent`
+
+    def plan(self, resident: np.ndarray, max_moves: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+        recent = self._recent[max(len(self._recent) - self.capacity, 0):] if self.capacity else self._recent[:0]
+        wanted = recent[::-1]  # most recent first
+        admit = wanted[~np.isin(wanted, resident)]
+        if max_moves is not None:
+            admit = admit[:max_moves]
+        stale = resident[~np.isin(resident, recent)]  # resident, but not among the recent
+        excess = len(resident) + len(admit) - self.capacity
+        return admit, stale[: max(excess, 0)]
 class LFUPolicy(Policy):
     """Plain LFU: exact read counts; keeps the `capacity` most-read rows seen."""
 
@@ -67,7 +92,9 @@ class LFUPolicy(Policy):
 
 
 def make_policy(name: str, capacity: int) -> Policy:
-    """A policy by name: "lfu" (and, until the tuned policies land, "engram" = lfu)."""
+    """A policy by name: "lfu", "lru" (and, until the tuned policies land, "engram" = lfu)."""
     if name in ("lfu", "engram"):
         return LFUPolicy(capacity)
+    if name == "lru":
+        return LRUPolicy(capacity)
     raise ValueError(f"unknown placement policy {name!r}")

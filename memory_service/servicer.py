@@ -146,7 +146,7 @@ class MemoryServicer(memory_pb2_grpc.MemoryServiceServicer):
         name = request.records.table
         cfg = self.shard.describe_table(name).config
         records = wire.records_from_proto(request.records, cfg.width, self.shard.state_width(name))
-        self.shard.import_rows(name, records, request.version)
+        self.shard.import_rows(name, records, request.version, wire.decode_ids(request.ids, name))
         return memory_pb2.ImportRowsResponse()
 
     @_maps_errors

@@ -22,12 +22,24 @@ from dataclasses import dataclass
 import numpy as np
 
 from memory_service.collisions import CollisionSketch, NgramBatch
-from memory_service.config import TableConfig
+from memory_service.config import StorageConfig, TableConfig
 from memory_service.errors import InvalidArgument, StepNotReached, TableExists, TableNotFound
-from memory_service.homes import Homes, RowRecords
+from memory_service.homes import Homes
+from memory_service.placement import make_policy
+from memory_service.placer import Placer
 from memory_service.sharding import shard_of
-from memory_service.store import TableStore
-from memory_service.utilization import MEMORY_TIER, TableUsage, TierUsage
+from memory_service.store import TableStore, state_width_of
+from memory_service.tiers.base import RowRecords
+from memory_service.tiers.cold import ColdEnvironment, record_dtype
+from memory_service.tiers.warm import WarmTier
+from memory_service.utilization import TableUsage
+
+
+# 1/HEADROOM of each table's DRAM share holds no rows: it is left to the placement policy's
+# bookkeeping (plain LRU keeps 8 bytes per resident row, 1% of a share of 64-wide Adam rows; a
+# frequency sketch needs more) and to what requests leave allocated between them (measured in
+# tests/test_cold_memory.py: at rest, 2.6 MiB beyond a 240 MiB warm tier, LRU included).
+HEADROOM = 16
 
 
 @dataclass(frozen=True)
@@ -113,9 +125,16 @@ def _sum_duplicates(ids: np.ndarray, grads: np.ndarray) -> tuple[np.ndarray, np.
 
 
 class Shard:
-    """Shard `shard_id` of `num_shards`: rows r with r % num_shards == shard_id of every table."""
+    """Shard `shard_id` of `num_shards`: rows r with r % num_shards == shard_id of every table.
 
-    def __init__(self, shard_id: int, num_shards: int, role: str = "cold", track_accesses: bool = False) -> None:
+    With `storage.path` set it is a cold shard with disk: every table's written rows live in an
+    LMDB environment in that directory (reopening the directory recovers them), DRAM keeps at
+    most `storage.dram_budget_bytes` of them, and a background `Placer` moves rows between the two
+    following the placement policy. Call `close()` to write dirty rows back and close the files.
+    A "hot" `role` shard is home of the hot rows id % num_shards instead (memory_service/homes.py)."""
+
+    def __init__(self, shard_id: int, num_shards: int, storage: StorageConfig | None = None,
+                 role: str = "cold", track_accesses: bool = False) -> None:
         if not 0 <= shard_id < num_shards:
             raise InvalidArgument(f"shard id {shard_id} must be in [0, {num_shards})")
         self.shard_id, self.num_shards = shard_id, num_shards
@@ -126,16 +145,72 @@ class Shard:
         self._tables: dict[str, TableStore] = {}
         self._parts: dict[tuple[str, int], _Parts] = {}  # (table, step) -> parts held so far
         self._commits: dict[tuple[str, int], set[str]] = {}  # (table, step) -> clients that committed it
+        self.storage = storage if storage is not None else StorageConfig()
         self._collisions: dict[str, CollisionSketch] = {}  # tables with collision stats on
         self._lock = threading.Lock()
         self._stepped = threading.Condition(self._lock)  # notified when a table's step advances
+        self._cold: ColdEnvironment | None = None
+        self.placer: Placer | None = None
+        if self.storage.path is not None:
+            self._open_cold()
+
+    def _open_cold(self) -> None:
+        """Opens the LMDB directory, reopens the tables it holds and starts placement."""
+        make_policy(self.storage.policy, 0)  # an unknown policy name fails here, not in a thread
+        self._cold = ColdEnvironment(self.storage.path, self.storage.map_bytes)
+        try:
+            self._cold.check_shard(self.shard_id, self.num_shards)
+        except ValueError as err:
+            self._cold.close()
+            raise InvalidArgument(str(err)) from None
+        for meta in self._cold.tables().values():
+            cfg = TableConfig.from_dict(meta["config"])
+            self._tables[cfg.name] = self._new_store(cfg)
+        self._split_budget()
+        self.placer = Placer(self._lock, self._tables.values, self.storage.placement_interval_s,
+                             self.storage.max_moves)
+        self.placer.start()
+
+    def _new_store(self, cfg: TableConfig) -> TableStore:
+        if self._cold is None:
+            return TableStore(cfg)
+        state_width = state_width_of(cfg)
+        rows_here = -(-cfg.num_rows // self.num_shards)
+        self._cold.reserve(min(rows_here * record_dtype(cfg.width, state_width).itemsize * 3 // 2,
+                               self.storage.map_bytes))
+        cold = self._cold.open_table(cfg.name, {"config": cfg.to_dict()}, cfg.width, state_width)
+        warm = WarmTier(cfg.width, state_width, max_rows=0)  # _split_budget sizes it
+        return TableStore(cfg, warm=warm, cold=cold, policy=make_policy(self.storage.policy, 0))
+
+    def _split_budget(self) -> None:
+        """Gives each table an equal share of the DRAM budget, as rows of its own size, less the
+        headroom (see HEADROOM)."""
+        if self._cold is None or not self._tables:
+            return
+        share = self.storage.dram_budget_bytes // len(self._tables)
+        share -= share // HEADROOM
+        for store in self._tables.values():
+            store.set_warm_capacity(WarmTier.rows_within(share, store.cfg.width, store.warm.state_width))
+
+    def close(self) -> None:
+        """Stops placement, writes dirty rows back and closes the LMDB files (a cold shard; an
+        all-DRAM shard has nothing to close). The shard serves nothing afterwards."""
+        if self.placer is not None:
+            self.placer.stop()
+        with self._lock:
+            for store in self._tables.values():
+                store.close()
+            if self._cold is not None:
+                self._cold.close()
+                self._cold = None
 
     def create_table(self, cfg: TableConfig) -> TableInfo:
         """Creates the table; re-creating with the identical config is a no-op."""
         with self._lock:
             store = self._tables.get(cfg.name)
             if store is None:
-                store = self._tables[cfg.name] = TableStore(cfg)
+                store = self._tables[cfg.name] = self._new_store(cfg)
+                self._split_budget()
                 if cfg.collision_sample_rate > 0:
                     self._collisions[cfg.name] = CollisionSketch(cfg.collision_sample_rate)
             elif store.cfg != cfg:
@@ -149,8 +224,11 @@ class Shard:
 
     def drop_table(self, name: str) -> None:
         with self._lock:
-            self._store(name)
+            self._store(name).close(flush=False)
             del self._tables[name]
+            if self._cold is not None:
+                self._cold.drop_table(name)
+                self._split_budget()
             self._collisions.pop(name, None)
             self.homes.drop(name)
             self._accesses.pop(name, None)
@@ -170,8 +248,10 @@ class Shard:
             checked = {name: self._checked_ids(name, ids) for name, ids in requests.items()}
             if min_step > 0:
                 for name, ids in checked.items():  # a look-ahead read: placement may act on it now
-                    if self.track_accesses and self._tables[name].committed < min_step:
-                        self._accesses.setdefault(name, _Accesses()).expect(ids)
+                    if self._tables[name].committed < min_step:
+                        self._tables[name].expect(ids)  # the DRAM/LMDB placement of a cold shard
+                        if self.track_accesses:  # the hot/cold migration
+                            self._accesses.setdefault(name, _Accesses()).expect(ids)
                 reached = lambda: all(name not in self._tables or self._tables[name].committed >= min_step
                                       for name in checked)
                 if not self._stepped.wait_for(reached, timeout):
@@ -285,7 +365,7 @@ class Shard:
     # -- hot and cold shards ----------------------------------------------------------------------
     def export_rows(self, name: str, ids: np.ndarray, version: int) -> RowRecords:
         """Hands distinct rows `ids` (n,) over for a move: removed here with their optimizer state,
-        refused (RowsMoved) from now on. Rows never written come back absent."""
+        refused (RowsMoved) from now on. Only rows ever written come back."""
         with self._lock:
             ids = self._checked_ids(name, ids)
             if len(np.unique(ids)) != len(ids):
@@ -295,10 +375,12 @@ class Shard:
             self.homes.leave(name, ids, version)
             return records
 
-    def import_rows(self, name: str, records: RowRecords, version: int) -> None:
-        """Takes rows moved here (exported by their previous home)."""
+    def import_rows(self, name: str, records: RowRecords, version: int, ids: np.ndarray | None = None) -> None:
+        """Takes rows moved here: `ids` (n,) all of them, `records` those ever written (the
+        others are computed from the seed wherever they are), exported by their previous home."""
         with self._lock:
-            ids = self._checked_ids(name, records.ids)
+            ids = self._checked_ids(name, records.ids if ids is None else ids)
+            self._checked_ids(name, records.ids)
             self._tables[name].import_rows(records)
             self.homes.arrive(name, ids, version)
 
@@ -349,11 +431,9 @@ class Shard:
     @staticmethod
     def _usage(store: TableStore) -> TableUsage:
         cfg, state = store.cfg, store.state_nbytes
-        memory = TierUsage(MEMORY_TIER, rows=store.num_materialized, bytes=store.nbytes - state,
-                           hits=store.hits)
         return TableUsage(name=cfg.name, num_rows=cfg.num_rows, width=cfg.width, step=store.step,
                           rows_read=store.rows_read, optimizer_rows=store.optimizer_rows,
-                          optimizer_state_bytes=state, tiers=(memory,))
+                          optimizer_state_bytes=state, tiers=store.tier_usage())
 
     def owns(self, ids: np.ndarray) -> bool:
         """Whether every id (n,) lives on this shard."""

@@ -1,106 +1,247 @@
-"""One table's rows on one shard: lazily materialised rows and optimizer state in float32 arenas.
+"""One table's rows on one shard: lazily materialised rows and their optimizer state, in tiers.
 
 A row costs memory only once a push has written it; until then a read returns
 `init_rows(seed, id)`, the value it would have had, so an untouched 100M-row table costs nothing
-and a row starts identical whatever the number of shards. Written rows live in growable arenas,
-ids (cap,), rows (cap, width) and state (cap, state_width), at a slot found through `_SlotIndex`, an
-open-addressing hash table probed with whole-array numpy operations: with 1M rows written it
-finds 16k ids in ~1 ms where a Python dict took 12 ms (2-core VM). tests/test_store.py prints
-the 16k read and update times.
+and a row starts identical whatever the number of shards. Written rows live in a warm tier (DRAM
+arenas, memory_service/tiers/warm.py) and, on a cold shard with a disk directory, in a cold tier
+(LMDB, tiers/cold.py) under it:
+
+- The cold tier holds every written row; the warm tier holds at most its row budget of them, a
+  copy that is authoritative while resident and marked dirty once it is newer than the cold copy.
+- Reads take warm rows from DRAM and the rest in one batched LMDB read; never-written rows are
+  computed. Writes update resident rows in DRAM (dirty) and write the others straight to LMDB,
+  so the DRAM budget holds even when one push writes more rows than fit.
+- Which rows the warm tier keeps is the placement `Policy`'s call (memory_service/placement.py):
+  every read's distinct ids are recorded, look-ahead fetches are announced with `expect`, and
+  `place()` (run by the shard's background `Placer`, never inside a request) applies its plan:
+  evicted rows are written back if dirty and dropped, admitted rows read from LMDB.
+
+Rows, optimizer state and last step move between tiers as exact copies, and the optimizer sees
+the same batches whatever the tiers hold (dense Adam's catch-up is not batch-independent in the
+last bit, so a read or push gathers every row it touches into one batch), so a tiered store ends
+bit-identical to an all-DRAM one given the same requests (tests/test_tiered_store.py).
+
+Without a cold tier (the default) the store is the all-DRAM store it always was: every row in the
+warm arena, unbounded, read and updated in place by slot.
 """
 from __future__ import annotations
 
 import hashlib
+import math
+from collections.abc import Iterator
+from dataclasses import dataclass
 
 import numpy as np
 
 from memory_service.config import TableConfig
 from memory_service.optimizer import make_optimizer
-from memory_service.homes import RowRecords
+from memory_service.placement import Policy
 from memory_service.rows import init_rows
+from memory_service.tiers.base import RowRecords
+from memory_service.tiers.cold import ColdTier
+from memory_service.tiers.warm import WarmTier
+from memory_service.utilization import COLD_TIER, MEMORY_TIER, TierUsage
 
-_EMPTY = -1  # key of a free bucket (row ids are >= 0)
-_FIBONACCI = np.uint64(0x9E3779B97F4A7C15)  # multiplicative hash: spreads ids r = s mod N too
+
+@dataclass
+class TierCounters:
+    """Since the store was opened: ids read that a tier held (hits) or not (misses, looked for
+    below), and rows moved into (promotions) and out of (demotions) the tier."""
+
+    hits: int = 0
+    misses: int = 0
+    promotions: int = 0
+    demotions: int = 0
+    writebacks: int = 0  # dirty rows written to the tier below when demoted or flushed
 
 
-class _SlotIndex:
-    """row id -> arena slot, linear probing at load <= 1/2, all ids of a call probed together."""
-
-    def __init__(self) -> None:
-        self._bits = 4
-        self._keys = np.full(1 << self._bits, _EMPTY, dtype=np.int64)  # (buckets,) row ids
-        self._slots = np.zeros(1 << self._bits, dtype=np.int64)  # (buckets,) arena slots
-        self.size = 0
-
-    @property
-    def nbytes(self) -> int:
-        return self._keys.nbytes + self._slots.nbytes
-
-    def _home(self, ids: np.ndarray) -> np.ndarray:
-        return (ids.astype(np.uint64) * _FIBONACCI >> np.uint64(64 - self._bits)).astype(np.int64)
-
-    def lookup(self, ids: np.ndarray) -> np.ndarray:
-        """ids: (n,) int64 -> (n,) int64 slots, -1 where the id has no slot."""
-        out = np.full(ids.shape[0], -1, dtype=np.int64)
-        pending, bucket = np.arange(ids.shape[0]), self._home(ids)  # (m,) each, shrinking
-        mask = len(self._keys) - 1
-        while pending.size:
-            keys = self._keys[bucket]
-            hit = keys == ids[pending]
-            out[pending[hit]] = self._slots[bucket[hit]]
-            probe_on = ~hit & (keys != _EMPTY)
-            pending, bucket = pending[probe_on], (bucket[probe_on] + 1) & mask
-        return out
-
-    def insert(self, ids: np.ndarray, slots: np.ndarray) -> None:
-        """Adds distinct ids, none present yet. ids, slots: (n,) int64."""
-        if 2 * (self.size + len(ids)) > len(self._keys):
-            self._grow(self.size + len(ids))
-        pending, bucket = np.arange(len(ids)), self._home(ids)
-        mask = len(self._keys) - 1
-        while pending.size:
-            free = self._keys[bucket] == _EMPTY
-            # Pending ids may reach the same free bucket: the first takes it, the rest probe on.
-            _, first = np.unique(bucket[free], return_index=True)
-            won, won_bucket = pending[free][first], bucket[free][first]
-            self._keys[won_bucket], self._slots[won_bucket] = ids[won], slots[won]
-            placed = np.zeros(len(ids), dtype=bool)
-            placed[won] = True
-            probe_on = ~placed[pending]
-            pending, bucket = pending[probe_on], (bucket[probe_on] + 1) & mask
-        self.size += len(ids)
-
-    def _grow(self, size: int) -> None:
-        live = self._keys != _EMPTY
-        ids, slots = self._keys[live], self._slots[live]
-        self._bits = max(self._bits + 1, (2 * size - 1).bit_length())
-        self._keys = np.full(1 << self._bits, _EMPTY, dtype=np.int64)
-        self._slots = np.zeros(1 << self._bits, dtype=np.int64)
-        self.size = 0
-        self.insert(ids, slots)
+def state_width_of(cfg: TableConfig) -> int:
+    """float32 optimizer-state values per row of the table."""
+    return make_optimizer(cfg.optimizer).state_width(cfg.width)
 
 
 class TableStore:
-    """The rows of one table held by one shard, and their optimizer state."""
+    """The rows of one table held by one shard, and their optimizer state.
 
-    def __init__(self, cfg: TableConfig) -> None:
+    `warm`: the DRAM tier (default: an unbounded WarmTier). `cold`: the LMDB tier under it, or
+    None for an all-DRAM store. `policy`: places rows between them (needed with `cold`)."""
+
+    def __init__(self, cfg: TableConfig, warm: WarmTier | None = None, cold: ColdTier | None = None,
+                 policy: Policy | None = None) -> None:
         self.cfg = cfg
         self.optimizer = make_optimizer(cfg.optimizer)
         self._state_width = self.optimizer.state_width(cfg.width)
-        self._index = _SlotIndex()
-        self._ids = np.empty(0, dtype=np.int64)  # (cap,) row id of each slot
-        self._rows = np.empty((0, cfg.width), dtype=np.float32)  # (cap, width)
-        self._state = np.empty((0, self._state_width), dtype=np.float32)  # (cap, state_width)
-        self._last = np.empty(0, dtype=np.int64)  # (cap,) step each row was last brought up to date
-        self.committed = 0  # the last complete step: reads are brought up to it
+        self.warm = warm if warm is not None else WarmTier(cfg.width, self._state_width)
+        for tier in (self.warm, cold):
+            if tier is not None and (tier.width, tier.state_width) != (cfg.width, self._state_width):
+                raise ValueError(f"table {cfg.name!r}: {tier.name} tier holds width {tier.width} + state "
+                                 f"{tier.state_width}, the table needs {cfg.width} + {self._state_width}")
+        if cold is not None and policy is None:
+            raise ValueError(f"table {cfg.name!r}: a store with a cold tier needs a placement policy")
+        self.cold = cold
+        self.policy = policy
+        self.warm_counters, self.cold_counters = TierCounters(), TierCounters()
+        self.committed = 0  # the last complete step: reads are brought up to it (see `commit`)
         self.optimizer_rows = 0  # rows the optimizer processed: updated, or caught up on a read
         self.rows_read = 0  # ids read since start
         self.hits = 0  # of those, ids found stored (the rest were computed from the seed)
+        self._capacity = self.warm.max_rows  # rows the warm tier may keep (None: no limit)
+        # False once a plan moved nothing and no request came since: an idle table costs the
+        # placer no planning (a plan sorts every resident id) and no memory for it.
+        self._unsettled = True
+        self.closed = False  # set when the table is dropped or its shard closes
+        if cold is not None:
+            self._load_log()
+
+    def close(self, flush: bool = True) -> None:
+        """Retires the store, first writing dirty warm rows back when `flush` (a dropped table's
+        rows are not worth writing)."""
+        if flush:
+            self.flush()
+        self.closed = True
 
     @property
     def step(self) -> int:
         """The largest table step pushed so far (0 before any push)."""
         return self.optimizer.step
+
+    @property
+    def num_materialized(self) -> int:
+        """Rows written (the cold tier holds every one; the warm tier copies of some)."""
+        return len(self.cold) if self.cold is not None else len(self.warm)
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes held: the warm arenas (capacity, up to 2x the rows without a budget) and index,
+        plus the cold tier's pages on disk."""
+        return self.warm.nbytes + (self.cold.nbytes if self.cold is not None else 0)
+
+    @property
+    def state_nbytes(self) -> int:
+        """Bytes of the warm optimizer-state arena (part of `nbytes`)."""
+        return self.warm.state_nbytes
+
+    # --- reads ---
+
+    def read(self, ids: np.ndarray) -> np.ndarray:
+        """Rows of `ids` (n,) int64 in range -> (n, width) float32, as they stand at the table's
+        step: an optimizer that catches up (dense Adam) first brings the written rows among them
+        up to date, and keeps the result. Never-written rows are computed, not stored."""
+        self.rows_read += len(ids)
+        if self.cold is None:
+            return self._read_warm(ids)
+        out = self._read_tiered(ids)
+        self.policy.record(np.unique(ids))
+        self._unsettled = True
+        return out
+
+    def _read_warm(self, ids: np.ndarray) -> np.ndarray:
+        slots = self.warm.lookup(ids)  # (n,)
+        if self.optimizer.catches_up:
+            self._catch_up_warm(slots[slots >= 0])
+        missing = slots < 0
+        self.hits += len(ids) - int(np.count_nonzero(missing))
+        if not missing.any():
+            return self.warm.rows_at(slots)
+        out = np.empty((len(ids), self.cfg.width), dtype=np.float32)
+        out[~missing] = self.warm.rows_at(slots[~missing])
+        out[missing] = init_rows(self.cfg.seed, ids[missing], self.cfg.width, self.cfg.init_scale)
+        return out
+
+    def _catch_up_warm(self, slots: np.ndarray) -> None:
+        """Brings the rows at warm `slots` (n,) (repeats allowed) up to the table's step."""
+        behind = np.unique(slots[self.warm.last_at(slots) < self.committed])  # (m,)
+        if not behind.size:
+            return
+        rows, state, last = self.warm.records_at(behind)
+        self.optimizer.catch_up(rows, state, last, self.committed)
+        self.warm.write_at(behind, rows, state, last)
+        self.optimizer_rows += behind.size
+
+    def _read_tiered(self, ids: np.ndarray) -> np.ndarray:
+        slots = self.warm.lookup(ids)  # (n,)
+        hit = slots >= 0
+        cold_ids = ids[~hit]  # (c,) repeats kept
+        distinct = np.unique(cold_ids)  # (u,)
+        found, rows, state, last = self.cold.get(distinct)  # records of distinct[found]
+        if self.optimizer.catches_up:
+            self._catch_up_tiered(np.unique(slots[hit]), distinct[found], rows, state, last)
+        out = np.empty((len(ids), self.cfg.width), dtype=np.float32)
+        out[hit] = self.warm.rows_at(slots[hit])
+        cold_rows = np.empty((len(distinct), self.cfg.width), dtype=np.float32)  # (u, width)
+        cold_rows[found] = rows
+        cold_rows[~found] = init_rows(self.cfg.seed, distinct[~found], self.cfg.width, self.cfg.init_scale)
+        where = np.searchsorted(distinct, cold_ids)  # (c,)
+        out[~hit] = cold_rows[where]
+        num_warm, num_cold = int(np.count_nonzero(hit)), int(np.count_nonzero(found[where]))
+        self.warm_counters.hits += num_warm
+        self.warm_counters.misses += len(cold_ids)
+        self.cold_counters.hits += num_cold
+        self.cold_counters.misses += len(cold_ids) - num_cold
+        self.hits += num_warm + num_cold
+        return out
+
+    def _catch_up_tiered(self, warm_slots: np.ndarray, cold_ids: np.ndarray, rows: np.ndarray,
+                         state: np.ndarray, last: np.ndarray) -> None:
+        """Brings written rows behind the table's step up to it in one optimizer batch, as an
+        all-DRAM store would: distinct `warm_slots` (w,) and the cold records of `cold_ids` (k,)
+        (updated in place). Warm rows become dirty; cold rows are written back."""
+        warm_slots = warm_slots[self.warm.last_at(warm_slots) < self.committed]
+        behind = last < self.committed  # (k,)
+        if not warm_slots.size and not behind.any():
+            return
+        warm_rows, warm_state, warm_last = self.warm.records_at(warm_slots)
+        batch_rows = np.concatenate([warm_rows, rows[behind]])
+        batch_state = np.concatenate([warm_state, state[behind]])
+        batch_last = np.concatenate([warm_last, last[behind]])
+        self.optimizer.catch_up(batch_rows, batch_state, batch_last, self.committed)
+        w = len(warm_slots)
+        self.warm.write_at(warm_slots, batch_rows[:w], batch_state[:w], batch_last[:w])
+        self.warm.mark_dirty(warm_slots)
+        rows[behind], state[behind], last[behind] = batch_rows[w:], batch_state[w:], batch_last[w:]
+        if w < len(batch_rows):
+            self.cold.put(cold_ids[behind], batch_rows[w:], batch_state[w:], batch_last[w:])
+        self.optimizer_rows += len(batch_rows)
+
+    def expect(self, ids: np.ndarray) -> None:
+        """Ids (n,) a fetch held for a later step will read: the policy's look-ahead."""
+        if self.policy is not None:
+            self.policy.expect(np.unique(ids))
+            self._unsettled = True
+
+    # --- writes ---
+
+    def check_push(self, ids: np.ndarray, step: int, lr: float | None) -> None:
+        """ValueError unless a push of distinct `ids` (n,) at `step` with `lr` can be applied:
+        the step log accepts it and, for an optimizer that catches up, no row already took a
+        gradient at `step` (the update is not additive: the pushes of one step must be summed)."""
+        self.optimizer.checked_lr(step, lr)
+        if self.optimizer.catches_up and len(ids):
+            done = self._last_of(ids) >= step
+            if done.any():
+                raise ValueError(f"row id {ids[done.argmax()]} already took a gradient at step "
+                                 f"{step}: send each step's gradients of a row in one push")
+
+    def _last_of(self, ids: np.ndarray) -> np.ndarray:
+        """Last step of each id (n,), -1 where never written."""
+        slots = self.warm.lookup(ids)
+        last = np.full(len(ids), -1, dtype=np.int64)
+        last[slots >= 0] = self.warm.last_at(slots[slots >= 0])
+        if self.cold is not None and (slots < 0).any():
+            cold = np.flatnonzero(slots < 0)
+            found, _, _, cold_last = self.cold.get(ids[cold])
+            last[cold[found]] = cold_last
+        return last
+
+    def record_step(self, step: int, lr: float | None) -> None:
+        """Logs table `step` and its learning rate (a push, possibly empty, arrived for it)."""
+        new = self._is_new_step(step)
+        self.optimizer.record_step(step, lr)
+        if new and self.cold is not None:
+            self.cold.save_log(np.array([step]), np.array([self.optimizer.lr_at(step)]))
+
+    def _is_new_step(self, step: int) -> bool:
+        return step > self.step or math.isnan(self.optimizer.lr_at(step))
 
     def commit(self, step: int, lr: float | None) -> None:
         """Step `step` is complete: every gradient of it arrived. Reads see it (rows are caught up
@@ -111,159 +252,235 @@ class TableStore:
             self.optimizer.checked_lr(step, lr)
         self.committed = max(self.committed, step)
 
-    @property
-    def num_materialized(self) -> int:
-        return self._index.size
-
-    @property
-    def nbytes(self) -> int:
-        """Bytes held: the row and state arenas (capacity, up to 2x the rows written) and index."""
-        return (self._ids.nbytes + self._rows.nbytes + self._state.nbytes + self._last.nbytes
-                + self._index.nbytes)
-
-    @property
-    def state_nbytes(self) -> int:
-        """Bytes of the optimizer-state arena (part of `nbytes`)."""
-        return self._state.nbytes
-
-    def read(self, ids: np.ndarray) -> np.ndarray:
-        """Rows of `ids` (n,) int64 in range -> (n, width) float32, as they stand at the table's
-        step: an optimizer that catches up (dense Adam) first brings the written rows among them
-        up to date, and keeps the result. Never-written rows are computed, not stored."""
-        slots = self._index.lookup(ids)  # (n,)
-        if self.optimizer.catches_up:
-            self._catch_up(slots[slots >= 0])
-        missing = slots < 0
-        self.rows_read += len(ids)
-        self.hits += len(ids) - int(np.count_nonzero(missing))
-        if not missing.any():
-            return np.take(self._rows, slots, axis=0)  # ~3x faster than self._rows[slots] here
-        out = np.empty((len(ids), self.cfg.width), dtype=np.float32)
-        out[~missing] = np.take(self._rows, slots[~missing], axis=0)
-        out[missing] = init_rows(self.cfg.seed, ids[missing], self.cfg.width, self.cfg.init_scale)
-        return out
-
-    def check_push(self, ids: np.ndarray, step: int, lr: float | None) -> None:
-        """ValueError unless a push of distinct `ids` (n,) at `step` with `lr` can be applied:
-        the step log accepts it and, for an optimizer that catches up, no row already took a
-        gradient at `step` (the update is not additive: the pushes of one step must be summed)."""
-        self.optimizer.checked_lr(step, lr)
-        if self.optimizer.catches_up and len(ids):
-            slots = self._index.lookup(ids)
-            done = np.zeros(len(ids), dtype=bool)
-            done[slots >= 0] = self._last[slots[slots >= 0]] >= step
-            if done.any():
-                raise ValueError(f"row id {ids[done.argmax()]} already took a gradient at step "
-                                 f"{step}: send each step's gradients of a row in one push")
-
-    def record_step(self, step: int, lr: float | None) -> None:
-        """Logs table `step` and its learning rate (a push, possibly empty, arrived for it)."""
-        self.optimizer.record_step(step, lr)
-
     def update(self, ids: np.ndarray, grads: np.ndarray, step: int, lr: float | None = None,
                commit: bool = True) -> None:
         """Applies the optimizer at table `step` with learning rate `lr` (None: the configured one)
         to distinct `ids` (n,) with `grads` (n, width); with `commit`, the step is complete (see
         `commit`), else more of its gradients may come."""
-        self.record_step(step, lr)
         if commit:
             self.committed = max(self.committed, step)
-        slots = self._index.lookup(ids)  # (n,)
-        missing = slots < 0
-        if missing.any():
-            slots[missing] = self._materialize(ids[missing])
-        rows, state, last = self._rows[slots], self._state[slots], self._last[slots]  # gathered copies
-        self.optimizer.update(rows, state, last, grads, step)
-        self._rows[slots], self._state[slots], self._last[slots] = rows, state, last
+        if self.cold is None:
+            self.optimizer.record_step(step, lr)
+            self._update_warm(ids, grads, step)
+        else:
+            new = self._is_new_step(step)
+            self.optimizer.record_step(step, lr)
+            self._update_tiered(ids, grads, step, (step, self.optimizer.lr_at(step)) if new else None)
+            self._unsettled = True  # rows read before they were written can be admitted now
         self.optimizer_rows += len(ids)
 
-    def _catch_up(self, slots: np.ndarray) -> None:
-        """Brings the rows at `slots` (n,) (repeats allowed) up to the table's step."""
-        behind = np.unique(slots[self._last[slots] < self.committed])  # (m,)
-        if not behind.size:
+    def _update_warm(self, ids: np.ndarray, grads: np.ndarray, step: int) -> None:
+        slots = self.warm.lookup(ids)  # (n,)
+        missing = slots < 0
+        if missing.any():
+            new = ids[missing]
+            slots[missing] = self.warm.append(new, *self._initial(new))
+        rows, state, last = self.warm.records_at(slots)  # gathered copies
+        self.optimizer.update(rows, state, last, grads, step)
+        self.warm.write_at(slots, rows, state, last)
+
+    def _initial(self, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(rows, state, last) of never-written `ids` (m,): their initial row, zero state, and
+        last step as if caught up to the step before the current one."""
+        rows = init_rows(self.cfg.seed, ids, self.cfg.width, self.cfg.init_scale)
+        state = self.optimizer.initial_state(len(ids), self.cfg.width)
+        return rows, state, np.full(len(ids), max(self.step - 1, 0), dtype=np.int64)
+
+    def _update_tiered(self, ids: np.ndarray, grads: np.ndarray, step: int,
+                       log: tuple[int, float] | None) -> None:
+        """One optimizer batch over every id: resident rows updated in DRAM (dirty), the others
+        read from LMDB (or initialised) and written back there with the step log entry."""
+        n, width = len(ids), self.cfg.width
+        slots = self.warm.lookup(ids)  # (n,)
+        resident = slots >= 0
+        rows = np.empty((n, width), dtype=np.float32)
+        state = np.empty((n, self._state_width), dtype=np.float32)
+        last = np.empty(n, dtype=np.int64)
+        rows[resident], state[resident], last[resident] = self.warm.records_at(slots[resident])
+        other = np.flatnonzero(~resident)  # (o,) positions
+        found, cold_rows, cold_state, cold_last = self.cold.get(ids[other])
+        rows[other[found]], state[other[found]], last[other[found]] = cold_rows, cold_state, cold_last
+        new = other[~found]
+        rows[new], state[new], last[new] = self._initial(ids[new])
+        self.optimizer.update(rows, state, last, grads, step)
+        self.warm.write_at(slots[resident], rows[resident], state[resident], last[resident])
+        self.warm.mark_dirty(slots[resident])
+        if other.size:
+            self.cold.put(ids[other], rows[other], state[other], last[other], log=log)
+        elif log is not None:
+            self.cold.save_log(np.array([log[0]]), np.array([log[1]]))
+
+    # --- placement ---
+
+    def set_warm_capacity(self, max_rows: int) -> None:
+        """Rows the warm tier may keep from now on. Growing takes effect at once; shrinking once
+        `place()` has evicted down to it."""
+        self._capacity = max_rows
+        self._unsettled = True
+        if self.policy is not None:
+            self.policy.capacity = max_rows
+        if self.warm.max_rows is None or max_rows >= len(self.warm):
+            self.warm.set_max_rows(max_rows)
+
+    def place(self, max_moves: int | None = None) -> int:
+        """Applies one placement plan (evictions, then at most `max_moves` admissions); returns
+        the rows moved. Called between requests (the shard's Placer), never inside one."""
+        if self.cold is None or not self._unsettled:
+            return 0
+        resident = np.sort(self.warm.ids())
+        admit, evict = self.policy.plan(resident, max_moves)
+        admit, evict = self._checked_plan(resident, admit, evict)
+        self._evict(evict)
+        if self._capacity is not None and self.warm.max_rows != self._capacity and len(self.warm) <= self._capacity:
+            self.warm.set_max_rows(self._capacity)
+        room = self.warm.room if self._capacity is None else self._capacity - len(self.warm)
+        admit = admit[: max(int(min(room, len(admit))), 0)]
+        found, rows, state, last = self.cold.get(admit)
+        self.warm.append(admit[found], rows, state, last)
+        moved = len(evict) + int(np.count_nonzero(found))
+        self.warm_counters.promotions += moved - len(evict)
+        self._unsettled = moved > 0
+        return moved
+
+    def _checked_plan(self, resident: np.ndarray, admit, evict) -> tuple[np.ndarray, np.ndarray]:
+        admit = np.asarray(admit, dtype=np.int64).reshape(-1)
+        evict = np.asarray(evict, dtype=np.int64).reshape(-1)
+        name = type(self.policy).__name__
+        if not np.isin(evict, resident).all() or len(np.unique(evict)) != len(evict):
+            raise ValueError(f"{name}.plan evicts ids that are not resident, or repeats them")
+        if np.isin(admit, resident).any() or len(np.unique(admit)) != len(admit):
+            raise ValueError(f"{name}.plan admits resident ids, or repeats them")
+        return admit, evict
+
+    def _evict(self, ids: np.ndarray) -> None:
+        """Drops resident `ids` from the warm tier, writing dirty ones back to the cold tier."""
+        if not ids.size:
             return
-        rows, state, last = self._rows[behind], self._state[behind], self._last[behind]
-        self.optimizer.catch_up(rows, state, last, self.committed)
-        self._rows[behind], self._state[behind], self._last[behind] = rows, state, last
-        self.optimizer_rows += behind.size
+        slots = self.warm.lookup(ids)
+        dirty = self.warm.dirty_at(slots)
+        if dirty.any():
+            self.cold.put(ids[dirty], *self.warm.records_at(slots[dirty]))
+            self.warm_counters.writebacks += int(np.count_nonzero(dirty))
+        self.warm.remove_slots(slots)
+        self.warm_counters.demotions += len(ids)
+
+    def flush(self) -> None:
+        """Writes every dirty warm row back to the cold tier (before a shard closes)."""
+        if self.cold is None:
+            return
+        slots = self.warm.dirty_slots()
+        if slots.size:
+            self.cold.put(self.warm.ids_at(slots), *self.warm.records_at(slots))
+            self.warm.mark_clean(slots)
+            self.warm_counters.writebacks += len(slots)
+
+    # --- migration ---
 
     def export_rows(self, ids: np.ndarray) -> RowRecords:
-        """Removes distinct `ids` (n,) from this store and returns them exactly as held (rows,
-        optimizer state, last step); ids never written come back absent."""
-        slots = self._index.lookup(ids)
-        present = slots >= 0
-        kept = slots[present]
-        records = RowRecords(ids, present, self._rows[kept], self._state[kept], self._last[kept])
-        if len(kept):
-            live = np.ones(self._index.size, dtype=bool)
-            live[kept] = False
-            survivors = np.flatnonzero(live)  # (m,) slots that stay, compacted to 0..m-1
-            self._index = _SlotIndex()
-            for name in ("_ids", "_rows", "_state", "_last"):
-                arr = getattr(self, name)
-                arr[:len(survivors)] = arr[survivors]
-            self._index.insert(self._ids[:len(survivors)].copy(), np.arange(len(survivors), dtype=np.int64))
-        return records
+        """Removes the written rows among distinct `ids` (n,) from every tier and returns them
+        exactly (row, state, last step), in the order of `ids`. Never-written ids are absent from
+        the result and stay nowhere."""
+        ids = np.asarray(ids, dtype=np.int64)
+        if len(np.unique(ids)) != len(ids):
+            raise ValueError(f"table {self.cfg.name!r}: export_rows takes distinct ids")
+        warm = self.warm.pop(ids)
+        if self.cold is None:
+            return warm
+        cold = self.cold.pop(ids)
+        cold = cold.take(~np.isin(cold.ids, warm.ids))  # resident rows: the warm copy is current
+        records = RowRecords.concat([warm, cold])
+        position = np.argsort(ids)
+        order = np.argsort(position[np.searchsorted(ids[position], records.ids)])
+        return records.take(order)
 
     def import_rows(self, records: RowRecords) -> None:
-        """Takes rows exported by another store of the same table (none of them held here)."""
-        ids = records.ids[records.present]
-        if len(ids):
-            if (self._index.lookup(ids) >= 0).any():
-                raise ValueError("import_rows: some rows are already held here")
-            slots = self._materialize(ids)
-            self._rows[slots], self._state[slots], self._last[slots] = records.rows, records.state, records.last
+        """Stores `records` (distinct ids) exactly, overwriting what the store holds for them:
+        in the cold tier when there is one, and in the warm tier as far as it has room."""
+        if self.cold is None:
+            self.warm.put(records.ids, records.rows, records.state, records.last)
+            return
+        self.cold.put(records.ids, records.rows, records.state, records.last)
+        self._unsettled = True
+        slots = self.warm.lookup(records.ids)
+        resident = slots >= 0
+        self.warm.write_at(slots[resident], records.rows[resident], records.state[resident],
+                           records.last[resident])
+        self.warm.mark_clean(slots[resident])  # equal to the cold copy just written
+        room = self.warm.room if self._capacity is None else self._capacity - len(self.warm)
+        fits = np.flatnonzero(~resident)[: max(int(min(room, len(records))), 0)]
+        self.warm.append(*(a[fits] for a in (records.ids, records.rows, records.state, records.last)))
 
-    def _materialize(self, ids: np.ndarray) -> np.ndarray:
-        """Gives new ids (m,) slots holding their initial row and state; returns the slots (m,)."""
-        first, size = self._index.size, self._index.size + len(ids)
-        if size > len(self._ids):
-            self._reserve(max(size, 2 * len(self._ids), 1024))
-        slots = np.arange(first, size, dtype=np.int64)
-        self._ids[slots] = ids
-        self._rows[slots] = init_rows(self.cfg.seed, ids, self.cfg.width, self.cfg.init_scale)
-        self._state[slots] = self.optimizer.initial_state(len(ids), self.cfg.width)
-        # State zero: as if the row had been caught up to the step before this one's.
-        self._last[slots] = max(self.step - 1, 0)
-        self._index.insert(ids, slots)
-        return slots
+    # --- whole-table views ---
 
-    def _reserve(self, capacity: int) -> None:
-        used = self._index.size
-        for name in ("_ids", "_rows", "_state", "_last"):
-            old = getattr(self, name)
-            new = np.empty((capacity,) + old.shape[1:], dtype=old.dtype)
-            new[:used] = old[:used]
-            setattr(self, name, new)
+    def _records(self) -> Iterator[RowRecords]:
+        """Every written row as it stands, in id order, in chunks: the cold tier's records with
+        the dirty warm copies in their place (or the warm arena alone without a cold tier)."""
+        if self.cold is None:
+            ids = self.warm.ids()
+            order = np.argsort(ids)
+            yield RowRecords(ids[order], *self.warm.records_at(order))
+            return
+        slots = self.warm.dirty_slots()
+        dirty_ids = self.warm.ids_at(slots)
+        order = np.argsort(dirty_ids)
+        dirty_ids, slots = dirty_ids[order], slots[order]
+        for chunk in self.cold.scan():
+            at = np.minimum(np.searchsorted(dirty_ids, chunk.ids), max(len(dirty_ids) - 1, 0))
+            newer = (dirty_ids[at] == chunk.ids) if len(dirty_ids) else np.zeros(len(chunk), bool)
+            if newer.any():
+                chunk.rows[newer], chunk.state[newer], chunk.last[newer] = self.warm.records_at(slots[at[newer]])
+            yield chunk
 
     def digest(self) -> str:
-        """sha256 of the config, step log and every written (id, row, state, last step), in id order."""
-        used = self._index.size
-        order = np.argsort(self._ids[:used])
+        """sha256 of the config, step log and every written (id, row, state, last step), in id
+        order: one sha256 per field over its values in id order, then one over the config, step
+        log and those four, so a cold table is hashed in one streaming pass, never held whole."""
+        fields = {f: hashlib.sha256() for f in ("ids", "rows", "state", "last")}
+        for chunk in self._records():
+            for name, field_hash in fields.items():
+                field_hash.update(np.ascontiguousarray(getattr(chunk, name)).tobytes())
         h = hashlib.sha256(repr(self.cfg).encode())
         for value in self.optimizer.log_state().values():
             h.update(np.ascontiguousarray(value).tobytes())
-        for arena in (self._ids, self._rows, self._state, self._last):
-            h.update(np.ascontiguousarray(arena[:used][order]).tobytes())
+        for field_hash in fields.values():
+            h.update(field_hash.digest())
         return h.hexdigest()
 
     def state_dict(self) -> dict[str, np.ndarray]:
         """Everything a restore needs: written rows as they stand, their optimizer state and last
         step, and the step log (dense Adam's catch-up reads the skipped steps' learning rates)."""
-        used = self._index.size
-        return {"ids": self._ids[:used].copy(), "rows": self._rows[:used].copy(),
-                "state": self._state[:used].copy(), "last": self._last[:used].copy(),
+        records = RowRecords.concat([RowRecords.empty(self.cfg.width, self._state_width), *self._records()])
+        return {"ids": records.ids, "rows": records.rows, "state": records.state, "last": records.last,
                 **self.optimizer.log_state()}
 
     @classmethod
     def from_state_dict(cls, cfg: TableConfig, state: dict[str, np.ndarray]) -> "TableStore":
-        """The store `state_dict` described, for `cfg`; continues bit-identically."""
+        """The all-DRAM store `state_dict` described, for `cfg`; continues bit-identically."""
         store = cls(cfg)
         store.optimizer.load_log_state(state)
-        n = len(state["ids"])
-        store._reserve(max(n, 1024))
-        store._ids[:n], store._rows[:n] = state["ids"], state["rows"]
-        store._state[:n], store._last[:n] = state["state"], state["last"]
-        store._index.insert(store._ids[:n], np.arange(n, dtype=np.int64))
+        store.warm.append(*(np.asarray(state[k]) for k in ("ids", "rows", "state", "last")))
         store.committed = store.step
         return store
+
+    def _load_log(self) -> None:
+        """The step log stored with the cold tier (a reopened shard continues from it)."""
+        steps, lrs = self.cold.load_log()
+        if steps.size:
+            log = np.full(int(steps.max()) + 1, np.nan)
+            log[steps] = lrs
+            self.optimizer.load_log_state({"step": np.int64(steps.max()), "lrs": log})
+            self.committed = self.step  # a reopened shard's steps are complete
+
+    # --- stats ---
+
+    def tier_usage(self) -> tuple[TierUsage, ...]:
+        """Rows, bytes and counters of each tier (optimizer state in DRAM counted apart)."""
+        warm_bytes = self.warm.nbytes - self.warm.state_nbytes
+        if self.cold is None:
+            return (TierUsage(MEMORY_TIER, rows=len(self.warm), bytes=warm_bytes, hits=self.hits,
+                              misses=self.rows_read - self.hits),)
+        w, c = self.warm_counters, self.cold_counters
+        return (TierUsage(MEMORY_TIER, rows=len(self.warm), bytes=warm_bytes, hits=w.hits, misses=w.misses,
+                          promotions=w.promotions, demotions=w.demotions, dirty_rows=self.warm.num_dirty),
+                TierUsage(COLD_TIER, rows=len(self.cold), bytes=self.cold.nbytes, hits=c.hits,
+                          misses=c.misses, promotions=c.promotions, demotions=c.demotions))

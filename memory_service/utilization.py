@@ -19,17 +19,31 @@ from memory_service.metrics import RPCS, RpcWindow
 if TYPE_CHECKING:
     from memory_service.shard import ShardCounters
 
-MEMORY_TIER = "memory"  # the one tier until tiered storage lands: rows in host DRAM
+MEMORY_TIER = "memory"  # rows in host DRAM: the warm tier (the only one of an all-DRAM shard)
+COLD_TIER = "cold"  # rows in a cold shard's LMDB files on local disk
 
 
 @dataclass(frozen=True)
 class TierUsage:
-    """The rows of one table in one storage tier of one shard, and the reads it served."""
+    """The rows of one table in one storage tier of one shard, the reads it served and the rows
+    placement moved. A shard's tiers are inclusive: the cold tier holds every written row, a
+    faster tier copies of some (`dirty_rows` of those copies are newer than the cold ones)."""
 
     tier: str
     rows: int
     bytes: int
-    hits: int
+    hits: int  # ids read that the tier held
+    misses: int = 0  # ids read that it did not hold (looked for in the tier below, or computed)
+    promotions: int = 0  # rows placement moved into the tier
+    demotions: int = 0  # rows placement moved out of it
+    dirty_rows: int = 0  # rows held that are newer than the tier below's copy
+
+    def __add__(self, other: "TierUsage") -> "TierUsage":
+        """The sum of two shards' usage of one tier."""
+        return TierUsage(self.tier, *(getattr(self, f) + getattr(other, f) for f in _COUNTS))
+
+
+_COUNTS = ("rows", "bytes", "hits", "misses", "promotions", "demotions", "dirty_rows")
 
 
 @dataclass(frozen=True)
@@ -48,7 +62,8 @@ class TableUsage:
 
     @property
     def rows(self) -> int:
-        return sum(t.rows for t in self.tiers)
+        """Rows written: tiers are inclusive, so those of the tier holding most (the cold one)."""
+        return max((t.rows for t in self.tiers), default=0)
 
     @property
     def bytes(self) -> int:
@@ -110,8 +125,7 @@ class TableSummary:
         tiers: dict[str, TierUsage] = {}
         for part in parts:
             for t in part.tiers:
-                prev = tiers.get(t.tier, TierUsage(t.tier, 0, 0, 0))
-                tiers[t.tier] = TierUsage(t.tier, prev.rows + t.rows, prev.bytes + t.bytes, prev.hits + t.hits)
+                tiers[t.tier] = tiers[t.tier] + t if t.tier in tiers else t
         rows_read = sum(p.rows_read for p in parts)
         counts = [p.collisions for p in parts if p.collisions is not None]
         return cls(name=first.name, num_rows=first.num_rows, width=first.width,

@@ -256,7 +256,7 @@ def _table_usage_to_proto(t: TableUsage) -> memory_pb2.TableStats:
     msg = memory_pb2.TableStats(
         name=t.name, num_rows=t.num_rows, width=t.width, step=t.step, rows_materialized=t.rows,
         nbytes=t.bytes, optimizer_rows=t.optimizer_rows,
-        tiers=[memory_pb2.TierStats(tier=x.tier, rows=x.rows, bytes=x.bytes, hits=x.hits) for x in t.tiers],
+        tiers=[memory_pb2.TierStats(**dataclasses.asdict(x)) for x in t.tiers],
         optimizer_state_bytes=t.optimizer_state_bytes, rows_read=t.rows_read)
     if t.collisions is not None:
         msg.collisions.CopyFrom(memory_pb2.CollisionStats(**dataclasses.asdict(t.collisions)))
@@ -271,29 +271,26 @@ def _table_usage_from_proto(msg: memory_pb2.TableStats) -> TableUsage:
     return TableUsage(name=msg.name, num_rows=msg.num_rows, width=msg.width, step=msg.step,
                       rows_read=msg.rows_read, optimizer_rows=msg.optimizer_rows,
                       optimizer_state_bytes=msg.optimizer_state_bytes,
-                      tiers=tuple(TierUsage(x.tier, x.rows, x.bytes, x.hits) for x in msg.tiers),
+                      tiers=tuple(TierUsage(**{f.name: getattr(x, f.name) for f in dataclasses.fields(TierUsage)})
+                                  for x in msg.tiers),
                       collisions=collisions)
 
 
 def records_to_proto(table: str, records) -> memory_pb2.RowRecords:
-    """RowRecords (memory_service.homes) -> message; float32 and int64 little-endian."""
+    """RowRecords (memory_service.tiers.base) -> message; float32 and int64 little-endian."""
     return memory_pb2.RowRecords(
-        table=table, ids=encode_ids(records.ids), present=np.asarray(records.present, np.uint8).tobytes(),
-        rows=np.ascontiguousarray(records.rows, "<f4").tobytes(),
+        table=table, ids=encode_ids(records.ids), rows=np.ascontiguousarray(records.rows, "<f4").tobytes(),
         state=np.ascontiguousarray(records.state, "<f4").tobytes(), last=encode_ids(records.last))
 
 
 def records_from_proto(msg: memory_pb2.RowRecords, width: int, state_width: int):
-    """Message -> RowRecords, after checking every payload's length against the counts."""
-    from memory_service.homes import RowRecords
+    """Message -> RowRecords, after checking every payload's length against the row count."""
+    from memory_service.tiers.base import RowRecords
 
     ids = decode_ids(msg.ids, msg.table)
-    if len(msg.present) != len(ids):
-        raise InvalidArgument(f"table {msg.table!r}: {len(msg.present)} present flags for {len(ids)} ids")
-    present = np.frombuffer(msg.present, np.uint8).astype(bool)
-    p = int(present.sum())
-    if len(msg.rows) != 4 * p * width or len(msg.state) != 4 * p * state_width or len(msg.last) != 8 * p:
-        raise InvalidArgument(f"table {msg.table!r}: record payloads do not match {p} rows of width "
+    n = len(ids)
+    if len(msg.rows) != 4 * n * width or len(msg.state) != 4 * n * state_width or len(msg.last) != 8 * n:
+        raise InvalidArgument(f"table {msg.table!r}: record payloads do not match {n} rows of width "
                               f"{width} (state {state_width})")
-    return RowRecords(ids, present, np.frombuffer(msg.rows, "<f4").reshape(p, width),
-                      np.frombuffer(msg.state, "<f4").reshape(p, state_width), np.frombuffer(msg.last, "<i8"))
+    return RowRecords(ids, np.frombuffer(msg.rows, "<f4").reshape(n, width),
+                      np.frombuffer(msg.state, "<f4").reshape(n, state_width), np.frombuffer(msg.last, "<i8"))

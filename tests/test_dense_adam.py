@@ -219,7 +219,7 @@ def test_service_equals_dense_torch_adam(make_cluster, num_shards):
     assert row_errors(final, reference.rows(np.arange(NUM_ROWS))).max() <= RTOL
     np.testing.assert_array_equal(final[untouched], init_rows(cfg.seed, untouched, WIDTH, cfg.init_scale))
     counters = ray.get([a.counters.remote() for a in cluster.actors])
-    assert all(c["push_requests"] >= STEPS for c in counters)
+    assert sum(c["push_requests"] for c in counters) >= STEPS  # the shards took the gradients
 
 
 def test_store_checkpoint_restores_exactly():

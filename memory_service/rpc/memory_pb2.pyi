@@ -260,16 +260,24 @@ class RpcStats(_message.Message):
     def __init__(self, requests: _Optional[int] = ..., rows: _Optional[int] = ..., requests_per_s: _Optional[float] = ..., rows_per_s: _Optional[float] = ..., p50_seconds: _Optional[float] = ..., p99_seconds: _Optional[float] = ..., window_seconds: _Optional[float] = ..., errors: _Optional[int] = ...) -> None: ...
 
 class TierStats(_message.Message):
-    __slots__ = ("tier", "rows", "bytes", "hits")
+    __slots__ = ("tier", "rows", "bytes", "hits", "misses", "promotions", "demotions", "dirty_rows")
     TIER_FIELD_NUMBER: _ClassVar[int]
     ROWS_FIELD_NUMBER: _ClassVar[int]
     BYTES_FIELD_NUMBER: _ClassVar[int]
     HITS_FIELD_NUMBER: _ClassVar[int]
+    MISSES_FIELD_NUMBER: _ClassVar[int]
+    PROMOTIONS_FIELD_NUMBER: _ClassVar[int]
+    DEMOTIONS_FIELD_NUMBER: _ClassVar[int]
+    DIRTY_ROWS_FIELD_NUMBER: _ClassVar[int]
     tier: str
     rows: int
     bytes: int
     hits: int
-    def __init__(self, tier: _Optional[str] = ..., rows: _Optional[int] = ..., bytes: _Optional[int] = ..., hits: _Optional[int] = ...) -> None: ...
+    misses: int
+    promotions: int
+    demotions: int
+    dirty_rows: int
+    def __init__(self, tier: _Optional[str] = ..., rows: _Optional[int] = ..., bytes: _Optional[int] = ..., hits: _Optional[int] = ..., misses: _Optional[int] = ..., promotions: _Optional[int] = ..., demotions: _Optional[int] = ..., dirty_rows: _Optional[int] = ...) -> None: ...
 
 class CollisionStats(_message.Message):
     __slots__ = ("sample_rate", "tracked_slots", "exact", "lookups", "colliding_lookups", "sampled_slots_touched", "sampled_distinct_ngrams", "sampled_max_distinct", "sampled_lookups", "sampled_colliding_lookups", "saturated_slots")
@@ -368,28 +376,28 @@ class ExportRowsRequest(_message.Message):
     def __init__(self, table: _Optional[str] = ..., ids: _Optional[bytes] = ..., version: _Optional[int] = ...) -> None: ...
 
 class RowRecords(_message.Message):
-    __slots__ = ("table", "ids", "present", "rows", "state", "last")
+    __slots__ = ("table", "ids", "rows", "state", "last")
     TABLE_FIELD_NUMBER: _ClassVar[int]
     IDS_FIELD_NUMBER: _ClassVar[int]
-    PRESENT_FIELD_NUMBER: _ClassVar[int]
     ROWS_FIELD_NUMBER: _ClassVar[int]
     STATE_FIELD_NUMBER: _ClassVar[int]
     LAST_FIELD_NUMBER: _ClassVar[int]
     table: str
     ids: bytes
-    present: bytes
     rows: bytes
     state: bytes
     last: bytes
-    def __init__(self, table: _Optional[str] = ..., ids: _Optional[bytes] = ..., present: _Optional[bytes] = ..., rows: _Optional[bytes] = ..., state: _Optional[bytes] = ..., last: _Optional[bytes] = ...) -> None: ...
+    def __init__(self, table: _Optional[str] = ..., ids: _Optional[bytes] = ..., rows: _Optional[bytes] = ..., state: _Optional[bytes] = ..., last: _Optional[bytes] = ...) -> None: ...
 
 class ImportRowsRequest(_message.Message):
-    __slots__ = ("records", "version")
+    __slots__ = ("records", "version", "ids")
     RECORDS_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
+    IDS_FIELD_NUMBER: _ClassVar[int]
     records: RowRecords
     version: int
-    def __init__(self, records: _Optional[_Union[RowRecords, _Mapping]] = ..., version: _Optional[int] = ...) -> None: ...
+    ids: bytes
+    def __init__(self, records: _Optional[_Union[RowRecords, _Mapping]] = ..., version: _Optional[int] = ..., ids: _Optional[bytes] = ...) -> None: ...
 
 class ImportRowsResponse(_message.Message):
     __slots__ = ()

@@ -174,7 +174,7 @@ class MemoryServiceServicer:
         details "moved: <hot map version>"; the client refreshes the hot map (HotMap) and re-routes.
 
         Removes rows (and their optimizer state) from this shard for a move, marks them moved, and
-        returns them; rows never written come back as absent and stay nowhere.
+        returns those ever written; the others are computed from the seed wherever they live.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
