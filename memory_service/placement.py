@@ -162,7 +162,8 @@ def _lowest(keys: np.ndarray, k: int) -> np.ndarray:
 
 
 class Counts:
-    """A dense int64 value per row id, grown on demand to the largest id seen (8 bytes a row)."""
+    """A dense int64 value per row id, grown on demand to the largest id seen (8 bytes a row): a
+    policy places one table's rows, whose ids run below the table's size."""
 
     def __init__(self) -> None:
         self.values = np.zeros(0, np.int64)
