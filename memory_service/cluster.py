@@ -24,6 +24,16 @@ SHARD_RESOURCE = "engram_shard"
 # glibc malloc settings for shard processes: without them every multi-MB gRPC message pays for
 # mmap/munmap and page faults (measured here: ~2x loopback throughput for large messages).
 SHARD_ENV = {"MALLOC_MMAP_THRESHOLD_": "1073741824", "MALLOC_TRIM_THRESHOLD_": "4294967296"}
+# Cold shards promise a DRAM budget instead: blocks of 4 MiB and more (a 16k-row request's arrays)
+# are mmapped and given back when freed. Under SHARD_ENV they stay on a heap that is never trimmed,
+# and a cold shard at rest held ~14 MiB more than its rows (tests/test_cold_memory.py). The
+# mmap/munmap cost SHARD_ENV avoids is small beside a cold shard's LMDB reads.
+COLD_SHARD_ENV = {"MALLOC_MMAP_THRESHOLD_": "4194304"}
+
+
+def shard_env(storage: StorageConfig) -> dict[str, str]:
+    """Environment variables of a shard actor's process with this storage."""
+    return SHARD_ENV if storage.path is None else COLD_SHARD_ENV
 
 
 @dataclass(frozen=True)
@@ -266,7 +276,7 @@ def launch(config: ClusterConfig, owns_ray: bool = False) -> TableCluster:
     actors = [
         ShardActor.options(num_cpus=config.num_cpus_per_shard, resources={config.shard_resource: 1},
                            name=f"engram_shard:{config.name}:{i}", namespace=NAMESPACE,
-                           runtime_env={"env_vars": SHARD_ENV})
+                           runtime_env={"env_vars": shard_env(config.storage)})
         .remote(i, config.num_shards, config.host, config.port, name, config.metrics_port,
                 config.name, shards, track_accesses=config.num_hot > 0, storage=config.storage.for_shard(i))
         for i in range(config.num_shards)

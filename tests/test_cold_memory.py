@@ -14,7 +14,7 @@ import time
 import numpy as np
 import pytest
 
-from memory_service.cluster import SHARD_ENV
+from memory_service.cluster import shard_env
 from memory_service.config import OptimizerConfig, StorageConfig, TableConfig
 from memory_service.rows import init_rows
 from memory_service.shard import Shard, TablePush
@@ -113,7 +113,9 @@ def reference_of(sample: np.ndarray, ids: np.ndarray) -> TableStore:
 @pytest.mark.slow
 def test_cold_shard_keeps_rss_anon_within_budget_and_reopens(tmp_path, monkeypatch):
     path = str(tmp_path / "shard")
-    for key, value in SHARD_ENV.items():  # the malloc settings of a shard actor, for the child
+    for key in ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_"):
+        monkeypatch.delenv(key, raising=False)
+    for key, value in shard_env(storage(path)).items():  # a cold shard actor's malloc settings
         monkeypatch.setenv(key, value)
     ctx = mp.get_context("spawn")
     receive, send = ctx.Pipe(duplex=False)
