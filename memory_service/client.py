@@ -89,7 +89,10 @@ class MemoryClient:
         self.pool = ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="memory-client")
         # rpcs get threads of their own: a fetch_async on `pool` waits on its rpcs, and a fetch
         # held at a shard for a later step must leave threads for the push that releases it
-        self.rpc_pool = ThreadPoolExecutor(max_workers=max(8, 4 * len(targets)), thread_name_prefix="memory-rpc")
+        self.rpc_pool = ThreadPoolExecutor(max_workers=max(8, 4 * len(self.targets)), thread_name_prefix="memory-rpc")
+        # pushes and commits never queue behind fetches: a fetch held for step s waits for the
+        # commit of s, so sharing threads with held fetches could starve that commit
+        self.push_pool = ThreadPoolExecutor(max_workers=max(4, 2 * len(self.targets)), thread_name_prefix="memory-push")
         # trace(event, fields) is called as requests leave ("fetch_sent", "push_sent": shard,
         # step) and as fetches end ("fetch_done": seconds): progress bars and ordering tests read it
         self.trace: Callable[[str, dict], None] | None = None
@@ -331,7 +334,7 @@ class MemoryClient:
                     for name, start, stop in chunk])
                 if self.trace is not None:
                     self.trace("push_sent", {"shard": shard, "step": step})
-                futures.append((chunk, self._call(self.stubs[shard].Push, request)))
+                futures.append((chunk, self.push_pool.submit(self.stubs[shard].Push, request, timeout=self.timeout)))
             moved = {}  # table -> [(ids, grads)] of requests refused because rows moved
             for chunk, future in futures:
                 try:
@@ -359,7 +362,8 @@ class MemoryClient:
         request = memory_pb2.CommitStepRequest(
             client_id=self.client_id, contributors=contributors,
             tables=[memory_pb2.TableStep(table=name, step=step, lr=lr or 0.0) for name in names])
-        return sum(r.rows_updated for r in self._all(lambda stub: self._call(stub.CommitStep, request)))
+        futures = [self.push_pool.submit(stub.CommitStep, request, timeout=self.timeout) for stub in self.stubs]
+        return sum(self._result(f).rows_updated for f in futures)
 
     def _grads_message(self, name: str, step: int, lr: float | None, ids: np.ndarray, grads: np.ndarray):
         cfg = self.table(name)
@@ -444,6 +448,7 @@ class MemoryClient:
     def close(self) -> None:
         self.pool.shutdown(wait=False)
         self.rpc_pool.shutdown(wait=False)
+        self.push_pool.shutdown(wait=False)
         if self.replies is not None:
             self.replies.close()
         for channel in self.channels:

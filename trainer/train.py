@@ -241,6 +241,8 @@ def train(cfg: TrainConfig, corpus: Corpus | None = None, client=None,
             postfix["fetch_wait_ms"] = f"{1e3 * tables.times.wait_s / max(1, tables.times.fetches):.1f}"
         bar.set_postfix(postfix)
     seconds = time.perf_counter() - start
+    if tables is not None:
+        tables.flush()  # the last step's push and commit, before the evaluation reads
     val_loss = evaluate(model, indexer, held_out) if rank == 0 else float("nan")
     val_losses.append((cfg.steps, val_loss))
     if tables is not None:
