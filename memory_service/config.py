@@ -94,7 +94,7 @@ class StorageConfig:
 
     path: str | None = None
     dram_budget_bytes: int = 1 << 30
-    policy: str = "lru"
+    policy: str = "recent"  # bounded by the budget (placement.BOUNDED_POLICIES)
     placement_interval_s: float = 0.1
     max_moves: int = 16384  # a batch holds the shard's lock for ~25 ms of LMDB reads here
     map_bytes: int = 1 << 30

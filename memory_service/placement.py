@@ -412,13 +412,45 @@ class EngramPolicy(Policy):
         return keys[:len(resident)], keys[len(resident):]
 
 
+class RecentPolicy(Policy):
+    """Keeps the `capacity` most recently read rows, remembering nothing older (LRU whose memory is
+    bounded by the tier: what a cold shard's DRAM budget needs; "lru" above keeps a slot per id
+    up to the largest seen, fine for a replay, not for a 100M-row table). Look-ahead ignored.
+
+    The recency list is an array of distinct ids, oldest first, trimmed to `capacity`: the rows
+    LRU keeps are exactly its contents, so nothing older needs remembering."""
+
+    def __init__(self, capacity: int) -> None:
+        super().__init__(capacity)
+        self._recent = np.empty(0, dtype=np.int64)  # (<= capacity,) distinct ids, oldest first
+
+    def record(self, ids: np.ndarray) -> None:
+        ids = np.asarray(ids, dtype=np.int64)
+        kept = self._recent[~np.isin(self._recent, ids)]
+        recent = np.concatenate([kept, ids])
+        self._recent = recent[max(len(recent) - self.capacity, 0):].copy()  # a copy: no view pins `recent`
+
+    def plan(self, resident: np.ndarray, max_moves: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+        recent = self._recent[max(len(self._recent) - self.capacity, 0):] if self.capacity else self._recent[:0]
+        wanted = recent[::-1]  # most recent first
+        admit = wanted[~np.isin(wanted, resident)]
+        if max_moves is not None:
+            admit = admit[:max_moves]
+        stale = resident[~np.isin(resident, recent)]  # resident, but not among the recent
+        excess = len(resident) + len(admit) - self.capacity
+        return admit, stale[: max(excess, 0)]
+
+
 POLICIES = {"engram": EngramPolicy, "lru": LRUPolicy, "lfu": LFUPolicy, "random": RandomPolicy}
+# Policies whose memory is bounded by the tier's capacity, for placement under a DRAM budget.
+BOUNDED_POLICIES = {"recent": RecentPolicy}
 DEFAULT_POLICY = "engram"
 
 
 def make_policy(name: str, capacity: int, **kw) -> Policy:
     """The policy called `name` (one of POLICIES) for a tier of `capacity` rows; `kw` go to its
     constructor (e.g. seed for "random", decay_period for "engram")."""
-    if name not in POLICIES:
-        raise ValueError(f"unknown placement policy {name!r}; known: {sorted(POLICIES)}")
-    return POLICIES[name](capacity, **kw)
+    known = {**POLICIES, **BOUNDED_POLICIES}
+    if name not in known:
+        raise ValueError(f"unknown placement policy {name!r}; known: {sorted(known)}")
+    return known[name](capacity, **kw)
