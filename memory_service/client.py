@@ -21,7 +21,7 @@ from memory_service import collisions, reply_buffer, wire
 from memory_service.config import TableConfig
 from memory_service.errors import InvalidArgument, MemoryServiceError, RowsMoved, TableExists, TableNotFound
 from memory_service.rpc import memory_pb2, memory_pb2_grpc
-from memory_service.sharding import shard_of
+from memory_service.placement import contains
 from memory_service.utilization import ClusterReport
 
 _ERRORS = {grpc.StatusCode.INVALID_ARGUMENT: InvalidArgument, grpc.StatusCode.NOT_FOUND: TableNotFound,
@@ -399,8 +399,7 @@ class MemoryClient:
     def _route_hot(self, flat: np.ndarray, shape: tuple, hot: np.ndarray) -> _Route:
         """`_route` when some rows are hot: hot ids go to hot shard id % H (index N + id % H)."""
         distinct, first, index = np.unique(flat, return_index=True, return_inverse=True)  # (u,) x2, (n,)
-        pos = np.searchsorted(hot, distinct).clip(max=len(hot) - 1)
-        shard = np.where(hot[pos] == distinct, self.num_cold + distinct % self.num_hot,
+        shard = np.where(contains(hot, distinct), self.num_cold + distinct % self.num_hot,
                          distinct % self.num_cold)  # (u,)
         order = np.argsort(shard, kind="stable")  # by shard, then id
         rank = np.empty_like(order)

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from memory_service.errors import RowsMoved
+from memory_service.placement import contains
 
 EMPTY = np.empty(0, dtype=np.int64)
 
@@ -36,7 +37,7 @@ class Homes:
     def check(self, table: str, ids: np.ndarray) -> None:
         """RowsMoved unless this shard is home of every id (n,) (the static rule already checked)."""
         held = self._sets.get(table, EMPTY)
-        member = _isin(ids, held)
+        member = contains(held, ids)
         away = member if self.role == "cold" else ~member
         if away.any():
             where = "moved to a hot shard" if self.role == "cold" else "is not hot here"
@@ -57,10 +58,3 @@ class Homes:
     def drop(self, table: str) -> None:
         self._sets.pop(table, None)
 
-
-def _isin(ids: np.ndarray, sorted_set: np.ndarray) -> np.ndarray:
-    """Membership of ids (n,) in a sorted distinct array: (n,) bool, O(n log m)."""
-    if not len(sorted_set):
-        return np.zeros(len(ids), dtype=bool)
-    pos = np.searchsorted(sorted_set, ids).clip(max=len(sorted_set) - 1)
-    return sorted_set[pos] == ids

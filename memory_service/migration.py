@@ -16,7 +16,6 @@ refreshes its hot map and re-sends (memory_service/client.py).
 from __future__ import annotations
 
 import threading
-import time
 from dataclasses import dataclass
 
 import grpc
@@ -108,6 +107,7 @@ class Migrator:
 
     def _promote(self, name: str, ids: np.ndarray) -> None:
         version = self.hot.homes.version + 1
+        width, state_width = self.hot.describe_table(name).config.width, self.hot.state_width(name)
         n = len(self.cold)
         for c in range(n):
             part = ids[ids % n == c]
@@ -115,8 +115,7 @@ class Migrator:
                 continue
             reply = self.cold[c].ExportRows(memory_pb2.ExportRowsRequest(
                 table=name, ids=wire.encode_ids(part), version=version), timeout=self.timeout)
-            cfg = self.hot.describe_table(name).config
-            records = wire.records_from_proto(reply, cfg.width, self.hot.state_width(name))
+            records = wire.records_from_proto(reply, width, state_width)
             self.hot.import_rows(name, records, version, part)
             self.counters.promoted += len(part)
 

@@ -1,6 +1,9 @@
 """Shared fixtures: one real local Ray cluster per test session (ray.init costs seconds and
 ~600 MiB), and tables clusters of real shard actors serving gRPC on 127.0.0.1."""
 import itertools
+import shutil
+import sysconfig
+from pathlib import Path
 
 import pytest
 
@@ -35,3 +38,15 @@ def make_cluster(ray_session):
     yield make
     for cluster in clusters:
         cluster.shutdown()
+
+
+@pytest.fixture(scope="session")
+def corpus_dir(tmp_path_factory) -> Path:
+    """Twenty real stdlib modules copied into a folder: a corpus users would bring (read-only)."""
+    root = tmp_path_factory.mktemp("corpus")
+    stdlib = Path(sysconfig.get_paths()["stdlib"])
+    for name in ["argparse", "json/decoder", "json/encoder", "textwrap", "string", "random", "heapq",
+                 "bisect", "fractions", "functools", "contextlib", "dataclasses", "enum", "shlex",
+                 "csv", "difflib", "glob", "fnmatch", "abc", "copy"]:
+        shutil.copy(stdlib / f"{name}.py", root / f"{name.replace('/', '_')}.py")
+    return root

@@ -5,7 +5,6 @@ import pytest
 
 from trainer.cli import main
 
-from test_train import corpus_dir  # noqa: F401 (fixture)
 
 pytestmark = pytest.mark.slow
 

@@ -9,7 +9,7 @@ from trainer.data import Corpus
 from trainer.distributed import train_workers
 from trainer.train import ServiceOptions, train
 
-from test_train import corpus_dir, small_train_config  # noqa: F401 (fixture)
+from test_train import small_train_config
 
 pytestmark = pytest.mark.slow
 

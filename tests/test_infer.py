@@ -1,8 +1,5 @@
 """Incremental generation: the decode cache reproduces the full forward, incremental row ids the
 full hash, `generate` the naive loop; prefetch precedes each forward; `engram generate` end to end."""
-import shutil
-import sysconfig
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -190,18 +187,6 @@ def test_bad_generate_arguments_name_the_value():
         generate(model, None, prompt, 2)
     with pytest.raises(ValueError, match="prompt must be \\(B, P\\) int64"):
         generate(model, indexer, prompt[:, :0], 2)
-
-
-@pytest.fixture(scope="module")
-def corpus_dir(tmp_path_factory) -> Path:
-    """Real stdlib modules copied into a folder (tests/test_train.py's corpus)."""
-    root = tmp_path_factory.mktemp("corpus")
-    stdlib = Path(sysconfig.get_paths()["stdlib"])
-    for name in ["argparse", "json/decoder", "json/encoder", "textwrap", "string", "random", "heapq",
-                 "bisect", "fractions", "functools", "contextlib", "dataclasses", "enum", "shlex",
-                 "csv", "difflib", "glob", "fnmatch", "abc", "copy"]:
-        shutil.copy(stdlib / f"{name}.py", root / f"{name.replace('/', '_')}.py")
-    return root
 
 
 @pytest.mark.parametrize("baseline", [False, True], ids=["engram", "baseline"])

@@ -11,7 +11,7 @@ from trainer.data import Corpus
 from trainer.remote_rows import table_name
 from trainer.train import ServiceOptions, build, train
 
-from test_train import corpus_dir, small_train_config  # noqa: F401 (fixture)
+from test_train import small_train_config
 
 pytestmark = pytest.mark.slow
 

@@ -1,6 +1,4 @@
 """Local training end to end on a real (small) corpus, and the `engram train-local` command."""
-import shutil
-import sysconfig
 from dataclasses import replace
 from pathlib import Path
 
@@ -12,18 +10,6 @@ from trainer.data import CorpusConfig
 from trainer.engram import EngramConfig
 from trainer.model import ModelConfig
 from trainer.train import TrainConfig, lr_at, train
-
-
-@pytest.fixture(scope="module")
-def corpus_dir(tmp_path_factory) -> Path:
-    """Twenty real stdlib modules copied into a folder: a corpus users would bring."""
-    root = tmp_path_factory.mktemp("corpus")
-    stdlib = Path(sysconfig.get_paths()["stdlib"])
-    for name in ["argparse", "json/decoder", "json/encoder", "textwrap", "string", "random", "heapq",
-                 "bisect", "fractions", "functools", "contextlib", "dataclasses", "enum", "shlex",
-                 "csv", "difflib", "glob", "fnmatch", "abc", "copy"]:
-        shutil.copy(stdlib / f"{name}.py", root / f"{name.replace('/', '_')}.py")
-    return root
 
 
 def small_train_config(corpus_dir: Path, tmp_path: Path, **kw) -> TrainConfig:

@@ -50,8 +50,7 @@ def train_config(args: argparse.Namespace) -> TrainConfig:
 def cmd_train_local(args: argparse.Namespace) -> int:
     cfg = train_config(args)
     corpus = Corpus.load(cfg.corpus)
-    print(f"corpus: {len(corpus.train):,} train / {len(corpus.val):,} held-out tokens "
-          f"({corpus.num_train_files} / {corpus.num_val_files} files), vocab {corpus.vocab_size}")
+    print(corpus.summary())
     result = train(cfg, corpus)
     print(f"tokenizer compression: {result.compression}")
     print(f"held-out loss {result.val_loss:.4f} nats/token after {cfg.steps} steps "

@@ -137,6 +137,11 @@ class Corpus:
     num_train_files: int
     num_val_files: int
 
+    def summary(self) -> str:
+        """One line for the commands to print: split sizes, files and vocabulary."""
+        return (f"corpus: {len(self.train):,} train / {len(self.val):,} held-out tokens "
+                f"({self.num_train_files} / {self.num_val_files} files), vocab {self.vocab_size}")
+
     @classmethod
     def load(cls, cfg: CorpusConfig) -> Corpus:
         """Load the corpus from its cache, building it first (tokenizer + encoding) on a miss."""

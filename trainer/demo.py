@@ -34,8 +34,7 @@ def run(cfg: DemoConfig) -> int:
     out = Path(cfg.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     corpus = Corpus.load(cfg.train.corpus)
-    print(f"corpus: {len(corpus.train):,} train / {len(corpus.val):,} held-out tokens "
-          f"({corpus.num_train_files} / {corpus.num_val_files} files), vocab {corpus.vocab_size}", flush=True)
+    print(corpus.summary(), flush=True)
     if cfg.address:
         cluster = connect(cfg.address, name=cfg.cluster)
     else:

@@ -8,7 +8,6 @@ trainer/train.py saved; its `make_tables` is where such tables replace the in-pr
 """
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 
@@ -23,10 +22,8 @@ from trainer.model import EngramLM, ModelConfig
 from trainer.remote_rows import RemoteTables
 from memory_service.config import OptimizerConfig
 from trainer.row_index import RowIndexer
-from trainer.train import TrainConfig, build_indexer
+from trainer.train import TablesFactory, TrainConfig, build_indexer
 
-# (Engram config, {layer: prime size of each (order, head) table}) -> the tables a model reads
-TablesFactory = Callable[[EngramConfig, dict[int, list[int]]], EngramTables]
 
 
 @torch.no_grad()  # not inference_mode: its output could not feed a later training forward

@@ -107,6 +107,7 @@ def lr_at(cfg: TrainConfig, step: int) -> float:
     return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
+# (Engram config, {layer: prime size of each (order, head) table}) -> the tables a model reads
 TablesFactory = Callable[["EngramConfig", dict[int, list[int]]], EngramTables]
 
 
