@@ -20,7 +20,8 @@ class DemoConfig:
     out_dir: str = "engram-demo"  # checkpoint and plot
     address: str | None = None  # None: the embedded local cluster
     cluster: str = "demo"
-    shards: int = 2
+    shards: int = 2  # cold shards of the embedded cluster
+    hot_shards: int = 1
     service: ServiceOptions = ServiceOptions(prefix="demo")
     eval_every: int = 20
     prompt: str = "def "
@@ -38,8 +39,9 @@ def run(cfg: DemoConfig) -> int:
     if cfg.address:
         cluster = connect(cfg.address, name=cfg.cluster)
     else:
-        print(f"starting the embedded Ray cluster with {cfg.shards} table shards", flush=True)
-        cluster = start_local(num_shards=cfg.shards, name=cfg.cluster)
+        print(f"starting the embedded Ray cluster with {cfg.shards} cold and {cfg.hot_shards} hot table shards",
+              flush=True)
+        cluster = start_local(num_shards=cfg.shards, num_hot=cfg.hot_shards, name=cfg.cluster)
     try:
         with cluster.client() as client:
             engram_cfg = replace(cfg.train, checkpoint=str(out / "model.pt"))
