@@ -73,7 +73,7 @@ class ClusterConfig:
     hot_rows: int = 65536  # rows per table each hot shard keeps
     placement: str = "engram"  # memory_service.placement.make_policy name
     migrate_interval_s: float = 0.05
-    migrate_max_duty: float = 0.1  # share of the wall clock a hot shard's migrator may take (Migrator)
+    migrate_max_duty: float = 0.05  # wall-clock share of a hot shard's migrator (Migrator: ~50 ms of CPU a 1 s step)
     storage: StorageConfig = StorageConfig()  # the cold shards' DRAM budget over LMDB (path None: DRAM only)
 
     def __post_init__(self) -> None:
