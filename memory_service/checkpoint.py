@@ -50,9 +50,10 @@ from memory_service.rpc import memory_pb2
 
 DENSE = "dense.pt"
 STEP_DIR = re.compile(r"step-(\d+)")
-# numpy arrays and scalars in a state_dict (the in-process table optimizer's step logs) unpickle
-# through these; torch.load(weights_only=True) refuses every other global.
-_NUMPY_GLOBALS = [np._core.multiarray._reconstruct, np._core.multiarray.scalar, np.ndarray, np.dtype]
+# numpy arrays and scalars in a state_dict (the in-process table optimizer's step logs) and frozensets
+# in configs unpickle through these; torch.load(weights_only=True) refuses every other global.
+_SAFE_GLOBALS = [np._core.multiarray._reconstruct, np._core.multiarray.scalar, np.ndarray, np.dtype, frozenset,
+                 *(getattr(np.dtypes, name) for name in np.dtypes.__all__)]
 _ERRORS = {grpc.StatusCode.FAILED_PRECONDITION: FailedPrecondition, grpc.StatusCode.DATA_LOSS: CheckpointCorrupt,
            grpc.StatusCode.NOT_FOUND: TableNotFound, grpc.StatusCode.INVALID_ARGUMENT: InvalidArgument}
 
@@ -265,39 +266,44 @@ def load_dense(path: str | Path, model: torch.nn.Module | None = None,
 
 
 def _load_dense(root: Path, model, optimizers, manifest: Manifest, verify: bool = True) -> dict | None:
-    entry = next((f for f in manifest.files if f.kind == "dense"), None)
-    if entry is None:
+    if not any(f.kind == "dense" for f in manifest.files):
         if model is not None or optimizers:
             raise ValueError(f"checkpoint {str(root)!r} holds no dense model or optimizer state")
         return None
-    saved = _load_torch(root, entry, verify)
-    if model is not None:
-        if saved["model"] is None:
-            raise ValueError(f"checkpoint {str(root)!r} holds no model state")
-        model.load_state_dict(saved["model"])
-    if optimizers and len(optimizers) != len(saved["optimizers"]):
-        raise ValueError(f"checkpoint {str(root)!r} holds {len(saved['optimizers'])} optimizer states, "
-                         f"{len(optimizers)} optimizers given")
-    for opt, state in zip(optimizers, saved["optimizers"]):
-        opt.load_state_dict(state)
+    saved = dense_state(root, manifest, verify)
+    apply_dense(saved, model, optimizers)
     return saved["extra"]
 
 
-def dense_state(path: str | Path) -> dict:
-    """The checkpoint's whole dense file {model, optimizers, extra}, checked (for readers such as
-    `engram generate` that build the model from `extra`)."""
+def dense_state(path: str | Path, manifest: Manifest | None = None, verify: bool = True) -> dict:
+    """The checkpoint's dense file {model, optimizers, extra}, checked against the manifest (for
+    readers that build the model from `extra` first, then `apply_dense`)."""
     root = Path(path).absolute()
-    manifest = Manifest.read(root)
+    manifest = manifest or Manifest.read(root)
     entry = next((f for f in manifest.files if f.kind == "dense"), None)
     if entry is None:
-        raise ValueError(f"checkpoint {str(root)!r} holds no dense model")
-    return _load_torch(root, entry)
+        raise ValueError(f"checkpoint {str(root)!r} holds no dense model or optimizer state")
+    return _load_torch(root, entry, verify)
+
+
+def apply_dense(saved: dict, model: torch.nn.Module | None = None,
+                optimizers: Sequence[torch.optim.Optimizer] = ()) -> None:
+    """Loads a `dense_state` into `model` and `optimizers` (as many as were saved)."""
+    if model is not None:
+        if saved["model"] is None:
+            raise ValueError("the checkpoint holds no model state")
+        model.load_state_dict(saved["model"])
+    if optimizers and len(optimizers) != len(saved["optimizers"]):
+        raise ValueError(f"the checkpoint holds {len(saved['optimizers'])} optimizer states, "
+                         f"{len(optimizers)} optimizers given")
+    for opt, state in zip(optimizers, saved["optimizers"]):
+        opt.load_state_dict(state)
 
 
 def _load_torch(root: Path, entry: FileEntry, verify: bool = True) -> dict:
     if verify:
         verify_file(root, entry)
-    with torch.serialization.safe_globals(_NUMPY_GLOBALS):
+    with torch.serialization.safe_globals(_SAFE_GLOBALS):
         return torch.load(root / entry.path, map_location="cpu", weights_only=True)
 
 

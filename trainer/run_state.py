@@ -16,8 +16,8 @@ from pathlib import Path
 
 import torch
 
-from memory_service.checkpoint import (checkpoint_path, latest_checkpoint, load_dense, restore_checkpoint,
-                                       save_checkpoint)
+from memory_service.checkpoint import (apply_dense, checkpoint_path, dense_state, latest_checkpoint,
+                                       restore_checkpoint, save_checkpoint)
 from memory_service.manifest import Manifest
 
 
@@ -54,31 +54,48 @@ def save_run(directory: str | Path, client, model: torch.nn.Module, optimizers: 
     return path
 
 
-def resolve(path: str | Path) -> Path:
-    """A checkpoint, or a run's checkpoint_dir (its latest complete checkpoint)."""
-    path = Path(path)
+@dataclass
+class Resume:
+    """A checkpoint a run continues from, read and checked once: its manifest, its dense part
+    (model and optimizer states) and the run's state."""
+
+    path: Path
+    manifest: Manifest
+    dense: dict
+    state: RunState
+
+    @classmethod
+    def open(cls, path: str | Path, client) -> "Resume":
+        """The checkpoint `path`, or the latest complete one in a run's checkpoint_dir `path`.
+        ValueError when it holds no run, or its tables live elsewhere than this run's (the
+        service with `client`, in-process without)."""
+        path = _resolve(Path(path))
+        manifest = Manifest.read(path)
+        if manifest.tables and client is None:
+            raise ValueError(f"checkpoint {str(path)!r} holds tables of the table service: resume through a "
+                             f"tables cluster (engram train --address)")
+        if client is not None and not manifest.tables:
+            raise ValueError(f"checkpoint {str(path)!r} holds no service tables (in-process tables were "
+                             f"trained): resume with train-local")
+        dense = dense_state(path, manifest)
+        if not isinstance(dense.get("extra"), dict) or "data" not in dense["extra"]:
+            raise ValueError(f"checkpoint {str(path)!r} holds no training run")
+        return cls(path, manifest, dense, RunState.from_dict(dense["extra"]))
+
+    def restore_tables(self, client) -> None:
+        """Puts the run's tables onto `client`'s cluster (before the model attaches to them)."""
+        if client is not None:
+            restore_checkpoint(self.path, client)
+
+    def load(self, model: torch.nn.Module, optimizers: list) -> RunState:
+        """Loads the dense model's and optimizers' states; returns the run's state."""
+        apply_dense(self.dense, model, optimizers)
+        return self.state
+
+
+def _resolve(path: Path) -> Path:
+    """A checkpoint, or a run's checkpoint_dir: its latest complete checkpoint."""
     if (path / "manifest.json").is_file() or not path.is_dir():
-        return path  # not a directory: restore says why
+        return path  # not a directory: Manifest.read says why
     latest = latest_checkpoint(path)
     return latest if latest is not None else path
-
-
-def restore_tables(path: Path, client) -> Manifest:
-    """Restores the run's tables onto `client`'s cluster, before the model attaches to them.
-    ValueError when the checkpoint's tables and the run disagree on where tables live."""
-    manifest = Manifest.read(path)
-    if manifest.tables and client is None:
-        raise ValueError(f"checkpoint {str(path)!r} holds tables of the table service: resume through a tables "
-                         f"cluster (engram train --address)")
-    if client is not None and not manifest.tables:
-        raise ValueError(f"checkpoint {str(path)!r} holds no service tables (in-process tables were trained): "
-                         f"resume with train-local")
-    return restore_checkpoint(path, client).manifest
-
-
-def load_run(path: Path, model: torch.nn.Module, optimizers: list, manifest: Manifest) -> RunState:
-    """Loads the dense model's and optimizers' states and returns the run's state."""
-    extra = load_dense(path, model, optimizers, manifest)
-    if extra is None:
-        raise ValueError(f"checkpoint {str(path)!r} holds no training run (no dense state)")
-    return RunState.from_dict(extra)

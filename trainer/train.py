@@ -32,7 +32,7 @@ from trainer.model import EngramLM, ModelConfig
 from trainer.prefetch import Prefetcher
 from trainer.remote_rows import RemoteTables
 from trainer.row_index import RowIndexer, identity_compression
-from trainer.run_state import RunState, load_run, resolve, restore_tables, save_run
+from trainer.run_state import Resume, RunState, save_run
 from trainer.table_optimizer import TableOptimizer
 from trainer.tokenizer_compression import TokenizerCompression
 
@@ -201,8 +201,10 @@ def train(cfg: TrainConfig, corpus: Corpus | None = None, client=None,
     corpus = corpus or Corpus.load(cfg.corpus)
     if cfg.resume_from and world > 1:
         raise ValueError("resume_from with data-parallel workers is not supported yet: resume with one worker")
-    resume = resolve(cfg.resume_from) if cfg.resume_from else None
-    manifest = restore_tables(resume, client) if resume else None  # before the model attaches to them
+    resume = Resume.open(cfg.resume_from, client) if cfg.resume_from else None
+    if resume is not None:
+        _check_resumable(resume.state, cfg, service if client is not None else None)
+        resume.restore_tables(client)  # before the model attaches to them
     make_tables = remote_tables(client, cfg, service, world) if client is not None else None
     model, indexer, summary = build(cfg, corpus, make_tables)
     tables = model.tables if isinstance(model.tables, RemoteTables) else None
@@ -210,8 +212,8 @@ def train(cfg: TrainConfig, corpus: Corpus | None = None, client=None,
     context = cfg.model.context
     batches = Batches(corpus.train, cfg.batch_size, context, seed=cfg.seed)
     run = RunState(0, batches.state_dict())
-    if resume:
-        run = _resumed(load_run(resume, model, optimizers, manifest), cfg, service if tables is not None else None)
+    if resume is not None:
+        run = resume.load(model, optimizers)
         batches.load_state_dict(run.data)
         torch.set_rng_state(run.torch_rng)
     part = cfg.batch_size // world
@@ -282,15 +284,14 @@ def train(cfg: TrainConfig, corpus: Corpus | None = None, client=None,
                        val_losses)
 
 
-def _resumed(run: RunState, cfg: TrainConfig, service: ServiceOptions | None) -> RunState:
-    """The checkpoint's run state, after checking this run can continue it."""
+def _check_resumable(run: RunState, cfg: TrainConfig, service: ServiceOptions | None) -> None:
+    """ValueError unless this run can continue the checkpoint's."""
     if not run.step < cfg.steps:
         raise ValueError(f"the checkpoint is at step {run.step}: nothing left to train in steps={cfg.steps}")
     saved_prefix = (run.service or {}).get("prefix")
     if service is not None and saved_prefix != service.prefix:
         raise ValueError(f"the checkpoint's tables are {saved_prefix}/..., this run's {service.prefix}/...: "
                          f"resume with --prefix {saved_prefix}")
-    return run
 
 
 def _all_reduce_mean(params: list[torch.Tensor], loss: torch.Tensor, world: int) -> torch.Tensor:
