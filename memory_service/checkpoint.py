@@ -99,13 +99,15 @@ def latest_checkpoint(directory: str | Path) -> Path | None:
 # -- save -------------------------------------------------------------------------------------------
 def save_checkpoint(path: str | Path, client=None, step: int | None = None, *, model: torch.nn.Module | None = None,
                     optimizers: Sequence[torch.optim.Optimizer] = (), extra: dict | None = None,
-                    tables: Sequence[str] = (), options: CheckpointOptions = CheckpointOptions()) -> Manifest:
-    """Writes a checkpoint to directory `path` (which must not exist): the tables of `client`'s
-    cluster (a MemoryClient; `tables` names some, default all) at table step `step` (default:
-    the step they are all at), and, when given, the dense `model`, `optimizers` and `extra`
-    (torch-serialisable, e.g. the data loader's position). Returns the manifest."""
+                    tables: Sequence[str] = (), overwrite: bool = False,
+                    options: CheckpointOptions = CheckpointOptions()) -> Manifest:
+    """Writes a checkpoint to directory `path`: the tables of `client`'s cluster (a MemoryClient;
+    `tables` names some, default all) at table step `step` (default: the step they are all at),
+    and, when given, the dense `model`, `optimizers` and `extra` (torch-serialisable, e.g. the
+    data loader's position). Returns the manifest. `path` must not exist, unless `overwrite`:
+    then the old checkpoint is replaced once the new one is whole."""
     final = Path(path).absolute()
-    if final.exists():
+    if final.exists() and not overwrite:
         raise FileExistsError(f"checkpoint {str(final)!r} exists already: give each checkpoint a new directory")
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = final.parent / f"{final.name}{PARTIAL}{uuid.uuid4().hex[:8]}"
@@ -123,12 +125,25 @@ def save_checkpoint(path: str | Path, client=None, step: int | None = None, *, m
         created = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
         manifest = Manifest(step or 0, num_shards, num_hot, table_entries, shards, dense, created)
         manifest.write(tmp)
-        tmp.rename(final)
-        fsync_dir(final.parent)
+        _move_into_place(tmp, final)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return manifest
+
+
+def _move_into_place(tmp: Path, final: Path) -> None:
+    """Renames the whole checkpoint `tmp` to `final`; an old `final` is first renamed aside (a
+    crash between the renames leaves no checkpoint under that name, never a mixed one), then
+    deleted."""
+    old = None
+    if final.exists():
+        old = final.parent / f"{final.name}.replaced-{uuid.uuid4().hex[:8]}"
+        final.rename(old)
+    tmp.rename(final)
+    fsync_dir(final.parent)
+    if old is not None:
+        shutil.rmtree(old)
 
 
 def _current_step(client, tables: Sequence[str]) -> int:

@@ -56,18 +56,21 @@ def test_resumed_service_training_matches_the_uninterrupted_run(make_cluster, co
 
 def test_resumed_local_training_is_bit_identical(corpus_dir, tmp_path):
     """In-process tables (their optimizer's step logs and moments travel in the dense part):
-    resumed from the latest checkpoint of a run's checkpoint_dir, every loss and weight is equal."""
+    resumed from step N, every loss and weight equals the uninterrupted run's; the resumed run
+    saves step 2N again, replacing the first run's checkpoint of it whole."""
     cfg = replace(small_train_config(corpus_dir, tmp_path), steps=2 * N, warmup_steps=2, threads=1,
                   checkpoint=str(tmp_path / "plain.pt"))
+    ck = tmp_path / "ck"
     plain = train(cfg)
-    first = train(replace(cfg, steps=2 * N, checkpoint_dir=str(tmp_path / "ck"), checkpoint_every=N,
-                          checkpoint=None))
-    (tmp_path / "ck" / f"step-{2 * N:08d}").rename(tmp_path / "later")  # the run "stopped" after step N
-    resumed = train(replace(cfg, resume_from=str(tmp_path / "ck"), checkpoint=str(tmp_path / "resumed.pt")))
+    first = train(replace(cfg, checkpoint_dir=str(ck), checkpoint_every=N, checkpoint=None))
+    resumed = train(replace(cfg, resume_from=str(checkpoint_path(ck, N)), checkpoint_dir=str(ck),
+                            checkpoint_every=N, checkpoint=str(tmp_path / "resumed.pt")))
     assert first.train_losses == plain.train_losses
     assert resumed.train_losses == plain.train_losses and resumed.val_loss == plain.val_loss
     want, got = (torch.load(tmp_path / f, weights_only=False)["model"] for f in ("plain.pt", "resumed.pt"))
     assert all(torch.equal(want[k], got[k]) for k in want)
+    assert sorted(p.name for p in ck.iterdir()) == [f"step-{N:08d}", f"step-{2 * N:08d}"]
+    assert latest_checkpoint(ck) == checkpoint_path(ck, 2 * N)
 
 
 def test_generate_reads_a_checkpoint_directory(corpus_dir, tmp_path, capsys):

@@ -48,9 +48,11 @@ class RunState:
 
 def save_run(directory: str | Path, client, model: torch.nn.Module, optimizers: list, state: RunState) -> Path:
     """Checkpoints the run (tables through `client`, None for in-process tables) into
-    `directory`/step-NNNNNNNN; returns that path."""
+    `directory`/step-NNNNNNNN; returns that path. A checkpoint of that step already there (of a
+    run this one resumed before it got here) is replaced."""
     path = checkpoint_path(directory, state.step)
-    save_checkpoint(path, client, state.step, model=model, optimizers=optimizers, extra=state.to_dict())
+    save_checkpoint(path, client, state.step, model=model, optimizers=optimizers, extra=state.to_dict(),
+                    overwrite=True)
     return path
 
 

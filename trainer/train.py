@@ -199,12 +199,11 @@ def train(cfg: TrainConfig, corpus: Corpus | None = None, client=None,
     if cfg.batch_size % world:
         raise ValueError(f"batch_size {cfg.batch_size} must be a multiple of the {world} workers")
     corpus = corpus or Corpus.load(cfg.corpus)
-    if cfg.resume_from and world > 1:
-        raise ValueError("resume_from with data-parallel workers is not supported yet: resume with one worker")
     resume = Resume.open(cfg.resume_from, client) if cfg.resume_from else None
     if resume is not None:
         _check_resumable(resume.state, cfg, service if client is not None else None)
-        resume.restore_tables(client)  # before the model attaches to them
+        if world == 1:  # K workers: their driver restored the tables once (train_workers)
+            resume.restore_tables(client)  # before the model attaches to them
     make_tables = remote_tables(client, cfg, service, world) if client is not None else None
     model, indexer, summary = build(cfg, corpus, make_tables)
     tables = model.tables if isinstance(model.tables, RemoteTables) else None
@@ -214,6 +213,9 @@ def train(cfg: TrainConfig, corpus: Corpus | None = None, client=None,
     run = RunState(0, batches.state_dict())
     if resume is not None:
         run = resume.load(model, optimizers)
+        if tables is not None and tables.steps_pushed != run.step:
+            raise RuntimeError(f"the service's tables {service.prefix}/... are at step {tables.steps_pushed}, the "
+                               f"checkpoint at {run.step}: restore its tables first")
         batches.load_state_dict(run.data)
         torch.set_rng_state(run.torch_rng)
     part = cfg.batch_size // world
