@@ -31,6 +31,7 @@ import datetime
 import os
 import re
 import shutil
+import threading
 import uuid
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -61,12 +62,13 @@ _ERRORS = {grpc.StatusCode.FAILED_PRECONDITION: FailedPrecondition, grpc.StatusC
 @dataclass(frozen=True)
 class CheckpointOptions:
     """Deadlines of the checkpoint protocol. `wait_s`: how long shards wait for the step's commits
-    (data-parallel workers' parts) before refusing; `lease_s`: how long a migration pause lasts if
-    the driver never resumes it (a save must end within it, or it is refused); `rpc_timeout_s`:
-    the deadline of one shard's save or restore."""
+    (data-parallel workers' parts) before refusing; `lease_s`: how long a migration pause lasts
+    unless renewed (the driver renews it every lease_s / 3 while it saves, so a driver that dies
+    mid-save holds migration for at most lease_s); `rpc_timeout_s`: the deadline of one shard's
+    save or restore."""
 
     wait_s: float = 60.0
-    lease_s: float = 3600.0
+    lease_s: float = 30.0
     pause_timeout_s: float = 60.0
     rpc_timeout_s: float = 3600.0
 
@@ -191,21 +193,35 @@ def _save_dense(tmp: Path, model, optimizers, extra) -> FileEntry:
 
 @contextmanager
 def _migration_paused(client, options: CheckpointOptions) -> Iterator[None]:
-    """Migration paused on every hot shard of `client` for the block, resumed after; after a
-    clean block, FailedPrecondition if a pause did not hold throughout (its lease lapsed)."""
+    """Migration paused on every hot shard of `client` for the block (the pause renewed every
+    lease_s / 3), resumed after; after a clean block, FailedPrecondition if a pause did not hold
+    throughout (a renewal came too late and a round ran)."""
     pause = memory_pb2.CheckpointPauseRequest(pause=True, lease_seconds=options.lease_s,
                                               timeout_seconds=options.pause_timeout_s)
-    resume = memory_pb2.CheckpointPauseRequest(pause=False)
     deadline = options.pause_timeout_s + 30
+    stop = threading.Event()
+
+    def renew() -> None:
+        while not stop.wait(options.lease_s / 3):
+            try:
+                _call_all(client, "CheckpointPause", pause, deadline, hot_only=True)
+            except MemoryServiceError:
+                pass  # a lapsed pause shows at the resume (held is False), and the save is refused
+
+    renewer = threading.Thread(target=renew, name="engram-checkpoint-lease", daemon=True)
     try:
         _call_all(client, "CheckpointPause", pause, deadline, hot_only=True)
+        renewer.start()
         yield
-    except BaseException:
-        _call_all(client, "CheckpointPause", resume, deadline, hot_only=True)
-        raise
-    if not all(r.held for r in _call_all(client, "CheckpointPause", resume, deadline, hot_only=True)):
-        raise FailedPrecondition(f"migration resumed during the checkpoint (its {options.lease_s:.0f} s pause "
-                                 f"lapsed): rows may have moved between the shards' saves")
+    finally:
+        stop.set()
+        if renewer.is_alive():
+            renewer.join()
+        replies = _call_all(client, "CheckpointPause", memory_pb2.CheckpointPauseRequest(pause=False), deadline,
+                            hot_only=True)
+    if not all(r.held for r in replies):
+        raise FailedPrecondition("migration ran during the checkpoint (its pause lapsed before a renewal): rows "
+                                 "may have moved between the shards' saves")
 
 
 def _call_all(client, rpc: str, request, timeout: float, hot_only: bool = False, stubs=None) -> list:

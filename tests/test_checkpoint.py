@@ -2,7 +2,11 @@
 onto the same or another number of shards (DRAM or LMDB), refuse what is incomplete or damaged,
 and `engram checkpoint save|restore|inspect` from the command line."""
 import json
+import os
 import shutil
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -272,6 +276,69 @@ def test_an_unfinished_save_is_never_taken_for_a_checkpoint(saved, tmp_path):
     with pytest.raises(CheckpointCorrupt, match="has no manifest.json"):
         checkpoint.inspect_checkpoint(partial)
     assert checkpoint.latest_checkpoint(runs) == runs / "step-00000010"
+
+
+CRASHING_SAVE = """
+import sys, time
+from pathlib import Path
+from memory_service.checkpoint import CheckpointOptions, save_checkpoint
+from memory_service.client import MemoryClient
+
+class Stall:
+    # pickled into the dense part, after the shards wrote their files: says so, then waits to be killed
+    def __reduce__(self):
+        Path(sys.argv[2]).touch()
+        time.sleep(600)
+
+with MemoryClient(sys.argv[3].split(","), hot_targets=sys.argv[4].split(","), shared_memory=False) as client:
+    save_checkpoint(sys.argv[1], client, extra={"stall": Stall()}, options=CheckpointOptions(lease_s=1.0))
+"""
+
+
+def test_a_driver_killed_mid_save_leaves_nothing_that_passes_for_a_checkpoint(saved, tmp_path):
+    """kill -9 of the saving process after the shards wrote their files, before the manifest: what
+    it leaves ('ck.partial-*', with the shards' files) is refused, and 'ck' does not exist."""
+    cluster = saved["cluster"]
+    (tmp_path / "crash.py").write_text(CRASHING_SAVE)
+    marker = tmp_path / "stalled"
+    proc = subprocess.Popen([sys.executable, str(tmp_path / "crash.py"), str(tmp_path / "ck"), str(marker),
+                             ",".join(cluster.targets), ",".join(cluster.hot_targets)], env=os.environ)
+    try:
+        for _ in range(600):
+            if marker.exists() or proc.poll() is not None:
+                break
+            time.sleep(0.1)
+        assert marker.exists(), f"the save never reached its dense part (exit {proc.poll()})"
+    finally:
+        proc.kill()  # SIGKILL: no cleanup runs
+        proc.wait()
+    partial = list(tmp_path.glob("ck.partial-*"))
+    assert len(partial) == 1 and not (tmp_path / "ck").exists()
+    assert {p.name for p in partial[0].iterdir()} >= {"shard-0000-of-0002", "shard-0001-of-0002", "hot-0000-of-0001"}
+    assert not (partial[0] / "manifest.json").exists()
+    with pytest.raises(CheckpointCorrupt, match="unfinished saves beside it: ck.partial-"):
+        restore_checkpoint(tmp_path / "ck", saved["client"])
+    with pytest.raises(CheckpointCorrupt, match="has no manifest.json"):
+        checkpoint.inspect_checkpoint(partial[0])
+
+
+def test_a_pause_holds_while_renewed_and_lapses_without_its_driver(make_cluster):
+    """The save's pause of migration is a lease the driver renews: it holds for longer than the
+    lease while renewed, and a pause nobody renews or resumes (its driver died) lapses."""
+    cluster = make_cluster(1, num_hot=1, hot_rows=32, migrate_interval_s=0.005)
+    rounds = lambda: ray.get(cluster.hot_actors[0].migration_counters.remote())["rounds"]
+    with cluster.client(shared_memory=False) as client:
+        with checkpoint._migration_paused(client, CheckpointOptions(lease_s=0.6)):
+            before = rounds()
+            time.sleep(1.5)
+            assert rounds() == before
+        client.stubs[1].CheckpointPause(memory_pb2.CheckpointPauseRequest(
+            pause=True, lease_seconds=0.5, timeout_seconds=5), timeout=10)  # and then its driver "dies"
+        before = rounds()
+        time.sleep(0.2)
+        assert rounds() == before
+        time.sleep(1.0)
+        assert rounds() > before
 
 
 def test_engram_checkpoint_save_restore_inspect(saved, make_cluster, tmp_path, capsys):
