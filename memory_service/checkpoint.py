@@ -150,8 +150,7 @@ def _move_into_place(tmp: Path, final: Path) -> None:
 
 def _current_step(client, tables: Sequence[str]) -> int:
     """The step every (named) table is at on every shard; FailedPrecondition if they differ."""
-    steps = {(t.name, int(t.step)) for shard in client.stats() for t in shard.tables if not tables or t.name in tables}
-    distinct = sorted({s for _, s in steps})
+    distinct = sorted({int(t.step) for shard in client.stats() for t in shard.tables if not tables or t.name in tables})
     if len(distinct) > 1:
         raise FailedPrecondition(f"the tables are at different steps {distinct}: name the step (or the tables) "
                                  f"to checkpoint")

@@ -65,15 +65,18 @@ def save_shard(shard: Shard, root: str, step: int, names: list[str], wait_s: flo
     directory `root` (absolute, on a filesystem shared with the driver); returns the files."""
     base = _checked_root(root)
     folder = shard_dir(shard.homes.role, shard.shard_id, shard.num_shards)
-    (base / folder).mkdir(exist_ok=True)
 
     def write(store: TableStore) -> list[FileEntry]:
         stem = f"{folder}/{file_stem(store.cfg.name)}"
         return [_write_rows(base, f"{stem}.rows.npy", store),
                 _write_log(base, f"{stem}.log.npy", store)]
 
-    written = shard.checkpoint_tables(step, names, wait_s, write)
-    fsync_dir(base / folder)
+    try:
+        (base / folder).mkdir(exist_ok=True)
+        written = shard.checkpoint_tables(step, names, wait_s, write)
+        fsync_dir(base / folder)
+    except OSError as err:  # disk full, permissions: the driver removes the unfinished checkpoint
+        raise FailedPrecondition(f"{folder} cannot write its checkpoint files under {root!r}: {err}") from None
     return ShardEntry(shard.homes.role, shard.shard_id, shard.num_shards,
                       tuple(f for files in written.values() for f in files))
 
@@ -133,10 +136,19 @@ def restore_shard(shard: Shard, root: str) -> dict[str, int]:
     shard: id % num_shards == shard_id; hot shard: none); returns {table: rows taken}. Checks the
     files it reads first (CheckpointCorrupt); all or nothing."""
     base = _checked_root(root)
-    manifest = Manifest.read(base)
-    sources = _sources(manifest, shard)
-    logs = {t.name: manifest.shards[0].file(t.name, "log") for t in manifest.tables}
-    manifest.verify(base, [s.file(t.name, "rows") for s in sources for t in manifest.tables] + list(logs.values()))
+    try:
+        manifest = Manifest.read(base)
+        sources = _sources(manifest, shard)
+        logs = {t.name: manifest.shards[0].file(t.name, "log") for t in manifest.tables}
+        manifest.verify(base, [s.file(t.name, "rows") for s in sources for t in manifest.tables] + list(logs.values()))
+        return _restore_tables(shard, base, manifest, sources, logs)
+    except OSError as err:  # permissions, a volume gone: nothing is restored
+        raise FailedPrecondition(f"shard {shard.shard_id} cannot read checkpoint {root!r}: {err}") from None
+
+
+def _restore_tables(shard: Shard, base: Path, manifest: Manifest, sources: list[ShardEntry],
+                    logs: dict[str, FileEntry]) -> dict[str, int]:
+    """Every table of `manifest` onto `shard`, or none (those created are dropped on failure)."""
     restored: dict[str, int] = {}
     try:
         for table in manifest.tables:

@@ -158,10 +158,20 @@ def test_restore_onto_three_lmdb_shards_and_a_hot_one_keeps_every_row(saved, mak
         train_steps(source, range(STEPS + 1, STEPS + 9), seed=7)
         everything = {name: np.arange(NUM_ROWS) for name in NAMES}
         got, want = client.fetch(everything, STEPS + 8), source.fetch(everything, STEPS + 8)
+        # and a checkpoint of the LMDB shards (rows newer in DRAM than in LMDB among them) holds
+        # what the DRAM source holds after the same steps
+        manifest = save_checkpoint(tmp_path / "from-lmdb", client)
     # sparse Adam updates each row alone: exact. Dense Adam's catch-up batches rows per shard, and
     # its result depends on the batch in the last bit (memory_service/store.py).
     np.testing.assert_array_equal(got[NAMES[0]].numpy(), want[NAMES[0]].numpy())
     np.testing.assert_allclose(got[NAMES[1]].numpy(), want[NAMES[1]].numpy(), rtol=1e-6, atol=1e-7)
+    files = [np.load(tmp_path / "from-lmdb" / f.path) for shard in manifest.shards for f in shard.files
+             if f.kind == "rows" and f.table == NAMES[0]]
+    records = np.concatenate(files)[np.argsort(np.concatenate(files)["id"])]
+    ray.get(saved["cluster"].hot_actors[0].stop_migration.remote())
+    want = merged_state(saved["cluster"], NAMES[0])
+    for field, key in (("id", "ids"), ("row", "rows"), ("state", "state"), ("last", "last")):
+        assert np.ascontiguousarray(records[field]).tobytes() == want[key].tobytes(), field
 
 
 def test_saves_while_rows_migrate_every_millisecond_hold_every_row_once(make_cluster, tmp_path):

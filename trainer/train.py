@@ -210,14 +210,7 @@ def train(cfg: TrainConfig, corpus: Corpus | None = None, client=None,
     optimizers = make_optimizers(model, cfg)
     context = cfg.model.context
     batches = Batches(corpus.train, cfg.batch_size, context, seed=cfg.seed)
-    run = RunState(0, batches.state_dict())
-    if resume is not None:
-        run = resume.load(model, optimizers)
-        if tables is not None and tables.steps_pushed != run.step:
-            raise RuntimeError(f"the service's tables {service.prefix}/... are at step {tables.steps_pushed}, the "
-                               f"checkpoint at {run.step}: restore its tables first")
-        batches.load_state_dict(run.data)
-        torch.set_rng_state(run.torch_rng)
+    run = _resumed(resume, model, optimizers, batches, tables) if resume else RunState(0, batches.state_dict())
     part = cfg.batch_size // world
     drawn, data_states = iter(range(run.step, cfg.steps + 1)), {}  # step -> batch order before its batch
 
@@ -268,7 +261,8 @@ def train(cfg: TrainConfig, corpus: Corpus | None = None, client=None,
                      RunState(step + 1, data, losses, val_losses, torch.get_rng_state(), asdict(cfg),
                               asdict(service) if tables is not None else None))
         elapsed = time.perf_counter() - start
-        postfix = dict(loss=f"{losses[-1]:.3f}", tok_s=f"{(step + 1) * cfg.batch_size * context / elapsed:,.0f}")
+        postfix = dict(loss=f"{losses[-1]:.3f}",
+                       tok_s=f"{(step + 1 - run.step) * cfg.batch_size * context / elapsed:,.0f}")
         if tables is not None:
             postfix["fetch_wait_ms"] = f"{1e3 * tables.times.wait_s / max(1, tables.times.fetches):.1f}"
         bar.set_postfix(postfix)
@@ -284,6 +278,18 @@ def train(cfg: TrainConfig, corpus: Corpus | None = None, client=None,
         save_checkpoint(cfg, model, optimizers, Path(cfg.checkpoint), service if tables is not None else None)
     return TrainResult(val_loss, losses, seconds, steps_run * cfg.batch_size * context / seconds, summary,
                        val_losses)
+
+
+def _resumed(resume: Resume, model: EngramLM, optimizers: list, batches: Batches,
+             tables: RemoteTables | None) -> RunState:
+    """The checkpoint's run state, its weights, optimizer states, batch order and RNG loaded."""
+    run = resume.load(model, optimizers)
+    if tables is not None and tables.steps_pushed != run.step:
+        raise RuntimeError(f"the service's tables are at step {tables.steps_pushed}, the checkpoint at "
+                           f"{run.step}: restore its tables first")
+    batches.load_state_dict(run.data)
+    torch.set_rng_state(run.torch_rng)
+    return run
 
 
 def _check_resumable(run: RunState, cfg: TrainConfig, service: ServiceOptions | None) -> None:
