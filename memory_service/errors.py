@@ -29,3 +29,13 @@ class StepNotReached(MemoryServiceError):
 class RowsMoved(MemoryServiceError):
     """A row of the request has its home on another shard now (gRPC ABORTED, "moved: <version>"):
     refresh the hot map and send it there."""
+
+
+class FailedPrecondition(MemoryServiceError):
+    """The state does not allow the request now: a checkpoint of a step some table is not at, a
+    restore onto shards that hold its tables already (gRPC FAILED_PRECONDITION)."""
+
+
+class CheckpointCorrupt(MemoryServiceError):
+    """A checkpoint that is incomplete or damaged: no manifest (a save that did not finish), a
+    file missing, or a file whose sha256 differs from the manifest's (gRPC DATA_LOSS)."""

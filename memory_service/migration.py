@@ -86,16 +86,20 @@ class Migrator:
             pause = max(self.interval_s, took * (1 - self.max_duty) / self.max_duty)
 
     def round(self) -> None:
-        """One round: drain the reads, plan, move."""
-        self._observe()
-        for name in self.hot.list_tables():
-            policy = self._policy(name)
-            admit, evict = policy.plan(self.hot.hot_map(name)[1], self.max_moves)
-            if len(evict):
-                self._demote(name, np.asarray(evict, np.int64))
-            if len(admit):
-                self._promote(name, np.asarray(admit, np.int64))
-        self.counters.rounds += 1
+        """One round: drain the reads, plan, move; nothing while a checkpoint holds the shard's
+        MoveGate (the reads wait for the next round: the shards keep them, bounded)."""
+        with self.hot.moves.round() as free:
+            if not free:
+                return
+            self._observe()
+            for name in self.hot.list_tables():
+                policy = self._policy(name)
+                admit, evict = policy.plan(self.hot.hot_map(name)[1], self.max_moves)
+                if len(evict):
+                    self._demote(name, np.asarray(evict, np.int64))
+                if len(admit):
+                    self._promote(name, np.asarray(admit, np.int64))
+            self.counters.rounds += 1
 
     def _policy(self, name: str) -> Policy:
         if name not in self.policies:

@@ -19,7 +19,9 @@ import numpy as np
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from memory_service import wire
-from memory_service.errors import InvalidArgument, RowsMoved, StepNotReached, TableExists, TableNotFound
+from memory_service import shard_checkpoint
+from memory_service.errors import (CheckpointCorrupt, FailedPrecondition, InvalidArgument, RowsMoved,
+                                   StepNotReached, TableExists, TableNotFound)
 from memory_service.metrics import MetricsServer, ShardMetrics, serve_metrics
 from memory_service.reply_buffer import ReplyFiles
 from memory_service.rpc import memory_pb2, memory_pb2_grpc
@@ -37,6 +39,8 @@ ERROR_STATUS = {
     TableExists: grpc.StatusCode.ALREADY_EXISTS,
     StepNotReached: grpc.StatusCode.DEADLINE_EXCEEDED,
     RowsMoved: grpc.StatusCode.ABORTED,
+    FailedPrecondition: grpc.StatusCode.FAILED_PRECONDITION,
+    CheckpointCorrupt: grpc.StatusCode.DATA_LOSS,
     ValueError: grpc.StatusCode.INVALID_ARGUMENT,  # InvalidArgument and the configs' checks
 }
 
@@ -170,6 +174,28 @@ class MemoryServicer(memory_pb2_grpc.MemoryServiceServicer):
             requests[msg.table] = wire.decode_ids(msg.ids, msg.table)
         self.shard.announce(requests)
         return memory_pb2.AnnounceResponse()
+
+    @_maps_errors
+    def CheckpointPause(self, request, context):
+        if not request.pause:
+            return memory_pb2.CheckpointPauseResponse(held=self.shard.moves.resume())
+        self.shard.moves.pause(request.lease_seconds, request.timeout_seconds)
+        return memory_pb2.CheckpointPauseResponse(held=True)
+
+    @_maps_errors
+    def CheckpointSave(self, request, context):
+        part = shard_checkpoint.save_shard(self.shard, request.path, request.step, list(request.tables),
+                                           request.wait_seconds)
+        return memory_pb2.CheckpointSaveResponse(
+            role=part.role, shard_id=part.shard_id, num_shards=part.num_shards,
+            files=[memory_pb2.CheckpointFile(path=f.path, bytes=f.bytes, sha256=f.sha256, kind=f.kind,
+                                             table=f.table, rows=f.rows) for f in part.files])
+
+    @_maps_errors
+    def CheckpointRestore(self, request, context):
+        restored = shard_checkpoint.restore_shard(self.shard, request.path)
+        return memory_pb2.CheckpointRestoreResponse(tables=[
+            memory_pb2.CheckpointTableRows(table=name, rows=rows) for name, rows in restored.items()])
 
     def _open_reply_file(self, path: str, context) -> None:
         try:

@@ -17,14 +17,18 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import threading
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from typing import TypeVar
 
 import numpy as np
 
 from memory_service.collisions import CollisionSketch, NgramBatch
 from memory_service.config import StorageConfig, TableConfig
-from memory_service.errors import InvalidArgument, StepNotReached, TableExists, TableNotFound
+from memory_service.errors import (FailedPrecondition, InvalidArgument, StepNotReached, TableExists,
+                                   TableNotFound)
 from memory_service.homes import Homes
+from memory_service.move_gate import MoveGate
 from memory_service.placement import make_policy
 from memory_service.placer import Placer
 from memory_service.sharding import shard_of
@@ -40,6 +44,8 @@ from memory_service.utilization import TableUsage
 # frequency sketch needs more) and to what requests leave allocated between them (measured in
 # tests/test_cold_memory.py: at rest, 2.6 MiB beyond a 240 MiB warm tier, LRU included).
 HEADROOM = 16
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -151,6 +157,7 @@ class Shard:
         self._stepped = threading.Condition(self._lock)  # notified when a table's step advances
         self._cold: ColdEnvironment | None = None
         self.placer: Placer | None = None
+        self.moves = MoveGate()  # a hot shard's migrator asks it before each round; checkpoints pause it
         if self.storage.path is not None:
             self._open_cold()
 
@@ -394,6 +401,54 @@ class Shard:
             self._checked_ids(name, records.ids)
             self._tables[name].import_rows(records)
             self.homes.arrive(name, ids, version)
+
+    # -- checkpoints (memory_service/checkpoint.py) ------------------------------------------------
+    def checkpoint_tables(self, step: int, names: list[str], timeout: float,
+                          write: Callable[[TableStore], T]) -> dict[str, T]:
+        """{table: write(its store)} for `names` (all tables when empty), called under the shard's
+        lock once every one of them is at table step `step`, complete: a checkpoint is consistent
+        at one step. Waits up to `timeout` seconds for the step's commits (data-parallel workers'
+        parts may still be arriving); FailedPrecondition if a table is at another step then."""
+        with self._lock:
+            names = sorted(self._tables) if not names else list(names)
+            for name in names:
+                self._store(name)
+            self._stepped.wait_for(lambda: all(name not in self._tables or self._tables[name].committed >= step
+                                               for name in names), timeout)
+            for name in names:
+                store = self._store(name)  # dropped while we waited: NOT_FOUND
+                if store.committed != step or store.step != step:
+                    raise FailedPrecondition(
+                        f"table {name!r} on {self.homes.role} shard {self.shard_id} is at step {store.step} "
+                        f"(complete: {store.committed}), not at the checkpoint's step {step}")
+            return {name: write(self._tables[name]) for name in names}
+
+    def restore_table(self, cfg: TableConfig, log: dict[str, np.ndarray], chunks: Iterable[RowRecords]) -> int:
+        """Creates table `cfg` as a checkpoint saved it: its step log (`optimizer.log_state()`),
+        then its rows with their optimizer state from `chunks`, each one stored exactly (in the
+        tiers of a cold shard with disk). Returns the rows taken. FailedPrecondition if the table
+        exists here; on any error the table is dropped again, so a failed restore leaves nothing."""
+        with self._lock:
+            if cfg.name in self._tables:
+                raise FailedPrecondition(f"table {cfg.name!r} exists on {self.homes.role} shard {self.shard_id}: "
+                                         f"restore onto shards that do not hold the checkpoint's tables")
+            store = self._tables[cfg.name] = self._new_store(cfg)
+            self._split_budget()
+            if cfg.collision_sample_rate > 0:
+                self._collisions[cfg.name] = CollisionSketch(cfg.collision_sample_rate)
+            try:
+                store.load_log_state(log)
+                num_rows = 0
+                for chunk in chunks:
+                    self._checked_ids(cfg.name, chunk.ids)
+                    store.import_rows(chunk)
+                    num_rows += len(chunk)
+                self._stepped.notify_all()
+                return num_rows
+            except BaseException as err:
+                failed = err
+        self.drop_table(cfg.name)
+        raise failed
 
     def table_state(self, name: str) -> dict[str, np.ndarray]:
         """The table's written rows on this shard with their optimizer state and last step, and its

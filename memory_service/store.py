@@ -412,19 +412,22 @@ class TableStore:
 
     # --- whole-table views ---
 
-    def _records(self) -> Iterator[RowRecords]:
-        """Every written row as it stands, in id order, in chunks: the cold tier's records with
-        the dirty warm copies in their place (or the warm arena alone without a cold tier)."""
+    def records(self, chunk_rows: int = 65536) -> Iterator[RowRecords]:
+        """Every written row as it stands, in id order, in chunks of `chunk_rows` rows: the cold
+        tier's records with the dirty warm copies in their place (or the warm arena alone without
+        a cold tier). What checkpoints stream to disk: a table is never copied whole."""
         if self.cold is None:
             ids = self.warm.ids()
-            order = np.argsort(ids)
-            yield RowRecords(ids[order], *self.warm.records_at(order))
+            order = np.argsort(ids)  # slots in id order
+            for start in range(0, len(order), chunk_rows):
+                slots = order[start:start + chunk_rows]
+                yield RowRecords(ids[slots], *self.warm.records_at(slots))
             return
         slots = self.warm.dirty_slots()
         dirty_ids = self.warm.ids_at(slots)
         order = np.argsort(dirty_ids)
         dirty_ids, slots = dirty_ids[order], slots[order]
-        for chunk in self.cold.scan():
+        for chunk in self.cold.scan(chunk_rows):
             at = np.minimum(np.searchsorted(dirty_ids, chunk.ids), max(len(dirty_ids) - 1, 0))
             newer = (dirty_ids[at] == chunk.ids) if len(dirty_ids) else np.zeros(len(chunk), bool)
             if newer.any():
@@ -436,7 +439,7 @@ class TableStore:
         order: one sha256 per field over its values in id order, then one over the config, step
         log and those four, so a cold table is hashed in one streaming pass, never held whole."""
         fields = {f: hashlib.sha256() for f in ("ids", "rows", "state", "last")}
-        for chunk in self._records():
+        for chunk in self.records():
             for name, field_hash in fields.items():
                 field_hash.update(np.ascontiguousarray(getattr(chunk, name)).tobytes())
         h = hashlib.sha256(repr(self.cfg).encode())
@@ -449,7 +452,7 @@ class TableStore:
     def state_dict(self) -> dict[str, np.ndarray]:
         """Everything a restore needs: written rows as they stand, their optimizer state and last
         step, and the step log (dense Adam's catch-up reads the skipped steps' learning rates)."""
-        records = RowRecords.concat([RowRecords.empty(self.cfg.width, self._state_width), *self._records()])
+        records = RowRecords.concat([RowRecords.empty(self.cfg.width, self._state_width), *self.records()])
         return {"ids": records.ids, "rows": records.rows, "state": records.state, "last": records.last,
                 **self.optimizer.log_state()}
 
@@ -461,6 +464,17 @@ class TableStore:
         store.warm.append(*(np.asarray(state[k]) for k in ("ids", "rows", "state", "last")))
         store.committed = store.step
         return store
+
+    def load_log_state(self, log: dict[str, np.ndarray]) -> None:
+        """Takes the step log of a restored table (`optimizer.log_state()` of the one saved):
+        the table is at its last step, complete, as it was; a cold tier stores the log too, so
+        a reopened shard recovers it."""
+        self.optimizer.load_log_state(log)
+        self.committed = self.step
+        if self.cold is not None:
+            lrs = np.asarray(log["lrs"], dtype=np.float64)
+            steps = np.flatnonzero(~np.isnan(lrs))
+            self.cold.save_log(steps, lrs[steps])
 
     def _load_log(self) -> None:
         """The step log stored with the cold tier (a reopened shard continues from it)."""

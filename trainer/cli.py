@@ -9,7 +9,7 @@ import threading
 from dataclasses import replace
 
 from trainer.data import Corpus, CorpusConfig
-from trainer.infer import generate_text, load_checkpoint
+from trainer.infer import generate_text, load_checkpoint, saved_model
 from trainer.model import MODEL_PRESETS, ModelConfig
 from trainer.train import TrainConfig, train
 
@@ -27,6 +27,11 @@ def add_train_args(p: argparse.ArgumentParser, steps: int, context: int | None =
     p.add_argument("--corpus", default=None, help="folder of text/source files (default: Python stdlib)")
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--checkpoint", default=None, help="write the trained model here")
+    p.add_argument("--checkpoint-dir", default=None,
+                   help="save checkpoints to resume from here, in step-NNNNNNNN folders (with --checkpoint-every)")
+    p.add_argument("--checkpoint-every", type=int, default=0, help="steps between checkpoints (0: none)")
+    p.add_argument("--resume-from", default=None,
+                   help="continue from this checkpoint, or from the latest in this --checkpoint-dir")
     p.add_argument("--no-engram", action="store_true", help="train the iso-FLOPs baseline instead")
     p.add_argument("--no-compression", action="store_true", help="hash raw token ids")
     p.add_argument("--keep-whitespace-runs", action="store_true",
@@ -43,6 +48,8 @@ def train_config(args: argparse.Namespace) -> TrainConfig:
                        batch_size=args.batch_size, lr=args.lr, table_lr_mult=args.table_lr_mult,
                        seed=args.seed, threads=args.threads,
                        warmup_steps=min(20, args.steps // 10), checkpoint=args.checkpoint,
+                       checkpoint_dir=args.checkpoint_dir, checkpoint_every=args.checkpoint_every,
+                       resume_from=args.resume_from,
                        compress_tokens=not args.no_compression,
                        keep_whitespace_runs=args.keep_whitespace_runs)
 
@@ -122,12 +129,10 @@ def cmd_generate(args: argparse.Namespace) -> int:
         print(generate_text(model, indexer, corpus.tokenizer, args.prompt, args.max_new_tokens,
                             top_k=args.top_k, temperature=args.temperature, seed=args.seed))
         return 0
-    import torch
-
     from memory_service.cluster import connect
     from trainer.infer import service_tables
 
-    service = torch.load(args.checkpoint, map_location="cpu", weights_only=False).get("service") or {}
+    service = saved_model(args.checkpoint).get("service") or {}
     cluster = connect(args.address, name=args.cluster)
     try:
         with cluster.client() as client:
@@ -190,6 +195,67 @@ def cmd_stats(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_checkpoint(args: argparse.Namespace) -> int:
+    """Save, restore or inspect a checkpoint of a tables cluster (memory_service/checkpoint.py)."""
+    import json
+
+    from memory_service import checkpoint
+    from memory_service.errors import MemoryServiceError
+
+    try:
+        if args.action == "inspect":
+            manifest = checkpoint.inspect_checkpoint(args.path, verify=not args.no_verify)
+            checked = "not checked" if args.no_verify else f"{len(manifest.all_files())} files match their sha256"
+            if args.json:
+                print(json.dumps({**manifest.to_dict(), "verified": not args.no_verify}, indent=1))
+            else:
+                print(f"{args.path}: {checkpoint.summary(manifest)}\n{checked}")
+            return 0
+        return _checkpoint_cluster(args, checkpoint)
+    except (MemoryServiceError, FileExistsError, ValueError) as err:
+        print(f"engram checkpoint {args.action}: {err}", file=sys.stderr)
+        return 1
+
+
+def _checkpoint_cluster(args: argparse.Namespace, checkpoint) -> int:
+    """`save` or `restore` against the running tables cluster `args.name`."""
+    from memory_service.cluster import connect
+
+    cluster = connect(args.address, name=args.name)
+    try:
+        with cluster.client(shared_memory=False) as client:
+            if args.action == "save":
+                manifest = checkpoint.save_checkpoint(args.path, client, args.step, tables=args.table or ())
+                print(f"saved {args.path}: {checkpoint.summary(manifest)}")
+            else:
+                manifest = checkpoint.restore_checkpoint(args.path, client).manifest
+                print(f"restored {args.path} onto {len(cluster.addresses)} cold + {len(cluster.hot_addresses)} "
+                      f"hot shards of {args.name!r}: {checkpoint.summary(manifest)}")
+    finally:
+        cluster.shutdown()  # detaches only: the shards keep serving
+    return 0
+
+
+def add_checkpoint_parser(sub) -> None:
+    p = sub.add_parser("checkpoint", help="save, restore or inspect a checkpoint of a tables cluster")
+    actions = p.add_subparsers(dest="action", required=True)
+    for action, text in (("save", "write the cluster's tables at one step (the shards write their own files)"),
+                         ("restore", "load a checkpoint into a cluster without its tables (any shard count)"),
+                         ("inspect", "print a checkpoint's step, tables, rows and bytes, and check its files")):
+        a = actions.add_parser(action, help=text)
+        a.add_argument("path", help="the checkpoint directory (on a filesystem the shards share)")
+        if action == "inspect":
+            a.add_argument("--json", action="store_true", help="print the manifest as JSON")
+            a.add_argument("--no-verify", action="store_true", help="do not read the files to check their sha256")
+            continue
+        a.add_argument("--address", default="auto", help="Ray cluster the shards run on")
+        a.add_argument("--name", default="default", help="tables cluster name (as given to engram serve)")
+        if action == "save":
+            a.add_argument("--step", type=int, default=None, help="the step every table must be at (default: theirs)")
+            a.add_argument("--table", action="append", help="save only this table (repeatable; default: all)")
+    p.set_defaults(func=cmd_checkpoint)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="engram", description="Engram memory: train, generate with and serve hashed N-gram tables")
@@ -198,7 +264,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_train_args(p, steps=200)
     p.set_defaults(func=cmd_train_local)
     p = sub.add_parser("generate", help="continue a prompt with a trained checkpoint")
-    p.add_argument("--checkpoint", required=True, help="a file written by train-local, train or demo")
+    p.add_argument("--checkpoint", required=True,
+                   help="a file written by train-local, train or demo (--checkpoint), or a checkpoint directory")
     p.add_argument("--prompt", required=True, help="text to continue")
     p.add_argument("--max-new-tokens", type=int, default=64, help="prompt + new tokens must fit the context")
     p.add_argument("--top-k", type=int, default=0, help="sample among the k most likely tokens (0: greedy)")
@@ -247,6 +314,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--watch", type=float, nargs="?", const=2.0, default=None, metavar="SECONDS",
                    help="redraw every SECONDS (default 2) until Ctrl-C")
     p.set_defaults(func=cmd_stats)
+    add_checkpoint_parser(sub)
     return parser
 
 

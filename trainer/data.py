@@ -262,6 +262,14 @@ class Batches:
         starts = self.rng.integers(0, len(self.tokens) - self.context, size=self.batch_size)
         return _windows(self.tokens, starts, self.context)
 
+    def state_dict(self) -> dict:
+        """The position in the batch order (the generator's state, plain data): a checkpoint
+        saves it so a resumed run draws the batches the uninterrupted one would have."""
+        return {"rng": self.rng.bit_generator.state}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.rng.bit_generator.state = state["rng"]
+
 
 def eval_batches(tokens: np.ndarray, batch_size: int, context: int,
                  max_batches: int) -> list[tuple[torch.Tensor, torch.Tensor]]:

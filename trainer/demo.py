@@ -47,7 +47,8 @@ def run(cfg: DemoConfig) -> int:
             engram_cfg = replace(cfg.train, checkpoint=str(out / "model.pt"))
             engram = train(engram_cfg, corpus, client=client, service=cfg.service, eval_every=cfg.eval_every)
             print(f"tokenizer compression: {engram.compression}")
-            baseline_cfg = replace(cfg.train, model=cfg.train.model.iso_flops_baseline(), checkpoint=None)
+            baseline_cfg = replace(cfg.train, model=cfg.train.model.iso_flops_baseline(), checkpoint=None,
+                                   checkpoint_dir=None, checkpoint_every=0, resume_from=None)  # the Engram run's
             baseline = train(baseline_cfg, corpus, eval_every=cfg.eval_every)
             gain = 100 * (baseline.val_loss - engram.val_loss) / baseline.val_loss
             print(f"held-out loss after {cfg.train.steps} steps: Engram {engram.val_loss:.4f} "

@@ -5,6 +5,8 @@ to the tables cluster by name and runs `trainer.train.train` as rank r of K: it 
 batch as the others and trains on its slice; dense gradients are all-reduced; its part of the table
 gradients (scaled 1/K) goes to the shards, which sum the K parts of a step and apply the optimizer
 once. So K workers with B/K sequences each take the steps one worker with B sequences would.
+Rank 0 saves the run's checkpoints (`checkpoint_every`); a resumed run's tables are restored once,
+by this driver, before the workers start.
 """
 from __future__ import annotations
 
@@ -26,6 +28,8 @@ def train_workers(cfg: TrainConfig, workers: int, cluster_name: str = "default",
 
     if workers < 1 or cfg.batch_size % workers:
         raise ValueError(f"batch_size {cfg.batch_size} must be a multiple of workers {workers} >= 1")
+    if cfg.resume_from:
+        cfg = replace(cfg, resume_from=str(_restore_tables(cfg, cluster_name)))
     trainer = TorchTrainer(
         _worker, train_loop_config={"cfg": cfg, "cluster": cluster_name, "service": service},
         scaling_config=ScalingConfig(num_workers=workers, use_gpu=use_gpu,
@@ -34,6 +38,23 @@ def train_workers(cfg: TrainConfig, workers: int, cluster_name: str = "default",
         run_config=RunConfig(name=f"engram-{service.prefix.replace('/', '-')}",
                              storage_path=storage_path or tempfile.mkdtemp(prefix="engram-train-")))
     return trainer.fit().return_value
+
+
+def _restore_tables(cfg: TrainConfig, cluster_name: str):
+    """Restores the tables of the checkpoint `cfg.resume_from` once, here, before the workers
+    start (each then loads the dense part); returns the checkpoint's path, so that every worker
+    reads the same one."""
+    from memory_service.cluster import connect
+    from trainer.run_state import Resume
+
+    cluster = connect("auto", name=cluster_name)
+    try:
+        with cluster.client() as client:
+            resume = Resume.open(cfg.resume_from, client)
+            resume.restore_tables(client)
+    finally:
+        cluster.shutdown()  # detaches only
+    return resume.path
 
 
 def _worker(config: dict) -> TrainResult:

@@ -120,7 +120,7 @@ def load_checkpoint(path: str | Path, make_tables: TablesFactory = checkpoint_ta
     `make_tables` builds the tables the model reads; rows it keeps elsewhere (tables.* entries
     the built tables do not hold) are skipped. The file is a pickle: load only files you trust.
     """
-    saved = torch.load(path, map_location="cpu", weights_only=False)  # configs hold non-tensor types
+    saved = saved_model(path)
     if saved.get("service") and make_tables is checkpoint_tables:
         raise ValueError(f"checkpoint {str(path)!r} was trained through the table service (tables "
                          f"{saved['service']['prefix']}/...): its rows live there; attach to it (--address)")
@@ -134,6 +134,21 @@ def load_checkpoint(path: str | Path, make_tables: TablesFactory = checkpoint_ta
         raise ValueError(f"checkpoint {str(path)!r} does not fit its model: missing {missing}, "
                          f"unexpected {unexpected}")
     return model.eval(), indexer, cfg, corpus
+
+
+def saved_model(path: str | Path) -> dict:
+    """{config, model, service} of a trained model: a file written at the end of training
+    (`--checkpoint`), or a checkpoint directory a run wrote to resume from (`--checkpoint-dir`;
+    its dense part, checked against its manifest). A file is a pickle: load only files you trust."""
+    if Path(path).is_dir():
+        from memory_service.checkpoint import dense_state
+
+        saved = dense_state(path)
+        run = saved["extra"] or {}
+        if "config" not in run:
+            raise ValueError(f"checkpoint {str(path)!r} holds no training run's model")
+        return {"config": run["config"], "model": saved["model"], "service": run.get("service")}
+    return torch.load(path, map_location="cpu", weights_only=False)  # configs hold non-tensor types
 
 
 def train_config_from_dict(d: dict) -> TrainConfig:

@@ -32,6 +32,7 @@ from trainer.model import EngramLM, ModelConfig
 from trainer.prefetch import Prefetcher
 from trainer.remote_rows import RemoteTables
 from trainer.row_index import RowIndexer, identity_compression
+from trainer.run_state import Resume, RunState, save_run
 from trainer.table_optimizer import TableOptimizer
 from trainer.tokenizer_compression import TokenizerCompression
 
@@ -57,7 +58,11 @@ class TrainConfig:
     keep_whitespace_runs: bool = False
     eval_batches: int = 16
     threads: int | None = None
-    checkpoint: str | None = None
+    checkpoint: str | None = None  # the trained model, written at the end (what `engram generate` reads)
+    # Checkpoints to resume from (tables, dense model and optimizers, data position: trainer/run_state.py):
+    checkpoint_dir: str | None = None  # written to <checkpoint_dir>/step-NNNNNNNN
+    checkpoint_every: int = 0  # steps between checkpoints (0: none)
+    resume_from: str | None = None  # a checkpoint, or a checkpoint_dir (its latest), to continue from
     progress: bool = True
 
     def __post_init__(self) -> None:
@@ -70,6 +75,8 @@ class TrainConfig:
             raise ValueError(f"table_optimizer {self.table_optimizer!r} must be one of {OPTIMIZERS}")
         if not 0 <= self.warmup_steps < self.steps:
             raise ValueError(f"warmup_steps {self.warmup_steps} must be in [0, steps={self.steps})")
+        if self.checkpoint_every < 0 or (self.checkpoint_every and not self.checkpoint_dir):
+            raise ValueError(f"checkpoint_every {self.checkpoint_every} must be >= 0, and > 0 needs a checkpoint_dir")
 
 
 @dataclass(frozen=True)
@@ -193,15 +200,25 @@ def train(cfg: TrainConfig, corpus: Corpus | None = None, client=None,
     if cfg.batch_size % world:
         raise ValueError(f"batch_size {cfg.batch_size} must be a multiple of the {world} workers")
     corpus = corpus or Corpus.load(cfg.corpus)
+    resume = Resume.open(cfg.resume_from, client) if cfg.resume_from else None
+    if resume is not None:
+        _check_resumable(resume.state, cfg, service if client is not None else None)
+        if world == 1:  # K workers: their driver restored the tables once (train_workers)
+            resume.restore_tables(client)  # before the model attaches to them
     make_tables = remote_tables(client, cfg, service, world) if client is not None else None
     model, indexer, summary = build(cfg, corpus, make_tables)
     tables = model.tables if isinstance(model.tables, RemoteTables) else None
     optimizers = make_optimizers(model, cfg)
     context = cfg.model.context
     batches = Batches(corpus.train, cfg.batch_size, context, seed=cfg.seed)
+    run = _resumed(resume, model, optimizers, batches, tables) if resume else RunState(0, batches.state_dict())
     part = cfg.batch_size // world
+    drawn, data_states = iter(range(run.step, cfg.steps + 1)), {}  # step -> batch order before its batch
 
     def next_batch() -> tuple[torch.Tensor, torch.Tensor]:
+        step = next(drawn)
+        data_states[step] = batches.state_dict()  # the look-ahead draws step s + 1 during step s
+        data_states.pop(step - 2, None)
         x, y = batches.next()  # every worker draws the whole batch and keeps its slice
         return x[rank * part:(rank + 1) * part], y[rank * part:(rank + 1) * part]
 
@@ -209,10 +226,10 @@ def train(cfg: TrainConfig, corpus: Corpus | None = None, client=None,
                       service.prefetch and service.lookahead, service.staleness,
                       service.announce if service.prefetch else 0)
     held_out = eval_batches(corpus.val, cfg.batch_size, context, cfg.eval_batches)
-    losses: list[float] = []
-    val_losses: list[tuple[int, float]] = []
+    losses: list[float] = run.train_losses
+    val_losses: list[tuple[int, float]] = run.val_losses
     start = time.perf_counter()
-    bar = tqdm(range(cfg.steps), disable=not cfg.progress or rank != 0, desc="train", dynamic_ncols=True)
+    bar = tqdm(range(run.step, cfg.steps), disable=not cfg.progress or rank != 0, desc="train", dynamic_ncols=True)
     for step in bar:
         lr = lr_at(cfg, step)
         for opt in optimizers:
@@ -238,12 +255,21 @@ def train(cfg: TrainConfig, corpus: Corpus | None = None, client=None,
             on_step(step)
         if eval_every and rank == 0 and (step + 1) % eval_every == 0 and step + 1 < cfg.steps:
             val_losses.append((step + 1, evaluate(model, indexer, held_out)))
+        if cfg.checkpoint_every and rank == 0 and (step + 1) % cfg.checkpoint_every == 0:
+            if tables is not None:
+                tables.flush()  # the step's pushes applied: the shards are at step + 1
+            data = data_states.get(step + 1, batches.state_dict())  # drawn ahead, or not yet
+            save_run(cfg.checkpoint_dir, client, model, optimizers,
+                     RunState(step + 1, data, losses, val_losses, torch.get_rng_state(), asdict(cfg),
+                              asdict(service) if tables is not None else None))
         elapsed = time.perf_counter() - start
-        postfix = dict(loss=f"{losses[-1]:.3f}", tok_s=f"{(step + 1) * cfg.batch_size * context / elapsed:,.0f}")
+        postfix = dict(loss=f"{losses[-1]:.3f}",
+                       tok_s=f"{(step + 1 - run.step) * cfg.batch_size * context / elapsed:,.0f}")
         if tables is not None:
             postfix["fetch_wait_ms"] = f"{1e3 * tables.times.wait_s / max(1, tables.times.fetches):.1f}"
         bar.set_postfix(postfix)
     seconds = time.perf_counter() - start
+    steps_run = cfg.steps - run.step
     if tables is not None:
         tables.flush()  # the last step's push and commit, before the evaluation reads
     val_loss = evaluate(model, indexer, held_out) if rank == 0 else float("nan")
@@ -252,8 +278,30 @@ def train(cfg: TrainConfig, corpus: Corpus | None = None, client=None,
         tables.close()
     if cfg.checkpoint and rank == 0:
         save_checkpoint(cfg, model, optimizers, Path(cfg.checkpoint), service if tables is not None else None)
-    return TrainResult(val_loss, losses, seconds, cfg.steps * cfg.batch_size * context / seconds, summary,
+    return TrainResult(val_loss, losses, seconds, steps_run * cfg.batch_size * context / seconds, summary,
                        val_losses)
+
+
+def _resumed(resume: Resume, model: EngramLM, optimizers: list, batches: Batches,
+             tables: RemoteTables | None) -> RunState:
+    """The checkpoint's run state, its weights, optimizer states, batch order and RNG loaded."""
+    run = resume.load(model, optimizers)
+    if tables is not None and tables.steps_pushed != run.step:
+        raise RuntimeError(f"the service's tables are at step {tables.steps_pushed}, the checkpoint at "
+                           f"{run.step}: restore its tables first")
+    batches.load_state_dict(run.data)
+    torch.set_rng_state(run.torch_rng)
+    return run
+
+
+def _check_resumable(run: RunState, cfg: TrainConfig, service: ServiceOptions | None) -> None:
+    """ValueError unless this run can continue the checkpoint's."""
+    if not run.step < cfg.steps:
+        raise ValueError(f"the checkpoint is at step {run.step}: nothing left to train in steps={cfg.steps}")
+    saved_prefix = (run.service or {}).get("prefix")
+    if service is not None and saved_prefix != service.prefix:
+        raise ValueError(f"the checkpoint's tables are {saved_prefix}/..., this run's {service.prefix}/...: "
+                         f"resume with --prefix {saved_prefix}")
 
 
 def _all_reduce_mean(params: list[torch.Tensor], loss: torch.Tensor, world: int) -> torch.Tensor:

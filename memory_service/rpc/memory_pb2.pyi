@@ -448,3 +448,79 @@ class DrainAccessesResponse(_message.Message):
     TABLES_FIELD_NUMBER: _ClassVar[int]
     tables: _containers.RepeatedCompositeFieldContainer[TableAccesses]
     def __init__(self, tables: _Optional[_Iterable[_Union[TableAccesses, _Mapping]]] = ...) -> None: ...
+
+class CheckpointPauseRequest(_message.Message):
+    __slots__ = ("pause", "lease_seconds", "timeout_seconds")
+    PAUSE_FIELD_NUMBER: _ClassVar[int]
+    LEASE_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    TIMEOUT_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    pause: bool
+    lease_seconds: float
+    timeout_seconds: float
+    def __init__(self, pause: _Optional[bool] = ..., lease_seconds: _Optional[float] = ..., timeout_seconds: _Optional[float] = ...) -> None: ...
+
+class CheckpointPauseResponse(_message.Message):
+    __slots__ = ("held",)
+    HELD_FIELD_NUMBER: _ClassVar[int]
+    held: bool
+    def __init__(self, held: _Optional[bool] = ...) -> None: ...
+
+class CheckpointSaveRequest(_message.Message):
+    __slots__ = ("path", "step", "tables", "wait_seconds")
+    PATH_FIELD_NUMBER: _ClassVar[int]
+    STEP_FIELD_NUMBER: _ClassVar[int]
+    TABLES_FIELD_NUMBER: _ClassVar[int]
+    WAIT_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    path: str
+    step: int
+    tables: _containers.RepeatedScalarFieldContainer[str]
+    wait_seconds: float
+    def __init__(self, path: _Optional[str] = ..., step: _Optional[int] = ..., tables: _Optional[_Iterable[str]] = ..., wait_seconds: _Optional[float] = ...) -> None: ...
+
+class CheckpointFile(_message.Message):
+    __slots__ = ("path", "bytes", "sha256", "kind", "table", "rows")
+    PATH_FIELD_NUMBER: _ClassVar[int]
+    BYTES_FIELD_NUMBER: _ClassVar[int]
+    SHA256_FIELD_NUMBER: _ClassVar[int]
+    KIND_FIELD_NUMBER: _ClassVar[int]
+    TABLE_FIELD_NUMBER: _ClassVar[int]
+    ROWS_FIELD_NUMBER: _ClassVar[int]
+    path: str
+    bytes: int
+    sha256: str
+    kind: str
+    table: str
+    rows: int
+    def __init__(self, path: _Optional[str] = ..., bytes: _Optional[int] = ..., sha256: _Optional[str] = ..., kind: _Optional[str] = ..., table: _Optional[str] = ..., rows: _Optional[int] = ...) -> None: ...
+
+class CheckpointSaveResponse(_message.Message):
+    __slots__ = ("role", "shard_id", "num_shards", "files")
+    ROLE_FIELD_NUMBER: _ClassVar[int]
+    SHARD_ID_FIELD_NUMBER: _ClassVar[int]
+    NUM_SHARDS_FIELD_NUMBER: _ClassVar[int]
+    FILES_FIELD_NUMBER: _ClassVar[int]
+    role: str
+    shard_id: int
+    num_shards: int
+    files: _containers.RepeatedCompositeFieldContainer[CheckpointFile]
+    def __init__(self, role: _Optional[str] = ..., shard_id: _Optional[int] = ..., num_shards: _Optional[int] = ..., files: _Optional[_Iterable[_Union[CheckpointFile, _Mapping]]] = ...) -> None: ...
+
+class CheckpointRestoreRequest(_message.Message):
+    __slots__ = ("path",)
+    PATH_FIELD_NUMBER: _ClassVar[int]
+    path: str
+    def __init__(self, path: _Optional[str] = ...) -> None: ...
+
+class CheckpointTableRows(_message.Message):
+    __slots__ = ("table", "rows")
+    TABLE_FIELD_NUMBER: _ClassVar[int]
+    ROWS_FIELD_NUMBER: _ClassVar[int]
+    table: str
+    rows: int
+    def __init__(self, table: _Optional[str] = ..., rows: _Optional[int] = ...) -> None: ...
+
+class CheckpointRestoreResponse(_message.Message):
+    __slots__ = ("tables",)
+    TABLES_FIELD_NUMBER: _ClassVar[int]
+    tables: _containers.RepeatedCompositeFieldContainer[CheckpointTableRows]
+    def __init__(self, tables: _Optional[_Iterable[_Union[CheckpointTableRows, _Mapping]]] = ...) -> None: ...

@@ -100,6 +100,21 @@ class MemoryServiceStub:
                 request_serializer=engram__memory_dot_v1_dot_memory__pb2.AnnounceRequest.SerializeToString,
                 response_deserializer=engram__memory_dot_v1_dot_memory__pb2.AnnounceResponse.FromString,
                 _registered_method=True)
+        self.CheckpointPause = channel.unary_unary(
+                '/engram_memory.v1.MemoryService/CheckpointPause',
+                request_serializer=engram__memory_dot_v1_dot_memory__pb2.CheckpointPauseRequest.SerializeToString,
+                response_deserializer=engram__memory_dot_v1_dot_memory__pb2.CheckpointPauseResponse.FromString,
+                _registered_method=True)
+        self.CheckpointSave = channel.unary_unary(
+                '/engram_memory.v1.MemoryService/CheckpointSave',
+                request_serializer=engram__memory_dot_v1_dot_memory__pb2.CheckpointSaveRequest.SerializeToString,
+                response_deserializer=engram__memory_dot_v1_dot_memory__pb2.CheckpointSaveResponse.FromString,
+                _registered_method=True)
+        self.CheckpointRestore = channel.unary_unary(
+                '/engram_memory.v1.MemoryService/CheckpointRestore',
+                request_serializer=engram__memory_dot_v1_dot_memory__pb2.CheckpointRestoreRequest.SerializeToString,
+                response_deserializer=engram__memory_dot_v1_dot_memory__pb2.CheckpointRestoreResponse.FromString,
+                _registered_method=True)
 
 
 class MemoryServiceServicer:
@@ -216,6 +231,46 @@ class MemoryServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def CheckpointPause(self, request, context):
+        """-- checkpoints (memory_service/checkpoint.py) ---------------------------------------------------
+        A checkpoint is a directory on a filesystem the driver and every shard share (one machine's
+        disk; a shared volume on Kubernetes). To save, the driver pauses migration on the hot shards,
+        has every shard write its own tables' files in parallel (CheckpointSave), writes the manifest
+        with every file's sha256 last, and resumes migration. To restore, every shard of a cluster that
+        does not hold the tables reads the rows it is home of (CheckpointRestore), whatever the number
+        of shards that saved them.
+
+        Pauses (pause = true) this shard's migration once the round in progress has ended, for at most
+        lease_seconds, or resumes it (pause = false). FAILED_PRECONDITION if the round in progress has
+        not ended after timeout_seconds. A cold shard runs no migration: it answers at once.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def CheckpointSave(self, request, context):
+        """Writes this shard's part of a checkpoint at table step `step`: under `path`, in a folder
+        shard-NNNN-of-MMMM (hot-NNNN-of-MMMM for a hot shard), each table's written rows with their
+        optimizer state and its step log, and returns the files with their sha256. FAILED_PRECONDITION
+        if a table is not at `step` (after waiting wait_seconds for its commits) or `path` is not a
+        directory here; NOT_FOUND for an unknown table; INVALID_ARGUMENT for a relative path.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def CheckpointRestore(self, request, context):
+        """Creates every table of the checkpoint at `path` on this shard with its step log and the rows
+        this shard is home of (a cold shard: id % num_shards == shard_id, from whichever shards saved
+        them; a hot shard: none, its migrator brings hot rows back). The tables continue from the
+        checkpoint's step. DATA_LOSS if the manifest or a file this shard reads is missing or damaged
+        (checked before anything is created); FAILED_PRECONDITION if this shard holds one of the
+        tables already. All or nothing on this shard.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_MemoryServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -283,6 +338,21 @@ def add_MemoryServiceServicer_to_server(servicer, server):
                     servicer.Announce,
                     request_deserializer=engram__memory_dot_v1_dot_memory__pb2.AnnounceRequest.FromString,
                     response_serializer=engram__memory_dot_v1_dot_memory__pb2.AnnounceResponse.SerializeToString,
+            ),
+            'CheckpointPause': grpc.unary_unary_rpc_method_handler(
+                    servicer.CheckpointPause,
+                    request_deserializer=engram__memory_dot_v1_dot_memory__pb2.CheckpointPauseRequest.FromString,
+                    response_serializer=engram__memory_dot_v1_dot_memory__pb2.CheckpointPauseResponse.SerializeToString,
+            ),
+            'CheckpointSave': grpc.unary_unary_rpc_method_handler(
+                    servicer.CheckpointSave,
+                    request_deserializer=engram__memory_dot_v1_dot_memory__pb2.CheckpointSaveRequest.FromString,
+                    response_serializer=engram__memory_dot_v1_dot_memory__pb2.CheckpointSaveResponse.SerializeToString,
+            ),
+            'CheckpointRestore': grpc.unary_unary_rpc_method_handler(
+                    servicer.CheckpointRestore,
+                    request_deserializer=engram__memory_dot_v1_dot_memory__pb2.CheckpointRestoreRequest.FromString,
+                    response_serializer=engram__memory_dot_v1_dot_memory__pb2.CheckpointRestoreResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -637,6 +707,87 @@ class MemoryService:
             '/engram_memory.v1.MemoryService/Announce',
             engram__memory_dot_v1_dot_memory__pb2.AnnounceRequest.SerializeToString,
             engram__memory_dot_v1_dot_memory__pb2.AnnounceResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CheckpointPause(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/engram_memory.v1.MemoryService/CheckpointPause',
+            engram__memory_dot_v1_dot_memory__pb2.CheckpointPauseRequest.SerializeToString,
+            engram__memory_dot_v1_dot_memory__pb2.CheckpointPauseResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CheckpointSave(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/engram_memory.v1.MemoryService/CheckpointSave',
+            engram__memory_dot_v1_dot_memory__pb2.CheckpointSaveRequest.SerializeToString,
+            engram__memory_dot_v1_dot_memory__pb2.CheckpointSaveResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CheckpointRestore(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/engram_memory.v1.MemoryService/CheckpointRestore',
+            engram__memory_dot_v1_dot_memory__pb2.CheckpointRestoreRequest.SerializeToString,
+            engram__memory_dot_v1_dot_memory__pb2.CheckpointRestoreResponse.FromString,
             options,
             channel_credentials,
             insecure,

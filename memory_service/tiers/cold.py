@@ -19,7 +19,7 @@ written in the shared file mapping (file-backed memory, not the process's anonym
 for the environment's life) and a commit costs no fsync (16k random rows took 480 ms with a sync
 per commit, 100 ms without, here). A process crash loses nothing (the pages are in the OS page
 cache); an OS crash may lose or damage what was written since the last `sync()` (called on
-`close()`), so durable state is the checkpoint (`TableStore.state_dict`), as for DRAM shards.
+`close()`), so durable state is the checkpoint (memory_service/checkpoint.py), as for DRAM shards.
 
 `map_size` starts from the tables' sizes (capped) and doubles on `MapFullError`, the failed
 transaction retried. Besides the rows each table stores its metadata (the shard passes its config)
