@@ -29,3 +29,10 @@ class StepNotReached(MemoryServiceError):
 class RowsMoved(MemoryServiceError):
     """A row of the request has its home on another shard now (gRPC ABORTED, "moved: <version>"):
     refresh the hot map and send it there."""
+
+
+class ShardUnavailable(MemoryServiceError):
+    """A shard stayed unreachable (gRPC UNAVAILABLE) for the client's whole retry deadline: it
+    crashed and was not restarted (no restarts left; all-DRAM and hot shards are not restarted),
+    or the network is down. Unlike the other errors this says nothing about state: a push may or
+    may not have been applied (re-sending it with the same request id is safe)."""
