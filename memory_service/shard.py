@@ -159,6 +159,7 @@ class Shard:
         self._cold: ColdEnvironment | None = None
         self.placer: Placer | None = None
         self.journal = Journal()  # requests applied once; a cold shard's logs its changes too
+        self._closed = False
         if self.storage.path is not None:
             self._open_cold()
 
@@ -231,11 +232,15 @@ class Shard:
             store.set_warm_capacity(WarmTier.rows_within(share, store.cfg.width, store.warm.state_width))
 
     def close(self) -> None:
-        """Stops placement, writes dirty rows back and closes the LMDB files (a cold shard; an
-        all-DRAM shard has nothing to close). The shard serves nothing afterwards."""
+        """Stops placement, writes dirty rows back, empties the write-ahead log and closes the
+        LMDB files (a cold shard; an all-DRAM shard has nothing to close). The shard serves nothing
+        afterwards; closing again does nothing."""
         if self.placer is not None:
             self.placer.stop()
         with self._lock:
+            if self._closed:
+                return
+            self._closed = True
             if self._cold is not None and self.journal.failed is None:
                 self._checkpoint()  # the log is empty afterwards: a reopen replays nothing
             for store in self._tables.values():

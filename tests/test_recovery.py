@@ -2,10 +2,14 @@
 with every change it acknowledged, none twice; re-sent requests are applied once."""
 from __future__ import annotations
 
+import itertools
 import os
 import signal
 import subprocess
 import sys
+import threading
+import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -183,3 +187,134 @@ def test_a_damaged_log_is_refused_but_a_torn_last_record_is_not(tmp_path):
     later.close()
     with pytest.raises(WalCorrupt, match="not the last"):
         list(WriteAheadLog(str(tmp_path)).read(3))
+
+
+# -- shard actors under Ray: kill -9 and SIGTERM ----------------------------------------------------
+
+
+def cold_cluster(make_cluster, path, **kw):
+    """Two cold shards whose DRAM holds a few dozen rows of each table (the rest is in LMDB), that
+    flush only when closed: every change since start is in the write-ahead log."""
+    return make_cluster(2, storage=storage(path, dram_budget_bytes=16 << 10, placement_interval_s=0.02), **kw)
+
+
+def shard_states(cluster, names) -> list[dict]:
+    import ray
+
+    return [{name: ray.get(actor.table_state.remote(name)) for name in names} for actor in cluster.actors]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("optimizer", ["sparse_adam", "adam"])
+def test_kill_9_of_a_cold_shard_mid_training_loses_no_update_and_applies_none_twice(
+        make_cluster, corpus_dir, tmp_path, optimizer):
+    """Training through the service (sparse or dense Adam tables, prefetch and look-ahead on) while cold
+    shard 1's process is killed with SIGKILL as step 12's push reaches it: Ray restarts it, it
+    replays its write-ahead log, the client re-sends what failed, the run finishes by itself, and
+    every table's rows and optimizer state on every shard equal an uninterrupted run's exactly."""
+    import ray
+
+    from trainer.data import Corpus
+    from trainer.train import ServiceOptions, train
+    from test_train import small_train_config
+
+    cfg = replace(small_train_config(corpus_dir, tmp_path), steps=25, warmup_steps=3,
+                  table_optimizer=optimizer, table_lr_mult=5.0, threads=1)
+    corpus = Corpus.load(cfg.corpus)
+    service = ServiceOptions(prefix="kill", lookahead=True)
+
+    calm = cold_cluster(make_cluster, tmp_path / "calm")
+    with calm.client() as client:
+        want = train(cfg, corpus, client=client, service=service)
+        names = sorted(t.name for t in client.report().shards[0].tables)
+    want_states = shard_states(calm, names)
+
+    crashing = cold_cluster(make_cluster, tmp_path / "crash")
+    victim = crashing.actors[1]
+    pid = ray.get(victim.pid.remote())
+    killed = threading.Event()
+
+    def kill_on_push(event: str, fields: dict) -> None:  # as the push reaches the shard
+        if event == "push_sent" and fields["step"] == 12 and fields["shard"] == 1 and not killed.is_set():
+            killed.set()
+            threading.Timer(0.002, os.kill, (pid, signal.SIGKILL)).start()
+
+    with crashing.client() as client:
+        client.trace = kill_on_push
+        got = train(cfg, corpus, client=client, service=service)
+        report = client.report()
+        retries = client.retries
+    new_pid, recovered = ray.get(victim.pid.remote()), ray.get(victim.recovery.remote())
+    print(f"kill -9 of pid {pid} at step 12: restarted as pid {new_pid}, {recovered['wal_replayed']} "
+          f"write-ahead log records replayed, {retries} client retries")
+    assert killed.is_set() and new_pid != pid
+    assert retries > 0
+    assert recovered["wal_replayed"] > 0
+    for table in report.shards[1].tables:  # the cold tier was in use: most rows lived in LMDB
+        memory, cold = table.tiers
+        assert cold.tier == "cold" and cold.rows > 4 * memory.rows, table
+    assert got.train_losses == want.train_losses
+    for got_shard, want_shard in zip(shard_states(crashing, names), want_states):
+        assert_same_tables(got_shard, want_shard)
+
+
+def assert_same_tables(got: dict, want: dict) -> None:
+    assert sorted(got) == sorted(want)
+    for name in want:
+        for field in want[name]:
+            a, b = got[name][field], want[name][field]
+            assert np.array_equal(a, b, equal_nan=a.dtype.kind == "f"), (name, field)
+
+
+@pytest.mark.slow
+def test_sigterm_flushes_and_the_restarted_shard_holds_every_acknowledged_push(make_cluster, tmp_path):
+    """A client pushes and reads continuously while cold shard 0 gets SIGTERM: it stops serving,
+    flushes and exits; Ray starts it again from its files alone (its log is empty: nothing to
+    replay), and every shard holds exactly the pushes the client got acknowledged, as two
+    in-process shards given those pushes do."""
+    import ray
+
+    cluster = cold_cluster(make_cluster, tmp_path / "cluster")
+    victim = cluster.actors[0]
+    pid = ray.get(victim.pid.remote())
+    cfg = TableConfig("sig", 20000, WIDTH, seed=3, optimizer=OptimizerConfig("sparse_adam", lr=0.05))
+    acknowledged: list[tuple[int, np.ndarray, np.ndarray]] = []
+    stop = threading.Event()
+
+    def traffic(client) -> None:
+        for step in itertools.count(1):
+            if stop.is_set():
+                return
+            rng = np.random.default_rng(step)
+            ids = rng.choice(cfg.num_rows, 500, replace=False)
+            grads = rng.standard_normal((500, WIDTH)).astype(np.float32)
+            client.push({cfg.name: (ids, grads)}, step=step)
+            acknowledged.append((step, ids, grads))
+            client.fetch({cfg.name: rng.choice(cfg.num_rows, 500)}, min_step=step)
+
+    with cluster.client() as client:
+        client.create_table(cfg)
+        pusher = threading.Thread(target=traffic, args=(client,))
+        pusher.start()
+        while len(acknowledged) < 20:
+            time.sleep(0.01)
+        os.kill(pid, signal.SIGTERM)
+        at_signal = len(acknowledged)
+        while ray.get(victim.pid.remote()) == pid or len(acknowledged) < 60:
+            time.sleep(0.05)
+        stop.set()
+        pusher.join()
+        retries = client.retries
+    recovered = ray.get(victim.recovery.remote())
+    print(f"SIGTERM after {at_signal} acknowledged pushes: {len(acknowledged)} acknowledged in all, "
+          f"{recovered['wal_replayed']} records replayed, {retries} client retries")
+    assert retries > 0
+    assert recovered["wal_replayed"] == 0
+    want = [Shard(i, 2) for i in range(2)]
+    for shard in want:
+        shard.create_table(cfg)
+        for step, ids, grads in acknowledged:
+            mine = ids % 2 == shard.shard_id
+            shard.push("reference", {cfg.name: TablePush(step, ids[mine], grads[mine])})
+    for got, shard in zip(shard_states(cluster, [cfg.name]), want):
+        assert_same_tables(got, {cfg.name: shard.table_state(cfg.name)})
