@@ -27,15 +27,11 @@ from memory_service.config import TableConfig
 from memory_service.errors import InvalidArgument, MemoryServiceError, RowsMoved, TableExists, TableNotFound
 from memory_service.rpc import memory_pb2, memory_pb2_grpc
 from memory_service.placement import contains
-from memory_service.retry import RetryPolicy
+from memory_service.retry import RECONNECT_OPTIONS, RetryPolicy
 from memory_service.utilization import ClusterReport
 
 _ERRORS = {grpc.StatusCode.INVALID_ARGUMENT: InvalidArgument, grpc.StatusCode.NOT_FOUND: TableNotFound,
            grpc.StatusCode.ALREADY_EXISTS: TableExists, grpc.StatusCode.ABORTED: RowsMoved}
-# A restarted shard listens again within seconds: reconnect attempts back off to at most 1 s
-# (gRPC's default grows to 120 s, which would outlast the restart by minutes).
-_CHANNEL_OPTIONS = (("grpc.initial_reconnect_backoff_ms", 100), ("grpc.min_reconnect_backoff_ms", 100),
-                    ("grpc.max_reconnect_backoff_ms", 1000))
 
 
 @dataclass(frozen=True)
@@ -92,7 +88,7 @@ class MemoryClient:
         self.targets = list(targets) + list(hot_targets)  # shard index: cold 0..N-1, then hot
         self._hot: dict[str, np.ndarray] = {}  # table -> sorted ids that are hot (any hot shard)
         self.refreshes = 0  # hot-map refreshes after a RowsMoved answer
-        self.channels = [grpc.insecure_channel(t, options=(*wire.MESSAGE_OPTIONS, *_CHANNEL_OPTIONS))
+        self.channels = [grpc.insecure_channel(t, options=(*wire.MESSAGE_OPTIONS, *RECONNECT_OPTIONS))
                          for t in self.targets]
         self.stubs = [memory_pb2_grpc.MemoryServiceStub(c) for c in self.channels]
         self.max_rows_per_request = max_rows_per_request

@@ -35,10 +35,12 @@ from dataclasses import dataclass
 import msgpack
 import numpy as np
 
+from memory_service.tiers.base import RowRecords
 from memory_service.tiers.cold import ColdEnvironment
 from memory_service.wal import WriteAheadLog
 
 MAX_REQUESTS = 16384  # applied requests remembered: a client retries for its deadline, far fewer
+MAX_EXPORTS = 64  # rows handed to a hot shard kept for a re-sent export (the migrator retries at once)
 _SNAPSHOT_KEY = b"journal"
 
 
@@ -68,6 +70,8 @@ class Journal:
         self.wal, self.cold = wal, cold
         self.flush_interval_s, self.flush_bytes = flush_interval_s, flush_bytes
         self.requests: OrderedDict[tuple[str, int], int] = OrderedDict()  # (client, seq) -> result
+        # (client, seq) -> (table, the rows an export handed over): its answer, should it be re-sent
+        self.exports: OrderedDict[tuple[str, int], tuple[str, RowRecords]] = OrderedDict()
         self.replayed = 0  # WAL records replayed when the shard opened
         self.checkpoints = 0
         self.failed: BaseException | None = None
@@ -89,6 +93,17 @@ class Journal:
         self.requests[(client_id, request_seq)] = result
         while len(self.requests) > MAX_REQUESTS:
             self.requests.popitem(last=False)
+
+    def exported(self, client_id: str, request_seq: int) -> RowRecords | None:
+        """The rows export request (client_id, request_seq) handed over, if it was applied."""
+        found = self.exports.get((client_id, request_seq)) if request_seq else None
+        return None if found is None else found[1]
+
+    def remember_export(self, client_id: str, request_seq: int, table: str, records: RowRecords) -> None:
+        if request_seq:
+            self.exports[(client_id, request_seq)] = (table, records)
+            while len(self.exports) > MAX_EXPORTS:
+                self.exports.popitem(last=False)
 
     @contextmanager
     def change(self, client_id: str = "", request_seq: int = 0) -> Iterator[Change]:
@@ -151,7 +166,9 @@ class Journal:
         (what only memory holds), sync LMDB to disk when the log is fsynced, and rotate the log."""
         marker = self.wal.last_seq
         state = {**state, "seq": marker,
-                 "requests": [[c, s, r] for (c, s), r in self.requests.items()]}
+                 "requests": [[c, s, r] for (c, s), r in self.requests.items()],
+                 "exports": [[c, s, table, *(encode(getattr(records, f)) for f in ("ids", "rows", "state", "last"))]
+                             for (c, s), (table, records) in self.exports.items()]}
         self.cold.put_meta(_SNAPSHOT_KEY, msgpack.packb(state, use_bin_type=True))
         if self.wal.fsync:
             self.cold.sync()
@@ -161,7 +178,8 @@ class Journal:
 
     def load(self) -> tuple[dict | None, Iterator[dict]]:
         """(the state of the last checkpoint, or None for a directory that never had one; the
-        records after its marker, in order). The requests of both are remembered again."""
+        records after its marker, in order). The requests of both are remembered again (the
+        exports' answers: by `recovery`, which knows the tables' widths)."""
         raw = self.cold.get_meta(_SNAPSHOT_KEY)
         state = msgpack.unpackb(raw, raw=False, strict_map_key=False) if raw is not None else None
         for client, seq, result in (state or {}).get("requests", []):

@@ -61,10 +61,16 @@ def restore(shard: "Shard", state: dict) -> None:
     for name, step, clients in state["commits"]:
         if name in shard._tables:
             shard._commits[(name, step)] = set(clients)
+    for client, seq, name, *records in state.get("exports", []):
+        if name in shard._tables:
+            store = shard._tables[name]
+            shard.journal.remember_export(client, seq, name, _records(*records, store.cfg.width,
+                                                                      store.warm.state_width))
 
 
-def redo(shard: "Shard", op: list) -> None:
-    """Replays one logged change (journal.note's [table, kind, *fields])."""
+def redo(shard: "Shard", op: list, request: list | None = None) -> None:
+    """Replays one logged change (journal.note's [table, kind, *fields]) of the request
+    [client_id, request_seq, result] (None: none)."""
     from memory_service.shard import _Parts
 
     name, kind, *f = op
@@ -82,6 +88,8 @@ def redo(shard: "Shard", op: list) -> None:
         ids = _ids(f[0])
         store.export_rows(ids)
         shard.homes.leave(name, ids, f[1])
+        if request:  # the rows it handed over: the answer to the export, should it be re-sent
+            shard.journal.remember_export(request[0], request[1], name, _records(*f[2:6], width, state_width))
     elif kind == "import":
         store.import_rows(_records(*f[1:5], width, state_width))
         shard.homes.arrive(name, _ids(f[0]), f[5])
@@ -108,7 +116,7 @@ def recover(shard: "Shard") -> int:
         restore(shard, state)
     for record in records:
         for op in record["ops"]:
-            redo(shard, op)
+            redo(shard, op, record["req"])
     replayed = shard.journal.replayed
     log.info("shard %d: recovered %s: %d write-ahead log records replayed after record %d",
              shard.shard_id, shard.storage.path, replayed, (state or {}).get("seq", 0))

@@ -25,6 +25,10 @@ from memory_service.errors import ShardUnavailable
 
 T = TypeVar("T")
 RETRYABLE = frozenset({grpc.StatusCode.UNAVAILABLE})
+# Channel options of callers that retry: a restarted shard listens again within seconds, so
+# reconnect attempts back off to at most 1 s (gRPC's default grows to 120 s, far past the restart).
+RECONNECT_OPTIONS = (("grpc.initial_reconnect_backoff_ms", 100), ("grpc.min_reconnect_backoff_ms", 100),
+                     ("grpc.max_reconnect_backoff_ms", 1000))
 
 
 @dataclass(frozen=True)

@@ -139,7 +139,8 @@ class MemoryServicer(memory_pb2_grpc.MemoryServiceServicer):
     @_maps_errors
     def ExportRows(self, request, context):
         ids = wire.decode_ids(request.ids, request.table)
-        return wire.records_to_proto(request.table, self.shard.export_rows(request.table, ids, request.version))
+        records = self.shard.export_rows(request.table, ids, request.version, request.client_id, request.request_seq)
+        return wire.records_to_proto(request.table, records)
 
     @_maps_errors
     def ImportRows(self, request, context):

@@ -428,18 +428,25 @@ class Shard:
         return complete
 
     # -- hot and cold shards ----------------------------------------------------------------------
-    def export_rows(self, name: str, ids: np.ndarray, version: int) -> RowRecords:
+    def export_rows(self, name: str, ids: np.ndarray, version: int, client_id: str = "",
+                    request_seq: int = 0) -> RowRecords:
         """Hands distinct rows `ids` (n,) over for a move: removed here with their optimizer state,
-        refused (RowsMoved) from now on. Only rows ever written come back."""
+        refused (RowsMoved) from now on. Only rows ever written come back. A re-sent
+        (client_id, request_seq) gets the same rows again (its first answer was lost)."""
         with self._lock:
+            if (done := self.journal.exported(client_id, request_seq)) is not None:
+                return done
             ids = self._checked_ids(name, ids)
             if len(np.unique(ids)) != len(ids):
                 raise InvalidArgument(f"table {name!r}: export ids must be distinct")
             self.homes.check(name, ids)
-            with self.journal.change():
-                self.journal.note(name, "export", ids, version)
+            with self.journal.change(client_id, request_seq) as change:
                 records = self._tables[name].export_rows(ids)
+                self.journal.note(name, "export", ids, version, records.ids, records.rows, records.state,
+                                  records.last)
                 self.homes.leave(name, ids, version)
+                change.result = len(records)
+            self.journal.remember_export(client_id, request_seq, name, records)
             return records
 
     def import_rows(self, name: str, records: RowRecords, version: int, ids: np.ndarray | None = None) -> None:

@@ -370,14 +370,18 @@ class StatsResponse(_message.Message):
     def __init__(self, shard_id: _Optional[int] = ..., num_shards: _Optional[int] = ..., counters: _Optional[_Union[ShardCounters, _Mapping]] = ..., tables: _Optional[_Iterable[_Union[TableStats, _Mapping]]] = ..., fetch: _Optional[_Union[RpcStats, _Mapping]] = ..., push: _Optional[_Union[RpcStats, _Mapping]] = ..., uptime_seconds: _Optional[float] = ..., metrics_port: _Optional[int] = ..., role: _Optional[str] = ...) -> None: ...
 
 class ExportRowsRequest(_message.Message):
-    __slots__ = ("table", "ids", "version")
+    __slots__ = ("table", "ids", "version", "client_id", "request_seq")
     TABLE_FIELD_NUMBER: _ClassVar[int]
     IDS_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
+    CLIENT_ID_FIELD_NUMBER: _ClassVar[int]
+    REQUEST_SEQ_FIELD_NUMBER: _ClassVar[int]
     table: str
     ids: bytes
     version: int
-    def __init__(self, table: _Optional[str] = ..., ids: _Optional[bytes] = ..., version: _Optional[int] = ...) -> None: ...
+    client_id: str
+    request_seq: int
+    def __init__(self, table: _Optional[str] = ..., ids: _Optional[bytes] = ..., version: _Optional[int] = ..., client_id: _Optional[str] = ..., request_seq: _Optional[int] = ...) -> None: ...
 
 class RowRecords(_message.Message):
     __slots__ = ("table", "ids", "rows", "state", "last")
