@@ -162,6 +162,7 @@ class ShardActor:
             self.migrator = Migrator(self.shard, **migration).start()
         ray.get(registry.register.remote(self.address))
         self._stopped = False
+        self._stop_lock = threading.Lock()  # stop() from an actor call and from SIGTERM: once
         self._on_signal = None
         if threading.current_thread() is threading.main_thread():  # Ray runs __init__ there
             self._on_signal = signal.getsignal(signal.SIGTERM)  # Ray's: exits the worker
@@ -226,13 +227,14 @@ class ShardActor:
     def stop(self, grace: float = 1.0) -> None:
         """Stops migrating and serving, then closes the shard (a cold shard writes its dirty rows
         back and empties its write-ahead log). Once; later calls do nothing."""
-        if self._stopped:
-            return
-        self._stopped = True
-        if self.migrator is not None:
-            self.migrator.stop()
-        self.server.stop(grace)  # waits for in-flight rpcs (up to `grace`)
-        self.shard.close()
+        with self._stop_lock:
+            if self._stopped:
+                return
+            self._stopped = True
+            if self.migrator is not None:
+                self.migrator.stop()
+            self.server.stop(grace)  # waits for in-flight rpcs (up to `grace`)
+            self.shard.close()
 
 
 def _serve_first_free(shard: Shard, host: str, port: int, metrics_port: int | None, cluster: str,

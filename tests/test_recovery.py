@@ -9,6 +9,7 @@ import subprocess
 import sys
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 from pathlib import Path
 
@@ -319,18 +320,22 @@ def test_sigterm_flushes_and_the_restarted_shard_holds_every_acknowledged_push(m
             acknowledged.append((step, ids, grads))
             client.fetch({cfg.name: rng.choice(cfg.num_rows, 500)}, min_step=step)
 
-    with cluster.client() as client:
+    def wait_until(done, timeout: float = 180.0) -> None:
+        deadline = time.monotonic() + timeout
+        while not done():
+            assert not pusher.done(), pusher.result()  # the traffic failed: its error
+            assert time.monotonic() < deadline, "the traffic made no progress"
+            time.sleep(0.02)
+
+    with cluster.client() as client, ThreadPoolExecutor(1) as pool:
         client.create_table(cfg)
-        pusher = threading.Thread(target=traffic, args=(client,))
-        pusher.start()
-        while len(acknowledged) < 20:
-            time.sleep(0.01)
+        pusher = pool.submit(traffic, client)
+        wait_until(lambda: len(acknowledged) >= 20)
         os.kill(pid, signal.SIGTERM)
         at_signal = len(acknowledged)
-        while ray.get(victim.pid.remote()) == pid or len(acknowledged) < 60:
-            time.sleep(0.05)
+        wait_until(lambda: ray.get(victim.pid.remote()) != pid and len(acknowledged) >= 60)
         stop.set()
-        pusher.join()
+        pusher.result()
         retries = client.retries
     recovered = ray.get(victim.recovery.remote())
     print(f"SIGTERM after {at_signal} acknowledged pushes: {len(acknowledged)} acknowledged in all, "
