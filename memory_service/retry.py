@@ -62,13 +62,13 @@ class RetryPolicy:
                     raise
                 now = time.monotonic()
                 first_failure = now if first_failure is None else first_failure
-                wait = backoff * random.uniform(0.5, 1.0)
-                if now + wait - first_failure > self.deadline_s:
+                left = self.deadline_s - (now - first_failure)
+                if left <= 0:
                     raise ShardUnavailable(
                         f"{what}: unavailable for {now - first_failure:.1f} s, {tries} retries "
                         f"(retry deadline {self.deadline_s:g} s); last error: {err.code().name}: "
                         f"{err.details()}") from None
                 tries += 1
                 on_retry()
-                time.sleep(wait)
+                time.sleep(min(backoff * random.uniform(0.5, 1.0), left))  # the last try at the deadline
                 backoff = min(backoff * self.multiplier, self.max_backoff_s)
