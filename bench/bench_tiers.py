@@ -12,7 +12,8 @@ Beside the policies: Belady's MIN (offline, the ceiling with these semantics) an
 (the rows the measured epoch reads most, known in advance and held fixed): on shuffled batches,
 reads are exchangeable, so frequency is the only signal an online policy has and the static top-C
 is about what frequency alone reaches. Past it, only the look-ahead helps: the rows of announced
-requests. The service announces 1 (the next step's fetch); the curve shows what more would give.
+requests. The service sees 7 (the next step's held fetch and the 6 steps after it, which the trainer
+announces: trainer/prefetch.py); the curve shows what fewer or more give.
 Also the hot fraction at which the policy reaches a 90% hit rate, and what one plan costs.
 
     PYTHONPATH=. python bench/bench_tiers.py --json     # ~10 min on one core
@@ -199,8 +200,8 @@ def report(args, trace, per_table, scopes, curve, search, cost) -> list[str]:
         belady = scopes["belady"][scope]
         lines.append(f"| {label} | " + " | ".join(f"{scopes[n][scope]:.4f}" for n in names) + " | "
                      + " | ".join(f"{scopes[n][scope] / belady:.3f}" for n in names[:-1]) + " |")
-    lines += ["", "Look-ahead: requests announced ahead to the engram policy (1 = the next step's fetch, what "
-              "the service sees today; 0 = none).", "",
+    lines += ["", "Look-ahead: requests announced ahead to the engram policy (1 = the next step's fetch alone; "
+              "7 = with the trainer's 6 announced steps, the default; 0 = none).", "",
               "| announced | " + " | ".join(f"order {s}" if s != "layer" else "whole layer" for s in scopes["belady"])
               + " | whole layer / belady |", "|---" * (len(scopes["belady"]) + 2) + "|"]
     for k in sorted(curve):
@@ -226,10 +227,23 @@ def report(args, trace, per_table, scopes, curve, search, cost) -> list[str]:
     return lines
 
 
-def cold_section(args) -> dict:
+def cold_section(args) -> tuple[dict, list[str]]:
     """Cold reads rows/s batched vs getmulti vs one transaction per row (`cold_batched_speedup`,
-    `cold_vs_floor`): plugged in from bench/tiers_cold.py:measure_cold_reads. Empty until then."""
-    return {}
+    `cold_vs_floor`), measured by bench/tiers_cold.py."""
+    from tiers_cold import measure_cold_reads  # bench/ is on sys.path when run as a script
+
+    r = measure_cold_reads(num_rows=args.cold_rows)
+    lines = ["", f"Cold reads (bench/tiers_cold.py): {r['request']:,} distinct random rows of {r['rows']:,} "
+             f"({r['record_bytes']} B records, LMDB file in the page cache), best of 5 rounds.", "",
+             "| read | rows/s | batched / this |", "|---|---|---|"]
+    for label, key in (("batched (ColdTier.get)", "batched_rows_per_s"), ("getmulti floor", "getmulti_rows_per_s"),
+                       ("one transaction + decode per row", "naive_rows_per_s"),
+                       ("one transaction + get per row, no decode", "naive_get_rows_per_s")):
+        lines.append(f"| {label} | {r[key]:,.0f} | {r['batched_rows_per_s'] / r[key]:.2f} |")
+    lines += ["", f"cold_batched_speedup {r['cold_batched_speedup']:.2f} (>= 3 wanted), cold_vs_floor "
+              f"{r['cold_vs_floor']:.2f} (>= 0.67 wanted)."]
+    return {k: r[k] for k in ("cold_batched_speedup", "cold_vs_floor", "batched_rows_per_s",
+                              "getmulti_rows_per_s", "naive_rows_per_s")}, lines
 
 
 def service_section(args) -> dict:
@@ -241,8 +255,10 @@ def service_section(args) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--hot-fraction", type=float, default=0.1, help="share of each table's touched rows held hot")
-    parser.add_argument("--lookahead", type=int, default=1, help="requests the service announces ahead (today: 1)")
-    parser.add_argument("--lookahead-curve", type=lambda s: [int(k) for k in s.split(",")], default=[0, 1, 2, 4, 6, 8])
+    parser.add_argument("--lookahead", type=int, default=7,
+                        help="requests placement sees ahead: the next step's fetch + the trainer's 6 announced steps")
+    parser.add_argument("--lookahead-curve", type=lambda s: [int(k) for k in s.split(",")], default=[0, 1, 2, 4, 7, 8])
+    parser.add_argument("--cold-rows", type=int, default=1_000_000, help="records in the cold-read table")
     parser.add_argument("--target", type=float, default=0.9, help="hit rate the hot-fraction search aims at")
     parser.add_argument("--belady-share", type=float, default=0.85, help="share of Belady the curve is checked at")
     parser.add_argument("--split-fraction", type=float, default=1.0, help="prefix of the train split replayed")
@@ -258,7 +274,9 @@ def main() -> None:
     start = time.perf_counter()
     trace = load_trace(args)
     summary, lines = placement_section(args, trace)
-    summary |= cold_section(args) | service_section(args)
+    cold, cold_lines = cold_section(args)
+    summary |= cold | service_section(args)
+    lines += cold_lines
     lines.append(f"Bench time: {time.perf_counter() - start:.0f} s.")
     text = "\n".join(lines)
     print(text)

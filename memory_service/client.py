@@ -184,6 +184,16 @@ class MemoryClient:
                 self._refresh_hot(ids)
                 started = self._start_fetch(ids, min_step, ngrams)
 
+    def announce(self, ids: dict[str, np.ndarray | torch.Tensor]) -> Future:
+        """Tell the rows' homes that later fetches will read {table: ids (any shape)}, so
+        placement can keep those rows or bring them in first (a hint: nothing is read). Returns at
+        once; the Future ends when every shard answered (raising what a shard refused)."""
+        routes = {name: self._route(name, table_ids) for name, table_ids in ids.items()}
+        futures = [self._call(shard, "Announce", memory_pb2.AnnounceRequest(tables=[
+            memory_pb2.TableIds(table=name, ids=wire.encode_ids(routes[name].grouped[start:stop]))
+            for name, start, stop in chunk])) for shard, chunk in self._requests(routes)]
+        return self.pool.submit(lambda: [self._result(f) for f in futures] and None)
+
     # -- hot shards -----------------------------------------------------------------------------
     def hot_ids(self, name: str) -> np.ndarray:
         """Sorted ids of table `name` that are hot, as this client last heard."""

@@ -87,6 +87,7 @@ class ClusterConfig:
     hot_rows: int = 65536  # rows per table each hot shard keeps
     placement: str = "engram"  # memory_service.placement.make_policy name
     migrate_interval_s: float = 0.05
+    migrate_max_duty: float = 0.05  # wall-clock share of a hot shard's migrator (Migrator: ~50 ms of CPU a 1 s step)
     storage: StorageConfig = StorageConfig()  # the cold shards' DRAM budget over LMDB (path None: DRAM only)
     max_restarts: int = 3
 
@@ -105,6 +106,8 @@ class ClusterConfig:
                 0 <= self.metrics_port and self.metrics_port + self.num_shards - 1 <= 65535):
             raise ValueError(f"metrics_port {self.metrics_port} with {self.num_shards} shards must "
                              f"be in [0, 65535]")
+        if not 0 < self.migrate_max_duty <= 1:
+            raise ValueError(f"migrate_max_duty {self.migrate_max_duty} must be in (0, 1]")
         if not self.shard_resource:
             raise ValueError("shard_resource must not be empty")
 
@@ -368,7 +371,8 @@ def launch(config: ClusterConfig, owns_ray: bool = False) -> TableCluster:
     cold = ray.get([a.get_address.remote() for a in actors])  # raises here if a shard failed to start
     gpus = ray.cluster_resources().get("GPU", 0) >= config.num_hot > 0
     migration = dict(cold_targets=[a.target for a in cold], capacity=config.hot_rows,
-                     policy=config.placement, interval_s=config.migrate_interval_s)
+                     policy=config.placement, interval_s=config.migrate_interval_s,
+                     max_duty=config.migrate_max_duty)
     hot_actors = [
         ShardActor.options(num_cpus=config.num_cpus_per_shard, num_gpus=1 if gpus else 0,
                            resources={config.shard_resource: 1}, name=f"engram_hot:{config.name}:{i}",

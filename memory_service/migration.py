@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import itertools
 import threading
+import time
 import uuid
 from dataclasses import dataclass
 
@@ -44,13 +45,21 @@ class MigrationCounters:
 
 class Migrator:
     """Places rows of every table between `cold_targets` (gRPC, cold shard order) and the local
-    hot shard `hot` (hot shard `hot.shard_id` of `hot.num_shards`), `capacity` rows per table."""
+    hot shard `hot` (hot shard `hot.shard_id` of `hot.num_shards`), `capacity` rows per table.
+
+    Rounds start at most every `interval_s` and take at most `max_duty` of the wall clock: the
+    pause after a round is at least its length x (1 - max_duty) / max_duty. Shards share their
+    machine with the trainer (2 cores here), and planning over every row seen costs tens of ms a
+    round; unbounded, the migrator took more of the hot shard's CPU than its requests did."""
 
     def __init__(self, hot: Shard, cold_targets: list[str], capacity: int, policy: str = "engram",
                  interval_s: float = 0.05, max_moves: int = 4096, timeout: float = 30.0,
-                 retry: RetryPolicy = RetryPolicy()):
+                 max_duty: float = 0.1, retry: RetryPolicy = RetryPolicy()):
+        if not 0 < max_duty <= 1:
+            raise ValueError(f"max_duty {max_duty} must be in (0, 1]")
         self.hot, self.capacity, self.policy_name = hot, capacity, policy
         self.interval_s, self.max_moves, self.timeout = interval_s, max_moves, timeout
+        self.max_duty = max_duty
         self.retry = retry
         self.client_id = f"migrator-{uuid.uuid4().hex}"
         self._request_seqs = itertools.count(1)  # ExportRowsRequest.request_seq
@@ -78,11 +87,15 @@ class Migrator:
                 channel.close()
 
     def _run(self) -> None:
-        while not self._stop.wait(self.interval_s):
+        pause = self.interval_s
+        while not self._stop.wait(pause):
+            start = time.perf_counter()
             try:
                 self.round()
             except Exception as err:  # keep serving; the next round retries, stats show the error
                 self.error = err
+            took = time.perf_counter() - start
+            pause = max(self.interval_s, took * (1 - self.max_duty) / self.max_duty)
 
     def round(self) -> None:
         """One round: drain the reads, plan, move."""

@@ -163,6 +163,15 @@ class MemoryServicer(memory_pb2_grpc.MemoryServiceServicer):
                 lengths=wire.encode_ids(np.array([len(r) for r in reqs], np.int64)), expected=wire.encode_ids(expected))
             for name, (reqs, expected) in self.shard.drain_accesses().items()])
 
+    @_maps_errors
+    def Announce(self, request, context):
+        requests = {}
+        for msg in request.tables:
+            _check_once(requests, msg.table, "announce")
+            requests[msg.table] = wire.decode_ids(msg.ids, msg.table)
+        self.shard.announce(requests)
+        return memory_pb2.AnnounceResponse()
+
     def _open_reply_file(self, path: str, context) -> None:
         try:
             self.reply_files.open(path)

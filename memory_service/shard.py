@@ -317,6 +317,17 @@ class Shard:
             with self.journal.change():  # dense Adam catches rows up as it reads them
                 return {name: self._tables[name].read(ids) for name, ids in checked.items()}
 
+    def announce(self, requests: dict[str, np.ndarray]) -> None:
+        """Ids (n,) per table that fetches of later steps will read: placement's look-ahead
+        (DRAM/LMDB inside a cold shard, hot/cold migration). Only a hint: ids of rows that moved
+        away since the client routed them inform placement all the same and change nothing."""
+        with self._lock:
+            checked = {name: self._checked_ids(name, ids) for name, ids in requests.items()}
+            for name, ids in checked.items():
+                self._tables[name].expect(ids)
+                if self.track_accesses:
+                    self._accesses.setdefault(name, _Accesses()).expect(ids)
+
     def push(self, client_id: str, pushes: dict[str, TablePush], contributors: int = 1,
              commit: bool = True, request_seq: int = 0) -> int:
         """Applies each table's gradients at its step; returns the number of distinct rows updated.

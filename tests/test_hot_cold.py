@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import ray
 
-from memory_service.config import OptimizerConfig, TableConfig
+from memory_service.config import OptimizerConfig, StorageConfig, TableConfig
 from memory_service.shard import Shard, TablePush
 
 pytestmark = pytest.mark.slow
@@ -26,8 +26,14 @@ def merged_state(cluster, name: str) -> dict[int, tuple]:
     return out
 
 
-def test_migrating_rows_stay_exact(make_cluster):
-    cluster = make_cluster(2, num_hot=1, hot_rows=64, migrate_interval_s=0.005)
+@pytest.mark.parametrize("disk", [False, True], ids=["dram", "dram+lmdb"])
+def test_migrating_rows_stay_exact(make_cluster, tmp_path, disk):
+    """With `disk`, the cold shards keep ~250 rows in DRAM over LMDB: rows also move between DRAM
+    and LMDB inside each cold shard all along, and reads and pushes hit LMDB."""
+    storage = StorageConfig(path=str(tmp_path), dram_budget_bytes=32 << 10, placement_interval_s=0.01) \
+        if disk else StorageConfig()
+    cluster = make_cluster(2, num_hot=1, hot_rows=64, migrate_interval_s=0.005,
+                           migrate_max_duty=1.0, storage=storage)  # migrate back to back: constant moves
     reference = Shard(0, 1)
     reference.create_table(TABLE)
     rng = np.random.default_rng(0)
@@ -45,11 +51,19 @@ def test_migrating_rows_stay_exact(make_cluster):
         ray.get(cluster.hot_actors[0].stop_migration.remote())  # rows hold still while we read them all
         counters = ray.get(cluster.hot_actors[0].migration_counters.remote())
         refreshes = client.refreshes
+        tiers = [tier for shard in client.report().shards if shard.role == "cold"
+                 for table in shard.tables for tier in table.tiers]
         everything = np.arange(5000)
         np.testing.assert_array_equal(client.fetch({"hc": everything}, min_step=60)["hc"].numpy(),
                                       reference.fetch({"hc": everything})["hc"])
     assert counters["promoted"] > 0 and counters["demoted"] > 0 and not counters["error"], counters
     assert refreshes > 0
+    if disk:  # DRAM <-> LMDB inside the cold shards
+        memory = [t for t in tiers if t.tier == "memory"]
+        cold = [t for t in tiers if t.tier == "cold"]
+        assert len(memory) == len(cold) == 2
+        assert all(t.demotions > 0 and t.promotions > 0 for t in memory), memory
+        assert all(t.hits > 0 for t in cold), cold  # reads served from LMDB
     state, ref = merged_state(cluster, "hc"), reference.table_state("hc")
     assert sorted(state) == sorted(ref["ids"].tolist())
     for i, row_id in enumerate(ref["ids"].tolist()):

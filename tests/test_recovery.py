@@ -248,7 +248,7 @@ def test_kill_9_of_a_cold_shard_mid_training_loses_no_update_and_applies_none_tw
                   table_optimizer=optimizer, table_lr_mult=5.0, threads=1)
     corpus = Corpus.load(cfg.corpus)
     service = ServiceOptions(prefix="kill", lookahead=True)
-    hot = dict(num_hot=num_hot, hot_rows=128, migrate_interval_s=0.01)
+    hot = dict(num_hot=num_hot, hot_rows=128, migrate_interval_s=0.01, migrate_max_duty=1.0)
 
     calm = cold_cluster(make_cluster, tmp_path / "calm", **hot)
     with calm.client() as client:

@@ -32,7 +32,8 @@ def test_training_through_the_service_equals_local_training(make_cluster, corpus
     cfg = replace(small_train_config(corpus_dir, tmp_path), steps=50, warmup_steps=5,
                   table_optimizer="sparse_adam", table_lr_mult=5.0, threads=1)
     corpus = Corpus.load(cfg.corpus)
-    cluster = make_cluster(2, num_hot=num_hot, hot_rows=128, migrate_interval_s=0.01)
+    cluster = make_cluster(2, num_hot=num_hot, hot_rows=128, migrate_interval_s=0.01,
+                           migrate_max_duty=1.0)  # rows move all along
     with cluster.client() as client:
         remote = train(cfg, corpus, client=client, service=ServiceOptions(prefix="equiv", lookahead=True))
         pushes = [c["push_requests"] for c in ray.get([a.counters.remote() for a in cluster.actors])]

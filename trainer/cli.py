@@ -67,6 +67,8 @@ def add_service_args(p: argparse.ArgumentParser, prefix: str) -> None:
     p.add_argument("--staleness", type=int, default=0,
                    help="0: exact (each fetch sees every earlier push); k: fetches may miss the last k pushes")
     p.add_argument("--no-lookahead", action="store_true", help="do not request the next step's rows early")
+    p.add_argument("--announce", type=int, default=6,
+                   help="steps beyond the next whose row ids are announced to the shards' placement (0: none)")
     p.add_argument("--collision-sample-rate", type=float, default=0.0,
                    help="share of table slots whose N-grams the shards track for `engram stats` (0: off)")
 
@@ -75,6 +77,7 @@ def service_options(args: argparse.Namespace):
     from trainer.train import ServiceOptions
 
     return ServiceOptions(prefix=args.prefix, lookahead=not args.no_lookahead, staleness=args.staleness,
+                          announce=args.announce,
                           collision_sample_rate=args.collision_sample_rate)
 
 

@@ -103,6 +103,11 @@ class EngramTables(nn.Module):
                  ngrams: dict[int, "np.ndarray"] | None = None) -> None:
         return None
 
+    def announce(self, row_ids: dict[int, torch.Tensor]) -> None:
+        """Row ids {layer: (B, T, H)} a later step will read, known early: a placement hint that
+        in-process tables ignore."""
+        return None
+
     def lookup(self, layer: int, row_ids: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 

@@ -81,6 +81,7 @@ class RemoteTables(EngramTables):
         self._pushed: set[int] = set()
         self._pusher = ThreadPoolExecutor(max_workers=1, thread_name_prefix="engram-push")  # in step order
         self._pushes: list[Future] = []
+        self._announced: list[Future] = []  # announce hints not yet answered
 
     def create(self) -> "RemoteTables":
         """Creates the tables on every shard (idempotent: attaching to existing tables is fine)
@@ -127,6 +128,12 @@ class RemoteTables(EngramTables):
         if device.type == "cuda":  # copy to the GPU as soon as the rows arrive, off the compute stream
             future = self.client.pool.submit(self._to_gpu, future, device)
         self._pending.append(_Pending(row_ids, future, set(row_ids)))
+
+    def announce(self, row_ids: dict[int, torch.Tensor]) -> None:
+        """Tells the rows' homes that a later step reads `row_ids` {layer: (B, T, H)} (a hint for
+        placement); a refusal surfaces at the next end_step."""
+        ids = {name: row_ids[layer][..., h] for layer in row_ids for h, name in enumerate(self.names[layer])}
+        self._announced.append(self.client.announce(ids))
 
     def _to_gpu(self, future: Future, device: torch.device) -> tuple[dict[str, torch.Tensor], object]:
         """The fetched rows copied from pinned host buffers on a side stream; returns them and the
@@ -196,10 +203,11 @@ class RemoteTables(EngramTables):
         if missing:
             raise RuntimeError(f"step {self._step}: Engram layers {sorted(missing)} got no gradient to push")
         self.steps_pushed, self._step = self._step, None
-        done = [f for f in self._pushes if f.done()]
+        done = [f for f in self._pushes + self._announced if f.done()]
         self._pushes = [f for f in self._pushes if not f.done()]
+        self._announced = [f for f in self._announced if not f.done()]
         for f in done:
-            f.result()  # raises a push's error here, in the training loop
+            f.result()  # raises a push's (or announcement's) error here, in the training loop
 
     def flush(self) -> None:
         """Waits until every push sent so far was applied (or raises its error)."""

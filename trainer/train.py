@@ -83,10 +83,11 @@ class ServiceOptions:
     collision_sample_rate: float = 0.0  # > 0: fetches carry N-gram fingerprints for collision stats
     lookahead: bool = True  # also request the next step's rows during this step
     staleness: int = 0
+    announce: int = 6  # steps beyond the next whose row ids are announced to placement (a hint)
 
     def __post_init__(self) -> None:
-        if self.staleness < 0:
-            raise ValueError(f"staleness {self.staleness} must be >= 0")
+        if self.staleness < 0 or self.announce < 0:
+            raise ValueError(f"staleness {self.staleness} and announce {self.announce} must be >= 0")
 
 
 @dataclass
@@ -205,7 +206,8 @@ def train(cfg: TrainConfig, corpus: Corpus | None = None, client=None,
         return x[rank * part:(rank + 1) * part], y[rank * part:(rank + 1) * part]
 
     feed = Prefetcher(next_batch, cfg.steps, indexer, model.tables if service.prefetch else None,
-                      service.prefetch and service.lookahead, service.staleness)
+                      service.prefetch and service.lookahead, service.staleness,
+                      service.announce if service.prefetch else 0)
     held_out = eval_batches(corpus.val, cfg.batch_size, context, cfg.eval_batches)
     losses: list[float] = []
     val_losses: list[tuple[int, float]] = []

@@ -369,6 +369,16 @@ class StatsResponse(_message.Message):
     role: str
     def __init__(self, shard_id: _Optional[int] = ..., num_shards: _Optional[int] = ..., counters: _Optional[_Union[ShardCounters, _Mapping]] = ..., tables: _Optional[_Iterable[_Union[TableStats, _Mapping]]] = ..., fetch: _Optional[_Union[RpcStats, _Mapping]] = ..., push: _Optional[_Union[RpcStats, _Mapping]] = ..., uptime_seconds: _Optional[float] = ..., metrics_port: _Optional[int] = ..., role: _Optional[str] = ...) -> None: ...
 
+class AnnounceRequest(_message.Message):
+    __slots__ = ("tables",)
+    TABLES_FIELD_NUMBER: _ClassVar[int]
+    tables: _containers.RepeatedCompositeFieldContainer[TableIds]
+    def __init__(self, tables: _Optional[_Iterable[_Union[TableIds, _Mapping]]] = ...) -> None: ...
+
+class AnnounceResponse(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
 class ExportRowsRequest(_message.Message):
     __slots__ = ("table", "ids", "version", "client_id", "request_seq")
     TABLE_FIELD_NUMBER: _ClassVar[int]

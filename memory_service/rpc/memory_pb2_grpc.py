@@ -95,6 +95,11 @@ class MemoryServiceStub:
                 request_serializer=engram__memory_dot_v1_dot_memory__pb2.DrainAccessesRequest.SerializeToString,
                 response_deserializer=engram__memory_dot_v1_dot_memory__pb2.DrainAccessesResponse.FromString,
                 _registered_method=True)
+        self.Announce = channel.unary_unary(
+                '/engram_memory.v1.MemoryService/Announce',
+                request_serializer=engram__memory_dot_v1_dot_memory__pb2.AnnounceRequest.SerializeToString,
+                response_deserializer=engram__memory_dot_v1_dot_memory__pb2.AnnounceResponse.FromString,
+                _registered_method=True)
 
 
 class MemoryServiceServicer:
@@ -202,6 +207,15 @@ class MemoryServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Announce(self, request, context):
+        """A hint: ids that fetches of later steps will read (a trainer knows its next batches), sent
+        to the ids' homes so placement can keep or bring those rows in time. Reads and changes
+        nothing else; validated as a Fetch's ids (NOT_FOUND, INVALID_ARGUMENT).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_MemoryServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -264,6 +278,11 @@ def add_MemoryServiceServicer_to_server(servicer, server):
                     servicer.DrainAccesses,
                     request_deserializer=engram__memory_dot_v1_dot_memory__pb2.DrainAccessesRequest.FromString,
                     response_serializer=engram__memory_dot_v1_dot_memory__pb2.DrainAccessesResponse.SerializeToString,
+            ),
+            'Announce': grpc.unary_unary_rpc_method_handler(
+                    servicer.Announce,
+                    request_deserializer=engram__memory_dot_v1_dot_memory__pb2.AnnounceRequest.FromString,
+                    response_serializer=engram__memory_dot_v1_dot_memory__pb2.AnnounceResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -591,6 +610,33 @@ class MemoryService:
             '/engram_memory.v1.MemoryService/DrainAccesses',
             engram__memory_dot_v1_dot_memory__pb2.DrainAccessesRequest.SerializeToString,
             engram__memory_dot_v1_dot_memory__pb2.DrainAccessesResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Announce(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/engram_memory.v1.MemoryService/Announce',
+            engram__memory_dot_v1_dot_memory__pb2.AnnounceRequest.SerializeToString,
+            engram__memory_dot_v1_dot_memory__pb2.AnnounceResponse.FromString,
             options,
             channel_credentials,
             insecure,
