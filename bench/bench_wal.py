@@ -11,7 +11,8 @@ gradients three ways, in alternating rounds, each figure the best round:
 
 Printed: pushes/s and rows/s of each, the ratios wal / no_wal and wal_fsync / no_wal, and the
 log bytes written per pushed row. Also a restart: rows replayed per second when a shard reopens
-with the whole run still in its log (no flush since start).
+with the whole run still in its log (no flush since start); and how long a checkpoint (dirty rows
+to LMDB, LMDB synced, a new log) holds the shard's lock.
 
     python bench/bench_wal.py [--rows 1000000] [--request 16384] [--width 64] [--rounds 3] [--json]
 """
@@ -47,21 +48,30 @@ def pushes(args, rng: np.random.Generator) -> list[TablePush]:
             for step in range(1, args.pushes + 1)]
 
 
-def time_round(path: str, args, batch: list[TablePush], **kw) -> tuple[float, int]:
-    """Seconds for the pushes on a fresh shard, and the log bytes they wrote."""
+def time_round(path: str, args, batch: list[TablePush], crash: bool, **kw) -> tuple[float, int, float]:
+    """Seconds for the pushes on a fresh shard, the log bytes they wrote, and the seconds of the
+    checkpoint that writes the dirty rows to LMDB and empties the log (0 with `crash`: the shard
+    is abandoned without one, as a killed process leaves it, its log kept for a replay)."""
     shard = open_shard(path, args, **kw)
+    checkpoint = 0.0
     try:
         start = time.perf_counter()
         for push in batch:
             shard.push("bench", {"t": push}, request_seq=push.step)
         seconds = time.perf_counter() - start
         log_bytes = shard.journal.wal.nbytes if shard.journal.durable else 0
+        if not crash:
+            start = time.perf_counter()
+            shard.flush()
+            checkpoint = time.perf_counter() - start
     finally:
-        shard.placer.stop()  # no close: the log stays for the replay measurement
-        if shard.journal.durable:
+        if crash:  # what a killed process leaves: no flush (private parts: nothing else abandons a shard)
+            shard.placer.stop()
             shard.journal.close()
-        shard._cold.close()
-    return seconds, log_bytes
+            shard._cold.close()
+        else:
+            shard.close()
+    return seconds, log_bytes, checkpoint
 
 
 def main() -> None:
@@ -76,14 +86,17 @@ def main() -> None:
     args = parser.parse_args()
     batch = pushes(args, np.random.default_rng(0))
     best = {mode: float("inf") for mode in MODES}
-    log_bytes, replay = 0, float("inf")
+    log_bytes, replay, checkpoint = 0, float("inf"), float("inf")
     with tempfile.TemporaryDirectory() as tmp:
         for r in range(args.rounds):
             for mode, kw in MODES.items():
                 path = f"{tmp}/{mode}-{r}"
-                seconds, written = time_round(path, args, batch, **kw)
+                crash = mode == "wal"
+                seconds, written, flushed = time_round(path, args, batch, crash, **kw)
                 best[mode] = min(best[mode], seconds)
-                if mode == "wal":
+                if mode == "wal_fsync":
+                    checkpoint = min(checkpoint, flushed)
+                if crash:
                     log_bytes = written
                     start = time.perf_counter()
                     reopened = Shard(0, 1, StorageConfig(path=path, dram_budget_bytes=1 << 20))
@@ -93,7 +106,7 @@ def main() -> None:
     result = {f"{mode}_rows_per_s": rows / seconds for mode, seconds in best.items()}
     result.update(wal_vs_no_wal=best["no_wal"] / best["wal"], wal_fsync_vs_no_wal=best["no_wal"] / best["wal_fsync"],
                   log_bytes_per_row=log_bytes / rows, gradient_bytes_per_row=4 * args.width,
-                  replay_rows_per_s=rows / replay)
+                  replay_rows_per_s=rows / replay, checkpoint_s=checkpoint)
     if args.json:
         print(json.dumps(result, indent=1))
         return
@@ -104,7 +117,10 @@ def main() -> None:
     print(f"  wal / no_wal: {result['wal_vs_no_wal']:.2f}x   wal_fsync / no_wal: {result['wal_fsync_vs_no_wal']:.2f}x")
     print(f"  log: {result['log_bytes_per_row']:.0f} bytes per pushed row (the gradient: "
           f"{result['gradient_bytes_per_row']} bytes)")
-    print(f"  restart with the whole run in the log: {result['replay_rows_per_s'] / 1e6:.2f} M rows/s replayed")
+    print(f"  restart with the whole run in the log: {result['replay_rows_per_s'] / 1e6:.2f} M rows/s replayed "
+          f"(reopen time: LMDB open, replay, the checkpoint after it)")
+    print(f"  checkpoint of the dirty rows ({args.resident} resident at most), fsynced: {checkpoint * 1e3:.0f} ms "
+          f"under the shard's lock")
 
 
 if __name__ == "__main__":

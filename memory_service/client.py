@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+import secrets
 import threading
 import time
 import uuid
@@ -97,7 +98,9 @@ class MemoryClient:
         self.retry = retry
         self.retries = 0  # rpcs re-sent because a shard was unavailable
         self._retries_lock = threading.Lock()
-        self._request_seqs = itertools.count(1)  # PushRequest/CommitStepRequest.request_seq
+        # PushRequest/CommitStepRequest.request_seq, from a random start: a restarted trainer that
+        # passes the same client_id must not repeat the ids of its previous life's requests
+        self._request_seqs = itertools.count(1 + secrets.randbits(62))
         self.pool = ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="memory-client")
         # rpcs get threads of their own: a fetch_async on `pool` waits on its rpcs, and a fetch
         # held at a shard for a later step must leave threads for the push that releases it

@@ -93,8 +93,10 @@ class StorageConfig:
     full.
 
     Crash recovery (memory_service/journal.py): with `wal` every change is appended to a
-    write-ahead log in `path`/wal before the request is answered (handed to the OS; with
-    `wal_fsync` also forced to disk, surviving an OS crash too, at a sync per request). Dirty
+    write-ahead log in `path`/wal before the request is answered (handed to the OS, which a killed
+    process cannot lose; with `wal_fsync` also forced to disk, at a sync per request, and LMDB
+    synced at each flush: the log then survives an OS crash, LMDB as far as the file system keeps
+    its write order between flushes, since it is written without syncs). Dirty
     rows are flushed to LMDB and the log restarted every `flush_interval_s` seconds or
     `flush_wal_bytes` of log, whichever comes first, and on close or SIGTERM; a restart replays
     the log since. Without `wal`, a crash loses the rows only DRAM held since their last
