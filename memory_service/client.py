@@ -3,10 +3,16 @@
 One fetch or push call covers several tables: ids are deduplicated, routed to their shards
 (row r lives on shard r % N), sent as one request per shard (split when larger than
 `max_rows_per_request`), concurrently, and the rows reassembled into the caller's order and shape.
+A request a shard could not be reached for is re-sent with backoff until the retry deadline
+(memory_service/retry.py): a restarted shard serves again on its address, and pushes carry a
+request id it applies once.
 """
 from __future__ import annotations
 
 import dataclasses
+import itertools
+import secrets
+import threading
 import time
 import uuid
 from collections.abc import Callable
@@ -22,6 +28,7 @@ from memory_service.config import TableConfig
 from memory_service.errors import InvalidArgument, MemoryServiceError, RowsMoved, TableExists, TableNotFound
 from memory_service.rpc import memory_pb2, memory_pb2_grpc
 from memory_service.placement import contains
+from memory_service.retry import RECONNECT_OPTIONS, RetryPolicy
 from memory_service.utilization import ClusterReport
 
 _ERRORS = {grpc.StatusCode.INVALID_ARGUMENT: InvalidArgument, grpc.StatusCode.NOT_FOUND: TableNotFound,
@@ -68,11 +75,12 @@ class MemoryClient:
     """Client of one tables cluster given its shards' gRPC targets in shard order: the cold shards
     (row r's home is cold shard r % N) and, optionally, the hot shards (while row r is hot, its
     home is hot shard r % H). The client learns which rows are hot from the hot shards' maps and
-    refreshes them when a shard answers that a row moved (RowsMoved), then re-sends."""
+    refreshes them when a shard answers that a row moved (RowsMoved), then re-sends. `timeout`
+    bounds each rpc; `retry` how long a shard may stay unreachable (ShardUnavailable after)."""
 
     def __init__(self, targets: list[str], max_rows_per_request: int = 65536, timeout: float = 60.0,
                  client_id: str | None = None, max_workers: int = 8, shared_memory: bool = True,
-                 hot_targets: list[str] = ()):
+                 hot_targets: list[str] = (), retry: RetryPolicy = RetryPolicy()):
         if not targets:
             raise ValueError("MemoryClient needs at least one shard target")
         if max_rows_per_request < 1:
@@ -81,11 +89,18 @@ class MemoryClient:
         self.targets = list(targets) + list(hot_targets)  # shard index: cold 0..N-1, then hot
         self._hot: dict[str, np.ndarray] = {}  # table -> sorted ids that are hot (any hot shard)
         self.refreshes = 0  # hot-map refreshes after a RowsMoved answer
-        self.channels = [grpc.insecure_channel(t, options=wire.MESSAGE_OPTIONS) for t in self.targets]
+        self.channels = [grpc.insecure_channel(t, options=(*wire.MESSAGE_OPTIONS, *RECONNECT_OPTIONS))
+                         for t in self.targets]
         self.stubs = [memory_pb2_grpc.MemoryServiceStub(c) for c in self.channels]
         self.max_rows_per_request = max_rows_per_request
         self.timeout = timeout
         self.client_id = client_id or uuid.uuid4().hex
+        self.retry = retry
+        self.retries = 0  # rpcs re-sent because a shard was unavailable
+        self._retries_lock = threading.Lock()
+        # PushRequest/CommitStepRequest.request_seq, from a random start: a restarted trainer that
+        # passes the same client_id must not repeat the ids of its previous life's requests
+        self._request_seqs = itertools.count(1 + secrets.randbits(62))
         self.pool = ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="memory-client")
         # rpcs get threads of their own: a fetch_async on `pool` waits on its rpcs, and a fetch
         # held at a shard for a later step must leave threads for the push that releases it
@@ -109,20 +124,18 @@ class MemoryClient:
     # -- tables ---------------------------------------------------------------------------------
     def create_table(self, cfg: TableConfig) -> None:
         """Create `cfg` on every shard (idempotent for an identical config)."""
-        request = memory_pb2.CreateTableRequest(config=wire.table_config_to_proto(cfg))
-        self._all(lambda stub: self._call(stub.CreateTable, request))
+        self._all("CreateTable", memory_pb2.CreateTableRequest(config=wire.table_config_to_proto(cfg)))
         self.tables[cfg.name] = cfg
 
     def drop_table(self, name: str) -> None:
-        request = memory_pb2.DropTableRequest(name=name)
-        self._all(lambda stub: self._call(stub.DropTable, request))
+        self._all("DropTable", memory_pb2.DropTableRequest(name=name))
         self.tables.pop(name, None)
 
     def table(self, name: str) -> TableConfig:
         """The table's config, asked of shard 0 once and cached."""
         if name not in self.tables:
             try:
-                info = self.stubs[0].DescribeTable(memory_pb2.DescribeTableRequest(name=name), timeout=self.timeout)
+                info = self._rpc(0, "DescribeTable", memory_pb2.DescribeTableRequest(name=name))
             except grpc.RpcError as err:
                 _raise(err)
             self.tables[name] = wire.table_config_from_proto(info.config)
@@ -130,7 +143,7 @@ class MemoryClient:
 
     def stats(self) -> list:
         """One StatsResponse per shard, in shard order."""
-        return self._all(lambda stub: self._call(stub.Stats, memory_pb2.StatsRequest()))
+        return self._all("Stats", memory_pb2.StatsRequest())
 
     def report(self) -> ClusterReport:
         """Every shard's utilization and what they add up to (what `engram stats` prints)."""
@@ -179,7 +192,7 @@ class MemoryClient:
         placement can keep those rows or bring them in first (a hint: nothing is read). Returns at
         once; the Future ends when every shard answered (raising what a shard refused)."""
         routes = {name: self._route(name, table_ids) for name, table_ids in ids.items()}
-        futures = [self._call(self.stubs[shard].Announce, memory_pb2.AnnounceRequest(tables=[
+        futures = [self._call(shard, "Announce", memory_pb2.AnnounceRequest(tables=[
             memory_pb2.TableIds(table=name, ids=wire.encode_ids(routes[name].grouped[start:stop]))
             for name, start, stop in chunk])) for shard, chunk in self._requests(routes)]
         return self.pool.submit(lambda: [self._result(f) for f in futures] and None)
@@ -192,8 +205,7 @@ class MemoryClient:
         return self._hot.get(name, np.empty(0, np.int64))
 
     def _load_hot(self, name: str) -> None:
-        request = memory_pb2.HotMapRequest(table=name)
-        maps = self._all(lambda stub: self._call(stub.HotMap, request), self.stubs[self.num_cold:])
+        maps = self._all("HotMap", memory_pb2.HotMapRequest(table=name), range(self.num_cold, self.num_shards))
         self._hot[name] = np.sort(np.concatenate([wire.decode_ids(m.ids, name) for m in maps]))
 
     def _refresh_hot(self, names) -> None:
@@ -292,7 +304,7 @@ class MemoryClient:
         ], shared_memory=memory_pb2.SharedMemoryReply(path=buffer.path) if use_shm else None, min_step=min_step)
         if self.trace is not None:
             self.trace("fetch_sent", {"shard": shard, "step": min_step})
-        return self._call(self.stubs[shard].Fetch, request), use_shm
+        return self._call(shard, "Fetch", request), use_shm
 
     @staticmethod
     def _ngrams_message(route: _Route, start: int, stop: int):
@@ -338,13 +350,13 @@ class MemoryClient:
             futures = []
             for shard, chunk in requests:
                 request = memory_pb2.PushRequest(client_id=self.client_id, contributors=contributors,
-                                                 commit_later=True, tables=[
+                                                 commit_later=True, request_seq=next(self._request_seqs), tables=[
                     self._grads_message(name, step, lr, routes[name].grouped[start:stop],
                                         summed[name][start:stop])
                     for name, start, stop in chunk])
                 if self.trace is not None:
                     self.trace("push_sent", {"shard": shard, "step": step})
-                futures.append((chunk, self.push_pool.submit(self.stubs[shard].Push, request, timeout=self.timeout)))
+                futures.append((chunk, self._call(shard, "Push", request, self.push_pool)))
             moved = {}  # table -> [(ids, grads)] of requests refused because rows moved
             for chunk, future in futures:
                 try:
@@ -370,9 +382,9 @@ class MemoryClient:
     def _commit(self, names: list[str], step: int, lr: float | None, contributors: int) -> int:
         """Tells every shard that step `step` of the tables is complete (all requests landed)."""
         request = memory_pb2.CommitStepRequest(
-            client_id=self.client_id, contributors=contributors,
+            client_id=self.client_id, contributors=contributors, request_seq=next(self._request_seqs),
             tables=[memory_pb2.TableStep(table=name, step=step, lr=lr or 0.0) for name in names])
-        futures = [self.push_pool.submit(stub.CommitStep, request, timeout=self.timeout) for stub in self.stubs]
+        futures = [self._call(shard, "CommitStep", request, self.push_pool) for shard in range(self.num_shards)]
         return sum(self._result(f).rows_updated for f in futures)
 
     def _grads_message(self, name: str, step: int, lr: float | None, ids: np.ndarray, grads: np.ndarray):
@@ -439,10 +451,24 @@ class MemoryClient:
                 out.append((shard, chunk))
         return out
 
-    def _call(self, method, request) -> Future:
-        """Start a blocking rpc on the client's rpc threads. (grpc's own `.future()` starts a
-        thread per call: ~0.4 ms each here, a quarter of a small fetch.)"""
-        return self.rpc_pool.submit(method, request, timeout=self.timeout)
+    def _call(self, shard: int, rpc: str, request, pool: ThreadPoolExecutor | None = None) -> Future:
+        """Start rpc `rpc` to `shard` on the client's rpc threads (or `pool`). (grpc's own
+        `.future()` starts a thread per call: ~0.4 ms each here, a quarter of a small fetch.)"""
+        return (pool or self.rpc_pool).submit(self._rpc, shard, rpc, request)
+
+    def _rpc(self, shard: int, rpc: str, request):
+        """rpc `rpc` to `shard`, re-sent while the shard is unavailable (see memory_service/retry.py)."""
+        method = getattr(self.stubs[shard], rpc)
+        return self.retry.call(lambda: method(request, timeout=self.timeout),
+                               f"{rpc} to {self._shard_name(shard)}", self._count_retry)
+
+    def _shard_name(self, shard: int) -> str:
+        kind, index = ("cold", shard) if shard < self.num_cold else ("hot", shard - self.num_cold)
+        return f"{kind} shard {index} at {self.targets[shard]}"
+
+    def _count_retry(self) -> None:
+        with self._retries_lock:
+            self.retries += 1
 
     def _result(self, future):
         try:
@@ -450,8 +476,9 @@ class MemoryClient:
         except grpc.RpcError as err:
             _raise(err)
 
-    def _all(self, call, stubs=None) -> list:
-        futures = [call(stub) for stub in (self.stubs if stubs is None else stubs)]
+    def _all(self, rpc: str, request, shards=None) -> list:
+        """rpc `rpc` with `request` to every shard (or `shards`), concurrently; replies in order."""
+        futures = [self._call(shard, rpc, request) for shard in (range(self.num_shards) if shards is None else shards)]
         return [self._result(f) for f in futures]
 
     def close(self) -> None:

@@ -5,12 +5,22 @@
 shard actors are real Ray actors placed with a custom resource (`engram_shard` by default,
 `ClusterConfig.shard_resource`), so a deployment pins shards to nodes by declaring that resource
 only where shards should run (deploy/: one unit per shard pod).
+
+Crashes. A cold shard with a disk directory (`storage.path`) is restarted by Ray after a crash
+(`ClusterConfig.max_restarts`): the new process recovers every acknowledged change from its LMDB
+files and write-ahead log, binds the port its predecessor had (read from the registry, which
+outlives it) and re-registers; clients' channels reconnect by themselves and re-send what failed.
+On SIGTERM (Kubernetes stopping a pod) a shard stops serving, flushes and exits. All-DRAM and hot
+shards are not restarted: their rows die with their process (a restart would serve empty tables).
 """
 from __future__ import annotations
 
 import dataclasses
+import logging
 import os
+import signal
 import socket
+import threading
 import time
 from dataclasses import dataclass, replace
 
@@ -19,8 +29,10 @@ import ray
 from memory_service.config import StorageConfig
 from memory_service.shard import Shard
 
+log = logging.getLogger(__name__)
 NAMESPACE = "engram_memory"  # named actors are per namespace: every driver must use this one
 SHARD_RESOURCE = "engram_shard"
+SIGTERM_GRACE_S = 5.0  # rpcs in flight may finish this long after SIGTERM (Kubernetes waits 30 s by default)
 # glibc malloc settings for shard processes: without them every multi-MB gRPC message pays for
 # mmap/munmap and page faults (measured here: ~2x loopback throughput for large messages).
 SHARD_ENV = {"MALLOC_MMAP_THRESHOLD_": "1073741824", "MALLOC_TRIM_THRESHOLD_": "4294967296"}
@@ -60,7 +72,9 @@ class ClusterConfig:
     bind address (loopback by default; binding elsewhere exposes the unauthenticated API).
     `shard_resource` is the Ray custom resource each shard takes one unit of. `storage` is where
     shards keep rows: all in DRAM by default; with `storage.path`, each shard is a cold shard with
-    its LMDB files in its own subdirectory `shard-NNNN` of that path (StorageConfig.for_shard)."""
+    its LMDB files in its own subdirectory `shard-NNNN` of that path (StorageConfig.for_shard).
+    Such a shard is restarted by Ray up to `max_restarts` times (-1: always) after a crash, and
+    recovers from its files; all-DRAM shards and hot shards are never restarted."""
 
     num_shards: int = 2
     name: str = "default"  # several tables clusters can share one Ray cluster under different names
@@ -75,8 +89,11 @@ class ClusterConfig:
     migrate_interval_s: float = 0.05
     migrate_max_duty: float = 0.05  # wall-clock share of a hot shard's migrator (Migrator: ~50 ms of CPU a 1 s step)
     storage: StorageConfig = StorageConfig()  # the cold shards' DRAM budget over LMDB (path None: DRAM only)
+    max_restarts: int = 3
 
     def __post_init__(self) -> None:
+        if self.max_restarts < -1:
+            raise ValueError(f"max_restarts {self.max_restarts} must be >= -1 (-1: no limit)")
         if not 0 <= self.num_hot <= 64 or self.hot_rows < 0:
             raise ValueError(f"num_hot {self.num_hot} must be in [0, 64] and hot_rows {self.hot_rows} >= 0")
         if not 1 <= self.num_shards <= 4096:
@@ -106,6 +123,10 @@ class Registry:
     def register(self, address: ShardAddress) -> None:
         self.addresses[(address.role, address.shard_id)] = address
 
+    def address(self, role: str, shard_id: int) -> ShardAddress | None:
+        """Where shard (role, shard_id) served, if it registered (a restarted shard binds it again)."""
+        return self.addresses.get((role, shard_id))
+
     def shards(self, role: str = "cold") -> list[ShardAddress]:
         return [a for (r, _), a in sorted(self.addresses.items()) if r == role]
 
@@ -125,8 +146,15 @@ class ShardActor:
                  role: str = "cold", track_accesses: bool = False, migration: dict | None = None,
                  storage: StorageConfig | None = None):
         _normal_priority()  # before serve(): the gRPC threads inherit this thread's priority
+        registry = ray.get_actor(registry_name, namespace=NAMESPACE)
+        previous = ray.get(registry.address.remote(role, shard_id))  # set: this is a restart
         self.shard = Shard(shard_id, num_shards, role=role, track_accesses=track_accesses, storage=storage)
-        self.server = _serve_first_free(self.shard, host, port, metrics_port, cluster, port_tries)
+        if previous is None:
+            self.server = _serve_first_free(self.shard, host, port, metrics_port, cluster, port_tries)
+        else:  # clients know this address: take it again
+            self.server = _serve_again(self.shard, host, previous, metrics_port is not None, cluster)
+            log.warning("shard %s %d restarted (pid %d) on port %d: %d write-ahead log records replayed",
+                        role, shard_id, os.getpid(), self.server.port, self.shard.journal.replayed)
         advertised = node_ip() if host in ("0.0.0.0", "::") else host
         metrics = self.server.metrics.port if self.server.metrics is not None else 0
         self.address = ShardAddress(shard_id, advertised, self.server.port, metrics, role)
@@ -135,7 +163,34 @@ class ShardActor:
             from memory_service.migration import Migrator
 
             self.migrator = Migrator(self.shard, **migration).start()
-        ray.get(ray.get_actor(registry_name, namespace=NAMESPACE).register.remote(self.address))
+        ray.get(registry.register.remote(self.address))
+        self._stopped = False
+        self._stop_lock = threading.Lock()  # stop() from an actor call and from SIGTERM: once
+        self._on_signal = None
+        if threading.current_thread() is threading.main_thread():  # Ray runs __init__ there
+            self._on_signal = signal.getsignal(signal.SIGTERM)  # Ray's: exits the worker
+            signal.signal(signal.SIGTERM, self._sigterm)
+
+    def _sigterm(self, signum, frame) -> None:
+        """SIGTERM (Kubernetes stopping the pod, `ray stop`): stop serving, finish the rpcs in
+        flight, flush every dirty row and close the files, then exit as Ray does on SIGTERM (Ray
+        restarts the actor where it can). A restart then replays nothing."""
+        log.warning("shard %s %d: SIGTERM: flushing and exiting", self.address.role, self.address.shard_id)
+        try:
+            self.stop(SIGTERM_GRACE_S)
+        finally:
+            if callable(self._on_signal):
+                self._on_signal(signum, frame)
+            raise SystemExit(1)
+
+    def pid(self) -> int:
+        """The actor's process id (it changes when Ray restarts the actor)."""
+        return os.getpid()
+
+    def recovery(self) -> dict[str, int]:
+        """What this process's shard recovered at start: write-ahead log records replayed, and
+        checkpoints (flushes) taken since."""
+        return {"wal_replayed": self.shard.journal.replayed, "checkpoints": self.shard.journal.checkpoints}
 
     def table_state(self, name: str) -> dict:
         """This shard's written rows of `name` with their optimizer state (Shard.table_state)."""
@@ -173,11 +228,16 @@ class ShardActor:
         return 0
 
     def stop(self, grace: float = 1.0) -> None:
-        """Stops migrating and serving, then closes the shard (a cold shard writes its dirty rows back)."""
-        if self.migrator is not None:
-            self.migrator.stop()
-        self.server.stop(grace)  # waits for in-flight rpcs (up to `grace`)
-        self.shard.close()
+        """Stops migrating and serving, then closes the shard (a cold shard writes its dirty rows
+        back and empties its write-ahead log). Once; later calls do nothing."""
+        with self._stop_lock:
+            if self._stopped:
+                return
+            self._stopped = True
+            if self.migrator is not None:
+                self.migrator.stop()
+            self.server.stop(grace)  # waits for in-flight rpcs (up to `grace`)
+            self.shard.close()
 
 
 def _serve_first_free(shard: Shard, host: str, port: int, metrics_port: int | None, cluster: str,
@@ -195,6 +255,24 @@ def _serve_first_free(shard: Shard, host: str, port: int, metrics_port: int | No
             error = err
     raise RuntimeError(f"shard {shard.shard_id}: no free port in [{port}, {port + tries}) "
                        f"(metrics from {metrics_port}) on {host}") from error
+
+
+def _serve_again(shard: Shard, host: str, previous: ShardAddress, metrics: bool, cluster: str,
+                 timeout: float = 30.0):
+    """serve() on the ports a crashed predecessor had, retried while they are still taken (the
+    kernel frees them as the dead process is reaped)."""
+    from memory_service.servicer import serve
+
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            return serve(shard, host=host, port=previous.port, cluster=cluster,
+                         metrics_port=previous.metrics_port if metrics else None)
+        except (RuntimeError, OSError) as err:
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"shard {shard.shard_id}: port {previous.port} (metrics "
+                                   f"{previous.metrics_port}) still taken after {timeout:.0f} s") from err
+            time.sleep(0.2)
 
 
 def _normal_priority() -> None:
@@ -276,10 +354,16 @@ def launch(config: ClusterConfig, owns_ray: bool = False) -> TableCluster:
     name = registry_name(config.name)
     registry = Registry.options(name=name, namespace=NAMESPACE).remote(config.num_shards, config.num_hot)
     shards = config.num_shards + config.num_hot
+    if config.storage.path is None:
+        log.warning("cluster %r: shards without storage.path keep their rows only in DRAM: a crashed "
+                    "shard loses them and is not restarted", config.name)
+    # a restarted shard recovers from its files; actor calls a crash interrupted are re-run (all are safe to)
+    restarts = {} if config.storage.path is None else dict(
+        max_restarts=config.max_restarts, max_task_retries=config.max_restarts)
     actors = [
         ShardActor.options(num_cpus=config.num_cpus_per_shard, resources={config.shard_resource: 1},
                            name=f"engram_shard:{config.name}:{i}", namespace=NAMESPACE,
-                           runtime_env={"env_vars": shard_env(config.storage)})
+                           runtime_env={"env_vars": shard_env(config.storage)}, **restarts)
         .remote(i, config.num_shards, config.host, config.port, name, config.metrics_port,
                 config.name, shards, track_accesses=config.num_hot > 0, storage=config.storage.for_shard(i))
         for i in range(config.num_shards)

@@ -90,7 +90,17 @@ class StorageConfig:
     (memory_service/placement.py). A background thread applies the policy's plans every
     `placement_interval_s` seconds, at most `max_moves` row admissions per batch under the shard's
     lock. The LMDB map starts at `map_bytes` per table (less for small tables) and doubles when
-    full."""
+    full.
+
+    Crash recovery (memory_service/journal.py): with `wal` every change is appended to a
+    write-ahead log in `path`/wal before the request is answered (handed to the OS, which a killed
+    process cannot lose; with `wal_fsync` also forced to disk, at a sync per request, and LMDB
+    synced at each flush: the log then survives an OS crash, LMDB as far as the file system keeps
+    its write order between flushes, since it is written without syncs). Dirty
+    rows are flushed to LMDB and the log restarted every `flush_interval_s` seconds or
+    `flush_wal_bytes` of log, whichever comes first, and on close or SIGTERM; a restart replays
+    the log since. Without `wal`, a crash loses the rows only DRAM held since their last
+    eviction. An all-DRAM shard (`path` None) loses all its rows with its process."""
 
     path: str | None = None
     dram_budget_bytes: int = 1 << 30
@@ -98,6 +108,10 @@ class StorageConfig:
     placement_interval_s: float = 0.1
     max_moves: int = 16384  # a batch holds the shard's lock for ~25 ms of LMDB reads here
     map_bytes: int = 1 << 30
+    wal: bool = True
+    wal_fsync: bool = False
+    flush_interval_s: float = 60.0
+    flush_wal_bytes: int = 256 << 20
 
     def __post_init__(self) -> None:
         if self.path is not None and not self.path:
@@ -112,6 +126,9 @@ class StorageConfig:
             raise ValueError(f"max_moves {self.max_moves} must be >= 1")
         if self.map_bytes < 1 << 20:
             raise ValueError(f"map_bytes {self.map_bytes} must be >= 1 MiB")
+        if not self.flush_interval_s > 0 or self.flush_wal_bytes < 1:
+            raise ValueError(f"flush_interval_s {self.flush_interval_s} must be > 0 and flush_wal_bytes "
+                             f"{self.flush_wal_bytes} >= 1")
 
     def for_shard(self, shard_id: int) -> "StorageConfig":
         """The config of shard `shard_id`: its own subdirectory of `path`."""

@@ -39,3 +39,10 @@ class FailedPrecondition(MemoryServiceError):
 class CheckpointCorrupt(MemoryServiceError):
     """A checkpoint that is incomplete or damaged: no manifest (a save that did not finish), a
     file missing, or a file whose sha256 differs from the manifest's (gRPC DATA_LOSS)."""
+
+
+class ShardUnavailable(MemoryServiceError):
+    """A shard stayed unreachable (gRPC UNAVAILABLE) for the client's whole retry deadline: it
+    crashed and was not restarted (no restarts left; all-DRAM and hot shards are not restarted),
+    or the network is down. Unlike the other errors this says nothing about state: a push may or
+    may not have been applied (re-sending it with the same request id is safe)."""

@@ -12,11 +12,18 @@ moves rows in batches with their optimizer state:
 A row is in flight between the export and the import, and requests for it are refused with
 RowsMoved until it lands, so no fetch sees a stale copy and no push is applied to one; the client
 refreshes its hot map and re-sends (memory_service/client.py).
+
+A cold shard that crashes and restarts mid-move loses no row in flight: calls to it are re-sent
+while it is unavailable (memory_service/retry.py); an import is idempotent, and an export carries
+a request id, so a re-sent one returns the rows it already handed over. (The hot shard itself is
+not durable: its rows die with its process.)
 """
 from __future__ import annotations
 
+import itertools
 import threading
 import time
+import uuid
 from dataclasses import dataclass
 
 import grpc
@@ -24,6 +31,7 @@ import numpy as np
 
 from memory_service import wire
 from memory_service.placement import Policy, make_policy
+from memory_service.retry import RECONNECT_OPTIONS, RetryPolicy
 from memory_service.rpc import memory_pb2, memory_pb2_grpc
 from memory_service.shard import Shard
 
@@ -46,13 +54,17 @@ class Migrator:
 
     def __init__(self, hot: Shard, cold_targets: list[str], capacity: int, policy: str = "engram",
                  interval_s: float = 0.05, max_moves: int = 4096, timeout: float = 30.0,
-                 max_duty: float = 0.1):
+                 max_duty: float = 0.1, retry: RetryPolicy = RetryPolicy()):
         if not 0 < max_duty <= 1:
             raise ValueError(f"max_duty {max_duty} must be in (0, 1]")
         self.hot, self.capacity, self.policy_name = hot, capacity, policy
         self.interval_s, self.max_moves, self.timeout = interval_s, max_moves, timeout
         self.max_duty = max_duty
-        self.channels = [grpc.insecure_channel(t, options=wire.MESSAGE_OPTIONS) for t in cold_targets]
+        self.retry = retry
+        self.client_id = f"migrator-{uuid.uuid4().hex}"
+        self._request_seqs = itertools.count(1)  # ExportRowsRequest.request_seq
+        self.channels = [grpc.insecure_channel(t, options=(*wire.MESSAGE_OPTIONS, *RECONNECT_OPTIONS))
+                         for t in cold_targets]
         self.cold = [memory_pb2_grpc.MemoryServiceStub(c) for c in self.channels]
         self.policies: dict[str, Policy] = {}
         self.counters = MigrationCounters()
@@ -110,7 +122,7 @@ class Migrator:
         """Feed every shard's reads (this hot shard's rows only) to the tables' policies."""
         drained = [self.hot.drain_accesses()]
         for stub in self.cold:
-            reply = stub.DrainAccesses(memory_pb2.DrainAccessesRequest(), timeout=self.timeout)
+            reply = self._rpc(stub, "DrainAccesses", memory_pb2.DrainAccessesRequest())
             drained.append({t.table: (np.split(wire.decode_ids(t.ids, t.table),
                                                np.cumsum(wire.decode_ids(t.lengths, t.table))[:-1]),
                                       wire.decode_ids(t.expected, t.table)) for t in reply.tables})
@@ -123,6 +135,12 @@ class Migrator:
                 if len(expected):
                     policy.expect(np.unique(mine(expected)))
 
+    def _rpc(self, stub, rpc: str, request):
+        """rpc `rpc` to a cold shard, re-sent while it is unavailable (it restarts after a crash)."""
+        method = getattr(stub, rpc)
+        return self.retry.call(lambda: method(request, timeout=self.timeout),
+                               f"{rpc} to cold shard {self.cold.index(stub)}")
+
     def _promote(self, name: str, ids: np.ndarray) -> None:
         version = self.hot.homes.version + 1
         width, state_width = self.hot.describe_table(name).config.width, self.hot.state_width(name)
@@ -131,8 +149,9 @@ class Migrator:
             part = ids[ids % n == c]
             if not len(part):
                 continue
-            reply = self.cold[c].ExportRows(memory_pb2.ExportRowsRequest(
-                table=name, ids=wire.encode_ids(part), version=version), timeout=self.timeout)
+            reply = self._rpc(self.cold[c], "ExportRows", memory_pb2.ExportRowsRequest(
+                table=name, ids=wire.encode_ids(part), version=version, client_id=self.client_id,
+                request_seq=next(self._request_seqs)))
             records = wire.records_from_proto(reply, width, state_width)
             self.hot.import_rows(name, records, version, part)
             self.counters.promoted += len(part)
@@ -141,11 +160,19 @@ class Migrator:
         version = self.hot.homes.version + 1
         records = self.hot.export_rows(name, ids, version)
         n = len(self.cold)
+        error = None
         for c in range(n):
             part = ids[ids % n == c]
-            if len(part):
-                self.cold[c].ImportRows(memory_pb2.ImportRowsRequest(
-                    records=wire.records_to_proto(name, records.take(records.ids % n == c)), version=version,
-                    ids=wire.encode_ids(part)), timeout=self.timeout)
-        self.counters.demoted += len(ids)
+            if not len(part):
+                continue
+            mine = records.take(records.ids % n == c)
+            try:
+                self._rpc(self.cold[c], "ImportRows", memory_pb2.ImportRowsRequest(
+                    records=wire.records_to_proto(name, mine), version=version, ids=wire.encode_ids(part)))
+                self.counters.demoted += len(part)
+            except Exception as err:  # the cold shard stayed down: its rows stay hot rather than nowhere
+                self.hot.import_rows(name, mine, version, part)
+                error = err
+        if error is not None:
+            raise error
 

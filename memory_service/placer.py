@@ -44,12 +44,15 @@ def release_free_heap() -> None:
 
 
 class Placer:
-    """Runs `place()` on the stores `stores()` lists (called under `lock`) on a daemon thread."""
+    """Runs `place()` on the stores `stores()` lists (called under `lock`) on a daemon thread, and
+    after each pass `housekeeping()` under the lock (the shard's periodic flush)."""
 
     def __init__(self, lock: threading.Lock, stores: Callable[[], Iterable["TableStore"]],
-                 interval_s: float = 0.1, max_moves: int = 16384) -> None:
+                 interval_s: float = 0.1, max_moves: int = 16384,
+                 housekeeping: Callable[[], None] | None = None) -> None:
         self._lock = lock
         self._stores = stores
+        self._housekeeping = housekeeping
         self.interval_s, self.max_moves = interval_s, max_moves
         self.passes = 0  # completed passes over every table
         self.moves = 0  # rows moved since start
@@ -82,6 +85,9 @@ class Placer:
                 if n < self.max_moves:
                     break
         self.moves += moved
+        if self._housekeeping is not None and not self._stop.is_set():
+            with self._lock:
+                self._housekeeping()
         return moved
 
     def wait_passes(self, count: int, timeout: float = 30.0) -> bool:

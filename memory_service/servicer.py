@@ -143,7 +143,8 @@ class MemoryServicer(memory_pb2_grpc.MemoryServiceServicer):
     @_maps_errors
     def ExportRows(self, request, context):
         ids = wire.decode_ids(request.ids, request.table)
-        return wire.records_to_proto(request.table, self.shard.export_rows(request.table, ids, request.version))
+        records = self.shard.export_rows(request.table, ids, request.version, request.client_id, request.request_seq)
+        return wire.records_to_proto(request.table, records)
 
     @_maps_errors
     def ImportRows(self, request, context):
@@ -214,7 +215,7 @@ class MemoryServicer(memory_pb2_grpc.MemoryServiceServicer):
             _check_once(pushes, msg.table, "push")
             pushes[msg.table] = _decode_push(msg, self.shard.describe_table(msg.table))
         rows_updated = self.shard.push(request.client_id, pushes, max(1, request.contributors),
-                                       commit=not request.commit_later)
+                                       commit=not request.commit_later, request_seq=request.request_seq)
         return memory_pb2.PushResponse(rows_updated=rows_updated)
 
     @_maps_errors
@@ -225,7 +226,8 @@ class MemoryServicer(memory_pb2_grpc.MemoryServiceServicer):
         for msg in request.tables:
             _check_once(steps, msg.table, "commit")
             steps[msg.table] = (msg.step, msg.lr or None)
-        updated = self.shard.commit(request.client_id, steps, max(1, request.contributors))
+        updated = self.shard.commit(request.client_id, steps, max(1, request.contributors),
+                                    request_seq=request.request_seq)
         return memory_pb2.CommitStepResponse(rows_updated=updated)
 
     @_maps_errors

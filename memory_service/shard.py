@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import os
 import threading
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -29,6 +30,7 @@ from memory_service.errors import (FailedPrecondition, InvalidArgument, StepNotR
                                    TableNotFound)
 from memory_service.homes import Homes
 from memory_service.move_gate import MoveGate
+from memory_service.journal import Journal
 from memory_service.placement import make_policy
 from memory_service.placer import Placer
 from memory_service.sharding import shard_of
@@ -37,6 +39,7 @@ from memory_service.tiers.base import RowRecords
 from memory_service.tiers.cold import ColdEnvironment, record_dtype
 from memory_service.tiers.warm import WarmTier
 from memory_service.utilization import TableUsage
+from memory_service.wal import WriteAheadLog
 
 
 # 1/HEADROOM of each table's DRAM share holds no rows: it is left to the placement policy's
@@ -137,6 +140,10 @@ class Shard:
     LMDB environment in that directory (reopening the directory recovers them), DRAM keeps at
     most `storage.dram_budget_bytes` of them, and a background `Placer` moves rows between the two
     following the placement policy. Call `close()` to write dirty rows back and close the files.
+    Every change is in its write-ahead log before it is acknowledged, so a shard reopened after a
+    crash recovers every acknowledged change (memory_service/journal.py, recovery.py); an all-DRAM
+    shard loses everything with its process. A push or commit with a `request_seq` is applied once
+    however often it is re-sent (the journal remembers it).
     A "hot" `role` shard is home of the hot rows id % num_shards instead (memory_service/homes.py)."""
 
     def __init__(self, shard_id: int, num_shards: int, storage: StorageConfig | None = None,
@@ -158,6 +165,8 @@ class Shard:
         self._cold: ColdEnvironment | None = None
         self.placer: Placer | None = None
         self.moves = MoveGate()  # a hot shard's migrator asks it before each round; checkpoints pause it
+        self.journal = Journal()  # requests applied once; a cold shard's logs its changes too
+        self._closed = False
         if self.storage.path is not None:
             self._open_cold()
 
@@ -174,9 +183,39 @@ class Shard:
             cfg = TableConfig.from_dict(meta["config"])
             self._tables[cfg.name] = self._new_store(cfg)
         self._split_budget()
+        if self.storage.wal:
+            from memory_service import recovery
+
+            wal = WriteAheadLog(os.path.join(self.storage.path, "wal"), self.storage.wal_fsync)
+            self.journal = Journal(wal, self._cold, self.storage.flush_interval_s, self.storage.flush_wal_bytes)
+            recovery.recover(self)
+            self._checkpoint()
+            for name, store in self._tables.items():
+                store.journal = self.journal.for_table(name)
         self.placer = Placer(self._lock, self._tables.values, self.storage.placement_interval_s,
-                             self.storage.max_moves)
+                             self.storage.max_moves, housekeeping=self._flush_if_due)
         self.placer.start()
+
+    def flush(self) -> None:
+        """Writes every dirty row to LMDB and starts a new write-ahead log (a checkpoint), so a
+        restart replays nothing. A cold shard does this by itself when its log grows past
+        `storage.flush_wal_bytes` or `storage.flush_interval_s` passes, and on close."""
+        with self._lock:
+            self._checkpoint()
+
+    def _checkpoint(self) -> None:
+        if not self.journal.durable:
+            return
+        from memory_service import recovery
+
+        for store in self._tables.values():
+            store.flush()
+        self.journal.checkpoint(recovery.snapshot(self))
+
+    def _flush_if_due(self) -> None:
+        """The placer's housekeeping (under the lock): a checkpoint when the journal says so."""
+        if self.journal.due():
+            self._checkpoint()
 
     def _new_store(self, cfg: TableConfig) -> TableStore:
         if self._cold is None:
@@ -200,13 +239,20 @@ class Shard:
             store.set_warm_capacity(WarmTier.rows_within(share, store.cfg.width, store.warm.state_width))
 
     def close(self) -> None:
-        """Stops placement, writes dirty rows back and closes the LMDB files (a cold shard; an
-        all-DRAM shard has nothing to close). The shard serves nothing afterwards."""
+        """Stops placement, writes dirty rows back, empties the write-ahead log and closes the
+        LMDB files (a cold shard; an all-DRAM shard has nothing to close). The shard serves nothing
+        afterwards; closing again does nothing."""
         if self.placer is not None:
             self.placer.stop()
         with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+            if self._cold is not None and self.journal.failed is None:
+                self._checkpoint()  # the log is empty afterwards: a reopen replays nothing
             for store in self._tables.values():
                 store.close()
+            self.journal.close()
             if self._cold is not None:
                 self._cold.close()
                 self._cold = None
@@ -217,6 +263,7 @@ class Shard:
             store = self._tables.get(cfg.name)
             if store is None:
                 store = self._tables[cfg.name] = self._new_store(cfg)
+                store.journal = self.journal.for_table(cfg.name)
                 self._split_budget()
                 if cfg.collision_sample_rate > 0:
                     self._collisions[cfg.name] = CollisionSketch(cfg.collision_sample_rate)
@@ -241,6 +288,7 @@ class Shard:
             self._accesses.pop(name, None)
             self._parts = {key: parts for key, parts in self._parts.items() if key[0] != name}
             self._commits = {key: c for key, c in self._commits.items() if key[0] != name}
+            self._checkpoint()  # the log's records of the dropped table are never replayed
             self._stepped.notify_all()  # fetches waiting on it answer NOT_FOUND
 
     def list_tables(self) -> list[str]:
@@ -273,7 +321,8 @@ class Shard:
             if self.track_accesses:
                 for name, ids in checked.items():
                     self._accesses.setdefault(name, _Accesses()).record(ids)
-            return {name: self._tables[name].read(ids) for name, ids in checked.items()}
+            with self.journal.change():  # dense Adam catches rows up as it reads them
+                return {name: self._tables[name].read(ids) for name, ids in checked.items()}
 
     def announce(self, requests: dict[str, np.ndarray]) -> None:
         """Ids (n,) per table that fetches of later steps will read: placement's look-ahead
@@ -287,7 +336,7 @@ class Shard:
                     self._accesses.setdefault(name, _Accesses()).expect(ids)
 
     def push(self, client_id: str, pushes: dict[str, TablePush], contributors: int = 1,
-             commit: bool = True) -> int:
+             commit: bool = True, request_seq: int = 0) -> int:
         """Applies each table's gradients at its step; returns the number of distinct rows updated.
 
         With `commit` the step is complete at once: fetches waiting for it are answered. Without,
@@ -296,54 +345,68 @@ class Shard:
         With `contributors` K > 1 this is one worker's part of the step: parts are held and their
         sum applied once, when K distinct `client_id`s sent (with `commit`) or committed (without)
         theirs. Otherwise `client_id` names the sender for logs and metrics.
+        A request re-sent with the `request_seq` (> 0) of one already applied is answered with its
+        first answer and not applied again.
         """
         if not 1 <= contributors <= 65536:
             raise InvalidArgument(f"contributors {contributors} must be in [1, 65536]")
         with self._lock:
+            if (done := self.journal.applied(client_id, request_seq)) is not None:
+                return done
             checked = {name: self._checked_push(name, p) for name, p in pushes.items()}
-            if contributors > 1:
-                checked = self._add_parts(client_id, checked, pushes, contributors, finish=commit)
-            self.counters.push_requests += 1
-            self.counters.push_rows += sum(len(p.ids) for p in pushes.values())  # repeats counted
-            num_updated = 0
-            for name, (step, ids, grads) in checked.items():
-                store = self._tables[name]
-                if len(ids):
-                    store.update(ids, grads, step, pushes[name].lr, commit)  # logs the step, then updates
-                    num_updated += len(ids)
-                else:
-                    store.record_step(step, pushes[name].lr)  # an empty push still logs its lr
-                if commit:
-                    store.commit(step, pushes[name].lr)
+            with self.journal.change(client_id, request_seq) as change:
+                if contributors > 1:
+                    checked = self._add_parts(client_id, checked, pushes, contributors, finish=commit)
+                self.counters.push_requests += 1
+                self.counters.push_rows += sum(len(p.ids) for p in pushes.values())  # repeats counted
+                num_updated = 0
+                for name, (step, ids, grads) in checked.items():
+                    store = self._tables[name]
+                    if len(ids):
+                        store.update(ids, grads, step, pushes[name].lr, commit)  # logs the step, then updates
+                        num_updated += len(ids)
+                    else:
+                        store.record_step(step, pushes[name].lr)  # an empty push still logs its lr
+                    if commit:
+                        store.commit(step, pushes[name].lr)
+                change.result = num_updated
             self._stepped.notify_all()
             return num_updated
 
-    def commit(self, client_id: str, steps: dict[str, tuple[int, float | None]], contributors: int = 1) -> int:
+    def commit(self, client_id: str, steps: dict[str, tuple[int, float | None]], contributors: int = 1,
+               request_seq: int = 0) -> int:
         """Step `step` of each table {name: (step, lr)} is complete for `client_id`: every one of
         its requests of the step arrived. With K > 1 contributors, the K-th distinct client's commit
-        applies the sum of the parts held. Returns rows updated."""
+        applies the sum of the parts held. Returns rows updated. A re-sent `request_seq` is
+        answered as the first time, as in `push`."""
         if not 1 <= contributors <= 65536:
             raise InvalidArgument(f"contributors {contributors} must be in [1, 65536]")
         with self._lock:
+            if (done := self.journal.applied(client_id, request_seq)) is not None:
+                return done
             for name, (step, lr) in steps.items():
                 self._store(name).optimizer.checked_lr(step, lr)  # before any change
                 if contributors > 1 and client_id in self._commits.get((name, step), ()):
                     raise InvalidArgument(f"table {name!r} step {step}: client {client_id!r} already committed")
             updated = 0
-            for name, (step, lr) in steps.items():
-                store = self._tables[name]
-                if contributors > 1:
-                    committed = self._commits.setdefault((name, step), set())
-                    committed.add(client_id)
-                    if len(committed) < contributors:
-                        continue
-                    del self._commits[(name, step)]
-                    parts = self._parts.pop((name, step), None)
-                    if parts is not None and parts.ids:
-                        ids, grads = _sum_duplicates(np.concatenate(parts.ids), np.concatenate(parts.grads))
-                        store.update(ids, grads, step, lr, commit=False)
-                        updated += len(ids)
-                store.commit(step, lr)
+            with self.journal.change(client_id, request_seq) as change:
+                for name, (step, lr) in steps.items():
+                    store = self._tables[name]
+                    if contributors > 1:
+                        committed = self._commits.setdefault((name, step), set())
+                        committed.add(client_id)
+                        self.journal.note(name, "vote", step, client_id)
+                        if len(committed) < contributors:
+                            continue
+                        del self._commits[(name, step)]
+                        parts = self._parts.pop((name, step), None)
+                        self.journal.note(name, "parts_done", step)
+                        if parts is not None and parts.ids:
+                            ids, grads = _sum_duplicates(np.concatenate(parts.ids), np.concatenate(parts.grads))
+                            store.update(ids, grads, step, lr, commit=False)
+                            updated += len(ids)
+                    store.commit(step, lr)
+                change.result = updated
             self._stepped.notify_all()
             return updated
 
@@ -370,8 +433,10 @@ class Shard:
             parts.clients.add(client_id)
             parts.ids.append(ids)
             parts.grads.append(grads)
+            self.journal.note(name, "part", step, client_id, contributors, pushes[name].lr, ids, grads)
             if finish and len(parts.clients) == contributors:
                 del self._parts[(name, step)]
+                self.journal.note(name, "parts_done", step)
                 ids, grads = _sum_duplicates(np.concatenate(parts.ids), np.concatenate(parts.grads))
                 try:
                     self._tables[name].check_push(ids, step, parts.lr)
@@ -381,16 +446,25 @@ class Shard:
         return complete
 
     # -- hot and cold shards ----------------------------------------------------------------------
-    def export_rows(self, name: str, ids: np.ndarray, version: int) -> RowRecords:
+    def export_rows(self, name: str, ids: np.ndarray, version: int, client_id: str = "",
+                    request_seq: int = 0) -> RowRecords:
         """Hands distinct rows `ids` (n,) over for a move: removed here with their optimizer state,
-        refused (RowsMoved) from now on. Only rows ever written come back."""
+        refused (RowsMoved) from now on. Only rows ever written come back. A re-sent
+        (client_id, request_seq) gets the same rows again (its first answer was lost)."""
         with self._lock:
+            if (done := self.journal.exported(client_id, request_seq)) is not None:
+                return done
             ids = self._checked_ids(name, ids)
             if len(np.unique(ids)) != len(ids):
                 raise InvalidArgument(f"table {name!r}: export ids must be distinct")
             self.homes.check(name, ids)
-            records = self._tables[name].export_rows(ids)
-            self.homes.leave(name, ids, version)
+            with self.journal.change(client_id, request_seq) as change:
+                records = self._tables[name].export_rows(ids)
+                self.journal.note(name, "export", ids, version, records.ids, records.rows, records.state,
+                                  records.last)
+                self.homes.leave(name, ids, version)
+                change.result = len(records)
+            self.journal.remember_export(client_id, request_seq, name, records)
             return records
 
     def import_rows(self, name: str, records: RowRecords, version: int, ids: np.ndarray | None = None) -> None:
@@ -399,8 +473,10 @@ class Shard:
         with self._lock:
             ids = self._checked_ids(name, records.ids if ids is None else ids)
             self._checked_ids(name, records.ids)
-            self._tables[name].import_rows(records)
-            self.homes.arrive(name, ids, version)
+            with self.journal.change():
+                self.journal.note(name, "import", ids, records.ids, records.rows, records.state, records.last, version)
+                self._tables[name].import_rows(records)
+                self.homes.arrive(name, ids, version)
 
     # -- checkpoints (memory_service/checkpoint.py) ------------------------------------------------
     def checkpoint_tables(self, step: int, names: list[str], timeout: float,
@@ -439,10 +515,12 @@ class Shard:
             try:
                 store.load_log_state(log)
                 num_rows = 0
-                for chunk in chunks:
+                for chunk in chunks:  # straight to LMDB (no journal yet): the checkpoint below covers them
                     self._checked_ids(cfg.name, chunk.ids)
                     store.import_rows(chunk)
                     num_rows += len(chunk)
+                store.journal = self.journal.for_table(cfg.name)  # later changes are logged
+                self._checkpoint()  # a durable shard restarts from the restored state, replaying nothing
                 self._stepped.notify_all()
                 return num_rows
             except BaseException as err:

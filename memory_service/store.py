@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import hashlib
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -90,6 +90,10 @@ class TableStore:
         # placer no planning (a plan sorts every resident id) and no memory for it.
         self._unsettled = True
         self.closed = False  # set when the table is dropped or its shard closes
+        # Told every change of the table's durable state as it happens (a cold shard's Journal
+        # logs them before they reach LMDB): journal(kind, *fields) with kind "rows" (ids, rows,
+        # state, last: after-images), "step" (step, lr) or "commit" (step). None: nobody listens.
+        self.journal: Callable[..., None] | None = None
         if cold is not None:
             self._load_log()
 
@@ -196,6 +200,8 @@ class TableStore:
         batch_last = np.concatenate([warm_last, last[behind]])
         self.optimizer.catch_up(batch_rows, batch_state, batch_last, self.committed)
         w = len(warm_slots)
+        self._note("rows", np.concatenate([self.warm.ids_at(warm_slots), cold_ids[behind]]),
+                   batch_rows, batch_state, batch_last)
         self.warm.write_at(warm_slots, batch_rows[:w], batch_state[:w], batch_last[:w])
         self.warm.mark_dirty(warm_slots)
         rows[behind], state[behind], last[behind] = batch_rows[w:], batch_state[w:], batch_last[w:]
@@ -238,6 +244,7 @@ class TableStore:
         new = self._is_new_step(step)
         self.optimizer.record_step(step, lr)
         if new and self.cold is not None:
+            self._note("step", step, self.optimizer.lr_at(step))
             self.cold.save_log(np.array([step]), np.array([self.optimizer.lr_at(step)]))
 
     def _is_new_step(self, step: int) -> bool:
@@ -250,7 +257,12 @@ class TableStore:
             self.record_step(step, lr)
         else:
             self.optimizer.checked_lr(step, lr)
-        self.committed = max(self.committed, step)
+        self._set_committed(step)
+
+    def _set_committed(self, step: int) -> None:
+        if step > self.committed:
+            self.committed = step
+            self._note("commit", step)
 
     def update(self, ids: np.ndarray, grads: np.ndarray, step: int, lr: float | None = None,
                commit: bool = True) -> None:
@@ -258,13 +270,15 @@ class TableStore:
         to distinct `ids` (n,) with `grads` (n, width); with `commit`, the step is complete (see
         `commit`), else more of its gradients may come."""
         if commit:
-            self.committed = max(self.committed, step)
+            self._set_committed(step)
         if self.cold is None:
             self.optimizer.record_step(step, lr)
             self._update_warm(ids, grads, step)
         else:
             new = self._is_new_step(step)
             self.optimizer.record_step(step, lr)
+            if new:
+                self._note("step", step, self.optimizer.lr_at(step))
             self._update_tiered(ids, grads, step, (step, self.optimizer.lr_at(step)) if new else None)
             self._unsettled = True  # rows read before they were written can be admitted now
         self.optimizer_rows += len(ids)
@@ -303,12 +317,24 @@ class TableStore:
         new = other[~found]
         rows[new], state[new], last[new] = self._initial(ids[new])
         self.optimizer.update(rows, state, last, grads, step)
+        self._note("rows", ids, rows, state, last)
         self.warm.write_at(slots[resident], rows[resident], state[resident], last[resident])
         self.warm.mark_dirty(slots[resident])
         if other.size:
             self.cold.put(ids[other], rows[other], state[other], last[other], log=log)
         elif log is not None:
             self.cold.save_log(np.array([log[0]]), np.array([log[1]]))
+
+    def _note(self, kind: str, *fields) -> None:
+        if self.journal is not None:
+            self.journal(kind, *fields)
+
+    def redo_step(self, step: int, lr: float) -> None:
+        """Replays a logged step: logs it unless the step log already has it (LMDB may be ahead
+        of the replay: log entries reach it right after their record)."""
+        if step <= self.step and self.optimizer.lr_at(step) == lr:
+            return
+        self.record_step(step, lr)
 
     # --- placement ---
 

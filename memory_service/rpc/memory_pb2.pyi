@@ -192,16 +192,18 @@ class TableGrads(_message.Message):
     def __init__(self, table: _Optional[str] = ..., step: _Optional[int] = ..., dtype: _Optional[_Union[DType, str]] = ..., width: _Optional[int] = ..., ids: _Optional[bytes] = ..., grads: _Optional[bytes] = ..., lr: _Optional[float] = ...) -> None: ...
 
 class PushRequest(_message.Message):
-    __slots__ = ("client_id", "tables", "contributors", "commit_later")
+    __slots__ = ("client_id", "tables", "contributors", "commit_later", "request_seq")
     CLIENT_ID_FIELD_NUMBER: _ClassVar[int]
     TABLES_FIELD_NUMBER: _ClassVar[int]
     CONTRIBUTORS_FIELD_NUMBER: _ClassVar[int]
     COMMIT_LATER_FIELD_NUMBER: _ClassVar[int]
+    REQUEST_SEQ_FIELD_NUMBER: _ClassVar[int]
     client_id: str
     tables: _containers.RepeatedCompositeFieldContainer[TableGrads]
     contributors: int
     commit_later: bool
-    def __init__(self, client_id: _Optional[str] = ..., tables: _Optional[_Iterable[_Union[TableGrads, _Mapping]]] = ..., contributors: _Optional[int] = ..., commit_later: _Optional[bool] = ...) -> None: ...
+    request_seq: int
+    def __init__(self, client_id: _Optional[str] = ..., tables: _Optional[_Iterable[_Union[TableGrads, _Mapping]]] = ..., contributors: _Optional[int] = ..., commit_later: _Optional[bool] = ..., request_seq: _Optional[int] = ...) -> None: ...
 
 class TableStep(_message.Message):
     __slots__ = ("table", "step", "lr")
@@ -214,14 +216,16 @@ class TableStep(_message.Message):
     def __init__(self, table: _Optional[str] = ..., step: _Optional[int] = ..., lr: _Optional[float] = ...) -> None: ...
 
 class CommitStepRequest(_message.Message):
-    __slots__ = ("client_id", "tables", "contributors")
+    __slots__ = ("client_id", "tables", "contributors", "request_seq")
     CLIENT_ID_FIELD_NUMBER: _ClassVar[int]
     TABLES_FIELD_NUMBER: _ClassVar[int]
     CONTRIBUTORS_FIELD_NUMBER: _ClassVar[int]
+    REQUEST_SEQ_FIELD_NUMBER: _ClassVar[int]
     client_id: str
     tables: _containers.RepeatedCompositeFieldContainer[TableStep]
     contributors: int
-    def __init__(self, client_id: _Optional[str] = ..., tables: _Optional[_Iterable[_Union[TableStep, _Mapping]]] = ..., contributors: _Optional[int] = ...) -> None: ...
+    request_seq: int
+    def __init__(self, client_id: _Optional[str] = ..., tables: _Optional[_Iterable[_Union[TableStep, _Mapping]]] = ..., contributors: _Optional[int] = ..., request_seq: _Optional[int] = ...) -> None: ...
 
 class CommitStepResponse(_message.Message):
     __slots__ = ("rows_updated",)
@@ -376,14 +380,18 @@ class AnnounceResponse(_message.Message):
     def __init__(self) -> None: ...
 
 class ExportRowsRequest(_message.Message):
-    __slots__ = ("table", "ids", "version")
+    __slots__ = ("table", "ids", "version", "client_id", "request_seq")
     TABLE_FIELD_NUMBER: _ClassVar[int]
     IDS_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
+    CLIENT_ID_FIELD_NUMBER: _ClassVar[int]
+    REQUEST_SEQ_FIELD_NUMBER: _ClassVar[int]
     table: str
     ids: bytes
     version: int
-    def __init__(self, table: _Optional[str] = ..., ids: _Optional[bytes] = ..., version: _Optional[int] = ...) -> None: ...
+    client_id: str
+    request_seq: int
+    def __init__(self, table: _Optional[str] = ..., ids: _Optional[bytes] = ..., version: _Optional[int] = ..., client_id: _Optional[str] = ..., request_seq: _Optional[int] = ...) -> None: ...
 
 class RowRecords(_message.Message):
     __slots__ = ("table", "ids", "rows", "state", "last")

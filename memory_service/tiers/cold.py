@@ -17,9 +17,14 @@ The environment is opened with `writemap` and without `sync`: pages a transactio
 written in the shared file mapping (file-backed memory, not the process's anonymous memory: a
 2M-row push otherwise mallocs one 4 KiB page per row touched, and LMDB keeps those pages cached
 for the environment's life) and a commit costs no fsync (16k random rows took 480 ms with a sync
-per commit, 100 ms without, here). A process crash loses nothing (the pages are in the OS page
-cache); an OS crash may lose or damage what was written since the last `sync()` (called on
-`close()`), so durable state is the checkpoint (memory_service/checkpoint.py), as for DRAM shards.
+per commit, 100 ms without, here). A process crash loses no committed transaction (the pages are
+in the OS page cache; the shard's write-ahead log, memory_service/journal.py, covers the rows only
+DRAM held); an OS crash may lose or damage what was written since the last `sync()` (called on
+`close()`, and at each flush with StorageConfig.wal_fsync), so without that the durable state is
+the checkpoint (memory_service/checkpoint.py), as for DRAM shards.
+
+Within a request the shard defers this tier's writes (`ColdEnvironment.deferring`) until the
+request's write-ahead log record is written, so LMDB never holds a change the log lacks.
 
 `map_size` starts from the tables' sizes (capped) and doubles on `MapFullError`, the failed
 transaction retried. Besides the rows each table stores its metadata (the shard passes its config)
@@ -31,6 +36,7 @@ from __future__ import annotations
 import hashlib
 import os
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from itertools import islice
 from operator import itemgetter
 from typing import TypeVar
@@ -86,6 +92,45 @@ class ColdEnvironment:
         self.env.reader_check()  # clear reader slots a crashed process left behind
         self._meta = self.env.open_db(_META_DB)
         self.map_growths = 0
+        self._deferred: list[Callable[[lmdb.Transaction], object]] | None = None  # see `deferring`
+        self._pending: set[bytes] = set()  # databases with deferred writes
+
+    @contextmanager
+    def deferring(self) -> Iterator[list]:
+        """Inside, write transactions are queued, not run: the list yielded collects them, for
+        `run` once the changes they make are in the write-ahead log (so LMDB never holds a change
+        the log lacks). Reading a table written inside is an error (it would miss the write)."""
+        assert self._deferred is None, "deferring() does not nest"
+        self._deferred = pending = []
+        try:
+            yield pending
+        finally:
+            self._deferred = None
+            self._pending.clear()
+
+    def run(self, pending: list) -> None:
+        """Runs the write transactions `deferring` queued, in order."""
+        for fn in pending:
+            self.write(fn)
+
+    def _defer(self, db: bytes, fn: Callable[[lmdb.Transaction], object]) -> bool:
+        """Queues `fn` if writes are deferred (True), else leaves it to the caller (False)."""
+        if self._deferred is None:
+            return False
+        self._deferred.append(fn)
+        self._pending.add(db)
+        return True
+
+    def check_unwritten(self, db: bytes) -> None:
+        assert db not in self._pending, "a table read after a deferred write to it would miss the write"
+
+    def get_meta(self, key: bytes) -> bytes | None:
+        """The shard-level value stored under `key` (not a table's: those start with b"table:")."""
+        with self.env.begin(db=self._meta) as txn:
+            return txn.get(key)
+
+    def put_meta(self, key: bytes, value: bytes) -> None:
+        self.write(lambda txn: txn.put(key, value, db=self._meta))
 
     @property
     def map_size(self) -> int:
@@ -179,6 +224,7 @@ class ColdTier(Tier):
         super().__init__(width, state_width)
         self._environment = environment
         self._env = environment.env
+        self._key = key
         self._rows_db = self._env.open_db(b"rows:" + key)
         self._log_db = self._env.open_db(b"log:" + key)
         self.record = record_dtype(width, state_width)
@@ -207,7 +253,13 @@ class ColdTier(Tier):
                 found[start:start + _CHUNK] = got
         return found, records[:m]
 
+    def _write(self, fn: Callable[[lmdb.Transaction], object]) -> None:
+        """fn(txn) in a write transaction now, or queued while the environment defers writes."""
+        if not self._environment._defer(self._key, fn):
+            self._environment.write(fn)
+
     def get(self, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        self._environment.check_unwritten(self._key)
         if not len(ids):
             empty = RowRecords.empty(self.width, self.state_width)
             return np.zeros(0, dtype=bool), empty.rows, empty.state, empty.last
@@ -241,21 +293,23 @@ class ColdTier(Tier):
             if log is not None:
                 self._put_log(txn, np.array([log[0]]), np.array([log[1]]))
 
-        self._environment.write(write)
+        self._write(write)
 
     def pop(self, ids: np.ndarray) -> RowRecords:
+        self._environment.check_unwritten(self._key)
         if not len(ids):
             return RowRecords.empty(self.width, self.state_width)
         order = np.argsort(ids)
         sorted_ids = ids[order]
+        with self._env.begin(db=self._rows_db) as txn:  # the shard's lock keeps writers out meanwhile
+            found_sorted, records = self._read(txn.cursor(), sorted_ids)
+        keys = _keys(sorted_ids[found_sorted])
 
-        def take(txn: lmdb.Transaction) -> tuple[np.ndarray, np.ndarray]:
-            found, records = self._read(txn.cursor(db=self._rows_db), sorted_ids)
-            for key in _keys(sorted_ids[found]):
+        def delete(txn: lmdb.Transaction) -> None:
+            for key in keys:
                 txn.delete(key, db=self._rows_db)
-            return found, records
 
-        found_sorted, records = self._environment.write(take)
+        self._write(delete)
         found = np.empty(len(ids), dtype=bool)
         found[order] = found_sorted
         # records are in id order; return them in the order of `ids`
@@ -272,7 +326,7 @@ class ColdTier(Tier):
             for key in keys:
                 txn.delete(key, db=self._rows_db)
 
-        self._environment.write(delete)
+        self._write(delete)
 
     def ids(self) -> np.ndarray:
         with self._env.begin(db=self._rows_db) as txn:
@@ -312,7 +366,7 @@ class ColdTier(Tier):
 
     def save_log(self, steps: np.ndarray, lrs: np.ndarray) -> None:
         """Stores the learning rates `lrs` (k,) float64 of table steps `steps` (k,)."""
-        self._environment.write(lambda txn: self._put_log(txn, steps, lrs))
+        self._write(lambda txn: self._put_log(txn, steps, lrs))
 
     def load_log(self) -> tuple[np.ndarray, np.ndarray]:
         """(steps (k,) int64, lrs (k,) float64) of every logged step, in step order."""
