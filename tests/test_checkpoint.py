@@ -77,7 +77,7 @@ def saved(make_cluster, tmp_path_factory):
     """A cluster of 2 cold shards and a hot one trained STEPS steps, its rows migrating, with a
     checkpoint taken while migration runs, and the state it held then (rows stop moving for the
     read: migration stops after the save)."""
-    cluster = make_cluster(2, num_hot=1, hot_rows=64, migrate_interval_s=0.005)
+    cluster = make_cluster(2, num_hot=1, hot_rows=64, migrate_interval_s=0.005, migrate_max_duty=1.0)
     model, opt = dense_pair(0)
     for _ in range(3):
         opt.zero_grad()
@@ -138,7 +138,7 @@ def test_restore_onto_three_lmdb_shards_and_a_hot_one_keeps_every_row(saved, mak
     hot shard, restored: rows and optimizer state identical per row id, each row at its new home
     (id % 3), most of them in LMDB; both clusters then take the same steps and stay equal."""
     storage = StorageConfig(path=str(tmp_path / "lmdb"), dram_budget_bytes=32 << 10, placement_interval_s=0.01)
-    target = make_cluster(3, num_hot=1, hot_rows=64, migrate_interval_s=0.005, storage=storage)
+    target = make_cluster(3, num_hot=1, hot_rows=64, migrate_interval_s=0.005, migrate_max_duty=1.0, storage=storage)
     with target.client() as client:
         restore_checkpoint(saved["path"], client)
         for name in NAMES:
@@ -180,7 +180,7 @@ def test_saves_while_rows_migrate_every_millisecond_hold_every_row_once(make_clu
     disabled, 5 of 30 such saves here lost rows that were between a cold and the hot shard.)"""
     import threading
 
-    cluster = make_cluster(2, num_hot=1, hot_rows=32, migrate_interval_s=0.001)
+    cluster = make_cluster(2, num_hot=1, hot_rows=32, migrate_interval_s=0.001, migrate_max_duty=1.0)
     written = np.arange(0, 2000, 2)
     with cluster.client() as client:
         client.create_table(TableConfig("moving", 2000, 4))
@@ -335,7 +335,7 @@ def test_a_driver_killed_mid_save_leaves_nothing_that_passes_for_a_checkpoint(sa
 def test_a_pause_holds_while_renewed_and_lapses_without_its_driver(make_cluster):
     """The save's pause of migration is a lease the driver renews: it holds for longer than the
     lease while renewed, and a pause nobody renews or resumes (its driver died) lapses."""
-    cluster = make_cluster(1, num_hot=1, hot_rows=32, migrate_interval_s=0.005)
+    cluster = make_cluster(1, num_hot=1, hot_rows=32, migrate_interval_s=0.005, migrate_max_duty=1.0)
     rounds = lambda: ray.get(cluster.hot_actors[0].migration_counters.remote())["rounds"]
     with cluster.client(shared_memory=False) as client:
         with checkpoint._migration_paused(client, CheckpointOptions(lease_s=0.6)):

@@ -34,7 +34,7 @@ def test_resumed_service_training_matches_the_uninterrupted_run(make_cluster, co
     with make_cluster(2).client() as client:
         plain = train(cfg, corpus, client=client, service=service)
         plain_rows = remote_rows(client, "resume", sizes, step=2 * N)
-    with make_cluster(2, num_hot=1, hot_rows=128, migrate_interval_s=0.01).client() as client:
+    with make_cluster(2, num_hot=1, hot_rows=128, migrate_interval_s=0.01, migrate_max_duty=1.0).client() as client:
         saving = train(replace(cfg, checkpoint_dir=str(runs), checkpoint_every=N), corpus, client=client,
                        service=service)
     assert latest_checkpoint(runs) == checkpoint_path(runs, 2 * N)
