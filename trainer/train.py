@@ -214,17 +214,17 @@ def train(cfg: TrainConfig, corpus: Corpus | None = None, client=None,
     run = _resumed(resume, model, optimizers, batches, tables) if resume else RunState(0, batches.state_dict())
     part = cfg.batch_size // world
     drawn, data_states = iter(range(run.step, cfg.steps + 1)), {}  # step -> batch order before its batch
+    announce = service.announce if service.prefetch else 0  # batches drawn beyond the look-ahead
 
     def next_batch() -> tuple[torch.Tensor, torch.Tensor]:
         step = next(drawn)
-        data_states[step] = batches.state_dict()  # the look-ahead draws step s + 1 during step s
-        data_states.pop(step - 2, None)
+        data_states[step] = batches.state_dict()  # step s + 1 (+ announce) is drawn during step s
+        data_states.pop(step - 2 - announce, None)
         x, y = batches.next()  # every worker draws the whole batch and keeps its slice
         return x[rank * part:(rank + 1) * part], y[rank * part:(rank + 1) * part]
 
     feed = Prefetcher(next_batch, cfg.steps, indexer, model.tables if service.prefetch else None,
-                      service.prefetch and service.lookahead, service.staleness,
-                      service.announce if service.prefetch else 0)
+                      service.prefetch and service.lookahead, service.staleness, announce)
     held_out = eval_batches(corpus.val, cfg.batch_size, context, cfg.eval_batches)
     losses: list[float] = run.train_losses
     val_losses: list[tuple[int, float]] = run.val_losses
