@@ -17,6 +17,7 @@ from dataclasses import dataclass, replace
 import ray
 
 from memory_service.config import StorageConfig
+from memory_service.security import SecurityConfig, warn_if_exposed
 from memory_service.shard import Shard
 
 NAMESPACE = "engram_memory"  # named actors are per namespace: every driver must use this one
@@ -57,7 +58,9 @@ class ClusterConfig:
     every shard has a pod, and so a network namespace, of its own and all listen on P, the port the
     manifests declare; shards sharing a host take P, P + 1, ... `metrics_port` likewise places each
     shard's Prometheus endpoint (at its gRPC port's offset from P), None disables it. `host` is the
-    bind address (loopback by default; binding elsewhere exposes the unauthenticated API).
+    bind address (loopback by default; binding elsewhere without TLS warns). `security`: the shards'
+    TLS and tokens (memory_service.security; None: open), with `security.peer` the credentials a
+    hot shard's migration uses on the cold shards.
     `shard_resource` is the Ray custom resource each shard takes one unit of. `storage` is where
     shards keep rows: all in DRAM by default; with `storage.path`, each shard is a cold shard with
     its LMDB files in its own subdirectory `shard-NNNN` of that path (StorageConfig.for_shard)."""
@@ -74,6 +77,7 @@ class ClusterConfig:
     placement: str = "engram"  # memory_service.placement.make_policy name
     migrate_interval_s: float = 0.05
     storage: StorageConfig = StorageConfig()  # the cold shards' DRAM budget over LMDB (path None: DRAM only)
+    security: SecurityConfig | None = None  # TLS and tokens of every shard (None: open)
 
     def __post_init__(self) -> None:
         if not 0 <= self.num_hot <= 64 or self.hot_rows < 0:
@@ -90,6 +94,9 @@ class ClusterConfig:
                              f"be in [0, 65535]")
         if not self.shard_resource:
             raise ValueError("shard_resource must not be empty")
+        if self.security is not None and not self.security.is_open and self.num_hot and self.security.peer is None:
+            raise ValueError("a secured cluster with hot shards needs security.peer: the credentials "
+                             "(TLS root, write token) its migration uses on the cold shards")
 
 
 @ray.remote(num_cpus=0)
@@ -120,10 +127,10 @@ class ShardActor:
     def __init__(self, shard_id: int, num_shards: int, host: str, port: int, registry_name: str,
                  metrics_port: int | None = None, cluster: str = "default", port_tries: int = 1,
                  role: str = "cold", track_accesses: bool = False, migration: dict | None = None,
-                 storage: StorageConfig | None = None):
+                 storage: StorageConfig | None = None, security: SecurityConfig | None = None):
         _normal_priority()  # before serve(): the gRPC threads inherit this thread's priority
         self.shard = Shard(shard_id, num_shards, role=role, track_accesses=track_accesses, storage=storage)
-        self.server = _serve_first_free(self.shard, host, port, metrics_port, cluster, port_tries)
+        self.server = _serve_first_free(self.shard, host, port, metrics_port, cluster, port_tries, security)
         advertised = node_ip() if host in ("0.0.0.0", "::") else host
         metrics = self.server.metrics.port if self.server.metrics is not None else 0
         self.address = ShardAddress(shard_id, advertised, self.server.port, metrics, role)
@@ -178,7 +185,7 @@ class ShardActor:
 
 
 def _serve_first_free(shard: Shard, host: str, port: int, metrics_port: int | None, cluster: str,
-                      tries: int):
+                      tries: int, security: SecurityConfig | None = None):
     """serve() on the first of ports port, port + 1, ... (`tries` of them; one try for port 0)
     whose gRPC and metrics ports are both free."""
     from memory_service.servicer import serve  # import in the actor process only
@@ -187,7 +194,8 @@ def _serve_first_free(shard: Shard, host: str, port: int, metrics_port: int | No
     for offset in range(tries if port else 1):
         try:
             return serve(shard, host=host, port=port + offset if port else 0, cluster=cluster,
-                         metrics_port=metrics_port + offset if metrics_port else metrics_port)
+                         metrics_port=metrics_port + offset if metrics_port else metrics_port,
+                         security=security)
         except (RuntimeError, OSError) as err:  # gRPC's and http.server's "address in use"
             error = err
     raise RuntimeError(f"shard {shard.shard_id}: no free port in [{port}, {port + tries}) "
@@ -270,6 +278,7 @@ def init_local_ray(num_cpus: int | None = None) -> bool:
 
 def launch(config: ClusterConfig, owns_ray: bool = False) -> TableCluster:
     """Start `config.num_shards` shard actors and wait until every one serves gRPC."""
+    warn_if_exposed(config.host, config.security)  # here too: an actor's warning stays in its log
     name = registry_name(config.name)
     registry = Registry.options(name=name, namespace=NAMESPACE).remote(config.num_shards, config.num_hot)
     shards = config.num_shards + config.num_hot
@@ -278,19 +287,21 @@ def launch(config: ClusterConfig, owns_ray: bool = False) -> TableCluster:
                            name=f"engram_shard:{config.name}:{i}", namespace=NAMESPACE,
                            runtime_env={"env_vars": shard_env(config.storage)})
         .remote(i, config.num_shards, config.host, config.port, name, config.metrics_port,
-                config.name, shards, track_accesses=config.num_hot > 0, storage=config.storage.for_shard(i))
+                config.name, shards, track_accesses=config.num_hot > 0, storage=config.storage.for_shard(i),
+                security=config.security)
         for i in range(config.num_shards)
     ]
     cold = ray.get([a.get_address.remote() for a in actors])  # raises here if a shard failed to start
     gpus = ray.cluster_resources().get("GPU", 0) >= config.num_hot > 0
     migration = dict(cold_targets=[a.target for a in cold], capacity=config.hot_rows,
-                     policy=config.placement, interval_s=config.migrate_interval_s)
+                     policy=config.placement, interval_s=config.migrate_interval_s,
+                     security=config.security.peer if config.security is not None else None)
     hot_actors = [
         ShardActor.options(num_cpus=config.num_cpus_per_shard, num_gpus=1 if gpus else 0,
                            resources={config.shard_resource: 1}, name=f"engram_hot:{config.name}:{i}",
                            namespace=NAMESPACE, runtime_env={"env_vars": SHARD_ENV})
         .remote(i, config.num_hot, config.host, config.port, name, config.metrics_port, config.name, shards,
-                role="hot", track_accesses=True, migration=migration)
+                role="hot", track_accesses=True, migration=migration, security=config.security)
         for i in range(config.num_hot)
     ]
     ray.get([a.get_address.remote() for a in hot_actors])

@@ -29,3 +29,11 @@ class StepNotReached(MemoryServiceError):
 class RowsMoved(MemoryServiceError):
     """A row of the request has its home on another shard now (gRPC ABORTED, "moved: <version>"):
     refresh the hot map and send it there."""
+
+
+class Unauthenticated(MemoryServiceError):
+    """The call carried no token, or one the shard does not accept (gRPC UNAUTHENTICATED)."""
+
+
+class PermissionDenied(MemoryServiceError):
+    """A read token called a write rpc (gRPC PERMISSION_DENIED)."""

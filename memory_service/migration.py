@@ -18,12 +18,12 @@ from __future__ import annotations
 import threading
 from dataclasses import dataclass
 
-import grpc
 import numpy as np
 
 from memory_service import wire
 from memory_service.placement import Policy, make_policy
 from memory_service.rpc import memory_pb2, memory_pb2_grpc
+from memory_service.security import ClientSecurity, open_channel
 from memory_service.shard import Shard
 
 
@@ -36,13 +36,15 @@ class MigrationCounters:
 
 class Migrator:
     """Places rows of every table between `cold_targets` (gRPC, cold shard order) and the local
-    hot shard `hot` (hot shard `hot.shard_id` of `hot.num_shards`), `capacity` rows per table."""
+    hot shard `hot` (hot shard `hot.shard_id` of `hot.num_shards`), `capacity` rows per table.
+    `security`: how to reach secured cold shards (a write token: exports and imports are writes)."""
 
     def __init__(self, hot: Shard, cold_targets: list[str], capacity: int, policy: str = "engram",
-                 interval_s: float = 0.05, max_moves: int = 4096, timeout: float = 30.0):
+                 interval_s: float = 0.05, max_moves: int = 4096, timeout: float = 30.0,
+                 security: ClientSecurity | None = None):
         self.hot, self.capacity, self.policy_name = hot, capacity, policy
         self.interval_s, self.max_moves, self.timeout = interval_s, max_moves, timeout
-        self.channels = [grpc.insecure_channel(t, options=wire.MESSAGE_OPTIONS) for t in cold_targets]
+        self.channels = [open_channel(t, wire.MESSAGE_OPTIONS, security) for t in cold_targets]
         self.cold = [memory_pb2_grpc.MemoryServiceStub(c) for c in self.channels]
         self.policies: dict[str, Policy] = {}
         self.counters = MigrationCounters()

@@ -22,7 +22,9 @@ from memory_service import wire
 from memory_service.errors import InvalidArgument, RowsMoved, StepNotReached, TableExists, TableNotFound
 from memory_service.metrics import MetricsServer, ShardMetrics, serve_metrics
 from memory_service.reply_buffer import ReplyFiles
+from memory_service.request_guard import RequestGuard
 from memory_service.rpc import memory_pb2, memory_pb2_grpc
+from memory_service.security import SecurityConfig, warn_if_exposed
 from memory_service.shard import Shard, TableInfo, TablePush
 from memory_service.utilization import ShardReport
 from memory_service.wire import MAX_MESSAGE_BYTES, MESSAGE_OPTIONS  # noqa: F401 (re-exported)
@@ -247,7 +249,7 @@ class ShardServer:
 
     @property
     def address(self) -> str:
-        """'host:port', what grpc.insecure_channel takes."""
+        """'host:port', what grpc channels take."""
         return _address(self.host, self.port)
 
     def stop(self, grace: float | None = None) -> None:
@@ -263,15 +265,23 @@ class ShardServer:
 
 
 def serve(shard: Shard, host: str = "127.0.0.1", port: int = 0, max_workers: int = 16,
-          metrics_port: int | None = None, cluster: str = "default") -> ShardServer:
+          metrics_port: int | None = None, cluster: str = "default",
+          security: SecurityConfig | None = None) -> ShardServer:
     """Serve `shard` and the grpc.health.v1 service on host:port (port 0 picks a free port), and
     with `metrics_port` its Prometheus endpoint on host:metrics_port (0: a free port), labelled
-    with the tables cluster's name. Held fetches (min_step) occupy a worker thread each."""
-    server = grpc.server(ThreadPoolExecutor(max_workers=max_workers), options=SERVER_OPTIONS)
+    with the tables cluster's name. Held fetches (min_step) occupy a worker thread each.
+
+    `security`: TLS and tokens (memory_service.security; None: open, as the loopback default
+    needs). Serving a non-loopback host without TLS warns. The Prometheus endpoint is plain HTTP
+    without tokens whatever `security` says (it shows counts, never rows)."""
+    security = security if security is not None else SecurityConfig()
+    warn_if_exposed(host, security)
+    server = grpc.server(ThreadPoolExecutor(max_workers=max_workers), options=SERVER_OPTIONS,
+                         interceptors=[*security.interceptors(), RequestGuard()])  # tokens first
     servicer = MemoryServicer(shard)
     memory_pb2_grpc.add_MemoryServiceServicer_to_server(servicer, server)
     health_servicer = _add_health(server)
-    bound = server.add_insecure_port(_address(host, port))  # raises RuntimeError if it cannot bind
+    bound = security.add_port(server, _address(host, port))  # raises RuntimeError if it cannot bind
     metrics = None
     if metrics_port is not None:
         try:
