@@ -1,6 +1,17 @@
 """Errors of the table service. Each maps to one gRPC status code in the servicer, and back to the
 same class in the client, so callers see the same exception in-process and over the wire."""
 
+MAX_DETAILS_CHARS = 1000
+
+
+def status_details(message: str) -> str:
+    """`message` as a status carries it: ASCII (other characters escaped) and at most
+    MAX_DETAILS_CHARS long. Errors quote request values (a table name, a path): unbounded, they
+    would push the trailers past the client's 8 KiB metadata limit, and the client would see
+    RESOURCE_EXHAUSTED instead of the status the shard meant."""
+    text = message.encode("ascii", "backslashreplace").decode("ascii")
+    return text if len(text) <= MAX_DETAILS_CHARS else text[:MAX_DETAILS_CHARS - 14] + "... (truncated)"
+
 
 class MemoryServiceError(Exception):
     """Base class: a request the service rejected without changing any state."""
@@ -29,6 +40,11 @@ class StepNotReached(MemoryServiceError):
 class RowsMoved(MemoryServiceError):
     """A row of the request has its home on another shard now (gRPC ABORTED, "moved: <version>"):
     refresh the hot map and send it there."""
+
+
+class RequestTooLarge(MemoryServiceError):
+    """A request over the per-request limits: more row ids than wire.MAX_REQUEST_ROWS, or a reply
+    larger than wire.MAX_REPLY_BYTES (gRPC RESOURCE_EXHAUSTED, as for an oversized message)."""
 
 
 class Unauthenticated(MemoryServiceError):

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import grpc
 
+from memory_service.errors import status_details
+
 
 class _Unparsable:
     """What the guarded deserializer returns for bytes its message type cannot parse."""
@@ -28,8 +30,8 @@ def _tolerant(deserializer):
 
 
 def _refuse(context: grpc.ServicerContext, method: str, bad: _Unparsable) -> None:
-    context.abort(grpc.StatusCode.INVALID_ARGUMENT,
-                  f"{method}: the request is not a valid message: {type(bad.error).__name__}: {bad.error}")
+    context.abort(grpc.StatusCode.INVALID_ARGUMENT, status_details(
+        f"{method}: the request is not a valid message: {type(bad.error).__name__}: {bad.error}"))
 
 
 def _checked_request(behavior, method: str):

@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 
 import grpc
 
+from memory_service.errors import status_details
 from memory_service.rpc import memory_pb2
 
 MEMORY_SERVICE = memory_pb2.DESCRIPTOR.services_by_name["MemoryService"].full_name
@@ -262,7 +263,7 @@ class AuthInterceptor(grpc.ServerInterceptor):
 def _refusal(handler: grpc.RpcMethodHandler | None, code: grpc.StatusCode, details: str):
     """A handler of the same kind as `handler` that answers `code` without reading the request."""
     def refuse(request, context):
-        context.abort(code, details)
+        context.abort(code, status_details(details))
 
     streaming = (handler.request_streaming, handler.response_streaming) if handler else (False, False)
     make = {(False, False): grpc.unary_unary_rpc_method_handler,

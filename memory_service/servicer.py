@@ -19,7 +19,8 @@ import numpy as np
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from memory_service import wire
-from memory_service.errors import InvalidArgument, RowsMoved, StepNotReached, TableExists, TableNotFound
+from memory_service.errors import (InvalidArgument, RequestTooLarge, RowsMoved, StepNotReached, TableExists,
+                                   TableNotFound, status_details)
 from memory_service.metrics import MetricsServer, ShardMetrics, serve_metrics
 from memory_service.reply_buffer import ReplyFiles
 from memory_service.request_guard import RequestGuard
@@ -39,6 +40,7 @@ ERROR_STATUS = {
     TableExists: grpc.StatusCode.ALREADY_EXISTS,
     StepNotReached: grpc.StatusCode.DEADLINE_EXCEEDED,
     RowsMoved: grpc.StatusCode.ABORTED,
+    RequestTooLarge: grpc.StatusCode.RESOURCE_EXHAUSTED,
     ValueError: grpc.StatusCode.INVALID_ARGUMENT,  # InvalidArgument and the configs' checks
 }
 
@@ -51,7 +53,7 @@ def _maps_errors(method):
             return method(self, request, context)
         except tuple(ERROR_STATUS) as err:
             code = next(code for cls, code in ERROR_STATUS.items() if isinstance(err, cls))
-            context.abort(code, str(err))
+            context.abort(code, status_details(str(err)))
     return wrapper
 
 
@@ -104,11 +106,14 @@ class MemoryServicer(memory_pb2_grpc.MemoryServiceServicer):
     @_observed("fetch")
     @_maps_errors
     def Fetch(self, request, context):
+        _check_rows(request.tables, "fetch")
         requests = {}  # table -> ids (n,) int64
         for msg in request.tables:
             _check_once(requests, msg.table, "fetch")
             requests[msg.table] = wire.decode_ids(msg.ids, msg.table)
         configs = {name: self.shard.describe_table(name).config for name in requests}
+        _check_reply(sum(len(ids) * configs[name].width * wire.ITEMSIZE[configs[name].dtype]
+                         for name, ids in requests.items()), "fetch")
         samples = self._ngram_samples(request, requests, configs)  # checked before any row is read
         reply = request.shared_memory if request.HasField("shared_memory") else None
         if reply is not None:
@@ -141,11 +146,15 @@ class MemoryServicer(memory_pb2_grpc.MemoryServiceServicer):
     @_maps_errors
     def ExportRows(self, request, context):
         ids = wire.decode_ids(request.ids, request.table)
+        _check_rows([request], "export")
+        width = self.shard.describe_table(request.table).config.width
+        _check_reply(len(ids) * (4 * (width + self.shard.state_width(request.table)) + 16), "export")
         return wire.records_to_proto(request.table, self.shard.export_rows(request.table, ids, request.version))
 
     @_maps_errors
     def ImportRows(self, request, context):
         name = request.records.table
+        _check_rows([request, request.records], "import")
         cfg = self.shard.describe_table(name).config
         records = wire.records_from_proto(request.records, cfg.width, self.shard.state_width(name))
         self.shard.import_rows(name, records, request.version, wire.decode_ids(request.ids, name))
@@ -168,14 +177,15 @@ class MemoryServicer(memory_pb2_grpc.MemoryServiceServicer):
         try:
             self.reply_files.open(path)
         except OSError:
-            context.abort(grpc.StatusCode.FAILED_PRECONDITION,
-                          f"shared-memory reply file {path!r} cannot be opened on this shard's host")
+            context.abort(grpc.StatusCode.FAILED_PRECONDITION, status_details(
+                f"shared-memory reply file {path!r} cannot be opened on this shard's host"))
 
     @_observed("push")
     @_maps_errors
     def Push(self, request, context):
         if not request.client_id:
             raise InvalidArgument("push: client_id must be non-empty")
+        _check_rows(request.tables, "push")
         pushes = {}  # table -> TablePush, all decoded before the shard sees any
         for msg in request.tables:
             _check_once(pushes, msg.table, "push")
@@ -214,6 +224,22 @@ def _wait_budget(context) -> float:
     why), at most MAX_FETCH_WAIT_S when it set none."""
     remaining = context.time_remaining()
     return MAX_FETCH_WAIT_S if remaining is None else max(0.0, min(remaining - 0.05, MAX_FETCH_WAIT_S))
+
+
+def _check_rows(messages, rpc: str) -> None:
+    """RequestTooLarge when the messages' ids payloads hold more than wire.MAX_REQUEST_ROWS ids
+    (counted from their lengths, before anything is decoded)."""
+    num_ids = sum(len(msg.ids) for msg in messages) // 8
+    if num_ids > wire.MAX_REQUEST_ROWS:
+        raise RequestTooLarge(f"{rpc}: {num_ids} row ids in one request; at most {wire.MAX_REQUEST_ROWS} "
+                              f"(split the batch, as MemoryClient does)")
+
+
+def _check_reply(nbytes: int, rpc: str) -> None:
+    """RequestTooLarge when a reply would carry more than wire.MAX_REPLY_BYTES of rows."""
+    if nbytes > wire.MAX_REPLY_BYTES:
+        raise RequestTooLarge(f"{rpc}: the reply would hold {nbytes} bytes of rows; at most "
+                              f"{wire.MAX_REPLY_BYTES} per request (split the batch, as MemoryClient does)")
 
 
 def _check_once(seen: dict, table: str, rpc: str) -> None:
