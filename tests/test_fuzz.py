@@ -6,7 +6,6 @@ UNKNOWN or INTERNAL; the shard keeps serving, and its digest does not move until
 from __future__ import annotations
 
 import math
-import struct
 from dataclasses import dataclass
 
 import grpc

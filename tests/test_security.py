@@ -23,7 +23,7 @@ from memory_service.client import MemoryClient
 from memory_service.config import OptimizerConfig, TableConfig
 from memory_service.errors import PermissionDenied, Unauthenticated
 from memory_service.rpc import memory_pb2, memory_pb2_grpc
-from memory_service.security import (InsecureBindWarning, ClientSecurity, SecurityConfig, is_loopback,
+from memory_service.security import (ClientSecurity, InsecureBindWarning, SecurityConfig, is_loopback,
                                      method_scope, token_digest)
 from memory_service.servicer import SERVICE_NAME, serve
 from memory_service.shard import Shard, TablePush

@@ -8,11 +8,15 @@ import signal
 import sys
 import threading
 from dataclasses import replace
+from typing import TYPE_CHECKING
 
 from trainer.data import Corpus, CorpusConfig
 from trainer.infer import generate_text, load_checkpoint
 from trainer.model import MODEL_PRESETS, ModelConfig
 from trainer.train import TrainConfig, train
+
+if TYPE_CHECKING:
+    from memory_service.security import ClientSecurity, SecurityConfig
 
 
 def add_train_args(p: argparse.ArgumentParser, steps: int, context: int | None = None,
@@ -88,7 +92,7 @@ def add_client_security_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tls-server-name", default=None, help="name the shards' certificates carry, if not their address")
 
 
-def client_security(args: argparse.Namespace):
+def client_security(args: argparse.Namespace) -> "ClientSecurity | None":
     """ClientSecurity from the TLS flags and $ENGRAM_TOKEN, or None when neither is given."""
     from memory_service.security import ClientSecurity
 
@@ -99,7 +103,7 @@ def client_security(args: argparse.Namespace):
                           server_name=args.tls_server_name)
 
 
-def server_security(args: argparse.Namespace):
+def server_security(args: argparse.Namespace) -> "SecurityConfig | None":
     """SecurityConfig of `engram serve` from its TLS flags and the comma-separated tokens in
     $ENGRAM_READ_TOKENS / $ENGRAM_WRITE_TOKENS; None (open) when neither is given. Hot shards
     reach the cold ones with the first write token, the shard certificate as client certificate

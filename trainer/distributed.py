@@ -11,13 +11,14 @@ from __future__ import annotations
 import tempfile
 from dataclasses import replace
 
+from memory_service.security import ClientSecurity
 from trainer.train import ServiceOptions, TrainConfig, TrainResult, train
 
 
 def train_workers(cfg: TrainConfig, workers: int, cluster_name: str = "default",
                   service: ServiceOptions = ServiceOptions(), use_gpu: bool = False,
                   cpus_per_worker: float = 1.0, storage_path: str | None = None,
-                  resource: str | None = None, security=None) -> TrainResult:
+                  resource: str | None = None, security: ClientSecurity | None = None) -> TrainResult:
     """Trains with `workers` Ray Train workers against the tables cluster `cluster_name` of the
     Ray cluster this driver is connected to; returns rank 0's result. `resource`: a custom Ray
     resource each worker takes one unit of, to pin workers to trainer nodes. `security`: the
