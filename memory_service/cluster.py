@@ -17,7 +17,7 @@ from dataclasses import dataclass, replace
 import ray
 
 from memory_service.config import StorageConfig
-from memory_service.security import SecurityConfig, warn_if_exposed
+from memory_service.security import SecurityConfig, is_loopback, warn_if_exposed
 from memory_service.shard import Shard
 
 NAMESPACE = "engram_memory"  # named actors are per namespace: every driver must use this one
@@ -94,6 +94,10 @@ class ClusterConfig:
                              f"be in [0, 65535]")
         if not self.shard_resource:
             raise ValueError("shard_resource must not be empty")
+        if self.security is not None and self.security.has_tokens and not self.security.is_tls \
+                and not is_loopback(self.host):
+            raise ValueError(f"tokens without TLS on host {self.host}: clients send tokens only over TLS or "
+                             f"to loopback (shards advertise this node's address): set security.cert/key")
         if self.security is not None and not self.security.is_open and self.num_hot and self.security.peer is None:
             raise ValueError("a secured cluster with hot shards needs security.peer: the credentials "
                              "(TLS root, write token) its migration uses on the cold shards")

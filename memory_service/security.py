@@ -12,7 +12,9 @@ The default `SecurityConfig()` is open (no TLS, no tokens), as the embedded clus
 needs; serving a host other than loopback without TLS warns (`InsecureBindWarning`).
 
 Client side, `ClientSecurity` (MemoryClient(security=...)): the CA that signed the servers'
-certificates, the client's own certificate for mutual TLS, and the token it sends.
+certificates, the client's own certificate for mutual TLS, and the token it sends as gRPC call
+credentials, which gRPC sends only over TLS or to a loopback address: tokens across a network
+need TLS.
 
 Tokens are kept as sha256 digests on the server (a config pickled into Ray actors or printed in a
 log never holds a usable token) and compared with hmac.compare_digest. PEM material is given as
@@ -104,7 +106,10 @@ class ClientSecurity:
         return self.tls or self.root_cert is not None or self.client_cert is not None
 
     def channel(self, target: str, options: tuple = ()) -> grpc.Channel:
-        """A channel to `target` with this security: TLS or plain, and the token on every call."""
+        """A channel to `target` ('host:port') with this security: TLS or plain, and the token on
+        every call as gRPC call credentials. gRPC sends call credentials only over TLS or to a
+        loopback address (local credentials), never in clear across a network: a token without
+        TLS to another host is a ValueError here."""
         if self.is_tls:
             credentials = grpc.ssl_channel_credentials(
                 root_certificates=_pem(self.root_cert, "root_cert"),
@@ -112,12 +117,16 @@ class ClientSecurity:
                 certificate_chain=_pem(self.client_cert, "client_cert"))
             if self.server_name:
                 options = (*options, ("grpc.ssl_target_name_override", self.server_name))
-            channel = grpc.secure_channel(target, credentials, options=options)
+        elif self.token is None:
+            return grpc.insecure_channel(target, options=options)
+        elif is_loopback(target.rpartition(":")[0]):
+            credentials = grpc.local_channel_credentials(grpc.LocalConnectionType.LOCAL_TCP)
         else:
-            channel = grpc.insecure_channel(target, options=options)
-        if self.token is None:
-            return channel
-        return grpc.intercept_channel(channel, _BearerToken(self.token))
+            raise ValueError(f"a token without TLS would cross the network in clear to {target}: set "
+                             f"root_cert (TLS), or reach the shard on a loopback address")
+        if self.token is not None:  # 'authorization: Bearer <token>', added by gRPC's core per call
+            credentials = grpc.composite_channel_credentials(credentials, grpc.access_token_call_credentials(self.token))
+        return grpc.secure_channel(target, credentials, options=options)
 
 
 def open_channel(target: str, options: tuple = (), security: ClientSecurity | None = None) -> grpc.Channel:
@@ -272,40 +281,3 @@ def _refusal(handler: grpc.RpcMethodHandler | None, code: grpc.StatusCode, detai
             (True, True): grpc.stream_stream_rpc_method_handler}[streaming]
     # the request bytes are never parsed: garbage from an unauthenticated caller stays unread
     return make(refuse, request_deserializer=lambda payload: payload)
-
-
-# --- the client's token ---------------------------------------------------------------------------
-
-@dataclass(frozen=True)
-class _CallDetails(grpc.ClientCallDetails):
-    method: str
-    timeout: float | None
-    metadata: tuple | None
-    credentials: object
-    wait_for_ready: bool | None
-    compression: object
-
-
-class _BearerToken(grpc.UnaryUnaryClientInterceptor, grpc.UnaryStreamClientInterceptor,
-                   grpc.StreamUnaryClientInterceptor, grpc.StreamStreamClientInterceptor):
-    """Adds 'authorization: Bearer <token>' to every call of a channel."""
-
-    def __init__(self, token: str) -> None:
-        self._header = (METADATA_KEY, f"Bearer {token}")
-
-    def _details(self, details: grpc.ClientCallDetails) -> _CallDetails:
-        metadata = tuple(details.metadata or ()) + (self._header,)
-        return _CallDetails(details.method, details.timeout, metadata, details.credentials,
-                            details.wait_for_ready, details.compression)
-
-    def intercept_unary_unary(self, continuation, client_call_details, request):
-        return continuation(self._details(client_call_details), request)
-
-    def intercept_unary_stream(self, continuation, client_call_details, request):
-        return continuation(self._details(client_call_details), request)
-
-    def intercept_stream_unary(self, continuation, client_call_details, request_iterator):
-        return continuation(self._details(client_call_details), request_iterator)
-
-    def intercept_stream_stream(self, continuation, client_call_details, request_iterator):
-        return continuation(self._details(client_call_details), request_iterator)

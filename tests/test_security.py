@@ -212,6 +212,20 @@ def test_an_rpc_unknown_to_the_scopes_needs_a_write_token(tls_server, pki):
             assert _code(channel.unary_unary(method), b"") == code
 
 
+def test_tokens_without_tls_on_loopback(shard):
+    server = serve(shard, security=SecurityConfig.from_tokens([READ], [WRITE]))
+    try:
+        for token, code in ((READ, Code.PERMISSION_DENIED), (None, Code.UNAUTHENTICATED)):
+            channel, stub = _stub(server, ClientSecurity(token=token))
+            with channel:
+                assert _code(stub.Push, _push()) == code
+        channel, stub = _stub(server, ClientSecurity(token=WRITE))
+        with channel:
+            assert stub.Push(_push(), timeout=10).rows_updated == 2
+    finally:
+        server.stop(None)
+
+
 def test_garbage_from_an_unauthenticated_caller_is_refused_unread(tls_server, pki):
     channel, _ = _stub(tls_server, ClientSecurity(root_cert=pki.ca))
     with channel:
@@ -287,6 +301,12 @@ def test_configs_are_checked():
     with pytest.raises(ValueError, match="needs the server's cert"):
         SecurityConfig(client_ca=b"x")
     assert "secret-token" not in repr(ClientSecurity(token="secret-token"))
+    with pytest.raises(ValueError, match="would cross the network in clear"):
+        ClientSecurity(token="t").channel("10.1.2.3:50051")  # tokens travel over TLS or loopback only
+    from memory_service.cluster import ClusterConfig
+
+    with pytest.raises(ValueError, match="tokens without TLS on host 0.0.0.0"):
+        ClusterConfig(host="0.0.0.0", security=SecurityConfig.from_tokens([READ], [WRITE]))
     assert SecurityConfig().is_open and not SecurityConfig.from_tokens([READ]).is_open
 
 
