@@ -181,6 +181,9 @@ def main() -> None:
     push_s = [t for log in logs for t in log.push_s]
     errors = [e for log in logs for e in log.errors]
     first, last = window_rss(samples, 0, WINDOW_S), window_rss(samples, elapsed - WINDOW_S, elapsed + 1)
+    # a leak climbs steadily; an allocator reaching a new high-water mark steps up and stays
+    times, totals = np.array([t for t, _ in samples]), np.array([sum(rss) for _, rss in samples], float)
+    slope = float(np.polyfit(times, totals, 1)[0]) * 60 if len(samples) > 1 else 0.0  # bytes per minute
     summary = {
         "requests": len(fetch_s) + len(push_s), "errors": len(errors),
         "p99_ms": percentile_ms(fetch_s + push_s, 99), "rss_growth": last / first - 1,
@@ -191,7 +194,8 @@ def main() -> None:
         "settle_seconds": args.settle_seconds, "clients": args.clients, "shards": args.shards,
         "rows_per_table": args.rows_per_table,
         "rss_start_bytes": samples[0][1], "rss_end_bytes": samples[-1][1],
-        "rss_first_window_bytes": first, "rss_last_window_bytes": last,
+        "rss_first_window_bytes": first, "rss_last_window_bytes": last, "rss_slope_bytes_per_min": slope,
+        "rss_series": [[round(t, 1), int(total)] for t, total in zip(times, totals)],
         "shard_rows": [sum(t.rows for t in s.tables) for s in stats.shards],
         "first_errors": errors[:5],
     }
@@ -220,8 +224,10 @@ def report(s: dict) -> str:
         "| at start | " + " | ".join(mib(b) for b in s["rss_start_bytes"]) + " |",
         "| at end | " + " | ".join(mib(b) for b in s["rss_end_bytes"]) + " |", "",
         f"RSS of both shards, median of the first 10 s {mib(s['rss_first_window_bytes'])}, of the last 10 s "
-        f"{mib(s['rss_last_window_bytes'])}: growth {100 * s['rss_growth']:+.2f}% (limit +5%). "
-        f"Errors: {s['errors']} (limit 0). {'PASS' if ok else 'FAIL'}.",
+        f"{mib(s['rss_last_window_bytes'])}: growth {100 * s['rss_growth']:+.2f}% (limit +5%); least-squares "
+        f"slope over the run {s['rss_slope_bytes_per_min'] / 2**20:+.1f} MiB/min. "
+        f"Errors: {s['errors']} (limit 0). {'PASS' if ok else 'FAIL'}.", "",
+        "Both shards' RSS each second (MiB): " + " ".join(f"{total / 2**20:.0f}" for _, total in s["rss_series"]),
     ]
     if s["first_errors"]:
         lines += ["", "First errors:", *(f"- {e}" for e in s["first_errors"])]
