@@ -25,14 +25,18 @@ import torch
 
 from memory_service import collisions, reply_buffer, wire
 from memory_service.config import TableConfig
-from memory_service.errors import InvalidArgument, MemoryServiceError, RowsMoved, TableExists, TableNotFound
+from memory_service.errors import (InvalidArgument, MemoryServiceError, PermissionDenied, RequestTooLarge, RowsMoved,
+                                   TableExists, TableNotFound, Unauthenticated)
 from memory_service.rpc import memory_pb2, memory_pb2_grpc
 from memory_service.placement import contains
 from memory_service.retry import RECONNECT_OPTIONS, RetryPolicy
+from memory_service.security import ClientSecurity, open_channel
 from memory_service.utilization import ClusterReport
 
 _ERRORS = {grpc.StatusCode.INVALID_ARGUMENT: InvalidArgument, grpc.StatusCode.NOT_FOUND: TableNotFound,
-           grpc.StatusCode.ALREADY_EXISTS: TableExists, grpc.StatusCode.ABORTED: RowsMoved}
+           grpc.StatusCode.ALREADY_EXISTS: TableExists, grpc.StatusCode.ABORTED: RowsMoved,
+           grpc.StatusCode.UNAUTHENTICATED: Unauthenticated, grpc.StatusCode.PERMISSION_DENIED: PermissionDenied,
+           grpc.StatusCode.RESOURCE_EXHAUSTED: RequestTooLarge}
 
 
 @dataclass(frozen=True)
@@ -80,16 +84,19 @@ class MemoryClient:
 
     def __init__(self, targets: list[str], max_rows_per_request: int = 65536, timeout: float = 60.0,
                  client_id: str | None = None, max_workers: int = 8, shared_memory: bool = True,
-                 hot_targets: list[str] = (), retry: RetryPolicy = RetryPolicy()):
+                 hot_targets: list[str] = (), retry: RetryPolicy = RetryPolicy(),
+                 security: ClientSecurity | None = None):
         if not targets:
             raise ValueError("MemoryClient needs at least one shard target")
-        if max_rows_per_request < 1:
-            raise ValueError(f"max_rows_per_request {max_rows_per_request} must be >= 1")
+        if not 1 <= max_rows_per_request <= wire.MAX_REQUEST_ROWS:
+            raise ValueError(f"max_rows_per_request {max_rows_per_request} must be in [1, {wire.MAX_REQUEST_ROWS}] "
+                             f"(the shards' per-request limit)")
         self.num_cold, self.num_hot = len(targets), len(hot_targets)
         self.targets = list(targets) + list(hot_targets)  # shard index: cold 0..N-1, then hot
         self._hot: dict[str, np.ndarray] = {}  # table -> sorted ids that are hot (any hot shard)
         self.refreshes = 0  # hot-map refreshes after a RowsMoved answer
-        self.channels = [grpc.insecure_channel(t, options=(*wire.MESSAGE_OPTIONS, *RECONNECT_OPTIONS))
+        # security: TLS and the bearer token of secured shards (None: plain channels, no token)
+        self.channels = [open_channel(t, (*wire.MESSAGE_OPTIONS, *RECONNECT_OPTIONS), security)
                          for t in self.targets]
         self.stubs = [memory_pb2_grpc.MemoryServiceStub(c) for c in self.channels]
         self.max_rows_per_request = max_rows_per_request

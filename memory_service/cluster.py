@@ -27,6 +27,7 @@ from dataclasses import dataclass, replace
 import ray
 
 from memory_service.config import StorageConfig
+from memory_service.security import SecurityConfig, is_loopback, warn_if_exposed
 from memory_service.shard import Shard
 
 log = logging.getLogger(__name__)
@@ -69,7 +70,9 @@ class ClusterConfig:
     every shard has a pod, and so a network namespace, of its own and all listen on P, the port the
     manifests declare; shards sharing a host take P, P + 1, ... `metrics_port` likewise places each
     shard's Prometheus endpoint (at its gRPC port's offset from P), None disables it. `host` is the
-    bind address (loopback by default; binding elsewhere exposes the unauthenticated API).
+    bind address (loopback by default; binding elsewhere without TLS warns). `security`: the shards'
+    TLS and tokens (memory_service.security; None: open), with `security.peer` the credentials a
+    hot shard's migration uses on the cold shards.
     `shard_resource` is the Ray custom resource each shard takes one unit of. `storage` is where
     shards keep rows: all in DRAM by default; with `storage.path`, each shard is a cold shard with
     its LMDB files in its own subdirectory `shard-NNNN` of that path (StorageConfig.for_shard).
@@ -90,6 +93,7 @@ class ClusterConfig:
     migrate_max_duty: float = 0.05  # wall-clock share of a hot shard's migrator (Migrator: ~50 ms of CPU a 1 s step)
     storage: StorageConfig = StorageConfig()  # the cold shards' DRAM budget over LMDB (path None: DRAM only)
     max_restarts: int = 3
+    security: SecurityConfig | None = None  # TLS and tokens of every shard (None: open)
 
     def __post_init__(self) -> None:
         if self.max_restarts < -1:
@@ -110,6 +114,13 @@ class ClusterConfig:
             raise ValueError(f"migrate_max_duty {self.migrate_max_duty} must be in (0, 1]")
         if not self.shard_resource:
             raise ValueError("shard_resource must not be empty")
+        if self.security is not None and self.security.has_tokens and not self.security.is_tls \
+                and not is_loopback(self.host):
+            raise ValueError(f"tokens without TLS on host {self.host}: clients send tokens only over TLS or "
+                             f"to loopback (shards advertise this node's address): set security.cert/key")
+        if self.security is not None and not self.security.is_open and self.num_hot and self.security.peer is None:
+            raise ValueError("a secured cluster with hot shards needs security.peer: the credentials "
+                             "(TLS root, write token) its migration uses on the cold shards")
 
 
 @ray.remote(num_cpus=0)
@@ -144,15 +155,15 @@ class ShardActor:
     def __init__(self, shard_id: int, num_shards: int, host: str, port: int, registry_name: str,
                  metrics_port: int | None = None, cluster: str = "default", port_tries: int = 1,
                  role: str = "cold", track_accesses: bool = False, migration: dict | None = None,
-                 storage: StorageConfig | None = None):
+                 storage: StorageConfig | None = None, security: SecurityConfig | None = None):
         _normal_priority()  # before serve(): the gRPC threads inherit this thread's priority
         registry = ray.get_actor(registry_name, namespace=NAMESPACE)
         previous = ray.get(registry.address.remote(role, shard_id))  # set: this is a restart
         self.shard = Shard(shard_id, num_shards, role=role, track_accesses=track_accesses, storage=storage)
         if previous is None:
-            self.server = _serve_first_free(self.shard, host, port, metrics_port, cluster, port_tries)
+            self.server = _serve_first_free(self.shard, host, port, metrics_port, cluster, port_tries, security)
         else:  # clients know this address: take it again
-            self.server = _serve_again(self.shard, host, previous, metrics_port is not None, cluster)
+            self.server = _serve_again(self.shard, host, previous, metrics_port is not None, cluster, security)
             log.warning("shard %s %d restarted (pid %d) on port %d: %d write-ahead log records replayed",
                         role, shard_id, os.getpid(), self.server.port, self.shard.journal.replayed)
         advertised = node_ip() if host in ("0.0.0.0", "::") else host
@@ -241,7 +252,7 @@ class ShardActor:
 
 
 def _serve_first_free(shard: Shard, host: str, port: int, metrics_port: int | None, cluster: str,
-                      tries: int):
+                      tries: int, security: SecurityConfig | None = None):
     """serve() on the first of ports port, port + 1, ... (`tries` of them; one try for port 0)
     whose gRPC and metrics ports are both free."""
     from memory_service.servicer import serve  # import in the actor process only
@@ -250,7 +261,8 @@ def _serve_first_free(shard: Shard, host: str, port: int, metrics_port: int | No
     for offset in range(tries if port else 1):
         try:
             return serve(shard, host=host, port=port + offset if port else 0, cluster=cluster,
-                         metrics_port=metrics_port + offset if metrics_port else metrics_port)
+                         metrics_port=metrics_port + offset if metrics_port else metrics_port,
+                         security=security)
         except (RuntimeError, OSError) as err:  # gRPC's and http.server's "address in use"
             error = err
     raise RuntimeError(f"shard {shard.shard_id}: no free port in [{port}, {port + tries}) "
@@ -258,7 +270,7 @@ def _serve_first_free(shard: Shard, host: str, port: int, metrics_port: int | No
 
 
 def _serve_again(shard: Shard, host: str, previous: ShardAddress, metrics: bool, cluster: str,
-                 timeout: float = 30.0):
+                 security: SecurityConfig | None = None, timeout: float = 30.0):
     """serve() on the ports a crashed predecessor had, retried while they are still taken (the
     kernel frees them as the dead process is reaped)."""
     from memory_service.servicer import serve
@@ -267,7 +279,7 @@ def _serve_again(shard: Shard, host: str, previous: ShardAddress, metrics: bool,
     while True:
         try:
             return serve(shard, host=host, port=previous.port, cluster=cluster,
-                         metrics_port=previous.metrics_port if metrics else None)
+                         metrics_port=previous.metrics_port if metrics else None, security=security)
         except (RuntimeError, OSError) as err:
             if time.monotonic() > deadline:
                 raise RuntimeError(f"shard {shard.shard_id}: port {previous.port} (metrics "
@@ -351,6 +363,7 @@ def init_local_ray(num_cpus: int | None = None) -> bool:
 
 def launch(config: ClusterConfig, owns_ray: bool = False) -> TableCluster:
     """Start `config.num_shards` shard actors and wait until every one serves gRPC."""
+    warn_if_exposed(config.host, config.security)  # here too: an actor's warning stays in its log
     name = registry_name(config.name)
     registry = Registry.options(name=name, namespace=NAMESPACE).remote(config.num_shards, config.num_hot)
     shards = config.num_shards + config.num_hot
@@ -365,20 +378,22 @@ def launch(config: ClusterConfig, owns_ray: bool = False) -> TableCluster:
                            name=f"engram_shard:{config.name}:{i}", namespace=NAMESPACE,
                            runtime_env={"env_vars": shard_env(config.storage)}, **restarts)
         .remote(i, config.num_shards, config.host, config.port, name, config.metrics_port,
-                config.name, shards, track_accesses=config.num_hot > 0, storage=config.storage.for_shard(i))
+                config.name, shards, track_accesses=config.num_hot > 0, storage=config.storage.for_shard(i),
+                security=config.security)
         for i in range(config.num_shards)
     ]
     cold = ray.get([a.get_address.remote() for a in actors])  # raises here if a shard failed to start
     gpus = ray.cluster_resources().get("GPU", 0) >= config.num_hot > 0
     migration = dict(cold_targets=[a.target for a in cold], capacity=config.hot_rows,
                      policy=config.placement, interval_s=config.migrate_interval_s,
-                     max_duty=config.migrate_max_duty)
+                     max_duty=config.migrate_max_duty,
+                     security=config.security.peer if config.security is not None else None)
     hot_actors = [
         ShardActor.options(num_cpus=config.num_cpus_per_shard, num_gpus=1 if gpus else 0,
                            resources={config.shard_resource: 1}, name=f"engram_hot:{config.name}:{i}",
                            namespace=NAMESPACE, runtime_env={"env_vars": SHARD_ENV})
         .remote(i, config.num_hot, config.host, config.port, name, config.metrics_port, config.name, shards,
-                role="hot", track_accesses=True, migration=migration)
+                role="hot", track_accesses=True, migration=migration, security=config.security)
         for i in range(config.num_hot)
     ]
     ray.get([a.get_address.remote() for a in hot_actors])

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 from dataclasses import dataclass, field
 
@@ -27,14 +28,14 @@ class OptimizerConfig:
     def __post_init__(self) -> None:
         if self.kind not in OPTIMIZERS:
             raise ValueError(f"optimizer kind {self.kind!r} must be one of {OPTIMIZERS}")
-        if not self.lr > 0:
-            raise ValueError(f"optimizer lr {self.lr} must be > 0")
+        if not (self.lr > 0 and math.isfinite(self.lr)):
+            raise ValueError(f"optimizer lr {self.lr} must be > 0 and finite")
         for name in ("beta1", "beta2"):
             if not 0.0 <= getattr(self, name) < 1.0:
                 raise ValueError(f"optimizer {name} {getattr(self, name)} must be in [0, 1)")
-        if not self.eps > 0 or self.initial_accumulator_value < 0:
-            raise ValueError(f"optimizer eps {self.eps} must be > 0 and initial_accumulator_value "
-                             f"{self.initial_accumulator_value} >= 0")
+        if not (0 < self.eps < math.inf and 0 <= self.initial_accumulator_value < math.inf):
+            raise ValueError(f"optimizer eps {self.eps} must be > 0 and finite, and "
+                             f"initial_accumulator_value {self.initial_accumulator_value} >= 0 and finite")
 
 
 @dataclass(frozen=True)
@@ -63,8 +64,8 @@ class TableConfig:
             raise ValueError(f"table {self.name!r}: width {self.width} must be in [1, 65536]")
         if self.dtype not in DTYPES:
             raise ValueError(f"table {self.name!r}: dtype {self.dtype!r} must be one of {DTYPES}")
-        if not self.init_scale > 0:
-            raise ValueError(f"table {self.name!r}: init_scale {self.init_scale} must be > 0")
+        if not 0 < self.init_scale < math.inf:
+            raise ValueError(f"table {self.name!r}: init_scale {self.init_scale} must be > 0 and finite")
         if not 0 <= self.seed < 2**64:
             raise ValueError(f"table {self.name!r}: seed {self.seed} must be in [0, 2**64)")
         if not 0.0 <= self.collision_sample_rate <= 1.0:

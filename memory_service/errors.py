@@ -1,6 +1,17 @@
 """Errors of the table service. Each maps to one gRPC status code in the servicer, and back to the
 same class in the client, so callers see the same exception in-process and over the wire."""
 
+MAX_DETAILS_CHARS = 1000
+
+
+def status_details(message: str) -> str:
+    """`message` as a status carries it: ASCII (other characters escaped) and at most
+    MAX_DETAILS_CHARS long. Errors quote request values (a table name, a path): unbounded, they
+    would push the trailers past the client's 8 KiB metadata limit, and the client would see
+    RESOURCE_EXHAUSTED instead of the status the shard meant."""
+    text = message.encode("ascii", "backslashreplace").decode("ascii")
+    return text if len(text) <= MAX_DETAILS_CHARS else text[:MAX_DETAILS_CHARS - 14] + "... (truncated)"
+
 
 class MemoryServiceError(Exception):
     """Base class: a request the service rejected without changing any state."""
@@ -46,3 +57,16 @@ class ShardUnavailable(MemoryServiceError):
     crashed and was not restarted (no restarts left; all-DRAM and hot shards are not restarted),
     or the network is down. Unlike the other errors this says nothing about state: a push may or
     may not have been applied (re-sending it with the same request id is safe)."""
+
+
+class RequestTooLarge(MemoryServiceError):
+    """A request over the per-request limits: more row ids than wire.MAX_REQUEST_ROWS, or a reply
+    larger than wire.MAX_REPLY_BYTES (gRPC RESOURCE_EXHAUSTED, as for an oversized message)."""
+
+
+class Unauthenticated(MemoryServiceError):
+    """The call carried no token, or one the shard does not accept (gRPC UNAUTHENTICATED)."""
+
+
+class PermissionDenied(MemoryServiceError):
+    """A read token called a write rpc (gRPC PERMISSION_DENIED)."""

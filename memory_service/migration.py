@@ -26,13 +26,13 @@ import time
 import uuid
 from dataclasses import dataclass
 
-import grpc
 import numpy as np
 
 from memory_service import wire
 from memory_service.placement import Policy, make_policy
 from memory_service.retry import RECONNECT_OPTIONS, RetryPolicy
 from memory_service.rpc import memory_pb2, memory_pb2_grpc
+from memory_service.security import ClientSecurity, open_channel
 from memory_service.shard import Shard
 
 
@@ -50,11 +50,13 @@ class Migrator:
     Rounds start at most every `interval_s` and take at most `max_duty` of the wall clock: the
     pause after a round is at least its length x (1 - max_duty) / max_duty. Shards share their
     machine with the trainer (2 cores here), and planning over every row seen costs tens of ms a
-    round; unbounded, the migrator took more of the hot shard's CPU than its requests did."""
+    round; unbounded, the migrator took more of the hot shard's CPU than its requests did.
+    `security`: how to reach secured cold shards (a write token: exports and imports are writes)."""
 
     def __init__(self, hot: Shard, cold_targets: list[str], capacity: int, policy: str = "engram",
                  interval_s: float = 0.05, max_moves: int = 4096, timeout: float = 30.0,
-                 max_duty: float = 0.1, retry: RetryPolicy = RetryPolicy()):
+                 max_duty: float = 0.1, retry: RetryPolicy = RetryPolicy(),
+                 security: ClientSecurity | None = None):
         if not 0 < max_duty <= 1:
             raise ValueError(f"max_duty {max_duty} must be in (0, 1]")
         self.hot, self.capacity, self.policy_name = hot, capacity, policy
@@ -63,7 +65,7 @@ class Migrator:
         self.retry = retry
         self.client_id = f"migrator-{uuid.uuid4().hex}"
         self._request_seqs = itertools.count(1)  # ExportRowsRequest.request_seq
-        self.channels = [grpc.insecure_channel(t, options=(*wire.MESSAGE_OPTIONS, *RECONNECT_OPTIONS))
+        self.channels = [open_channel(t, (*wire.MESSAGE_OPTIONS, *RECONNECT_OPTIONS), security)
                          for t in cold_targets]
         self.cold = [memory_pb2_grpc.MemoryServiceStub(c) for c in self.channels]
         self.policies: dict[str, Policy] = {}

@@ -26,6 +26,12 @@ from memory_service.catch_up import AdamDecay, CatchUpStats, catch_up
 from memory_service.config import OptimizerConfig
 
 
+# The furthest a push or commit may step beyond the table's step. The step log is dense (one
+# learning rate per step, 8 bytes each), so one request naming step 2**63 would otherwise make the
+# shard allocate exabytes; 2**20 steps ahead costs at most 8 MiB.
+MAX_STEP_AHEAD = 1 << 20
+
+
 def _fused_add(rows: np.ndarray, alpha: float, values: np.ndarray) -> None:
     """rows += float32(alpha) * values with one rounding, as torch's add_(alpha=) (an FMA).
 
@@ -71,6 +77,9 @@ class TableOptimizer(ABC):
         """The learning rate of a push for `step` (None or 0: the configured lr), or ValueError if
         the push cannot be applied: a different lr than the step already has, or, for optimizers
         that catch up, a step other than the current or the next one (the step log has no holes)."""
+        if step > self.step + MAX_STEP_AHEAD:
+            raise ValueError(f"step {step} is more than {MAX_STEP_AHEAD} steps beyond the table's step "
+                             f"{self.step} (the step log keeps a learning rate per step)")
         lr = self.config.lr if lr is None or lr == 0 else float(lr)
         if not (math.isfinite(lr) and lr > 0):
             raise ValueError(f"learning rate {lr} of step {step} must be finite and > 0")

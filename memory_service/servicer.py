@@ -20,11 +20,13 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from memory_service import wire
 from memory_service import shard_checkpoint
-from memory_service.errors import (CheckpointCorrupt, FailedPrecondition, InvalidArgument, RowsMoved,
-                                   StepNotReached, TableExists, TableNotFound)
+from memory_service.errors import (CheckpointCorrupt, FailedPrecondition, InvalidArgument, RequestTooLarge,
+                                   RowsMoved, StepNotReached, TableExists, TableNotFound, status_details)
 from memory_service.metrics import MetricsServer, ShardMetrics, serve_metrics
 from memory_service.reply_buffer import ReplyFiles
+from memory_service.request_guard import RequestGuard
 from memory_service.rpc import memory_pb2, memory_pb2_grpc
+from memory_service.security import SecurityConfig, warn_if_exposed
 from memory_service.shard import Shard, TableInfo, TablePush
 from memory_service.utilization import ShardReport
 from memory_service.wire import MAX_MESSAGE_BYTES, MESSAGE_OPTIONS  # noqa: F401 (re-exported)
@@ -41,6 +43,7 @@ ERROR_STATUS = {
     RowsMoved: grpc.StatusCode.ABORTED,
     FailedPrecondition: grpc.StatusCode.FAILED_PRECONDITION,
     CheckpointCorrupt: grpc.StatusCode.DATA_LOSS,
+    RequestTooLarge: grpc.StatusCode.RESOURCE_EXHAUSTED,
     ValueError: grpc.StatusCode.INVALID_ARGUMENT,  # InvalidArgument and the configs' checks
 }
 
@@ -53,7 +56,7 @@ def _maps_errors(method):
             return method(self, request, context)
         except tuple(ERROR_STATUS) as err:
             code = next(code for cls, code in ERROR_STATUS.items() if isinstance(err, cls))
-            context.abort(code, str(err))
+            context.abort(code, status_details(str(err)))
     return wrapper
 
 
@@ -106,11 +109,14 @@ class MemoryServicer(memory_pb2_grpc.MemoryServiceServicer):
     @_observed("fetch")
     @_maps_errors
     def Fetch(self, request, context):
+        _check_rows(request.tables, "fetch")
         requests = {}  # table -> ids (n,) int64
         for msg in request.tables:
             _check_once(requests, msg.table, "fetch")
             requests[msg.table] = wire.decode_ids(msg.ids, msg.table)
         configs = {name: self.shard.describe_table(name).config for name in requests}
+        _check_reply(sum(len(ids) * configs[name].width * wire.ITEMSIZE[configs[name].dtype]
+                         for name, ids in requests.items()), "fetch")
         samples = self._ngram_samples(request, requests, configs)  # checked before any row is read
         reply = request.shared_memory if request.HasField("shared_memory") else None
         if reply is not None:
@@ -143,12 +149,16 @@ class MemoryServicer(memory_pb2_grpc.MemoryServiceServicer):
     @_maps_errors
     def ExportRows(self, request, context):
         ids = wire.decode_ids(request.ids, request.table)
+        _check_rows([request], "export")
+        width = self.shard.describe_table(request.table).config.width
+        _check_reply(len(ids) * (4 * (width + self.shard.state_width(request.table)) + 16), "export")
         records = self.shard.export_rows(request.table, ids, request.version, request.client_id, request.request_seq)
         return wire.records_to_proto(request.table, records)
 
     @_maps_errors
     def ImportRows(self, request, context):
         name = request.records.table
+        _check_rows([request, request.records], "import")
         cfg = self.shard.describe_table(name).config
         records = wire.records_from_proto(request.records, cfg.width, self.shard.state_width(name))
         self.shard.import_rows(name, records, request.version, wire.decode_ids(request.ids, name))
@@ -202,14 +212,15 @@ class MemoryServicer(memory_pb2_grpc.MemoryServiceServicer):
         try:
             self.reply_files.open(path)
         except OSError:
-            context.abort(grpc.StatusCode.FAILED_PRECONDITION,
-                          f"shared-memory reply file {path!r} cannot be opened on this shard's host")
+            context.abort(grpc.StatusCode.FAILED_PRECONDITION, status_details(
+                f"shared-memory reply file {path!r} cannot be opened on this shard's host"))
 
     @_observed("push")
     @_maps_errors
     def Push(self, request, context):
         if not request.client_id:
             raise InvalidArgument("push: client_id must be non-empty")
+        _check_rows(request.tables, "push")
         pushes = {}  # table -> TablePush, all decoded before the shard sees any
         for msg in request.tables:
             _check_once(pushes, msg.table, "push")
@@ -251,6 +262,22 @@ def _wait_budget(context) -> float:
     return MAX_FETCH_WAIT_S if remaining is None else max(0.0, min(remaining - 0.05, MAX_FETCH_WAIT_S))
 
 
+def _check_rows(messages, rpc: str) -> None:
+    """RequestTooLarge when the messages' ids payloads hold more than wire.MAX_REQUEST_ROWS ids
+    (counted from their lengths, before anything is decoded)."""
+    num_ids = sum(len(msg.ids) for msg in messages) // 8
+    if num_ids > wire.MAX_REQUEST_ROWS:
+        raise RequestTooLarge(f"{rpc}: {num_ids} row ids in one request; at most {wire.MAX_REQUEST_ROWS} "
+                              f"(split the batch, as MemoryClient does)")
+
+
+def _check_reply(nbytes: int, rpc: str) -> None:
+    """RequestTooLarge when a reply would carry more than wire.MAX_REPLY_BYTES of rows."""
+    if nbytes > wire.MAX_REPLY_BYTES:
+        raise RequestTooLarge(f"{rpc}: the reply would hold {nbytes} bytes of rows; at most "
+                              f"{wire.MAX_REPLY_BYTES} per request (split the batch, as MemoryClient does)")
+
+
 def _check_once(seen: dict, table: str, rpc: str) -> None:
     if table in seen:
         raise InvalidArgument(f"{rpc}: table {table!r} appears more than once in one request")
@@ -284,7 +311,7 @@ class ShardServer:
 
     @property
     def address(self) -> str:
-        """'host:port', what grpc.insecure_channel takes."""
+        """'host:port', what grpc channels take."""
         return _address(self.host, self.port)
 
     def stop(self, grace: float | None = None) -> None:
@@ -300,15 +327,23 @@ class ShardServer:
 
 
 def serve(shard: Shard, host: str = "127.0.0.1", port: int = 0, max_workers: int = 16,
-          metrics_port: int | None = None, cluster: str = "default") -> ShardServer:
+          metrics_port: int | None = None, cluster: str = "default",
+          security: SecurityConfig | None = None) -> ShardServer:
     """Serve `shard` and the grpc.health.v1 service on host:port (port 0 picks a free port), and
     with `metrics_port` its Prometheus endpoint on host:metrics_port (0: a free port), labelled
-    with the tables cluster's name. Held fetches (min_step) occupy a worker thread each."""
-    server = grpc.server(ThreadPoolExecutor(max_workers=max_workers), options=SERVER_OPTIONS)
+    with the tables cluster's name. Held fetches (min_step) occupy a worker thread each.
+
+    `security`: TLS and tokens (memory_service.security; None: open, as the loopback default
+    needs). Serving a non-loopback host without TLS warns. The Prometheus endpoint is plain HTTP
+    without tokens whatever `security` says (it shows counts, never rows)."""
+    security = security if security is not None else SecurityConfig()
+    warn_if_exposed(host, security)
+    server = grpc.server(ThreadPoolExecutor(max_workers=max_workers), options=SERVER_OPTIONS,
+                         interceptors=[*security.interceptors(), RequestGuard()])  # tokens first
     servicer = MemoryServicer(shard)
     memory_pb2_grpc.add_MemoryServiceServicer_to_server(servicer, server)
     health_servicer = _add_health(server)
-    bound = server.add_insecure_port(_address(host, port))  # raises RuntimeError if it cannot bind
+    bound = security.add_port(server, _address(host, port))  # raises RuntimeError if it cannot bind
     metrics = None
     if metrics_port is not None:
         try:

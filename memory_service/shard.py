@@ -385,7 +385,12 @@ class Shard:
             if (done := self.journal.applied(client_id, request_seq)) is not None:
                 return done
             for name, (step, lr) in steps.items():
-                self._store(name).optimizer.checked_lr(step, lr)  # before any change
+                if not isinstance(step, (int, np.integer)) or step < 1:
+                    raise InvalidArgument(f"table {name!r}: commit step {step} must be an integer >= 1")
+                try:
+                    self._store(name).optimizer.checked_lr(step, lr)  # before any change
+                except ValueError as err:
+                    raise InvalidArgument(f"table {name!r}: {err}") from None
                 if contributors > 1 and client_id in self._commits.get((name, step), ()):
                     raise InvalidArgument(f"table {name!r} step {step}: client {client_id!r} already committed")
             updated = 0
@@ -472,7 +477,7 @@ class Shard:
         others are computed from the seed wherever they are), exported by their previous home."""
         with self._lock:
             ids = self._checked_ids(name, records.ids if ids is None else ids)
-            self._checked_ids(name, records.ids)
+            self._check_records(name, records, ids)
             with self.journal.change():
                 self.journal.note(name, "import", ids, records.ids, records.rows, records.state, records.last, version)
                 self._tables[name].import_rows(records)
@@ -618,6 +623,19 @@ class Shard:
             raise InvalidArgument(f"table {name!r}: row id {ids[i]} belongs to shard {shards[i]} "
                                   f"of {self.num_shards}, not to shard {self.shard_id}")
         return ids
+
+    def _check_records(self, name: str, records: RowRecords, ids: np.ndarray) -> None:
+        """InvalidArgument unless `records` can be stored as moved rows `ids` (n,): distinct ids of
+        this shard, the records' among them, finite values, steps >= 0."""
+        record_ids = self._checked_ids(name, records.ids)
+        if len(np.unique(ids)) != len(ids) or len(np.unique(record_ids)) != len(record_ids):
+            raise InvalidArgument(f"table {name!r}: imported ids must be distinct")
+        if not np.isin(record_ids, ids).all():
+            raise InvalidArgument(f"table {name!r}: imported records name ids outside the moved ids")
+        if not (np.isfinite(records.rows).all() and np.isfinite(records.state).all()):
+            raise InvalidArgument(f"table {name!r}: imported rows and optimizer state must be finite")
+        if len(records.last) and records.last.min() < 0:
+            raise InvalidArgument(f"table {name!r}: imported last step {records.last.min()} must be >= 0")
 
     def _checked_push(self, name: str, push: TablePush) -> tuple[int, np.ndarray, np.ndarray]:
         """(step, distinct ids (m,) int64, their summed grads (m, width) f32) of a valid push,

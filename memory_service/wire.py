@@ -27,6 +27,12 @@ MAX_BATCH_WIDTH = 1024
 # 256 MiB of rows + 4 MiB for ids and framing = 260 MiB (272_629_760 bytes), far below gRPC's 2 GiB
 # hard cap. Servers and channels use it for both send and receive.
 MAX_MESSAGE_BYTES = MAX_BATCH_ROWS * MAX_BATCH_WIDTH * 4 + 4 * 2**20
+# What one request may ask of a shard, checked before anything is allocated for it (RESOURCE_EXHAUSTED
+# beyond): row ids summed over its tables (32 MiB of ids; MemoryClient never sends more), and the
+# bytes of rows a reply would carry (Fetch rows in the wire dtype, ExportRows rows + state): a
+# 1000-id fetch of a 65536-wide table would otherwise make the shard build a 256 MiB reply.
+MAX_REQUEST_ROWS = 1 << 22
+MAX_REPLY_BYTES = MAX_BATCH_ROWS * MAX_BATCH_WIDTH * 4
 MESSAGE_OPTIONS = (
     ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
     ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),

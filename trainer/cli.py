@@ -3,15 +3,20 @@ top layer, so the table service never imports the trainer."""
 from __future__ import annotations
 
 import argparse
+import os
 import signal
 import sys
 import threading
 from dataclasses import replace
+from typing import TYPE_CHECKING
 
 from trainer.data import Corpus, CorpusConfig
 from trainer.infer import generate_text, load_checkpoint, saved_model
 from trainer.model import MODEL_PRESETS, ModelConfig
 from trainer.train import TrainConfig, train
+
+if TYPE_CHECKING:
+    from memory_service.security import ClientSecurity, SecurityConfig
 
 
 def add_train_args(p: argparse.ArgumentParser, steps: int, context: int | None = None,
@@ -88,6 +93,48 @@ def service_options(args: argparse.Namespace):
                           collision_sample_rate=args.collision_sample_rate)
 
 
+def add_client_security_args(p: argparse.ArgumentParser) -> None:
+    """TLS and token of a client of secured shards; the token comes from $ENGRAM_TOKEN (a token
+    on the command line would show in `ps`)."""
+    p.add_argument("--tls-ca", default=None, help="PEM of the CA that signed the shards' certificates (turns TLS on)")
+    p.add_argument("--tls-cert", default=None, help="this client's certificate (PEM), for shards that require one")
+    p.add_argument("--tls-key", default=None, help="this client's private key (PEM)")
+    p.add_argument("--tls-server-name", default=None, help="name the shards' certificates carry, if not their address")
+
+
+def client_security(args: argparse.Namespace) -> "ClientSecurity | None":
+    """ClientSecurity from the TLS flags and $ENGRAM_TOKEN, or None when neither is given."""
+    from memory_service.security import ClientSecurity
+
+    token = os.environ.get("ENGRAM_TOKEN") or None
+    if not (args.tls_ca or args.tls_cert or token):
+        return None
+    return ClientSecurity(root_cert=args.tls_ca, token=token, client_cert=args.tls_cert, client_key=args.tls_key,
+                          server_name=args.tls_server_name)
+
+
+def server_security(args: argparse.Namespace) -> "SecurityConfig | None":
+    """SecurityConfig of `engram serve` from its TLS flags and the comma-separated tokens in
+    $ENGRAM_READ_TOKENS / $ENGRAM_WRITE_TOKENS; None (open) when neither is given. Hot shards
+    reach the cold ones with the first write token, the shard certificate as client certificate
+    (mutual TLS) and --tls-ca (or the certificate itself, when self-signed) as root."""
+    from memory_service.security import ClientSecurity, SecurityConfig
+
+    read, write = ([t for t in os.environ.get(var, "").split(",") if t]
+                   for var in ("ENGRAM_READ_TOKENS", "ENGRAM_WRITE_TOKENS"))
+    if not (args.tls_cert or read or write):
+        return None
+    if read and not write:
+        raise SystemExit("engram serve: $ENGRAM_READ_TOKENS without $ENGRAM_WRITE_TOKENS: nothing could write, "
+                         "not even the shards' own migration")
+    mutual = args.tls_client_ca is not None
+    peer = ClientSecurity(root_cert=(args.tls_ca or args.tls_cert) if args.tls_cert else None,
+                          token=write[0] if write else None,
+                          client_cert=args.tls_cert if mutual else None, client_key=args.tls_key if mutual else None)
+    return SecurityConfig.from_tokens(read, write, cert=args.tls_cert, key=args.tls_key,
+                                      client_ca=args.tls_client_ca, peer=peer)
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     """Train through a running tables cluster: in this process, or on `--workers` Ray Train workers."""
     from memory_service.cluster import connect
@@ -101,9 +148,9 @@ def cmd_train(args: argparse.Namespace) -> int:
         if args.workers > 1:
             Corpus.load(cfg.corpus)  # prepare the cached corpus once, before the workers read it
             result = train_workers(cfg, args.workers, args.cluster, service, use_gpu=args.gpu,
-                                   resource=args.worker_resource)
+                                   resource=args.worker_resource, security=client_security(args))
         else:
-            with cluster.client() as client:
+            with cluster.client(security=client_security(args)) as client:
                 result = train(cfg, client=client, service=service)
     finally:
         cluster.shutdown()
@@ -135,7 +182,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     service = saved_model(args.checkpoint).get("service") or {}
     cluster = connect(args.address, name=args.cluster)
     try:
-        with cluster.client() as client:
+        with cluster.client(security=client_security(args)) as client:
             prefix = args.prefix or service.get("prefix", "engram")
             model, indexer, _, corpus = load_checkpoint(args.checkpoint, service_tables(client, prefix))
             print(generate_text(model, indexer, corpus.tokenizer, args.prompt, args.max_new_tokens,
@@ -151,7 +198,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     config = dict(name=args.name, host=args.host, port=args.port,
                   metrics_port=None if args.no_metrics else args.metrics_port,
-                  shard_resource=args.resource)
+                  shard_resource=args.resource, security=server_security(args))
     ClusterConfig(num_shards=args.shards, **config)  # check arguments before starting anything
     if args.address:
         cluster = connect(args.address, num_shards=args.shards, **config)
@@ -185,7 +232,7 @@ def cmd_stats(args: argparse.Namespace) -> int:
         cluster = connect(args.address, name=args.name)
         targets = cluster.targets
     try:
-        with MemoryClient(targets, shared_memory=False) as client:
+        with MemoryClient(targets, shared_memory=False, security=client_security(args)) as client:
             stats_view.show(client.report, args.table or None, as_json=args.json, watch=args.watch)
     except KeyboardInterrupt:  # the way out of --watch
         pass
@@ -276,6 +323,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--name", "--cluster", dest="cluster", default="default",
                    help="tables cluster name (the demo's is 'demo')")
     p.add_argument("--prefix", default=None, help="table prefix (default: the checkpoint's)")
+    add_client_security_args(p)
     p.set_defaults(func=cmd_generate)
     p = sub.add_parser("serve", help="run a tables cluster (Ray shard actors serving gRPC) until interrupted")
     p.add_argument("--shards", type=int, default=2)
@@ -288,6 +336,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-metrics", action="store_true", help="serve no Prometheus endpoint")
     p.add_argument("--resource", default="engram_shard",
                    help="Ray custom resource each shard takes one unit of (pins shards to the nodes declaring it)")
+    p.add_argument("--tls-cert", default=None,
+                   help="the shards' certificate chain (PEM; turns TLS on). Tokens: $ENGRAM_READ_TOKENS, "
+                        "$ENGRAM_WRITE_TOKENS (comma-separated)")
+    p.add_argument("--tls-key", default=None, help="the shards' private key (PEM)")
+    p.add_argument("--tls-ca", default=None,
+                   help="CA that signed the shards' certificates, for shard-to-shard calls (default: --tls-cert)")
+    p.add_argument("--tls-client-ca", default=None,
+                   help="require client certificates signed by this CA (mutual TLS)")
     p.set_defaults(func=cmd_serve)
     p = sub.add_parser("train", help="train through a running tables cluster (attach with --address)")
     add_train_args(p, steps=200)
@@ -297,6 +353,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--worker-resource", default=None,
                    help="custom Ray resource each worker takes one unit of (deploy/: engram_trainer)")
     add_service_args(p, prefix="engram")
+    add_client_security_args(p)
     p.set_defaults(func=cmd_train)
     p = sub.add_parser("demo", help="the main job: an Engram model trained through the table service vs the baseline")
     add_train_args(p, steps=60, context=128, table_lr_mult=50.0)
@@ -313,6 +370,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print JSON (one document per line with --watch)")
     p.add_argument("--watch", type=float, nargs="?", const=2.0, default=None, metavar="SECONDS",
                    help="redraw every SECONDS (default 2) until Ctrl-C")
+    add_client_security_args(p)
     p.set_defaults(func=cmd_stats)
     add_checkpoint_parser(sub)
     return parser

@@ -13,16 +13,18 @@ from __future__ import annotations
 import tempfile
 from dataclasses import replace
 
+from memory_service.security import ClientSecurity
 from trainer.train import ServiceOptions, TrainConfig, TrainResult, train
 
 
 def train_workers(cfg: TrainConfig, workers: int, cluster_name: str = "default",
                   service: ServiceOptions = ServiceOptions(), use_gpu: bool = False,
                   cpus_per_worker: float = 1.0, storage_path: str | None = None,
-                  resource: str | None = None) -> TrainResult:
+                  resource: str | None = None, security: ClientSecurity | None = None) -> TrainResult:
     """Trains with `workers` Ray Train workers against the tables cluster `cluster_name` of the
     Ray cluster this driver is connected to; returns rank 0's result. `resource`: a custom Ray
-    resource each worker takes one unit of, to pin workers to trainer nodes."""
+    resource each worker takes one unit of, to pin workers to trainer nodes. `security`: the
+    workers' memory_service.security.ClientSecurity for secured shards."""
     from ray.train import RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
@@ -31,7 +33,8 @@ def train_workers(cfg: TrainConfig, workers: int, cluster_name: str = "default",
     if cfg.resume_from:
         cfg = replace(cfg, resume_from=str(_restore_tables(cfg, cluster_name)))
     trainer = TorchTrainer(
-        _worker, train_loop_config={"cfg": cfg, "cluster": cluster_name, "service": service},
+        _worker, train_loop_config={"cfg": cfg, "cluster": cluster_name, "service": service,
+                                  "security": security},
         scaling_config=ScalingConfig(num_workers=workers, use_gpu=use_gpu,
                                      resources_per_worker={"CPU": cpus_per_worker,
                                                            **({resource: 1} if resource else {})}),
@@ -69,5 +72,5 @@ def _worker(config: dict) -> TrainResult:
     if rank != 0:
         cfg = replace(cfg, checkpoint=None, progress=False)
     cluster = connect("auto", name=config["cluster"])
-    with cluster.client() as client:
+    with cluster.client(security=config.get("security")) as client:
         return train(cfg, client=client, service=config["service"], rank=rank, world=world)

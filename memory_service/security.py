@@ -1,0 +1,283 @@
+"""Who may call a shard: TLS on its gRPC server and bearer tokens with a read or a write scope.
+
+Server side, `SecurityConfig` (serve(security=...), ClusterConfig.security): a certificate and key
+turn TLS on; a client CA makes it mutual (a client without a certificate signed by that CA fails
+the handshake: UNAVAILABLE); read and write token digests turn tokens on: every call must carry
+the metadata `authorization: Bearer <token>` (`AuthInterceptor`). A missing or unknown token is
+UNAUTHENTICATED; a read token on a method outside READ_METHODS is PERMISSION_DENIED. A write token
+may call everything. Methods are write scope unless listed as reads, so an rpc added later is
+closed to read tokens until someone decides otherwise.
+
+The default `SecurityConfig()` is open (no TLS, no tokens), as the embedded cluster on 127.0.0.1
+needs; serving a host other than loopback without TLS warns (`InsecureBindWarning`).
+
+Client side, `ClientSecurity` (MemoryClient(security=...)): the CA that signed the servers'
+certificates, the client's own certificate for mutual TLS, and the token it sends as gRPC call
+credentials, which gRPC sends only over TLS or to a loopback address: tokens across a network
+need TLS.
+
+Tokens are kept as sha256 digests on the server (a config pickled into Ray actors or printed in a
+log never holds a usable token) and compared with hmac.compare_digest. PEM material is given as
+bytes, or as a str path read where the server or channel is built (a shard reads the files
+mounted on its own node).
+"""
+from __future__ import annotations
+
+import hashlib
+import hmac
+import ipaddress
+import warnings
+from dataclasses import dataclass, field
+
+import grpc
+
+from memory_service.errors import status_details
+from memory_service.rpc import memory_pb2
+
+MEMORY_SERVICE = memory_pb2.DESCRIPTOR.services_by_name["MemoryService"].full_name
+HEALTH_SERVICE = "grpc.health.v1.Health"
+# The read scope: calls that change nothing. Everything else (Push, CommitStep, CreateTable,
+# DropTable, ExportRows, ImportRows, DrainAccesses, and any rpc added later) needs a write token.
+READ_METHODS = frozenset(f"/{MEMORY_SERVICE}/{name}" for name in
+                         ("Fetch", "Stats", "DescribeTable", "ListTables", "HotMap"))
+METADATA_KEY = "authorization"  # gRPC metadata keys are lower case
+PEM = str | bytes  # bytes: PEM contents; str: the path of a PEM file
+
+_missing = [m for m in READ_METHODS if m.rsplit("/", 1)[1] not in
+            memory_pb2.DESCRIPTOR.services_by_name["MemoryService"].methods_by_name]
+assert not _missing, f"READ_METHODS names rpcs the proto does not have: {_missing}"
+
+
+class InsecureBindWarning(UserWarning):
+    """A shard serves a non-loopback address without TLS: its traffic and tokens travel in clear."""
+
+
+def token_digest(token: str) -> str:
+    """The sha256 hex digest a server keeps for `token` (what SecurityConfig's digests hold)."""
+    if not token or not all("!" <= c <= "~" for c in token):
+        raise ValueError("a token must be 1 or more visible ASCII characters (no spaces): it travels "
+                         "in the header 'authorization: Bearer <token>'")
+    return hashlib.sha256(token.encode()).hexdigest()
+
+
+def _pem(value: PEM | None, what: str) -> bytes | None:
+    """PEM bytes from bytes (as is) or from a path (read now)."""
+    if value is None or isinstance(value, bytes):
+        return value
+    try:
+        with open(value, "rb") as f:
+            return f.read()
+    except OSError as err:
+        raise ValueError(f"{what}: cannot read PEM file {value!r}: {err.strerror}") from None
+
+
+def _check_pem(value: object, what: str) -> None:
+    if value is not None and not isinstance(value, (str, bytes)):
+        raise ValueError(f"{what} must be PEM bytes or a file path, got {type(value).__name__}")
+    if value is not None and not value:
+        raise ValueError(f"{what} must not be empty")
+
+
+@dataclass(frozen=True)
+class ClientSecurity:
+    """How a client reaches TLS / token shards. TLS is on when `root_cert` or `client_cert` is
+    set, or `tls` (then the system's roots verify the server). `client_cert`/`client_key`: the
+    client's certificate for mutual TLS. `token`: sent as 'authorization: Bearer <token>' on every
+    call. `server_name`: the name the server certificate must carry, when it differs from the
+    target's host (grpc.ssl_target_name_override)."""
+
+    root_cert: PEM | None = None
+    token: str | None = field(default=None, repr=False)
+    client_cert: PEM | None = None
+    client_key: PEM | None = field(default=None, repr=False)
+    server_name: str | None = None
+    tls: bool = False
+
+    def __post_init__(self) -> None:
+        for name in ("root_cert", "client_cert", "client_key"):
+            _check_pem(getattr(self, name), f"ClientSecurity.{name}")
+        if (self.client_cert is None) != (self.client_key is None):
+            raise ValueError("ClientSecurity: client_cert and client_key go together")
+        if self.token is not None:
+            token_digest(self.token)  # checks its characters
+
+    @property
+    def is_tls(self) -> bool:
+        return self.tls or self.root_cert is not None or self.client_cert is not None
+
+    def channel(self, target: str, options: tuple = ()) -> grpc.Channel:
+        """A channel to `target` ('host:port') with this security: TLS or plain, and the token on
+        every call as gRPC call credentials. gRPC sends call credentials only over TLS or to a
+        loopback address (local credentials), never in clear across a network: a token without
+        TLS to another host is a ValueError here."""
+        if self.is_tls:
+            credentials = grpc.ssl_channel_credentials(
+                root_certificates=_pem(self.root_cert, "root_cert"),
+                private_key=_pem(self.client_key, "client_key"),
+                certificate_chain=_pem(self.client_cert, "client_cert"))
+            if self.server_name:
+                options = (*options, ("grpc.ssl_target_name_override", self.server_name))
+        elif self.token is None:
+            return grpc.insecure_channel(target, options=options)
+        elif is_loopback(target.rpartition(":")[0]):
+            credentials = grpc.local_channel_credentials(grpc.LocalConnectionType.LOCAL_TCP)
+        else:
+            raise ValueError(f"a token without TLS would cross the network in clear to {target}: set "
+                             f"root_cert (TLS), or reach the shard on a loopback address")
+        if self.token is not None:  # 'authorization: Bearer <token>', added by gRPC's core per call
+            credentials = grpc.composite_channel_credentials(credentials, grpc.access_token_call_credentials(self.token))
+        return grpc.secure_channel(target, credentials, options=options)
+
+
+def open_channel(target: str, options: tuple = (), security: ClientSecurity | None = None) -> grpc.Channel:
+    """grpc.insecure_channel without `security`, else `security.channel`."""
+    return grpc.insecure_channel(target, options=options) if security is None else security.channel(target, options)
+
+
+@dataclass(frozen=True)
+class SecurityConfig:
+    """A shard server's TLS and tokens; every field None/empty (the default) serves in the open.
+
+    `cert`, `key`: the server's certificate chain and private key (TLS on). `client_ca`: clients
+    must present a certificate signed by it (mutual TLS). `read_token_digests`,
+    `write_token_digests`: token_digest() of the accepted tokens (tokens on when either is
+    non-empty; `from_tokens` builds them from plain tokens). `peer`: how this shard calls other
+    shards (a hot shard's migration exports and imports rows through the cold shards' write rpcs),
+    needed when shards of a secured cluster include hot ones."""
+
+    cert: PEM | None = None
+    key: PEM | None = field(default=None, repr=False)
+    client_ca: PEM | None = None
+    read_token_digests: tuple[str, ...] = ()
+    write_token_digests: tuple[str, ...] = ()
+    peer: ClientSecurity | None = None
+
+    def __post_init__(self) -> None:
+        for name in ("cert", "key", "client_ca"):
+            _check_pem(getattr(self, name), f"SecurityConfig.{name}")
+        if (self.cert is None) != (self.key is None):
+            raise ValueError("SecurityConfig: cert and key go together (both or neither)")
+        if self.client_ca is not None and self.cert is None:
+            raise ValueError("SecurityConfig: client_ca (mutual TLS) needs the server's cert and key")
+        for name in ("read_token_digests", "write_token_digests"):
+            digests = getattr(self, name)
+            if isinstance(digests, str) or not all(isinstance(d, str) and len(d) == 64 and
+                                                   all(c in "0123456789abcdef" for c in d) for d in digests):
+                raise ValueError(f"SecurityConfig.{name} must be a tuple of sha256 hex digests "
+                                 f"(token_digest(token)), not tokens")
+        if self.peer is not None and not isinstance(self.peer, ClientSecurity):
+            raise ValueError(f"SecurityConfig.peer must be a ClientSecurity, got {type(self.peer).__name__}")
+
+    @classmethod
+    def from_tokens(cls, read_tokens=(), write_tokens=(), **fields) -> "SecurityConfig":
+        """A config accepting these plain tokens (kept as digests only)."""
+        return cls(read_token_digests=tuple(token_digest(t) for t in read_tokens),
+                   write_token_digests=tuple(token_digest(t) for t in write_tokens), **fields)
+
+    @property
+    def is_tls(self) -> bool:
+        return self.cert is not None
+
+    @property
+    def is_open(self) -> bool:
+        """Neither TLS nor tokens: anyone who reaches the port may call anything."""
+        return not self.is_tls and not self.has_tokens
+
+    @property
+    def has_tokens(self) -> bool:
+        return bool(self.read_token_digests or self.write_token_digests)
+
+    def interceptors(self) -> list[grpc.ServerInterceptor]:
+        """The server interceptors this config needs: the token check, when tokens are on."""
+        return [AuthInterceptor(self.read_token_digests, self.write_token_digests)] if self.has_tokens else []
+
+    def add_port(self, server: grpc.Server, address: str) -> int:
+        """Binds `address` on `server`, with TLS when configured; returns the bound port."""
+        if not self.is_tls:
+            return server.add_insecure_port(address)
+        client_ca = _pem(self.client_ca, "client_ca")
+        credentials = grpc.ssl_server_credentials(
+            [(_pem(self.key, "key"), _pem(self.cert, "cert"))], root_certificates=client_ca,
+            require_client_auth=client_ca is not None)
+        return server.add_secure_port(address, credentials)
+
+
+def is_loopback(host: str) -> bool:
+    """Whether `host` (an address or 'localhost') is reachable from this machine only."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False  # a host name: it may resolve to anything
+
+
+def warn_if_exposed(host: str, security: SecurityConfig | None) -> None:
+    """Warns (InsecureBindWarning) when serving `host`, not loopback, without TLS."""
+    if is_loopback(host) or (security is not None and security.is_tls):
+        return
+    tokens = security is not None and security.has_tokens
+    warnings.warn(f"serving gRPC on {host} without TLS: anyone who reaches it can read "
+                  f"{'the tokens and ' if tokens else ''}every row"
+                  f"{'' if tokens else ' and call every rpc (no tokens either)'}; set "
+                  f"SecurityConfig(cert=..., key=...) (engram serve --tls-cert/--tls-key)",
+                  InsecureBindWarning, stacklevel=3)
+
+
+# --- the server's token check ---------------------------------------------------------------------
+
+def method_scope(method: str) -> str:
+    """'read' or 'write': the scope a full method name ('/package.Service/Method') needs."""
+    if method in READ_METHODS or method.startswith(f"/{HEALTH_SERVICE}/"):
+        return "read"
+    return "write"
+
+
+class AuthInterceptor(grpc.ServerInterceptor):
+    """Checks every call's bearer token against the accepted digests before the request is read:
+    UNAUTHENTICATED without exactly one 'authorization: Bearer <token>' of a known token,
+    PERMISSION_DENIED for a read token on a write method."""
+
+    def __init__(self, read_digests: tuple[str, ...], write_digests: tuple[str, ...]) -> None:
+        self.read_digests = tuple(d.encode() for d in read_digests)
+        self.write_digests = tuple(d.encode() for d in write_digests)
+
+    def scope_of(self, metadata) -> str | None:
+        """'write', 'read' or None (no valid token) for a call's metadata."""
+        values = [v for k, v in (metadata or ()) if k == METADATA_KEY]
+        if len(values) != 1 or not isinstance(values[0], str):
+            return None
+        scheme, _, token = values[0].partition(" ")
+        if scheme.lower() != "bearer" or not token:
+            return None
+        digest = hashlib.sha256(token.strip().encode()).hexdigest().encode()
+        # compare with every digest (no early exit), in constant time each
+        write = sum(hmac.compare_digest(digest, d) for d in self.write_digests)
+        read = sum(hmac.compare_digest(digest, d) for d in self.read_digests)
+        return "write" if write else "read" if read else None
+
+    def intercept_service(self, continuation, handler_call_details):
+        method = handler_call_details.method
+        scope = self.scope_of(handler_call_details.invocation_metadata)
+        if scope is None:
+            return _refusal(continuation(handler_call_details), grpc.StatusCode.UNAUTHENTICATED,
+                            f"{method}: missing or invalid token (send metadata "
+                            f"'{METADATA_KEY}: Bearer <token>')")
+        if scope == "read" and method_scope(method) == "write":
+            return _refusal(continuation(handler_call_details), grpc.StatusCode.PERMISSION_DENIED,
+                            f"{method} needs a write token; this token has the read scope")
+        return continuation(handler_call_details)
+
+
+def _refusal(handler: grpc.RpcMethodHandler | None, code: grpc.StatusCode, details: str):
+    """A handler of the same kind as `handler` that answers `code` without reading the request."""
+    def refuse(request, context):
+        context.abort(code, status_details(details))
+
+    streaming = (handler.request_streaming, handler.response_streaming) if handler else (False, False)
+    make = {(False, False): grpc.unary_unary_rpc_method_handler,
+            (False, True): grpc.unary_stream_rpc_method_handler,
+            (True, False): grpc.stream_unary_rpc_method_handler,
+            (True, True): grpc.stream_stream_rpc_method_handler}[streaming]
+    # the request bytes are never parsed: garbage from an unauthenticated caller stays unread
+    return make(refuse, request_deserializer=lambda payload: payload)
