@@ -22,10 +22,11 @@ def ray_session():
         ray.shutdown()
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def make_cluster(ray_session):
     """Factory: make_cluster(num_shards, **ClusterConfig fields) -> a TableCluster, shut down at
-    the end of the session."""
+    the end of the test module (a shard actor holds ~190 MiB and its background threads run
+    until it stops: kept for the whole session, the suite's clusters filled memory and cores)."""
     from memory_service.cluster import ClusterConfig, launch
 
     clusters = []
