@@ -24,7 +24,6 @@ import subprocess
 import sys
 import tempfile
 import time
-from pathlib import Path
 
 import numpy as np
 
@@ -36,6 +35,7 @@ if any(os.environ.get(k) != v for k, v in MALLOC_ENV.items()):
 
 from memory_service.cluster import ClusterConfig, init_local_ray, launch  # noqa: E402
 from memory_service.config import OptimizerConfig, TableConfig  # noqa: E402
+from report import write_results  # noqa: E402  (bench/report.py)
 
 WIDTH = 64
 
@@ -169,11 +169,8 @@ def main(argv: list[str] | None = None) -> int:
               + (f", {f / rd:.1f}x the Redis MGET peer ({rd:,.0f})" if rd else ", Redis peer not measured")]
     text = "\n".join(lines)
     print(text)
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".md").write_text(text + "\n")
     result = {**headline, "note": note, "cells": cells}
-    out.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n")
+    write_results(args.out, text, result)
     if args.json:
         print(json.dumps(result))
     return 0

@@ -23,11 +23,11 @@ import sys
 import time
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import replace
-from pathlib import Path
 
 from trainer.data import Corpus, CorpusConfig
 from trainer.model import ModelConfig
 from trainer.train import TrainConfig, train
+from report import write_results  # bench/report.py
 
 TABLE_OPTIMIZER = TrainConfig.table_optimizer  # what "engram" uses; "<kind>_tables" use another
 OPTIMIZER_VARIANTS = {"adam_tables": "adam", "sparse_adam_tables": "sparse_adam"}
@@ -148,10 +148,7 @@ def main(argv: list[str] | None = None) -> int:
               f"(tiny preset; {next((r['compression'] for r in rows if r['variant'] == 'engram'), '')}); wall {summary['wall_seconds']:.0f} s")
     text = table(summary, args.seeds, header)
     print(text)
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".md").write_text(text + "\n")
-    out.with_suffix(".json").write_text(json.dumps(summary, indent=2) + "\n")
+    write_results(args.out, text, summary)
     if args.json:
         print(json.dumps(summary))
     return 0

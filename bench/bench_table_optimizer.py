@@ -28,6 +28,7 @@ if any(os.environ.get(k) != v for k, v in MALLOC_ENV.items()):
 from memory_service.cluster import ClusterConfig, init_local_ray, launch  # noqa: E402
 from memory_service.config import OptimizerConfig, TableConfig  # noqa: E402
 from memory_service.store import TableStore  # noqa: E402
+from report import write_results  # noqa: E402  (bench/report.py)
 
 WIDTH = 64
 KINDS = ("sparse_adam", "adam")
@@ -122,10 +123,8 @@ def main() -> None:
               f"(target <= 1.5x)."]
     text = "\n".join(lines)
     print(text)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.with_suffix(".md").write_text(text + "\n")
+    write_results(args.out, text, summary if args.json else None)
     if args.json:
-        args.out.with_suffix(".json").write_text(json.dumps(summary, indent=2) + "\n")
         print(json.dumps(summary))
 
 

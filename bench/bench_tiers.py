@@ -33,6 +33,7 @@ from memory_service.placement_replay import belady_hit_rate, num_reads, simulate
 from trainer.data import Corpus, CorpusConfig
 from trainer.row_trace import RowTrace
 from trainer.train import TrainConfig, build_indexer
+from report import write_results  # bench/report.py (bench/ is on sys.path when run as a script)
 
 BASELINES = ("lfu", "lru", "random")
 WARMUP_EPOCH, MEASURED_EPOCH = 0, 1
@@ -280,10 +281,8 @@ def main() -> None:
     lines.append(f"Bench time: {time.perf_counter() - start:.0f} s.")
     text = "\n".join(lines)
     print(text)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.with_suffix(".md").write_text(text + "\n")
+    write_results(args.out, text, summary if args.json else None)
     if args.json:
-        args.out.with_suffix(".json").write_text(json.dumps(summary, indent=2) + "\n")
         print(json.dumps(summary))
 
 

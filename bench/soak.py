@@ -40,6 +40,7 @@ import ray
 
 from memory_service.cluster import start_local
 from memory_service.config import OptimizerConfig, TableConfig
+from report import write_results  # bench/report.py
 
 WIDTH = 64
 NUM_ROWS = 1 << 20  # per table; only `--rows-per-table` of them are ever touched
@@ -200,9 +201,7 @@ def main() -> None:
         "first_errors": errors[:5],
     }
     text = report(summary)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.with_suffix(".md").write_text(text + "\n")
-    args.out.with_suffix(".json").write_text(json.dumps(summary, indent=2) + "\n")
+    write_results(args.out, text, summary)
     print(json.dumps(summary) if args.json else text)
 
 

@@ -304,9 +304,7 @@ class Shard:
             if min_step > 0:
                 for name, ids in checked.items():  # a look-ahead read: placement may act on it now
                     if self._tables[name].committed < min_step:
-                        self._tables[name].expect(ids)  # the DRAM/LMDB placement of a cold shard
-                        if self.track_accesses:  # the hot/cold migration
-                            self._accesses.setdefault(name, _Accesses()).expect(ids)
+                        self._expect(name, ids)
                 reached = lambda: all(name not in self._tables or self._tables[name].committed >= min_step
                                       for name in checked)
                 if not self._stepped.wait_for(reached, timeout):
@@ -331,9 +329,14 @@ class Shard:
         with self._lock:
             checked = {name: self._checked_ids(name, ids) for name, ids in requests.items()}
             for name, ids in checked.items():
-                self._tables[name].expect(ids)
-                if self.track_accesses:
-                    self._accesses.setdefault(name, _Accesses()).expect(ids)
+                self._expect(name, ids)
+
+    def _expect(self, name: str, ids: np.ndarray) -> None:
+        """Checked ids (n,) of table `name` that a later read will take: the look-ahead of the DRAM/LMDB
+        placement of a cold shard and, on shards that keep reads, of the hot/cold migration."""
+        self._tables[name].expect(ids)
+        if self.track_accesses:
+            self._accesses.setdefault(name, _Accesses()).expect(ids)
 
     def push(self, client_id: str, pushes: dict[str, TablePush], contributors: int = 1,
              commit: bool = True, request_seq: int = 0) -> int:

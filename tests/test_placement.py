@@ -216,10 +216,11 @@ def test_make_policy_and_checks():
 
 # The corpus's own trace (trainer/row_trace.py) on the first eighth of the train split (90 steps per
 # epoch): whole layer, 10% of each table's touched rows hot, as bench/bench_tiers.py measures.
-# With the one request the service announces today the policy beats every baseline but reaches 0.79
+# With the next step's fetch alone (1 request ahead) the policy beats every baseline but reaches 0.79
 # of Belady here and 0.77 on the full split, where LFU reaches 0.75 and even the static top-C (the rows
 # the measured epoch reads most, known in advance) 0.755: on shuffled batches frequency is exhausted.
-# 0.85 takes the rows of 6 announced requests on the full split (0.87 there; bench/results/tiers_policy.md).
+# 0.85 takes the rows of 6 requests ahead on the full split (0.87 there); the service sees 7 (the held
+# fetch + the trainer's 6 announced steps: 0.885, bench/results/tiers_policy.md).
 ANNOUNCED_FOR_85 = 6
 
 
