@@ -391,8 +391,7 @@ class MemoryClient:
         request = memory_pb2.CommitStepRequest(
             client_id=self.client_id, contributors=contributors, request_seq=next(self._request_seqs),
             tables=[memory_pb2.TableStep(table=name, step=step, lr=lr or 0.0) for name in names])
-        futures = [self._call(shard, "CommitStep", request, self.push_pool) for shard in range(self.num_shards)]
-        return sum(self._result(f).rows_updated for f in futures)
+        return sum(r.rows_updated for r in self._all("CommitStep", request, pool=self.push_pool))
 
     def _grads_message(self, name: str, step: int, lr: float | None, ids: np.ndarray, grads: np.ndarray):
         cfg = self.table(name)
@@ -483,9 +482,11 @@ class MemoryClient:
         except grpc.RpcError as err:
             _raise(err)
 
-    def _all(self, rpc: str, request, shards=None) -> list:
-        """rpc `rpc` with `request` to every shard (or `shards`), concurrently; replies in order."""
-        futures = [self._call(shard, rpc, request) for shard in (range(self.num_shards) if shards is None else shards)]
+    def _all(self, rpc: str, request, shards=None, pool: ThreadPoolExecutor | None = None) -> list:
+        """rpc `rpc` with `request` to every shard (or `shards`), concurrently on the rpc threads
+        (or `pool`); replies in order."""
+        futures = [self._call(shard, rpc, request, pool)
+                   for shard in (range(self.num_shards) if shards is None else shards)]
         return [self._result(f) for f in futures]
 
     def close(self) -> None:

@@ -55,7 +55,7 @@ class Migrator:
 
     def __init__(self, hot: Shard, cold_targets: list[str], capacity: int, policy: str = "engram",
                  interval_s: float = 0.05, max_moves: int = 4096, timeout: float = 30.0,
-                 max_duty: float = 0.1, retry: RetryPolicy = RetryPolicy(),
+                 max_duty: float = 0.05, retry: RetryPolicy = RetryPolicy(),
                  security: ClientSecurity | None = None):
         if not 0 < max_duty <= 1:
             raise ValueError(f"max_duty {max_duty} must be in (0, 1]")
