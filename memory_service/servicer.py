@@ -179,6 +179,7 @@ class MemoryServicer(memory_pb2_grpc.MemoryServiceServicer):
 
     @_maps_errors
     def Announce(self, request, context):
+        _check_rows(request.tables, "announce")
         requests = {}
         for msg in request.tables:
             _check_once(requests, msg.table, "announce")

@@ -2,13 +2,16 @@
 The shard validates them like a fetch's ids and changes no row; the hot shard's placement sees
 them as expected reads; the Prefetcher announces each batch `announce` steps ahead, in order,
 never past the last step, and trains on the same batches as without announcing."""
+import grpc
 import numpy as np
 import pytest
 import torch
 
 from memory_service.client import MemoryClient
 from memory_service.config import OptimizerConfig, TableConfig
+from memory_service import wire
 from memory_service.errors import InvalidArgument, TableNotFound
+from memory_service.rpc import memory_pb2, memory_pb2_grpc
 from memory_service.servicer import serve
 from memory_service.shard import Shard, TablePush
 from trainer.engram import EngramTables
@@ -35,6 +38,11 @@ def test_announced_ids_reach_placement_and_change_nothing(shard):
                 client.announce({"t": np.array([1000])}).result()
             with pytest.raises(TableNotFound):
                 client.announce({"nope": np.array([1])}).result()
+            too_many = memory_pb2.TableIds(table="t", ids=np.zeros(wire.MAX_REQUEST_ROWS + 1, np.int64).tobytes())
+            with grpc.insecure_channel(server.address, options=wire.MESSAGE_OPTIONS) as channel:
+                with pytest.raises(grpc.RpcError) as refused:  # before the ids are decoded
+                    memory_pb2_grpc.MemoryServiceStub(channel).Announce(memory_pb2.AnnounceRequest(tables=[too_many]))
+            assert refused.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and "announce" in refused.value.details()
     finally:
         server.stop(grace=None)
     assert shard.digest() == before

@@ -225,7 +225,7 @@ class MemoryServiceServicer:
     def Announce(self, request, context):
         """A hint: ids that fetches of later steps will read (a trainer knows its next batches), sent
         to the ids' homes so placement can keep or bring those rows in time. Reads and changes
-        nothing else; validated as a Fetch's ids (NOT_FOUND, INVALID_ARGUMENT).
+        nothing else; validated as a Fetch's ids (NOT_FOUND, INVALID_ARGUMENT, RESOURCE_EXHAUSTED).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
