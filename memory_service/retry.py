@@ -3,9 +3,11 @@
 A shard is unavailable (gRPC UNAVAILABLE) while it restarts after a crash, while it shuts down on
 SIGTERM, and while a connection is down; every one of these ends with the shard serving again, on
 the same address, with every acknowledged change (a cold shard with a disk directory: see
-memory_service/journal.py). UNAVAILABLE is the only status re-sent: it is what a client sees both
-for a call in flight when the server died ("Socket closed", "Cancelling all calls") and for calls
-while nothing listens ("Connection refused"); every other status is the shard's answer.
+memory_service/journal.py). UNAVAILABLE is what a client sees both for a call in flight when the
+server died ("Socket closed", "Cancelling all calls") and for calls while nothing listens
+("Connection refused"). CANCELLED is re-sent too: the client never cancels its own rpcs, so it
+comes from a server that stopped with the call in flight (a SIGTERM's graceful stop; seen in CI on
+a CommitStep). Every other status is the shard's answer.
 
 Re-sending is safe for every rpc the client makes: reads change nothing (a fetch held for a step is
 held again by the restarted shard, whose committed step survived), CreateTable is idempotent, and
@@ -24,7 +26,7 @@ import grpc
 from memory_service.errors import ShardUnavailable
 
 T = TypeVar("T")
-RETRYABLE = frozenset({grpc.StatusCode.UNAVAILABLE})
+RETRYABLE = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED})
 # Channel options of callers that retry: a restarted shard listens again within seconds, so
 # reconnect attempts back off to at most 1 s (gRPC's default grows to 120 s, far past the restart).
 RECONNECT_OPTIONS = (("grpc.initial_reconnect_backoff_ms", 100), ("grpc.min_reconnect_backoff_ms", 100),
