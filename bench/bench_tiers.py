@@ -16,37 +16,56 @@ requests. The service sees 7 (the next step's held fetch and the 6 steps after i
 announces: trainer/prefetch.py); the curve shows what fewer or more give.
 Also the hot fraction at which the policy reaches a 90% hit rate, and what one plan costs.
 
-    PYTHONPATH=. python bench/bench_tiers.py --json     # ~10 min on one core
-    PYTHONPATH=. python bench/bench_tiers.py --split-fraction 0.125 --lookahead-curve 1  # ~1 min
+Through the service (`service_section`, skipped with --skip-service): the same kind of trace, on
+`--service-split-fraction` of the split, replayed as fetches through real clusters in an embedded
+Ray: 1 hot + 2 cold shards (LMDB under the cold shards' DRAM, the hot shard holding the same
+share of rows), then 2 all-DRAM shards on the same request stream. The hot tier's hit rate is read
+from the shards' Stats counters over the measured epoch, beside the offline replay at the same
+capacity; fetch rows/s of the two clusters give `service_vs_dram`. Steps are `--service-step-s`
+apart (the trainer's compute; the migrator works in between) and the migrator's duty cap is raised
+to `--migrate-max-duty` (1.0: at the service's 0.05 a round of ~0.5 s is followed by ~10 s of
+pause and the replay ends before the hot set forms).
+
+    PYTHONPATH=. python bench/bench_tiers.py --json     # ~37 min on 2 cores (the service section ~3)
+    PYTHONPATH=. python bench/bench_tiers.py --split-fraction 0.125 --lookahead-curve 1 --skip-service  # ~1 min
 """
 from __future__ import annotations
 
 import argparse
 import json
+import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
+import ray
 
+from memory_service.cluster import ClusterConfig, init_local_ray, launch
+from memory_service.config import StorageConfig
 from memory_service.placement import Policy, make_policy
 from memory_service.placement_replay import belady_hit_rate, num_reads, simulate
+from memory_service.utilization import MEMORY_TIER
 from trainer.data import Corpus, CorpusConfig
+from trainer.remote_rows import RemoteTables
 from trainer.row_trace import RowTrace
-from trainer.train import TrainConfig, build_indexer
+from trainer.train import TrainConfig, build_indexer, table_optimizer_config
 from report import write_results  # bench/report.py (bench/ is on sys.path when run as a script)
 
 BASELINES = ("lfu", "lru", "random")
 WARMUP_EPOCH, MEASURED_EPOCH = 0, 1
 
 
-def load_trace(args) -> RowTrace:
-    """Two epochs of the tiny preset's first Engram layer on (a prefix of) the train split."""
+def load_trace(args, split_fraction: float) -> tuple[RowTrace, list[int]]:
+    """Two epochs of the tiny preset's first Engram layer on the first `split_fraction` of the
+    train split, and the row count of each of the layer's tables (for the service's tables)."""
     corpus = Corpus.load(CorpusConfig())
     cfg = TrainConfig()
     indexer = build_indexer(cfg, corpus)
-    tokens = corpus.train[: int(len(corpus.train) * args.split_fraction)]
-    return RowTrace.from_tokens(tokens, indexer, cfg.model.engram.layer_ids[0], context=args.context,
-                                batch_size=args.batch_size, epochs=2, seed=args.seed)
+    layer = cfg.model.engram.layer_ids[0]
+    tokens = corpus.train[: int(len(corpus.train) * split_fraction)]
+    trace = RowTrace.from_tokens(tokens, indexer, layer, context=args.context, batch_size=args.batch_size,
+                                 epochs=2, seed=args.seed)
+    return trace, indexer.table_sizes()[layer]
 
 
 def capacities(trace: RowTrace, fraction: float) -> list[int]:
@@ -247,13 +266,170 @@ def cold_section(args) -> tuple[dict, list[str]]:
                               "getmulti_rows_per_s", "naive_rows_per_s")}, lines
 
 
-def service_section(args) -> dict:
-    """Fetch rows/s of the hot/cold service vs all-DRAM cold shards. Empty until the service
-    with hot shards lands."""
-    return {}
+def service_section(args, trace: RowTrace, sizes: list[int]) -> tuple[dict, list[str]]:
+    """The trace replayed through real clusters in one embedded Ray: 1 hot + 2 cold shards (LMDB
+    under the cold shards' DRAM), the hot shard holding `hot_rows` per table, against 2 all-DRAM
+    shards alone. The hot tier's hit rate comes from the shards' Stats counters over the measured
+    epoch, beside the offline replay of the same policy at the same capacity; fetch rows/s of
+    the two clusters on the same request stream give `service_vs_dram`."""
+    # One budget for every table (ClusterConfig.hot_rows): the mean of the per-table capacities,
+    # which differ by < 10% (order 2 vs 3); the offline figure uses the same capacity.
+    hot_rows = round(float(np.mean(capacities(trace, args.hot_fraction))))
+    offline = aggregate(trace, policy_rates(trace, "engram", [hot_rows] * len(trace.tables), args.lookahead))["layer"]
+    owns_ray = init_local_ray()
+    try:
+        with tempfile.TemporaryDirectory() as lmdb_dir:
+            hot = serve_trace(ClusterConfig(num_shards=2, num_hot=1, hot_rows=hot_rows, name="bench-tiers-hot",
+                                            migrate_max_duty=args.migrate_max_duty,
+                                            storage=StorageConfig(path=lmdb_dir)), trace, sizes, args.lookahead,
+                              args.service_step_s)
+        dram = serve_trace(ClusterConfig(num_shards=2, name="bench-tiers-dram"), trace, sizes, args.lookahead,
+                           args.service_step_s)
+    finally:
+        if owns_ray:
+            ray.shutdown()
+    hit_rate = hot["hits"]["hot"] / sum(hot["reads"].values())
+    result = {"service_hot_hit_rate": hit_rate, "service_offline_hit_rate": offline,
+              "service_fetch_rows_per_s": hot["rows_per_s"], "dram_fetch_rows_per_s": dram["rows_per_s"],
+              "service_vs_dram": hot["rows_per_s"] / dram["rows_per_s"],
+              "service": {"split_fraction": args.service_split_fraction, "steps_per_epoch": trace.steps_per_epoch,
+                          "hot_rows": hot_rows, "migrate_max_duty": args.migrate_max_duty,
+                          "reads_over_trace": sum(hot["reads"].values()) / trace_reads(trace),
+                          "hot_cold": hot, "dram": dram}}
+    return result, service_report(args, trace, result)
 
 
-def main() -> None:
+def serve_trace(config: ClusterConfig, trace: RowTrace, sizes: list[int], lookahead: int,
+                step_s: float) -> dict:
+    """Replays `trace` through a tables cluster of `config` (launched here, shut down after): the
+    trainer's tables created, every row the trace reads written once (`write_rows`), the warm-up
+    epoch, then the measured one between two Stats snapshots. Returns the measured
+    epoch's fetch rows/s, per shard role the ids read and the memory tier's hits, the client's
+    re-sends after RowsMoved, and the migrator's rounds and moves."""
+    cluster = launch(config)
+    try:
+        with cluster.client() as client:
+            names = create_tables(client, sizes)
+            write_rows(client, names, trace)
+            steps = trace.steps_per_epoch
+            replay(client, names, trace, range(steps), lookahead, step_s)
+            before, moves, refreshes = client.report(), migration(cluster), client.refreshes
+            rows, seconds = replay(client, names, trace, range(steps, 2 * steps), lookahead, step_s)
+            after, refreshes = client.report(), client.refreshes - refreshes
+            moves = {k: v - moves[k] for k, v in migration(cluster).items()}
+    finally:
+        cluster.shutdown()
+    reads, hits = tier_counts(after, before)
+    return {"rows_per_s": rows / seconds, "seconds": seconds, "rows": rows, "reads": reads, "hits": hits,
+            "refreshes": refreshes, "migration": moves}
+
+
+def create_tables(client, sizes: list[int]) -> list[str]:
+    """Creates the tiny preset's first Engram layer's tables as training does (names, seeds,
+    optimizer); returns their names in the trace's table order."""
+    cfg = TrainConfig()
+    layer = cfg.model.engram.layer_ids[0]
+    tables = RemoteTables(client, cfg.model.engram, {layer: sizes}, table_optimizer_config(cfg)).create()
+    tables.close()
+    return tables.names[layer]
+
+
+def write_rows(client, names: list[str], trace: RowTrace) -> None:
+    """Every row the trace reads, written as table step 1 with zero gradients (Adam leaves the
+    values as they were): training writes each row it reads, and a hot shard moves only written
+    rows (a never-written row is computed from its seed wherever it is read)."""
+    ids = {name: np.unique(np.concatenate(batches)) for name, batches in zip(names, trace.tables)}
+    width = client.table(names[0]).width
+    client.push({name: (i, np.zeros((len(i), width), np.float32)) for name, i in ids.items()}, step=1)
+
+
+def replay(client, names: list[str], trace: RowTrace, steps: range, lookahead: int,
+           step_s: float) -> tuple[int, float]:
+    """Fetches `steps` of the trace in order, each fetch `step_s` seconds after the previous one
+    began (or when it ended, if later): the trainer's compute between fetches, while the migrator
+    runs. Returns (rows fetched, seconds spent in fetches). Before step s's fetch the rows of step
+    s + lookahead are announced (step 0 announces steps 1..lookahead), so placement always knows
+    the next `lookahead` requests. The trainer's Prefetcher tells the shards the same 7 requests
+    (lookahead 7): the next step's fetch, held until this step's push, and 6 announced steps;
+    without pushes nothing can be held, so that one is announced too (both reach placement
+    through Shard._expect)."""
+    rows, seconds, last = 0, 0.0, len(trace.tables[0]) - 1
+    due = time.perf_counter()
+    for s in steps:
+        time.sleep(max(0.0, due - time.perf_counter()))
+        due = time.perf_counter() + step_s
+        ahead = range(s + 1 if s == 0 else s + lookahead, min(s + lookahead, last) + 1)
+        announced = [client.announce(step_ids(names, trace, a)) for a in ahead]
+        ids = step_ids(names, trace, s)
+        start = time.perf_counter()
+        client.fetch(ids)
+        seconds += time.perf_counter() - start
+        rows += sum(len(i) for i in ids.values())
+        for future in announced:
+            future.result()
+    return rows, seconds
+
+
+def step_ids(names: list[str], trace: RowTrace, step: int) -> dict[str, np.ndarray]:
+    return {name: batches[step] for name, batches in zip(names, trace.tables)}
+
+
+def trace_reads(trace: RowTrace) -> int:
+    """Ids the measured epoch fetches (distinct per step and table)."""
+    return sum(num_reads(batches, trace.steps_per_epoch) for batches in trace.tables)
+
+
+def migration(cluster) -> dict:
+    """The hot shards' migration counters, summed (empty without hot shards)."""
+    counters = ray.get([a.migration_counters.remote() for a in cluster.hot_actors])
+    if any(c["error"] for c in counters):
+        raise RuntimeError(f"migration failed: {[c['error'] for c in counters]}")
+    return {k: sum(c[k] for c in counters) for k in ("rounds", "promoted", "demoted")} if counters else {}
+
+
+def tier_counts(after, before) -> tuple[dict[str, int], dict[str, int]]:
+    """Between two ClusterReports, per shard role: ids read, and those the shard's memory tier
+    held (all of a hot shard's: only written rows move there; a cold shard's DRAM over LMDB)."""
+    reads, hits = {}, {}
+    for report, sign in ((after, 1), (before, -1)):
+        for shard in report.shards:
+            for table in shard.tables:
+                memory = sum(t.hits for t in table.tiers if t.tier == MEMORY_TIER)
+                reads[shard.role] = reads.get(shard.role, 0) + sign * table.rows_read
+                hits[shard.role] = hits.get(shard.role, 0) + sign * memory
+    return reads, hits
+
+
+def service_report(args, trace: RowTrace, r: dict) -> list[str]:
+    s = r["service"]
+    hot, dram = s["hot_cold"], s["dram"]
+    steps = trace.steps_per_epoch
+    return ["", "Through the service: 1 hot + 2 cold shards vs 2 all-DRAM shards (one embedded Ray, real gRPC).", "",
+            f"Trace: train split x {args.service_split_fraction:g} ({steps} steps per epoch), every row it reads "
+            f"written once first (no pushes after), then fetched step by step by one client, a step every "
+            f"{args.service_step_s:g} s, each after announcing the step {args.lookahead} ahead (what the trainer's "
+            f"held next-step fetch and 6 announced steps tell placement). Hot shard: {s['hot_rows']:,} rows per table "
+            f"({args.hot_fraction:.0%} of the mean rows a table touches), engram policy, migrator duty cap "
+            f"{args.migrate_max_duty:g} (service default 0.05); cold shards: DRAM (default budget) over LMDB.", "",
+            "| measured epoch | hot hit rate | fetch rows/s | seconds in fetches | RowsMoved re-sends | "
+            "migration rounds | rows promoted |", "|---|---|---|---|---|---|---|",
+            f"| 1 hot + 2 cold (LMDB) | {r['service_hot_hit_rate']:.4f} | {hot['rows_per_s']:,.0f} | "
+            f"{hot['seconds']:.1f} | {hot['refreshes']} | {hot['migration']['rounds']} | "
+            f"{hot['migration']['promoted']:,} |",
+            f"| 2 all-DRAM | - | {dram['rows_per_s']:,.0f} | {dram['seconds']:.1f} | {dram['refreshes']} | - | - |", "",
+            f"Hot hit rate through the service {r['service_hot_hit_rate']:.4f} (hot shard's hits / ids read by all "
+            f"shards) vs {r['service_offline_hit_rate']:.4f} replayed offline (same trace, policy, capacity, "
+            f"look-ahead): {r['service_hot_hit_rate'] / r['service_offline_hit_rate']:.3f} of it. Offline, the "
+            f"policy plans after every request; the service's migrator plans once a round, on a background thread, "
+            f"seeing the reads of every step since its last round and their announcements merged into one, moves a "
+            f"bounded batch per table, and its hot set lags the plan "
+            f"({hot['migration']['rounds'] / steps:.2f} rounds per step here). The shards counted "
+            f"{s['reads_over_trace']:.3f}x the trace's reads: a fetch refused because rows moved is re-sent whole.",
+            f"Fetch rows/s, hot/cold service / all-DRAM shards: {r['service_vs_dram']:.2f} "
+            f"({hot['refreshes'] / steps:.2f} re-sends per fetch, LMDB-backed cold shards, the migrator's CPU)."]
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--hot-fraction", type=float, default=0.1, help="share of each table's touched rows held hot")
     parser.add_argument("--lookahead", type=int, default=7,
@@ -263,21 +439,42 @@ def main() -> None:
     parser.add_argument("--target", type=float, default=0.9, help="hit rate the hot-fraction search aims at")
     parser.add_argument("--belady-share", type=float, default=0.85, help="share of Belady the curve is checked at")
     parser.add_argument("--split-fraction", type=float, default=1.0, help="prefix of the train split replayed")
+    parser.add_argument("--service-split-fraction", type=float, default=0.125,
+                        help="prefix of the train split replayed through the service")
+    parser.add_argument("--service-step-s", type=float, default=0.25,
+                        help="seconds from one step's fetch to the next in the service replay (the trainer's compute)")
+    parser.add_argument("--migrate-max-duty", type=float, default=1.0,
+                        help="hot shard migrator's wall-clock share in the service replay (service default 0.05)")
+    parser.add_argument("--skip-service", action="store_true", help="no replay through the service")
     parser.add_argument("--context", type=int, default=256)
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", action="store_true")
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "tiers_policy")
-    args = parser.parse_args()
-    if not 0 < args.hot_fraction < 1 or not 0 < args.split_fraction <= 1:
+    args = parser.parse_args(argv)
+    if not 0 < args.hot_fraction < 1 or not 0 < args.split_fraction <= 1 or not 0 < args.service_split_fraction <= 1:
         parser.error(f"--hot-fraction {args.hot_fraction} must be in (0, 1), --split-fraction "
-                     f"{args.split_fraction} in (0, 1]")
+                     f"{args.split_fraction} and --service-split-fraction {args.service_split_fraction} in (0, 1]")
+    if not 0 < args.migrate_max_duty <= 1 or args.service_step_s < 0:
+        parser.error(f"--migrate-max-duty {args.migrate_max_duty} must be in (0, 1], --service-step-s "
+                     f"{args.service_step_s} >= 0")
+    return args
+
+
+def main() -> None:
+    args = parse_args()
     start = time.perf_counter()
-    trace = load_trace(args)
+    trace, sizes = load_trace(args, args.split_fraction)
     summary, lines = placement_section(args, trace)
     cold, cold_lines = cold_section(args)
-    summary |= cold | service_section(args)
+    summary |= cold
     lines += cold_lines
+    if not args.skip_service:
+        if args.service_split_fraction != args.split_fraction:
+            trace, sizes = load_trace(args, args.service_split_fraction)
+        service, service_lines = service_section(args, trace, sizes)
+        summary |= service
+        lines += service_lines
     lines.append(f"Bench time: {time.perf_counter() - start:.0f} s.")
     text = "\n".join(lines)
     print(text)
