@@ -170,29 +170,13 @@ class MemoryClient:
         `ngrams`: {table: uint64 fingerprints shaped like its ids} of the N-grams behind the
         lookups (trainer.fingerprint), sent along for the tables' collision stats; ignored for
         tables with collision stats off (see `samples_collisions`)."""
-        return self._fetch_until_routed(self._start_fetch(ids, min_step, ngrams), ids, min_step, ngrams)
+        return self._finish_fetch(self._start_fetch(ids, min_step, ngrams))
 
     def fetch_async(self, ids: dict[str, np.ndarray | torch.Tensor], min_step: int = 0,
                     ngrams: dict[str, np.ndarray] | None = None) -> Future:
         """`fetch` with the requests sent before it returns (routing runs in the caller's thread)
         and the replies gathered in the background: a Future of the rows, for prefetching."""
-        return self.pool.submit(self._fetch_until_routed, self._start_fetch(ids, min_step, ngrams),
-                                ids, min_step, ngrams)
-
-    def _fetch_until_routed(self, started: "_Fetch", ids, min_step: int, ngrams) -> dict[str, torch.Tensor]:
-        """Finishes a started fetch; while rows moved under it, refreshes the hot maps and sends
-        it again (reads change nothing, so a whole retry is safe), until the client's timeout."""
-        deadline, backoff = time.monotonic() + self.timeout, 0.001
-        while True:
-            try:
-                return self._finish_fetch(started)
-            except RowsMoved:
-                if time.monotonic() > deadline:
-                    raise
-                time.sleep(backoff)
-                backoff = min(2 * backoff, 0.05)
-                self._refresh_hot(ids)
-                started = self._start_fetch(ids, min_step, ngrams)
+        return self.pool.submit(self._finish_fetch, self._start_fetch(ids, min_step, ngrams))
 
     def announce(self, ids: dict[str, np.ndarray | torch.Tensor]) -> Future:
         """Tell the rows' homes that later fetches will read {table: ids (any shape)}, so
@@ -229,6 +213,9 @@ class MemoryClient:
             if name not in routes:
                 raise InvalidArgument(f"ngrams given for table {name!r}, which this fetch does not read")
             routes[name] = self._with_ngrams(name, routes[name], fingerprints)
+        return self._send_routes(routes, min_step, start_time)
+
+    def _send_routes(self, routes: dict[str, _Route], min_step: int, start_time: float) -> "_Fetch":
         requests = self._requests(routes)  # [(shard, [(table, start, stop)])]
         # Layout of every table's distinct rows, shards side by side: one gather makes the result.
         bases, end = {}, 0
@@ -249,21 +236,75 @@ class MemoryClient:
 
     def _finish_fetch(self, fetch: "_Fetch") -> dict[str, torch.Tensor]:
         """Wait for a started fetch's replies and assemble the rows in the caller's order."""
-        routes, bases, buffer = fetch.routes, fetch.bases, fetch.buffer
         try:
-            grouped = {name: self._grouped_view(name, buffer, bases[name], len(r.grouped)) for name, r in routes.items()}
-            for shard, chunk, future in fetch.sent:
-                response, via_shm = self._fetch_result(routes, shard, chunk, buffer, bases, future, fetch.min_step)
-                self._place(chunk, response, via_shm, grouped, buffer, bases)
+            grouped = self._gather(fetch)
             # gather first, then widen bf16: the gather moves half the bytes
             out = {name: torch.from_numpy(self._decoded(name, grouped[name].take(r.index, axis=0))
-                                          .reshape(*r.shape, -1)) for name, r in routes.items()}
+                                          .reshape(*r.shape, -1)) for name, r in fetch.routes.items()}
             if self.trace is not None:
                 self.trace("fetch_done", {"step": fetch.min_step, "seconds": time.perf_counter() - fetch.started})
             return out
         finally:
-            if buffer is not None:
-                self.replies.release(buffer)
+            if fetch.buffer is not None:
+                self.replies.release(fetch.buffer)
+
+    def _gather(self, fetch: "_Fetch") -> dict[str, np.ndarray]:
+        """Every table's distinct rows of a started fetch, (u, width) in the wire dtype. The
+        requests shards refused because rows moved under them (hot/cold migration) are sent
+        again, alone, to the rows' new homes after a refresh of those tables' hot maps, until
+        the client's timeout: re-sending the whole fetch made every shard serve it again, and a
+        migration round refused most fetches of a step several times."""
+        deadline, backoff = time.monotonic() + self.timeout, 0.001
+        grouped, moved = self._gather_once(fetch)
+        while moved:
+            if time.monotonic() > deadline:
+                raise RowsMoved(f"rows of tables {sorted(moved)} kept moving for {self.timeout} s")
+            time.sleep(backoff)
+            backoff = min(2 * backoff, 0.05)
+            self._refresh_hot(moved)
+            again, origin = self._resend(fetch, moved)
+            try:
+                rows, moved_again = self._gather_once(again)
+                for name, positions in origin.items():
+                    done = np.ones(len(positions), bool)
+                    done[moved_again.get(name, [])] = False
+                    grouped[name][positions[done]] = rows[name][done]
+            finally:
+                if again.buffer is not None:
+                    self.replies.release(again.buffer)
+            moved = {name: origin[name][p] for name, p in moved_again.items()}
+        return grouped
+
+    def _gather_once(self, fetch: "_Fetch") -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+        """The replies of a started fetch placed in its layout, and {table: positions in its
+        route's distinct ids} of the requests refused because rows moved."""
+        routes, bases, buffer = fetch.routes, fetch.bases, fetch.buffer
+        grouped = {name: self._grouped_view(name, buffer, bases[name], len(r.grouped)) for name, r in routes.items()}
+        moved: dict[str, list[np.ndarray]] = {}
+        for shard, chunk, future in fetch.sent:
+            try:
+                response, via_shm = self._fetch_result(routes, shard, chunk, buffer, bases, future, fetch.min_step)
+            except RowsMoved:
+                for name, start, stop in chunk:
+                    moved.setdefault(name, []).append(np.arange(start, stop))
+                continue
+            self._place(chunk, response, via_shm, grouped, buffer, bases)
+        return grouped, {name: np.concatenate(parts) for name, parts in moved.items()}
+
+    def _resend(self, fetch: "_Fetch", moved: dict[str, np.ndarray]) -> tuple["_Fetch", dict[str, np.ndarray]]:
+        """Sends the rows at `moved` {table: positions in `fetch`'s distinct ids} again, routed
+        by the current hot maps, with their N-grams; returns the new fetch and, per table, the
+        position in `fetch` of each of its distinct ids."""
+        routes, origin = {}, {}
+        for name, positions in moved.items():
+            old = fetch.routes[name]
+            route = self._route(name, old.grouped[positions])  # distinct ids: index is a permutation
+            source = np.empty_like(route.index)
+            source[route.index] = positions  # new grouped position -> position in `fetch`
+            if old.ngrams is not None:
+                route = dataclasses.replace(route, ngrams=old.ngrams.take(source))
+            routes[name], origin[name] = route, source
+        return self._send_routes(routes, fetch.min_step, fetch.started), origin
 
     def _with_ngrams(self, name: str, route: _Route, fingerprints) -> _Route:
         """The route with the N-grams of its lookups summarised per distinct id."""

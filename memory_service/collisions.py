@@ -127,6 +127,18 @@ class NgramBatch:
                           self.pair_fingerprints[lo:hi], self.pair_lookups[lo:hi])
 
 
+    def take(self, positions: np.ndarray) -> "NgramBatch":
+        """The part for ids at `positions` (distinct, any order), in that order."""
+        remap = np.full(len(self.lookups), -1, np.int64)
+        remap[positions] = np.arange(len(positions))
+        new_index = remap[self.pair_index]
+        keep = new_index >= 0
+        order = np.argsort(new_index[keep], kind="stable")  # pairs sorted by index, as slice needs
+        return NgramBatch(self.lookups[positions], self.fingerprints[positions], self.mixed[positions],
+                          new_index[keep][order], self.pair_fingerprints[keep][order],
+                          self.pair_lookups[keep][order])
+
+
 def summarize(distinct_ids: np.ndarray, positions: np.ndarray, fingerprints: np.ndarray,
               threshold: int) -> NgramBatch:
     """Client side: lookups -> one NgramBatch over the distinct ids.

@@ -59,6 +59,25 @@ def test_summarize_matches_plain_loops():
     assert np.all(np.diff(batch.pair_index) >= 0)  # sorted, as NgramBatch.slice needs
 
 
+def test_take_equals_summarizing_the_subset():
+    """A fetch re-sent after a move carries the N-grams of some distinct ids, in a new order:
+    `take` must give what summarizing only those ids' lookups gives."""
+    rng = np.random.default_rng(1)
+    ids, fps = random_batches(rng, num_batches=1)[0]
+    threshold = sample_threshold(0.5)
+    distinct, positions = np.unique(ids, return_inverse=True)
+    batch = summarize(distinct, positions, fps, threshold)
+    chosen = rng.permutation(len(distinct))[: len(distinct) // 2]  # distinct, shuffled
+    part = batch.take(chosen)
+    keep = np.isin(positions, chosen)
+    remap = np.full(len(distinct), -1)
+    remap[chosen] = np.arange(len(chosen))
+    expected = summarize(distinct[chosen], remap[positions[keep]], fps[keep], threshold)
+    for field in ("lookups", "fingerprints", "mixed", "pair_index", "pair_fingerprints", "pair_lookups"):
+        np.testing.assert_array_equal(getattr(part, field), getattr(expected, field), err_msg=field)
+    assert len(part.pair_index) > 0
+
+
 def test_registers_are_exact_across_batches_and_clients():
     """Interleaved batches of two 'clients': the registers' share equals the plain count."""
     rng = np.random.default_rng(1)

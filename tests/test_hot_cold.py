@@ -71,3 +71,31 @@ def test_migrating_rows_stay_exact(make_cluster, tmp_path, disk):
         np.testing.assert_array_equal(row, ref["rows"][i])
         np.testing.assert_array_equal(opt, ref["state"][i])
         assert last == ref["last"][i]
+
+
+def test_a_refused_fetch_resends_only_the_moved_rows(make_cluster):
+    """A client whose hot map is stale sends rows that moved to the hot shard to their old cold
+    shard, which refuses its request; only refused requests are sent again, so every row of the
+    fetch is read exactly once over the shards (re-sending the whole fetch read the rows of the
+    shards that had answered twice)."""
+    cluster = make_cluster(2, num_hot=1, hot_rows=64, migrate_interval_s=0.005, migrate_max_duty=1.0)
+    table = TableConfig("resend", 1000, WIDTH, init_scale=0.1, seed=5, optimizer=TABLE.optimizer)
+    even, ids = np.arange(0, 200, 2), np.arange(200)
+    with cluster.client() as stale, cluster.client() as reader:
+        reader.create_table(table)
+        assert len(stale.hot_ids("resend")) == 0  # loaded now, never refreshed until refused
+        reader.push({"resend": (even, np.ones((len(even), WIDTH), np.float32))}, step=1, lr=0.01)
+        for _ in range(500):  # read the written rows until some moved to the hot shard
+            reader.fetch({"resend": even}, min_step=1)
+            if ray.get(cluster.hot_actors[0].migration_counters.remote())["promoted"]:
+                break
+        ray.get(cluster.hot_actors[0].stop_migration.remote())
+        expected = reader.fetch({"resend": ids}, min_step=1)["resend"].numpy()
+        before = stale.report()
+        got = stale.fetch({"resend": ids}, min_step=1)["resend"].numpy()
+        after = stale.report()
+    np.testing.assert_array_equal(got, expected)
+    read = {(a.role, a.shard_id): sum(t.rows_read for t in a.tables) - sum(t.rows_read for t in b.tables)
+            for a, b in zip(after.shards, before.shards)}
+    assert stale.refreshes >= 1 and read[("hot", 0)] > 0, read  # refused, then served by the hot shard
+    assert sum(read.values()) == len(ids), read  # each row read once
