@@ -35,6 +35,8 @@ from memory_service.rpc import memory_pb2, memory_pb2_grpc
 from memory_service.security import ClientSecurity, open_channel
 from memory_service.shard import Shard
 
+IDLE_PAUSE_S = 1.0  # the longest pause between rounds while no shard saw reads
+
 
 @dataclass
 class MigrationCounters:
@@ -70,6 +72,7 @@ class Migrator:
         self.cold = [memory_pb2_grpc.MemoryServiceStub(c) for c in self.channels]
         self.policies: dict[str, Policy] = {}
         self.counters = MigrationCounters()
+        self._unfinished = True  # the last plan was cut at max_moves (or none ran yet)
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self.error: BaseException | None = None
@@ -92,36 +95,48 @@ class Migrator:
         pause = self.interval_s
         while not self._stop.wait(pause):
             start = time.perf_counter()
+            busy = True
             try:
-                self.round()
+                busy = self.round()
             except Exception as err:  # keep serving; the next round retries, stats show the error
                 self.error = err
             took = time.perf_counter() - start
-            pause = max(self.interval_s, took * (1 - self.max_duty) / self.max_duty)
+            if busy:
+                pause = max(self.interval_s, took * (1 - self.max_duty) / self.max_duty)
+            else:  # nobody reads: look less and less often (each look is an rpc to every cold shard)
+                pause = min(2 * pause, IDLE_PAUSE_S)
 
-    def round(self) -> None:
+    def round(self) -> bool:
         """One round: drain the reads, plan, move; nothing while a checkpoint holds the shard's
-        MoveGate (the reads wait for the next round: the shards keep them, bounded)."""
+        MoveGate (the reads wait for the next round: the shards keep them, bounded). Plans only
+        when there were reads or the last plan was cut at `max_moves`: with neither, the plan
+        cannot change, and planning over every row seen costs tens of ms. Returns False when it
+        had nothing to do (the caller then looks less and less often)."""
         with self.hot.moves.round() as free:
             if not free:
-                return
-            self._observe()
+                return True  # paused: look again soon
+            if not self._observe() and not self._unfinished:
+                return False
+            self._unfinished = False
             for name in self.hot.list_tables():
                 policy = self._policy(name)
                 admit, evict = policy.plan(self.hot.hot_map(name)[1], self.max_moves)
+                self._unfinished |= max(len(admit), len(evict)) >= self.max_moves
                 if len(evict):
                     self._demote(name, np.asarray(evict, np.int64))
                 if len(admit):
                     self._promote(name, np.asarray(admit, np.int64))
             self.counters.rounds += 1
+            return True
 
     def _policy(self, name: str) -> Policy:
         if name not in self.policies:
             self.policies[name] = make_policy(self.policy_name, self.capacity)
         return self.policies[name]
 
-    def _observe(self) -> None:
-        """Feed every shard's reads (this hot shard's rows only) to the tables' policies."""
+    def _observe(self) -> bool:
+        """Feed every shard's reads (this hot shard's rows only) to the tables' policies;
+        returns whether there were any."""
         drained = [self.hot.drain_accesses()]
         for stub in self.cold:
             reply = self._rpc(stub, "DrainAccesses", memory_pb2.DrainAccessesRequest())
@@ -129,6 +144,7 @@ class Migrator:
                                                np.cumsum(wire.decode_ids(t.lengths, t.table))[:-1]),
                                       wire.decode_ids(t.expected, t.table)) for t in reply.tables})
         mine = lambda ids: ids[ids % self.hot.num_shards == self.hot.shard_id]
+        seen = False
         for accesses in drained:
             for name, (requests, expected) in accesses.items():
                 policy = self._policy(name)
@@ -136,6 +152,8 @@ class Migrator:
                     policy.record(mine(ids))
                 if len(expected):
                     policy.expect(np.unique(mine(expected)))
+                seen |= len(requests) > 0 or len(expected) > 0
+        return seen
 
     def _rpc(self, stub, rpc: str, request):
         """rpc `rpc` to a cold shard, re-sent while it is unavailable (it restarts after a crash)."""

@@ -338,16 +338,24 @@ def test_a_pause_holds_while_renewed_and_lapses_without_its_driver(make_cluster)
     cluster = make_cluster(1, num_hot=1, hot_rows=32, migrate_interval_s=0.005, migrate_max_duty=1.0)
     rounds = lambda: ray.get(cluster.hot_actors[0].migration_counters.remote())["rounds"]
     with cluster.client(shared_memory=False) as client:
+        client.create_table(TableConfig("lease", 100, 4))
+        read = lambda: client.fetch({"lease": np.arange(50)})  # reads: the migrator has work to plan
+
+        def reading(seconds: float) -> None:
+            for _ in range(int(seconds / 0.05)):
+                read()
+                time.sleep(0.05)
+
         with checkpoint._migration_paused(client, CheckpointOptions(lease_s=0.6)):
             before = rounds()
-            time.sleep(1.5)
+            reading(1.5)
             assert rounds() == before
         client.stubs[1].CheckpointPause(memory_pb2.CheckpointPauseRequest(
             pause=True, lease_seconds=0.5, timeout_seconds=5), timeout=10)  # and then its driver "dies"
         before = rounds()
-        time.sleep(0.2)
+        reading(0.2)
         assert rounds() == before
-        time.sleep(1.0)
+        reading(1.0)
         assert rounds() > before
 
 

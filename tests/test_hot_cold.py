@@ -99,3 +99,23 @@ def test_a_refused_fetch_resends_only_the_moved_rows(make_cluster):
             for a, b in zip(after.shards, before.shards)}
     assert stale.refreshes >= 1 and read[("hot", 0)] > 0, read  # refused, then served by the hot shard
     assert sum(read.values()) == len(ids), read  # each row read once
+
+
+def test_the_migrator_rests_while_nobody_reads(make_cluster):
+    """Planning over every row seen costs tens of ms: without reads (and nothing left to move) the
+    migrator plans nothing, whatever its interval, and starts again with the next reads."""
+    import time
+
+    cluster = make_cluster(1, num_hot=1, hot_rows=64, migrate_interval_s=0.005, migrate_max_duty=1.0)
+    rounds = lambda: ray.get(cluster.hot_actors[0].migration_counters.remote())["rounds"]
+    with cluster.client() as client:
+        client.create_table(TableConfig("rest", 1000, WIDTH))
+        client.fetch({"rest": np.arange(100)})
+        time.sleep(0.5)  # the reads are planned for
+        resting = rounds()
+        time.sleep(1.5)  # 300 intervals
+        assert rounds() == resting > 0
+        for _ in range(40):
+            client.fetch({"rest": np.arange(100)})
+            time.sleep(0.05)
+        assert rounds() > resting
