@@ -41,6 +41,10 @@ SHARD_ENV = {"MALLOC_MMAP_THRESHOLD_": "1073741824", "MALLOC_TRIM_THRESHOLD_": "
 # are mmapped and given back when freed. Under SHARD_ENV they stay on a heap that is never trimmed,
 # and a cold shard at rest held ~14 MiB more than its rows (tests/test_cold_memory.py). The
 # mmap/munmap cost SHARD_ENV avoids is small beside a cold shard's LMDB reads.
+# The embedded cluster's shards share the host with the trainer: at the lowest priority they run
+# on the cores torch leaves idle instead of stalling its parallel regions (bench_train_overhead.py:
+# the prefetch mode's step went from +15.9% over in-process tables at niceness 0 to +1.6% at 19).
+LOCAL_NICENESS = 19
 COLD_SHARD_ENV = {"MALLOC_MMAP_THRESHOLD_": "4194304"}
 
 
@@ -77,7 +81,10 @@ class ClusterConfig:
     shards keep rows: all in DRAM by default; with `storage.path`, each shard is a cold shard with
     its LMDB files in its own subdirectory `shard-NNNN` of that path (StorageConfig.for_shard).
     Such a shard is restarted by Ray up to `max_restarts` times (-1: always) after a crash, and
-    recovers from its files; all-DRAM shards and hot shards are never restarted."""
+    recovers from its files; all-DRAM shards and hot shards are never restarted.
+    `niceness` is the shards' CPU priority (0 normal, 19 lowest): shards sharing a host's cores with
+    a trainer (the embedded cluster) should yield to it, or each of their bursts stalls the
+    trainer's whole intra-op parallel region; shards on hosts of their own keep 0."""
 
     num_shards: int = 2
     name: str = "default"  # several tables clusters can share one Ray cluster under different names
@@ -93,6 +100,7 @@ class ClusterConfig:
     migrate_max_duty: float = 0.05  # wall-clock share of a hot shard's migrator (Migrator: ~50 ms of CPU a 1 s step)
     storage: StorageConfig = StorageConfig()  # the cold shards' DRAM budget over LMDB (path None: DRAM only)
     max_restarts: int = 3
+    niceness: int = 0
     security: SecurityConfig | None = None  # TLS and tokens of every shard (None: open)
 
     def __post_init__(self) -> None:
@@ -110,6 +118,8 @@ class ClusterConfig:
                 0 <= self.metrics_port and self.metrics_port + self.num_shards - 1 <= 65535):
             raise ValueError(f"metrics_port {self.metrics_port} with {self.num_shards} shards must "
                              f"be in [0, 65535]")
+        if not 0 <= self.niceness <= 19:
+            raise ValueError(f"niceness {self.niceness} must be in [0, 19]")
         if not 0 < self.migrate_max_duty <= 1:
             raise ValueError(f"migrate_max_duty {self.migrate_max_duty} must be in (0, 1]")
         if not self.shard_resource:
@@ -155,8 +165,9 @@ class ShardActor:
     def __init__(self, shard_id: int, num_shards: int, host: str, port: int, registry_name: str,
                  metrics_port: int | None = None, cluster: str = "default", port_tries: int = 1,
                  role: str = "cold", track_accesses: bool = False, migration: dict | None = None,
-                 storage: StorageConfig | None = None, security: SecurityConfig | None = None):
-        _normal_priority()  # before serve(): the gRPC threads inherit this thread's priority
+                 storage: StorageConfig | None = None, security: SecurityConfig | None = None,
+                 niceness: int = 0):
+        _set_priority(niceness)  # before serve(): the gRPC threads inherit this thread's priority
         registry = ray.get_actor(registry_name, namespace=NAMESPACE)
         previous = ray.get(registry.address.remote(role, shard_id))  # set: this is a restart
         self.shard = Shard(shard_id, num_shards, role=role, track_accesses=track_accesses, storage=storage)
@@ -287,11 +298,11 @@ def _serve_again(shard: Shard, host: str, previous: ShardAddress, metrics: bool,
             time.sleep(0.2)
 
 
-def _normal_priority() -> None:
-    """Undo Ray's worker niceness where allowed (a cluster started with RAY_worker_niceness=0 needs
-    nothing; lowering niceness needs CAP_SYS_NICE, so elsewhere this keeps what it has)."""
+def _set_priority(niceness: int) -> None:
+    """This thread's niceness (Ray starts workers at its own, RAY_worker_niceness; lowering
+    niceness needs CAP_SYS_NICE, so where that is missing this keeps what it has)."""
     try:
-        os.setpriority(os.PRIO_PROCESS, 0, 0)
+        os.setpriority(os.PRIO_PROCESS, 0, niceness)
     except (PermissionError, OSError):
         pass
 
@@ -379,7 +390,7 @@ def launch(config: ClusterConfig, owns_ray: bool = False) -> TableCluster:
                            runtime_env={"env_vars": shard_env(config.storage)}, **restarts)
         .remote(i, config.num_shards, config.host, config.port, name, config.metrics_port,
                 config.name, shards, track_accesses=config.num_hot > 0, storage=config.storage.for_shard(i),
-                security=config.security)
+                security=config.security, niceness=config.niceness)
         for i in range(config.num_shards)
     ]
     cold = ray.get([a.get_address.remote() for a in actors])  # raises here if a shard failed to start
@@ -393,18 +404,20 @@ def launch(config: ClusterConfig, owns_ray: bool = False) -> TableCluster:
                            resources={config.shard_resource: 1}, name=f"engram_hot:{config.name}:{i}",
                            namespace=NAMESPACE, runtime_env={"env_vars": SHARD_ENV})
         .remote(i, config.num_hot, config.host, config.port, name, config.metrics_port, config.name, shards,
-                role="hot", track_accesses=True, migration=migration, security=config.security)
+                role="hot", track_accesses=True, migration=migration, security=config.security,
+                niceness=config.niceness)
         for i in range(config.num_hot)
     ]
     ray.get([a.get_address.remote() for a in hot_actors])
     return TableCluster(config, actors, registry, owns_ray, hot_actors=hot_actors)
 
 
-def start_local(num_shards: int = 2, num_hot: int = 1, **kwargs) -> TableCluster:
+def start_local(num_shards: int = 2, num_hot: int = 1, niceness: int = LOCAL_NICENESS, **kwargs) -> TableCluster:
     """Embedded default: a local Ray cluster started on demand, with `num_shards` cold shards and
-    `num_hot` hot shards."""
+    `num_hot` hot shards, at `niceness` (they share this host's cores with the trainer)."""
     owns_ray = init_local_ray()
-    return launch(ClusterConfig(num_shards=num_shards, num_hot=num_hot, **kwargs), owns_ray=owns_ray)
+    return launch(ClusterConfig(num_shards=num_shards, num_hot=num_hot, niceness=niceness, **kwargs),
+                  owns_ray=owns_ray)
 
 
 def connect(address: str, num_shards: int | None = None, **kwargs) -> TableCluster:

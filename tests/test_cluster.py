@@ -191,3 +191,27 @@ def test_connect_finds_shards_through_the_registry(make_cluster):
     attached.shutdown()  # detaches only: the shards still serve
     with cluster.client() as client:
         assert client.table(cfg.name).num_rows == 64
+
+
+def test_shards_run_at_the_configured_niceness(make_cluster):
+    """Shards sharing a host with a trainer yield the CPU to it: every thread that serves or
+    migrates (created after the actor set its priority) runs at `niceness`."""
+    import os
+
+    import ray
+
+    from memory_service.cluster import ClusterConfig
+
+    with pytest.raises(ValueError, match="niceness"):
+        ClusterConfig(niceness=20)
+    cluster = make_cluster(1, num_hot=1, niceness=7)
+    for actor in [*cluster.actors, *cluster.hot_actors]:
+        pid = ray.get(actor.pid.remote())
+        nice = {}
+        for tid in os.listdir(f"/proc/{pid}/task"):
+            with open(f"/proc/{pid}/task/{tid}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+            with open(f"/proc/{pid}/task/{tid}/comm") as f:
+                nice[f"{f.read().strip()}:{tid}"] = int(fields[16])  # field 19 of stat: nice
+        python = [n for name, n in nice.items() if name.startswith("ray::ShardActor")]  # main + handlers
+        assert os.getpriority(os.PRIO_PROCESS, pid) == 7 and len(python) > 1 and set(python) == {7}, nice
