@@ -7,14 +7,18 @@ drawn plus the next step's during this one: exact, the default), `stale` (prefet
 1: the look-ahead fetch is not held for this step's push). Work per step: B*T*H row ids per Engram
 layer, fetched (deduplicated) and their gradients pushed; bytes: unique rows x width x 4 each way.
 The floor is the local step. On this machine trainer and shards share 2 cores, so the service's
-CPU work is not free as it would be on separate hosts.
+CPU work is not free as it would be on separate hosts: the embedded cluster (start_local: 2 cold
++ 1 hot shards) runs its shards at the lowest CPU priority (`--niceness` to compare).
 
-Prints the mean step time per mode (after `--warmup` steps), the ratio to local, rows per step
-(total and unique), the service's cost in ms per 1k unique rows (sync - local), and the held-out
-loss per mode (the staleness mode's loss effect). `--json`: one object with `overhead_sync`,
-`overhead_prefetch`, `overhead_stale` (step-time ratio - 1) and `ms_per_1k_rows`.
+The modes train side by side, taking turns a few steps at a time (see `interleaved`), so slow
+drifts of a shared machine hit all of them alike. Prints per mode the mean step time (after
+`--warmup` counted steps), its ratio to local, the CPU the trainer's process and the shards used
+per step, and the held-out loss (the staleness mode's loss effect); rows per step (total and
+unique) and the service's cost per 1k unique rows (wall: sync - local; and the shards' CPU).
+`--json`: one object with `overhead_sync`, `overhead_prefetch`, `overhead_stale` (step-time ratio
+- 1), `ms_per_1k_rows` and `shard_cpu_ms_per_1k_rows`.
 
-    python bench/bench_train_overhead.py [--steps 40] [--warmup 5] [--json]
+    python bench/bench_train_overhead.py [--steps 48] [--json]    # ~5 min here
 """
 from __future__ import annotations
 
@@ -22,6 +26,7 @@ import argparse
 import json
 import os
 import sys
+import threading
 import time
 from dataclasses import replace
 
@@ -30,6 +35,7 @@ if any(os.environ.get(k) != v for k, v in MALLOC_ENV.items()):
     os.execve(sys.executable, [sys.executable, *sys.argv], {**os.environ, **MALLOC_ENV})
 
 import numpy as np  # noqa: E402
+import ray  # noqa: E402
 import torch  # noqa: E402
 
 from memory_service.cluster import start_local  # noqa: E402
@@ -57,10 +63,91 @@ def rows_per_step(cfg: TrainConfig, corpus: Corpus, steps: int) -> tuple[float, 
     return total / steps, unique / steps
 
 
+def process_cpu_s(pid: int) -> float:
+    """User + system CPU seconds of a process so far (/proc)."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def interleaved(cfg: TrainConfig, corpus: Corpus, modes: dict[str, dict], block: int, settle: float,
+                shard_pids: list[int], progress: bool) -> dict[str, dict]:
+    """Trains one model per mode, taking turns `block` steps at a time (one thread per mode, one
+    running at any moment). Taking turns puts every mode under the same slow drifts of a shared
+    machine (run in sequence, the order of the modes moved the figures by +-10%). At the end of a
+    turn the machine is left `settle` s for the service's work of the last step (its push, commit
+    and held fetch), and the first step of a turn is not counted: its rows were ready before it
+    began. Returns per mode: `step_s` (the counted steps' times), CPU seconds of the trainer's
+    process and of the shards over the counted steps and their settles (`trainer_cpu_s`,
+    `shard_cpu_s`), and `val_loss`."""
+    names = list(modes)
+    turn = threading.Condition()
+    state = {"running": names[0], "done": set()}
+    out = {name: {"step_s": [], "trainer_cpu_s": 0.0, "shard_cpu_s": 0.0} for name in names}
+    errors: list[BaseException] = []
+
+    def cpu() -> tuple[float, float]:
+        return time.process_time(), sum(process_cpu_s(pid) for pid in shard_pids)
+
+    def hand_over(name: str) -> None:
+        """`name` waits while the next unfinished mode takes its turn."""
+        with turn:
+            rest = [n for n in names[names.index(name) + 1:] + names[:names.index(name) + 1]
+                    if n not in state["done"]]
+            state["running"] = rest[0] if rest else None
+            turn.notify_all()
+            turn.wait_for(lambda: state["running"] in (name, None))
+
+    def run(name: str) -> None:
+        mine, last, since = out[name], [0.0], [(0.0, 0.0)]
+
+        def on_step(step: int) -> None:
+            now = time.perf_counter()
+            if step % block:
+                mine["step_s"].append(now - last[0])
+            else:  # the first step of a turn ends: count from here
+                since[0] = cpu()
+            if step % block == block - 1 or step == cfg.steps - 1:
+                time.sleep(settle)
+                (trainer, shards), (trainer0, shards0) = cpu(), since[0]
+                mine["trainer_cpu_s"] += trainer - trainer0
+                mine["shard_cpu_s"] += shards - shards0
+                if step < cfg.steps - 1:
+                    hand_over(name)
+            last[0] = time.perf_counter()
+
+        try:
+            with turn:
+                turn.wait_for(lambda: state["running"] == name)
+            mine["val_loss"] = train(cfg, corpus, on_step=on_step, **modes[name]).val_loss
+            if progress:
+                print(f"{name:>9}: {1e3 * np.mean(mine['step_s']):7.1f} ms/step  held-out {mine['val_loss']:.4f}",
+                      flush=True)
+        except BaseException as e:  # surfaced by the main thread
+            errors.append(e)
+        finally:
+            with turn:
+                state["done"].add(name)
+            hand_over(name)
+
+    threads = [threading.Thread(target=run, args=(name,), name=f"mode-{name}") for name in names]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    if errors:
+        raise errors[0]
+    return out
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--steps", type=int, default=40)
-    p.add_argument("--warmup", type=int, default=5, help="steps left out of the mean")
+    p.add_argument("--steps", type=int, default=48, help="steps per mode")
+    p.add_argument("--warmup", type=int, default=3, help="counted steps left out of the mean")
+    p.add_argument("--niceness", type=int, default=None,
+                   help="the shards' CPU priority (default: start_local's, LOCAL_NICENESS)")
+    p.add_argument("--block", type=int, default=4, help="steps each mode runs per turn")
+    p.add_argument("--settle", type=float, default=0.5, help="seconds left to the service at each turn")
     p.add_argument("--json", action="store_true")
     args = p.parse_args()
     model = replace(ModelConfig.from_name("tiny"), context=128)
@@ -69,41 +156,41 @@ def main() -> None:
     corpus = Corpus.load(cfg.corpus)
     total, unique = rows_per_step(cfg, corpus, args.steps)
 
-    step_s, val = {}, {}
-
-    def timed(name: str, **kwargs) -> None:
-        ends = []
-        result = train(cfg, corpus, on_step=lambda step: ends.append(time.perf_counter()), **kwargs)
-        gaps = np.diff(ends)[args.warmup:]  # (steps - 1 - warmup,) seconds per step
-        step_s[name], val[name] = float(gaps.mean()), result.val_loss
-        if not args.json:
-            print(f"{name:>9}: {1e3 * step_s[name]:7.1f} ms/step  held-out {result.val_loss:.4f}", flush=True)
-
-    timed("local")
-    cluster = start_local(num_shards=2, name="bench-train")
+    cluster = start_local(num_shards=2, name="bench-train", **({} if args.niceness is None else {"niceness": args.niceness}))
     try:
+        pids = ray.get([a.pid.remote() for a in [*cluster.actors, *cluster.hot_actors]])
         with cluster.client() as client:
-            for name, service in MODES.items():
-                timed(name, client=client, service=service)
+            modes = {"local": {}} | {name: {"client": client, "service": service} for name, service in MODES.items()}
+            runs = interleaved(cfg, corpus, modes, args.block, args.settle, pids, progress=not args.json)
     finally:
         cluster.shutdown()
+    step_s = {name: float(np.mean(r["step_s"][args.warmup:])) for name, r in runs.items()}
+    cpu_ms = {name: {k: 1e3 * r[f"{k}_cpu_s"] / len(r["step_s"]) for k in ("trainer", "shard")}
+              for name, r in runs.items()}
     out = {
-        "preset": "tiny", "context": 128, "batch_size": 16, "shards": 2, "steps": args.steps,
+        "preset": "tiny", "context": 128, "batch_size": 16, "shards": 2, "hot_shards": len(pids) - 2,
+        "steps": args.steps, "niceness": cluster.config.niceness,
         "threads": torch.get_num_threads(), "table_optimizer": cfg.table_optimizer,
         "rows_per_step": total, "unique_rows_per_step": unique,
-        "step_ms": {k: 1e3 * v for k, v in step_s.items()}, "val_loss": val,
+        "step_ms": {k: 1e3 * v for k, v in step_s.items()}, "cpu_ms_per_step": cpu_ms,
+        "val_loss": {name: r["val_loss"] for name, r in runs.items()},
         "overhead_sync": step_s["sync"] / step_s["local"] - 1,
         "overhead_prefetch": step_s["prefetch"] / step_s["local"] - 1,
         "overhead_stale": step_s["stale"] / step_s["local"] - 1,
         "ms_per_1k_rows": 1e3 * (step_s["sync"] - step_s["local"]) / (unique / 1e3),
+        "shard_cpu_ms_per_1k_rows": cpu_ms["prefetch"]["shard"] / (unique / 1e3),
     }
     if args.json:
         print(json.dumps(out))
         return
-    print(f"rows per step: {total:,.0f} ids, {unique:,.0f} unique (per table, summed)")
-    for name in MODES:
-        print(f"{name:>9}: {step_s[name] / step_s['local']:.3f}x local ({100 * out[f'overhead_{name}']:+.1f}%)")
-    print(f"service cost: {out['ms_per_1k_rows']:.2f} ms per 1k unique rows (sync - local)")
+    print(f"rows per step: {total:,.0f} ids, {unique:,.0f} unique (per table, summed); shards' niceness "
+          f"{out['niceness']}")
+    print("     mode   ms/step  vs local  trainer CPU ms/step  shards' CPU ms/step  held-out")
+    for name in runs:
+        print(f"{name:>9} {1e3 * step_s[name]:9.1f} {step_s[name] / step_s['local']:9.3f} "
+              f"{cpu_ms[name]['trainer']:20.1f} {cpu_ms[name]['shard']:20.1f}  {out['val_loss'][name]:.4f}")
+    print(f"service cost: {out['ms_per_1k_rows']:.2f} ms per 1k unique rows (sync - local, wall); the shards' "
+          f"CPU {out['shard_cpu_ms_per_1k_rows']:.2f} ms per 1k unique rows (prefetch)")
 
 
 if __name__ == "__main__":
