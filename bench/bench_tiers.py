@@ -424,9 +424,11 @@ def service_report(args, trace: RowTrace, r: dict) -> list[str]:
             f"seeing the reads of every step since its last round and their announcements merged into one, moves a "
             f"bounded batch per table, and its hot set lags the plan "
             f"({hot['migration']['rounds'] / steps:.2f} rounds per step here). The shards counted "
-            f"{s['reads_over_trace']:.3f}x the trace's reads: a fetch refused because rows moved is re-sent whole.",
+            f"{s['reads_over_trace']:.3f}x the trace's reads: a shard's request refused because rows moved is "
+            f"re-sent alone, to the rows' new homes (the client's hot-map refreshes count them).",
             f"Fetch rows/s, hot/cold service / all-DRAM shards: {r['service_vs_dram']:.2f} "
-            f"({hot['refreshes'] / steps:.2f} re-sends per fetch, LMDB-backed cold shards, the migrator's CPU)."]
+            f"({hot['refreshes'] / steps:.2f} refused requests re-sent per step, LMDB-backed cold shards, the "
+            f"migrator's CPU on the same 2 cores)."]
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
