@@ -43,7 +43,7 @@ SHARD_ENV = {"MALLOC_MMAP_THRESHOLD_": "1073741824", "MALLOC_TRIM_THRESHOLD_": "
 # mmap/munmap cost SHARD_ENV avoids is small beside a cold shard's LMDB reads.
 # The embedded cluster's shards share the host with the trainer: at the lowest priority they run
 # on the cores torch leaves idle instead of stalling its parallel regions (bench_train_overhead.py:
-# the prefetch mode's step went from +15.9% over in-process tables at niceness 0 to +1.6% at 19).
+# the prefetch mode's step went from +14.3% over in-process tables at niceness 0 to +5.5% at 19).
 LOCAL_NICENESS = 19
 COLD_SHARD_ENV = {"MALLOC_MMAP_THRESHOLD_": "4194304"}
 
