@@ -26,7 +26,7 @@ apart (the trainer's compute; the migrator works in between) and the migrator's 
 to `--migrate-max-duty` (1.0: at the service's 0.05 a round of ~0.5 s is followed by ~10 s of
 pause and the replay ends before the hot set forms).
 
-    PYTHONPATH=. python bench/bench_tiers.py --json     # ~37 min on 2 cores (the service section ~3)
+    PYTHONPATH=. python bench/bench_tiers.py --json     # ~13 min on 2 cores (741 s, the service section ~3 min)
     PYTHONPATH=. python bench/bench_tiers.py --split-fraction 0.125 --lookahead-curve 1 --skip-service  # ~1 min
 """
 from __future__ import annotations

@@ -126,7 +126,6 @@ class NgramBatch:
                           self.mixed[start:stop], self.pair_index[lo:hi] - start,
                           self.pair_fingerprints[lo:hi], self.pair_lookups[lo:hi])
 
-
     def take(self, positions: np.ndarray) -> "NgramBatch":
         """The part for ids at `positions` (distinct, any order), in that order."""
         remap = np.full(len(self.lookups), -1, np.int64)
