@@ -17,39 +17,43 @@ Box-Muller; a row of width w uses ceil(w / 4) blocks and keeps the first w norma
 """
 from __future__ import annotations
 
+import collections
+
 import numpy as np
 
-_M0 = np.uint64(0xD2E7470EE14C6C93)
-_M1 = np.uint64(0xCA5A826395121157)
-_W0 = np.uint64(0x9E3779B97F4A7C15)
-_W1 = np.uint64(0xBB67AE8584CAA73B)
+_M = np.array([[0xD2E7470EE14C6C93], [0xCA5A826395121157]], dtype=np.uint64)  # (2, 1): the two multipliers
+_W = np.array([[0x9E3779B97F4A7C15], [0xBB67AE8584CAA73B]], dtype=np.uint64)  # (2, 1): the key's Weyl steps
 _LO32 = np.uint64(0xFFFFFFFF)
 _S32 = np.uint64(32)
+_M_LO, _M_HI = _M & _LO32, _M >> _S32
 _ROUNDS = 10
 
 
-def _mulhilo(a: np.uint64, b: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Full 64x64 -> 128-bit product as (hi, lo), from four 32x32 products that fit in uint64."""
-    a_lo, a_hi = a & _LO32, a >> _S32
+def _mulhi(b: np.ndarray) -> np.ndarray:
+    """High 64 bits of the 128-bit products _M * b, b: (2, n) uint64, from 32x32 products that
+    cannot overflow uint64 (t and u stay below 2^64 - 2^32)."""
     b_lo, b_hi = b & _LO32, b >> _S32
-    ll, lh, hl, hh = a_lo * b_lo, a_lo * b_hi, a_hi * b_lo, a_hi * b_hi
-    mid = (ll >> _S32) + (lh & _LO32) + (hl & _LO32)
-    hi = hh + (lh >> _S32) + (hl >> _S32) + (mid >> _S32)
-    return hi, a * b
+    t = _M_LO * b_hi + ((_M_LO * b_lo) >> _S32)
+    u = _M_HI * b_lo + (t & _LO32)
+    return _M_HI * b_hi + (t >> _S32) + (u >> _S32)
 
 
 def philox4x64(counter: np.ndarray, key: tuple[int, int]) -> np.ndarray:
-    """Philox4x64-10 of each counter. counter: (n, 4) uint64 -> (n, 4) uint64."""
-    c0, c1, c2, c3 = (counter[:, i].copy() for i in range(4))
-    k0, k1 = np.uint64(key[0]), np.uint64(key[1])
+    """Philox4x64-10 of each counter. counter: (n, 4) uint64 -> (n, 4) uint64.
+
+    The two multiplications of a round run as one (2, n) product (the round's cost is numpy's
+    per-call overhead at the batch sizes a shard sees): `x` holds words (0, 2), `y` words (1, 3)."""
+    x, y = counter[:, 0::2].T.copy(), counter[:, 1::2].T.copy()  # (2, n) each
+    k = np.array([[key[0]], [key[1]]], dtype=np.uint64)  # (2, 1)
     with np.errstate(over="ignore"):  # uint64 arithmetic wraps by design
         for r in range(_ROUNDS):
             if r:
-                k0, k1 = k0 + _W0, k1 + _W1
-            hi0, lo0 = _mulhilo(_M0, c0)
-            hi1, lo1 = _mulhilo(_M1, c2)
-            c0, c1, c2, c3 = hi1 ^ c1 ^ k0, lo1, hi0 ^ c3 ^ k1, lo0
-    return np.stack([c0, c1, c2, c3], axis=1)
+                k = k + _W
+            hi, lo = _mulhi(x), _M * x
+            x, y = hi[::-1] ^ y ^ k, lo[::-1]  # (hi1 ^ c1 ^ k0, hi0 ^ c3 ^ k1), (lo1, lo0)
+    out = np.empty((counter.shape[0], 4), dtype=np.uint64)
+    out[:, 0::2], out[:, 1::2] = x.T, y.T
+    return out
 
 
 def _check(seed: int, row_ids: np.ndarray, width: int) -> None:
@@ -84,6 +88,37 @@ def init_rows(seed: int, row_ids: np.ndarray, width: int, scale: float = 1.0) ->
     normals[:, 0::2] = radius * np.cos(angle)
     normals[:, 1::2] = radius * np.sin(angle)
     return (normals[:, :width] * scale).astype(np.float32)
+
+
+class InitialRows:
+    """`init_rows` of one table that remembers the rows of its last `keep` calls made with
+    `remember`: in training a row is read before it was ever written (computed there) and takes
+    its first gradient in the same step (computed again); the second time is a lookup. Exact,
+    since `init_rows` is pure; at most `max_bytes` of rows are remembered."""
+
+    def __init__(self, seed: int, width: int, scale: float, keep: int = 2, max_bytes: int = 1 << 20) -> None:
+        self.seed, self.width, self.scale = seed, width, scale
+        self.max_rows = max(1, max_bytes // (4 * width))
+        self._kept: collections.deque[tuple[np.ndarray, np.ndarray]] = collections.deque(maxlen=keep)
+        self.computed = 0  # rows computed (the rest of those asked for came from memory)
+
+    def __call__(self, ids: np.ndarray, remember: bool = False) -> np.ndarray:
+        """Initial rows of `ids` (n,) -> (n, width) float32, as `init_rows` gives them."""
+        ids = np.asarray(ids, dtype=np.int64).reshape(-1)
+        rows = np.empty((len(ids), self.width), dtype=np.float32)
+        todo = np.ones(len(ids), dtype=bool)
+        for known, known_rows in self._kept:  # known: sorted distinct ids
+            at = np.minimum(np.searchsorted(known, ids), len(known) - 1)
+            hit = todo & (known[at] == ids)
+            rows[hit] = known_rows[at[hit]]
+            todo &= ~hit
+        if todo.any():
+            rows[todo] = init_rows(self.seed, ids[todo], self.width, self.scale)
+            self.computed += int(np.count_nonzero(todo))
+        if remember and 0 < len(ids) <= self.max_rows // self._kept.maxlen:
+            distinct, first = np.unique(ids, return_index=True)
+            self._kept.append((distinct, rows[first]))
+        return rows
 
 
 def table_seed(base_seed: int, *parts: int) -> int:

@@ -36,7 +36,7 @@ import numpy as np
 from memory_service.config import TableConfig
 from memory_service.optimizer import make_optimizer
 from memory_service.placement import Policy
-from memory_service.rows import init_rows
+from memory_service.rows import InitialRows
 from memory_service.tiers.base import RowRecords
 from memory_service.tiers.cold import ColdTier
 from memory_service.tiers.warm import WarmTier
@@ -70,6 +70,7 @@ class TableStore:
                  policy: Policy | None = None) -> None:
         self.cfg = cfg
         self.optimizer = make_optimizer(cfg.optimizer)
+        self._init_rows = InitialRows(cfg.seed, cfg.width, cfg.init_scale)  # never-written rows' values
         self._state_width = self.optimizer.state_width(cfg.width)
         self.warm = warm if warm is not None else WarmTier(cfg.width, self._state_width)
         for tier in (self.warm, cold):
@@ -149,7 +150,7 @@ class TableStore:
             return self.warm.rows_at(slots)
         out = np.empty((len(ids), self.cfg.width), dtype=np.float32)
         out[~missing] = self.warm.rows_at(slots[~missing])
-        out[missing] = init_rows(self.cfg.seed, ids[missing], self.cfg.width, self.cfg.init_scale)
+        out[missing] = self._init_rows(ids[missing], remember=True)  # their first push reuses them
         return out
 
     def _catch_up_warm(self, slots: np.ndarray) -> None:
@@ -174,7 +175,7 @@ class TableStore:
         out[hit] = self.warm.rows_at(slots[hit])
         cold_rows = np.empty((len(distinct), self.cfg.width), dtype=np.float32)  # (u, width)
         cold_rows[found] = rows
-        cold_rows[~found] = init_rows(self.cfg.seed, distinct[~found], self.cfg.width, self.cfg.init_scale)
+        cold_rows[~found] = self._init_rows(distinct[~found], remember=True)
         where = np.searchsorted(distinct, cold_ids)  # (c,)
         out[~hit] = cold_rows[where]
         num_warm, num_cold = int(np.count_nonzero(hit)), int(np.count_nonzero(found[where]))
@@ -296,7 +297,7 @@ class TableStore:
     def _initial(self, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """(rows, state, last) of never-written `ids` (m,): their initial row, zero state, and
         last step as if caught up to the step before the current one."""
-        rows = init_rows(self.cfg.seed, ids, self.cfg.width, self.cfg.init_scale)
+        rows = self._init_rows(ids)
         state = self.optimizer.initial_state(len(ids), self.cfg.width)
         return rows, state, np.full(len(ids), max(self.step - 1, 0), dtype=np.int64)
 

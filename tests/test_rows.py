@@ -2,7 +2,7 @@
 import numpy as np
 import pytest
 
-from memory_service.rows import init_rows, philox4x64, table_seed
+from memory_service.rows import InitialRows, init_rows, philox4x64, table_seed
 
 
 @pytest.mark.parametrize("seed", [0, 7, 2**63 + 12345])
@@ -51,3 +51,24 @@ def test_bad_input_names_value():
         init_rows(0, np.array([3, -1]), 4)
     with pytest.raises(ValueError, match="width 0"):
         init_rows(0, np.array([3]), 0)
+
+
+def test_initial_rows_remember_what_a_read_computed():
+    rows = InitialRows(seed=3, width=12, scale=0.1, keep=2)
+    read = np.array([40, 7, 7, 1000])
+    np.testing.assert_array_equal(rows(read, remember=True), init_rows(3, read, 12, 0.1))
+    assert rows.computed == 4
+    push = np.array([7, 1000, 5])  # two read before, one new
+    np.testing.assert_array_equal(rows(push), init_rows(3, push, 12, 0.1))
+    assert rows.computed == 5  # only id 5 was computed again
+    rows(np.array([1]), remember=True), rows(np.array([2]), remember=True)  # keep=2: the first read is forgotten
+    rows(np.array([40]))
+    assert rows.computed == 8
+
+
+def test_initial_rows_remember_at_most_max_bytes():
+    rows = InitialRows(seed=3, width=16, scale=1.0, keep=2, max_bytes=64 * 16 * 4)  # 64 rows
+    big = np.arange(100)
+    rows(big, remember=True)
+    rows(big)
+    assert rows.computed == 200  # a batch larger than its share (32 rows) is not kept
