@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING
 from trainer.data import Corpus, CorpusConfig
 from trainer.infer import generate_text, load_checkpoint, saved_model
 from trainer.model import MODEL_PRESETS, ModelConfig
-from trainer.train import TrainConfig, train
+from trainer.train import DEVICES, TrainConfig, train
 
 if TYPE_CHECKING:
     from memory_service.security import ClientSecurity, SecurityConfig
@@ -31,6 +31,7 @@ def add_train_args(p: argparse.ArgumentParser, steps: int, context: int | None =
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--corpus", default=None, help="folder of text/source files (default: Python stdlib)")
     p.add_argument("--threads", type=int, default=None)
+    add_device_arg(p)
     p.add_argument("--checkpoint", default=None, help="write the trained model here")
     p.add_argument("--checkpoint-dir", default=None,
                    help="save checkpoints to resume from here, in step-NNNNNNNN folders (with --checkpoint-every)")
@@ -43,6 +44,11 @@ def add_train_args(p: argparse.ArgumentParser, steps: int, context: int | None =
                    help="tokenizer compression keeps whitespace runs (indentation) distinct")
 
 
+def add_device_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--device", default="cpu", choices=DEVICES,
+                   help="where the model, its batches and in-process tables live")
+
+
 def train_config(args: argparse.Namespace) -> TrainConfig:
     model = ModelConfig.from_name(args.preset)
     if args.context:
@@ -51,7 +57,7 @@ def train_config(args: argparse.Namespace) -> TrainConfig:
         model = model.iso_flops_baseline()
     return TrainConfig(model=model, corpus=CorpusConfig(corpus_dir=args.corpus), steps=args.steps,
                        batch_size=args.batch_size, lr=args.lr, table_lr_mult=args.table_lr_mult,
-                       seed=args.seed, threads=args.threads,
+                       seed=args.seed, threads=args.threads, device=args.device,
                        warmup_steps=min(20, args.steps // 10), checkpoint=args.checkpoint,
                        checkpoint_dir=args.checkpoint_dir, checkpoint_every=args.checkpoint_every,
                        resume_from=args.resume_from,
@@ -172,7 +178,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     """Print the prompt and its continuation by a trained checkpoint; with `--address`, its rows
     are read from the tables cluster it was trained through."""
     if args.address is None:
-        model, indexer, _, corpus = load_checkpoint(args.checkpoint)
+        model, indexer, _, corpus = load_checkpoint(args.checkpoint, device=args.device)
         print(generate_text(model, indexer, corpus.tokenizer, args.prompt, args.max_new_tokens,
                             top_k=args.top_k, temperature=args.temperature, seed=args.seed))
         return 0
@@ -184,7 +190,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     try:
         with cluster.client(security=client_security(args)) as client:
             prefix = args.prefix or service.get("prefix", "engram")
-            model, indexer, _, corpus = load_checkpoint(args.checkpoint, service_tables(client, prefix))
+            model, indexer, _, corpus = load_checkpoint(args.checkpoint, service_tables(client, prefix), args.device)
             print(generate_text(model, indexer, corpus.tokenizer, args.prompt, args.max_new_tokens,
                                 top_k=args.top_k, temperature=args.temperature, seed=args.seed))
     finally:
@@ -318,6 +324,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top-k", type=int, default=0, help="sample among the k most likely tokens (0: greedy)")
     p.add_argument("--temperature", type=float, default=1.0, help="divides the logits before top-k sampling")
     p.add_argument("--seed", type=int, default=0, help="sampling seed")
+    add_device_arg(p)
     p.add_argument("--address", default=None,
                    help="Ray cluster whose table service holds the rows (checkpoints of `engram train`/`demo`)")
     p.add_argument("--name", "--cluster", dest="cluster", default="default",

@@ -70,7 +70,8 @@ def sample(client, checkpoint: Path, cfg: DemoConfig) -> str:
     through the service."""
     from trainer.infer import generate_text, load_checkpoint, service_tables
 
-    model, indexer, _, corpus = load_checkpoint(checkpoint, service_tables(client, cfg.service.prefix))
+    model, indexer, _, corpus = load_checkpoint(checkpoint, service_tables(client, cfg.service.prefix),
+                                                cfg.train.device)
     room = model.cfg.context - len(corpus.tokenizer.encode(cfg.prompt).ids)  # prompt + new must fit
     return generate_text(model, indexer, corpus.tokenizer, cfg.prompt, min(cfg.max_new_tokens, room),
                          top_k=cfg.top_k, seed=0)

@@ -22,7 +22,7 @@ from trainer.model import EngramLM, ModelConfig
 from trainer.remote_rows import RemoteTables
 from memory_service.config import OptimizerConfig
 from trainer.row_index import RowIndexer
-from trainer.train import TablesFactory, TrainConfig, build_indexer
+from trainer.train import TablesFactory, TrainConfig, build_indexer, check_device
 
 
 
@@ -34,9 +34,11 @@ def generate(model: EngramLM, indexer: RowIndexer | None, prompt: torch.Tensor, 
     top_k 0 takes the most likely token (greedy); top_k > 0 samples among the k most likely from
     softmax(logits / temperature), drawn from a generator seeded with `seed`, so a seed repeats
     its tokens. `indexer` is None for a baseline (no Engram). The whole sequence must fit the
-    model's context.
+    model's context. Runs on the model's device (the prompt is moved there; so is the result):
+    row ids are hashed there too, so on a GPU only the rows of remote tables cross the bus.
     """
     check_generate_args(model, indexer, prompt, max_new_tokens, top_k, temperature)
+    prompt = prompt.to(model.embed.weight.device)
     B, P = prompt.shape
     recent_ids = indexer.initial_recent_ids(B, prompt.device) if indexer is not None else None
     cache = model.new_cache(B, P + max_new_tokens, recent_ids)
@@ -112,14 +114,16 @@ def checkpoint_tables(cfg: EngramConfig, sizes: dict[int, list[int]]) -> EngramT
     return LocalTables(cfg, sizes, initialize_rows=False)
 
 
-def load_checkpoint(path: str | Path, make_tables: TablesFactory = checkpoint_tables
+def load_checkpoint(path: str | Path, make_tables: TablesFactory = checkpoint_tables, device: str = "cpu"
                     ) -> tuple[EngramLM, RowIndexer | None, TrainConfig, Corpus]:
-    """The model a trainer/train.py checkpoint holds, its row indexer (None for a baseline), its
-    TrainConfig, and its corpus (for the tokenizer; loaded from the corpus cache, or rebuilt).
+    """The model a trainer/train.py checkpoint holds, on `device` ("cpu" or "cuda"), its row
+    indexer (None for a baseline), its TrainConfig, and its corpus (for the tokenizer; loaded from
+    the corpus cache, or rebuilt).
 
     `make_tables` builds the tables the model reads; rows it keeps elsewhere (tables.* entries
     the built tables do not hold) are skipped. The file is a pickle: load only files you trust.
     """
+    check_device(device)
     saved = saved_model(path)
     if saved.get("service") and make_tables is checkpoint_tables:
         raise ValueError(f"checkpoint {str(path)!r} was trained through the table service (tables "
@@ -133,7 +137,7 @@ def load_checkpoint(path: str | Path, make_tables: TablesFactory = checkpoint_ta
     if missing or any(not key.startswith("tables.") for key in unexpected):
         raise ValueError(f"checkpoint {str(path)!r} does not fit its model: missing {missing}, "
                          f"unexpected {unexpected}")
-    return model.eval(), indexer, cfg, corpus
+    return model.to(device).eval(), indexer, cfg, corpus
 
 
 def saved_model(path: str | Path) -> dict:
@@ -152,8 +156,10 @@ def saved_model(path: str | Path) -> dict:
 
 
 def train_config_from_dict(d: dict) -> TrainConfig:
-    """The TrainConfig that `dataclasses.asdict` turned into `d` (nested configs are dicts)."""
+    """The TrainConfig that `dataclasses.asdict` turned into `d` (nested configs are dicts). Its
+    device is the CPU: where a run trained says nothing about where its model is read (a GPU run's
+    config would not even build on a machine without one); `load_checkpoint` takes the device."""
     m = d["model"]
     engram = EngramConfig(**m["engram"]) if m["engram"] is not None else None
     model = ModelConfig(**{**m, "engram": engram})
-    return TrainConfig(**{**d, "model": model, "corpus": CorpusConfig(**d["corpus"])})
+    return TrainConfig(**{**d, "model": model, "corpus": CorpusConfig(**d["corpus"]), "device": "cpu"})

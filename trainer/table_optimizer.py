@@ -5,6 +5,10 @@ trained with in-process tables and one trained through the service take the same
 dense-equivalent Adam (`adam`) works in both: a row is caught up over the steps it skipped when
 the forward reads it (LocalTables calls `catch_up` before each gather) and when its gradient
 arrives. Rows never read are never touched.
+
+Tables on a GPU keep their rows there (the forward gathers them where the model runs) while the
+optimizer state stays on the host, beside the numpy math: each step copies only the rows it
+updates to the host and back, so a model trains the same on either device.
 """
 from __future__ import annotations
 
@@ -21,6 +25,7 @@ def _summed(grad: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
     Repeats are summed in the order they occur, as the table service's client sums them (torch's
     coalesce sums in another order), so in-process and remote training take identical updates."""
     ids, values = (grad.indices(), grad.values()) if grad.is_coalesced() else (grad._indices(), grad._values())
+    ids, values = ids.cpu(), values.cpu()  # the math runs on the host whatever the rows' device
     distinct, inverse = torch.unique(ids[0], return_inverse=True)  # (m,), (n,)
     summed = torch.zeros(len(distinct), values.shape[1]).index_add_(0, inverse, values.to(torch.float32))
     return distinct.numpy(), summed.numpy()
@@ -35,8 +40,6 @@ class TableOptimizer(torch.optim.Optimizer):
 
     def __init__(self, tables: LocalTables, config: OptimizerConfig) -> None:
         params = list(tables.parameters())
-        if any(p.device.type != "cpu" for p in params):
-            raise ValueError("TableOptimizer runs the shards' numpy math: in-process tables must be on the CPU")
         super().__init__(params, {"lr": config.lr})
         self.config = config
         self.steps_taken = 0
@@ -81,12 +84,22 @@ class TableOptimizer(torch.optim.Optimizer):
                 self._apply_rows(p, ids, lambda r, s, l: math.update(r, s, l, grads, step))
 
     def _apply_rows(self, weight: torch.Tensor, ids: np.ndarray, fn) -> None:
-        """Gathers rows, moments and last steps of `ids` (m,), runs fn on the copies, scatters back."""
-        rows, moments = weight.data.numpy(), self.state[weight]["moments"].numpy()
-        last = self.state[weight]["last"].numpy()
-        r, s, l = rows[ids], moments[ids], last[ids]
+        """Gathers rows, moments and last steps of `ids` (m,), runs fn on the copies, scatters back
+        (rows on another device than the host: one copy of the m rows each way)."""
+        moments, last = self.state[weight]["moments"].numpy(), self.state[weight]["last"].numpy()
+        if weight.device.type == "cpu":
+            rows = weight.data.numpy()
+            r = rows[ids]
+        else:
+            index = torch.from_numpy(ids).to(weight.device)  # (m,)
+            r = weight.data.index_select(0, index).cpu().numpy()  # (m, width)
+        s, l = moments[ids], last[ids]
         fn(r, s, l)
-        rows[ids], moments[ids], last[ids] = r, s, l
+        moments[ids], last[ids] = s, l
+        if weight.device.type == "cpu":
+            rows[ids] = r
+        else:
+            weight.data.index_copy_(0, index, torch.from_numpy(r).to(weight.device))
         self.rows_processed += len(ids)
 
     def state_dict(self) -> dict:
@@ -102,7 +115,8 @@ class TableOptimizer(torch.optim.Optimizer):
     def load_state_dict(self, state_dict: dict) -> None:
         state_dict = dict(state_dict)
         tables, self.steps_taken = state_dict.pop("tables"), state_dict.pop("steps_taken")
-        super().load_state_dict(state_dict)
+        super().load_state_dict(state_dict)  # casts the moments to each table's device
         for p, table in zip(self.param_groups[0]["params"], tables):
+            self.state[p]["moments"] = self.state[p]["moments"].cpu()  # the math's state lives on the host
             self._math[p].load_log_state(table)
             self.state[p]["last"] = table["last"].clone()

@@ -11,6 +11,10 @@ Data-parallel (`rank` of `world` workers, torch.distributed initialised by the c
 Train): every worker draws the same batch and takes its slice; dense gradients are all-reduced
 (mean), and each worker pushes its part of the table gradients scaled by 1/world, which the shards
 sum and apply once per step.
+
+`device` "cuda": the model, each batch (hashed there, so row ids never cross to the host) and
+in-process tables live on the GPU; service tables deliver their rows there (copied from pinned
+buffers on a side stream) and their gradients are copied back to the host for the push.
 """
 from __future__ import annotations
 
@@ -64,8 +68,10 @@ class TrainConfig:
     checkpoint_every: int = 0  # steps between checkpoints (0: none)
     resume_from: str | None = None  # a checkpoint, or a checkpoint_dir (its latest), to continue from
     progress: bool = True
+    device: str = "cpu"  # "cpu" or "cuda": where the model, batches and in-process tables live
 
     def __post_init__(self) -> None:
+        check_device(self.device)
         for name in ("steps", "batch_size", "eval_batches"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} {getattr(self, name)} must be >= 1")
@@ -77,6 +83,19 @@ class TrainConfig:
             raise ValueError(f"warmup_steps {self.warmup_steps} must be in [0, steps={self.steps})")
         if self.checkpoint_every < 0 or (self.checkpoint_every and not self.checkpoint_dir):
             raise ValueError(f"checkpoint_every {self.checkpoint_every} must be >= 0, and > 0 needs a checkpoint_dir")
+
+
+DEVICES = ("cpu", "cuda")
+
+
+def check_device(device: str) -> None:
+    """ValueError unless `device` is one of DEVICES and there: "cuda" needs a CUDA build of torch
+    and a visible GPU."""
+    if device not in DEVICES:
+        raise ValueError(f"device {device!r} must be one of {DEVICES}")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ValueError("device 'cuda' needs a GPU, and torch.cuda.is_available() is False here "
+                         f"(torch {torch.__version__}, CUDA build {torch.version.cuda})")
 
 
 @dataclass(frozen=True)
@@ -174,8 +193,11 @@ def make_optimizers(model: EngramLM, cfg: TrainConfig) -> list[torch.optim.Optim
 
 @torch.no_grad()
 def evaluate(model: EngramLM, indexer: RowIndexer | None, batches: list) -> float:
-    """Mean held-out loss (nats/token) over fixed validation windows (all their rows requested first)."""
+    """Mean held-out loss (nats/token) over fixed validation windows (all their rows requested
+    first), on the model's device."""
     model.eval()
+    device = model.embed.weight.device
+    batches = [(x.to(device), y.to(device)) for x, y in batches]
     row_ids = [indexer(x) if indexer is not None else None for x, _ in batches]
     if indexer is not None:
         for ids in row_ids:
@@ -207,6 +229,8 @@ def train(cfg: TrainConfig, corpus: Corpus | None = None, client=None,
             resume.restore_tables(client)  # before the model attaches to them
     make_tables = remote_tables(client, cfg, service, world) if client is not None else None
     model, indexer, summary = build(cfg, corpus, make_tables)
+    device = torch.device(cfg.device)
+    model.to(device)  # before the optimizers: they hold the parameters' device
     tables = model.tables if isinstance(model.tables, RemoteTables) else None
     optimizers = make_optimizers(model, cfg)
     context = cfg.model.context
@@ -221,7 +245,8 @@ def train(cfg: TrainConfig, corpus: Corpus | None = None, client=None,
         data_states[step] = batches.state_dict()  # step s + 1 (+ announce) is drawn during step s
         data_states.pop(step - 2 - announce, None)
         x, y = batches.next()  # every worker draws the whole batch and keeps its slice
-        return x[rank * part:(rank + 1) * part], y[rank * part:(rank + 1) * part]
+        x, y = x[rank * part:(rank + 1) * part], y[rank * part:(rank + 1) * part]
+        return x.to(device), y.to(device)  # hashed where the model runs
 
     feed = Prefetcher(next_batch, cfg.steps, indexer, model.tables if service.prefetch else None,
                       service.prefetch and service.lookahead, service.staleness, announce)
