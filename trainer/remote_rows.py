@@ -11,6 +11,15 @@ The step protocol: `begin_step(step, lr)` before the forward of training step `s
 push is table step `step + 1`), `end_step()` after its backward. A fetch names the table step it
 must see (`min_step`); the shards hold it until then, which keeps training exact however early the
 fetch is sent.
+
+On a GPU (row ids on CUDA) the rows are copied there from pinned buffers on a side stream as soon
+as they arrive, and each gradient is copied to pinned host memory as backward produces it; the
+push thread waits for that copy alone, not for the rest of the backward.
+
+Profiling (torch.profiler, with all threads recorded: bench/bench_train_overhead.py --profile)
+sees the work as ranges: "engram.fetch" from a fetch's send to its rows ready for the forward
+(on a client thread), "engram.wait" where the forward blocked on them, "engram.push" a layer's
+push on the push thread.
 """
 from __future__ import annotations
 
@@ -20,6 +29,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
+from torch.profiler import record_function
 
 from memory_service.client import MemoryClient
 from memory_service.config import OptimizerConfig, TableConfig
@@ -117,28 +127,37 @@ class RemoteTables(EngramTables):
         (default: every step this trainer pushed); `ngrams` {layer: (B, T, H) uint64} are the
         fingerprints of the N-grams behind the ids, for the tables' collision stats."""
         min_step = self.steps_pushed if min_step is None else min_step
-        ids = {name: row_ids[layer][..., h] for layer in row_ids for h, name in enumerate(self.names[layer])}
+        device = next(iter(row_ids.values())).device
+        ids = self._per_table(row_ids)
         fingerprints = None if ngrams is None else {
             name: ngrams[layer][..., h] for layer in row_ids for h, name in enumerate(self.names[layer])}
         started = time.perf_counter()
         future = self.client.fetch_async(ids, min_step, fingerprints)  # requests sent when this returns
-        future.add_done_callback(lambda _: setattr(self.times, "fetch_s",
-                                                   self.times.fetch_s + time.perf_counter() - started))
-        device = next(iter(row_ids.values())).device
-        if device.type == "cuda":  # copy to the GPU as soon as the rows arrive, off the compute stream
-            future = self.client.pool.submit(self._to_gpu, future, device)
+        future = self.client.pool.submit(self._arrive, future, device, started)
         self._pending.append(_Pending(row_ids, future, set(row_ids)))
 
     def announce(self, row_ids: dict[int, torch.Tensor]) -> None:
         """Tells the rows' homes that a later step reads `row_ids` {layer: (B, T, H)} (a hint for
         placement); a refusal surfaces at the next end_step."""
-        ids = {name: row_ids[layer][..., h] for layer in row_ids for h, name in enumerate(self.names[layer])}
-        self._announced.append(self.client.announce(ids))
+        self._announced.append(self.client.announce(self._per_table(row_ids)))
 
-    def _to_gpu(self, future: Future, device: torch.device) -> tuple[dict[str, torch.Tensor], object]:
-        """The fetched rows copied from pinned host buffers on a side stream; returns them and the
-        event the compute stream waits on before reading them."""
-        rows = future.result()
+    def _per_table(self, row_ids: dict[int, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """{layer: (B, T, H)} on any device -> {table: (B, T)} host ids (one copy per layer)."""
+        host = {layer: ids.cpu() for layer, ids in row_ids.items()}
+        return {name: host[layer][..., h] for layer in host for h, name in enumerate(self.names[layer])}
+
+    def _arrive(self, future: Future, device: torch.device, started: float):
+        """On a client thread: waits for a fetch's rows (and copies them to the GPU for CUDA
+        ids), timed as `fetch_s` and recorded as the profiler range "engram.fetch"."""
+        with record_function("engram.fetch"):
+            rows = future.result()
+            out = self._to_gpu(rows, device) if device.type == "cuda" else rows
+        self.times.fetch_s += time.perf_counter() - started
+        return out
+
+    def _to_gpu(self, rows: dict[str, torch.Tensor], device: torch.device) -> tuple[dict[str, torch.Tensor], object]:
+        """The fetched rows copied from pinned host buffers on a side stream, off the compute
+        stream; returns them and the event the compute stream waits on before reading them."""
         if self._copy_stream is None:
             self._copy_stream = torch.cuda.Stream(device)
         with torch.cuda.stream(self._copy_stream):
@@ -153,7 +172,8 @@ class RemoteTables(EngramTables):
             self.prefetch({layer: row_ids})
             pending = self._pending[-1]
         started = time.perf_counter()
-        fetched = pending.future.result()
+        with record_function("engram.wait"):
+            fetched = pending.future.result()
         if isinstance(fetched, tuple):  # on the GPU: order the compute stream after the copy
             fetched, done = fetched
             stream = torch.cuda.current_stream(row_ids.device)
@@ -188,14 +208,23 @@ class RemoteTables(EngramTables):
         ids = row_ids.detach().reshape(-1, H)  # (B*T, H)
         if self.grad_scale != 1.0:
             grads = grads * self.grad_scale
-        self._pushes.append(self._pusher.submit(self._push, layer, ids, grads, step, lr))
+        copied = None
+        if grads.is_cuda:  # to pinned host memory, ordered after this gradient's kernels only
+            ids, grads = _pinned_copy(ids), _pinned_copy(grads)
+            copied = torch.cuda.Event()
+            copied.record()
+        self._pushes.append(self._pusher.submit(self._push, layer, ids, grads, step, lr, copied))
         self._pushed.add(layer)
 
-    def _push(self, layer: int, ids: torch.Tensor, grads: torch.Tensor, step: int, lr: float) -> int:
-        """On the push thread: one layer's (B*T, H) ids and (B*T, H, w) gradients as its tables' step."""
-        ids, grads = ids.cpu(), grads.cpu()  # from the GPU: ordered after the backward's kernels
-        tables = {name: (ids[:, h], grads[:, h]) for h, name in enumerate(self.names[layer])}
-        return self.client.push(tables, step, lr, self.contributors)
+    def _push(self, layer: int, ids: torch.Tensor, grads: torch.Tensor, step: int, lr: float,
+              copied=None) -> int:
+        """On the push thread: one layer's (B*T, H) ids and (B*T, H, w) gradients as its tables'
+        step, once their copy from the GPU (`copied`, a CUDA event) is done."""
+        with record_function("engram.push"):
+            if copied is not None:
+                copied.synchronize()
+            tables = {name: (ids[:, h], grads[:, h]) for h, name in enumerate(self.names[layer])}
+            return self.client.push(tables, step, lr, self.contributors)
 
     def end_step(self) -> None:
         """The step's backward ended: every layer must have pushed; surfaces failed pushes."""
@@ -218,3 +247,11 @@ class RemoteTables(EngramTables):
     def close(self) -> None:
         self.flush()
         self._pusher.shutdown(wait=True)
+
+
+def _pinned_copy(t: torch.Tensor) -> torch.Tensor:
+    """A pinned host copy of CUDA tensor `t`, started on the current stream (not waited for)."""
+    host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+    host.copy_(t, non_blocking=True)
+    return host
+
