@@ -166,11 +166,12 @@ class ShardActor:
                  metrics_port: int | None = None, cluster: str = "default", port_tries: int = 1,
                  role: str = "cold", track_accesses: bool = False, migration: dict | None = None,
                  storage: StorageConfig | None = None, security: SecurityConfig | None = None,
-                 niceness: int = 0):
+                 niceness: int = 0, device: str | None = None):
         _set_priority(niceness)  # before serve(): the gRPC threads inherit this thread's priority
         registry = ray.get_actor(registry_name, namespace=NAMESPACE)
         previous = ray.get(registry.address.remote(role, shard_id))  # set: this is a restart
-        self.shard = Shard(shard_id, num_shards, role=role, track_accesses=track_accesses, storage=storage)
+        self.shard = Shard(shard_id, num_shards, role=role, track_accesses=track_accesses, storage=storage,
+                           device=device)
         if previous is None:
             self.server = _serve_first_free(self.shard, host, port, metrics_port, cluster, port_tries, security)
         else:  # clients know this address: take it again
@@ -405,7 +406,7 @@ def launch(config: ClusterConfig, owns_ray: bool = False) -> TableCluster:
                            namespace=NAMESPACE, runtime_env={"env_vars": SHARD_ENV})
         .remote(i, config.num_hot, config.host, config.port, name, config.metrics_port, config.name, shards,
                 role="hot", track_accesses=True, migration=migration, security=config.security,
-                niceness=config.niceness)
+                niceness=config.niceness, device="cuda" if gpus else None)  # rows in its GPU's memory
         for i in range(config.num_hot)
     ]
     ray.get([a.get_address.remote() for a in hot_actors])

@@ -144,13 +144,19 @@ class Shard:
     crash recovers every acknowledged change (memory_service/journal.py, recovery.py); an all-DRAM
     shard loses everything with its process. A push or commit with a `request_seq` is applied once
     however often it is re-sent (the journal remembers it).
-    A "hot" `role` shard is home of the hot rows id % num_shards instead (memory_service/homes.py)."""
+    A "hot" `role` shard is home of the hot rows id % num_shards instead (memory_service/homes.py).
+    `device` (a torch device name, for a shard without `storage.path`) keeps every table's rows and
+    optimizer state in a HotTier arena there, so a hot shard on a GPU gathers the rows it serves in
+    GPU memory; None keeps them in host DRAM (numpy)."""
 
     def __init__(self, shard_id: int, num_shards: int, storage: StorageConfig | None = None,
-                 role: str = "cold", track_accesses: bool = False) -> None:
+                 role: str = "cold", track_accesses: bool = False, device: str | None = None) -> None:
         if not 0 <= shard_id < num_shards:
             raise InvalidArgument(f"shard id {shard_id} must be in [0, {num_shards})")
-        self.shard_id, self.num_shards = shard_id, num_shards
+        if device is not None and storage is not None and storage.path is not None:
+            raise InvalidArgument(f"device {device!r} is for all-DRAM shards; a shard with storage.path "
+                                  f"{storage.path!r} keeps its rows in host DRAM over LMDB")
+        self.shard_id, self.num_shards, self.device = shard_id, num_shards, device
         self.homes = Homes(role)  # a hot shard is shard `shard_id` of the `num_shards` hot ones
         self.track_accesses = track_accesses  # keep reads for placement (hot shards, tiers) to drain
         self._accesses: dict[str, _Accesses] = {}
@@ -218,6 +224,10 @@ class Shard:
             self._checkpoint()
 
     def _new_store(self, cfg: TableConfig) -> TableStore:
+        if self._cold is None and self.device is not None:
+            from memory_service.tiers.hot import HotTier  # torch only where a shard asks for a device
+
+            return TableStore(cfg, warm=HotTier(cfg.width, state_width_of(cfg), device=self.device))
         if self._cold is None:
             return TableStore(cfg)
         state_width = state_width_of(cfg)

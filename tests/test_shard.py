@@ -179,3 +179,43 @@ def test_shards_match_torch(num_shards, optimizer):
     ref = emb.weight.detach().numpy()
     assert not np.allclose(ref, start, atol=1e-3)
     np.testing.assert_allclose(ours, ref, rtol=1e-6, atol=1e-6 * np.abs(ref).max())
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+def test_hot_shard_on_a_device_serves_and_updates_rows_as_in_dram(device):
+    """A hot shard with its rows in a torch arena on `device` (on a GPU: issue 5's hot shard on
+    CUDA) takes rows moved in from a cold shard, serves fetches, applies 10 steps of pushes with
+    duplicates and hands the rows back, bit-identical to a hot shard keeping them in numpy."""
+    from memory_service.tiers.hot import HotTier
+
+    cfg = table(num_rows=1000, width=64, optimizer=ADAM)
+    cold, dram, hot = Shard(0, 1), Shard(0, 1, role="hot"), Shard(0, 1, role="hot", device=device)
+    for shard in (cold, dram, hot):
+        shard.create_table(cfg)
+    rng = np.random.default_rng(3)
+    cold.push("c", {"x": TablePush(1, rng.integers(0, 1000, 300), grads(300))})  # rows with state
+    moving = np.unique(rng.integers(0, 1000, 400))  # some written on the cold shard, some never
+    records = cold.export_rows("x", moving, version=1)
+    for shard in (dram, hot):
+        shard.import_rows("x", records, version=1, ids=moving)
+    arena = hot._tables["x"].warm  # the store's fast tier (white-box: where the rows live)
+    assert isinstance(arena, HotTier) and arena.rows_tensor(np.arange(1)).device.type == device
+    for step in range(2, 12):
+        ids = rng.choice(moving, 256)  # repeats
+        g = rng.standard_normal((256, 64)).astype(np.float32)
+        for shard in (dram, hot):
+            shard.push("c", {"x": TablePush(step, ids, g)})
+        want, got = dram.fetch({"x": ids[::-1]})["x"], hot.fetch({"x": ids[::-1]})["x"]
+        assert got.dtype == np.float32 and got.shape == (256, 64)
+        np.testing.assert_array_equal(got, want)
+    assert hot.digest() == dram.digest()
+    back, want = hot.export_rows("x", moving, version=2), dram.export_rows("x", moving, version=2)
+    for field in ("ids", "rows", "state", "last"):
+        np.testing.assert_array_equal(getattr(back, field), getattr(want, field))
+
+
+def test_a_device_is_for_all_dram_shards(tmp_path):
+    from memory_service.config import StorageConfig
+
+    with pytest.raises(InvalidArgument, match="device 'cpu' is for all-DRAM shards"):
+        Shard(0, 1, storage=StorageConfig(path=str(tmp_path)), device="cpu")
