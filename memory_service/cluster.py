@@ -29,28 +29,12 @@ import ray
 from memory_service.config import StorageConfig
 from memory_service.security import SecurityConfig, is_loopback, warn_if_exposed
 from memory_service.shard import Shard
+from memory_service.shard_process import LOCAL_NICENESS, SHARD_ENV, shard_env, set_priority
 
 log = logging.getLogger(__name__)
 NAMESPACE = "engram_memory"  # named actors are per namespace: every driver must use this one
 SHARD_RESOURCE = "engram_shard"
 SIGTERM_GRACE_S = 5.0  # rpcs in flight may finish this long after SIGTERM (Kubernetes waits 30 s by default)
-# glibc malloc settings for shard processes: without them every multi-MB gRPC message pays for
-# mmap/munmap and page faults (measured here: ~2x loopback throughput for large messages).
-SHARD_ENV = {"MALLOC_MMAP_THRESHOLD_": "1073741824", "MALLOC_TRIM_THRESHOLD_": "4294967296"}
-# Cold shards promise a DRAM budget instead: blocks of 4 MiB and more (a 16k-row request's arrays)
-# are mmapped and given back when freed. Under SHARD_ENV they stay on a heap that is never trimmed,
-# and a cold shard at rest held ~14 MiB more than its rows (tests/test_cold_memory.py). The
-# mmap/munmap cost SHARD_ENV avoids is small beside a cold shard's LMDB reads.
-# The embedded cluster's shards share the host with the trainer: at the lowest priority they run
-# on the cores torch leaves idle instead of stalling its parallel regions (bench_train_overhead.py:
-# the prefetch mode's step went from +14.3% over in-process tables at niceness 0 to +5.5% at 19).
-LOCAL_NICENESS = 19
-COLD_SHARD_ENV = {"MALLOC_MMAP_THRESHOLD_": "4194304"}
-
-
-def shard_env(storage: StorageConfig) -> dict[str, str]:
-    """Environment variables of a shard actor's process with this storage."""
-    return SHARD_ENV if storage.path is None else COLD_SHARD_ENV
 
 
 @dataclass(frozen=True)
@@ -167,7 +151,7 @@ class ShardActor:
                  role: str = "cold", track_accesses: bool = False, migration: dict | None = None,
                  storage: StorageConfig | None = None, security: SecurityConfig | None = None,
                  niceness: int = 0, device: str | None = None):
-        _set_priority(niceness)  # before serve(): the gRPC threads inherit this thread's priority
+        set_priority(niceness)  # before serve(): the gRPC threads inherit this thread's priority
         registry = ray.get_actor(registry_name, namespace=NAMESPACE)
         previous = ray.get(registry.address.remote(role, shard_id))  # set: this is a restart
         self.shard = Shard(shard_id, num_shards, role=role, track_accesses=track_accesses, storage=storage,
@@ -297,15 +281,6 @@ def _serve_again(shard: Shard, host: str, previous: ShardAddress, metrics: bool,
                 raise RuntimeError(f"shard {shard.shard_id}: port {previous.port} (metrics "
                                    f"{previous.metrics_port}) still taken after {timeout:.0f} s") from err
             time.sleep(0.2)
-
-
-def _set_priority(niceness: int) -> None:
-    """This thread's niceness (Ray starts workers at its own, RAY_worker_niceness; lowering
-    niceness needs CAP_SYS_NICE, so where that is missing this keeps what it has)."""
-    try:
-        os.setpriority(os.PRIO_PROCESS, 0, niceness)
-    except (PermissionError, OSError):
-        pass
 
 
 def node_ip() -> str:
