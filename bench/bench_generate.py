@@ -10,7 +10,12 @@ Baseline: the same generation with in-process tables, same process. The tokens m
 Prints tokens/s per (batch, tables) and remote/local; `--json`: one object with `tokens_per_s`
 {"local_b1", "remote_b1", "local_b16", "remote_b16"} and the ratios.
 
+`--device cuda` generates on the GPU (both models; remote rows are copied there as they arrive;
+each timing ends with a device synchronisation). `--cluster processes` starts the shards as plain
+local processes instead of Ray actors (memory_service/local_shards.py: for a machine without Ray).
+
     python bench/bench_generate.py [--new 64] [--repeats 3] [--json]
+    python bench/bench_generate.py --device cuda --cluster processes --json
 """
 from __future__ import annotations
 
@@ -27,41 +32,61 @@ if any(os.environ.get(k) != v for k, v in MALLOC_ENV.items()):
 
 import torch  # noqa: E402
 
-from memory_service.cluster import start_local  # noqa: E402
 from trainer.data import Corpus, CorpusConfig  # noqa: E402
 from trainer.infer import generate  # noqa: E402
 from trainer.model import ModelConfig  # noqa: E402
-from trainer.train import TrainConfig, build, remote_tables  # noqa: E402
+from trainer.train import DEVICES, TrainConfig, build, remote_tables  # noqa: E402
 
 
 def timed(model, indexer, prompt: torch.Tensor, new: int, repeats: int) -> tuple[float, torch.Tensor]:
-    """Best-of-`repeats` new tokens per second, and the tokens."""
+    """Best-of-`repeats` new tokens per second, and the tokens (on the model's device)."""
     best = float("inf")
+    sync = torch.cuda.synchronize if prompt.is_cuda else (lambda: None)
     for _ in range(repeats):
+        sync()
         start = time.perf_counter()
         tokens = generate(model, indexer, prompt, new)
+        sync()
         best = min(best, time.perf_counter() - start)
     return prompt.shape[0] * new / best, tokens
 
 
-def main() -> None:
+def start_shards(kind: str, device: str):
+    """The embedded cluster (2 cold + 1 hot shards) as Ray actors or plain local processes."""
+    if kind == "processes":
+        from memory_service.local_shards import start_processes
+
+        return start_processes(num_shards=2, hot_device="cuda" if device == "cuda" else None)
+    from memory_service.cluster import start_local
+
+    return start_local(num_shards=2, name="bench-generate")
+
+
+def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--new", type=int, default=64, help="new tokens per sequence")
     p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--device", default="cpu", choices=DEVICES, help="where the models generate")
+    p.add_argument("--cluster", default="ray", choices=("ray", "processes"),
+                   help="shards as Ray actors (start_local) or plain local processes (no Ray needed)")
+    p.add_argument("--corpus", default=None, help="folder of text/source files (default: Python stdlib)")
     p.add_argument("--json", action="store_true")
-    args = p.parse_args()
-    cfg = TrainConfig(model=replace(ModelConfig.from_name("tiny"), context=128), corpus=CorpusConfig(), progress=False)
+    args = p.parse_args(argv)
+    cfg = TrainConfig(model=replace(ModelConfig.from_name("tiny"), context=128),
+                      corpus=CorpusConfig(corpus_dir=args.corpus), progress=False, device=args.device)
     corpus = Corpus.load(cfg.corpus)
     local_model, indexer, _ = build(cfg, corpus)
-    local_model.eval()
-    val = torch.from_numpy(corpus.val[:16 * 16].astype("int64")).view(16, 16)  # 16 prompts of 16 tokens
-    out: dict = {"preset": "tiny", "new_tokens": args.new, "prompt_tokens": 16, "tokens_per_s": {}}
-    cluster = start_local(num_shards=2, name="bench-generate")
+    local_model.to(args.device).eval()
+    val = torch.from_numpy(corpus.val[:16 * 16].astype("int64")).view(16, 16).to(args.device)  # 16 prompts of 16 tokens
+    out: dict = {"preset": "tiny", "new_tokens": args.new, "prompt_tokens": 16, "device": args.device,
+                 "device_name": torch.cuda.get_device_name() if args.device == "cuda" else "cpu",
+                 "cluster": args.cluster, "tokens_per_s": {}}
+    cluster = start_shards(args.cluster, args.device)
     try:
         with cluster.client() as client:
             remote_model, _, _ = build(cfg, corpus, remote_tables(client, cfg, read_only=True))
             remote_model.load_state_dict(local_model.state_dict(), strict=False)  # same dense weights
-            remote_model.eval()
+            remote_model.to(args.device).eval()
             for batch in (1, 16):
                 prompt = val[:batch]
                 local_tps, local_tokens = timed(local_model, indexer, prompt, args.new, args.repeats)
@@ -78,6 +103,7 @@ def main() -> None:
         cluster.shutdown()
     if args.json:
         print(json.dumps(out))
+    return out
 
 
 if __name__ == "__main__":

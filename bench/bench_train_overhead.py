@@ -18,7 +18,14 @@ unique) and the service's cost per 1k unique rows (wall: sync - local; and the s
 `--json`: one object with `overhead_sync`, `overhead_prefetch`, `overhead_stale` (step-time ratio
 - 1), `ms_per_1k_rows` and `shard_cpu_ms_per_1k_rows`.
 
+`--device cuda` runs the same comparison on the GPU (the hot shard's rows on it too; step times
+taken after a device synchronisation). `--cluster processes` starts the shards as plain local
+processes instead of Ray actors (memory_service/local_shards.py: for a machine without Ray).
+`--profile DIR` then trains a few more prefetch-mode steps under torch.profiler (bench/profile_trace.py),
+writes DIR/trace.json.gz and prints how much of the fetch time the forward did not wait for.
+
     python bench/bench_train_overhead.py [--steps 48] [--json]    # ~5 min here
+    python bench/bench_train_overhead.py --device cuda --cluster processes --steps 16 --profile trace
 """
 from __future__ import annotations
 
@@ -35,13 +42,12 @@ if any(os.environ.get(k) != v for k, v in MALLOC_ENV.items()):
     os.execve(sys.executable, [sys.executable, *sys.argv], {**os.environ, **MALLOC_ENV})
 
 import numpy as np  # noqa: E402
-import ray  # noqa: E402
 import torch  # noqa: E402
 
-from memory_service.cluster import start_local  # noqa: E402
+from profile_trace import SKIPPED_STEPS, WARMUP_STEPS, step_profiler, summarize, summary_line  # noqa: E402
 from trainer.data import Batches, Corpus, CorpusConfig  # noqa: E402
 from trainer.model import ModelConfig  # noqa: E402
-from trainer.train import ServiceOptions, TrainConfig, build, train  # noqa: E402
+from trainer.train import DEVICES, ServiceOptions, TrainConfig, build, train  # noqa: E402
 
 MODES = {
     "sync": ServiceOptions(prefix="sync", prefetch=False),
@@ -102,6 +108,8 @@ def interleaved(cfg: TrainConfig, corpus: Corpus, modes: dict[str, dict], block:
         mine, last, since = out[name], [0.0], [(0.0, 0.0)]
 
         def on_step(step: int) -> None:
+            if cfg.device == "cuda":
+                torch.cuda.synchronize()  # the step's kernels done before it counts as ended
             now = time.perf_counter()
             if step % block:
                 mine["step_s"].append(now - last[0])
@@ -140,7 +148,35 @@ def interleaved(cfg: TrainConfig, corpus: Corpus, modes: dict[str, dict], block:
     return out
 
 
-def main() -> None:
+def start_shards(kind: str, device: str, niceness: int | None):
+    """The embedded cluster (2 cold + 1 hot shards) as Ray actors or local processes; returns it,
+    its shards' pids and their niceness."""
+    nice = {} if niceness is None else {"niceness": niceness}
+    if kind == "processes":
+        from memory_service.local_shards import start_processes
+
+        shards = start_processes(num_shards=2, hot_device="cuda" if device == "cuda" else None, **nice)
+        return shards, shards.pids, shards.niceness
+    import ray
+
+    from memory_service.cluster import start_local
+
+    cluster = start_local(num_shards=2, name="bench-train", **nice)  # a hot shard with a GPU gets it
+    return cluster, ray.get([a.pid.remote() for a in [*cluster.actors, *cluster.hot_actors]]), cluster.config.niceness
+
+
+def profiled(cfg: TrainConfig, corpus: Corpus, client, path: str, steps: int) -> dict:
+    """`steps` prefetch-mode steps (after the profiler's skipped and warm-up ones) traced into
+    `path`; the trace's summary."""
+    total = SKIPPED_STEPS + WARMUP_STEPS + steps + 1
+    cfg = replace(cfg, steps=total, warmup_steps=min(cfg.warmup_steps, total - 1), eval_batches=1)
+    with step_profiler(path, cfg.device, steps) as prof:
+        train(cfg, corpus, client=client, service=replace(MODES["prefetch"], prefix="profile"),
+              on_step=lambda step: prof.step())
+    return summarize(path)
+
+
+def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--steps", type=int, default=48, help="steps per mode")
     p.add_argument("--warmup", type=int, default=3, help="counted steps left out of the mean")
@@ -148,20 +184,33 @@ def main() -> None:
                    help="the shards' CPU priority (default: start_local's, LOCAL_NICENESS)")
     p.add_argument("--block", type=int, default=4, help="steps each mode runs per turn")
     p.add_argument("--settle", type=float, default=0.5, help="seconds left to the service at each turn")
+    p.add_argument("--device", default="cpu", choices=DEVICES, help="where the models train")
+    p.add_argument("--cluster", default="ray", choices=("ray", "processes"),
+                   help="shards as Ray actors (start_local) or plain local processes (no Ray needed)")
+    p.add_argument("--profile", default=None, metavar="DIR",
+                   help="also trace prefetch-mode steps into DIR/trace.json.gz and summarise the fetches")
+    p.add_argument("--profile-steps", type=int, default=4, help="steps traced with --profile")
+    p.add_argument("--corpus", default=None, help="folder of text/source files (default: Python stdlib)")
     p.add_argument("--json", action="store_true")
-    args = p.parse_args()
+    args = p.parse_args(argv)
+    if args.profile_steps < 1:
+        p.error(f"--profile-steps {args.profile_steps} must be >= 1")
     model = replace(ModelConfig.from_name("tiny"), context=128)
-    cfg = TrainConfig(model=model, corpus=CorpusConfig(), steps=args.steps, batch_size=16,
-                      warmup_steps=min(20, args.steps // 10), table_lr_mult=50.0, progress=False)
+    cfg = TrainConfig(model=model, corpus=CorpusConfig(corpus_dir=args.corpus), steps=args.steps, batch_size=16,
+                      warmup_steps=min(20, args.steps // 10), table_lr_mult=50.0, progress=False,
+                      device=args.device)
     corpus = Corpus.load(cfg.corpus)
     total, unique = rows_per_step(cfg, corpus, args.steps)
 
-    cluster = start_local(num_shards=2, name="bench-train", **({} if args.niceness is None else {"niceness": args.niceness}))
+    cluster, pids, niceness = start_shards(args.cluster, args.device, args.niceness)
+    profile = None
     try:
-        pids = ray.get([a.pid.remote() for a in [*cluster.actors, *cluster.hot_actors]])
         with cluster.client() as client:
             modes = {"local": {}} | {name: {"client": client, "service": service} for name, service in MODES.items()}
             runs = interleaved(cfg, corpus, modes, args.block, args.settle, pids, progress=not args.json)
+            if args.profile:
+                profile = profiled(cfg, corpus, client, os.path.join(args.profile, "trace.json.gz"),
+                                   args.profile_steps)
     finally:
         cluster.shutdown()
     step_s = {name: float(np.mean(r["step_s"][args.warmup:])) for name, r in runs.items()}
@@ -169,7 +218,8 @@ def main() -> None:
               for name, r in runs.items()}
     out = {
         "preset": "tiny", "context": 128, "batch_size": 16, "shards": 2, "hot_shards": len(pids) - 2,
-        "steps": args.steps, "niceness": cluster.config.niceness,
+        "steps": args.steps, "niceness": niceness, "device": args.device, "cluster": args.cluster,
+        "device_name": torch.cuda.get_device_name() if args.device == "cuda" else "cpu",
         "threads": torch.get_num_threads(), "table_optimizer": cfg.table_optimizer,
         "rows_per_step": total, "unique_rows_per_step": unique,
         "step_ms": {k: 1e3 * v for k, v in step_s.items()}, "cpu_ms_per_step": cpu_ms,
@@ -179,10 +229,13 @@ def main() -> None:
         "overhead_stale": step_s["stale"] / step_s["local"] - 1,
         "ms_per_1k_rows": 1e3 * (step_s["sync"] - step_s["local"]) / (unique / 1e3),
         "shard_cpu_ms_per_1k_rows": cpu_ms["prefetch"]["shard"] / (unique / 1e3),
+        "profile": profile,
     }
+    if profile is not None:
+        print(summary_line(profile), file=sys.stderr if args.json else sys.stdout, flush=True)
     if args.json:
         print(json.dumps(out))
-        return
+        return out
     print(f"rows per step: {total:,.0f} ids, {unique:,.0f} unique (per table, summed); shards' niceness "
           f"{out['niceness']}")
     print("     mode   ms/step  vs local  trainer CPU ms/step  shards' CPU ms/step  held-out")
@@ -191,6 +244,7 @@ def main() -> None:
               f"{cpu_ms[name]['trainer']:20.1f} {cpu_ms[name]['shard']:20.1f}  {out['val_loss'][name]:.4f}")
     print(f"service cost: {out['ms_per_1k_rows']:.2f} ms per 1k unique rows (sync - local, wall); the shards' "
           f"CPU {out['shard_cpu_ms_per_1k_rows']:.2f} ms per 1k unique rows (prefetch)")
+    return out
 
 
 if __name__ == "__main__":
