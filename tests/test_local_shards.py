@@ -46,12 +46,20 @@ def test_shards_serve_migrate_and_stop():
     assert not any(map(alive, shards.pids))
 
 
-def test_training_through_local_shards_equals_in_process_training(corpus_dir, tmp_path):
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+def test_training_through_local_shards_equals_in_process_training(device, corpus_dir, tmp_path):
+    """12 steps, exact mode: the same losses as in-process tables on the same device. On a GPU the
+    rows arrive there through pinned buffers, gradients leave through them, and the hot shard
+    keeps its rows in GPU memory; the tolerance is wider there for the GPU's non-deterministic
+    kernels (atomics in some backward passes), not for the tables."""
     cfg = replace(small_train_config(corpus_dir, tmp_path), steps=12, warmup_steps=2,
-                  table_optimizer="sparse_adam", threads=1)
+                  table_optimizer="sparse_adam", threads=1, device=device)
     corpus = Corpus.load(cfg.corpus)
-    with start_processes(num_shards=2, num_hot=1, hot_rows=128, niceness=0) as shards, shards.client() as client:
+    hot_device = "cuda" if device == "cuda" else None
+    with start_processes(num_shards=2, num_hot=1, hot_rows=128, niceness=0, hot_device=hot_device) as shards, \
+            shards.client() as client:
         remote = train(cfg, corpus, client=client, service=ServiceOptions(prefix="local-shards"))
     local = train(cfg, corpus)
-    np.testing.assert_allclose(remote.train_losses, local.train_losses, rtol=1e-5)
-    assert remote.val_loss == pytest.approx(local.val_loss, rel=1e-5)
+    rtol = 1e-5 if device == "cpu" else 1e-4
+    np.testing.assert_allclose(remote.train_losses, local.train_losses, rtol=rtol)
+    assert remote.val_loss == pytest.approx(local.val_loss, rel=rtol)

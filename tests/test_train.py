@@ -55,3 +55,44 @@ def test_cli_train_local(corpus_dir, tmp_path, capsys):
                  "--context", "32", "--checkpoint", str(ckpt)]) == 0
     out = capsys.readouterr().out
     assert "held-out loss" in out and "tokenizer compression" in out and ckpt.exists()
+
+
+def test_device_is_checked(monkeypatch):
+    with pytest.raises(ValueError, match=r"device 'gpu' must be one of \('cpu', 'cuda'\)"):
+        TrainConfig(device="gpu")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # a machine without a GPU
+    with pytest.raises(ValueError, match="device 'cuda' needs a GPU"):
+        TrainConfig(device="cuda")
+
+
+def test_a_gpu_runs_config_loads_on_the_cpu(monkeypatch):
+    """Where a run trained says nothing about where its checkpoint is read."""
+    from dataclasses import asdict
+
+    from trainer.infer import train_config_from_dict
+
+    saved = asdict(TrainConfig(steps=7, warmup_steps=2))
+    saved["device"] = "cuda"
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    cfg = train_config_from_dict(saved)
+    assert cfg.device == "cpu" and cfg.steps == 7
+
+
+@pytest.mark.gpu
+def test_training_on_cuda_agrees_with_cpu_and_its_checkpoint_generates_there(corpus_dir, tmp_path):
+    """8 steps with in-process tables on the GPU (rows, hashing, Triton Engram kernels there; the
+    table optimizer's math on the host) take the CPU run's losses within float tolerance."""
+    from trainer.infer import generate, load_checkpoint
+
+    ckpt = tmp_path / "cuda.pt"
+    cfg = replace(small_train_config(corpus_dir, tmp_path), steps=8, warmup_steps=1)
+    on_gpu = train(replace(cfg, device="cuda", checkpoint=str(ckpt)))
+    on_cpu = train(cfg)
+    torch.testing.assert_close(torch.tensor(on_gpu.train_losses), torch.tensor(on_cpu.train_losses),
+                               rtol=1e-3, atol=1e-4)
+    assert on_gpu.val_loss == pytest.approx(on_cpu.val_loss, rel=1e-3)
+    saved = torch.load(ckpt, weights_only=False)["model"]
+    assert saved["embed.weight"].is_cuda and saved["tables.embeddings.0.weight"].is_cuda
+    model, indexer, _, _ = load_checkpoint(ckpt, device="cuda")
+    out = generate(model, indexer, torch.tensor([[5, 6, 7]]), max_new_tokens=4)  # a host prompt
+    assert out.is_cuda and out.shape == (1, 7) and out[0, :3].tolist() == [5, 6, 7]
