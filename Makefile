@@ -5,7 +5,15 @@ PY := $(VENV)/bin/python
 # On a GPU machine with its own torch: make test TORCH_SPEC=
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: demo test venv clean
+# Wheels a GPU machine lent without network lacks: its image has torch, triton, numpy, tokenizers,
+# msgpack, rich and prometheus_client, but not lmdb, grpcio-health-checking or this project's pinned
+# grpcio/protobuf (the generated stubs check their versions). Carry .wheels/ to it and run
+# bench/gpu_session.sh there. Its python is 3.12 (WHEELS_PY). Ray is left out: its wheel (79 MB) is
+# over the 64 MiB the machine may be carried, and the GPU checks run without it (local_shards.py).
+WHEELS_PY ?= 3.12
+WHEELS := grpcio==1.85.1 grpcio-health-checking==1.85.1 protobuf==7.36.2 lmdb==3.0.0
+
+.PHONY: demo test venv clean wheels
 venv: $(VENV)/.installed
 
 $(VENV)/.installed: pyproject.toml Makefile
@@ -20,6 +28,12 @@ demo: venv
 
 test: venv
 	$(VENV)/bin/pytest -q
+
+wheels:
+	python3 -m pip download -q --no-deps --only-binary=:all: --python-version $(WHEELS_PY) --implementation cp \
+		--platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
+		-d .wheels $(WHEELS)
+	du -ch .wheels/*.whl | tail -n 1
 
 clean:
 	rm -rf $(VENV) .pytest_cache
