@@ -24,7 +24,8 @@ def train_workers(cfg: TrainConfig, workers: int, cluster_name: str = "default",
     """Trains with `workers` Ray Train workers against the tables cluster `cluster_name` of the
     Ray cluster this driver is connected to; returns rank 0's result. `resource`: a custom Ray
     resource each worker takes one unit of, to pin workers to trainer nodes. `security`: the
-    workers' memory_service.security.ClientSecurity for secured shards."""
+    workers' memory_service.security.ClientSecurity for secured shards. `use_gpu`: each worker
+    takes a GPU and trains on it (device "cuda", set on the worker: the driver may have none)."""
     from ray.train import RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
@@ -34,7 +35,7 @@ def train_workers(cfg: TrainConfig, workers: int, cluster_name: str = "default",
         cfg = replace(cfg, resume_from=str(_restore_tables(cfg, cluster_name)))
     trainer = TorchTrainer(
         _worker, train_loop_config={"cfg": cfg, "cluster": cluster_name, "service": service,
-                                  "security": security},
+                                  "security": security, "use_gpu": use_gpu},
         scaling_config=ScalingConfig(num_workers=workers, use_gpu=use_gpu,
                                      resources_per_worker={"CPU": cpus_per_worker,
                                                            **({resource: 1} if resource else {})}),
@@ -71,6 +72,8 @@ def _worker(config: dict) -> TrainResult:
     cfg: TrainConfig = config["cfg"]
     if rank != 0:
         cfg = replace(cfg, checkpoint=None, progress=False)
+    if config.get("use_gpu"):  # NCCL all-reduces CUDA tensors: the model must be on the worker's GPU
+        cfg = replace(cfg, device="cuda")
     cluster = connect("auto", name=config["cluster"])
     with cluster.client(security=config.get("security")) as client:
         return train(cfg, client=client, service=config["service"], rank=rank, world=world)
