@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# The GPU checks of one short device session, in one script (issues 5 and 7's GPU points, the
-# training and generation paths on CUDA). Run from the repository root on the GPU machine, with
-# $OUT the folder whose files come back:
+# The GPU checks of one short device session, in one script: the hot shard on CUDA and its gather
+# rate against index_select (issue 5), training and generation on CUDA with the fetch overlap
+# profiled, the Engram kernels. Run from the repository root on the GPU machine, with $OUT the
+# folder whose files come back:
 #
 #   here, once:  make wheels          # .wheels/: lmdb, grpcio, grpcio-health-checking, protobuf (8 MB)
 #   device run:  bash bench/gpu_session.sh      carrying .wheels
