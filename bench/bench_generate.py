@@ -12,7 +12,7 @@ Prints tokens/s per (batch, tables) and remote/local; `--json`: one object with 
 
 `--device cuda` generates on the GPU (both models; remote rows are copied there as they arrive;
 each timing ends with a device synchronisation). `--cluster processes` starts the shards as plain
-local processes instead of Ray actors (memory_service/local_shards.py: for a machine without Ray).
+local processes instead of Ray actors (bench/shard_processes.py: for a machine without Ray).
 
     python bench/bench_generate.py [--new 64] [--repeats 3] [--json]
     python bench/bench_generate.py --device cuda --cluster processes --json
@@ -54,7 +54,7 @@ def timed(model, indexer, prompt: torch.Tensor, new: int, repeats: int) -> tuple
 def start_shards(kind: str, device: str):
     """The embedded cluster (2 cold + 1 hot shards) as Ray actors or plain local processes."""
     if kind == "processes":
-        from memory_service.local_shards import start_processes
+        from shard_processes import start_processes  # bench/, beside this script
 
         return start_processes(num_shards=2, hot_device="cuda" if device == "cuda" else None)
     from memory_service.cluster import start_local

@@ -20,7 +20,7 @@ unique) and the service's cost per 1k unique rows (wall: sync - local; and the s
 
 `--device cuda` runs the same comparison on the GPU (the hot shard's rows on it too; step times
 taken after a device synchronisation). `--cluster processes` starts the shards as plain local
-processes instead of Ray actors (memory_service/local_shards.py: for a machine without Ray).
+processes instead of Ray actors (bench/shard_processes.py: for a machine without Ray).
 `--profile DIR` then trains a few more prefetch-mode steps under torch.profiler (bench/profile_trace.py),
 writes DIR/trace.json.gz and prints how much of the fetch time the forward did not wait for.
 
@@ -153,7 +153,7 @@ def start_shards(kind: str, device: str, niceness: int | None):
     its shards' pids and their niceness."""
     nice = {} if niceness is None else {"niceness": niceness}
     if kind == "processes":
-        from memory_service.local_shards import start_processes
+        from shard_processes import start_processes  # bench/, beside this script
 
         shards = start_processes(num_shards=2, hot_device="cuda" if device == "cuda" else None, **nice)
         return shards, shards.pids, shards.niceness

@@ -1,5 +1,5 @@
 """How a shard's process is set up, whoever starts it (a Ray actor in cluster.py, a plain local
-process in local_shards.py): its malloc settings and its CPU priority."""
+process of bench/shard_processes.py): its malloc settings and its CPU priority."""
 from __future__ import annotations
 
 import os

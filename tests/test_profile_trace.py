@@ -8,7 +8,6 @@ from pathlib import Path
 
 import pytest
 
-from memory_service.local_shards import start_processes
 from trainer.data import Corpus
 from trainer.train import ServiceOptions, train
 
@@ -16,6 +15,7 @@ from test_train import small_train_config
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bench"))
 
+from shard_processes import start_processes  # noqa: E402
 from profile_trace import SKIPPED_STEPS, WARMUP_STEPS, step_profiler, summarize, summary_line  # noqa: E402
 
 

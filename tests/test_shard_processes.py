@@ -1,17 +1,22 @@
-"""Shards as plain local processes (no Ray): they serve, a hot shard takes rows, training through
+"""bench/shard_processes.py, the benches' shards as plain local processes (no Ray): they serve, a hot shard takes rows, training through
 them equals in-process training, and shutdown ends every process."""
+import sys
 import time
 from dataclasses import replace
+from pathlib import Path
 
 import numpy as np
 import pytest
 
 from memory_service.config import OptimizerConfig, TableConfig
-from memory_service.local_shards import start_processes
 from trainer.data import Corpus
 from trainer.train import ServiceOptions, train
 
 from test_train import small_train_config
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bench"))
+
+from shard_processes import start_processes  # noqa: E402
 
 pytestmark = pytest.mark.slow  # three shard processes, then a short training run
 

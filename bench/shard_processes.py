@@ -1,6 +1,9 @@
-"""Shards as plain local processes, without Ray: the embedded cluster where Ray is not installed.
+"""A bench harness: the embedded cluster's shards as plain local processes, for a machine where Ray
+cannot be installed (the lent GPU machine: Ray's wheel is over what can be carried to it). Not
+part of the service, which runs on Ray only: the shards here are the real ones (`Shard`, its gRPC
+servicer, the hot shard's `Migrator`), only started by `subprocess` instead of Ray.
 
-`start_processes()` starts each shard as `python -m memory_service.local_shards '<json>'`, an
+`start_processes()` starts each shard as `python bench/shard_processes.py '<json>'`, an
 all-DRAM `Shard` serving gRPC on 127.0.0.1 (a free port, printed back as one JSON line), the cold
 shards first, then the hot shards with their migrator over the cold ones and their rows on
 `hot_device`. The handle's `client()` is the cluster's MemoryClient, as `TableCluster.client()`.
@@ -17,9 +20,11 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from memory_service.shard_process import LOCAL_NICENESS, SHARD_ENV, set_priority
+REPO_ROOT = str(Path(__file__).resolve().parent.parent)  # so this and each child import this checkout
+sys.path.insert(0, REPO_ROOT)
 
-REPO_ROOT = str(Path(__file__).resolve().parent.parent)  # so a child imports this checkout
+from memory_service.shard_process import LOCAL_NICENESS, SHARD_ENV, set_priority  # noqa: E402
+
 
 
 @dataclass
@@ -88,7 +93,7 @@ def _spawn(procs: list[subprocess.Popen], spec: dict) -> str:
     """Starts one shard process (appended to `procs`) and returns its gRPC target once it serves."""
     env = {**os.environ, **SHARD_ENV,
            "PYTHONPATH": os.pathsep.join(p for p in (REPO_ROOT, os.environ.get("PYTHONPATH")) if p)}
-    proc = subprocess.Popen([sys.executable, "-m", "memory_service.local_shards", json.dumps(spec)],
+    proc = subprocess.Popen([sys.executable, __file__, json.dumps(spec)],
                             stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env, text=True)
     procs.append(proc)
     line = proc.stdout.readline()  # "" if the process died first
