@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shutil
 import socket
 import subprocess
@@ -29,9 +28,9 @@ import numpy as np
 
 # glibc reads these at start-up: big gRPC messages otherwise pay for mmap/munmap per message
 # (measured here: ~2x loopback throughput with them). Re-exec once with them set.
-MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": "1073741824", "MALLOC_TRIM_THRESHOLD_": "4294967296"}
-if any(os.environ.get(k) != v for k, v in MALLOC_ENV.items()):
-    os.execve(sys.executable, [sys.executable, *sys.argv], {**os.environ, **MALLOC_ENV})
+from memory_service.shard_process import reexec_with_shard_env
+
+reexec_with_shard_env()
 
 from memory_service.cluster import ClusterConfig, init_local_ray, launch  # noqa: E402
 from memory_service.config import OptimizerConfig, TableConfig  # noqa: E402

@@ -14,16 +14,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import sys
 import time
 from pathlib import Path
 
 import numpy as np
 
-MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": "1073741824", "MALLOC_TRIM_THRESHOLD_": "4294967296"}
-if any(os.environ.get(k) != v for k, v in MALLOC_ENV.items()):
-    os.execve(sys.executable, [sys.executable, *sys.argv], {**os.environ, **MALLOC_ENV})
+from memory_service.shard_process import reexec_with_shard_env
+
+reexec_with_shard_env()
 
 from memory_service.cluster import ClusterConfig, init_local_ray, launch  # noqa: E402
 from memory_service.config import OptimizerConfig, TableConfig  # noqa: E402

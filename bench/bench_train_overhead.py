@@ -37,9 +37,9 @@ import threading
 import time
 from dataclasses import replace
 
-MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": "1073741824", "MALLOC_TRIM_THRESHOLD_": "4294967296"}
-if any(os.environ.get(k) != v for k, v in MALLOC_ENV.items()):
-    os.execve(sys.executable, [sys.executable, *sys.argv], {**os.environ, **MALLOC_ENV})
+from memory_service.shard_process import reexec_with_shard_env
+
+reexec_with_shard_env()
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
@@ -83,13 +83,13 @@ def interleaved(cfg: TrainConfig, corpus: Corpus, modes: dict[str, dict], block:
     machine (run in sequence, the order of the modes moved the figures by +-10%). At the end of a
     turn the machine is left `settle` s for the service's work of the last step (its push, commit
     and held fetch), and the first step of a turn is not counted: its rows were ready before it
-    began. Returns per mode: `step_s` (the counted steps' times), CPU seconds of the trainer's
+    began. Returns per mode: `step_s` (the counted steps' times), `turns` (turn -> its counted steps' times), CPU seconds of the trainer's
     process and of the shards over the counted steps and their settles (`trainer_cpu_s`,
     `shard_cpu_s`), and `val_loss`."""
     names = list(modes)
     turn = threading.Condition()
     state = {"running": names[0], "done": set()}
-    out = {name: {"step_s": [], "trainer_cpu_s": 0.0, "shard_cpu_s": 0.0} for name in names}
+    out = {name: {"step_s": [], "turns": {}, "trainer_cpu_s": 0.0, "shard_cpu_s": 0.0} for name in names}
     errors: list[BaseException] = []
 
     def cpu() -> tuple[float, float]:
@@ -113,6 +113,7 @@ def interleaved(cfg: TrainConfig, corpus: Corpus, modes: dict[str, dict], block:
             now = time.perf_counter()
             if step % block:
                 mine["step_s"].append(now - last[0])
+                mine["turns"].setdefault(step // block, []).append(now - last[0])
             else:  # the first step of a turn ends: count from here
                 since[0] = cpu()
             if step % block == block - 1 or step == cfg.steps - 1:
@@ -146,6 +147,19 @@ def interleaved(cfg: TrainConfig, corpus: Corpus, modes: dict[str, dict], block:
     if errors:
         raise errors[0]
     return out
+
+
+def paired_ratios(runs: dict[str, dict], mode: str, skip_turns: int = 1) -> dict:
+    """Per turn, `mode`'s mean step time over local's in the same round of turns (seconds apart,
+    so slow drifts of the machine cancel): the median and the 10th/90th percentiles over the
+    turns after the first `skip_turns`, and the share of turns within 10% of local."""
+    mine, base = runs[mode]["turns"], runs["local"]["turns"]
+    ratios = np.array([np.mean(mine[t]) / np.mean(base[t]) for t in sorted(mine) if t >= skip_turns and t in base])
+    if not ratios.size:
+        return {"turns": 0}
+    p10, median, p90 = np.percentile(ratios, [10, 50, 90])
+    return {"turns": int(ratios.size), "median": float(median - 1), "p10": float(p10 - 1), "p90": float(p90 - 1),
+            "within_10pct": float(np.mean(ratios <= 1.10))}
 
 
 def start_shards(kind: str, device: str, niceness: int | None):
@@ -229,6 +243,7 @@ def main(argv: list[str] | None = None) -> dict:
         "overhead_stale": step_s["stale"] / step_s["local"] - 1,
         "ms_per_1k_rows": 1e3 * (step_s["sync"] - step_s["local"]) / (unique / 1e3),
         "shard_cpu_ms_per_1k_rows": cpu_ms["prefetch"]["shard"] / (unique / 1e3),
+        "paired": {name: paired_ratios(runs, name) for name in MODES},  # overheads per round of turns
         "profile": profile,
     }
     if profile is not None:
@@ -242,6 +257,10 @@ def main(argv: list[str] | None = None) -> dict:
     for name in runs:
         print(f"{name:>9} {1e3 * step_s[name]:9.1f} {step_s[name] / step_s['local']:9.3f} "
               f"{cpu_ms[name]['trainer']:20.1f} {cpu_ms[name]['shard']:20.1f}  {out['val_loss'][name]:.4f}")
+    for name, paired in out["paired"].items():
+        if paired["turns"]:
+            print(f"{name:>9} vs local per round of turns ({paired['turns']}): median {paired['median']:+.1%}, "
+                  f"p10 {paired['p10']:+.1%}, p90 {paired['p90']:+.1%}; {paired['within_10pct']:.0%} of rounds within +10%")
     print(f"service cost: {out['ms_per_1k_rows']:.2f} ms per 1k unique rows (sync - local, wall); the shards' "
           f"CPU {out['shard_cpu_ms_per_1k_rows']:.2f} ms per 1k unique rows (prefetch)")
     return out

@@ -3,6 +3,7 @@ process of bench/shard_processes.py): its malloc settings and its CPU priority."
 from __future__ import annotations
 
 import os
+import sys
 
 from memory_service.config import StorageConfig
 
@@ -33,3 +34,11 @@ def set_priority(niceness: int) -> None:
         os.setpriority(os.PRIO_PROCESS, 0, niceness)
     except (PermissionError, OSError):
         pass
+
+
+def reexec_with_shard_env() -> None:
+    """Re-executes this script with SHARD_ENV in its environment unless it has it already (glibc
+    reads it at start): a benchmark's client process handles the same large gRPC messages as a
+    shard, so it measures both sides under the same allocator settings."""
+    if any(os.environ.get(k) != v for k, v in SHARD_ENV.items()):
+        os.execve(sys.executable, [sys.executable, *sys.argv], {**os.environ, **SHARD_ENV})

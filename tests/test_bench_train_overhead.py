@@ -35,3 +35,4 @@ def test_modes_and_profile_on_local_processes(corpus_dir, tmp_path):
     profile = out["profile"]
     assert profile["steps"] == 2 and profile["fetches"] >= 2 and profile["pushes"] >= 2, profile
     assert (tmp_path / "trace" / "trace.json.gz").stat().st_size > 0
+    assert out["paired"]["prefetch"]["turns"] == 2  # 3 turns of 2 steps, the first left out

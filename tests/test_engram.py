@@ -1,6 +1,5 @@
 """The Engram module against independent computations of ENGRAM.md §3."""
 import math
-from dataclasses import replace
 
 import numpy as np
 import pytest

@@ -81,9 +81,7 @@ def test_iso_flops_baseline_spends_engram_projection_flops_on_mlp():
 def test_tables_only_rows_in_batch_move():
     model, indexer = small_model(2)
     before = model.tables.embeddings["1"].weight.detach().clone()
-    x = tokens(seed=3, B=1, T=5)
     train_steps(model, indexer, steps=1)
-    touched = set()
     ids = indexer(tokens(seed=10))[1] + model.tables.offsets_1  # the rows of step 0's batch
     touched = set(ids.flatten().tolist())
     after = model.tables.embeddings["1"].weight.detach()

@@ -11,7 +11,7 @@ Y = Engram(H, rows) to every branch before the block's attention (ENGRAM.md §3)
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn.functional as F
