@@ -28,9 +28,9 @@ import numpy as np
 
 # glibc reads these at start-up: big gRPC messages otherwise pay for mmap/munmap per message
 # (measured here: ~2x loopback throughput with them). Re-exec once with them set.
-from memory_service.shard_process import reexec_with_shard_env
+from memory_service.shard_process import SHARD_ENV, reexec_with
 
-reexec_with_shard_env()
+reexec_with(SHARD_ENV)
 
 from memory_service.cluster import ClusterConfig, init_local_ray, launch  # noqa: E402
 from memory_service.config import OptimizerConfig, TableConfig  # noqa: E402

@@ -19,9 +19,9 @@ from pathlib import Path
 
 import numpy as np
 
-from memory_service.shard_process import reexec_with_shard_env
+from memory_service.shard_process import SHARD_ENV, reexec_with
 
-reexec_with_shard_env()
+reexec_with(SHARD_ENV)
 
 from memory_service.cluster import ClusterConfig, init_local_ray, launch  # noqa: E402
 from memory_service.config import OptimizerConfig, TableConfig  # noqa: E402

@@ -37,9 +37,10 @@ import threading
 import time
 from dataclasses import replace
 
-from memory_service.shard_process import reexec_with_shard_env
+from memory_service.shard_process import SHARD_ENV, reexec_with
+from trainer.colocation import TRAINER_ENV
 
-reexec_with_shard_env()
+reexec_with({**SHARD_ENV, **{k: os.environ.get(k, v) for k, v in TRAINER_ENV.items()}})  # trains beside its shards
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402

@@ -36,9 +36,10 @@ def set_priority(niceness: int) -> None:
         pass
 
 
-def reexec_with_shard_env() -> None:
-    """Re-executes this script with SHARD_ENV in its environment unless it has it already (glibc
-    reads it at start): a benchmark's client process handles the same large gRPC messages as a
-    shard, so it measures both sides under the same allocator settings."""
-    if any(os.environ.get(k) != v for k, v in SHARD_ENV.items()):
-        os.execve(sys.executable, [sys.executable, *sys.argv], {**os.environ, **SHARD_ENV})
+def reexec_with(env: dict[str, str]) -> None:
+    """Re-executes this script with `env` added to its environment unless it has it already (glibc
+    and libgomp read theirs when the process starts). Benchmarks call it first with SHARD_ENV: their
+    client process handles the same large gRPC messages as a shard, so both sides run under the
+    same allocator settings."""
+    if any(os.environ.get(k) != v for k, v in env.items()):
+        os.execve(sys.executable, [sys.executable, *sys.argv], {**os.environ, **env})

@@ -10,10 +10,14 @@ import threading
 from dataclasses import replace
 from typing import TYPE_CHECKING
 
-from trainer.data import Corpus, CorpusConfig
-from trainer.infer import generate_text, load_checkpoint, saved_model
-from trainer.model import MODEL_PRESETS, ModelConfig
-from trainer.train import DEVICES, TrainConfig, train
+from trainer import colocation
+
+colocation.apply()  # before torch loads: the embedded cluster's shards share these cores
+
+from trainer.data import Corpus, CorpusConfig  # noqa: E402
+from trainer.infer import generate_text, load_checkpoint, saved_model  # noqa: E402
+from trainer.model import MODEL_PRESETS, ModelConfig  # noqa: E402
+from trainer.train import DEVICES, TrainConfig, train  # noqa: E402
 
 if TYPE_CHECKING:
     from memory_service.security import ClientSecurity, SecurityConfig
