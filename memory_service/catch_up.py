@@ -93,13 +93,13 @@ def catch_up(rows: np.ndarray, m: np.ndarray, v: np.ndarray, last: np.ndarray, t
     x_row = decay.eps * inv.max(axis=1) / decay.b2 ** (steps / 2)  # (n,)
     series = x_row <= X_LIMIT
     if series.all():
-        delta = _series(m, inv, last, steps, x_row.max(), ss, bsq, decay)  # (n, w) float64
+        delta = _series(m, inv, last, steps, x_row, ss, bsq, decay)  # (n, w) float64
         stats.series_elements += m.size
     else:
         delta = np.zeros(m.shape)
         rs = np.flatnonzero(series)
         if rs.size:
-            delta[rs] = _series(m[rs], inv[rs], last[rs], steps[rs], x_row[rs].max(), ss, bsq, decay)
+            delta[rs] = _series(m[rs], inv[rs], last[rs], steps[rs], x_row[rs], ss, bsq, decay)
             stats.series_elements += m[rs].size
         rs = np.flatnonzero(~series)
         delta[rs] = _mixed(m[rs], inv[rs], last[rs], steps[rs], ss, bsq, decay, stats)
@@ -138,24 +138,31 @@ def _steps_below(amplitude: np.ndarray, rho: float, limit: np.ndarray) -> np.nda
     return np.nan_to_num(k, nan=np.inf, posinf=np.inf, neginf=0.0)
 
 
-def _series(m: np.ndarray, inv: np.ndarray, last: np.ndarray, steps: np.ndarray, x_max: float,
+def _series(m: np.ndarray, inv: np.ndarray, last: np.ndarray, steps: np.ndarray, x_row: np.ndarray,
             ss: np.ndarray, bsq: np.ndarray, decay: AdamDecay) -> np.ndarray:
-    """Movement (r, w) float64 of rows whose every element has x <= X_LIMIT:
-    -(m / sigma) sum_p (-eps / sigma)^p W_p, by Horner in 1 / sigma.
+    """Movement (r, w) float64 of rows whose every element has x <= X_LIMIT (`x_row` (r,): each
+    row's bound): -(m / sigma) sum_p (-eps / sigma)^p W_p, by Horner in 1 / sigma.
 
-    Terms: each term is at most x_max times the one before (termwise in k), so the tail after P
-    terms is at most (eps / sigma)^P W_P / (1 - x_max); P is the fewest terms that bound it by
-    TRUNCATION x the first term on every row (usually 2 or 3; x_max^P is far more pessimistic,
-    because the steps with large x carry little weight)."""
+    Terms: each term is at most x_row times the one before (termwise in k), so the tail after P
+    terms is at most (eps / sigma)^P W_P / (1 - x_row); each row takes the fewest terms P that
+    bound it by TRUNCATION x its first term (usually 2 or 3; x_row^P is far more pessimistic,
+    because the steps with large x carry little weight). P is the row's own, and the terms past
+    it are zeros in Horner's scheme (0 + c and 0 * (1 / sigma) are exact), so a row moves the same
+    bits whichever rows share its batch: the shards, the hot/cold migration and the in-process
+    tables batch rows differently and must still agree."""
     inv_max = inv.max(axis=1)  # (r,)
     window_sum = _window_sums(last, steps, ss, bsq, decay)
     weights = [window_sum(0)]  # W_p (r,) each
+    terms = np.zeros(len(m), dtype=np.int64)  # (r,) each row's P, 0 until its tail is small enough
     while True:
         weights.append(window_sum(len(weights)))
         tail = (decay.eps * inv_max) ** (len(weights) - 1) * weights[-1] / weights[0]
-        if len(weights) > MAX_TERMS or tail.max() <= TRUNCATION * (1 - x_max):
+        terms[(terms == 0) & (tail <= TRUNCATION * (1 - x_row))] = len(weights) - 1
+        if len(weights) > MAX_TERMS or terms.all():
             break
-    coef = [-w * (-decay.eps) ** p for p, w in enumerate(weights[:-1])]  # -(-eps)^p W_p, (r,)
+    terms[terms == 0] = len(weights) - 1
+    coef = [np.where(terms > p, -w * (-decay.eps) ** p, 0.0)  # -(-eps)^p W_p, (r,); 0 past the row's P
+            for p, w in enumerate(weights[:-1])]
     acc = np.multiply(inv, coef[-1][:, None])  # (r, w)
     for c in reversed(coef[:-1]):
         acc += c[:, None]
@@ -173,7 +180,7 @@ def _mixed(m: np.ndarray, inv: np.ndarray, last: np.ndarray, steps: np.ndarray, 
     out = np.zeros(m.shape)
     rr, cc = np.nonzero(series & (m != 0))
     if rr.size:
-        flat = _series(m[rr, cc][:, None], inv[rr, cc][:, None], last[rr], steps[rr], x[rr, cc].max(),
+        flat = _series(m[rr, cc][:, None], inv[rr, cc][:, None], last[rr], steps[rr], x[rr, cc],
                        ss, bsq, decay)
         out[rr, cc] = flat[:, 0]
     rr, cc = np.nonzero(~series & (m != 0))
