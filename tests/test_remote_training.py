@@ -24,13 +24,15 @@ def remote_rows(client, prefix: str, sizes: dict[int, list[int]], step: int) -> 
             for layer, s in sizes.items()}
 
 
-@pytest.mark.parametrize("num_hot", [0, 1], ids=["cold", "hot+cold"])
-def test_training_through_the_service_equals_local_training(make_cluster, corpus_dir, tmp_path, num_hot):
+@pytest.mark.parametrize("num_hot,optimizer", [(0, "sparse_adam"), (1, "sparse_adam"), (1, "adam")],
+                         ids=["cold", "hot+cold", "hot+cold-dense-adam"])
+def test_training_through_the_service_equals_local_training(make_cluster, corpus_dir, tmp_path, num_hot, optimizer):
     """50 steps on 2 shards (and a hot shard whose small capacity keeps rows migrating), sparse
-    Adam at 5x, prefetch and look-ahead on, exact mode: every loss and the final rows equal
-    in-process training's."""
+    Adam at 5x (and the demo's dense-equivalent Adam, whose catch-up must not depend on how the
+    shards batch rows), prefetch and look-ahead on, exact mode: every loss and the final rows are
+    those of in-process training, bit for bit (the issue asks 1e-5)."""
     cfg = replace(small_train_config(corpus_dir, tmp_path), steps=50, warmup_steps=5,
-                  table_optimizer="sparse_adam", table_lr_mult=5.0, threads=1)
+                  table_optimizer=optimizer, table_lr_mult=5.0, threads=1)
     corpus = Corpus.load(cfg.corpus)
     cluster = make_cluster(2, num_hot=num_hot, hot_rows=128, migrate_interval_s=0.01,
                            migrate_max_duty=1.0)  # rows move all along
@@ -47,15 +49,17 @@ def test_training_through_the_service_equals_local_training(make_cluster, corpus
 
     assert min(pushes) >= cfg.steps  # each cold shard took each step's push: no local fallback
     assert all(m["promoted"] > 0 and m["demoted"] > 0 and not m["error"] for m in moves), moves
-    np.testing.assert_allclose(remote.train_losses, local.train_losses, rtol=1e-5)
-    assert remote.val_loss == pytest.approx(local.val_loss, rel=1e-5)
+    assert remote.train_losses == local.train_losses
+    assert remote.val_loss == local.val_loss
     assert remote.train_losses[-1] < remote.train_losses[0] - 0.5  # it trained
+    if optimizer == "adam":  # the checkpoint stores rows as last written; a service read catches them
+        return  # up first, so the rows compare only through the losses above (every step read them)
     state = torch.load(ckpt, weights_only=False)["model"]
     for layer, rows in got.items():
         initial = model.tables.embeddings[str(layer)].weight.detach().numpy()
         want = state[f"tables.embeddings.{layer}.weight"].numpy()
         assert rows.shape == want.shape and not np.allclose(rows, initial)
-        np.testing.assert_allclose(rows, want, rtol=1e-5, atol=1e-6)
+        np.testing.assert_array_equal(rows, want)
 
 
 def test_prefetch_runs_ahead_of_the_forward_and_the_backward(make_cluster, corpus_dir, tmp_path):
