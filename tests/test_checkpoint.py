@@ -42,6 +42,17 @@ def train_steps(client, steps: range, seed: int) -> None:
         client.push(grads, step=step, lr=0.01 * (1 + step % 4))  # a schedule: every step's lr is logged
 
 
+def read_until_promoted(client, hot_actor, timeout: float = 30.0) -> None:
+    """Reads a few hundred rows again and again until the hot shard's migrator promoted some: after
+    the fixture's setup it rests up to IDLE_PAUSE_S between looks (nobody read), and on a fast
+    machine every step of train_steps fits inside one rest."""
+    deadline = time.monotonic() + timeout
+    while ray.get(hot_actor.migration_counters.remote())["promoted"] == 0:
+        assert time.monotonic() < deadline, f"no row promoted in {timeout} s of reads"
+        client.fetch({name: np.arange(200) for name in NAMES})
+        time.sleep(0.02)
+
+
 def merged_state(cluster, name: str) -> dict[str, np.ndarray]:
     """The table over every shard, cold and hot, per row id: ids sorted, each once; and the step
     log (the same on every shard)."""
@@ -88,6 +99,7 @@ def saved(make_cluster, tmp_path_factory):
         for table in TABLES:
             client.create_table(table)
         train_steps(client, range(1, STEPS + 1), seed=0)
+        read_until_promoted(client, cluster.hot_actors[0])  # rows are hot at the save
         manifest = save_checkpoint(path, client, model=model, optimizers=[opt], extra={"epoch": 3, "note": "x"})
         ray.get(cluster.hot_actors[0].stop_migration.remote())
         moves = ray.get(cluster.hot_actors[0].migration_counters.remote())
