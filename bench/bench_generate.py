@@ -21,17 +21,18 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import time
 from dataclasses import replace
 
 from memory_service.shard_process import SHARD_ENV, reexec_with
-from trainer.colocation import TRAINER_ENV
+from trainer import colocation
 
-reexec_with({**SHARD_ENV, **{k: os.environ.get(k, v) for k, v in TRAINER_ENV.items()}})  # trains beside its shards
+colocation.apply()  # it trains beside its shards (the re-exec below keeps what this sets)
+reexec_with(SHARD_ENV)
 
 import torch  # noqa: E402
 
+from shard_processes import start_embedded  # noqa: E402  (bench/, beside this script)
 from trainer.data import Corpus, CorpusConfig  # noqa: E402
 from trainer.infer import generate  # noqa: E402
 from trainer.model import ModelConfig  # noqa: E402
@@ -49,17 +50,6 @@ def timed(model, indexer, prompt: torch.Tensor, new: int, repeats: int) -> tuple
         sync()
         best = min(best, time.perf_counter() - start)
     return prompt.shape[0] * new / best, tokens
-
-
-def start_shards(kind: str, device: str):
-    """The embedded cluster (2 cold + 1 hot shards) as Ray actors or plain local processes."""
-    if kind == "processes":
-        from shard_processes import start_processes  # bench/, beside this script
-
-        return start_processes(num_shards=2, hot_device="cuda" if device == "cuda" else None)
-    from memory_service.cluster import start_local
-
-    return start_local(num_shards=2, name="bench-generate")
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -81,7 +71,7 @@ def main(argv: list[str] | None = None) -> dict:
     out: dict = {"preset": "tiny", "new_tokens": args.new, "prompt_tokens": 16, "device": args.device,
                  "device_name": torch.cuda.get_device_name() if args.device == "cuda" else "cpu",
                  "cluster": args.cluster, "tokens_per_s": {}}
-    cluster = start_shards(args.cluster, args.device)
+    cluster, _, _ = start_embedded(args.cluster, args.device, "bench-generate")
     try:
         with cluster.client() as client:
             remote_model, _, _ = build(cfg, corpus, remote_tables(client, cfg, read_only=True))

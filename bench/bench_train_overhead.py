@@ -38,13 +38,15 @@ import time
 from dataclasses import replace
 
 from memory_service.shard_process import SHARD_ENV, reexec_with
-from trainer.colocation import TRAINER_ENV
+from trainer import colocation
 
-reexec_with({**SHARD_ENV, **{k: os.environ.get(k, v) for k, v in TRAINER_ENV.items()}})  # trains beside its shards
+colocation.apply()  # it trains beside its shards (the re-exec below keeps what this sets)
+reexec_with(SHARD_ENV)
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
+from shard_processes import start_embedded  # noqa: E402  (bench/, beside this script)
 from profile_trace import SKIPPED_STEPS, WARMUP_STEPS, step_profiler, summarize, summary_line  # noqa: E402
 from trainer.data import Batches, Corpus, CorpusConfig  # noqa: E402
 from trainer.model import ModelConfig  # noqa: E402
@@ -163,23 +165,6 @@ def paired_ratios(runs: dict[str, dict], mode: str, skip_turns: int = 1) -> dict
             "within_10pct": float(np.mean(ratios <= 1.10))}
 
 
-def start_shards(kind: str, device: str, niceness: int | None):
-    """The embedded cluster (2 cold + 1 hot shards) as Ray actors or local processes; returns it,
-    its shards' pids and their niceness."""
-    nice = {} if niceness is None else {"niceness": niceness}
-    if kind == "processes":
-        from shard_processes import start_processes  # bench/, beside this script
-
-        shards = start_processes(num_shards=2, hot_device="cuda" if device == "cuda" else None, **nice)
-        return shards, shards.pids, shards.niceness
-    import ray
-
-    from memory_service.cluster import start_local
-
-    cluster = start_local(num_shards=2, name="bench-train", **nice)  # a hot shard with a GPU gets it
-    return cluster, ray.get([a.pid.remote() for a in [*cluster.actors, *cluster.hot_actors]]), cluster.config.niceness
-
-
 def profiled(cfg: TrainConfig, corpus: Corpus, client, path: str, steps: int) -> dict:
     """`steps` prefetch-mode steps (after the profiler's skipped and warm-up ones) traced into
     `path`; the trace's summary."""
@@ -217,7 +202,7 @@ def main(argv: list[str] | None = None) -> dict:
     corpus = Corpus.load(cfg.corpus)
     total, unique = rows_per_step(cfg, corpus, args.steps)
 
-    cluster, pids, niceness = start_shards(args.cluster, args.device, args.niceness)
+    cluster, pids, niceness = start_embedded(args.cluster, args.device, "bench-train", args.niceness)
     profile = None
     try:
         with cluster.client() as client:

@@ -89,6 +89,22 @@ def start_processes(num_shards: int = 2, num_hot: int = 1, hot_rows: int = 65536
     return LocalShards(procs, cold, hot, niceness)
 
 
+def start_embedded(kind: str, device: str, name: str, niceness: int | None = None):
+    """The embedded cluster the benches train beside (2 cold + 1 hot shards, a hot shard with a
+    GPU keeps its rows there): Ray actors by `start_local` (`kind` "ray") or processes of this
+    module ("processes"). Returns it, its shards' pids and their niceness (None: start_local's)."""
+    nice = {} if niceness is None else {"niceness": niceness}
+    if kind == "processes":
+        shards = start_processes(num_shards=2, hot_device="cuda" if device == "cuda" else None, **nice)
+        return shards, shards.pids, shards.niceness
+    import ray
+
+    from memory_service.cluster import start_local
+
+    cluster = start_local(num_shards=2, name=name, **nice)  # a hot shard with a GPU gets it
+    return cluster, ray.get([a.pid.remote() for a in [*cluster.actors, *cluster.hot_actors]]), cluster.config.niceness
+
+
 def _spawn(procs: list[subprocess.Popen], spec: dict) -> str:
     """Starts one shard process (appended to `procs`) and returns its gRPC target once it serves."""
     env = {**os.environ, **SHARD_ENV,

@@ -5,9 +5,9 @@ libgomp, torch's OpenMP runtime on the CPU, keeps its worker threads spinning fo
 iterations after each parallel region before they sleep. A training step runs hundreds of small
 parallel regions, so the workers hold both cores nearly all step, and the shards (at the lowest
 CPU priority) get the cores only late: their fetch and push work lands on the step's critical
-path. A spin of 10,000 iterations keeps torch's own speed (16 local steps of the demo's model:
-772-818 ms/step at 30,000 and 3,000, 791-807 ms/step at the default; 0, i.e.
-OMP_WAIT_POLICY=PASSIVE, costs ~10%) and gives the shards the gaps: bench/results/train_overhead.md.
+path. A spin of 10,000 iterations keeps torch's own speed (16 local steps of the demo's model,
+two runs each: 809-825 ms/step at 3,000, 772-818 at 30,000, 791-825 at the default; 0, i.e.
+OMP_WAIT_POLICY=PASSIVE, 836-888) and gives the shards the gaps: bench/results/train_overhead.md.
 libgomp reads it once, when torch loads, so `apply()` must run before torch is imported.
 """
 from __future__ import annotations
