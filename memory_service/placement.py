@@ -55,6 +55,11 @@ class Policy(ABC):
         once per announced request, in the order the requests will be read; a later `record` of
         an id fulfils its earliest announcement."""
 
+    def forget(self, ids: np.ndarray) -> None:
+        """Distinct row ids (n,) the tier can no longer hold (moved to another shard, or never
+        stored): not to be admitted until recorded again (default: ignored; a policy that keeps
+        them only wastes admission attempts)."""
+
     @abstractmethod
     def plan(self, resident: np.ndarray, max_moves: int | None = None) -> tuple[np.ndarray, np.ndarray]:
         """(admit, evict): distinct ids not in `resident` (sorted distinct ids now in the tier) to
@@ -429,6 +434,10 @@ class RecentPolicy(Policy):
         kept = self._recent[~np.isin(self._recent, ids)]
         recent = np.concatenate([kept, ids])
         self._recent = recent[max(len(recent) - self.capacity, 0):].copy()  # a copy: no view pins `recent`
+
+    def forget(self, ids: np.ndarray) -> None:
+        if len(ids):
+            self._recent = self._recent[~np.isin(self._recent, ids)]
 
     def plan(self, resident: np.ndarray, max_moves: int | None = None) -> tuple[np.ndarray, np.ndarray]:
         recent = self._recent[max(len(self._recent) - self.capacity, 0):] if self.capacity else self._recent[:0]

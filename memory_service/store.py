@@ -9,8 +9,9 @@ arenas, memory_service/tiers/warm.py) and, on a cold shard with a disk directory
 - The cold tier holds every written row; the warm tier holds at most its row budget of them, a
   copy that is authoritative while resident and marked dirty once it is newer than the cold copy.
 - Reads take warm rows from DRAM and the rest in one batched LMDB read; never-written rows are
-  computed. Writes update resident rows in DRAM (dirty) and write the others straight to LMDB,
-  so the DRAM budget holds even when one push writes more rows than fit.
+  computed. Writes update resident rows in DRAM (dirty) and write the others to LMDB, copied
+  into DRAM only as far as it has room, so the DRAM budget holds even when one push writes more
+  rows than fit.
 - Which rows the warm tier keeps is the placement `Policy`'s call (memory_service/placement.py):
   every read's distinct ids are recorded, look-ahead fetches are announced with `expect`, and
   `place()` (run by the shard's background `Placer`, never inside a request) applies its plan:
@@ -135,9 +136,11 @@ class TableStore:
         self.rows_read += len(ids)
         if self.cold is None:
             return self._read_warm(ids)
-        out = self._read_tiered(ids)
+        out, all_warm = self._read_tiered(ids)
         self.policy.record(np.unique(ids))
-        self._unsettled = True
+        # A read of resident rows alone gives a plan nothing new to admit (and evictions come
+        # only with admissions or a smaller capacity): no pass needed for it.
+        self._unsettled |= not all_warm
         return out
 
     def _read_warm(self, ids: np.ndarray) -> np.ndarray:
@@ -163,7 +166,8 @@ class TableStore:
         self.warm.write_at(behind, rows, state, last)
         self.optimizer_rows += behind.size
 
-    def _read_tiered(self, ids: np.ndarray) -> np.ndarray:
+    def _read_tiered(self, ids: np.ndarray) -> tuple[np.ndarray, bool]:
+        """(rows of `ids`, whether the warm tier held every one)."""
         slots = self.warm.lookup(ids)  # (n,)
         hit = slots >= 0
         cold_ids = ids[~hit]  # (c,) repeats kept
@@ -184,7 +188,7 @@ class TableStore:
         self.cold_counters.hits += num_cold
         self.cold_counters.misses += len(cold_ids) - num_cold
         self.hits += num_warm + num_cold
-        return out
+        return out, num_warm == len(ids)
 
     def _catch_up_tiered(self, warm_slots: np.ndarray, cold_ids: np.ndarray, rows: np.ndarray,
                          state: np.ndarray, last: np.ndarray) -> None:
@@ -304,7 +308,8 @@ class TableStore:
     def _update_tiered(self, ids: np.ndarray, grads: np.ndarray, step: int,
                        log: tuple[int, float] | None) -> None:
         """One optimizer batch over every id: resident rows updated in DRAM (dirty), the others
-        read from LMDB (or initialised) and written back there with the step log entry."""
+        read from LMDB (or initialised) and written back there with the step log entry (and
+        copied into DRAM while it has room)."""
         n, width = len(ids), self.cfg.width
         slots = self.warm.lookup(ids)  # (n,)
         resident = slots >= 0
@@ -323,6 +328,7 @@ class TableStore:
         self.warm.mark_dirty(slots[resident])
         if other.size:
             self.cold.put(ids[other], rows[other], state[other], last[other], log=log)
+            self._copy_to_warm(ids[other], rows[other], state[other], last[other])
         elif log is not None:
             self.cold.save_log(np.array([log[0]]), np.array([log[1]]))
 
@@ -364,6 +370,9 @@ class TableStore:
         admit = admit[: max(int(min(room, len(admit))), 0)]
         found, rows, state, last = self.cold.get(admit)
         self.warm.append(admit[found], rows, state, last)
+        # Never written, or moved to another shard: not worth an LMDB read every pass. A write
+        # puts the rows it stores into DRAM itself (`_copy_to_warm`); a later read records them again.
+        self.policy.forget(admit[~found])
         moved = len(evict) + int(np.count_nonzero(found))
         self.warm_counters.promotions += moved - len(evict)
         self._unsettled = moved > 0
@@ -413,6 +422,7 @@ class TableStore:
         warm = self.warm.pop(ids)
         if self.cold is None:
             return warm
+        self.policy.forget(ids)  # their home is elsewhere now
         cold = self.cold.pop(ids)
         cold = cold.take(~np.isin(cold.ids, warm.ids))  # resident rows: the warm copy is current
         records = RowRecords.concat([warm, cold])
@@ -433,9 +443,15 @@ class TableStore:
         self.warm.write_at(slots[resident], records.rows[resident], records.state[resident],
                            records.last[resident])
         self.warm.mark_clean(slots[resident])  # equal to the cold copy just written
+        self._copy_to_warm(*(a[~resident] for a in (records.ids, records.rows, records.state, records.last)))
+
+    def _copy_to_warm(self, ids: np.ndarray, rows: np.ndarray, state: np.ndarray, last: np.ndarray) -> None:
+        """Appends the records of non-resident `ids` (n,) just written to the cold tier, clean, as
+        far as the warm tier has room: what a placement pass would admit next (they were just
+        used), without reading them back from LMDB."""
         room = self.warm.room if self._capacity is None else self._capacity - len(self.warm)
-        fits = np.flatnonzero(~resident)[: max(int(min(room, len(records))), 0)]
-        self.warm.append(*(a[fits] for a in (records.ids, records.rows, records.state, records.last)))
+        fits = slice(0, max(int(min(room, len(ids))), 0))
+        self.warm.append(ids[fits], rows[fits], state[fits], last[fits])
 
     # --- whole-table views ---
 

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from memory_service.config import OptimizerConfig, TableConfig
-from memory_service.placement import LRUPolicy
+from memory_service.placement import LRUPolicy, RecentPolicy
 from memory_service.placer import Placer
 from memory_service.rows import init_rows
 from memory_service.store import TableStore, state_width_of
@@ -99,7 +99,8 @@ def test_a_push_larger_than_the_budget_goes_to_lmdb(tmp_path):
     grads = np.ones((len(ids), WIDTH), np.float32)
     store.update(ids, grads, 1)
     reference.update(ids, grads, 1)
-    assert len(store.warm) == 0 and len(store.cold) == 1000
+    assert len(store.warm) == 10 and len(store.cold) == 1000  # LMDB holds every row, DRAM what fits
+    assert not store.warm.num_dirty  # the DRAM copies equal LMDB's
     store.read(ids[:50])
     store.place()  # placement admits at most the capacity of the rows just read
     assert len(store.warm) == 10
@@ -107,6 +108,32 @@ def test_a_push_larger_than_the_budget_goes_to_lmdb(tmp_path):
     reference.update(ids[:100], grads[:100], 2)
     assert store.warm.num_dirty == 10 and len(store.warm) == 10
     assert_same(store, reference)
+
+
+def test_placement_stops_asking_lmdb_for_rows_it_does_not_hold(tmp_path):
+    """Rows read but never written, or moved to another shard, are not admission candidates once
+    a pass found them absent (each pass would read LMDB for them again); a push copies the rows
+    it writes into DRAM while there is room, so being forgotten costs them nothing."""
+    cfg = config("sparse_adam")
+    state = state_width_of(cfg)
+    cold = ColdEnvironment(str(tmp_path / "lmdb"), map_bytes=1 << 20).open_table(cfg.name, {}, cfg.width, state)
+    store = TableStore(cfg, warm=WarmTier(cfg.width, state, 10), cold=cold, policy=RecentPolicy(10))
+    resident = lambda: np.sort(store.warm.ids())  # noqa: E731
+    never_written = np.arange(5)
+    store.read(never_written)
+    assert set(store.policy.plan(resident())[0]) == set(never_written)  # candidates after the read
+    assert store.place() == 0 and not len(store.policy.plan(resident())[0])  # absent: forgotten
+    grads = np.ones((5, WIDTH), np.float32)
+    store.update(never_written, grads, 1)
+    assert sorted(store.warm.ids()) == list(never_written) and not store.warm.num_dirty and len(store.cold) == 5
+    store.read(never_written)  # DRAM hits
+    assert store.place() == 0
+    exported = store.export_rows(never_written[:2])
+    assert list(exported.ids) == [0, 1] and len(store.cold) == 3
+    store.read(never_written[2:])
+    assert not set(store.policy.plan(resident())[0]) & {0, 1}  # they live elsewhere now
+    assert store.read(never_written[:2]).shape == (2, WIDTH)  # read here again: candidates again
+    assert set(store.policy.plan(resident())[0]) == {0, 1}
 
 
 @pytest.mark.parametrize("kind", ["adam", "sparse_adam"])
