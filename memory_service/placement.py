@@ -418,34 +418,61 @@ class EngramPolicy(Policy):
 
 
 class RecentPolicy(Policy):
-    """Keeps the `capacity` most recently read rows, remembering nothing older (LRU whose memory is
-    bounded by the tier: what a cold shard's DRAM budget needs; "lru" above keeps a slot per id
-    up to the largest seen, fine for a replay, not for a 100M-row table). Look-ahead ignored.
+    """Keeps the `capacity` most recently read rows, remembering nothing much older (LRU whose
+    memory is bounded by the tier: what a cold shard's DRAM budget needs; "lru" above keeps a slot
+    per id up to the largest seen, fine for a replay, not for a 100M-row table). Look-ahead ignored.
 
-    The recency list is an array of distinct ids, oldest first, trimmed to `capacity`: the rows
-    LRU keeps are exactly its contents, so nothing older needs remembering."""
+    `record` runs inside every read request, so it costs a binary search of the request's ids in
+    the ids seen (sorted, each with the tick of its last read) and an insertion of the new ones,
+    not a sort of everything remembered (13 ms per table per request at 170k ids, the old way).
+    Ticks order the reads (ids of one request in the order given), so the rows kept are exactly
+    the last `capacity` distinct ids read. Ids past those are dropped in batches, when the list
+    reaches 1.25 x capacity."""
 
     def __init__(self, capacity: int) -> None:
         super().__init__(capacity)
-        self._recent = np.empty(0, dtype=np.int64)  # (<= capacity,) distinct ids, oldest first
+        self._ids = np.empty(0, dtype=np.int64)  # (m,) sorted distinct ids seen
+        self._ticks = np.empty(0, dtype=np.int64)  # (m,) distinct: the tick of each one's last read
+        self._tick = 0
 
     def record(self, ids: np.ndarray) -> None:
         ids = np.asarray(ids, dtype=np.int64)
-        kept = self._recent[~np.isin(self._recent, ids)]
-        recent = np.concatenate([kept, ids])
-        self._recent = recent[max(len(recent) - self.capacity, 0):].copy()  # a copy: no view pins `recent`
+        ticks = self._tick + np.arange(len(ids), dtype=np.int64)
+        self._tick += len(ids)
+        seen = contains(self._ids, ids)
+        if seen.any():
+            self._ticks[np.searchsorted(self._ids, ids[seen])] = ticks[seen]
+        new, new_ticks = ids[~seen], ticks[~seen]
+        if len(new):
+            order = np.argsort(new)
+            at = np.searchsorted(self._ids, new[order])
+            self._ids = np.insert(self._ids, at, new[order])
+            self._ticks = np.insert(self._ticks, at, new_ticks[order])
+        if len(self._ids) > self.capacity + self.capacity // 4 + 1024:
+            keep = np.sort(self._newest())
+            self._ids, self._ticks = self._ids[keep], self._ticks[keep]
+
+    def _newest(self) -> np.ndarray:
+        """Positions (<= capacity,) of the `capacity` most recently read ids, in no order."""
+        if len(self._ids) <= self.capacity:
+            return np.arange(len(self._ids))
+        if not self.capacity:
+            return np.zeros(0, dtype=np.int64)
+        return np.argpartition(self._ticks, len(self._ids) - self.capacity)[len(self._ids) - self.capacity:]
 
     def forget(self, ids: np.ndarray) -> None:
-        if len(ids):
-            self._recent = self._recent[~np.isin(self._recent, ids)]
+        if len(ids) and len(self._ids):
+            keep = np.sort(self._newest())  # first drop what is past the newest `capacity`: an
+            keep = keep[~contains(np.sort(ids), self._ids[keep])]  # older id must not move up
+            self._ids, self._ticks = self._ids[keep], self._ticks[keep]
 
     def plan(self, resident: np.ndarray, max_moves: int | None = None) -> tuple[np.ndarray, np.ndarray]:
-        recent = self._recent[max(len(self._recent) - self.capacity, 0):] if self.capacity else self._recent[:0]
-        wanted = recent[::-1]  # most recent first
-        admit = wanted[~np.isin(wanted, resident)]
+        newest = self._newest()
+        wanted = self._ids[newest[np.argsort(-self._ticks[newest])]]  # most recent first
+        admit = wanted[~contains(resident, wanted)]
         if max_moves is not None:
             admit = admit[:max_moves]
-        stale = resident[~np.isin(resident, recent)]  # resident, but not among the recent
+        stale = resident[~contains(self._ids[np.sort(newest)], resident)]  # resident, not among the recent
         excess = len(resident) + len(admit) - self.capacity
         return admit, stale[: max(excess, 0)]
 

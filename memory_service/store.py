@@ -36,7 +36,7 @@ import numpy as np
 
 from memory_service.config import TableConfig
 from memory_service.optimizer import make_optimizer
-from memory_service.placement import Policy
+from memory_service.placement import Policy, sorted_unique
 from memory_service.rows import InitialRows
 from memory_service.tiers.base import RowRecords
 from memory_service.tiers.cold import ColdTier
@@ -137,7 +137,7 @@ class TableStore:
         if self.cold is None:
             return self._read_warm(ids)
         out, all_warm = self._read_tiered(ids)
-        self.policy.record(np.unique(ids))
+        self.policy.record(sorted_unique(ids))
         # A read of resident rows alone gives a plan nothing new to admit (and evictions come
         # only with admissions or a smaller capacity): no pass needed for it.
         self._unsettled |= not all_warm
@@ -171,7 +171,7 @@ class TableStore:
         slots = self.warm.lookup(ids)  # (n,)
         hit = slots >= 0
         cold_ids = ids[~hit]  # (c,) repeats kept
-        distinct = np.unique(cold_ids)  # (u,)
+        distinct = sorted_unique(cold_ids)  # (u,)
         found, rows, state, last = self.cold.get(distinct)  # records of distinct[found]
         if self.optimizer.catches_up:
             self._catch_up_tiered(np.unique(slots[hit]), distinct[found], rows, state, last)

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from memory_service.placement import (POLICIES, CountMinSketch, EngramPolicy, LFUPolicy, Lookahead, Policy,
-                                      check_ids, make_policy, select)
+                                      RecentPolicy, check_ids, make_policy, select)
 from memory_service.placement_replay import belady_hit_rate, num_reads, simulate
 
 
@@ -196,6 +196,53 @@ def test_select_breaks_ties_for_resident_rows_and_respects_max_moves():
     admit, evict = select(resident, np.array([5.0, 1.0, 2.0]), candidates, np.array([3.0, 9.0]), 4, 1)
     np.testing.assert_array_equal(admit, [8])  # a free slot, one move allowed
     assert evict.size == 0
+
+
+class RecentReference:
+    """What RecentPolicy must plan, the plain way: the list of the last `capacity` distinct ids
+    read, oldest first (the implementation before ticks, which sorted it all on every read)."""
+
+    def __init__(self, capacity: int) -> None:
+        self.capacity, self.recent = capacity, np.empty(0, np.int64)
+
+    def record(self, ids):
+        recent = np.concatenate([self.recent[~np.isin(self.recent, ids)], ids])
+        self.recent = recent[max(len(recent) - self.capacity, 0):]
+
+    def forget(self, ids):
+        self.recent = self.recent[~np.isin(self.recent, ids)]
+
+    def plan(self, resident, max_moves=None):
+        wanted = self.recent[::-1]
+        admit = wanted[~np.isin(wanted, resident)][:max_moves]
+        stale = resident[~np.isin(resident, self.recent)]
+        return admit, stale[: max(len(resident) + len(admit) - self.capacity, 0)]
+
+
+@pytest.mark.parametrize("capacity", [0, 1, 30, 700])
+@pytest.mark.parametrize("max_moves", [None, 7])
+def test_recent_policy_plans_what_the_plain_list_plans(capacity, max_moves):
+    """Random requests (in no id order), forgets and plans, applied to a resident set: the same
+    plans as the reference, including after the id list was trimmed (thousands of distinct ids)."""
+    rng = np.random.default_rng(capacity)
+    policy, reference = RecentPolicy(capacity), RecentReference(capacity)
+    resident = np.zeros(0, np.int64)
+    for _ in range(300):
+        ids = rng.permutation(np.unique(rng.integers(0, 6000 if rng.random() < 0.5 else 200, rng.integers(0, 60))))
+        policy.record(ids)
+        reference.record(ids)
+        if rng.random() < 0.2:
+            gone = rng.integers(0, 200, 5)
+            policy.forget(np.unique(gone))
+            reference.forget(np.unique(gone))
+            resident = np.setdiff1d(resident, gone)
+        admit, evict = policy.plan(resident, max_moves)
+        expected = reference.plan(resident, max_moves)
+        np.testing.assert_array_equal(admit, expected[0])
+        np.testing.assert_array_equal(evict, expected[1])
+        resident = np.sort(np.concatenate([np.setdiff1d(resident, evict), admit]))
+        assert len(resident) <= capacity
+    assert len(policy._ids) <= capacity + capacity // 4 + 1024 + 60  # trimmed: memory bounded
 
 
 def test_make_policy_and_checks():
