@@ -13,7 +13,8 @@ arenas, memory_service/tiers/warm.py) and, on a cold shard with a disk directory
   into DRAM only as far as it has room, so the DRAM budget holds even when one push writes more
   rows than fit.
 - Which rows the warm tier keeps is the placement `Policy`'s call (memory_service/placement.py):
-  every read's distinct ids are recorded, look-ahead fetches are announced with `expect`, and
+  every read's distinct ids are recorded (queued by the request, handed to the policy by the
+  placer, off the request path), look-ahead fetches are announced with `expect`, and
   `place()` (run by the shard's background `Placer`, never inside a request) applies its plan:
   evicted rows are written back if dirty and dropped, admitted rows read from LMDB.
 
@@ -91,6 +92,10 @@ class TableStore:
         # False once a plan moved nothing and no request came since: an idle table costs the
         # placer no planning (a plan sorts every resident id) and no memory for it.
         self._unsettled = True
+        # What requests told placement, for the placer to hand the policy in order (reads and
+        # announcements: a look-ahead policy pairs them): a request only appends its ids.
+        self._told: list[tuple[bool, np.ndarray]] = []  # (is a read, ids)
+        self._told_ids = 0
         self.closed = False  # set when the table is dropped or its shard closes
         # Told every change of the table's durable state as it happens (a cold shard's Journal
         # logs them before they reach LMDB): journal(kind, *fields) with kind "rows" (ids, rows,
@@ -137,7 +142,7 @@ class TableStore:
         if self.cold is None:
             return self._read_warm(ids)
         out, all_warm = self._read_tiered(ids)
-        self.policy.record(sorted_unique(ids))
+        self._tell(True, ids)
         # A read of resident rows alone gives a plan nothing new to admit (and evictions come
         # only with admissions or a smaller capacity): no pass needed for it.
         self._unsettled |= not all_warm
@@ -170,6 +175,13 @@ class TableStore:
         """(rows of `ids`, whether the warm tier held every one)."""
         slots = self.warm.lookup(ids)  # (n,)
         hit = slots >= 0
+        if hit.all():  # all in DRAM (the common case under a fitting budget): no LMDB, no scatter
+            if self.optimizer.catches_up:
+                none = RowRecords.empty(self.cfg.width, self._state_width)
+                self._catch_up_tiered(sorted_unique(slots), none.ids, none.rows, none.state, none.last)
+            self.warm_counters.hits += len(ids)
+            self.hits += len(ids)
+            return self.warm.rows_at(slots), True
         cold_ids = ids[~hit]  # (c,) repeats kept
         distinct = sorted_unique(cold_ids)  # (u,)
         found, rows, state, last = self.cold.get(distinct)  # records of distinct[found]
@@ -217,8 +229,23 @@ class TableStore:
     def expect(self, ids: np.ndarray) -> None:
         """Ids (n,) a fetch held for a later step will read: the policy's look-ahead."""
         if self.policy is not None:
-            self.policy.expect(np.unique(ids))
+            self._tell(False, ids)
             self._unsettled = True
+
+    def _tell(self, read: bool, ids: np.ndarray) -> None:
+        """Queues a read's (or an announcement's) ids for the policy; they reach it at the next
+        plan (`tell_policy`), off the request path, or here once the queue holds more ids than
+        the tier has rows (so it stays bounded when no placer runs)."""
+        self._told.append((read, np.array(ids, dtype=np.int64).reshape(-1)))
+        self._told_ids += len(ids)
+        if self._told_ids > max(self.policy.capacity, 1 << 16):
+            self.tell_policy()
+
+    def tell_policy(self) -> None:
+        """Hands the policy the queued reads and announcements, in the order they came."""
+        for read, ids in self._told:
+            (self.policy.record if read else self.policy.expect)(sorted_unique(ids))
+        self._told, self._told_ids = [], 0
 
     # --- writes ---
 
@@ -358,7 +385,10 @@ class TableStore:
     def place(self, max_moves: int | None = None) -> int:
         """Applies one placement plan (evictions, then at most `max_moves` admissions); returns
         the rows moved. Called between requests (the shard's Placer), never inside one."""
-        if self.cold is None or not self._unsettled:
+        if self.cold is None:
+            return 0
+        self.tell_policy()  # also when settled: reads of resident rows still reorder them
+        if not self._unsettled:
             return 0
         resident = np.sort(self.warm.ids())
         admit, evict = self.policy.plan(resident, max_moves)
@@ -422,6 +452,7 @@ class TableStore:
         warm = self.warm.pop(ids)
         if self.cold is None:
             return warm
+        self.tell_policy()
         self.policy.forget(ids)  # their home is elsewhere now
         cold = self.cold.pop(ids)
         cold = cold.take(~np.isin(cold.ids, warm.ids))  # resident rows: the warm copy is current
