@@ -7,7 +7,7 @@ Floor: `numpy.take` of the same rows from one in-process array (no serialisation
 Peer: the same rows as Redis strings read with MGET (redis-py + hiredis), a common way to serve
 embedding rows over loopback.
 
-    python bench/bench_fetch.py [--ids 1024 16384 65536] [--shards 1 2 4] [--repeats 20] [--json]
+    python bench/bench_fetch.py [--ids 1024 16384 65536] [--shards 1 2 4] [--repeats 20] [--cold] [--json]
 
 The headline cell is 16k ids, fp32 x 64, 2 shards, one client, with the client's default
 same-host path (rows written into a shared-memory file the client owns); "gRPC reply only" is the
@@ -33,7 +33,7 @@ from memory_service.shard_process import SHARD_ENV, reexec_with
 reexec_with(SHARD_ENV)
 
 from memory_service.cluster import ClusterConfig, init_local_ray, launch  # noqa: E402
-from memory_service.config import OptimizerConfig, TableConfig  # noqa: E402
+from memory_service.config import OptimizerConfig, StorageConfig, TableConfig  # noqa: E402
 from report import write_results  # noqa: E402  (bench/report.py)
 
 WIDTH = 64
@@ -55,8 +55,23 @@ def cell(name: str, num_ids: int, times: list[float]) -> dict:
             "p50_ms": 1e3 * float(np.percentile(t, 50)), "p99_ms": 1e3 * float(np.percentile(t, 99))}
 
 
-def service_cells(num_shards: int, dtype: str, table: np.ndarray, id_sets: dict, repeats: int) -> list[dict]:
-    cluster = launch(ClusterConfig(num_shards=num_shards, name=f"bench-{num_shards}-{dtype}"))
+def service_cells(num_shards: int, dtype: str, table: np.ndarray, id_sets: dict, repeats: int,
+                  cold: bool = False) -> list[dict]:
+    """Fetch and push cells of `num_shards` all-DRAM shards, or with `cold` LMDB-backed cold
+    shards (files in a temporary directory) whose DRAM budget holds every row: what LMDB and
+    placement cost a cold shard when nothing has to come from disk."""
+    if cold:
+        with tempfile.TemporaryDirectory() as path:
+            cells = service_cells_of(ClusterConfig(num_shards=num_shards, name=f"bench-cold-{num_shards}-{dtype}",
+                                                   storage=StorageConfig(path=path)), dtype, table, id_sets, repeats)
+        return [{**c, "path": c["path"].replace("service", "cold shards")} for c in cells]
+    return service_cells_of(ClusterConfig(num_shards=num_shards, name=f"bench-{num_shards}-{dtype}"),
+                            dtype, table, id_sets, repeats)
+
+
+def service_cells_of(config: ClusterConfig, dtype: str, table: np.ndarray, id_sets: dict, repeats: int) -> list[dict]:
+    num_shards = config.num_shards
+    cluster = launch(config)
     cfg = TableConfig(name="bench", num_rows=len(table), width=WIDTH, dtype=dtype,
                       optimizer=OptimizerConfig(kind="sgd", lr=1e-3))
     out = []
@@ -133,6 +148,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rows", type=int, default=262144, help="table rows (all stored)")
     p.add_argument("--repeats", type=int, default=30)
     p.add_argument("--out", default="bench/results/fetch")
+    p.add_argument("--cold", action="store_true",
+                   help="also LMDB-backed cold shards (their DRAM budget holding every row), 2 shards")
     p.add_argument("--json", action="store_true")
     args = p.parse_args(argv)
 
@@ -147,6 +164,8 @@ def main(argv: list[str] | None = None) -> int:
         for shards in args.shards:
             cells += service_cells(shards, dtype, table, id_sets, args.repeats)
             print(f"done: {shards} shards {dtype}", file=sys.stderr)
+    if args.cold:
+        cells += service_cells(2, "float32", table, id_sets, args.repeats, cold=True)
 
     def find(path: str, shards: int) -> float | None:
         """rows/s of the headline size (16k ids, fp32) on `path`."""
@@ -166,6 +185,10 @@ def main(argv: list[str] | None = None) -> int:
     lines += ["", f"headline (16k ids, fp32 x 64, 2 shards, one client): fetch {f:,.0f} rows/s = "
               f"{100 * f / fl:.1f}% of the numpy.take floor ({fl:,.0f})"
               + (f", {f / rd:.1f}x the Redis MGET peer ({rd:,.0f})" if rd else ", Redis peer not measured")]
+    if args.cold:
+        headline["cold_fetch_rows_per_s"] = cold = find("cold shards fetch", 2)
+        lines.append(f"cold shards (LMDB under a DRAM budget holding every row), same cell: {cold:,.0f} rows/s "
+                     f"= {cold / f:.2f} of all-DRAM shards")
     text = "\n".join(lines)
     print(text)
     result = {**headline, "note": note, "cells": cells}
