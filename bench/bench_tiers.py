@@ -281,6 +281,7 @@ def service_section(args, trace: RowTrace, sizes: list[int]) -> tuple[dict, list
         with tempfile.TemporaryDirectory() as lmdb_dir:
             hot = serve_trace(ClusterConfig(num_shards=2, num_hot=1, hot_rows=hot_rows, name="bench-tiers-hot",
                                             migrate_max_duty=args.migrate_max_duty,
+                                            migrate_interval_s=args.migrate_interval_s,
                                             storage=StorageConfig(path=lmdb_dir)), trace, sizes, args.lookahead,
                               args.service_step_s)
         dram = serve_trace(ClusterConfig(num_shards=2, name="bench-tiers-dram"), trace, sizes, args.lookahead,
@@ -294,6 +295,7 @@ def service_section(args, trace: RowTrace, sizes: list[int]) -> tuple[dict, list
               "service_vs_dram": hot["rows_per_s"] / dram["rows_per_s"],
               "service": {"split_fraction": args.service_split_fraction, "steps_per_epoch": trace.steps_per_epoch,
                           "hot_rows": hot_rows, "migrate_max_duty": args.migrate_max_duty,
+                          "migrate_interval_s": args.migrate_interval_s,
                           "reads_over_trace": sum(hot["reads"].values()) / trace_reads(trace),
                           "hot_cold": hot, "dram": dram}}
     return result, service_report(args, trace, result)
@@ -410,7 +412,8 @@ def service_report(args, trace: RowTrace, r: dict) -> list[str]:
             f"{args.service_step_s:g} s, each after announcing the step {args.lookahead} ahead (what the trainer's "
             f"held next-step fetch and 6 announced steps tell placement). Hot shard: {s['hot_rows']:,} rows per table "
             f"({args.hot_fraction:.0%} of the mean rows a table touches), engram policy, migrator duty cap "
-            f"{args.migrate_max_duty:g} (service default 0.05); cold shards: DRAM (default budget) over LMDB.", "",
+            f"{args.migrate_max_duty:g} (service default 0.05), rounds at least {args.migrate_interval_s:g} s apart "
+            f"(service default 0.05); cold shards: DRAM (default budget) over LMDB.", "",
             "| measured epoch | hot hit rate | fetch rows/s | seconds in fetches | RowsMoved re-sends | "
             "migration rounds | rows promoted |", "|---|---|---|---|---|---|---|",
             f"| 1 hot + 2 cold (LMDB) | {r['service_hot_hit_rate']:.4f} | {hot['rows_per_s']:,.0f} | "
@@ -447,6 +450,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="seconds from one step's fetch to the next in the service replay (the trainer's compute)")
     parser.add_argument("--migrate-max-duty", type=float, default=1.0,
                         help="hot shard migrator's wall-clock share in the service replay (service default 0.05)")
+    parser.add_argument("--migrate-interval-s", type=float, default=0.05,
+                        help="least seconds between the migrator's rounds in the service replay (service default 0.05)")
     parser.add_argument("--skip-service", action="store_true", help="no replay through the service")
     parser.add_argument("--context", type=int, default=256)
     parser.add_argument("--batch-size", type=int, default=16)
@@ -457,9 +462,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if not 0 < args.hot_fraction < 1 or not 0 < args.split_fraction <= 1 or not 0 < args.service_split_fraction <= 1:
         parser.error(f"--hot-fraction {args.hot_fraction} must be in (0, 1), --split-fraction "
                      f"{args.split_fraction} and --service-split-fraction {args.service_split_fraction} in (0, 1]")
-    if not 0 < args.migrate_max_duty <= 1 or args.service_step_s < 0:
+    if not 0 < args.migrate_max_duty <= 1 or args.service_step_s < 0 or args.migrate_interval_s <= 0:
         parser.error(f"--migrate-max-duty {args.migrate_max_duty} must be in (0, 1], --service-step-s "
-                     f"{args.service_step_s} >= 0")
+                     f"{args.service_step_s} >= 0, --migrate-interval-s {args.migrate_interval_s} > 0")
     return args
 
 
