@@ -455,8 +455,10 @@ class RecentPolicy(Policy):
         """(ids, ticks) of the `capacity` most recently read ids, ids sorted."""
         if len(self._ids) <= self.capacity:
             return self._ids, self._ticks
-        newest = np.sort(np.argpartition(self._ticks, len(self._ids) - self.capacity)[len(self._ids) - self.capacity:]
-                         if self.capacity else np.zeros(0, dtype=np.int64))
+        if not self.capacity:
+            return self._ids[:0], self._ticks[:0]
+        older = len(self._ids) - self.capacity  # ids past the newest `capacity`
+        newest = np.sort(np.argpartition(self._ticks, older)[older:])
         return self._ids[newest], self._ticks[newest]
 
     def forget(self, ids: np.ndarray) -> None:

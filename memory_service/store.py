@@ -186,7 +186,7 @@ class TableStore:
         distinct = sorted_unique(cold_ids)  # (u,)
         found, rows, state, last = self.cold.get(distinct)  # records of distinct[found]
         if self.optimizer.catches_up:
-            self._catch_up_tiered(np.unique(slots[hit]), distinct[found], rows, state, last)
+            self._catch_up_tiered(sorted_unique(slots[hit]), distinct[found], rows, state, last)
         out = np.empty((len(ids), self.cfg.width), dtype=np.float32)
         out[hit] = self.warm.rows_at(slots[hit])
         cold_rows = np.empty((len(distinct), self.cfg.width), dtype=np.float32)  # (u, width)
@@ -200,7 +200,7 @@ class TableStore:
         self.cold_counters.hits += num_cold
         self.cold_counters.misses += len(cold_ids) - num_cold
         self.hits += num_warm + num_cold
-        return out, num_warm == len(ids)
+        return out, False  # every row held in DRAM returned above
 
     def _catch_up_tiered(self, warm_slots: np.ndarray, cold_ids: np.ndarray, rows: np.ndarray,
                          state: np.ndarray, last: np.ndarray) -> None:

@@ -10,8 +10,9 @@ bytes.
 
 Reads: one read transaction per request, ids deduplicated and sorted, `Cursor.getmulti` (the C loop
 of py-lmdb: no Python per row) over chunks of 4096 keys, each chunk's joined values scattered with
-numpy straight to the rows' places in the request's record array. Writes: one write transaction per batch, `putmulti` over sorted keys,
-encoded in the same chunks. Chunks bound the Python bytes objects alive at once (see _CHUNK).
+numpy straight to the rows' places in the request's record array. Writes: one write transaction
+per batch, `putmulti` over sorted keys, encoded in the same chunks. Chunks bound the Python bytes
+objects alive at once (see _CHUNK).
 
 The environment is opened with `writemap` and without `sync`: pages a transaction dirties are
 written in the shared file mapping (file-backed memory, not the process's anonymous memory: a
@@ -234,10 +235,11 @@ class ColdTier(Tier):
         return self._environment
 
     def _gather(self, ids: np.ndarray, order: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Distinct `ids` (n,) and their sorting permutation `order` -> (found (n,) bool, raw records (n, itemsize) uint8 in the order of
-        `ids`, rows of ids not found left unset), in one read transaction: keys sorted, so getmulti
-        walks the B-tree left to right, each chunk's joined values scattered straight to their
-        request positions (one copy of the bytes after getmulti's own, none for reordering)."""
+        """Distinct `ids` (n,) and their sorting permutation `order` -> (found (n,) bool, raw
+        records (n, itemsize) uint8 in the order of `ids`, rows of ids not found left unset), in
+        one read transaction: keys sorted, so getmulti walks the B-tree left to right, each
+        chunk's joined values scattered straight to their request positions (one copy of the bytes
+        after getmulti's own, none for reordering)."""
         sorted_ids = ids[order]
         found = np.ones(len(ids), dtype=bool)
         # Records handled as raw bytes (n, itemsize): numpy copies and gathers uint8 rows at
