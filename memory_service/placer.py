@@ -36,7 +36,7 @@ _malloc_trim = _libc_trim()
 
 def release_free_heap() -> None:
     """Returns free heap pages to the OS (glibc). A cold shard's requests and moves allocate
-    large transient buffers (replies, getmulti's bytes objects) between long-lived objects; glibc
+    large transient buffers (replies, LMDB reads' bytes objects) between long-lived objects; glibc
     keeps the freed pages (with shard actors' MALLOC_TRIM_THRESHOLD_, up to 4 GiB), which would
     show in RssAnon as if the table used them."""
     if _malloc_trim is not None:
