@@ -142,8 +142,8 @@ class TimedPolicy(Policy):
         self._recorded += len(ids)
         self.inner.record(ids)
 
-    def expect(self, ids):
-        self.inner.expect(ids)
+    def expect(self, ids, step=None):
+        self.inner.expect(ids, step)
 
     def plan(self, resident, max_moves=None):
         start = time.perf_counter()
@@ -354,14 +354,15 @@ def replay(client, names: list[str], trace: RowTrace, steps: range, lookahead: i
     the next `lookahead` requests. The trainer's Prefetcher tells the shards the same 7 requests
     (lookahead 7): the next step's fetch, held until this step's push, and 6 announced steps;
     without pushes nothing can be held, so that one is announced too (both reach placement
-    through Shard._expect)."""
+    through Shard._expect). Each announcement carries its step, as the trainer's do, so placement
+    merges the parts the three shards got into one request per step."""
     rows, seconds, last = 0, 0.0, len(trace.tables[0]) - 1
     due = time.perf_counter()
     for s in steps:
         time.sleep(max(0.0, due - time.perf_counter()))
         due = time.perf_counter() + step_s
         ahead = range(s + 1 if s == 0 else s + lookahead, min(s + lookahead, last) + 1)
-        announced = [client.announce(step_ids(names, trace, a)) for a in ahead]
+        announced = [client.announce(step_ids(names, trace, a), step=a) for a in ahead]
         ids = step_ids(names, trace, s)
         start = time.perf_counter()
         client.fetch(ids)
@@ -424,8 +425,7 @@ def service_report(args, trace: RowTrace, r: dict) -> list[str]:
             f"shards) vs {r['service_offline_hit_rate']:.4f} replayed offline (same trace, policy, capacity, "
             f"look-ahead): {r['service_hot_hit_rate'] / r['service_offline_hit_rate']:.3f} of it. Offline, the "
             f"policy plans after every request; the service's migrator plans once a round, on a background thread, "
-            f"seeing the reads of every step since its last round and their announcements merged into one, moves a "
-            f"bounded batch per table, and its hot set lags the plan "
+            f"seeing the reads of every step since its last round, moves a bounded batch per table, and its hot set lags the plan "
             f"({hot['migration']['rounds'] / steps:.2f} rounds per step here). The shards counted "
             f"{s['reads_over_trace']:.3f}x the trace's reads: a shard's request refused because rows moved is "
             f"re-sent alone, to the rows' new homes (the client's hot-map refreshes count them).",

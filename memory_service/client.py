@@ -178,12 +178,17 @@ class MemoryClient:
         and the replies gathered in the background: a Future of the rows, for prefetching."""
         return self.pool.submit(self._finish_fetch, self._start_fetch(ids, min_step, ngrams))
 
-    def announce(self, ids: dict[str, np.ndarray | torch.Tensor]) -> Future:
-        """Tell the rows' homes that later fetches will read {table: ids (any shape)}, so
-        placement can keep those rows or bring them in first (a hint: nothing is read). Returns at
-        once; the Future ends when every shard answered (raising what a shard refused)."""
+    def announce(self, ids: dict[str, np.ndarray | torch.Tensor], step: int | None = None) -> Future:
+        """Tell the rows' homes that a later fetch will read {table: ids (any shape)}, so
+        placement can keep those rows or bring them in first (a hint: nothing is read). `step`:
+        the min_step that fetch will carry, which lets placement put together the parts of one
+        step the shards got and order the steps (announce with it whenever fetches wait for
+        steps); None: read after what was announced before. Returns at once; the Future ends when
+        every shard answered (raising what a shard refused)."""
+        if step is not None and step < 0:
+            raise ValueError(f"announced step {step} must be >= 0")
         routes = {name: self._route(name, table_ids) for name, table_ids in ids.items()}
-        futures = [self._call(shard, "Announce", memory_pb2.AnnounceRequest(tables=[
+        futures = [self._call(shard, "Announce", memory_pb2.AnnounceRequest(step=step, tables=[
             memory_pb2.TableIds(table=name, ids=wire.encode_ids(routes[name].grouped[start:stop]))
             for name, start, stop in chunk])) for shard, chunk in self._requests(routes)]
         return self.pool.submit(lambda: [self._result(f) for f in futures] and None)

@@ -1,9 +1,10 @@
 """Migration: rows move between the cold shards and a hot shard as a placement policy decides.
 
 Runs in the hot shard's process, on a background thread, never inside a request. Each round it
-drains the reads every shard served (and the look-ahead ids of held fetches), feeds them to one
-`Policy` per table (only ids whose hot home is this shard: id % num_hot), asks it for a plan, and
-moves rows in batches with their optimizer state:
+drains the reads every shard served and the look-aheads it was told (held fetches, announcements,
+each with the step it is for), feeds them to one `Policy` per table (only ids whose hot home is
+this shard: id % num_hot), asks it for a plan, and moves rows in batches with their optimizer
+state:
 
 - promote: the cold home exports the rows (removed there, answered "moved" from then on), the hot
   shard imports them; then they are hot.
@@ -29,7 +30,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from memory_service import wire
-from memory_service.placement import Policy, make_policy
+from memory_service.placement import READ, Policy, make_policy, sorted_unique, tell
 from memory_service.retry import RECONNECT_OPTIONS, RetryPolicy
 from memory_service.rpc import memory_pb2, memory_pb2_grpc
 from memory_service.security import ClientSecurity, open_channel
@@ -135,24 +136,25 @@ class Migrator:
         return self.policies[name]
 
     def _observe(self) -> bool:
-        """Feed every shard's reads (this hot shard's rows only) to the tables' policies;
-        returns whether there were any."""
+        """Feed every shard's reads and look-aheads (this hot shard's rows only) to the tables'
+        policies, each shard's in the order it saw them; returns whether there were any. A row
+        has one home at a time, so its reads and announcements all come from one shard, in order;
+        the parts of one step that several shards were told merge by the step they carry."""
         drained = [self.hot.drain_accesses()]
         for stub in self.cold:
             reply = self._rpc(stub, "DrainAccesses", memory_pb2.DrainAccessesRequest())
-            drained.append({t.table: (np.split(wire.decode_ids(t.ids, t.table),
-                                               np.cumsum(wire.decode_ids(t.lengths, t.table))[:-1]),
-                                      wire.decode_ids(t.expected, t.table)) for t in reply.tables})
-        mine = lambda ids: ids[ids % self.hot.num_shards == self.hot.shard_id]
+            drained.append({t.table: list(zip(wire.decode_ids(t.tags, t.table).tolist(),
+                                              np.split(wire.decode_ids(t.ids, t.table),
+                                                       np.cumsum(wire.decode_ids(t.lengths, t.table))[:-1])))
+                            for t in reply.tables})
         seen = False
         for accesses in drained:
-            for name, (requests, expected) in accesses.items():
+            for name, events in accesses.items():
                 policy = self._policy(name)
-                for ids in requests:
-                    policy.record(mine(ids))
-                if len(expected):
-                    policy.expect(np.unique(mine(expected)))
-                seen |= len(requests) > 0 or len(expected) > 0
+                for tag, ids in events:
+                    ids = ids[ids % self.hot.num_shards == self.hot.shard_id]
+                    tell(policy, tag, ids if tag == READ else sorted_unique(ids))
+                seen |= len(events) > 0
         return seen
 
     def _rpc(self, stub, rpc: str, request):

@@ -33,6 +33,20 @@ from collections.abc import Callable
 import numpy as np
 
 
+# Tags of the events queued on their way to a policy ((tag, ids), as shards keep them and
+# TableAccesses carries them): a read, or a look-ahead not told its step; other look-aheads carry
+# the step they are for (>= 0).
+READ, UNTAGGED = -1, -2
+
+
+def tell(policy: "Policy", tag: int, ids: np.ndarray) -> None:
+    """Hands `policy` one queued event: `record` for a READ, else `expect` with its step."""
+    if tag == READ:
+        policy.record(ids)
+    else:
+        policy.expect(ids, None if tag == UNTAGGED else tag)
+
+
 class Policy(ABC):
     """Placement of one table's rows in one tier of `capacity` rows.
 
@@ -50,10 +64,12 @@ class Policy(ABC):
     def record(self, ids: np.ndarray) -> None:
         """The distinct row ids (n,) int64 one request read (hits and misses alike)."""
 
-    def expect(self, ids: np.ndarray) -> None:
-        """Distinct row ids (n,) a look-ahead request will read soon (default: ignored). Called
-        once per announced request, in the order the requests will be read; a later `record` of
-        an id fulfils its earliest announcement."""
+    def expect(self, ids: np.ndarray, step: int | None = None) -> None:
+        """Distinct row ids (n,) a look-ahead request will read soon (default: ignored). `step`
+        names the request: the ids of several calls with one step are one request (a trainer's
+        step reaches each shard in parts), and requests with steps are read in step order. Without,
+        each call is a request of its own, read after those announced before it. A later
+        `record` of an id fulfils its earliest announcement."""
 
     def forget(self, ids: np.ndarray) -> None:
         """Distinct row ids (n,) the tier can no longer hold (moved to another shard, or never
@@ -302,27 +318,40 @@ class CountMinSketch:
 
 
 class Lookahead:
-    """Requests announced by `expect` and not read yet, oldest (read soonest) first, each as the
-    sorted ids (n,) of it no read has consumed; at most `max_requests`, the oldest dropped first
-    (a request announced but never read must not hold its rows forever)."""
+    """Requests announced by `expect` and not read yet, soonest first, each as the sorted ids (n,)
+    of it no read has consumed. A request announced with a step gathers every announcement of
+    that step (a trainer's step reaches each shard in parts, drained at different times) and takes
+    its place among the other stepped ones by step; one without a step goes last. At most
+    `max_requests`, the soonest dropped first (a request announced but never read must not hold
+    its rows forever)."""
 
     def __init__(self, max_requests: int) -> None:
         if max_requests < 1:
             raise ValueError(f"max_requests {max_requests} must be >= 1")
         self.max_requests = max_requests
-        self._requests: deque[np.ndarray] = deque()
+        self._requests: list[np.ndarray] = []
+        self._steps: list[int | None] = []  # the step of each request (None: not told)
 
     def __len__(self) -> int:
         return len(self._requests)
 
-    def announce(self, ids: np.ndarray) -> None:
-        self._requests.append(sorted_unique(ids))
+    def announce(self, ids: np.ndarray, step: int | None = None) -> None:
+        ids = sorted_unique(ids)
+        if step is not None and step in self._steps:
+            at = self._steps.index(step)
+            self._requests[at] = sorted_unique(np.concatenate([self._requests[at], ids]))
+            return
+        at = len(self._steps)
+        if step is not None:  # before the first later step (requests without a step stay after it)
+            at = next((i for i, s in enumerate(self._steps) if s is not None and s > step), at)
+        self._requests.insert(at, ids)
+        self._steps.insert(at, step)
         if len(self._requests) > self.max_requests:
-            self._requests.popleft()
+            del self._requests[0], self._steps[0]
 
     def consume(self, ids: np.ndarray) -> None:
         """A read of ids (n,) fulfils each one's earliest announcement (a row announced for two
-        requests is still about to be read after the first)."""
+        requests is still about to be read after the first); requests left empty are dropped."""
         remaining = sorted_unique(ids)
         for i, request in enumerate(self._requests):
             if remaining.size == 0:
@@ -331,8 +360,10 @@ class Lookahead:
             if read.any():
                 remaining = remaining[~contains(request[read], remaining)]
                 self._requests[i] = request[~read]
-        while self._requests and self._requests[0].size == 0:
-            self._requests.popleft()
+        kept = [i for i, r in enumerate(self._requests) if r.size]
+        if len(kept) < len(self._requests):
+            self._requests = [self._requests[i] for i in kept]
+            self._steps = [self._steps[i] for i in kept]
 
     def distance(self, ids: np.ndarray) -> np.ndarray:
         """(n,) int64: for each id, how many announced requests come before the earliest that
@@ -354,10 +385,9 @@ class Lookahead:
 class EngramPolicy(Policy):
     """Frequency from a decaying count-min sketch, TinyLFU-style admission, and the look-ahead.
 
-    Rank of a row: first whether a look-ahead request reads it, nearest request first (`expect`
-    is called once per announced request, in the order they will be read), then its estimated read
-    count. A plan keeps the `capacity` best-ranked rows among the resident ones and those just
-    read, so
+    Rank of a row: first whether a look-ahead request reads it, nearest request first (requests
+    in step order, see `Policy.expect`), then its estimated read count. A plan keeps the
+    `capacity` best-ranked rows among the resident ones and those just read, so
     - a row of an announced request stays in, or comes in if it was just read, even when rare: it
       is a hit that many requests from now. Belady's MIN keeps the rows read again soonest; the
       look-ahead gives that time exactly for the announced requests and the frequency estimates it
@@ -400,9 +430,9 @@ class EngramPolicy(Policy):
         self._reads.add(ids)
         self.lookahead.consume(ids)
 
-    def expect(self, ids: np.ndarray) -> None:
-        """Ids (n,) of one coming request; call once per request, in the order they will be read."""
-        self.lookahead.announce(check_ids("ids", ids))
+    def expect(self, ids: np.ndarray, step: int | None = None) -> None:
+        """Ids (n,) of a coming request (see Policy.expect)."""
+        self.lookahead.announce(check_ids("ids", ids), step)
 
     def plan(self, resident, max_moves=None):
         return plan_by_keys(self._reads, resident, max_moves, self.capacity, self._rank)

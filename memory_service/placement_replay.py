@@ -37,7 +37,7 @@ def simulate(policy: Policy, batches: Sequence[np.ndarray], warmup_batches: int,
             hits += int(np.count_nonzero(contains(resident, batch)))
         policy.record(batch)
         for ahead in range(max(announced, t) + 1, min(t + lookahead, len(batches) - 1) + 1):
-            policy.expect(batches[ahead])
+            policy.expect(batches[ahead], step=ahead)
             announced = ahead
         admit, evict = policy.plan(resident, max_moves)
         _check_plan(policy, resident, batch, admit, evict, max_moves)

@@ -171,11 +171,14 @@ class MemoryServicer(memory_pb2_grpc.MemoryServiceServicer):
 
     @_maps_errors
     def DrainAccesses(self, request, context):
-        return memory_pb2.DrainAccessesResponse(tables=[
-            memory_pb2.TableAccesses(
-                table=name, ids=wire.encode_ids(np.concatenate(reqs) if reqs else np.empty(0, np.int64)),
-                lengths=wire.encode_ids(np.array([len(r) for r in reqs], np.int64)), expected=wire.encode_ids(expected))
-            for name, (reqs, expected) in self.shard.drain_accesses().items()])
+        tables = []
+        for name, events in self.shard.drain_accesses().items():
+            ids = [e[1] for e in events]
+            tables.append(memory_pb2.TableAccesses(
+                table=name, ids=wire.encode_ids(np.concatenate(ids) if ids else np.empty(0, np.int64)),
+                lengths=wire.encode_ids(np.array([len(i) for i in ids], np.int64)),
+                tags=wire.encode_ids(np.array([e[0] for e in events], np.int64))))
+        return memory_pb2.DrainAccessesResponse(tables=tables)
 
     @_maps_errors
     def Announce(self, request, context):
@@ -184,7 +187,7 @@ class MemoryServicer(memory_pb2_grpc.MemoryServiceServicer):
         for msg in request.tables:
             _check_once(requests, msg.table, "announce")
             requests[msg.table] = wire.decode_ids(msg.ids, msg.table)
-        self.shard.announce(requests)
+        self.shard.announce(requests, request.step if request.HasField("step") else None)
         return memory_pb2.AnnounceResponse()
 
     @_maps_errors

@@ -31,7 +31,7 @@ from memory_service.errors import (FailedPrecondition, InvalidArgument, StepNotR
 from memory_service.homes import Homes
 from memory_service.move_gate import MoveGate
 from memory_service.journal import Journal
-from memory_service.placement import make_policy
+from memory_service.placement import READ, UNTAGGED, make_policy
 from memory_service.placer import Placer
 from memory_service.sharding import shard_of
 from memory_service.store import TableStore, state_width_of
@@ -84,19 +84,22 @@ class _Parts:
 
 @dataclass
 class _Accesses:
-    """One table's reads since placement last looked, bounded to MAX_REQUESTS requests."""
+    """One table's reads and look-aheads since placement last looked, as (tag, ids) events in the
+    order they came (a read fulfils the look-ahead announced before it, not one announced after),
+    bounded to MAX_EVENTS (the oldest dropped first)."""
 
-    MAX_REQUESTS = 256
-    requests: list[np.ndarray] = dataclasses.field(default_factory=list)
-    expected: list[np.ndarray] = dataclasses.field(default_factory=list)
+    MAX_EVENTS = 512
+    events: list[tuple[int, np.ndarray]] = dataclasses.field(default_factory=list)
 
     def record(self, ids: np.ndarray) -> None:
-        self.requests.append(ids.copy())  # distinct: the client deduplicates each request
-        del self.requests[:-self.MAX_REQUESTS]
+        self._add(READ, ids)  # distinct: the client deduplicates each request
 
-    def expect(self, ids: np.ndarray) -> None:
-        self.expected.append(ids.copy())
-        del self.expected[:-self.MAX_REQUESTS]
+    def expect(self, ids: np.ndarray, step: int | None) -> None:
+        self._add(UNTAGGED if step is None else step, ids)
+
+    def _add(self, tag: int, ids: np.ndarray) -> None:
+        self.events.append((tag, ids.copy()))
+        del self.events[:-self.MAX_EVENTS]
 
 
 @dataclass
@@ -314,7 +317,7 @@ class Shard:
             if min_step > 0:
                 for name, ids in checked.items():  # a look-ahead read: placement may act on it now
                     if self._tables[name].committed < min_step:
-                        self._expect(name, ids)
+                        self._expect(name, ids, min_step)
                 reached = lambda: all(name not in self._tables or self._tables[name].committed >= min_step
                                       for name in checked)
                 if not self._stepped.wait_for(reached, timeout):
@@ -332,21 +335,27 @@ class Shard:
             with self.journal.change():  # dense Adam catches rows up as it reads them
                 return {name: self._tables[name].read(ids) for name, ids in checked.items()}
 
-    def announce(self, requests: dict[str, np.ndarray]) -> None:
-        """Ids (n,) per table that fetches of later steps will read: placement's look-ahead
-        (DRAM/LMDB inside a cold shard, hot/cold migration). Only a hint: ids of rows that moved
-        away since the client routed them inform placement all the same and change nothing."""
+    def announce(self, requests: dict[str, np.ndarray], step: int | None = None) -> None:
+        """Ids (n,) per table that a fetch of a later step will read: placement's look-ahead
+        (DRAM/LMDB inside a cold shard, hot/cold migration). `step`: the min_step that fetch will
+        carry (a held fetch is tagged with its own), so placement can merge the parts of one step
+        that other shards got and order the steps; None: read after those announced before. Only
+        a hint: ids of rows that moved away since the client routed them inform placement all the
+        same and change nothing."""
+        if step is not None and step < 0:
+            raise ValueError(f"announced step {step} must be >= 0")
         with self._lock:
             checked = {name: self._checked_ids(name, ids) for name, ids in requests.items()}
             for name, ids in checked.items():
-                self._expect(name, ids)
+                self._expect(name, ids, step)
 
-    def _expect(self, name: str, ids: np.ndarray) -> None:
-        """Checked ids (n,) of table `name` that a later read will take: the look-ahead of the DRAM/LMDB
-        placement of a cold shard and, on shards that keep reads, of the hot/cold migration."""
-        self._tables[name].expect(ids)
+    def _expect(self, name: str, ids: np.ndarray, step: int | None) -> None:
+        """Checked ids (n,) of table `name` that the fetch of `step` will take: the look-ahead of
+        the DRAM/LMDB placement of a cold shard and, on shards that keep reads, of the hot/cold
+        migration."""
+        self._tables[name].expect(ids, step)
         if self.track_accesses:
-            self._accesses.setdefault(name, _Accesses()).expect(ids)
+            self._accesses.setdefault(name, _Accesses()).expect(ids, step)
 
     def push(self, client_id: str, pushes: dict[str, TablePush], contributors: int = 1,
              commit: bool = True, request_seq: int = 0) -> int:
@@ -564,13 +573,13 @@ class Shard:
             self._store(name)
             return self.homes.version, self.homes.ids(name)
 
-    def drain_accesses(self) -> dict[str, tuple[list[np.ndarray], np.ndarray]]:
-        """{table: (the distinct ids of each fetch served, ids of held look-ahead fetches)} since
-        the last call; bounded (the oldest requests are dropped first)."""
+    def drain_accesses(self) -> dict[str, list[tuple[int, np.ndarray]]]:
+        """{table: its access events since the last call, in order: (READ, the distinct ids of a
+        fetch served) or (step or UNTAGGED, the ids of a look-ahead)}; bounded (the oldest events
+        are dropped first)."""
         with self._lock:
             drained, self._accesses = self._accesses, {}
-        return {name: (a.requests, np.concatenate(a.expected) if a.expected else np.empty(0, np.int64))
-                for name, a in drained.items()}
+        return {name: a.events for name, a in drained.items()}
 
     def record_ngrams(self, samples: dict[str, tuple[np.ndarray, NgramBatch]]) -> None:
         """Adds the N-grams behind a fetch that succeeded: {table: (its distinct ids (n,), their

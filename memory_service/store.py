@@ -37,7 +37,7 @@ import numpy as np
 
 from memory_service.config import TableConfig
 from memory_service.optimizer import make_optimizer
-from memory_service.placement import Policy, sorted_unique
+from memory_service.placement import READ, UNTAGGED, Policy, sorted_unique, tell
 from memory_service.rows import InitialRows
 from memory_service.tiers.base import RowRecords
 from memory_service.tiers.cold import ColdTier
@@ -94,7 +94,7 @@ class TableStore:
         self._unsettled = True
         # What requests told placement, for the placer to hand the policy in order (reads and
         # announcements: a look-ahead policy pairs them): a request only appends its ids.
-        self._told: list[tuple[bool, np.ndarray]] = []  # (is a read, ids)
+        self._told: list[tuple[int, np.ndarray]] = []  # (placement's READ or a look-ahead's tag, ids)
         self._told_ids = 0
         self.closed = False  # set when the table is dropped or its shard closes
         # Told every change of the table's durable state as it happens (a cold shard's Journal
@@ -142,7 +142,7 @@ class TableStore:
         if self.cold is None:
             return self._read_warm(ids)
         out, all_warm = self._read_tiered(ids)
-        self._tell(True, ids)
+        self._tell(READ, ids)
         # A read of resident rows alone gives a plan nothing new to admit (and evictions come
         # only with admissions or a smaller capacity): no pass needed for it.
         self._unsettled |= not all_warm
@@ -226,25 +226,26 @@ class TableStore:
             self.cold.put(cold_ids[behind], batch_rows[w:], batch_state[w:], batch_last[w:])
         self.optimizer_rows += len(batch_rows)
 
-    def expect(self, ids: np.ndarray) -> None:
-        """Ids (n,) a fetch held for a later step will read: the policy's look-ahead."""
+    def expect(self, ids: np.ndarray, step: int | None = None) -> None:
+        """Ids (n,) the fetch of `step` (a held fetch, or an announced one) will read: the
+        policy's look-ahead (see Policy.expect)."""
         if self.policy is not None:
-            self._tell(False, ids)
+            self._tell(UNTAGGED if step is None else step, ids)
             self._unsettled = True
 
-    def _tell(self, read: bool, ids: np.ndarray) -> None:
+    def _tell(self, tag: int, ids: np.ndarray) -> None:
         """Queues a read's (or an announcement's) ids for the policy; they reach it at the next
         plan (`tell_policy`), off the request path, or here once the queue holds more ids than
         the tier has rows (so it stays bounded when no placer runs)."""
-        self._told.append((read, np.array(ids, dtype=np.int64).reshape(-1)))
+        self._told.append((tag, np.array(ids, dtype=np.int64).reshape(-1)))
         self._told_ids += len(ids)
         if self._told_ids > max(self.policy.capacity, 1 << 16):
             self.tell_policy()
 
     def tell_policy(self) -> None:
         """Hands the policy the queued reads and announcements, in the order they came."""
-        for read, ids in self._told:
-            (self.policy.record if read else self.policy.expect)(sorted_unique(ids))
+        for tag, ids in self._told:
+            tell(self.policy, tag, sorted_unique(ids))
         self._told, self._told_ids = [], 0
 
     # --- writes ---

@@ -154,6 +154,25 @@ def test_lookahead_distances_and_consumption():
     np.testing.assert_array_equal(lookahead.distance(np.array([1, 5, 7])), [-1, 0, 2])
 
 
+def test_lookahead_requests_with_steps_merge_and_keep_step_order():
+    """A trainer's step reaches each shard in parts, drained in shard order: the parts of one
+    step are one request, and requests come in step order whatever order the parts arrive in."""
+    lookahead = Lookahead(max_requests=5)
+    lookahead.announce(np.array([1]), step=5)
+    lookahead.announce(np.array([2]), step=7)
+    lookahead.announce(np.array([9]))  # no step: after what came before
+    lookahead.announce(np.array([3]), step=6)  # another shard's part of an earlier step
+    lookahead.announce(np.array([4, 1]), step=5)
+    assert len(lookahead) == 4
+    np.testing.assert_array_equal(lookahead.distance(np.array([1, 4, 3, 2, 9])), [0, 0, 1, 2, 3])
+    lookahead.consume(np.array([3]))  # step 6's read came first: its request is done, not step 5's
+    np.testing.assert_array_equal(lookahead.distance(np.array([1, 2, 9])), [0, 1, 2])
+    for step in (8, 9, 10):
+        lookahead.announce(np.array([step * 10]), step=step)
+    assert len(lookahead) == 5  # the soonest (step 5's, never read) dropped
+    np.testing.assert_array_equal(lookahead.distance(np.array([1, 2, 9, 80, 100])), [-1, 0, 1, 2, 4])
+
+
 def test_sketch_never_undercounts_and_halves():
     rng = np.random.default_rng(0)
     sketch = CountMinSketch(width=256, depth=4)

@@ -76,7 +76,7 @@ class PrefetchingPolicy(LFUPolicy):
         super().__init__(capacity)
         self.announced = np.zeros(0, np.int64)
 
-    def expect(self, ids):
+    def expect(self, ids, step=None):
         self.announced = ids
 
     def plan(self, resident, max_moves=None):

@@ -103,9 +103,10 @@ class EngramTables(nn.Module):
                  ngrams: dict[int, "np.ndarray"] | None = None) -> None:
         return None
 
-    def announce(self, row_ids: dict[int, torch.Tensor]) -> None:
+    def announce(self, row_ids: dict[int, torch.Tensor], min_step: int | None = None) -> None:
         """Row ids {layer: (B, T, H)} a later step will read, known early: a placement hint that
-        in-process tables ignore."""
+        in-process tables ignore. `min_step`: what that step's `prefetch` will pass (None: not
+        known; it is then read after the steps announced before)."""
         return None
 
     def lookup(self, layer: int, row_ids: torch.Tensor) -> torch.Tensor:

@@ -72,9 +72,14 @@ class Prefetcher:
             return Prepared(step, x, y, None)
         if self.tables is not None and self.announce:  # batches step+1 .. step+announce, never past the end
             while len(self._drawn) < min(self.announce, self.steps - 1 - step):
-                self._drawn.append(ahead := self._draw())
-                self.tables.announce(ahead[2])
+                self._drawn.append(ahead := self._draw())  # the batch of step + len(self._drawn)
+                self.tables.announce(ahead[2], min_step=self._min_step(step + len(self._drawn)))
         if self.tables is not None:  # None: rows are fetched when the forward asks
             ngrams = self.indexer.fingerprints(x) if self.tables.wants_ngrams else None
-            self.tables.prefetch(row_ids, min_step=max(0, step - self.staleness), ngrams=ngrams)
+            self.tables.prefetch(row_ids, min_step=self._min_step(step), ngrams=ngrams)
         return Prepared(step, x, y, row_ids)
+
+    def _min_step(self, step: int) -> int:
+        """The table step that step `step`'s fetch waits for (its announcement names it too, so
+        placement pairs the two)."""
+        return max(0, step - self.staleness)

@@ -136,10 +136,11 @@ class RemoteTables(EngramTables):
         future = self.client.pool.submit(self._arrive, future, device, started)
         self._pending.append(_Pending(row_ids, future, set(row_ids)))
 
-    def announce(self, row_ids: dict[int, torch.Tensor]) -> None:
+    def announce(self, row_ids: dict[int, torch.Tensor], min_step: int | None = None) -> None:
         """Tells the rows' homes that a later step reads `row_ids` {layer: (B, T, H)} (a hint for
-        placement); a refusal surfaces at the next end_step."""
-        self._announced.append(self.client.announce(self._per_table(row_ids)))
+        placement), with the `min_step` its prefetch will carry; a refusal surfaces at the next
+        end_step."""
+        self._announced.append(self.client.announce(self._per_table(row_ids), min_step))
 
     def _per_table(self, row_ids: dict[int, torch.Tensor]) -> dict[str, torch.Tensor]:
         """{layer: (B, T, H)} on any device -> {table: (B, T)} host ids (one copy per layer)."""

@@ -370,10 +370,12 @@ class StatsResponse(_message.Message):
     def __init__(self, shard_id: _Optional[int] = ..., num_shards: _Optional[int] = ..., counters: _Optional[_Union[ShardCounters, _Mapping]] = ..., tables: _Optional[_Iterable[_Union[TableStats, _Mapping]]] = ..., fetch: _Optional[_Union[RpcStats, _Mapping]] = ..., push: _Optional[_Union[RpcStats, _Mapping]] = ..., uptime_seconds: _Optional[float] = ..., metrics_port: _Optional[int] = ..., role: _Optional[str] = ...) -> None: ...
 
 class AnnounceRequest(_message.Message):
-    __slots__ = ("tables",)
+    __slots__ = ("tables", "step")
     TABLES_FIELD_NUMBER: _ClassVar[int]
+    STEP_FIELD_NUMBER: _ClassVar[int]
     tables: _containers.RepeatedCompositeFieldContainer[TableIds]
-    def __init__(self, tables: _Optional[_Iterable[_Union[TableIds, _Mapping]]] = ...) -> None: ...
+    step: int
+    def __init__(self, tables: _Optional[_Iterable[_Union[TableIds, _Mapping]]] = ..., step: _Optional[int] = ...) -> None: ...
 
 class AnnounceResponse(_message.Message):
     __slots__ = ()
@@ -440,16 +442,16 @@ class DrainAccessesRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class TableAccesses(_message.Message):
-    __slots__ = ("table", "ids", "lengths", "expected")
+    __slots__ = ("table", "ids", "lengths", "tags")
     TABLE_FIELD_NUMBER: _ClassVar[int]
     IDS_FIELD_NUMBER: _ClassVar[int]
     LENGTHS_FIELD_NUMBER: _ClassVar[int]
-    EXPECTED_FIELD_NUMBER: _ClassVar[int]
+    TAGS_FIELD_NUMBER: _ClassVar[int]
     table: str
     ids: bytes
     lengths: bytes
-    expected: bytes
-    def __init__(self, table: _Optional[str] = ..., ids: _Optional[bytes] = ..., lengths: _Optional[bytes] = ..., expected: _Optional[bytes] = ...) -> None: ...
+    tags: bytes
+    def __init__(self, table: _Optional[str] = ..., ids: _Optional[bytes] = ..., lengths: _Optional[bytes] = ..., tags: _Optional[bytes] = ...) -> None: ...
 
 class DrainAccessesResponse(_message.Message):
     __slots__ = ("tables",)

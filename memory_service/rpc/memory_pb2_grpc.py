@@ -215,8 +215,9 @@ class MemoryServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def DrainAccesses(self, request, context):
-        """The distinct ids of each request this shard served since the last call, and the ids of
-        fetches held for a later step (the look-ahead), per table: what placement decides from.
+        """Per table, in order: the distinct ids of each fetch this shard served since the last call,
+        and the ids of each look-ahead (fetches held for a later step, announcements) with the step
+        it is for: what placement decides from.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
