@@ -174,6 +174,8 @@ class ShardMetrics:
 METRICS: tuple[tuple[str, str, tuple[str, ...], str], ...] = (
     ("engram_shard_info", "gauge", ("num_shards",), "Always 1; labels identify the shard."),
     ("engram_shard_uptime_seconds", "gauge", (), "Seconds since the shard started."),
+    ("engram_shard_wal_replayed_records", "gauge", (),
+     "Write-ahead log records replayed when the shard's process opened it (> 0: it recovered after a crash)."),
     ("engram_rpc_requests", "counter", ("rpc",), "Fetch and Push calls served."),
     ("engram_rpc_rows", "counter", ("rpc",), "Row ids carried by served calls (repeats counted)."),
     ("engram_rpc_errors", "counter", ("rpc",), "Calls that ended in an error status."),
@@ -225,6 +227,7 @@ class ShardCollector:
             families[name] = cls(name, doc, labels=("cluster", "shard", *labels))
         families["engram_shard_info"].add_metric([*base, str(report.num_shards)], 1)
         families["engram_shard_uptime_seconds"].add_metric(base, report.uptime_s)
+        families["engram_shard_wal_replayed_records"].add_metric(base, report.wal_replayed)
         for rpc in RPCS:
             families["engram_rpc_requests"].add_metric([*base, rpc], getattr(report.counters, f"{rpc}_requests"))
             families["engram_rpc_rows"].add_metric([*base, rpc], getattr(report.counters, f"{rpc}_rows"))

@@ -256,7 +256,7 @@ class MemoryServicer(memory_pb2_grpc.MemoryServiceServicer):
                            counters=dataclasses.replace(self.shard.counters),
                            fetch=self.metrics.window("fetch"), push=self.metrics.window("push"),
                            tables=self.shard.usage(), metrics_port=self.metrics_port,
-                           role=self.shard.homes.role)
+                           role=self.shard.homes.role, wal_replayed=self.shard.journal.replayed)
 
 
 def _wait_budget(context) -> float:

@@ -40,7 +40,7 @@ def shards_table(report: ClusterReport) -> Table:
     """One row per shard: recent Fetch and Push traffic and latency, rows and bytes held."""
     table = Table(title="shards (traffic over the last minute)", title_justify="left")
     for header in ("shard", "fetch req/s", "fetch rows/s", "fetch p50/p99 ms", "push req/s",
-                   "push rows/s", "push p50/p99 ms", "rows", "bytes", "uptime s"):
+                   "push rows/s", "push p50/p99 ms", "rows", "bytes", "uptime s", "log replayed"):
         table.add_column(header, justify="left" if header == "shard" else "right")
     for s in report.shards:
         table.add_row(str(s.shard_id),
@@ -48,7 +48,8 @@ def shards_table(report: ClusterReport) -> Table:
                       f"{_ms(s.fetch.p50_s)} / {_ms(s.fetch.p99_s)}",
                       f"{s.push.requests_per_s:,.1f}", f"{s.push.rows_per_s:,.0f}",
                       f"{_ms(s.push.p50_s)} / {_ms(s.push.p99_s)}",
-                      f"{s.rows:,}", _bytes(sum(t.bytes for t in s.tables)), f"{s.uptime_s:,.0f}")
+                      f"{s.rows:,}", _bytes(sum(t.bytes for t in s.tables)), f"{s.uptime_s:,.0f}",
+                      f"{s.wal_replayed:,}")
     table.caption = (f"imbalance (max/mean over shards): load {_ratio(report.load_imbalance)}, "
                      f"rows {_ratio(report.rows_imbalance)}")
     table.caption_justify = "left"

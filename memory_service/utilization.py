@@ -84,6 +84,7 @@ class ShardReport:
     tables: tuple[TableUsage, ...]  # sorted by name
     metrics_port: int = 0
     role: str = "cold"  # "hot": shard_id / num_shards count the hot shards
+    wal_replayed: int = 0  # write-ahead log records replayed when this process opened the shard
 
     @property
     def load(self) -> int:
@@ -173,7 +174,8 @@ class ClusterReport:
 
 
 def _shard_json(shard: ShardReport, names: list[str] | None) -> dict:
-    out = {"shard_id": shard.shard_id, "uptime_s": shard.uptime_s, "metrics_port": shard.metrics_port,
+    out = {"shard_id": shard.shard_id, "uptime_s": shard.uptime_s, "wal_replayed": shard.wal_replayed,
+           "metrics_port": shard.metrics_port,
            "load": shard.load, "rows": shard.rows, "counters": asdict(shard.counters),
            "tables": [_usage_json(t) for t in shard.tables if names is None or t.name in names]}
     for rpc in RPCS:

@@ -234,7 +234,8 @@ def shard_report_to_proto(report: ShardReport) -> memory_pb2.StatsResponse:
                                           push_requests=c.push_requests, push_rows=c.push_rows),
         tables=[_table_usage_to_proto(t) for t in report.tables],
         fetch=_rpc_window_to_proto(report.fetch), push=_rpc_window_to_proto(report.push),
-        uptime_seconds=report.uptime_s, metrics_port=report.metrics_port, role=report.role)
+        uptime_seconds=report.uptime_s, metrics_port=report.metrics_port, role=report.role,
+        wal_replayed=report.wal_replayed)
 
 
 def shard_report_from_proto(msg: memory_pb2.StatsResponse) -> ShardReport:
@@ -244,7 +245,7 @@ def shard_report_from_proto(msg: memory_pb2.StatsResponse) -> ShardReport:
         counters=ShardCounters(c.fetch_requests, c.fetch_rows, c.push_requests, c.push_rows),
         fetch=_rpc_window_from_proto(msg.fetch), push=_rpc_window_from_proto(msg.push),
         tables=tuple(_table_usage_from_proto(t) for t in msg.tables), metrics_port=msg.metrics_port,
-        role=msg.role or "cold")
+        role=msg.role or "cold", wal_replayed=msg.wal_replayed)
 
 
 def _rpc_window_to_proto(w: RpcWindow) -> memory_pb2.RpcStats:

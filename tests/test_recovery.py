@@ -278,6 +278,8 @@ def test_kill_9_of_a_cold_shard_mid_training_loses_no_update_and_applies_none_tw
     assert killed.is_set() and new_pid != pid
     assert retries > 0
     assert recovered["wal_replayed"] > 0
+    # operators see it: Stats (and so the CLI and Prometheus) reports the replay, on that shard only
+    assert [s.wal_replayed for s in report.shards if s.role == "cold"] == [0, recovered["wal_replayed"]]
     assert all(m["promoted"] > 0 and m["demoted"] > 0 for m in moves), moves
     for table in report.shards[1].tables:  # the cold tier was in use: most rows lived in LMDB
         memory, cold = table.tiers

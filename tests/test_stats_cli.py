@@ -43,6 +43,7 @@ def test_json_matches_the_client_report(busy_cluster):
     assert out["load_imbalance"] == expected["load_imbalance"]
     assert out["rows_imbalance"] == expected["rows_imbalance"]
     assert [s["counters"] for s in out["shards"]] == [s["counters"] for s in expected["shards"]]
+    assert [s["wal_replayed"] for s in out["shards"]] == [0, 0]  # no restart (tests/test_recovery.py: > 0)
     assert [t["name"] for t in out["tables"]] == ["alpha", "beta"]
     alpha = out["tables"][0]
     assert alpha["rows"] == 40 and alpha["step"] == 1
@@ -53,7 +54,7 @@ def test_json_matches_the_client_report(busy_cluster):
 def test_terminal_tables_through_ray_by_name(busy_cluster):
     address = ray.get_runtime_context().gcs_address
     out = engram("stats", "--address", address, "--name", busy_cluster.config.name, "--table", "alpha")
-    assert "shards" in out and "imbalance (max/mean over shards)" in out
+    assert "shards" in out and "imbalance (max/mean over shards)" in out and "log replayed" in out
     assert "alpha" in out and "beta" not in out  # --table filters
     assert "40 / 1,000" in out  # rows stored / table rows
 
