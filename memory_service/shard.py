@@ -333,7 +333,7 @@ class Shard:
                 for name, ids in checked.items():
                     self._accesses.setdefault(name, _Accesses()).record(ids)
             with self.journal.change():  # dense Adam catches rows up as it reads them
-                return {name: self._tables[name].read(ids) for name, ids in checked.items()}
+                return TableStore.read_many({name: (self._tables[name], ids) for name, ids in checked.items()})
 
     def announce(self, requests: dict[str, np.ndarray], step: int | None = None) -> None:
         """Ids (n,) per table that a fetch of a later step will read: placement's look-ahead

@@ -38,7 +38,7 @@ import numpy as np
 from memory_service.config import TableConfig
 from memory_service.optimizer import make_optimizer
 from memory_service.placement import READ, UNTAGGED, Policy, sorted_unique, tell
-from memory_service.rows import InitialRows
+from memory_service.rows import InitialRows, initial_rows_many
 from memory_service.tiers.base import RowRecords
 from memory_service.tiers.cold import ColdTier
 from memory_service.tiers.warm import WarmTier
@@ -148,18 +148,45 @@ class TableStore:
         self._unsettled |= not all_warm
         return out
 
+    @staticmethod
+    def read_many(requests: dict[str, tuple["TableStore", np.ndarray]]) -> dict[str, np.ndarray]:
+        """`store.read(ids)` of each {table: (store, ids)}, the never-written rows of the all-DRAM
+        ones computed in one pass (`initial_rows_many`): for the small requests of generation a
+        pass costs the same for 1 row as for 16, so one per table made a fetch of 8 tables x 1 row
+        cost 1.07 ms of Philox where one pass costs 0.21."""
+        out, pending = {}, []
+        for name, (store, ids) in requests.items():
+            if store.cold is not None:
+                out[name] = store.read(ids)
+                continue
+            store.rows_read += len(ids)
+            out[name], missing = store._read_written(ids)
+            if missing.any():
+                pending.append((name, store, ids[missing], missing))
+        computed = initial_rows_many([(store._init_rows, ids) for _, store, ids, _ in pending], remember=True)
+        for (name, _, _, missing), rows in zip(pending, computed):
+            out[name][missing] = rows  # their first push reuses them
+        return out
+
     def _read_warm(self, ids: np.ndarray) -> np.ndarray:
+        out, missing = self._read_written(ids)
+        if missing.any():
+            out[missing] = self._init_rows(ids[missing], remember=True)  # their first push reuses them
+        return out
+
+    def _read_written(self, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """An all-DRAM read but for the never-written rows: (rows (n, width), their places unset;
+        mask (n,) of the never-written ids)."""
         slots = self.warm.lookup(ids)  # (n,)
         if self.optimizer.catches_up:
             self._catch_up_warm(slots[slots >= 0])
         missing = slots < 0
         self.hits += len(ids) - int(np.count_nonzero(missing))
         if not missing.any():
-            return self.warm.rows_at(slots)
+            return self.warm.rows_at(slots), missing
         out = np.empty((len(ids), self.cfg.width), dtype=np.float32)
         out[~missing] = self.warm.rows_at(slots[~missing])
-        out[missing] = self._init_rows(ids[missing], remember=True)  # their first push reuses them
-        return out
+        return out, missing
 
     def _catch_up_warm(self, slots: np.ndarray) -> None:
         """Brings the rows at warm `slots` (n,) (repeats allowed) up to the table's step."""

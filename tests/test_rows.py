@@ -2,7 +2,7 @@
 import numpy as np
 import pytest
 
-from memory_service.rows import InitialRows, init_rows, philox4x64, table_seed
+from memory_service.rows import InitialRows, init_rows, init_rows_many, philox4x64, table_seed
 
 
 @pytest.mark.parametrize("seed", [0, 7, 2**63 + 12345])
@@ -72,3 +72,18 @@ def test_initial_rows_remember_at_most_max_bytes():
     rows(big, remember=True)
     rows(big)
     assert rows.computed == 200  # a batch larger than its share (32 rows) is not kept
+
+
+def test_init_rows_many_is_init_rows_of_each_table():
+    """Tables of several widths, scales and sizes (none, one, many rows) in one pass: each equals
+    its own `init_rows` bit for bit (a per-row key must not leak across tables)."""
+    rng = np.random.default_rng(0)
+    tables = [(2**64 - 1, rng.integers(0, 10**6, 1), 64, 0.1), (3, np.zeros(0, np.int64), 64, 0.5),
+              (3, rng.integers(0, 10**6, 17), 64, 1.0), (7, rng.integers(0, 10**6, 5), 30, 0.05),
+              (8, np.array([4, 4, 9]), 30, 2.0), (3, np.array([11]), 7, 1.0)]
+    got = init_rows_many(tables)
+    for (seed, ids, width, scale), rows in zip(tables, got):
+        assert rows.shape == (len(ids), width) and rows.dtype == np.float32
+        np.testing.assert_array_equal(rows, init_rows(seed, ids, width, scale))
+    with pytest.raises(ValueError, match="negative"):
+        init_rows_many([(1, np.array([1]), 4, 1.0), (2, np.array([-1]), 4, 1.0)])

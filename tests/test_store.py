@@ -96,3 +96,26 @@ def test_16k_reads_and_updates_are_fast(capsys):
     with capsys.disabled():
         print(f"\n16k ids x 64 fp32: read {read_ms:.2f} ms, Adam update {update_ms:.2f} ms")
     assert read_ms < 10  # the brief's budget; measured ~1.3 ms on 2 cores
+
+
+def test_read_many_equals_each_table_read_alone():
+    """A fetch of several all-DRAM tables (widths, seeds, optimizers apart; some rows written)
+    computes the never-written rows of all in one pass: the rows equal each table's own read, and
+    each table remembers its computed rows for its first push as a read alone would."""
+    def stores():
+        out = {}
+        for i, (width, kind) in enumerate([(8, "sparse_adam"), (8, "adam"), (5, "sgd"), (16, "adagrad")]):
+            out[f"t{i}"] = TableStore(TableConfig(f"t{i}", 1000, width, init_scale=0.1 * (i + 1), seed=11 + i,
+                                                  optimizer=OptimizerConfig(kind, lr=0.1)))
+            out[f"t{i}"].update(np.array([2, 9]), np.ones((2, width), np.float32), step=1)
+        return out
+    rng = np.random.default_rng(1)
+    ids = {name: rng.integers(0, 12, 6) for name in stores()}  # repeats and written rows among them
+    together, alone = stores(), stores()
+    got = TableStore.read_many({name: (together[name], i) for name, i in ids.items()})
+    for name, i in ids.items():
+        np.testing.assert_array_equal(got[name], alone[name].read(i))
+        assert together[name].rows_read == alone[name].rows_read == len(i)
+        assert together[name]._init_rows.computed == alone[name]._init_rows.computed > 0
+        together[name]._init_rows(i[~np.isin(i, [2, 9])])  # a first push's rows: remembered, none computed again
+        assert together[name]._init_rows.computed == alone[name]._init_rows.computed
