@@ -200,15 +200,20 @@ class MemoryClient:
             self._load_hot(name)
         return self._hot.get(name, np.empty(0, np.int64))
 
-    def _load_hot(self, name: str) -> None:
-        maps = self._all("HotMap", memory_pb2.HotMapRequest(table=name), range(self.num_cold, self.num_shards))
-        self._hot[name] = np.sort(np.concatenate([wire.decode_ids(m.ids, name) for m in maps]))
+    def _load_hot(self, *names: str) -> None:
+        """Reloads the hot maps of `names` from every hot shard, all requests in flight at once
+        (a refresh after a migration round names most tables: one round trip, not one a table)."""
+        hot = range(self.num_cold, self.num_shards)
+        sent = {name: [self._call(shard, "HotMap", memory_pb2.HotMapRequest(table=name)) for shard in hot]
+                for name in names}
+        for name, futures in sent.items():
+            maps = [self._result(f) for f in futures]
+            self._hot[name] = np.sort(np.concatenate([wire.decode_ids(m.ids, name) for m in maps]))
 
     def _refresh_hot(self, names) -> None:
         self.refreshes += 1
-        for name in names:
-            if self.num_hot:
-                self._load_hot(name)
+        if self.num_hot:
+            self._load_hot(*names)
 
     def _start_fetch(self, ids, min_step: int, ngrams=None) -> "_Fetch":
         """Route the ids and send one request per shard (chunked); nothing waits here."""
