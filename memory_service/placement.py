@@ -27,7 +27,6 @@ Policies (`make_policy(name, capacity)`):
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections import deque
 from collections.abc import Callable
 
 import numpy as np

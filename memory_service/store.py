@@ -138,9 +138,9 @@ class TableStore:
         """Rows of `ids` (n,) int64 in range -> (n, width) float32, as they stand at the table's
         step: an optimizer that catches up (dense Adam) first brings the written rows among them
         up to date, and keeps the result. Never-written rows are computed, not stored."""
-        self.rows_read += len(ids)
         if self.cold is None:
-            return self._read_warm(ids)
+            return TableStore.read_many({self.cfg.name: (self, ids)})[self.cfg.name]
+        self.rows_read += len(ids)
         out, all_warm = self._read_tiered(ids)
         self._tell(READ, ids)
         # A read of resident rows alone gives a plan nothing new to admit (and evictions come
@@ -166,12 +166,6 @@ class TableStore:
         computed = initial_rows_many([(store._init_rows, ids) for _, store, ids, _ in pending], remember=True)
         for (name, _, _, missing), rows in zip(pending, computed):
             out[name][missing] = rows  # their first push reuses them
-        return out
-
-    def _read_warm(self, ids: np.ndarray) -> np.ndarray:
-        out, missing = self._read_written(ids)
-        if missing.any():
-            out[missing] = self._init_rows(ids[missing], remember=True)  # their first push reuses them
         return out
 
     def _read_written(self, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
