@@ -28,7 +28,7 @@ import numpy as np
 
 # glibc reads these at start-up: big gRPC messages otherwise pay for mmap/munmap per message
 # (measured here: ~2x loopback throughput with them). Re-exec once with them set.
-from memory_service.shard_process import SHARD_ENV, reexec_with
+from memory_service.server.shard_process import SHARD_ENV, reexec_with
 
 reexec_with(SHARD_ENV)
 

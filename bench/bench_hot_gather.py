@@ -1,13 +1,13 @@
 """Gather rate of the hot tier's read path against `torch.index_select` on the same device (issue 5).
 
-A hot shard on a GPU keeps its rows in a `HotTier` arena there (memory_service/tiers/hot.py) and
+A hot shard on a GPU keeps its rows in a `DeviceTier` arena there (memory_service/storage/tiers/device.py) and
 serves a fetch by finding the ids' slots on the host (SlotIndex), gathering the rows on the device
 and copying them to the host for the reply. An arena of `--rows` rows (width 64 fp32; no optimizer
 state, which a read never touches) is read in batches of `--batch` random rows, four ways:
 
     floor        torch.index_select on a (rows, width) tensor, the index already on the device
-    rows_tensor  HotTier.rows_tensor(slots): host slots copied over, gathered on the device
-    rows_at      HotTier.rows_at(slots): the same, rows copied back to a host numpy array
+    rows_tensor  DeviceTier.rows_tensor(slots): host slots copied over, gathered on the device
+    rows_at      DeviceTier.rows_at(slots): the same, rows copied back to a host numpy array
     read         TableStore.read(ids): slots looked up on the host, then rows_at (a fetch's path)
 
 Prints rows/s and GB/s (rows gathered x width x 4 bytes) of each and its share of the floor;
@@ -26,8 +26,8 @@ import numpy as np
 import torch
 
 from memory_service.config import OptimizerConfig, TableConfig
-from memory_service.store import TableStore
-from memory_service.tiers.hot import HotTier, default_device
+from memory_service.storage.store import TableStore
+from memory_service.storage.tiers.device import DeviceTier, default_device
 
 FILL_CHUNK = 1 << 20  # rows appended per call while filling (bounds the host copy)
 
@@ -35,7 +35,7 @@ FILL_CHUNK = 1 << 20  # rows appended per call while filling (bounds the host co
 def filled_store(rows: int, width: int, device: str) -> TableStore:
     """A table's store whose hot arena on `device` holds rows 0..rows-1 (random values, random slots)."""
     cfg = TableConfig("gather", num_rows=rows, width=width, optimizer=OptimizerConfig("sgd", lr=0.1))
-    tier = HotTier(width, 0, max_rows=rows, device=device)
+    tier = DeviceTier(width, 0, max_rows=rows, device=device)
     rng = np.random.default_rng(0)
     ids = rng.permutation(rows).astype(np.int64)  # slot s holds a random id: reads hit random slots
     for start in range(0, rows, FILL_CHUNK):

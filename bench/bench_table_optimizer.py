@@ -19,13 +19,13 @@ from pathlib import Path
 
 import numpy as np
 
-from memory_service.shard_process import SHARD_ENV, reexec_with
+from memory_service.server.shard_process import SHARD_ENV, reexec_with
 
 reexec_with(SHARD_ENV)
 
 from memory_service.cluster import ClusterConfig, init_local_ray, launch  # noqa: E402
 from memory_service.config import OptimizerConfig, TableConfig  # noqa: E402
-from memory_service.store import TableStore  # noqa: E402
+from memory_service.storage.store import TableStore  # noqa: E402
 from report import write_results  # noqa: E402  (bench/report.py)
 
 WIDTH = 64

@@ -6,7 +6,7 @@ loader's order (trainer/row_trace.py): 256-token sequences shuffled each epoch, 
 ids deduplicated per step and table; one epoch of warm-up, then one measured epoch. Each table has
 its own tier and policy, holding `--hot-fraction` of the rows that table touches in the measured
 epoch (per table, for every policy and for Belady alike). Admission is on demand (a row comes in
-right after a read of it), the service's semantics (memory_service/placement.py).
+right after a read of it), the service's semantics (memory_service/placement/policy.py).
 
 Beside the policies: Belady's MIN (offline, the ceiling with these semantics) and the static top-C
 (the rows the measured epoch reads most, known in advance and held fixed): on shuffled batches,
@@ -42,11 +42,11 @@ import ray
 
 from memory_service.cluster import ClusterConfig, init_local_ray, launch
 from memory_service.config import StorageConfig
-from memory_service.placement import Policy, make_policy
-from memory_service.placement_replay import belady_hit_rate, num_reads, simulate
-from memory_service.utilization import MEMORY_TIER
+from memory_service.placement.policy import Policy, make_policy
+from memory_service.placement.replay import belady_hit_rate, num_reads, simulate
+from memory_service.storage.usage import DRAM_TIER
 from trainer.data import Corpus, CorpusConfig
-from trainer.remote_rows import RemoteTables
+from trainer.remote_tables import RemoteTables
 from trainer.row_trace import RowTrace
 from trainer.train import TrainConfig, build_indexer, table_optimizer_config
 from report import write_results  # bench/report.py (bench/ is on sys.path when run as a script)
@@ -256,7 +256,7 @@ def cold_section(args) -> tuple[dict, list[str]]:
     lines = ["", f"Cold reads (bench/tiers_cold.py): {r['request']:,} distinct random rows of {r['rows']:,} "
              f"({r['record_bytes']} B records, LMDB file in the page cache), best of 5 rounds.", "",
              "| read | rows/s | batched / this |", "|---|---|---|"]
-    for label, key in (("batched (ColdTier.get)", "batched_rows_per_s"), ("getmulti floor", "getmulti_rows_per_s"),
+    for label, key in (("batched (DiskTier.get)", "batched_rows_per_s"), ("getmulti floor", "getmulti_rows_per_s"),
                        ("one transaction + decode per row", "naive_rows_per_s"),
                        ("one transaction + get per row, no decode", "naive_get_rows_per_s")):
         lines.append(f"| {label} | {r[key]:,.0f} | {r['batched_rows_per_s'] / r[key]:.2f} |")
@@ -397,7 +397,7 @@ def tier_counts(after, before) -> tuple[dict[str, int], dict[str, int]]:
     for report, sign in ((after, 1), (before, -1)):
         for shard in report.shards:
             for table in shard.tables:
-                memory = sum(t.hits for t in table.tiers if t.tier == MEMORY_TIER)
+                memory = sum(t.hits for t in table.tiers if t.tier == DRAM_TIER)
                 reads[shard.role] = reads.get(shard.role, 0) + sign * table.rows_read
                 hits[shard.role] = hits.get(shard.role, 0) + sign * memory
     return reads, hits

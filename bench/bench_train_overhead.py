@@ -37,7 +37,7 @@ import threading
 import time
 from dataclasses import replace
 
-from memory_service.shard_process import SHARD_ENV, reexec_with
+from memory_service.server.shard_process import SHARD_ENV, reexec_with
 from trainer import colocation
 
 colocation.apply()  # it trains beside its shards (the re-exec below keeps what this sets)

@@ -29,7 +29,8 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from memory_service.config import OptimizerConfig, StorageConfig, TableConfig  # noqa: E402
-from memory_service.shard import Shard, TablePush  # noqa: E402
+from memory_service.shard.shard import Shard  # noqa: E402
+from memory_service.tables import TablePush
 
 MODES = {"no_wal": dict(wal=False), "wal": dict(wal=True), "wal_fsync": dict(wal=True, wal_fsync=True)}
 

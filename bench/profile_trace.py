@@ -1,7 +1,7 @@
 """A torch.profiler trace of training steps, and what it says about the table service's fetches.
 
 `step_profiler(path, device, steps)` records `steps` steps (after 2 skipped and 1 warm-up; call
-`.step()` as each training step ends) with every thread: the Engram ranges trainer/remote_rows.py
+`.step()` as each training step ends) with every thread: the Engram ranges trainer/remote_tables.py
 names run on client and push threads, which torch records only from the thread that started it
 unless told to record all (torch >= 2.7). The chrome trace goes to `path` (gzipped for a .gz
 name; chrome://tracing and ui.perfetto.dev open either), CPU and, on CUDA, GPU activity.

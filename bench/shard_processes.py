@@ -23,7 +23,7 @@ from pathlib import Path
 REPO_ROOT = str(Path(__file__).resolve().parent.parent)  # so this and each child import this checkout
 sys.path.insert(0, REPO_ROOT)
 
-from memory_service.shard_process import LOCAL_NICENESS, SHARD_ENV, set_priority  # noqa: E402
+from memory_service.server.shard_process import LOCAL_NICENESS, SHARD_ENV, set_priority  # noqa: E402
 
 
 
@@ -121,8 +121,8 @@ def _spawn(procs: list[subprocess.Popen], spec: dict) -> str:
 
 def serve_until_stdin_closes(spec: dict) -> None:
     """The child: one shard serving on a free loopback port until its stdin closes."""
-    from memory_service.servicer import serve
-    from memory_service.shard import Shard
+    from memory_service.server.servicer import serve
+    from memory_service.shard.shard import Shard
 
     set_priority(spec["niceness"])  # before serve(): the gRPC threads inherit it
     shard = Shard(spec["shard_id"], spec["num_shards"], role=spec["role"],
@@ -130,7 +130,7 @@ def serve_until_stdin_closes(spec: dict) -> None:
     server = serve(shard, host="127.0.0.1", port=0)
     migrator = None
     if spec.get("migration") is not None:  # a hot shard places rows between the cold shards and itself
-        from memory_service.migration import Migrator
+        from memory_service.server.migration import Migrator
 
         migrator = Migrator(shard, **spec["migration"]).start()
     print(json.dumps({"target": server.address, "pid": os.getpid()}), flush=True)

@@ -1,6 +1,6 @@
 """Cold-tier reads: rows/s of one request's rows read from a cold shard's LMDB file three ways.
 
-- batched: `ColdTier.get` (one read transaction, ids deduplicated and sorted, getmulti in chunks,
+- batched: `DiskTier.get` (one read transaction, ids deduplicated and sorted, getmulti in chunks,
   values decoded with numpy into row, state and last arrays in request order), what a cold shard
   does for a fetch's DRAM misses;
 - floor: py-lmdb's `Cursor.getmulti` over the same ids' sorted keys in one transaction, keys
@@ -34,10 +34,10 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from memory_service.tiers.cold import ColdEnvironment, ColdTier, record_dtype  # noqa: E402
+from memory_service.storage.tiers.disk import DiskEnvironment, DiskTier, record_dtype  # noqa: E402
 
 
-def fill(tier: ColdTier, num_rows: int, rng: np.random.Generator, batch: int = 100_000) -> np.ndarray:
+def fill(tier: DiskTier, num_rows: int, rng: np.random.Generator, batch: int = 100_000) -> np.ndarray:
     """Writes `num_rows` random records (ids spread over 100x as many) and returns their ids."""
     ids = np.unique(rng.integers(0, 100 * num_rows, int(num_rows * 1.02)))[:num_rows]
     ids = rng.permutation(ids)
@@ -49,7 +49,7 @@ def fill(tier: ColdTier, num_rows: int, rng: np.random.Generator, batch: int = 1
     return ids
 
 
-def read_naive(tier: ColdTier, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+def read_naive(tier: DiskTier, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """One transaction and one decode per row, into the arrays the batched read returns."""
     record = record_dtype(tier.width, tier.state_width)
     found = np.zeros(len(ids), dtype=bool)
@@ -67,7 +67,7 @@ def read_naive(tier: ColdTier, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray,
     return found, rows[found], state[found], last[found]
 
 
-def read_naive_get(tier: ColdTier, keys: list[bytes]) -> list:
+def read_naive_get(tier: DiskTier, keys: list[bytes]) -> list:
     """One transaction and one get per row, values left undecoded."""
     env, db = tier.environment.env, tier._rows_db
     out = []
@@ -77,13 +77,13 @@ def read_naive_get(tier: ColdTier, keys: list[bytes]) -> list:
     return out
 
 
-def read_floor(tier: ColdTier, keys: list[bytes]) -> list:
+def read_floor(tier: DiskTier, keys: list[bytes]) -> list:
     env, db = tier.environment.env, tier._rows_db
     with env.begin(db=db) as txn:
         return txn.cursor().getmulti(keys)
 
 
-def read_gets(tier: ColdTier, keys: list[bytes]) -> list:
+def read_gets(tier: DiskTier, keys: list[bytes]) -> list:
     """The batched read's lookups alone: LMDB's get per sorted key from a C loop, one transaction."""
     env, db = tier.environment.env, tier._rows_db
     with env.begin(db=db) as txn:
@@ -97,7 +97,7 @@ def measure_cold_reads(path: str | None = None, num_rows: int = 1_000_000, reque
     environment at `path` (a temporary directory when None); see the module docstring."""
     rng = np.random.default_rng(seed)
     with tempfile.TemporaryDirectory() as tmp:
-        env = ColdEnvironment(path or tmp, map_bytes=1 << 30)
+        env = DiskEnvironment(path or tmp, map_bytes=1 << 30)
         tier = env.open_table("bench", {}, width, state_width)
         start = time.perf_counter()
         ids = fill(tier, num_rows, rng)
@@ -149,7 +149,7 @@ def main() -> None:
     print(f"cold reads: {args.request:,} distinct random rows of {args.rows:,} "
           f"({r['record_bytes']} B records, {r['file_bytes'] / 2**20:,.0f} MiB LMDB file in page cache)")
     print(f"{'read':<34}{'rows/s':>12}{'vs floor':>10}")
-    for label, key in (("batched (ColdTier.get)", "batched_rows_per_s"),
+    for label, key in (("batched (DiskTier.get)", "batched_rows_per_s"),
                        ("floor: getmulti, one txn, no decode", "getmulti_rows_per_s"),
                        ("  batched's lookups alone (C gets)", "gets_rows_per_s"),
                        ("naive: one txn + decode per row", "naive_rows_per_s"),

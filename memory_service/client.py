@@ -4,7 +4,7 @@ One fetch or push call covers several tables: ids are deduplicated, routed to th
 (row r lives on shard r % N), sent as one request per shard (split when larger than
 `max_rows_per_request`), concurrently, and the rows reassembled into the caller's order and shape.
 A request a shard could not be reached for is re-sent with backoff until the retry deadline
-(memory_service/retry.py): a restarted shard serves again on its address, and pushes carry a
+(memory_service/wire/retry.py): a restarted shard serves again on its address, and pushes carry a
 request id it applies once.
 """
 from __future__ import annotations
@@ -23,15 +23,17 @@ import grpc
 import numpy as np
 import torch
 
-from memory_service import collisions, reply_buffer, wire
+from memory_service.ops import collisions
+from memory_service.wire import codec as wire
+from memory_service.wire import reply_files as reply_buffer
 from memory_service.config import TableConfig
 from memory_service.errors import (InvalidArgument, MemoryServiceError, PermissionDenied, RequestTooLarge, RowsMoved,
                                    TableExists, TableNotFound, Unauthenticated)
 from memory_service.rpc import memory_pb2, memory_pb2_grpc
-from memory_service.placement import contains
-from memory_service.retry import RECONNECT_OPTIONS, RetryPolicy
-from memory_service.security import ClientSecurity, open_channel
-from memory_service.utilization import ClusterReport
+from memory_service.placement.policy import contains
+from memory_service.wire.retry import RECONNECT_OPTIONS, RetryPolicy
+from memory_service.wire.security import ClientSecurity, open_channel
+from memory_service.ops.reports import ClusterReport
 
 _ERRORS = {grpc.StatusCode.INVALID_ARGUMENT: InvalidArgument, grpc.StatusCode.NOT_FOUND: TableNotFound,
            grpc.StatusCode.ALREADY_EXISTS: TableExists, grpc.StatusCode.ABORTED: RowsMoved,
@@ -514,7 +516,7 @@ class MemoryClient:
         return (pool or self.rpc_pool).submit(self._rpc, shard, rpc, request)
 
     def _rpc(self, shard: int, rpc: str, request):
-        """rpc `rpc` to `shard`, re-sent while the shard is unavailable (see memory_service/retry.py)."""
+        """rpc `rpc` to `shard`, re-sent while the shard is unavailable (see memory_service/wire/retry.py)."""
         method = getattr(self.stubs[shard], rpc)
         return self.retry.call(lambda: method(request, timeout=self.timeout),
                                f"{rpc} to {self._shard_name(shard)}", self._count_retry)

@@ -27,9 +27,9 @@ from dataclasses import dataclass, replace
 import ray
 
 from memory_service.config import StorageConfig
-from memory_service.security import SecurityConfig, is_loopback, warn_if_exposed
-from memory_service.shard import Shard
-from memory_service.shard_process import LOCAL_NICENESS, SHARD_ENV, shard_env, set_priority
+from memory_service.wire.security import SecurityConfig, is_loopback, warn_if_exposed
+from memory_service.shard.shard import Shard
+from memory_service.server.shard_process import LOCAL_NICENESS, SHARD_ENV, shard_env, set_priority
 
 log = logging.getLogger(__name__)
 NAMESPACE = "engram_memory"  # named actors are per namespace: every driver must use this one
@@ -59,7 +59,7 @@ class ClusterConfig:
     manifests declare; shards sharing a host take P, P + 1, ... `metrics_port` likewise places each
     shard's Prometheus endpoint (at its gRPC port's offset from P), None disables it. `host` is the
     bind address (loopback by default; binding elsewhere without TLS warns). `security`: the shards'
-    TLS and tokens (memory_service.security; None: open), with `security.peer` the credentials a
+    TLS and tokens (memory_service.wire.security; None: open), with `security.peer` the credentials a
     hot shard's migration uses on the cold shards.
     `shard_resource` is the Ray custom resource each shard takes one unit of. `storage` is where
     shards keep rows: all in DRAM by default; with `storage.path`, each shard is a cold shard with
@@ -79,7 +79,7 @@ class ClusterConfig:
     shard_resource: str = SHARD_RESOURCE
     num_hot: int = 0  # hot shards (one per GPU where there are GPUs; DRAM otherwise)
     hot_rows: int = 65536  # rows per table each hot shard keeps
-    placement: str = "engram"  # memory_service.placement.make_policy name
+    placement: str = "engram"  # memory_service.placement.policy.make_policy name
     migrate_interval_s: float = 0.05
     migrate_max_duty: float = 0.05  # wall-clock share of a hot shard's migrator (Migrator: ~50 ms of CPU a 1 s step)
     storage: StorageConfig = StorageConfig()  # the cold shards' DRAM budget over LMDB (path None: DRAM only)
@@ -167,7 +167,7 @@ class ShardActor:
         self.address = ShardAddress(shard_id, advertised, self.server.port, metrics, role)
         self.migrator = None
         if migration is not None:  # a hot shard places rows between the cold shards and itself
-            from memory_service.migration import Migrator
+            from memory_service.server.migration import Migrator
 
             self.migrator = Migrator(self.shard, **migration).start()
         ray.get(registry.register.remote(self.address))
@@ -251,7 +251,7 @@ def _serve_first_free(shard: Shard, host: str, port: int, metrics_port: int | No
                       tries: int, security: SecurityConfig | None = None):
     """serve() on the first of ports port, port + 1, ... (`tries` of them; one try for port 0)
     whose gRPC and metrics ports are both free."""
-    from memory_service.servicer import serve  # import in the actor process only
+    from memory_service.server.servicer import serve  # import in the actor process only
 
     error: Exception | None = None
     for offset in range(tries if port else 1):
@@ -269,7 +269,7 @@ def _serve_again(shard: Shard, host: str, previous: ShardAddress, metrics: bool,
                  security: SecurityConfig | None = None, timeout: float = 30.0):
     """serve() on the ports a crashed predecessor had, retried while they are still taken (the
     kernel frees them as the dead process is reaped)."""
-    from memory_service.servicer import serve
+    from memory_service.server.servicer import serve
 
     deadline = time.monotonic() + timeout
     while True:

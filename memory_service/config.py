@@ -51,7 +51,7 @@ class TableConfig:
     init_scale: float = 1.0
     seed: int = 0
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
-    # Share of slots whose N-grams shards keep for collision stats (memory_service.collisions);
+    # Share of slots whose N-grams shards keep for collision stats (memory_service.ops.collisions);
     # 0 turns collision stats off: clients attach nothing and shards keep nothing.
     collision_sample_rate: float = 0.0
 
@@ -88,12 +88,12 @@ class StorageConfig:
     while DRAM keeps rows in at most `dram_budget_bytes` (split equally between the shard's
     tables; each share holds rows, optimizer state and index in 15/16 of it, the rest is left to
     the placement policy and request buffers), chosen by the placement policy named `policy`
-    (memory_service/placement.py). A background thread applies the policy's plans every
+    (memory_service/placement/policy.py). A background thread applies the policy's plans every
     `placement_interval_s` seconds, at most `max_moves` row admissions per batch under the shard's
     lock. The LMDB map starts at `map_bytes` per table (less for small tables) and doubles when
     full.
 
-    Crash recovery (memory_service/journal.py): with `wal` every change is appended to a
+    Crash recovery (memory_service/durability/journal.py): with `wal` every change is appended to a
     write-ahead log in `path`/wal before the request is answered (handed to the OS, which a killed
     process cannot lose; with `wal_fsync` also forced to disk, at a sync per request, and LMDB
     synced at each flush: the log then survives an OS crash, LMDB as far as the file system keeps

@@ -9,13 +9,14 @@ import torch
 
 from memory_service.client import MemoryClient
 from memory_service.config import OptimizerConfig, TableConfig
-from memory_service import wire
+from memory_service.wire import codec as wire
 from memory_service.errors import InvalidArgument, StepNotReached, TableNotFound
-from memory_service.migration import Migrator
-from memory_service.placement import READ, UNTAGGED
+from memory_service.server.migration import Migrator
+from memory_service.placement.policy import READ, UNTAGGED
 from memory_service.rpc import memory_pb2, memory_pb2_grpc
-from memory_service.servicer import serve
-from memory_service.shard import Shard, TablePush
+from memory_service.server.servicer import serve
+from memory_service.shard.shard import Shard
+from memory_service.tables import TablePush
 from trainer.engram import EngramTables
 from trainer.prefetch import Prefetcher
 

@@ -14,8 +14,8 @@ import pytest
 import ray
 import torch
 
-from memory_service import checkpoint
-from memory_service.checkpoint import CheckpointOptions, restore_checkpoint, save_checkpoint
+from memory_service.durability import checkpoint
+from memory_service.durability.checkpoint import CheckpointOptions, restore_checkpoint, save_checkpoint
 from memory_service.config import OptimizerConfig, StorageConfig, TableConfig
 from memory_service.errors import CheckpointCorrupt, FailedPrecondition
 from memory_service.rpc import memory_pb2
@@ -159,11 +159,11 @@ def test_restore_onto_three_lmdb_shards_and_a_hot_one_keeps_every_row(saved, mak
             for shard, actor in enumerate(target.actors):
                 ids = ray.get(actor.table_state.remote(name))["ids"]
                 assert len(ids) and (ids % 3 == shard).all()
-        rows = {"cold": 0, "memory": 0}  # rows of the first table per tier, over the cold shards
+        rows = {"disk": 0, "dram": 0}  # rows of the first table per tier, over the cold shards
         for shard in client.report().shards:
             for tier in (t for table in shard.tables if table.name == NAMES[0] for t in table.tiers):
                 rows[tier.tier] += tier.rows
-        assert rows["cold"] == len(saved["state"][NAMES[0]]["ids"]) > 2 * rows["memory"]
+        assert rows["disk"] == len(saved["state"][NAMES[0]]["ids"]) > 2 * rows["dram"]
 
         source = saved["client"]
         train_steps(client, range(STEPS + 1, STEPS + 9), seed=7)
@@ -174,7 +174,7 @@ def test_restore_onto_three_lmdb_shards_and_a_hot_one_keeps_every_row(saved, mak
         # what the DRAM source holds after the same steps
         manifest = save_checkpoint(tmp_path / "from-lmdb", client)
     # sparse Adam updates each row alone: exact. Dense Adam's catch-up batches rows per shard, and
-    # its result depends on the batch in the last bit (memory_service/store.py).
+    # its result depends on the batch in the last bit (memory_service/storage/store.py).
     np.testing.assert_array_equal(got[NAMES[0]].numpy(), want[NAMES[0]].numpy())
     np.testing.assert_allclose(got[NAMES[1]].numpy(), want[NAMES[1]].numpy(), rtol=1e-6, atol=1e-7)
     files = [np.load(tmp_path / "from-lmdb" / f.path) for shard in manifest.shards for f in shard.files
@@ -303,7 +303,7 @@ def test_an_unfinished_save_is_never_taken_for_a_checkpoint(saved, tmp_path):
 CRASHING_SAVE = """
 import sys, time
 from pathlib import Path
-from memory_service.checkpoint import CheckpointOptions, save_checkpoint
+from memory_service.durability.checkpoint import CheckpointOptions, save_checkpoint
 from memory_service.client import MemoryClient
 
 class Stall:

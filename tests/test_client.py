@@ -7,7 +7,7 @@ import pytest
 import ray
 import torch
 
-from memory_service import reply_buffer
+from memory_service.wire import reply_files as reply_buffer
 from memory_service.client import MemoryClient
 from memory_service.config import OptimizerConfig, TableConfig
 from memory_service.errors import InvalidArgument

@@ -17,8 +17,9 @@ import pytest
 from memory_service.cluster import shard_env
 from memory_service.config import OptimizerConfig, StorageConfig, TableConfig
 from memory_service.rows import init_rows
-from memory_service.shard import Shard, TablePush
-from memory_service.store import TableStore
+from memory_service.shard.shard import Shard
+from memory_service.tables import TablePush
+from memory_service.storage.store import TableStore
 
 BUDGET = 256 << 20
 NUM_PUSHED, BATCH = 2_000_000, 100_000
@@ -59,7 +60,7 @@ def storage(path: str) -> StorageConfig:
 def run_cold_shard(path: str, conn) -> None:
     """The child: push every batch, read recent rows so placement fills DRAM, wait until it is at
     rest, measure, close."""
-    from memory_service.placer import TRIM_INTERVAL_S, release_free_heap
+    from memory_service.shard.placer import TRIM_INTERVAL_S, release_free_heap
 
     start = time.perf_counter()
     ids = pushed_ids()

@@ -10,8 +10,9 @@ import pytest
 
 from memory_service.config import OptimizerConfig, StorageConfig, TableConfig
 from memory_service.errors import InvalidArgument
-from memory_service.shard import Shard, TablePush
-from memory_service.utilization import COLD_TIER, MEMORY_TIER
+from memory_service.shard.shard import Shard
+from memory_service.tables import TablePush
+from memory_service.storage.usage import DISK_TIER, DRAM_TIER
 
 TABLES = [
     TableConfig("dense", 6000, 16, init_scale=0.1, seed=1,
@@ -107,7 +108,7 @@ def test_usage_reports_memory_over_cold(tmp_path):
         with shard._lock:  # placement is running: look at the stores between its batches
             for table in (shard._usage(shard._tables[name]) for name in sorted(shard._tables)):
                 memory, cold = table.tiers
-                assert (memory.tier, cold.tier) == (MEMORY_TIER, COLD_TIER)
+                assert (memory.tier, cold.tier) == (DRAM_TIER, DISK_TIER)
                 store = shard._tables[table.name]
                 assert cold.rows == store.num_materialized == table.rows > memory.rows > 0
                 assert memory.rows <= store.warm.max_rows < 200  # the budget's share of DRAM
@@ -157,7 +158,7 @@ def test_cold_shards_as_ray_actors_each_own_a_directory(ray_session, tmp_path):
     finally:
         cluster.shutdown()
     for shard in report.shards:
-        assert [t.tier for t in shard.tables[0].tiers] == [MEMORY_TIER, COLD_TIER]
+        assert [t.tier for t in shard.tables[0].tiers] == [DRAM_TIER, DISK_TIER]
     for i, digest in enumerate(digests):
         assert (tmp_path / f"shard-{i:04d}" / "data.mdb").exists()
         reopened = Shard(i, 2, config.storage.for_shard(i))

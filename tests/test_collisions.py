@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pytest
 
-from memory_service.collisions import (CollisionCounts, CollisionSketch, CollisionSummary,
+from memory_service.ops.collisions import (CollisionCounts, CollisionSketch, CollisionSummary,
                                        is_sampled, sample_threshold, slot_hash, summarize)
 from memory_service.config import TableConfig
 from memory_service.errors import InvalidArgument
@@ -173,7 +173,7 @@ def test_service_rejects_bad_samples(make_cluster):
     INVALID_ARGUMENT naming the problem, and the fetch reads nothing."""
     import grpc
 
-    from memory_service import wire
+    from memory_service.wire import codec as wire
     from memory_service.rpc import memory_pb2
 
     cluster = make_cluster(1)
@@ -236,7 +236,7 @@ def exact_counts(windows, compression, pad_id: int, rows: list[np.ndarray], orde
 def test_collision_stats_match_exact_count_on_validation_split(make_cluster, validation_split, size):
     from trainer.data import eval_batches
     from trainer.engram import EngramConfig
-    from trainer.row_index import RowIndexer
+    from trainer.row_indexer import RowIndexer
 
     corpus, compression = validation_split
     cfg = EngramConfig(hidden_size=8, num_branches=1, max_ngram=3, heads_per_ngram=1, d_mem=2,

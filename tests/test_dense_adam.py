@@ -15,13 +15,13 @@ import pytest
 import ray
 import torch
 
-from memory_service.catch_up import AdamDecay, CatchUpStats, catch_up
+from memory_service.storage.catch_up import AdamDecay, CatchUpStats, catch_up
 from memory_service.config import OptimizerConfig, TableConfig
 from memory_service.errors import InvalidArgument
 from memory_service.rows import init_rows
-from memory_service.store import TableStore
+from memory_service.storage.store import TableStore
 from trainer.engram import EngramConfig, LocalTables
-from trainer.table_optimizer import TableOptimizer
+from trainer.local_table_optimizer import TableOptimizer
 
 NUM_ROWS, WIDTH, STEPS, LR = 400, 16, 200, 1e-2
 RTOL = 1e-6

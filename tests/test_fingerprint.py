@@ -8,7 +8,7 @@ import torch
 
 from trainer.engram import EngramConfig
 from trainer.fingerprint import ngram_fingerprints
-from trainer.row_index import RowIndexer, identity_compression
+from trainer.row_indexer import RowIndexer, identity_compression
 
 PAD = 0
 

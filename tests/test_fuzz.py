@@ -15,12 +15,13 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from memory_service import wire
+from memory_service.wire import codec as wire
 from memory_service.config import MAX_TABLE_ROWS, OptimizerConfig, TableConfig
-from memory_service.optimizer import MAX_STEP_AHEAD
+from memory_service.storage.optimizer import MAX_STEP_AHEAD
 from memory_service.rpc import memory_pb2
-from memory_service.servicer import SERVICE_NAME, serve
-from memory_service.shard import Shard, TablePush
+from memory_service.server.servicer import SERVICE_NAME, serve
+from memory_service.shard.shard import Shard
+from memory_service.tables import TablePush
 
 Code = grpc.StatusCode
 # Shard 0 of 2: even ids are its own, odd ones another shard's.

@@ -6,7 +6,8 @@ import pytest
 import ray
 
 from memory_service.config import OptimizerConfig, StorageConfig, TableConfig
-from memory_service.shard import Shard, TablePush
+from memory_service.shard.shard import Shard
+from memory_service.tables import TablePush
 
 pytestmark = pytest.mark.slow
 
@@ -59,8 +60,8 @@ def test_migrating_rows_stay_exact(make_cluster, tmp_path, disk):
     assert counters["promoted"] > 0 and counters["demoted"] > 0 and not counters["error"], counters
     assert refreshes > 0
     if disk:  # DRAM <-> LMDB inside the cold shards
-        memory = [t for t in tiers if t.tier == "memory"]
-        cold = [t for t in tiers if t.tier == "cold"]
+        memory = [t for t in tiers if t.tier == "dram"]
+        cold = [t for t in tiers if t.tier == "disk"]
         assert len(memory) == len(cold) == 2
         assert all(t.demotions > 0 and t.promotions > 0 for t in memory), memory
         assert all(t.hits > 0 for t in cold), cold  # reads served from LMDB

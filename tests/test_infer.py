@@ -9,7 +9,7 @@ from trainer.cli import main
 from trainer.engram import EngramConfig, LocalTables
 from trainer.infer import generate, load_checkpoint
 from trainer.model import EngramLM, ModelConfig
-from trainer.row_index import RowIndexer, identity_compression
+from trainer.row_indexer import RowIndexer, identity_compression
 from trainer.tokenizer_compression import TokenizerCompression
 
 VOCAB, CONTEXT = 97, 40

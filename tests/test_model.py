@@ -7,7 +7,7 @@ import torch.nn.functional as F
 
 from trainer.engram import EngramConfig, LocalTables
 from trainer.model import EngramLM, ModelConfig
-from trainer.row_index import RowIndexer, identity_compression
+from trainer.row_indexer import RowIndexer, identity_compression
 
 VOCAB = 97
 

@@ -6,7 +6,7 @@ import time
 import pytest
 
 from memory_service.errors import FailedPrecondition
-from memory_service.move_gate import MoveGate
+from memory_service.shard.move_gate import MoveGate
 
 
 def test_pause_waits_for_the_round_in_progress_and_skips_new_ones():

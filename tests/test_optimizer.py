@@ -5,16 +5,16 @@ backward emits one gradient row per occurrence and whose optimizer coalesces the
 through TableStore with the duplicates summed first, as the shard does; rows must agree within
 1e-6 relative to the table's scale (max |row value|): an element near zero has no meaningful
 relative error. Differences left are one-ulp: torch's vectorised sqrt and its summation order of
-duplicates (see memory_service/optimizer.py).
+duplicates (see memory_service/storage/optimizer.py).
 """
 import numpy as np
 import pytest
 import torch
 
 from memory_service.config import OptimizerConfig, TableConfig
-from memory_service.optimizer import SGD, Adagrad, SparseAdam, make_optimizer
+from memory_service.storage.optimizer import SGD, Adagrad, SparseAdam, make_optimizer
 from memory_service.rows import init_rows
-from memory_service.store import TableStore
+from memory_service.storage.store import TableStore
 
 NUM_ROWS, WIDTH, STEPS = 40, 8, 20
 OPTIMIZERS = {

@@ -3,9 +3,9 @@ look-ahead, admission), and the acceptance on the corpus's own row trace against
 import numpy as np
 import pytest
 
-from memory_service.placement import (POLICIES, CountMinSketch, EngramPolicy, LFUPolicy, Lookahead, Policy,
+from memory_service.placement.policy import (POLICIES, CountMinSketch, EngramPolicy, LFUPolicy, Lookahead, Policy,
                                       RecentPolicy, check_ids, make_policy, select)
-from memory_service.placement_replay import belady_hit_rate, num_reads, simulate
+from memory_service.placement.replay import belady_hit_rate, num_reads, simulate
 
 
 def zipf_batches(seed: int, num_batches: int = 60, draws: int = 80, num_rows: int = 400, a: float = 1.3):

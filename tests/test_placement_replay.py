@@ -5,8 +5,8 @@ from itertools import combinations
 import numpy as np
 import pytest
 
-from memory_service.placement import POLICIES, LFUPolicy, make_policy
-from memory_service.placement_replay import belady_hit_rate, num_reads, simulate
+from memory_service.placement.policy import POLICIES, LFUPolicy, make_policy
+from memory_service.placement.replay import belady_hit_rate, num_reads, simulate
 
 
 def random_batches(seed: int, num_batches: int, num_rows: int, max_size: int):

@@ -11,7 +11,7 @@ import numpy as np
 from prometheus_client.parser import text_string_to_metric_families
 
 from memory_service.config import TableConfig
-from memory_service.metrics import METRICS
+from memory_service.ops.metrics import METRICS
 
 README = Path(__file__).resolve().parent.parent / "deploy" / "README.md"
 ROW = re.compile(r"^\| `(engram_[a-z0-9_]+)` \| (gauge|counter|histogram) \| ([^|]*) \|")
@@ -83,7 +83,7 @@ def test_scrape_live_shards(make_cluster):
         usage = {t.name: t for t in shard.tables}
         table_rows = families["engram_table_rows"]
         for name in ("plain", "sampled"):
-            value = samples(table_rows, "engram_table_rows", table=name, tier="memory")[0].value
+            value = samples(table_rows, "engram_table_rows", table=name, tier="dram")[0].value
             assert value == usage[name].rows
         lookups = families["engram_table_ngram_lookups"]
         assert samples(lookups, "engram_table_ngram_lookups_total", table="sampled")[0].value == \

@@ -17,8 +17,9 @@ import numpy as np
 import pytest
 
 from memory_service.config import OptimizerConfig, StorageConfig, TableConfig
-from memory_service.shard import Shard, TablePush
-from memory_service.wal import WalCorrupt, WriteAheadLog
+from memory_service.shard.shard import Shard
+from memory_service.tables import TablePush
+from memory_service.durability.wal import WalCorrupt, WriteAheadLog
 
 ROOT = Path(__file__).resolve().parent.parent
 ROWS, WIDTH = 4000, 8
@@ -282,8 +283,8 @@ def test_kill_9_of_a_cold_shard_mid_training_loses_no_update_and_applies_none_tw
     assert [s.wal_replayed for s in report.shards if s.role == "cold"] == [0, recovered["wal_replayed"]]
     assert all(m["promoted"] > 0 and m["demoted"] > 0 for m in moves), moves
     for table in report.shards[1].tables:  # the cold tier was in use: most rows lived in LMDB
-        memory, cold = table.tiers
-        assert cold.tier == "cold" and cold.rows > 4 * memory.rows, table
+        dram, disk = table.tiers
+        assert disk.tier == "disk" and disk.rows > 4 * dram.rows, table
     assert got.train_losses == want.train_losses
     assert_same_tables(rows_of(crashing, names), want_rows)
 

@@ -8,7 +8,7 @@ import ray
 import torch
 
 from trainer.data import Corpus
-from trainer.remote_rows import table_name
+from trainer.remote_tables import table_name
 from trainer.train import ServiceOptions, build, train
 
 from test_train import small_train_config

@@ -9,9 +9,9 @@ import pytest
 from memory_service.client import MemoryClient
 from memory_service.config import TableConfig
 from memory_service.errors import ShardUnavailable
-from memory_service.retry import RetryPolicy
-from memory_service.servicer import serve
-from memory_service.shard import Shard
+from memory_service.wire.retry import RetryPolicy
+from memory_service.server.servicer import serve
+from memory_service.shard.shard import Shard
 
 
 def free_port() -> int:

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from memory_service.checkpoint import checkpoint_path, latest_checkpoint
+from memory_service.durability.checkpoint import checkpoint_path, latest_checkpoint
 from trainer.data import Corpus
 from trainer.train import ServiceOptions, build, train
 

@@ -18,15 +18,16 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from memory_service import wire
+from memory_service.wire import codec as wire
 from memory_service.client import MemoryClient
 from memory_service.config import OptimizerConfig, TableConfig
 from memory_service.errors import PermissionDenied, Unauthenticated
 from memory_service.rpc import memory_pb2, memory_pb2_grpc
-from memory_service.security import (ClientSecurity, InsecureBindWarning, SecurityConfig, is_loopback,
+from memory_service.wire.security import (ClientSecurity, InsecureBindWarning, SecurityConfig, is_loopback,
                                      method_scope, token_digest)
-from memory_service.servicer import SERVICE_NAME, serve
-from memory_service.shard import Shard, TablePush
+from memory_service.server.servicer import SERVICE_NAME, serve
+from memory_service.shard.shard import Shard
+from memory_service.tables import TablePush
 
 Code = grpc.StatusCode
 READ, WRITE = "read-token-0123", "write-token-4567"

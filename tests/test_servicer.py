@@ -10,11 +10,12 @@ import numpy as np
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from memory_service import wire
+from memory_service.wire import codec as wire
 from memory_service.config import OptimizerConfig, TableConfig
 from memory_service.rpc import memory_pb2, memory_pb2_grpc
-from memory_service.servicer import SERVICE_NAME, serve
-from memory_service.shard import Shard, TablePush
+from memory_service.server.servicer import SERVICE_NAME, serve
+from memory_service.shard.shard import Shard
+from memory_service.tables import TablePush
 
 # Shard 0 of 2 holds the even row ids: the odd ones exercise the "another shard's id" check.
 EMB = TableConfig(name="emb", num_rows=1000, width=8, seed=1,

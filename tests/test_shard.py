@@ -9,7 +9,8 @@ import torch
 from memory_service.config import OptimizerConfig, TableConfig
 from memory_service.errors import InvalidArgument, TableExists, TableNotFound
 from memory_service.rows import init_rows
-from memory_service.shard import Shard, TablePush
+from memory_service.shard.shard import Shard
+from memory_service.tables import TablePush
 from memory_service.sharding import split_by_shard
 
 ADAM = OptimizerConfig("sparse_adam", lr=0.05, beta1=0.8, beta2=0.99, eps=1e-6)
@@ -186,7 +187,7 @@ def test_hot_shard_on_a_device_serves_and_updates_rows_as_in_dram(device):
     """A hot shard with its rows in a torch arena on `device` (on a GPU: issue 5's hot shard on
     CUDA) takes rows moved in from a cold shard, serves fetches, applies 10 steps of pushes with
     duplicates and hands the rows back, bit-identical to a hot shard keeping them in numpy."""
-    from memory_service.tiers.hot import HotTier
+    from memory_service.storage.tiers.device import DeviceTier
 
     cfg = table(num_rows=1000, width=64, optimizer=ADAM)
     cold, dram, hot = Shard(0, 1), Shard(0, 1, role="hot"), Shard(0, 1, role="hot", device=device)
@@ -199,7 +200,7 @@ def test_hot_shard_on_a_device_serves_and_updates_rows_as_in_dram(device):
     for shard in (dram, hot):
         shard.import_rows("x", records, version=1, ids=moving)
     arena = hot._tables["x"].warm  # the store's fast tier (white-box: where the rows live)
-    assert isinstance(arena, HotTier) and arena.rows_tensor(np.arange(1)).device.type == device
+    assert isinstance(arena, DeviceTier) and arena.rows_tensor(np.arange(1)).device.type == device
     for step in range(2, 12):
         ids = rng.choice(moving, 256)  # repeats
         g = rng.standard_normal((256, 64)).astype(np.float32)

@@ -8,7 +8,8 @@ import pytest
 
 from memory_service.config import OptimizerConfig, TableConfig
 from memory_service.errors import InvalidArgument, StepNotReached
-from memory_service.shard import Shard, TablePush
+from memory_service.shard.shard import Shard
+from memory_service.tables import TablePush
 
 ADAM = OptimizerConfig("adam", lr=0.05, beta1=0.9, beta2=0.95, eps=1e-8)
 

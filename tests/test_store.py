@@ -5,7 +5,7 @@ import numpy as np
 
 from memory_service.config import OptimizerConfig, TableConfig
 from memory_service.rows import init_rows
-from memory_service.store import TableStore
+from memory_service.storage.store import TableStore
 
 
 def make_store(num_rows=1000, width=8, kind="sparse_adam", **opt) -> TableStore:

@@ -6,7 +6,7 @@ import torch
 
 from memory_service.config import OptimizerConfig
 from test_dense_adam import LR, local_tables, run_local, schedule
-from trainer.table_optimizer import TableOptimizer
+from trainer.local_table_optimizer import TableOptimizer
 
 
 def torch_optimizer(kind: str, params):

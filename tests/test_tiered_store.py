@@ -9,12 +9,12 @@ import numpy as np
 import pytest
 
 from memory_service.config import OptimizerConfig, TableConfig
-from memory_service.placement import LRUPolicy, RecentPolicy
-from memory_service.placer import Placer
+from memory_service.placement.policy import LRUPolicy, RecentPolicy
+from memory_service.shard.placer import Placer
 from memory_service.rows import init_rows
-from memory_service.store import TableStore, state_width_of
-from memory_service.tiers import ColdEnvironment, RowRecords, WarmTier
-from memory_service.tiers.hot import HotTier
+from memory_service.storage.store import TableStore, state_width_of
+from memory_service.storage.tiers import DiskEnvironment, RowRecords, DramTier
+from memory_service.storage.tiers.device import DeviceTier
 
 NUM_ROWS, WIDTH, CAPACITY = 3000, 8, 40
 HOT = 60  # ids below this take 70% of reads and pushes
@@ -27,8 +27,8 @@ def config(kind: str) -> TableConfig:
 
 def tiered_store(cfg: TableConfig, path, capacity: int = CAPACITY) -> TableStore:
     state = state_width_of(cfg)
-    cold = ColdEnvironment(str(path), map_bytes=1 << 20).open_table(cfg.name, {}, cfg.width, state)
-    return TableStore(cfg, warm=WarmTier(cfg.width, state, capacity), cold=cold, policy=LRUPolicy(capacity))
+    cold = DiskEnvironment(str(path), map_bytes=1 << 20).open_table(cfg.name, {}, cfg.width, state)
+    return TableStore(cfg, warm=DramTier(cfg.width, state, capacity), cold=cold, policy=LRUPolicy(capacity))
 
 
 def zipfish(rng, n: int) -> np.ndarray:
@@ -116,8 +116,8 @@ def test_placement_stops_asking_lmdb_for_rows_it_does_not_hold(tmp_path):
     it writes into DRAM while there is room, so being forgotten costs them nothing."""
     cfg = config("sparse_adam")
     state = state_width_of(cfg)
-    cold = ColdEnvironment(str(tmp_path / "lmdb"), map_bytes=1 << 20).open_table(cfg.name, {}, cfg.width, state)
-    store = TableStore(cfg, warm=WarmTier(cfg.width, state, 10), cold=cold, policy=RecentPolicy(10))
+    cold = DiskEnvironment(str(tmp_path / "lmdb"), map_bytes=1 << 20).open_table(cfg.name, {}, cfg.width, state)
+    store = TableStore(cfg, warm=DramTier(cfg.width, state, 10), cold=cold, policy=RecentPolicy(10))
     resident = lambda: np.sort(store.warm.ids())  # noqa: E731
     never_written = np.arange(5)
     store.read(never_written)
@@ -171,7 +171,7 @@ def test_export_import_move_rows_exactly(kind, tmp_path):
     assert not np.isin(written, store.cold.ids()).any() and not np.isin(written, store.warm.ids()).any()
     np.testing.assert_array_equal(store.read(written), init_rows(cfg.seed, written, WIDTH, cfg.init_scale))
 
-    hot = TableStore(cfg, warm=HotTier(WIDTH, state_width_of(cfg), device="cpu"))
+    hot = TableStore(cfg, warm=DeviceTier(WIDTH, state_width_of(cfg), device="cpu"))
     dram = TableStore(cfg)
     hot.import_rows(records)
     dram.import_rows(hot.export_rows(ids))

@@ -9,27 +9,27 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from memory_service.tiers import ColdEnvironment, RowRecords, SlotIndex, WarmTier
-from memory_service.tiers import cold
-from memory_service.tiers.hot import HotTier
+from memory_service.storage.tiers import DiskEnvironment, RowRecords, SlotIndex, DramTier
+from memory_service.storage.tiers import disk as cold
+from memory_service.storage.tiers.device import DeviceTier
 
 WIDTH, STATE = 5, 10
-KINDS = ["warm", "hot", "cold", "cold-chunked", pytest.param("hot-cuda", marks=pytest.mark.gpu)]
+KINDS = ["dram", "device", "disk", "disk-chunked", pytest.param("device-cuda", marks=pytest.mark.gpu)]
 
 
 def make_tier(kind: str, tmp_path, width: int = WIDTH, state: int = STATE):
-    if kind == "warm":
-        return WarmTier(width, state)
-    if kind.startswith("hot"):
-        return HotTier(width, state, device="cuda" if kind == "hot-cuda" else "cpu")
-    return ColdEnvironment(str(tmp_path / "lmdb"), map_bytes=1 << 20).open_table("t", {}, width, state)
+    if kind == "dram":
+        return DramTier(width, state)
+    if kind.startswith("device"):
+        return DeviceTier(width, state, device="cuda" if kind == "device-cuda" else "cpu")
+    return DiskEnvironment(str(tmp_path / "lmdb"), map_bytes=1 << 20).open_table("t", {}, width, state)
 
 
 @pytest.fixture
 def chunked(kind, monkeypatch):
     """cold-chunked: the cold tier reads and writes in chunks of 7 keys, so requests cross chunk
     boundaries with ids missing from some chunks (4096-key chunks at the real size)."""
-    if kind == "cold-chunked":
+    if kind == "disk-chunked":
         monkeypatch.setattr(cold, "_CHUNK", 7)
 
 
@@ -111,15 +111,15 @@ def test_slot_index_with_removals_matches_a_dict():
         assert index.size == len(ref)
 
 
-@pytest.mark.parametrize("kind", ["warm", "hot"])
+@pytest.mark.parametrize("kind", ["dram", "device"])
 def test_arena_row_limit_holds_its_budget(kind):
     """A tier sized by rows_within(budget) takes that many rows and stays within the budget
     through churn (pops move the tail into holes, tombstones are swept at the same size)."""
     budget = 1 << 20
-    max_rows = WarmTier.rows_within(budget, WIDTH, STATE)
+    max_rows = DramTier.rows_within(budget, WIDTH, STATE)
     # 77 bytes of arenas per row plus the index: 2 to 4 buckets of 16 bytes per row (a power of 2)
     assert budget // (77 + 64) <= max_rows <= budget // (77 + 32)
-    tier = WarmTier(WIDTH, STATE, max_rows) if kind == "warm" else HotTier(WIDTH, STATE, max_rows, "cpu")
+    tier = DramTier(WIDTH, STATE, max_rows) if kind == "dram" else DeviceTier(WIDTH, STATE, max_rows, "cpu")
     rng = np.random.default_rng(3)
     ids = rng.permutation(10**6)[:max_rows].astype(np.int64)
     r = random_records(rng, ids)
@@ -141,7 +141,7 @@ def test_arena_row_limit_holds_its_budget(kind):
 def test_cold_map_grows_when_full(tmp_path):
     """20k records of 776 bytes (15 MB) into a 1 MiB map: the map doubles until they fit, each
     failed transaction retried, and every record reads back exactly."""
-    env = ColdEnvironment(str(tmp_path / "lmdb"), map_bytes=1 << 20)
+    env = DiskEnvironment(str(tmp_path / "lmdb"), map_bytes=1 << 20)
     tier = env.open_table("t", {}, 64, 128)
     rng = np.random.default_rng(4)
     ids = rng.permutation(np.unique(rng.integers(0, 10**8, 21_000))[:20_000])
@@ -158,7 +158,7 @@ def test_cold_map_grows_when_full(tmp_path):
 
 def test_cold_environment_reopens_with_rows_state_and_step_log(tmp_path):
     path = str(tmp_path / "lmdb")
-    env = ColdEnvironment(path)
+    env = DiskEnvironment(path)
     env.check_shard(1, 3)
     a, b = env.open_table("a", {"config": {"x": 1}}, 4, 8), env.open_table("b" * 256, {"config": {}}, 2, 0)
     rng = np.random.default_rng(5)
@@ -168,7 +168,7 @@ def test_cold_environment_reopens_with_rows_state_and_step_log(tmp_path):
     b.put(rb.ids, rb.rows, rb.state, rb.last)
     env.close()
 
-    env = ColdEnvironment(path)
+    env = DiskEnvironment(path)
     env.check_shard(1, 3)
     with pytest.raises(ValueError, match="holds shard 1 of 3, not shard 0 of 3"):
         env.check_shard(0, 3)

@@ -6,8 +6,9 @@ import numpy as np
 import pytest
 
 from memory_service.config import OptimizerConfig, TableConfig
-from memory_service.metrics import LATENCY_BUCKETS, ShardMetrics, quantile
-from memory_service.utilization import MEMORY_TIER, imbalance
+from memory_service.ops.metrics import LATENCY_BUCKETS, ShardMetrics, quantile
+from memory_service.ops.reports import imbalance
+from memory_service.storage.usage import DRAM_TIER
 
 WIDTH = 4
 NUM_FETCHES, NUM_PUSHES = 5, 3
@@ -51,14 +52,14 @@ def test_known_traffic_at_two_shards(make_cluster):
     assert report.rows_imbalance == pytest.approx(2 / 1.5, rel=1e-12)
     t0, t1 = s0.tables[0], s1.tables[0]
     assert (t0.step, t1.step) == (NUM_PUSHES, NUM_PUSHES)
-    assert [(t.tier, t.rows, t.hits) for t in t0.tiers] == [(MEMORY_TIER, 2, 2)]
-    assert [(t.tier, t.rows, t.hits) for t in t1.tiers] == [(MEMORY_TIER, 1, 1)]
+    assert [(t.tier, t.rows, t.hits) for t in t0.tiers] == [(DRAM_TIER, 2, 2)]
+    assert [(t.tier, t.rows, t.hits) for t in t1.tiers] == [(DRAM_TIER, 1, 1)]
     assert (t0.rows_read, t1.rows_read) == (4 * NUM_FETCHES + 3, 2 * NUM_FETCHES + 2)
     # Adagrad keeps one sum of squares per value; the store's arenas start at 1024 rows.
     assert t0.optimizer_state_bytes == t1.optimizer_state_bytes == 1024 * WIDTH * 4
     table = report.tables()[0]
     assert table.rows == 3 and table.step == NUM_PUSHES and table.rows_imbalance == pytest.approx(2 / 1.5)
-    assert table.hit_rate[MEMORY_TIER] == pytest.approx(3 / (6 * NUM_FETCHES + 5))
+    assert table.hit_rate[DRAM_TIER] == pytest.approx(3 / (6 * NUM_FETCHES + 5))
     assert table.collisions is None  # collision stats off for this table
     # Latencies and rates: plausible ranges only (timings vary with the machine).
     for shard in (s0, s1):

@@ -1,4 +1,4 @@
-"""memory_service.wire: ids and rows <-> little-endian bytes, configs <-> messages."""
+"""memory_service.wire.codec: ids and rows <-> little-endian bytes, configs <-> messages."""
 from __future__ import annotations
 
 import struct
@@ -7,11 +7,11 @@ import numpy as np
 import pytest
 import torch
 
-from memory_service import wire
+from memory_service.wire import codec as wire
 from memory_service.config import OptimizerConfig, TableConfig
 from memory_service.errors import InvalidArgument
 from memory_service.rpc import memory_pb2
-from memory_service.shard import TableInfo
+from memory_service.tables import TableInfo
 
 
 def _torch_bf16_bits(x: np.ndarray) -> np.ndarray:

@@ -20,7 +20,7 @@ from trainer.model import MODEL_PRESETS, ModelConfig  # noqa: E402
 from trainer.train import DEVICES, TrainConfig, train  # noqa: E402
 
 if TYPE_CHECKING:
-    from memory_service.security import ClientSecurity, SecurityConfig
+    from memory_service.wire.security import ClientSecurity, SecurityConfig
 
 
 def add_train_args(p: argparse.ArgumentParser, steps: int, context: int | None = None,
@@ -114,7 +114,7 @@ def add_client_security_args(p: argparse.ArgumentParser) -> None:
 
 def client_security(args: argparse.Namespace) -> "ClientSecurity | None":
     """ClientSecurity from the TLS flags and $ENGRAM_TOKEN, or None when neither is given."""
-    from memory_service.security import ClientSecurity
+    from memory_service.wire.security import ClientSecurity
 
     token = os.environ.get("ENGRAM_TOKEN") or None
     if not (args.tls_ca or args.tls_cert or token):
@@ -128,7 +128,7 @@ def server_security(args: argparse.Namespace) -> "SecurityConfig | None":
     $ENGRAM_READ_TOKENS / $ENGRAM_WRITE_TOKENS; None (open) when neither is given. Hot shards
     reach the cold ones with the first write token, the shard certificate as client certificate
     (mutual TLS) and --tls-ca (or the certificate itself, when self-signed) as root."""
-    from memory_service.security import ClientSecurity, SecurityConfig
+    from memory_service.wire.security import ClientSecurity, SecurityConfig
 
     read, write = ([t for t in os.environ.get(var, "").split(",") if t]
                    for var in ("ENGRAM_READ_TOKENS", "ENGRAM_WRITE_TOKENS"))
@@ -230,8 +230,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def cmd_stats(args: argparse.Namespace) -> int:
-    """Print the tables cluster's utilization and collision stats (memory_service/stats_view.py)."""
-    from memory_service import stats_view
+    """Print the tables cluster's utilization and collision stats (memory_service/ops/stats_view.py)."""
+    from memory_service.ops import stats_view
     from memory_service.client import MemoryClient
     from memory_service.cluster import connect
 
@@ -253,10 +253,10 @@ def cmd_stats(args: argparse.Namespace) -> int:
 
 
 def cmd_checkpoint(args: argparse.Namespace) -> int:
-    """Save, restore or inspect a checkpoint of a tables cluster (memory_service/checkpoint.py)."""
+    """Save, restore or inspect a checkpoint of a tables cluster (memory_service/durability/checkpoint.py)."""
     import json
 
-    from memory_service import checkpoint
+    from memory_service.durability import checkpoint
     from memory_service.errors import MemoryServiceError
 
     try:

@@ -13,7 +13,7 @@ from __future__ import annotations
 import tempfile
 from dataclasses import replace
 
-from memory_service.security import ClientSecurity
+from memory_service.wire.security import ClientSecurity
 from trainer.train import ServiceOptions, TrainConfig, TrainResult, train
 
 
@@ -24,7 +24,7 @@ def train_workers(cfg: TrainConfig, workers: int, cluster_name: str = "default",
     """Trains with `workers` Ray Train workers against the tables cluster `cluster_name` of the
     Ray cluster this driver is connected to; returns rank 0's result. `resource`: a custom Ray
     resource each worker takes one unit of, to pin workers to trainer nodes. `security`: the
-    workers' memory_service.security.ClientSecurity for secured shards. `use_gpu`: each worker
+    workers' memory_service.wire.security.ClientSecurity for secured shards. `use_gpu`: each worker
     takes a GPU and trains on it (device "cuda", set on the worker: the driver may have none)."""
     from ray.train import RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer

@@ -1,5 +1,5 @@
 """64-bit fingerprints of the suffix N-grams behind Engram lookups, for the table service's
-collision stats (memory_service/collisions.py).
+collision stats (memory_service/ops/collisions.py).
 
 A row id is mix(N-gram) mod a prime: two different N-grams can share a row, and the service can
 only tell them apart if each lookup carries something that identifies the N-gram itself. The
@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from memory_service.collisions import mix64
+from memory_service.ops.collisions import mix64
 
 _C = np.uint64(0xD6E8FEB86659FD93)  # odd: token * _C is a bijection of uint64
 

@@ -19,9 +19,9 @@ from trainer.data import Corpus, CorpusConfig
 from trainer.decode_cache import DecodeCache
 from trainer.engram import EngramConfig, EngramTables, LocalTables
 from trainer.model import EngramLM, ModelConfig
-from trainer.remote_rows import RemoteTables
+from trainer.remote_tables import RemoteTables
 from memory_service.config import OptimizerConfig
-from trainer.row_index import RowIndexer
+from trainer.row_indexer import RowIndexer
 from trainer.train import TablesFactory, TrainConfig, build_indexer, check_device
 
 
@@ -145,7 +145,7 @@ def saved_model(path: str | Path) -> dict:
     (`--checkpoint`), or a checkpoint directory a run wrote to resume from (`--checkpoint-dir`;
     its dense part, checked against its manifest). A file is a pickle: load only files you trust."""
     if Path(path).is_dir():
-        from memory_service.checkpoint import dense_state
+        from memory_service.durability.checkpoint import dense_state
 
         saved = dense_state(path)
         run = saved["extra"] or {}

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 import torch
 
 from trainer.engram import EngramTables
-from trainer.row_index import RowIndexer
+from trainer.row_indexer import RowIndexer
 
 
 @dataclass

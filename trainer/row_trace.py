@@ -13,8 +13,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from memory_service.placement import sorted_unique
-from trainer.row_index import RowIndexer
+from memory_service.placement.policy import sorted_unique
+from trainer.row_indexer import RowIndexer
 
 
 @dataclass(frozen=True)

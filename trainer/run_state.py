@@ -1,7 +1,7 @@
 """RunState: what a training run saves beside its tables, so that a resumed run continues exactly
 as the uninterrupted one would have.
 
-A run's checkpoint (memory_service/checkpoint.py) holds the tables in the service at the step
+A run's checkpoint (memory_service/durability/checkpoint.py) holds the tables in the service at the step
 (rows, optimizer state, step log), and in its dense part the backbone and its AdamW state plus
 this RunState: the steps done, the losses so far, the position in the batch order (the data
 generator's state before drawing the next step's batch: the prefetcher has already drawn it when
@@ -16,9 +16,9 @@ from pathlib import Path
 
 import torch
 
-from memory_service.checkpoint import (apply_dense, checkpoint_path, dense_state, latest_checkpoint,
+from memory_service.durability.checkpoint import (apply_dense, checkpoint_path, dense_state, latest_checkpoint,
                                        restore_checkpoint, save_checkpoint)
-from memory_service.manifest import Manifest
+from memory_service.durability.manifest import Manifest
 
 
 @dataclass

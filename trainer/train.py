@@ -1,6 +1,6 @@
 """Training: the backbone with AdamW, the Engram tables with the table service's optimizer
-(ENGRAM.md §4), in-process (trainer/table_optimizer.py) or on the shards of a table service
-(trainer/remote_rows.py, given a `MemoryClient`). The loop is the same for both: batches come
+(ENGRAM.md §4), in-process (trainer/local_table_optimizer.py) or on the shards of a table service
+(trainer/remote_tables.py, given a `MemoryClient`). The loop is the same for both: batches come
 from a `Prefetcher`, which hashes them and requests their rows ahead of the forward.
 
 By default the tables take dense-equivalent Adam (`adam`: what torch.optim.Adam on the dense table
@@ -34,10 +34,10 @@ from memory_service.config import OPTIMIZERS, OptimizerConfig
 from trainer.engram import EngramTables, LocalTables
 from trainer.model import EngramLM, ModelConfig
 from trainer.prefetch import Prefetcher
-from trainer.remote_rows import RemoteTables
-from trainer.row_index import RowIndexer, identity_compression
+from trainer.remote_tables import RemoteTables
+from trainer.row_indexer import RowIndexer, identity_compression
 from trainer.run_state import Resume, RunState, save_run
-from trainer.table_optimizer import TableOptimizer
+from trainer.local_table_optimizer import TableOptimizer
 from trainer.tokenizer_compression import TokenizerCompression
 
 

@@ -188,7 +188,7 @@ class MemoryServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def ExportRows(self, request, context):
-        """-- hot and cold shards (memory_service/migration.py) ----------------------------------------
+        """-- hot and cold shards (memory_service/server/migration.py) ----------------------------------------
         A row has one home: its cold shard (id % num_cold) or, while it is hot, the hot shard
         id % num_hot. A request naming a row that moved away is refused whole with ABORTED and the
         details "moved: <hot map version>"; the client refreshes the hot map (HotMap) and re-routes.
@@ -233,7 +233,7 @@ class MemoryServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def CheckpointPause(self, request, context):
-        """-- checkpoints (memory_service/checkpoint.py) ---------------------------------------------------
+        """-- checkpoints (memory_service/durability/checkpoint.py) ---------------------------------------------------
         A checkpoint is a directory on a filesystem the driver and every shard share (one machine's
         disk; a shared volume on Kubernetes). To save, the driver pauses migration on the hot shards,
         has every shard write its own tables' files in parallel (CheckpointSave), writes the manifest

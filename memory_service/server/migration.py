@@ -1,0 +1,200 @@
+"""Migration: rows move between the cold shards and a hot shard as a placement policy decides.
+
+Runs in the hot shard's process, on a background thread, never inside a request. Each round it
+drains the reads every shard served and the look-aheads it was told (held fetches, announcements,
+each with the step it is for), feeds them to one `Policy` per table (only ids whose hot home is
+this shard: id % num_hot), asks it for a plan, and moves rows in batches with their optimizer
+state:
+
+- promote: the cold home exports the rows (removed there, answered "moved" from then on), the hot
+  shard imports them; then they are hot.
+- demote: the hot shard exports them (answered "moved"), their cold homes import them.
+
+A row is in flight between the export and the import, and requests for it are refused with
+RowsMoved until it lands, so no fetch sees a stale copy and no push is applied to one; the client
+refreshes its hot map and re-sends (memory_service/client.py).
+
+A cold shard that crashes and restarts mid-move loses no row in flight: calls to it are re-sent
+while it is unavailable (memory_service/wire/retry.py); an import is idempotent, and an export carries
+a request id, so a re-sent one returns the rows it already handed over. (The hot shard itself is
+not durable: its rows die with its process.)
+"""
+from __future__ import annotations
+
+import itertools
+import threading
+import time
+import uuid
+from dataclasses import dataclass
+
+import numpy as np
+
+from memory_service.wire import codec as wire
+from memory_service.placement.policy import READ, Policy, make_policy, sorted_unique, tell
+from memory_service.wire.retry import RECONNECT_OPTIONS, RetryPolicy
+from memory_service.rpc import memory_pb2, memory_pb2_grpc
+from memory_service.wire.security import ClientSecurity, open_channel
+from memory_service.shard.shard import Shard
+
+IDLE_PAUSE_S = 1.0  # the longest pause between rounds while no shard saw reads
+
+
+@dataclass
+class MigrationCounters:
+    rounds: int = 0
+    promoted: int = 0  # rows moved cold -> hot
+    demoted: int = 0  # rows moved hot -> cold
+
+
+class Migrator:
+    """Places rows of every table between `cold_targets` (gRPC, cold shard order) and the local
+    hot shard `hot` (hot shard `hot.shard_id` of `hot.num_shards`), `capacity` rows per table.
+
+    Rounds start at most every `interval_s` and take at most `max_duty` of the wall clock: the
+    pause after a round is at least its length x (1 - max_duty) / max_duty. Shards share their
+    machine with the trainer (2 cores here), and planning over every row seen costs tens of ms a
+    round; unbounded, the migrator took more of the hot shard's CPU than its requests did.
+    `security`: how to reach secured cold shards (a write token: exports and imports are writes)."""
+
+    def __init__(self, hot: Shard, cold_targets: list[str], capacity: int, policy: str = "engram",
+                 interval_s: float = 0.05, max_moves: int = 4096, timeout: float = 30.0,
+                 max_duty: float = 0.05, retry: RetryPolicy = RetryPolicy(),
+                 security: ClientSecurity | None = None):
+        if not 0 < max_duty <= 1:
+            raise ValueError(f"max_duty {max_duty} must be in (0, 1]")
+        self.hot, self.capacity, self.policy_name = hot, capacity, policy
+        self.interval_s, self.max_moves, self.timeout = interval_s, max_moves, timeout
+        self.max_duty = max_duty
+        self.retry = retry
+        self.client_id = f"migrator-{uuid.uuid4().hex}"
+        self._request_seqs = itertools.count(1)  # ExportRowsRequest.request_seq
+        self.channels = [open_channel(t, (*wire.MESSAGE_OPTIONS, *RECONNECT_OPTIONS), security)
+                         for t in cold_targets]
+        self.cold = [memory_pb2_grpc.MemoryServiceStub(c) for c in self.channels]
+        self.policies: dict[str, Policy] = {}
+        self.counters = MigrationCounters()
+        self._unfinished = True  # the last plan was cut at max_moves (or none ran yet)
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self.error: BaseException | None = None
+
+    def start(self) -> "Migrator":
+        self._thread = threading.Thread(target=self._run, name="engram-migrator", daemon=True)
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        """Ends the thread after the round in progress (idempotent)."""
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=self.timeout)
+            self._thread = None
+            for channel in self.channels:
+                channel.close()
+
+    def _run(self) -> None:
+        pause = self.interval_s
+        while not self._stop.wait(pause):
+            start = time.perf_counter()
+            busy = True
+            try:
+                busy = self.round()
+            except Exception as err:  # keep serving; the next round retries, stats show the error
+                self.error = err
+            took = time.perf_counter() - start
+            if busy:
+                pause = max(self.interval_s, took * (1 - self.max_duty) / self.max_duty)
+            else:  # nobody reads: look less and less often (each look is an rpc to every cold shard)
+                pause = min(2 * pause, IDLE_PAUSE_S)
+
+    def round(self) -> bool:
+        """One round: drain the reads, plan, move; nothing while a checkpoint holds the shard's
+        MoveGate (the reads wait for the next round: the shards keep them, bounded). Plans only
+        when there were reads or the last plan was cut at `max_moves`: with neither, the plan
+        cannot change, and planning over every row seen costs tens of ms. Returns False when it
+        had nothing to do (the caller then looks less and less often)."""
+        with self.hot.moves.round() as free:
+            if not free:
+                return True  # paused: look again soon
+            if not self._observe() and not self._unfinished:
+                return False
+            self._unfinished = False
+            for name in self.hot.list_tables():
+                policy = self._policy(name)
+                admit, evict = policy.plan(self.hot.hot_map(name)[1], self.max_moves)
+                self._unfinished |= max(len(admit), len(evict)) >= self.max_moves
+                if len(evict):
+                    self._demote(name, np.asarray(evict, np.int64))
+                if len(admit):
+                    self._promote(name, np.asarray(admit, np.int64))
+            self.counters.rounds += 1
+            return True
+
+    def _policy(self, name: str) -> Policy:
+        if name not in self.policies:
+            self.policies[name] = make_policy(self.policy_name, self.capacity)
+        return self.policies[name]
+
+    def _observe(self) -> bool:
+        """Feed every shard's reads and look-aheads (this hot shard's rows only) to the tables'
+        policies, each shard's in the order it saw them; returns whether there were any. A row
+        has one home at a time, so its reads and announcements all come from one shard, in order;
+        the parts of one step that several shards were told merge by the step they carry."""
+        drained = [self.hot.drain_accesses()]
+        for stub in self.cold:
+            reply = self._rpc(stub, "DrainAccesses", memory_pb2.DrainAccessesRequest())
+            drained.append({t.table: list(zip(wire.decode_ids(t.tags, t.table).tolist(),
+                                              np.split(wire.decode_ids(t.ids, t.table),
+                                                       np.cumsum(wire.decode_ids(t.lengths, t.table))[:-1])))
+                            for t in reply.tables})
+        seen = False
+        for accesses in drained:
+            for name, events in accesses.items():
+                policy = self._policy(name)
+                for tag, ids in events:
+                    ids = ids[ids % self.hot.num_shards == self.hot.shard_id]
+                    tell(policy, tag, ids if tag == READ else sorted_unique(ids))
+                seen |= len(events) > 0
+        return seen
+
+    def _rpc(self, stub, rpc: str, request):
+        """rpc `rpc` to a cold shard, re-sent while it is unavailable (it restarts after a crash)."""
+        method = getattr(stub, rpc)
+        return self.retry.call(lambda: method(request, timeout=self.timeout),
+                               f"{rpc} to cold shard {self.cold.index(stub)}")
+
+    def _promote(self, name: str, ids: np.ndarray) -> None:
+        version = self.hot.homes.version + 1
+        width, state_width = self.hot.describe_table(name).config.width, self.hot.state_width(name)
+        n = len(self.cold)
+        for c in range(n):
+            part = ids[ids % n == c]
+            if not len(part):
+                continue
+            reply = self._rpc(self.cold[c], "ExportRows", memory_pb2.ExportRowsRequest(
+                table=name, ids=wire.encode_ids(part), version=version, client_id=self.client_id,
+                request_seq=next(self._request_seqs)))
+            records = wire.records_from_proto(reply, width, state_width)
+            self.hot.import_rows(name, records, version, part)
+            self.counters.promoted += len(part)
+
+    def _demote(self, name: str, ids: np.ndarray) -> None:
+        version = self.hot.homes.version + 1
+        records = self.hot.export_rows(name, ids, version)
+        n = len(self.cold)
+        error = None
+        for c in range(n):
+            part = ids[ids % n == c]
+            if not len(part):
+                continue
+            mine = records.take(records.ids % n == c)
+            try:
+                self._rpc(self.cold[c], "ImportRows", memory_pb2.ImportRowsRequest(
+                    records=wire.records_to_proto(name, mine), version=version, ids=wire.encode_ids(part)))
+                self.counters.demoted += len(part)
+            except Exception as err:  # the cold shard stayed down: its rows stay hot rather than nowhere
+                self.hot.import_rows(name, mine, version, part)
+                error = err
+        if error is not None:
+            raise error
+

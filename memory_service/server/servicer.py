@@ -1,0 +1,374 @@
+"""The gRPC face of one shard: `MemoryServicer` converts messages to numpy arrays and config
+dataclasses, calls the plain `Shard`, and converts back; `serve` runs it with the health service.
+
+The servicer holds no table logic. It checks only what the Shard's Python API cannot see: the dtype
+and width a message claims against the table's, payload lengths, and a table named twice in one
+request. It decodes a whole multi-table Push before calling `Shard.push`, which validates ids and
+applies all tables or none, so a rejected request changes no state.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+import grpc
+import numpy as np
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+
+from memory_service.wire import codec as wire
+from memory_service.shard import checkpoint_files as shard_checkpoint
+from memory_service.errors import (CheckpointCorrupt, FailedPrecondition, InvalidArgument, RequestTooLarge,
+                                   RowsMoved, StepNotReached, TableExists, TableNotFound, status_details)
+from memory_service.ops.metrics import MetricsServer, ShardMetrics, serve_metrics
+from memory_service.wire.reply_files import ReplyFiles
+from memory_service.server.request_guard import RequestGuard
+from memory_service.rpc import memory_pb2, memory_pb2_grpc
+from memory_service.wire.security import SecurityConfig, warn_if_exposed
+from memory_service.shard.shard import Shard
+from memory_service.tables import TableInfo, TablePush
+from memory_service.ops.reports import ShardReport
+from memory_service.wire.codec import MAX_MESSAGE_BYTES, MESSAGE_OPTIONS  # noqa: F401 (re-exported)
+
+MAX_FETCH_WAIT_S = 600.0
+SERVICE_NAME = memory_pb2.DESCRIPTOR.services_by_name["MemoryService"].full_name
+# so_reuseport=0: a second server asking for a port in use fails instead of silently sharing it.
+SERVER_OPTIONS = (*MESSAGE_OPTIONS, ("grpc.so_reuseport", 0))
+# The status each service error travels as; the client maps it back to the same class.
+ERROR_STATUS = {
+    TableNotFound: grpc.StatusCode.NOT_FOUND,
+    TableExists: grpc.StatusCode.ALREADY_EXISTS,
+    StepNotReached: grpc.StatusCode.DEADLINE_EXCEEDED,
+    RowsMoved: grpc.StatusCode.ABORTED,
+    FailedPrecondition: grpc.StatusCode.FAILED_PRECONDITION,
+    CheckpointCorrupt: grpc.StatusCode.DATA_LOSS,
+    RequestTooLarge: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    ValueError: grpc.StatusCode.INVALID_ARGUMENT,  # InvalidArgument and the configs' checks
+}
+
+
+def _maps_errors(method):
+    """Abort the rpc with the status of a service error, its message as the details."""
+    @functools.wraps(method)
+    def wrapper(self, request, context):
+        try:
+            return method(self, request, context)
+        except tuple(ERROR_STATUS) as err:
+            code = next(code for cls, code in ERROR_STATUS.items() if isinstance(err, cls))
+            context.abort(code, status_details(str(err)))
+    return wrapper
+
+
+def _observed(rpc: str):
+    """Record the call's handling time and row ids (or its error) in the servicer's metrics."""
+    def decorator(method):
+        @functools.wraps(method)
+        def wrapper(self, request, context):
+            start = time.perf_counter()
+            try:
+                response = method(self, request, context)
+            except Exception:  # an aborted rpc raises out of the handler
+                self.metrics.observe_error(rpc)
+                raise
+            num_ids = sum(len(msg.ids) for msg in request.tables) // 8  # int64 ids
+            self.metrics.observe(rpc, time.perf_counter() - start, num_ids)
+            return response
+        return wrapper
+    return decorator
+
+
+class MemoryServicer(memory_pb2_grpc.MemoryServiceServicer):
+    """Serves one `Shard` over gRPC. gRPC calls it from a thread pool: the Shard's lock
+    serialises the requests."""
+
+    def __init__(self, shard: Shard) -> None:
+        self.shard = shard
+        self.reply_files = ReplyFiles()
+        self.metrics = ShardMetrics()
+        self.metrics_port = 0  # set by serve() once the Prometheus endpoint listens
+
+    @_maps_errors
+    def CreateTable(self, request, context):
+        info = self.shard.create_table(wire.table_config_from_proto(request.config))
+        return wire.table_info_to_proto(info)
+
+    @_maps_errors
+    def DescribeTable(self, request, context):
+        return wire.table_info_to_proto(self.shard.describe_table(request.name))
+
+    @_maps_errors
+    def DropTable(self, request, context):
+        self.shard.drop_table(request.name)
+        return memory_pb2.DropTableResponse()
+
+    @_maps_errors
+    def ListTables(self, request, context):
+        return memory_pb2.ListTablesResponse(names=sorted(self.shard.list_tables()))
+
+    @_observed("fetch")
+    @_maps_errors
+    def Fetch(self, request, context):
+        _check_rows(request.tables, "fetch")
+        requests = {}  # table -> ids (n,) int64
+        for msg in request.tables:
+            _check_once(requests, msg.table, "fetch")
+            requests[msg.table] = wire.decode_ids(msg.ids, msg.table)
+        configs = {name: self.shard.describe_table(name).config for name in requests}
+        _check_reply(sum(len(ids) * configs[name].width * wire.ITEMSIZE[configs[name].dtype]
+                         for name, ids in requests.items()), "fetch")
+        samples = self._ngram_samples(request, requests, configs)  # checked before any row is read
+        reply = request.shared_memory if request.HasField("shared_memory") else None
+        if reply is not None:
+            self._open_reply_file(reply.path, context)  # before reading, so a retry counts once
+        rows = self.shard.fetch(requests, request.min_step, _wait_budget(context))  # table -> (n, width) f32
+        self.shard.record_ngrams(samples)
+        if reply is not None:  # rows go straight into the client's file; the response is small
+            self.reply_files.write(reply.path, [(msg.reply_offset, rows[msg.table], configs[msg.table].dtype)
+                                                for msg in request.tables])
+            payloads = [b""] * len(rows)
+        else:
+            payloads = [wire.encode_rows(rows[name], cfg.dtype) for name, cfg in configs.items()]
+        return memory_pb2.FetchResponse(tables=[
+            memory_pb2.TableRows(table=name, dtype=wire.dtype_to_proto(cfg.dtype), width=cfg.width, rows=payload)
+            for (name, cfg), payload in zip(configs.items(), payloads)])
+
+    def _ngram_samples(self, request, requests, configs) -> dict:
+        """{table: (ids, NgramBatch)} of the tables whose ids carry the N-grams behind them."""
+        samples = {}
+        for msg in request.tables:
+            if not msg.HasField("ngrams"):
+                continue
+            if not configs[msg.table].collision_sample_rate:
+                raise InvalidArgument(f"table {msg.table!r}: ngrams sent but the table's "
+                                      f"collision_sample_rate is 0 (collision stats off)")
+            ids = requests[msg.table]
+            samples[msg.table] = (ids, wire.decode_ngrams(msg.ngrams, ids, msg.table))
+        return samples
+
+    @_maps_errors
+    def ExportRows(self, request, context):
+        ids = wire.decode_ids(request.ids, request.table)
+        _check_rows([request], "export")
+        width = self.shard.describe_table(request.table).config.width
+        _check_reply(len(ids) * (4 * (width + self.shard.state_width(request.table)) + 16), "export")
+        records = self.shard.export_rows(request.table, ids, request.version, request.client_id, request.request_seq)
+        return wire.records_to_proto(request.table, records)
+
+    @_maps_errors
+    def ImportRows(self, request, context):
+        name = request.records.table
+        _check_rows([request, request.records], "import")
+        cfg = self.shard.describe_table(name).config
+        records = wire.records_from_proto(request.records, cfg.width, self.shard.state_width(name))
+        self.shard.import_rows(name, records, request.version, wire.decode_ids(request.ids, name))
+        return memory_pb2.ImportRowsResponse()
+
+    @_maps_errors
+    def HotMap(self, request, context):
+        version, ids = self.shard.hot_map(request.table)
+        return memory_pb2.HotMapResponse(version=version, ids=wire.encode_ids(ids))
+
+    @_maps_errors
+    def DrainAccesses(self, request, context):
+        tables = []
+        for name, events in self.shard.drain_accesses().items():
+            ids = [e[1] for e in events]
+            tables.append(memory_pb2.TableAccesses(
+                table=name, ids=wire.encode_ids(np.concatenate(ids) if ids else np.empty(0, np.int64)),
+                lengths=wire.encode_ids(np.array([len(i) for i in ids], np.int64)),
+                tags=wire.encode_ids(np.array([e[0] for e in events], np.int64))))
+        return memory_pb2.DrainAccessesResponse(tables=tables)
+
+    @_maps_errors
+    def Announce(self, request, context):
+        _check_rows(request.tables, "announce")
+        requests = {}
+        for msg in request.tables:
+            _check_once(requests, msg.table, "announce")
+            requests[msg.table] = wire.decode_ids(msg.ids, msg.table)
+        self.shard.announce(requests, request.step if request.HasField("step") else None)
+        return memory_pb2.AnnounceResponse()
+
+    @_maps_errors
+    def CheckpointPause(self, request, context):
+        if not request.pause:
+            return memory_pb2.CheckpointPauseResponse(held=self.shard.moves.resume())
+        self.shard.moves.pause(request.lease_seconds, request.timeout_seconds)
+        return memory_pb2.CheckpointPauseResponse(held=True)
+
+    @_maps_errors
+    def CheckpointSave(self, request, context):
+        part = shard_checkpoint.save_shard(self.shard, request.path, request.step, list(request.tables),
+                                           request.wait_seconds)
+        return memory_pb2.CheckpointSaveResponse(
+            role=part.role, shard_id=part.shard_id, num_shards=part.num_shards,
+            files=[memory_pb2.CheckpointFile(path=f.path, bytes=f.bytes, sha256=f.sha256, kind=f.kind,
+                                             table=f.table, rows=f.rows) for f in part.files])
+
+    @_maps_errors
+    def CheckpointRestore(self, request, context):
+        restored = shard_checkpoint.restore_shard(self.shard, request.path)
+        return memory_pb2.CheckpointRestoreResponse(tables=[
+            memory_pb2.CheckpointTableRows(table=name, rows=rows) for name, rows in restored.items()])
+
+    def _open_reply_file(self, path: str, context) -> None:
+        try:
+            self.reply_files.open(path)
+        except OSError:
+            context.abort(grpc.StatusCode.FAILED_PRECONDITION, status_details(
+                f"shared-memory reply file {path!r} cannot be opened on this shard's host"))
+
+    @_observed("push")
+    @_maps_errors
+    def Push(self, request, context):
+        if not request.client_id:
+            raise InvalidArgument("push: client_id must be non-empty")
+        _check_rows(request.tables, "push")
+        pushes = {}  # table -> TablePush, all decoded before the shard sees any
+        for msg in request.tables:
+            _check_once(pushes, msg.table, "push")
+            pushes[msg.table] = _decode_push(msg, self.shard.describe_table(msg.table))
+        rows_updated = self.shard.push(request.client_id, pushes, max(1, request.contributors),
+                                       commit=not request.commit_later, request_seq=request.request_seq)
+        return memory_pb2.PushResponse(rows_updated=rows_updated)
+
+    @_maps_errors
+    def CommitStep(self, request, context):
+        if not request.client_id:
+            raise InvalidArgument("commit: client_id must be non-empty")
+        steps = {}
+        for msg in request.tables:
+            _check_once(steps, msg.table, "commit")
+            steps[msg.table] = (msg.step, msg.lr or None)
+        updated = self.shard.commit(request.client_id, steps, max(1, request.contributors),
+                                    request_seq=request.request_seq)
+        return memory_pb2.CommitStepResponse(rows_updated=updated)
+
+    @_maps_errors
+    def Stats(self, request, context):
+        return wire.shard_report_to_proto(self.report())
+
+    def report(self) -> ShardReport:
+        """The shard's utilization now: what Stats returns and Prometheus scrapes."""
+        return ShardReport(shard_id=self.shard.shard_id, num_shards=self.shard.num_shards,
+                           uptime_s=self.metrics.uptime_s,
+                           counters=dataclasses.replace(self.shard.counters),
+                           fetch=self.metrics.window("fetch"), push=self.metrics.window("push"),
+                           tables=self.shard.usage(), metrics_port=self.metrics_port,
+                           role=self.shard.homes.role, wal_replayed=self.shard.journal.replayed)
+
+
+def _wait_budget(context) -> float:
+    """Seconds a held fetch may wait: until just before the rpc's deadline (so the caller hears
+    why), at most MAX_FETCH_WAIT_S when it set none."""
+    remaining = context.time_remaining()
+    return MAX_FETCH_WAIT_S if remaining is None else max(0.0, min(remaining - 0.05, MAX_FETCH_WAIT_S))
+
+
+def _check_rows(messages, rpc: str) -> None:
+    """RequestTooLarge when the messages' ids payloads hold more than wire.MAX_REQUEST_ROWS ids
+    (counted from their lengths, before anything is decoded)."""
+    num_ids = sum(len(msg.ids) for msg in messages) // 8
+    if num_ids > wire.MAX_REQUEST_ROWS:
+        raise RequestTooLarge(f"{rpc}: {num_ids} row ids in one request; at most {wire.MAX_REQUEST_ROWS} "
+                              f"(split the batch, as MemoryClient does)")
+
+
+def _check_reply(nbytes: int, rpc: str) -> None:
+    """RequestTooLarge when a reply would carry more than wire.MAX_REPLY_BYTES of rows."""
+    if nbytes > wire.MAX_REPLY_BYTES:
+        raise RequestTooLarge(f"{rpc}: the reply would hold {nbytes} bytes of rows; at most "
+                              f"{wire.MAX_REPLY_BYTES} per request (split the batch, as MemoryClient does)")
+
+
+def _check_once(seen: dict, table: str, rpc: str) -> None:
+    if table in seen:
+        raise InvalidArgument(f"{rpc}: table {table!r} appears more than once in one request")
+
+
+def _decode_push(msg: memory_pb2.TableGrads, info: TableInfo) -> TablePush:
+    """One table's gradients -> TablePush, after checking dtype, width and payload lengths against
+    the table's config."""
+    cfg = info.config
+    dtype = wire.dtype_from_proto(msg.dtype, f"table {cfg.name!r}")
+    if dtype != cfg.dtype:
+        raise InvalidArgument(f"table {cfg.name!r}: grads dtype {dtype} does not match the table's "
+                              f"dtype {cfg.dtype}")
+    if msg.width != cfg.width:
+        raise InvalidArgument(f"table {cfg.name!r}: grads width {msg.width} does not match the "
+                              f"table's width {cfg.width}")
+    ids = wire.decode_ids(msg.ids, cfg.name)  # (n,) int64
+    grads = wire.decode_rows(msg.grads, len(ids), cfg.width, dtype, cfg.name)  # (n, width) float32
+    return TablePush(step=msg.step, ids=ids, grads=grads, lr=msg.lr or None)
+
+
+@dataclass
+class ShardServer:
+    """A running gRPC server of one shard. `port` is the bound port (never 0)."""
+
+    server: grpc.Server
+    health: health.HealthServicer
+    host: str
+    port: int
+    metrics: MetricsServer | None = None  # the Prometheus endpoint, when serve() started one
+
+    @property
+    def address(self) -> str:
+        """'host:port', what grpc channels take."""
+        return _address(self.host, self.port)
+
+    def stop(self, grace: float | None = None) -> None:
+        """Report NOT_SERVING, finish in-flight rpcs for up to `grace` seconds, and stop."""
+        self.health.enter_graceful_shutdown()
+        self.server.stop(grace).wait()
+        if self.metrics is not None:
+            self.metrics.stop()
+
+    def wait(self) -> None:
+        """Block until the server stops."""
+        self.server.wait_for_termination()
+
+
+def serve(shard: Shard, host: str = "127.0.0.1", port: int = 0, max_workers: int = 16,
+          metrics_port: int | None = None, cluster: str = "default",
+          security: SecurityConfig | None = None) -> ShardServer:
+    """Serve `shard` and the grpc.health.v1 service on host:port (port 0 picks a free port), and
+    with `metrics_port` its Prometheus endpoint on host:metrics_port (0: a free port), labelled
+    with the tables cluster's name. Held fetches (min_step) occupy a worker thread each.
+
+    `security`: TLS and tokens (memory_service.wire.security; None: open, as the loopback default
+    needs). Serving a non-loopback host without TLS warns. The Prometheus endpoint is plain HTTP
+    without tokens whatever `security` says (it shows counts, never rows)."""
+    security = security if security is not None else SecurityConfig()
+    warn_if_exposed(host, security)
+    server = grpc.server(ThreadPoolExecutor(max_workers=max_workers), options=SERVER_OPTIONS,
+                         interceptors=[*security.interceptors(), RequestGuard()])  # tokens first
+    servicer = MemoryServicer(shard)
+    memory_pb2_grpc.add_MemoryServiceServicer_to_server(servicer, server)
+    health_servicer = _add_health(server)
+    bound = security.add_port(server, _address(host, port))  # raises RuntimeError if it cannot bind
+    metrics = None
+    if metrics_port is not None:
+        try:
+            metrics = serve_metrics(servicer.report, servicer.metrics, cluster, host, metrics_port)
+        except OSError:
+            server.stop(None)
+            raise
+        servicer.metrics_port = metrics.port
+    server.start()
+    return ShardServer(server, health_servicer, host, bound, metrics)
+
+
+def _address(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"  # IPv6 hosts go in brackets
+
+
+def _add_health(server: grpc.Server) -> health.HealthServicer:
+    """The standard health service, SERVING for the whole server ("") and for MemoryService."""
+    servicer = health.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(servicer, server)
+    for service in ("", SERVICE_NAME):
+        servicer.set(service, health_pb2.HealthCheckResponse.SERVING)
+    return servicer
