@@ -62,7 +62,7 @@ def main() -> None:
                 share_err, mean_err = np.abs(share_err), np.abs(mean_err)
                 cells.append(f"{np.median(share_err):6.1%} / {share_err.max():6.1%}, {mean_err.max():5.1%}")
             print(f"{f'{num_rows:,} n={n}':>16} {share:11.3%} | " + " | ".join(cells))
-    print("the service reports the exact share from its lookup registers (tests/test_collisions.py)")
+    print("the service reports the exact share from its lookup registers (tests/memory_service/ops/test_collisions.py)")
 
 
 if __name__ == "__main__":

@@ -42,7 +42,7 @@ def filled_store(rows: int, width: int, device: str) -> TableStore:
         chunk = ids[start:start + FILL_CHUNK]
         tier.append(chunk, rng.random((len(chunk), width), dtype=np.float32),
                     np.empty((len(chunk), 0), np.float32), np.zeros(len(chunk), np.int64))
-    return TableStore(cfg, warm=tier)
+    return TableStore(cfg, arena=tier)
 
 
 def timed(fn: Callable[[int], object], iters: int, device: torch.device) -> float:
@@ -61,7 +61,7 @@ def timed(fn: Callable[[int], object], iters: int, device: torch.device) -> floa
 def measure(rows: int, batch: int, width: int, iters: int, device: str) -> dict:
     """{path: seconds per batch} of the four read paths, on the same arena size and device."""
     store = filled_store(rows, width, device)
-    tier, dev = store.warm, torch.device(device)
+    tier, dev = store.arena, torch.device(device)
     rng = np.random.default_rng(1)
     slots = [rng.integers(0, rows, batch) for _ in range(iters)]  # (batch,) each, host
     ids = [tier.ids_at(s) for s in slots]  # the ids those slots hold

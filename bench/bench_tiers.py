@@ -42,7 +42,7 @@ import ray
 
 from memory_service.cluster import ClusterConfig, init_local_ray, launch
 from memory_service.config import StorageConfig
-from memory_service.placement.policy import Policy, make_policy
+from memory_service.placement import Policy, make_policy
 from memory_service.placement.replay import belady_hit_rate, num_reads, simulate
 from memory_service.storage.usage import DRAM_TIER
 from trainer.data import Corpus, CorpusConfig

@@ -69,7 +69,7 @@ def time_round(path: str, args, batch: list[TablePush], crash: bool, **kw) -> tu
         if crash:  # what a killed process leaves: no flush (private parts: nothing else abandons a shard)
             shard.placer.stop()
             shard.journal.close()
-            shard._cold.close()
+            shard._tables.disk.close()
         else:
             shard.close()
     return seconds, log_bytes, checkpoint

@@ -9,7 +9,7 @@ JSON 6902 operations with a `target`) and rejects any other kustomization field,
 silently disagree with `kubectl kustomize`. CRD kinds are validated against the vendored CRDs'
 `openAPIV3Schema` (deploy/crds/, KubeRay v1.7.0 and prometheus-operator v0.93.0), made strict the
 way the API server's strict field validation is: an unknown field is an error. Core kinds are for
-`kubernetes-validate --strict` (tests/test_deploy.py runs it). `pods` mirrors how KubeRay v1.7
+`kubernetes-validate --strict` (tests/deploy/test_manifests.py runs it). `pods` mirrors how KubeRay v1.7
 turns a group into pods: the `ray start` command it generates from `rayStartParams` and the Ray
 container's resources, and the containers beside it.
 """

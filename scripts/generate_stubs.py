@@ -8,7 +8,7 @@ protoc writes `engram_memory/v1/memory_pb2*.py` and imports the messages in the 
 flattens the output into one folder and rewrites that import to
 `from memory_service.rpc import memory_pb2`, so the stubs import as
 `from memory_service.rpc import memory_pb2, memory_pb2_grpc`. The output is a pure function of the
-.proto and the pinned grpcio-tools version (tests/test_stubs.py checks the committed copy).
+.proto and the pinned grpcio-tools version (tests/memory_service/rpc/test_stubs.py checks the committed copy).
 """
 from __future__ import annotations
 
@@ -28,7 +28,7 @@ GENERATED = ("memory_pb2.py", "memory_pb2.pyi", "memory_pb2_grpc.py")
 INIT = f'''"""Generated gRPC stubs of proto/{PROTO}.
 
 Every file in this folder is written by `python scripts/generate_stubs.py`; never edit by hand.
-Change the .proto and rerun the script (tests/test_stubs.py fails while these files are stale).
+Change the .proto and rerun the script (tests/memory_service/rpc/test_stubs.py fails while these files are stale).
 """
 '''
 

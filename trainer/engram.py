@@ -12,16 +12,15 @@ The tables sit behind `EngramTables`, so the module never changes when rows move
 """
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from memory_service.rows import init_rows, table_seed
+from trainer.kernels import reference
 
 
 @dataclass(frozen=True)
@@ -162,20 +161,17 @@ class LocalTables(EngramTables):
         return rows.flatten(-2)  # (B, T, H * w)
 
 
-def signed_sqrt(x: torch.Tensor) -> torch.Tensor:
-    """sign(x) * sqrt(max(|x|, 1e-6)): the reference's squashing of the gate logit."""
-    return x.abs().clamp_min(1e-6).sqrt() * x.sign()
-
-
 class Engram(nn.Module):
     """One Engram layer over M residual branches. forward(hidden (B, T, M, D), rows (B, T, E))
     returns Y (B, T, M, D), to be added to the residual: H <- H + Y.
 
     `kernels` picks the code around the projections: "auto" runs the fused Triton kernels
-    (trainer/kernels/gating.py) on CUDA tensors and `gates` / `value_path` elsewhere; "triton" and
-    "torch" force one. It is a plain attribute, so a built model can be switched."""
+    (trainer/kernels/gating.py) on CUDA tensors and elsewhere their PyTorch reference
+    (trainer/kernels/reference.py, through `gates` / `value_path`); "triton" and "torch" force one.
+    It is a plain attribute, so a built model can be switched."""
 
     KERNELS = ("auto", "triton", "torch")
+    NORM_EPS = 1e-6  # of every branch norm (query, key, value)
 
     def __init__(self, cfg: EngramConfig, kernels: str = "auto"):
         super().__init__()
@@ -186,9 +182,10 @@ class Engram(nn.Module):
         D, M, E = cfg.hidden_size, cfg.num_branches, cfg.retrieved_width
         # One fused projection: rows [0, D) are W_V (shared), then M blocks of W_K (one per branch).
         self.proj = nn.Linear(E, (M + 1) * D, bias=False)
-        self.key_norms = nn.ModuleList([nn.RMSNorm(D, eps=1e-6) for _ in range(M)])
-        self.query_norms = nn.ModuleList([nn.RMSNorm(D, eps=1e-6) for _ in range(M)])
-        self.value_norms = nn.ModuleList([nn.RMSNorm(D, eps=1e-6) for _ in range(M)])
+        self.key_norms = nn.ModuleList([nn.RMSNorm(D, eps=self.NORM_EPS) for _ in range(M)])
+        self.query_norms = nn.ModuleList([nn.RMSNorm(D, eps=self.NORM_EPS) for _ in range(M)])
+        self.value_norms = nn.ModuleList([nn.RMSNorm(D, eps=self.NORM_EPS) for _ in range(M)])
+        # Holds the depthwise weight (M*D, 1, K); the causal conv itself is reference.causal_conv.
         dilation = cfg.max_ngram
         self.conv = nn.Conv1d(M * D, M * D, cfg.kernel_size, groups=M * D, bias=False,
                               padding=(cfg.kernel_size - 1) * dilation, dilation=dilation)
@@ -205,37 +202,33 @@ class Engram(nn.Module):
             w[2:] = w[1]
             nn.init.zeros_(self.conv.weight)
 
+    @staticmethod
+    def norm_weights(norms: nn.ModuleList) -> list[torch.Tensor]:
+        """The M branch norms' weights, (D,) each: the (M, D) the reference takes, unstacked."""
+        return [n.weight for n in norms]
+
     def gates(self, hidden: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
         """hidden, keys (B, T, M, D) -> alpha (B, T, M, 1)."""
-        q = torch.stack([n(hidden[:, :, m]) for m, n in enumerate(self.query_norms)], dim=2)
-        k = torch.stack([n(keys[:, :, m]) for m, n in enumerate(self.key_norms)], dim=2)
-        logit = (q * k).sum(-1, keepdim=True) / math.sqrt(self.cfg.hidden_size)  # (B, T, M, 1)
-        return torch.sigmoid(signed_sqrt(logit))
+        return reference.gate(hidden, keys, self.norm_weights(self.query_norms),
+                              self.norm_weights(self.key_norms), self.NORM_EPS)
 
     @property
     def num_past_inputs(self) -> int:
         """(kernel_size - 1) * dilation: how many earlier positions the causal conv reads."""
         return (self.cfg.kernel_size - 1) * self.cfg.max_ngram
 
-    def normed_values(self, gated: torch.Tensor) -> torch.Tensor:
-        """v~ (B, T, M, D) -> the conv's input RMSNorm_m(v~_m), branches side by side (B, T, M*D)."""
-        return torch.cat([n(gated[:, :, m]) for m, n in enumerate(self.value_norms)], dim=-1)
-
     def value_path(self, gated: torch.Tensor) -> torch.Tensor:
         """v~ (B, T, M, D) -> SiLU(conv(RMSNorm(v~))) + v~, causal along T."""
-        B, T, M, D = gated.shape
-        normed = self.normed_values(gated)  # (B, T, M*D)
-        conv = self.conv(normed.transpose(1, 2))[..., :T]  # (B, M*D, T): left padding only = causal
-        return F.silu(conv).transpose(1, 2).reshape(B, T, M, D) + gated
+        return reference.value_path(gated, self.norm_weights(self.value_norms), self.conv.weight,
+                                    self.cfg.max_ngram, self.NORM_EPS)
 
     def gated_value(self, hidden: torch.Tensor, projected: torch.Tensor) -> torch.Tensor:
         """hidden (B, T, M, D), projected (B, T, M+1, D) -> v~ (B, T, M, D): each branch's gate
         times the shared value (the value alone in the no-gate ablation)."""
-        B, T, M, D = hidden.shape
-        value, keys = projected[:, :, :1], projected[:, :, 1:]  # (B, T, 1, D), (B, T, M, D)
         if self.cfg.use_gate:
-            return self.gates(hidden, keys) * value  # (B, T, M, D)
-        return value.expand(B, T, M, D)
+            return reference.gated_value(hidden, projected, self.norm_weights(self.query_norms),
+                                         self.norm_weights(self.key_norms), self.NORM_EPS)
+        return projected[:, :, :1].expand(hidden.shape)  # (B, T, M, D)
 
     def project(self, hidden: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
         """rows (B, T, E) -> [W_V e, W_K,1 e, ..., W_K,M e] (B, T, M+1, D), after checking that
@@ -261,11 +254,9 @@ class Engram(nn.Module):
         (Y (B, T, M, D), the new past). Always the PyTorch path: the Triton value-path kernel
         reads whole sequences from position 0.
         """
-        B, T, M, D = hidden.shape
         gated = self.gated_value(hidden, self.project(hidden, rows))  # (B, T, M, D)
-        window = torch.cat([past, self.normed_values(gated).transpose(1, 2)], dim=-1)  # (B, M*D, past + T)
-        conv = F.conv1d(window, self.conv.weight, dilation=self.conv.dilation, groups=M * D)  # (B, M*D, T)
-        return F.silu(conv).transpose(1, 2).reshape(B, T, M, D) + gated, window[:, :, T:]
+        return reference.value_path_step(gated, past, self.norm_weights(self.value_norms), self.conv.weight,
+                                         self.cfg.max_ngram, self.NORM_EPS)
 
     def uses_triton(self, hidden: torch.Tensor) -> bool:
         """Whether forward runs the Triton kernels for this input (see `kernels`)."""
@@ -278,16 +269,14 @@ class Engram(nn.Module):
         (B, T, M+1, D) -> Y (B, T, M, D), the same as `gates` and `value_path`."""
         from trainer.kernels import gating  # imports Triton only once a kernel runs
 
-        B, T, M, D = hidden.shape
-        eps = self.value_norms[0].eps
         if self.cfg.use_gate:
-            wq = torch.stack([n.weight for n in self.query_norms])  # (M, D)
-            wk = torch.stack([n.weight for n in self.key_norms])  # (M, D)
-            gated = gating.fused_gate(hidden, projected, wq, wk, eps)  # (B, T, M, D)
+            wq = torch.stack(self.norm_weights(self.query_norms))  # (M, D)
+            wk = torch.stack(self.norm_weights(self.key_norms))  # (M, D)
+            gated = gating.fused_gate(hidden, projected, wq, wk, self.NORM_EPS)  # (B, T, M, D)
         else:
-            gated = projected[:, :, :1].expand(B, T, M, D)
-        wv = torch.stack([n.weight for n in self.value_norms])  # (M, D)
-        return gating.fused_value_path(gated, wv, self.conv.weight, self.cfg.max_ngram, eps)
+            gated = projected[:, :, :1].expand(hidden.shape)  # (B, T, M, D)
+        wv = torch.stack(self.norm_weights(self.value_norms))  # (M, D)
+        return gating.fused_value_path(gated, wv, self.conv.weight, self.cfg.max_ngram, self.NORM_EPS)
 
     def flops_per_token(self) -> int:
         """Multiply-adds x2 of the projections: what an iso-FLOPs baseline must spend elsewhere."""

@@ -31,8 +31,9 @@ def _summed(grad: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
     return distinct.numpy(), summed.numpy()
 
 
-class TableOptimizer(torch.optim.Optimizer):
-    """Optimizer of kind `config.kind` over every embedding of `tables` (sparse gradients).
+class LocalTableOptimizer(torch.optim.Optimizer):
+    """Optimizer of kind `config.kind` over every embedding of `tables` (sparse gradients): the
+    torch.optim face of the shards' `memory_service.storage.optimizer.TableOptimizer` math.
 
     The group's "lr" is the current step's learning rate (set it per step for a schedule); each
     step's rate is logged, as the shards log the rates pushed to them.
@@ -69,7 +70,7 @@ class TableOptimizer(torch.optim.Optimizer):
         """One table step: every table logs it with its lr, tables with a gradient update the
         rows in it (duplicates summed in the order they occur)."""
         if closure is not None:
-            raise ValueError("TableOptimizer.step takes no closure")
+            raise ValueError("LocalTableOptimizer.step takes no closure")
         self.steps_taken += 1
         step = self.steps_taken
         for group in self.param_groups:
@@ -79,7 +80,7 @@ class TableOptimizer(torch.optim.Optimizer):
                 if p.grad is None:
                     continue
                 if not p.grad.is_sparse:
-                    raise ValueError("TableOptimizer needs sparse gradients (nn.Embedding(sparse=True))")
+                    raise ValueError("LocalTableOptimizer needs sparse gradients (nn.Embedding(sparse=True))")
                 ids, grads = _summed(p.grad)
                 self._apply_rows(p, ids, lambda r, s, l: math.update(r, s, l, grads, step))
 

@@ -1,6 +1,6 @@
 """The row ids an Engram layer's tables read, request by request, in the training loader's order.
 
-What placement policies are measured on (bench/bench_tiers.py, tests/test_placement.py): a split
+What placement policies are measured on (bench/bench_tiers.py, tests/memory_service/placement/test_policies.py): a split
 cut into `context`-token sequences, shuffled each epoch by a seeded generator, read `batch_size`
 sequences per step (the last partial batch of an epoch dropped); each step's row ids hashed as the
 trainer hashes them and deduplicated per table, as the client asks each table's shard once for
@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from memory_service.placement.policy import sorted_unique
+from memory_service.ids import sorted_unique
 from trainer.row_indexer import RowIndexer
 
 

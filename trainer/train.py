@@ -33,11 +33,11 @@ from trainer.data import Batches, Corpus, CorpusConfig, eval_batches
 from memory_service.config import OPTIMIZERS, OptimizerConfig
 from trainer.engram import EngramTables, LocalTables
 from trainer.model import EngramLM, ModelConfig
-from trainer.prefetch import Prefetcher
+from trainer.prefetch import Prefetcher, Prepared
 from trainer.remote_tables import RemoteTables
 from trainer.row_indexer import RowIndexer, identity_compression
 from trainer.run_state import Resume, RunState, save_run
-from trainer.local_table_optimizer import TableOptimizer
+from trainer.local_table_optimizer import LocalTableOptimizer
 from trainer.tokenizer_compression import TokenizerCompression
 
 
@@ -187,7 +187,7 @@ def make_optimizers(model: EngramLM, cfg: TrainConfig) -> list[torch.optim.Optim
     groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     optimizers: list[torch.optim.Optimizer] = [torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.95))]
     if isinstance(model.tables, LocalTables):  # remote tables are optimised on the shards
-        optimizers.append(TableOptimizer(model.tables, table_optimizer_config(cfg)))
+        optimizers.append(LocalTableOptimizer(model.tables, table_optimizer_config(cfg)))
     return optimizers
 
 
@@ -221,90 +221,141 @@ def train(cfg: TrainConfig, corpus: Corpus | None = None, client=None,
         torch.set_num_threads(cfg.threads)
     if cfg.batch_size % world:
         raise ValueError(f"batch_size {cfg.batch_size} must be a multiple of the {world} workers")
-    corpus = corpus or Corpus.load(cfg.corpus)
-    resume = Resume.open(cfg.resume_from, client) if cfg.resume_from else None
-    if resume is not None:
-        _check_resumable(resume.state, cfg, service if client is not None else None)
-        if world == 1:  # K workers: their driver restored the tables once (train_workers)
-            resume.restore_tables(client)  # before the model attaches to them
-    make_tables = remote_tables(client, cfg, service, world) if client is not None else None
-    model, indexer, summary = build(cfg, corpus, make_tables)
-    device = torch.device(cfg.device)
-    model.to(device)  # before the optimizers: they hold the parameters' device
-    tables = model.tables if isinstance(model.tables, RemoteTables) else None
-    optimizers = make_optimizers(model, cfg)
-    context = cfg.model.context
-    batches = Batches(corpus.train, cfg.batch_size, context, seed=cfg.seed)
-    run = _resumed(resume, model, optimizers, batches, tables) if resume else RunState(0, batches.state_dict())
-    part = cfg.batch_size // world
-    drawn, data_states = iter(range(run.step, cfg.steps + 1)), {}  # step -> batch order before its batch
-    announce = service.announce if service.prefetch else 0  # batches drawn beyond the look-ahead
-
-    def next_batch() -> tuple[torch.Tensor, torch.Tensor]:
-        step = next(drawn)
-        data_states[step] = batches.state_dict()  # step s + 1 (+ announce) is drawn during step s
-        data_states.pop(step - 2 - announce, None)
-        x, y = batches.next()  # every worker draws the whole batch and keeps its slice
-        x, y = x[rank * part:(rank + 1) * part], y[rank * part:(rank + 1) * part]
-        return x.to(device), y.to(device)  # hashed where the model runs
-
-    feed = Prefetcher(next_batch, cfg.steps, indexer, model.tables if service.prefetch else None,
-                      service.prefetch and service.lookahead, service.staleness, announce)
-    held_out = eval_batches(corpus.val, cfg.batch_size, context, cfg.eval_batches)
-    losses: list[float] = run.train_losses
-    val_losses: list[tuple[int, float]] = run.val_losses
-    start = time.perf_counter()
-    bar = tqdm(range(run.step, cfg.steps), disable=not cfg.progress or rank != 0, desc="train", dynamic_ncols=True)
+    loop = _TrainLoop(cfg, corpus or Corpus.load(cfg.corpus), client, service, rank, world)
+    bar = tqdm(range(loop.run.step, cfg.steps), disable=not cfg.progress or rank != 0, desc="train", dynamic_ncols=True)
     for step in bar:
-        lr = lr_at(cfg, step)
-        for opt in optimizers:
-            for group in opt.param_groups:
-                group["lr"] = lr * (cfg.table_lr_mult if isinstance(opt, TableOptimizer) else 1.0)
-        batch = feed.next(step)
-        if tables is not None:
-            tables.begin_step(step, lr * cfg.table_lr_mult)
-        logits = model(batch.x, batch.row_ids)
-        loss = F.cross_entropy(logits.flatten(0, 1), batch.y.flatten())
-        for opt in optimizers:
-            opt.zero_grad(set_to_none=True)
-        loss.backward()  # remote tables push their gradients from inside it
-        if tables is not None:
-            tables.end_step()
-        if world > 1:
-            loss = _all_reduce_mean(model.dense_parameters(), loss.detach(), world)
-        torch.nn.utils.clip_grad_norm_(model.dense_parameters(), 1.0)
-        for opt in optimizers:
-            opt.step()
-        losses.append(loss.item())
+        loop.train_step(step)
         if on_step is not None:
             on_step(step)
         if eval_every and rank == 0 and (step + 1) % eval_every == 0 and step + 1 < cfg.steps:
-            val_losses.append((step + 1, evaluate(model, indexer, held_out)))
+            loop.record_val_loss(step + 1)
         if cfg.checkpoint_every and rank == 0 and (step + 1) % cfg.checkpoint_every == 0:
-            if tables is not None:
-                tables.flush()  # the step's pushes applied: the shards are at step + 1
-            data = data_states.get(step + 1, batches.state_dict())  # drawn ahead, or not yet
-            save_run(cfg.checkpoint_dir, client, model, optimizers,
-                     RunState(step + 1, data, losses, val_losses, torch.get_rng_state(), asdict(cfg),
-                              asdict(service) if tables is not None else None))
-        elapsed = time.perf_counter() - start
-        postfix = dict(loss=f"{losses[-1]:.3f}",
-                       tok_s=f"{(step + 1 - run.step) * cfg.batch_size * context / elapsed:,.0f}")
+            loop.checkpoint(step + 1)
+        bar.set_postfix(loop.progress(step))
+    return loop.finish()
+
+
+class _TrainLoop:
+    """What a run carries from step to step, and a step's parts: `train` schedules these calls."""
+
+    def __init__(self, cfg: TrainConfig, corpus: Corpus, client, service: ServiceOptions, rank: int, world: int):
+        """The model, its optimizers and the batch feed, at the step of `cfg.resume_from` if set."""
+        self.cfg, self.client, self.service, self.rank, self.world = cfg, client, service, rank, world
+        resume = _open_resume(cfg, client, service, world)
+        make_tables = remote_tables(client, cfg, service, world) if client is not None else None
+        self.model, self.indexer, self.summary = build(cfg, corpus, make_tables)
+        self.device = torch.device(cfg.device)
+        self.model.to(self.device)  # before the optimizers: they hold the parameters' device
+        self.tables = self.model.tables if isinstance(self.model.tables, RemoteTables) else None
+        self.optimizers = make_optimizers(self.model, cfg)
+        self.batches = Batches(corpus.train, cfg.batch_size, cfg.model.context, seed=cfg.seed)
+        self.run = (_resumed(resume, self.model, self.optimizers, self.batches, self.tables) if resume
+                    else RunState(0, self.batches.state_dict()))
+        self.drawn = iter(range(self.run.step, cfg.steps + 1))
+        self.data_states: dict[int, dict] = {}  # step -> batch order before its batch
+        self.announce = service.announce if service.prefetch else 0  # batches drawn beyond the look-ahead
+        self.feed = Prefetcher(self._next_batch, cfg.steps, self.indexer,
+                               self.model.tables if service.prefetch else None,
+                               service.prefetch and service.lookahead, service.staleness, self.announce)
+        self.held_out = eval_batches(corpus.val, cfg.batch_size, cfg.model.context, cfg.eval_batches)
+        self.losses: list[float] = self.run.train_losses
+        self.val_losses: list[tuple[int, float]] = self.run.val_losses
+        self.start = time.perf_counter()
+
+    def _next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """This worker's slice of the next batch, on the device; the batch order before it is kept,
+        for a checkpoint taken while later batches are already drawn."""
+        step = next(self.drawn)
+        self.data_states[step] = self.batches.state_dict()  # step s + 1 (+ announce) is drawn during step s
+        self.data_states.pop(step - 2 - self.announce, None)
+        x, y = self.batches.next()  # every worker draws the whole batch and keeps its slice
+        part = self.cfg.batch_size // self.world
+        x, y = x[self.rank * part:(self.rank + 1) * part], y[self.rank * part:(self.rank + 1) * part]
+        return x.to(self.device), y.to(self.device)  # hashed where the model runs
+
+    def train_step(self, step: int) -> None:
+        """One step at the scheduled rate: gradients (the workers' mean), clipped, applied; loss kept."""
+        lr = self._set_lr(step)
+        batch = self.feed.next(step)
+        loss = self._backward(step, batch, lr)
+        if self.world > 1:
+            loss = _all_reduce_mean(self.model.dense_parameters(), loss.detach(), self.world)
+        torch.nn.utils.clip_grad_norm_(self.model.dense_parameters(), 1.0)
+        for opt in self.optimizers:
+            opt.step()
+        self.losses.append(loss.item())
+
+    def _set_lr(self, step: int) -> float:
+        """Sets the step's rate in every optimizer (x `table_lr_mult` for the tables); returns it."""
+        lr = lr_at(self.cfg, step)
+        for opt in self.optimizers:
+            for group in opt.param_groups:
+                group["lr"] = lr * (self.cfg.table_lr_mult if isinstance(opt, LocalTableOptimizer) else 1.0)
+        return lr
+
+    def _backward(self, step: int, batch: Prepared, lr: float) -> torch.Tensor:
+        """The batch's loss, its gradients left in every parameter; remote tables are told the step
+        and their rate first (`begin_step`) and that its pushes are done after (`end_step`)."""
+        if self.tables is not None:
+            self.tables.begin_step(step, lr * self.cfg.table_lr_mult)
+        logits = self.model(batch.x, batch.row_ids)
+        loss = F.cross_entropy(logits.flatten(0, 1), batch.y.flatten())
+        for opt in self.optimizers:
+            opt.zero_grad(set_to_none=True)
+        loss.backward()  # remote tables push their gradients from inside it
+        if self.tables is not None:
+            self.tables.end_step()
+        return loss
+
+    def record_val_loss(self, steps_done: int) -> None:
+        """The held-out loss after `steps_done` steps, kept for the result's curve."""
+        self.val_losses.append((steps_done, evaluate(self.model, self.indexer, self.held_out)))
+
+    def checkpoint(self, steps_done: int) -> None:
+        """What a later run continues from after `steps_done` steps (trainer/run_state.py)."""
+        if self.tables is not None:
+            self.tables.flush()  # the step's pushes applied: the shards are at step + 1
+        data = self.data_states.get(steps_done, self.batches.state_dict())  # drawn ahead, or not yet
+        save_run(self.cfg.checkpoint_dir, self.client, self.model, self.optimizers,
+                 RunState(steps_done, data, self.losses, self.val_losses, torch.get_rng_state(), asdict(self.cfg),
+                          asdict(self.service) if self.tables is not None else None))
+
+    def progress(self, step: int) -> dict[str, str]:
+        """The bar's figures after `step`: loss, tokens/s, remote tables' mean wait per fetch."""
+        elapsed = time.perf_counter() - self.start
+        tokens = (step + 1 - self.run.step) * self.cfg.batch_size * self.cfg.model.context
+        postfix = dict(loss=f"{self.losses[-1]:.3f}", tok_s=f"{tokens / elapsed:,.0f}")
+        if self.tables is not None:
+            postfix["fetch_wait_ms"] = f"{1e3 * self.tables.times.wait_s / max(1, self.tables.times.fetches):.1f}"
+        return postfix
+
+    def finish(self) -> TrainResult:
+        """The last pushes applied, the final held-out loss, tables closed, the model saved."""
+        cfg, tables = self.cfg, self.tables
+        seconds = time.perf_counter() - self.start
+        steps_run = cfg.steps - self.run.step
         if tables is not None:
-            postfix["fetch_wait_ms"] = f"{1e3 * tables.times.wait_s / max(1, tables.times.fetches):.1f}"
-        bar.set_postfix(postfix)
-    seconds = time.perf_counter() - start
-    steps_run = cfg.steps - run.step
-    if tables is not None:
-        tables.flush()  # the last step's push and commit, before the evaluation reads
-    val_loss = evaluate(model, indexer, held_out) if rank == 0 else float("nan")
-    val_losses.append((cfg.steps, val_loss))
-    if tables is not None:
-        tables.close()
-    if cfg.checkpoint and rank == 0:
-        save_checkpoint(cfg, model, optimizers, Path(cfg.checkpoint), service if tables is not None else None)
-    return TrainResult(val_loss, losses, seconds, steps_run * cfg.batch_size * context / seconds, summary,
-                       val_losses)
+            tables.flush()  # the last step's push and commit, before the evaluation reads
+        val_loss = evaluate(self.model, self.indexer, self.held_out) if self.rank == 0 else float("nan")
+        self.val_losses.append((cfg.steps, val_loss))
+        if tables is not None:
+            tables.close()
+        if cfg.checkpoint and self.rank == 0:
+            save_checkpoint(cfg, self.model, self.optimizers, Path(cfg.checkpoint),
+                            self.service if tables is not None else None)
+        return TrainResult(val_loss, self.losses, seconds, steps_run * cfg.batch_size * cfg.model.context / seconds,
+                           self.summary, self.val_losses)
+
+
+def _open_resume(cfg: TrainConfig, client, service: ServiceOptions, world: int) -> Resume | None:
+    """The checkpoint `cfg.resume_from` names (None: none), checked, its tables restored."""
+    if not cfg.resume_from:
+        return None
+    resume = Resume.open(cfg.resume_from, client)
+    _check_resumable(resume.state, cfg, service if client is not None else None)
+    if world == 1:  # K workers: their driver restored the tables once (train_workers)
+        resume.restore_tables(client)  # before the model attaches to them
+    return resume
 
 
 def _resumed(resume: Resume, model: EngramLM, optimizers: list, batches: Batches,

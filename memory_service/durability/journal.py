@@ -64,10 +64,10 @@ class Journal:
     """The journal of one shard; `wal` None: requests are remembered, nothing is logged (an
     all-DRAM or hot shard, whose rows do not outlive its process anyway)."""
 
-    def __init__(self, wal: WriteAheadLog | None = None, cold: DiskEnvironment | None = None,
+    def __init__(self, wal: WriteAheadLog | None = None, disk: DiskEnvironment | None = None,
                  flush_interval_s: float = 60.0, flush_bytes: int = 256 << 20) -> None:
-        assert (wal is None) == (cold is None), "a write-ahead log goes with an LMDB environment"
-        self.wal, self.cold = wal, cold
+        assert (wal is None) == (disk is None), "a write-ahead log goes with an LMDB environment"
+        self.wal, self.disk = wal, disk  # disk: the shard's LMDB environment (its disk tier)
         self.flush_interval_s, self.flush_bytes = flush_interval_s, flush_bytes
         self.requests: OrderedDict[tuple[str, int], int] = OrderedDict()  # (client, seq) -> result
         # (client, seq) -> (table, the rows an export handed over): its answer, should it be re-sent
@@ -122,7 +122,7 @@ class Journal:
         assert self._ops is None, "journal changes do not nest"
         self._ops, ok, pending = [], False, []
         try:
-            with self.cold.deferring() as pending:
+            with self.disk.deferring() as pending:
                 yield change
             ok = True
         finally:
@@ -130,7 +130,7 @@ class Journal:
             request = [client_id, request_seq, change.result] if ok and request_seq else None
             if ops or request:
                 self._append({"req": request, "ops": ops})
-            self.cold.run(pending)
+            self.disk.run(pending)
         if request:
             self.remember(client_id, request_seq, change.result)
 
@@ -169,9 +169,9 @@ class Journal:
                  "requests": [[c, s, r] for (c, s), r in self.requests.items()],
                  "exports": [[c, s, table, *(encode(getattr(records, f)) for f in ("ids", "rows", "state", "last"))]
                              for (c, s), (table, records) in self.exports.items()]}
-        self.cold.put_meta(_SNAPSHOT_KEY, msgpack.packb(state, use_bin_type=True))
+        self.disk.put_meta(_SNAPSHOT_KEY, msgpack.packb(state, use_bin_type=True))
         if self.wal.fsync:
-            self.cold.sync()
+            self.disk.sync()
         self.wal.rotate(marker)
         self.checkpoints += 1
         self._last_checkpoint = time.monotonic()
@@ -180,7 +180,7 @@ class Journal:
         """(the state of the last checkpoint, or None for a directory that never had one; the
         records after its marker, in order). The requests of both are remembered again (the
         exports' answers: by `recovery`, which knows the tables' widths)."""
-        raw = self.cold.get_meta(_SNAPSHOT_KEY)
+        raw = self.disk.get_meta(_SNAPSHOT_KEY)
         state = msgpack.unpackb(raw, raw=False, strict_map_key=False) if raw is not None else None
         for client, seq, result in (state or {}).get("requests", []):
             self.remember(client, seq, result)

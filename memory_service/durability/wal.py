@@ -1,6 +1,6 @@
 """The write-ahead log of a cold shard: numbered msgpack records in append-only files.
 
-A cold shard keeps its newest rows in DRAM (dirty warm rows) and writes them to LMDB only when they
+A cold shard keeps its newest rows in DRAM (dirty arena rows) and writes them to LMDB only when they
 are evicted or flushed; a crashed process loses them. So every change is first appended here (the
 shard's `Journal` decides what a record holds), and a restarted shard replays the records after
 the last flush on top of its LMDB files.

@@ -17,7 +17,7 @@ from rich.table import Table
 from rich.text import Text
 
 from memory_service.ops.reports import ClusterReport
-from memory_service.storage.usage import DRAM_TIER
+from memory_service.storage.usage import DEVICE_TIER, DRAM_TIER
 
 
 def _ms(seconds: float) -> str:
@@ -57,6 +57,12 @@ def shards_table(report: ClusterReport) -> Table:
     return table
 
 
+def _arena_hit_rate(hit_rate: dict[str, float | None]) -> float | None:
+    """Share of reads served from memory: a host DRAM arena or a hot shard's device arena."""
+    rates = [r for tier, r in hit_rate.items() if tier in (DRAM_TIER, DEVICE_TIER) and r is not None]
+    return sum(rates) if rates else None
+
+
 def tables_table(report: ClusterReport, names: list[str] | None = None) -> Table:
     """One row per Engram table: size, memory, hit rate and hash-collision stats."""
     table = Table(title="tables", title_justify="left")
@@ -73,7 +79,7 @@ def tables_table(report: ClusterReport, names: list[str] | None = None) -> Table
                          f"{c.occupancy:.2%}", f"{c.birthday_occupancy:.2%}", f"{c.sample_rate:.4g}"]
         table.add_row(t.name, f"{t.step:,}", f"{t.rows:,} / {t.num_rows:,}", _bytes(t.bytes),
                       _bytes(t.optimizer_state_bytes),
-                      _ratio(t.hit_rate.get(DRAM_TIER), "{:.1%}"), *collision)
+                      _ratio(_arena_hit_rate(t.hit_rate), "{:.1%}"), *collision)
     table.caption = ("collision share: lookups landing in a slot with >= 2 distinct N-grams "
                      "(~: estimated from the slot sample); birthday bound: 1 - e^(-n/m)")
     table.caption_justify = "left"

@@ -12,7 +12,8 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from memory_service.placement.policy import Policy, contains, sorted_unique
+from memory_service.ids import contains, sorted_unique
+from memory_service.placement.policy import Policy
 
 
 def num_reads(batches: Sequence[np.ndarray], warmup_batches: int) -> int:

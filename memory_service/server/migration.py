@@ -30,7 +30,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from memory_service.wire import codec as wire
-from memory_service.placement.policy import READ, Policy, make_policy, sorted_unique, tell
+from memory_service.placement import make_policy
+from memory_service.placement.policy import READ, Policy, sorted_unique, tell
 from memory_service.wire.retry import RECONNECT_OPTIONS, RetryPolicy
 from memory_service.rpc import memory_pb2, memory_pb2_grpc
 from memory_service.wire.security import ClientSecurity, open_channel

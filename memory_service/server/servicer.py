@@ -2,9 +2,10 @@
 dataclasses, calls the plain `Shard`, and converts back; `serve` runs it with the health service.
 
 The servicer holds no table logic. It checks only what the Shard's Python API cannot see: the dtype
-and width a message claims against the table's, payload lengths, and a table named twice in one
-request. It decodes a whole multi-table Push before calling `Shard.push`, which validates ids and
-applies all tables or none, so a rejected request changes no state.
+and width a message claims against the table's, payload lengths (budgets.py), and a table named
+twice in one request. It decodes a whole multi-table Push before calling `Shard.push`, which
+validates ids and applies all tables or none, so a rejected request changes no state. How fetched
+rows travel back (in the response or a shared-memory file) is fetch_replies.py's.
 """
 from __future__ import annotations
 
@@ -18,21 +19,22 @@ import grpc
 import numpy as np
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
-from memory_service.wire import codec as wire
-from memory_service.shard import checkpoint_files as shard_checkpoint
+from memory_service.config import TableConfig
 from memory_service.errors import (CheckpointCorrupt, FailedPrecondition, InvalidArgument, RequestTooLarge,
                                    RowsMoved, StepNotReached, TableExists, TableNotFound, status_details)
 from memory_service.ops.metrics import MetricsServer, ShardMetrics, serve_metrics
-from memory_service.wire.reply_files import ReplyFiles
-from memory_service.server.request_guard import RequestGuard
+from memory_service.ops.reports import ShardReport
 from memory_service.rpc import memory_pb2, memory_pb2_grpc
-from memory_service.wire.security import SecurityConfig, warn_if_exposed
+from memory_service.server import budgets
+from memory_service.server.fetch_replies import FetchReplies, reply_nbytes
+from memory_service.server.request_guard import RequestGuard
+from memory_service.shard import checkpoint_files as shard_checkpoint
 from memory_service.shard.shard import Shard
 from memory_service.tables import TableInfo, TablePush
-from memory_service.ops.reports import ShardReport
+from memory_service.wire import codec as wire
 from memory_service.wire.codec import MAX_MESSAGE_BYTES, MESSAGE_OPTIONS  # noqa: F401 (re-exported)
+from memory_service.wire.security import SecurityConfig, warn_if_exposed
 
-MAX_FETCH_WAIT_S = 600.0
 SERVICE_NAME = memory_pb2.DESCRIPTOR.services_by_name["MemoryService"].full_name
 # so_reuseport=0: a second server asking for a port in use fails instead of silently sharing it.
 SERVER_OPTIONS = (*MESSAGE_OPTIONS, ("grpc.so_reuseport", 0))
@@ -85,7 +87,7 @@ class MemoryServicer(memory_pb2_grpc.MemoryServiceServicer):
 
     def __init__(self, shard: Shard) -> None:
         self.shard = shard
-        self.reply_files = ReplyFiles()
+        self.replies = FetchReplies()
         self.metrics = ShardMetrics()
         self.metrics_port = 0  # set by serve() once the Prometheus endpoint listens
 
@@ -110,56 +112,28 @@ class MemoryServicer(memory_pb2_grpc.MemoryServiceServicer):
     @_observed("fetch")
     @_maps_errors
     def Fetch(self, request, context):
-        _check_rows(request.tables, "fetch")
-        requests = {}  # table -> ids (n,) int64
-        for msg in request.tables:
-            _check_once(requests, msg.table, "fetch")
-            requests[msg.table] = wire.decode_ids(msg.ids, msg.table)
+        requests = _decode_ids(request.tables, "fetch")  # table -> ids (n,) int64
         configs = {name: self.shard.describe_table(name).config for name in requests}
-        _check_reply(sum(len(ids) * configs[name].width * wire.ITEMSIZE[configs[name].dtype]
-                         for name, ids in requests.items()), "fetch")
-        samples = self._ngram_samples(request, requests, configs)  # checked before any row is read
-        reply = request.shared_memory if request.HasField("shared_memory") else None
-        if reply is not None:
-            self._open_reply_file(reply.path, context)  # before reading, so a retry counts once
-        rows = self.shard.fetch(requests, request.min_step, _wait_budget(context))  # table -> (n, width) f32
+        budgets.check_reply(reply_nbytes(requests, configs), "fetch")
+        samples = _decode_ngrams(request.tables, requests, configs)  # checked before any row is read
+        self.replies.open(request)  # before reading, so a retry counts once
+        rows = self.shard.fetch(requests, request.min_step, budgets.wait_s(context))  # table -> (n, width) f32
         self.shard.record_ngrams(samples)
-        if reply is not None:  # rows go straight into the client's file; the response is small
-            self.reply_files.write(reply.path, [(msg.reply_offset, rows[msg.table], configs[msg.table].dtype)
-                                                for msg in request.tables])
-            payloads = [b""] * len(rows)
-        else:
-            payloads = [wire.encode_rows(rows[name], cfg.dtype) for name, cfg in configs.items()]
-        return memory_pb2.FetchResponse(tables=[
-            memory_pb2.TableRows(table=name, dtype=wire.dtype_to_proto(cfg.dtype), width=cfg.width, rows=payload)
-            for (name, cfg), payload in zip(configs.items(), payloads)])
-
-    def _ngram_samples(self, request, requests, configs) -> dict:
-        """{table: (ids, NgramBatch)} of the tables whose ids carry the N-grams behind them."""
-        samples = {}
-        for msg in request.tables:
-            if not msg.HasField("ngrams"):
-                continue
-            if not configs[msg.table].collision_sample_rate:
-                raise InvalidArgument(f"table {msg.table!r}: ngrams sent but the table's "
-                                      f"collision_sample_rate is 0 (collision stats off)")
-            ids = requests[msg.table]
-            samples[msg.table] = (ids, wire.decode_ngrams(msg.ngrams, ids, msg.table))
-        return samples
+        return self.replies.response(request, rows, configs)
 
     @_maps_errors
     def ExportRows(self, request, context):
         ids = wire.decode_ids(request.ids, request.table)
-        _check_rows([request], "export")
+        budgets.check_rows([request], "export")
         width = self.shard.describe_table(request.table).config.width
-        _check_reply(len(ids) * (4 * (width + self.shard.state_width(request.table)) + 16), "export")
+        budgets.check_reply(len(ids) * (4 * (width + self.shard.state_width(request.table)) + 16), "export")
         records = self.shard.export_rows(request.table, ids, request.version, request.client_id, request.request_seq)
         return wire.records_to_proto(request.table, records)
 
     @_maps_errors
     def ImportRows(self, request, context):
         name = request.records.table
-        _check_rows([request, request.records], "import")
+        budgets.check_rows([request, request.records], "import")
         cfg = self.shard.describe_table(name).config
         records = wire.records_from_proto(request.records, cfg.width, self.shard.state_width(name))
         self.shard.import_rows(name, records, request.version, wire.decode_ids(request.ids, name))
@@ -172,22 +146,12 @@ class MemoryServicer(memory_pb2_grpc.MemoryServiceServicer):
 
     @_maps_errors
     def DrainAccesses(self, request, context):
-        tables = []
-        for name, events in self.shard.drain_accesses().items():
-            ids = [e[1] for e in events]
-            tables.append(memory_pb2.TableAccesses(
-                table=name, ids=wire.encode_ids(np.concatenate(ids) if ids else np.empty(0, np.int64)),
-                lengths=wire.encode_ids(np.array([len(i) for i in ids], np.int64)),
-                tags=wire.encode_ids(np.array([e[0] for e in events], np.int64))))
-        return memory_pb2.DrainAccessesResponse(tables=tables)
+        return memory_pb2.DrainAccessesResponse(tables=[
+            _accesses_to_proto(name, events) for name, events in self.shard.drain_accesses().items()])
 
     @_maps_errors
     def Announce(self, request, context):
-        _check_rows(request.tables, "announce")
-        requests = {}
-        for msg in request.tables:
-            _check_once(requests, msg.table, "announce")
-            requests[msg.table] = wire.decode_ids(msg.ids, msg.table)
+        requests = _decode_ids(request.tables, "announce")  # table -> ids (n,) int64
         self.shard.announce(requests, request.step if request.HasField("step") else None)
         return memory_pb2.AnnounceResponse()
 
@@ -213,19 +177,12 @@ class MemoryServicer(memory_pb2_grpc.MemoryServiceServicer):
         return memory_pb2.CheckpointRestoreResponse(tables=[
             memory_pb2.CheckpointTableRows(table=name, rows=rows) for name, rows in restored.items()])
 
-    def _open_reply_file(self, path: str, context) -> None:
-        try:
-            self.reply_files.open(path)
-        except OSError:
-            context.abort(grpc.StatusCode.FAILED_PRECONDITION, status_details(
-                f"shared-memory reply file {path!r} cannot be opened on this shard's host"))
-
     @_observed("push")
     @_maps_errors
     def Push(self, request, context):
         if not request.client_id:
             raise InvalidArgument("push: client_id must be non-empty")
-        _check_rows(request.tables, "push")
+        budgets.check_rows(request.tables, "push")
         pushes = {}  # table -> TablePush, all decoded before the shard sees any
         for msg in request.tables:
             _check_once(pushes, msg.table, "push")
@@ -260,27 +217,38 @@ class MemoryServicer(memory_pb2_grpc.MemoryServiceServicer):
                            role=self.shard.homes.role, wal_replayed=self.shard.journal.replayed)
 
 
-def _wait_budget(context) -> float:
-    """Seconds a held fetch may wait: until just before the rpc's deadline (so the caller hears
-    why), at most MAX_FETCH_WAIT_S when it set none."""
-    remaining = context.time_remaining()
-    return MAX_FETCH_WAIT_S if remaining is None else max(0.0, min(remaining - 0.05, MAX_FETCH_WAIT_S))
+def _decode_ids(messages, rpc: str) -> dict[str, np.ndarray]:
+    """{table: ids (n,) int64} of a request's table messages, within the request's budget, each
+    table named once."""
+    budgets.check_rows(messages, rpc)
+    requests = {}
+    for msg in messages:
+        _check_once(requests, msg.table, rpc)
+        requests[msg.table] = wire.decode_ids(msg.ids, msg.table)
+    return requests
 
 
-def _check_rows(messages, rpc: str) -> None:
-    """RequestTooLarge when the messages' ids payloads hold more than wire.MAX_REQUEST_ROWS ids
-    (counted from their lengths, before anything is decoded)."""
-    num_ids = sum(len(msg.ids) for msg in messages) // 8
-    if num_ids > wire.MAX_REQUEST_ROWS:
-        raise RequestTooLarge(f"{rpc}: {num_ids} row ids in one request; at most {wire.MAX_REQUEST_ROWS} "
-                              f"(split the batch, as MemoryClient does)")
+def _decode_ngrams(messages, requests: dict[str, np.ndarray], configs: dict[str, TableConfig]) -> dict:
+    """{table: (ids, NgramBatch)} of the tables whose ids carry the N-grams behind them."""
+    samples = {}
+    for msg in messages:
+        if not msg.HasField("ngrams"):
+            continue
+        if not configs[msg.table].collision_sample_rate:
+            raise InvalidArgument(f"table {msg.table!r}: ngrams sent but the table's "
+                                  f"collision_sample_rate is 0 (collision stats off)")
+        ids = requests[msg.table]
+        samples[msg.table] = (ids, wire.decode_ngrams(msg.ngrams, ids, msg.table))
+    return samples
 
 
-def _check_reply(nbytes: int, rpc: str) -> None:
-    """RequestTooLarge when a reply would carry more than wire.MAX_REPLY_BYTES of rows."""
-    if nbytes > wire.MAX_REPLY_BYTES:
-        raise RequestTooLarge(f"{rpc}: the reply would hold {nbytes} bytes of rows; at most "
-                              f"{wire.MAX_REPLY_BYTES} per request (split the batch, as MemoryClient does)")
+def _accesses_to_proto(name: str, events: list[tuple[int, np.ndarray]]) -> memory_pb2.TableAccesses:
+    """One table's (tag, ids) access events as the ids of all of them, each one's length and tag."""
+    ids = [e[1] for e in events]
+    return memory_pb2.TableAccesses(
+        table=name, ids=wire.encode_ids(np.concatenate(ids) if ids else np.empty(0, np.int64)),
+        lengths=wire.encode_ids(np.array([len(i) for i in ids], np.int64)),
+        tags=wire.encode_ids(np.array([e[0] for e in events], np.int64)))
 
 
 def _check_once(seen: dict, table: str, rpc: str) -> None:

@@ -12,7 +12,7 @@ from memory_service.config import StorageConfig
 SHARD_ENV = {"MALLOC_MMAP_THRESHOLD_": "1073741824", "MALLOC_TRIM_THRESHOLD_": "4294967296"}
 # Cold shards promise a DRAM budget instead: blocks of 4 MiB and more (a 16k-row request's arrays)
 # are mmapped and given back when freed. Under SHARD_ENV they stay on a heap that is never trimmed,
-# and a cold shard at rest held ~14 MiB more than its rows (tests/test_cold_memory.py). The
+# and a cold shard at rest held ~14 MiB more than its rows (tests/memory_service/shard/test_cold_memory.py). The
 # mmap/munmap cost SHARD_ENV avoids is small beside a cold shard's LMDB reads.
 COLD_SHARD_ENV = {"MALLOC_MMAP_THRESHOLD_": "4194304"}
 # The embedded cluster's shards share the host with the trainer: at the lowest priority they run

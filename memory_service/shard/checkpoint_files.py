@@ -119,7 +119,7 @@ def _write_rows(base: Path, rel: str, store: TableStore) -> FileEntry:
             block["id"], block["row"], block["state"], block["last"] = chunk.ids, chunk.rows, chunk.state, chunk.last
             yield block
 
-    num = store.num_materialized  # what records() yields: the cold tier holds every written row
+    num = store.num_materialized  # what records() yields: the disk tier holds every written row
     size, digest = _write_npy(base, rel, dtype, num, blocks())
     return FileEntry(rel, size, digest, "rows", store.cfg.name, num)
 

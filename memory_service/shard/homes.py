@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from memory_service.errors import RowsMoved
-from memory_service.placement.policy import contains
+from memory_service.ids import contains
 
 EMPTY = np.empty(0, dtype=np.int64)
 

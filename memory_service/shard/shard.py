@@ -1,110 +1,47 @@
 """A shard: its part of every table, behind the checks of the service's public edge.
 
-`Shard` is what a shard actor's gRPC servicer calls. It validates a whole request (every table,
-every id, every gradient) before touching any state, so a rejected request, even one naming
-several tables, changes nothing; it sums duplicate ids' gradients before the optimizer sees them
-(the update is non-linear, as torch's `grad.coalesce()` before SparseAdam); and one lock
-serialises requests because gRPC serves them from a thread pool.
+`Shard` is what a shard actor's gRPC servicer calls. It checks a whole request before touching any
+state (request_checks.py), so a rejected request changes nothing, and one lock serialises requests
+because gRPC serves them from a thread pool. Two things make training through the service exact:
+a fetch may name the table step it must see (`min_step`) and waits, without holding the lock,
+until pushes brought every table there, so a trainer can send the next step's fetch before this
+step's push; and K data-parallel workers' parts of one step are summed and applied once
+(step_parts.py), as one worker with the whole batch would.
 
-Two things make training through the service exact. A fetch may name the table step it must see
-(`min_step`): it waits, without holding the lock, until pushes brought every table there, so a
-trainer can send the next step's fetch before this step's push. And K data-parallel workers push
-their parts of one step separately (`contributors=K`): the shard sums the K parts and applies the
-optimizer once, as one worker with the whole batch would.
+Longer than our ~400-line mark on purpose: `Shard` is the one holder of the request lock, and each
+of its public methods takes it; the work under the lock lives in table_stores.py, step_parts.py,
+request_checks.py and recovery.py, so what stays here is the order of steps each request takes.
 """
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import os
 import threading
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
 from typing import TypeVar
 
 import numpy as np
 
-from memory_service.ops.collisions import CollisionSketch, NgramBatch
 from memory_service.config import StorageConfig, TableConfig
-from memory_service.errors import (FailedPrecondition, InvalidArgument, StepNotReached, TableExists,
-                                   TableNotFound)
+from memory_service.durability.journal import Journal
+from memory_service.durability.wal import WriteAheadLog
+from memory_service.errors import FailedPrecondition, InvalidArgument, StepNotReached, TableExists
+from memory_service.ops.collisions import CollisionSketch, NgramBatch
+from memory_service.ops.reports import ShardCounters, TableUsage
+from memory_service.shard import request_checks as checks
+from memory_service.shard.accesses import Accesses
 from memory_service.shard.homes import Homes
 from memory_service.shard.move_gate import MoveGate
-from memory_service.durability.journal import Journal
-from memory_service.placement.policy import READ, UNTAGGED, make_policy
 from memory_service.shard.placer import Placer
+from memory_service.shard.recovery import Recovery
+from memory_service.shard.step_parts import StepParts
+from memory_service.shard.table_stores import TableStores
 from memory_service.sharding import shard_of
-from memory_service.storage.store import TableStore, state_width_of
+from memory_service.storage.store import TableStore
 from memory_service.storage.tiers.base import RowRecords
-from memory_service.storage.tiers.disk import DiskEnvironment, record_dtype
-from memory_service.storage.tiers.dram import DramTier
-from memory_service.ops.reports import ShardCounters, TableUsage
 from memory_service.tables import TableInfo, TablePush
-from memory_service.durability.wal import WriteAheadLog
-
-
-# 1/HEADROOM of each table's DRAM share holds no rows: it is left to the placement policy's
-# bookkeeping (plain LRU keeps 8 bytes per resident row, 1% of a share of 64-wide Adam rows; a
-# frequency sketch needs more) and to what requests leave allocated between them (measured in
-# tests/test_cold_memory.py: at rest, 2.6 MiB beyond a 240 MiB warm tier, LRU included).
-HEADROOM = 16
 
 T = TypeVar("T")
-
-
-@dataclass
-class _Parts:
-    """The parts of one (table, step) pushed so far by data-parallel workers."""
-
-    contributors: int
-    lr: float | None
-    clients: set[str] = dataclasses.field(default_factory=set)
-    ids: list[np.ndarray] = dataclasses.field(default_factory=list)
-    grads: list[np.ndarray] = dataclasses.field(default_factory=list)
-
-
-@dataclass
-class _Accesses:
-    """One table's reads and look-aheads since placement last looked, as (tag, ids) events in the
-    order they came (a read fulfils the look-ahead announced before it, not one announced after),
-    bounded to MAX_EVENTS (the oldest dropped first)."""
-
-    MAX_EVENTS = 512
-    events: list[tuple[int, np.ndarray]] = dataclasses.field(default_factory=list)
-
-    def record(self, ids: np.ndarray) -> None:
-        self._add(READ, ids)  # distinct: the client deduplicates each request
-
-    def expect(self, ids: np.ndarray, step: int | None) -> None:
-        self._add(UNTAGGED if step is None else step, ids)
-
-    def _add(self, tag: int, ids: np.ndarray) -> None:
-        self.events.append((tag, ids.copy()))
-        del self.events[:-self.MAX_EVENTS]
-
-
-def _config_diff(a: object, b: object, prefix: str = "") -> list[str]:
-    """'field: a != b' for each differing field of two config dataclasses, nested ones flattened."""
-    diffs = []
-    for f in dataclasses.fields(a):
-        x, y = getattr(a, f.name), getattr(b, f.name)
-        if dataclasses.is_dataclass(x):
-            diffs += _config_diff(x, y, f"{prefix}{f.name}.")
-        elif x != y:
-            diffs.append(f"{prefix}{f.name} {x!r} != {y!r}")
-    return diffs
-
-
-def _sum_duplicates(ids: np.ndarray, grads: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """ids (n,), grads (n, w) -> distinct ids (m,) sorted, summed grads (m, w), in id order."""
-    if not len(ids):
-        return ids, grads
-    order = np.argsort(ids, kind="stable")
-    ids, grads = ids[order], grads[order]
-    starts = np.flatnonzero(np.r_[True, ids[1:] != ids[:-1]])  # (m,) first of each run
-    if len(starts) == len(ids):
-        return ids, grads
-    return ids[starts], np.add.reduceat(grads, starts, axis=0)
 
 
 class Shard:
@@ -133,48 +70,42 @@ class Shard:
         self.shard_id, self.num_shards, self.device = shard_id, num_shards, device
         self.homes = Homes(role)  # a hot shard is shard `shard_id` of the `num_shards` hot ones
         self.track_accesses = track_accesses  # keep reads for placement (hot shards, tiers) to drain
-        self._accesses: dict[str, _Accesses] = {}
+        self._accesses = Accesses()
         self.counters = ShardCounters()
-        self._tables: dict[str, TableStore] = {}
-        self._parts: dict[tuple[str, int], _Parts] = {}  # (table, step) -> parts held so far
-        self._commits: dict[tuple[str, int], set[str]] = {}  # (table, step) -> clients that committed it
         self.storage = storage if storage is not None else StorageConfig()
+        self._tables = TableStores(shard_id, num_shards, self.storage, device)  # table -> its TableStore
+        self._parts = StepParts()  # data-parallel parts of the steps not complete yet
         self._collisions: dict[str, CollisionSketch] = {}  # tables with collision stats on
         self._lock = threading.Lock()
         self._stepped = threading.Condition(self._lock)  # notified when a table's step advances
-        self._cold: DiskEnvironment | None = None
         self.placer: Placer | None = None
         self.moves = MoveGate()  # a hot shard's migrator asks it before each round; checkpoints pause it
         self.journal = Journal()  # requests applied once; a cold shard's logs its changes too
+        self._recovery: Recovery | None = None  # with a write-ahead log: what its checkpoints store
         self._closed = False
         if self.storage.path is not None:
-            self._open_cold()
+            self._open_disk()
 
-    def _open_cold(self) -> None:
-        """Opens the LMDB directory, reopens the tables it holds and starts placement."""
-        make_policy(self.storage.policy, 0)  # an unknown policy name fails here, not in a thread
-        self._cold = DiskEnvironment(self.storage.path, self.storage.map_bytes)
-        try:
-            self._cold.check_shard(self.shard_id, self.num_shards)
-        except ValueError as err:
-            self._cold.close()
-            raise InvalidArgument(str(err)) from None
-        for meta in self._cold.tables().values():
-            cfg = TableConfig.from_dict(meta["config"])
-            self._tables[cfg.name] = self._new_store(cfg)
-        self._split_budget()
+    def _open_disk(self) -> None:
+        """Opens the LMDB directory and the tables it holds, recovers what its write-ahead log
+        holds and starts placement."""
+        self._tables.open_disk()
         if self.storage.wal:
-            from memory_service.shard import recovery
-
-            wal = WriteAheadLog(os.path.join(self.storage.path, "wal"), self.storage.wal_fsync)
-            self.journal = Journal(wal, self._cold, self.storage.flush_interval_s, self.storage.flush_wal_bytes)
-            recovery.recover(self)
-            self._checkpoint()
-            for name, store in self._tables.items():
-                store.journal = self.journal.for_table(name)
+            self._open_journal()
         self.placer = Placer(self._lock, self._tables.values, self.storage.placement_interval_s,
                              self.storage.max_moves, housekeeping=self._flush_if_due)
         self.placer.start()
+
+    def _open_journal(self) -> None:
+        """Opens the write-ahead log, replays it over the tables (recovery.py), checkpoints, and
+        logs every table's changes from now on."""
+        wal = WriteAheadLog(os.path.join(self.storage.path, "wal"), self.storage.wal_fsync)
+        self.journal = Journal(wal, self._tables.disk, self.storage.flush_interval_s, self.storage.flush_wal_bytes)
+        self._recovery = Recovery(self._tables, self.homes, self._parts, self.journal)
+        self._recovery.recover(self.shard_id, self.storage.path)
+        self._checkpoint()
+        for name, store in self._tables.items():
+            store.journal = self.journal.for_table(name)
 
     def flush(self) -> None:
         """Writes every dirty row to LMDB and starts a new write-ahead log (a checkpoint), so a
@@ -186,41 +117,13 @@ class Shard:
     def _checkpoint(self) -> None:
         if not self.journal.durable:
             return
-        from memory_service.shard import recovery
-
-        for store in self._tables.values():
-            store.flush()
-        self.journal.checkpoint(recovery.snapshot(self))
+        self._tables.flush()
+        self.journal.checkpoint(self._recovery.snapshot())
 
     def _flush_if_due(self) -> None:
         """The placer's housekeeping (under the lock): a checkpoint when the journal says so."""
         if self.journal.due():
             self._checkpoint()
-
-    def _new_store(self, cfg: TableConfig) -> TableStore:
-        if self._cold is None and self.device is not None:
-            from memory_service.storage.tiers.device import DeviceTier  # torch only where a shard asks for a device
-
-            return TableStore(cfg, warm=DeviceTier(cfg.width, state_width_of(cfg), device=self.device))
-        if self._cold is None:
-            return TableStore(cfg)
-        state_width = state_width_of(cfg)
-        rows_here = -(-cfg.num_rows // self.num_shards)
-        self._cold.reserve(min(rows_here * record_dtype(cfg.width, state_width).itemsize * 3 // 2,
-                               self.storage.map_bytes))
-        cold = self._cold.open_table(cfg.name, {"config": cfg.to_dict()}, cfg.width, state_width)
-        warm = DramTier(cfg.width, state_width, max_rows=0)  # _split_budget sizes it
-        return TableStore(cfg, warm=warm, cold=cold, policy=make_policy(self.storage.policy, 0))
-
-    def _split_budget(self) -> None:
-        """Gives each table an equal share of the DRAM budget, as rows of its own size, less the
-        headroom (see HEADROOM)."""
-        if self._cold is None or not self._tables:
-            return
-        share = self.storage.dram_budget_bytes // len(self._tables)
-        share -= share // HEADROOM
-        for store in self._tables.values():
-            store.set_warm_capacity(DramTier.rows_within(share, store.cfg.width, store.warm.state_width))
 
     def close(self) -> None:
         """Stops placement, writes dirty rows back, empties the write-ahead log and closes the
@@ -232,46 +135,42 @@ class Shard:
             if self._closed:
                 return
             self._closed = True
-            if self._cold is not None and self.journal.failed is None:
+            if self._tables.disk is not None and self.journal.failed is None:
                 self._checkpoint()  # the log is empty afterwards: a reopen replays nothing
-            for store in self._tables.values():
-                store.close()
+            self._tables.close()
             self.journal.close()
-            if self._cold is not None:
-                self._cold.close()
-                self._cold = None
 
     def create_table(self, cfg: TableConfig) -> TableInfo:
         """Creates the table; re-creating with the identical config is a no-op."""
         with self._lock:
             store = self._tables.get(cfg.name)
             if store is None:
-                store = self._tables[cfg.name] = self._new_store(cfg)
+                store = self._add_table(cfg)
                 store.journal = self.journal.for_table(cfg.name)
-                self._split_budget()
-                if cfg.collision_sample_rate > 0:
-                    self._collisions[cfg.name] = CollisionSketch(cfg.collision_sample_rate)
             elif store.cfg != cfg:
-                diff = ", ".join(_config_diff(store.cfg, cfg))
+                diff = ", ".join(checks.config_diff(store.cfg, cfg))
                 raise TableExists(f"table {cfg.name!r} exists with a different config: {diff}")
-            return self._info(store)
+            return self._tables.info(cfg.name)
+
+    def _add_table(self, cfg: TableConfig) -> TableStore:
+        """A new, empty table `cfg`, with its collision stats if it keeps them."""
+        store = self._tables.add(cfg)
+        if cfg.collision_sample_rate > 0:
+            self._collisions[cfg.name] = CollisionSketch(cfg.collision_sample_rate)
+        return store
 
     def describe_table(self, name: str) -> TableInfo:
         with self._lock:
-            return self._info(self._store(name))
+            return self._tables.info(name)
 
     def drop_table(self, name: str) -> None:
         with self._lock:
-            self._store(name).close(flush=False)
-            del self._tables[name]
-            if self._cold is not None:
-                self._cold.drop_table(name)
-                self._split_budget()
+            self._tables.store(name)  # NOT_FOUND
+            self._tables.remove(name)
             self._collisions.pop(name, None)
             self.homes.drop(name)
-            self._accesses.pop(name, None)
-            self._parts = {key: parts for key, parts in self._parts.items() if key[0] != name}
-            self._commits = {key: c for key, c in self._commits.items() if key[0] != name}
+            self._accesses.drop(name)
+            self._parts.drop_table(name)
             self._checkpoint()  # the log's records of the dropped table are never replayed
             self._stepped.notify_all()  # fetches waiting on it answer NOT_FOUND
 
@@ -284,27 +183,35 @@ class Shard:
         """Rows of each table's ids (n,) -> (n, width) float32, in the ids' order, repeats kept,
         read once every table's step is >= `min_step` (StepNotReached after `timeout` seconds)."""
         with self._lock:
-            checked = {name: self._checked_ids(name, ids) for name, ids in requests.items()}
+            checked = self._checked_requests(requests)  # table -> ids (n,) int64
             if min_step > 0:
-                for name, ids in checked.items():  # a look-ahead read: placement may act on it now
-                    if self._tables[name].committed < min_step:
-                        self._expect(name, ids, min_step)
-                reached = lambda: all(name not in self._tables or self._tables[name].committed >= min_step
-                                      for name in checked)
-                if not self._stepped.wait_for(reached, timeout):
-                    steps = {name: self._store(name).committed for name in checked}
-                    raise StepNotReached(f"fetch waited {timeout:.1f} s for step {min_step}; tables are at {steps}")
-                for name in checked:
-                    self._store(name)  # dropped while this fetch waited
+                self._wait_for_step(checked, min_step, timeout)
             for name, ids in checked.items():
                 self.homes.check(name, ids)  # after any wait: a row may have moved meanwhile
-            self.counters.fetch_requests += 1
-            self.counters.fetch_rows += sum(len(ids) for ids in checked.values())
-            if self.track_accesses:
-                for name, ids in checked.items():
-                    self._accesses.setdefault(name, _Accesses()).record(ids)
+            self._note_reads(checked)
             with self.journal.change():  # dense Adam catches rows up as it reads them
-                return TableStore.read_many({name: (self._tables[name], ids) for name, ids in checked.items()})
+                return self._tables.read(checked)  # table -> rows (n, width) float32
+
+    def _wait_for_step(self, checked: dict[str, np.ndarray], min_step: int, timeout: float | None) -> None:
+        """Waits, the lock released meanwhile, until every table of `checked` is at step
+        `min_step` (StepNotReached after `timeout` seconds; NOT_FOUND for a table dropped
+        meanwhile). The ids are a look-ahead read until then: placement may act on them now."""
+        for name, ids in checked.items():
+            if self._tables[name].committed < min_step:
+                self._expect(name, ids, min_step)
+        if not self._stepped.wait_for(lambda: self._tables.reached(checked, min_step), timeout):
+            steps = {name: self._tables.store(name).committed for name in checked}
+            raise StepNotReached(f"fetch waited {timeout:.1f} s for step {min_step}; tables are at {steps}")
+        for name in checked:
+            self._tables.store(name)  # dropped while this fetch waited
+
+    def _note_reads(self, checked: dict[str, np.ndarray]) -> None:
+        """Counts a fetch and, on a shard that keeps them, records its reads for placement."""
+        self.counters.fetch_requests += 1
+        self.counters.fetch_rows += sum(len(ids) for ids in checked.values())
+        if self.track_accesses:
+            for name, ids in checked.items():
+                self._accesses.record(name, ids)
 
     def announce(self, requests: dict[str, np.ndarray], step: int | None = None) -> None:
         """Ids (n,) per table that a fetch of a later step will read: placement's look-ahead
@@ -316,8 +223,7 @@ class Shard:
         if step is not None and step < 0:
             raise ValueError(f"announced step {step} must be >= 0")
         with self._lock:
-            checked = {name: self._checked_ids(name, ids) for name, ids in requests.items()}
-            for name, ids in checked.items():
+            for name, ids in self._checked_requests(requests).items():
                 self._expect(name, ids, step)
 
     def _expect(self, name: str, ids: np.ndarray, step: int | None) -> None:
@@ -326,7 +232,7 @@ class Shard:
         migration."""
         self._tables[name].expect(ids, step)
         if self.track_accesses:
-            self._accesses.setdefault(name, _Accesses()).expect(ids, step)
+            self._accesses.expect(name, ids, step)
 
     def push(self, client_id: str, pushes: dict[str, TablePush], contributors: int = 1,
              commit: bool = True, request_seq: int = 0) -> int:
@@ -341,30 +247,39 @@ class Shard:
         A request re-sent with the `request_seq` (> 0) of one already applied is answered with its
         first answer and not applied again.
         """
-        if not 1 <= contributors <= 65536:
-            raise InvalidArgument(f"contributors {contributors} must be in [1, 65536]")
+        checks.check_contributors(contributors)
         with self._lock:
             if (done := self.journal.applied(client_id, request_seq)) is not None:
-                return done
-            checked = {name: self._checked_push(name, p) for name, p in pushes.items()}
+                return done  # re-sent: its first answer
+            checked = {name: self._checked_push(name, push) for name, push in pushes.items()}
             with self.journal.change(client_id, request_seq) as change:
                 if contributors > 1:
-                    checked = self._add_parts(client_id, checked, pushes, contributors, finish=commit)
-                self.counters.push_requests += 1
-                self.counters.push_rows += sum(len(p.ids) for p in pushes.values())  # repeats counted
-                num_updated = 0
-                for name, (step, ids, grads) in checked.items():
-                    store = self._tables[name]
-                    if len(ids):
-                        store.update(ids, grads, step, pushes[name].lr, commit)  # logs the step, then updates
-                        num_updated += len(ids)
-                    else:
-                        store.record_step(step, pushes[name].lr)  # an empty push still logs its lr
-                    if commit:
-                        store.commit(step, pushes[name].lr)
-                change.result = num_updated
+                    checked = self._hold_parts(client_id, checked, contributors, is_whole=commit)
+                self._note_push(pushes)
+                change.result = self._tables.apply(checked, commit)
             self._stepped.notify_all()
-            return num_updated
+            return change.result
+
+    def _hold_parts(self, client_id: str, checked: dict[str, TablePush], contributors: int,
+                    is_whole: bool) -> dict[str, TablePush]:
+        """Holds each table's part of its step; returns {table: the sum of its step's parts} of the
+        steps whose K-th part this is (with `is_whole`; without, a client may send several requests
+        of its part, and its commit counts instead). Checks every table before holding any part."""
+        for name, push in checked.items():
+            self._parts.check_part(name, push.step, client_id, contributors, push.lr, is_whole)
+        complete = {}
+        for name, push in checked.items():
+            self._parts.add_part(name, push.step, client_id, contributors, push.lr, push.ids, push.grads)
+            self.journal.note(name, "part", push.step, client_id, contributors, push.lr, push.ids, push.grads)
+            if is_whole and self._parts.is_complete(name, push.step):
+                complete[name] = self._parts.take(name, push.step)
+                self.journal.note(name, "parts_done", push.step)
+                checks.check_push(self._tables[name], complete[name])
+        return complete
+
+    def _note_push(self, pushes: dict[str, TablePush]) -> None:
+        self.counters.push_requests += 1
+        self.counters.push_rows += sum(len(p.ids) for p in pushes.values())  # repeats counted
 
     def commit(self, client_id: str, steps: dict[str, tuple[int, float | None]], contributors: int = 1,
                request_seq: int = 0) -> int:
@@ -372,76 +287,42 @@ class Shard:
         its requests of the step arrived. With K > 1 contributors, the K-th distinct client's commit
         applies the sum of the parts held. Returns rows updated. A re-sent `request_seq` is
         answered as the first time, as in `push`."""
-        if not 1 <= contributors <= 65536:
-            raise InvalidArgument(f"contributors {contributors} must be in [1, 65536]")
+        checks.check_contributors(contributors)
         with self._lock:
             if (done := self.journal.applied(client_id, request_seq)) is not None:
-                return done
-            for name, (step, lr) in steps.items():
-                if not isinstance(step, (int, np.integer)) or step < 1:
-                    raise InvalidArgument(f"table {name!r}: commit step {step} must be an integer >= 1")
-                try:
-                    self._store(name).optimizer.checked_lr(step, lr)  # before any change
-                except ValueError as err:
-                    raise InvalidArgument(f"table {name!r}: {err}") from None
-                if contributors > 1 and client_id in self._commits.get((name, step), ()):
-                    raise InvalidArgument(f"table {name!r} step {step}: client {client_id!r} already committed")
-            updated = 0
+                return done  # re-sent: its first answer
+            self._check_commits(client_id, steps, contributors)
             with self.journal.change(client_id, request_seq) as change:
-                for name, (step, lr) in steps.items():
-                    store = self._tables[name]
-                    if contributors > 1:
-                        committed = self._commits.setdefault((name, step), set())
-                        committed.add(client_id)
-                        self.journal.note(name, "vote", step, client_id)
-                        if len(committed) < contributors:
-                            continue
-                        del self._commits[(name, step)]
-                        parts = self._parts.pop((name, step), None)
-                        self.journal.note(name, "parts_done", step)
-                        if parts is not None and parts.ids:
-                            ids, grads = _sum_duplicates(np.concatenate(parts.ids), np.concatenate(parts.grads))
-                            store.update(ids, grads, step, lr, commit=False)
-                            updated += len(ids)
-                    store.commit(step, lr)
-                change.result = updated
+                change.result = sum(self._commit_step(client_id, name, step, lr, contributors)
+                                    for name, (step, lr) in steps.items())
             self._stepped.notify_all()
-            return updated
+            return change.result
 
-    def _add_parts(self, client_id: str, checked: dict, pushes: dict[str, TablePush], contributors: int,
-                   finish: bool = True) -> dict:
-        """Holds each table's part; returns {table: (step, ids, summed grads)} of the steps whose
-        K-th part this is (with `finish`; without, a client may send several requests of its
-        part, and its commit counts instead). Checks every table before holding any part."""
-        for name, (step, _, _) in checked.items():
-            parts = self._parts.get((name, step))
-            if parts is None:
-                continue
-            if parts.contributors != contributors:
-                raise InvalidArgument(f"table {name!r} step {step}: {contributors} contributors, but "
-                                      f"earlier parts said {parts.contributors}")
-            if parts.lr != pushes[name].lr:
-                raise InvalidArgument(f"table {name!r} step {step}: lr {pushes[name].lr} differs from "
-                                      f"the earlier parts' {parts.lr}")
-            if finish and client_id in parts.clients:
-                raise InvalidArgument(f"table {name!r} step {step}: client {client_id!r} already sent its part")
-        complete = {}
-        for name, (step, ids, grads) in checked.items():
-            parts = self._parts.setdefault((name, step), _Parts(contributors, pushes[name].lr))
-            parts.clients.add(client_id)
-            parts.ids.append(ids)
-            parts.grads.append(grads)
-            self.journal.note(name, "part", step, client_id, contributors, pushes[name].lr, ids, grads)
-            if finish and len(parts.clients) == contributors:
-                del self._parts[(name, step)]
-                self.journal.note(name, "parts_done", step)
-                ids, grads = _sum_duplicates(np.concatenate(parts.ids), np.concatenate(parts.grads))
-                try:
-                    self._tables[name].check_push(ids, step, parts.lr)
-                except ValueError as err:
-                    raise InvalidArgument(f"table {name!r}: {err}") from None
-                complete[name] = (step, ids, grads)
-        return complete
+    def _check_commits(self, client_id: str, steps: dict[str, tuple[int, float | None]], contributors: int) -> None:
+        """InvalidArgument (or NOT_FOUND) unless every table's commit can be applied: checked
+        before any change."""
+        for name, (step, lr) in steps.items():
+            checks.check_step(name, step, "commit step")
+            checks.check_lr(self._tables.store(name), step, lr)
+            if contributors > 1:
+                self._parts.check_vote(name, step, client_id)
+
+    def _commit_step(self, client_id: str, name: str, step: int, lr: float | None, contributors: int) -> int:
+        """Completes table `name`'s step `step` for `client_id`; returns rows updated. With K > 1
+        contributors the step completes at the K-th client's commit, which applies the parts' sum."""
+        store, whole = self._tables[name], None
+        if contributors > 1:
+            num_votes = self._parts.vote(name, step, client_id)
+            self.journal.note(name, "vote", step, client_id)
+            if num_votes < contributors:
+                return 0
+            whole = self._parts.take(name, step)
+            self._parts.forget(name, step)
+            self.journal.note(name, "parts_done", step)
+            if whole is not None:
+                store.update(whole.ids, whole.grads, step, lr, commit=False)
+        store.commit(step, lr)
+        return 0 if whole is None else len(whole.ids)
 
     # -- hot and cold shards ----------------------------------------------------------------------
     def export_rows(self, name: str, ids: np.ndarray, version: int, client_id: str = "",
@@ -470,7 +351,7 @@ class Shard:
         others are computed from the seed wherever they are), exported by their previous home."""
         with self._lock:
             ids = self._checked_ids(name, records.ids if ids is None else ids)
-            self._check_records(name, records, ids)
+            checks.check_records(name, records, ids, self._checked_ids(name, records.ids))
             with self.journal.change():
                 self.journal.note(name, "import", ids, records.ids, records.rows, records.state, records.last, version)
                 self._tables[name].import_rows(records)
@@ -486,11 +367,10 @@ class Shard:
         with self._lock:
             names = sorted(self._tables) if not names else list(names)
             for name in names:
-                self._store(name)
-            self._stepped.wait_for(lambda: all(name not in self._tables or self._tables[name].committed >= step
-                                               for name in names), timeout)
+                self._tables.store(name)
+            self._stepped.wait_for(lambda: self._tables.reached(names, step), timeout)
             for name in names:
-                store = self._store(name)  # dropped while we waited: NOT_FOUND
+                store = self._tables.store(name)  # dropped while we waited: NOT_FOUND
                 if store.committed != step or store.step != step:
                     raise FailedPrecondition(
                         f"table {name!r} on {self.homes.role} shard {self.shard_id} is at step {store.step} "
@@ -506,10 +386,7 @@ class Shard:
             if cfg.name in self._tables:
                 raise FailedPrecondition(f"table {cfg.name!r} exists on {self.homes.role} shard {self.shard_id}: "
                                          f"restore onto shards that do not hold the checkpoint's tables")
-            store = self._tables[cfg.name] = self._new_store(cfg)
-            self._split_budget()
-            if cfg.collision_sample_rate > 0:
-                self._collisions[cfg.name] = CollisionSketch(cfg.collision_sample_rate)
+            store = self._add_table(cfg)
             try:
                 store.load_log_state(log)
                 num_rows = 0
@@ -530,18 +407,18 @@ class Shard:
         """The table's written rows on this shard with their optimizer state and last step, and its
         step log (TableStore.state_dict): what a checkpoint or an exactness check reads."""
         with self._lock:
-            return self._store(name).state_dict()
+            return self._tables.store(name).state_dict()
 
     def state_width(self, name: str) -> int:
         """Optimizer-state values per row of table `name`."""
         with self._lock:
-            store = self._store(name)
+            store = self._tables.store(name)
             return store.optimizer.state_width(store.cfg.width)
 
     def hot_map(self, name: str) -> tuple[int, np.ndarray]:
         """(version, sorted ids) of the rows of `name` this hot shard is home of."""
         with self._lock:
-            self._store(name)
+            self._tables.store(name)
             return self.homes.version, self.homes.ids(name)
 
     def drain_accesses(self) -> dict[str, list[tuple[int, np.ndarray]]]:
@@ -549,8 +426,7 @@ class Shard:
         fetch served) or (step or UNTAGGED, the ids of a look-ahead)}; bounded (the oldest events
         are dropped first)."""
         with self._lock:
-            drained, self._accesses = self._accesses, {}
-        return {name: a.events for name, a in drained.items()}
+            return self._accesses.drain()
 
     def record_ngrams(self, samples: dict[str, tuple[np.ndarray, NgramBatch]]) -> None:
         """Adds the N-grams behind a fetch that succeeded: {table: (its distinct ids (n,), their
@@ -584,77 +460,19 @@ class Shard:
     def digest(self) -> str:
         """sha256 over every table's digest, in name order: equal iff no state changed."""
         with self._lock:
-            h = hashlib.sha256()
-            for name in sorted(self._tables):
-                h.update(self._tables[name].digest().encode())
-            return h.hexdigest()
+            return self._tables.digest()
 
-    def _info(self, store: TableStore) -> TableInfo:
-        return TableInfo(store.cfg, store.step, store.num_materialized, store.nbytes,
-                         store.optimizer_rows)
-
-    def _store(self, name: str) -> TableStore:
-        if name not in self._tables:
-            raise TableNotFound(f"table {name!r} not found on shard {self.shard_id}")
-        return self._tables[name]
+    def _checked_requests(self, requests: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """{table: its ids as (n,) int64} of a fetch or look-ahead, every id checked."""
+        return {name: self._checked_ids(name, ids) for name, ids in requests.items()}
 
     def _checked_ids(self, name: str, ids: np.ndarray) -> np.ndarray:
         """ids of table `name` as (n,) int64, or InvalidArgument naming the first bad id."""
-        num_rows = self._store(name).cfg.num_rows
-        ids = np.asarray(ids)
-        if ids.ndim != 1 or not np.issubdtype(ids.dtype, np.integer):
-            raise InvalidArgument(f"table {name!r}: row ids must be a 1-D integer array, "
-                                  f"got {ids.dtype} of shape {ids.shape}")
-        bad = (ids < 0) | (ids >= num_rows)  # before the int64 cast: a uint64 id may not fit
-        if bad.any():
-            raise InvalidArgument(f"table {name!r}: row id {ids[bad.argmax()]} out of range "
-                                  f"[0, {num_rows})")
-        ids = ids.astype(np.int64, copy=False)
-        shards = shard_of(ids, self.num_shards)
-        if (foreign := shards != self.shard_id).any():
-            i = foreign.argmax()
-            raise InvalidArgument(f"table {name!r}: row id {ids[i]} belongs to shard {shards[i]} "
-                                  f"of {self.num_shards}, not to shard {self.shard_id}")
-        return ids
+        return checks.checked_ids(name, ids, self._tables.store(name).cfg.num_rows, self.shard_id, self.num_shards)
 
-    def _check_records(self, name: str, records: RowRecords, ids: np.ndarray) -> None:
-        """InvalidArgument unless `records` can be stored as moved rows `ids` (n,): distinct ids of
-        this shard, the records' among them, finite values, steps >= 0."""
-        record_ids = self._checked_ids(name, records.ids)
-        if len(np.unique(ids)) != len(ids) or len(np.unique(record_ids)) != len(record_ids):
-            raise InvalidArgument(f"table {name!r}: imported ids must be distinct")
-        if not np.isin(record_ids, ids).all():
-            raise InvalidArgument(f"table {name!r}: imported records name ids outside the moved ids")
-        if not (np.isfinite(records.rows).all() and np.isfinite(records.state).all()):
-            raise InvalidArgument(f"table {name!r}: imported rows and optimizer state must be finite")
-        if len(records.last) and records.last.min() < 0:
-            raise InvalidArgument(f"table {name!r}: imported last step {records.last.min()} must be >= 0")
-
-    def _checked_push(self, name: str, push: TablePush) -> tuple[int, np.ndarray, np.ndarray]:
-        """(step, distinct ids (m,) int64, their summed grads (m, width) f32) of a valid push,
-        else InvalidArgument (or RowsMoved)."""
+    def _checked_push(self, name: str, push: TablePush) -> TablePush:
+        """`push` as the store applies it: step, distinct ids (m,) int64, their summed grads
+        (m, width) f32, lr; else InvalidArgument (or RowsMoved)."""
         ids = self._checked_ids(name, push.ids)
         self.homes.check(name, ids)
-        width = self._tables[name].cfg.width
-        if not isinstance(push.step, (int, np.integer)) or push.step < 1:
-            raise InvalidArgument(f"table {name!r}: step {push.step} must be an integer >= 1")
-        grads = np.asarray(push.grads)
-        if grads.ndim != 2 or not np.issubdtype(grads.dtype, np.floating):
-            raise InvalidArgument(f"table {name!r}: gradients must be a 2-D float array "
-                                  f"(n, width), got {grads.dtype} of shape {grads.shape}")
-        if grads.shape[1] != width:
-            raise InvalidArgument(f"table {name!r}: gradient width {grads.shape[1]} != table "
-                                  f"width {width}")
-        if grads.shape[0] != len(ids):
-            raise InvalidArgument(f"table {name!r}: {grads.shape[0]} gradient rows != "
-                                  f"{len(ids)} row ids")
-        grads = grads.astype(np.float32, copy=False)
-        if not (finite := np.isfinite(grads).all(axis=1)).all():
-            i = finite.argmin()
-            raise InvalidArgument(f"table {name!r}: gradient of row id {ids[i]} is not finite")
-        ids, grads = _sum_duplicates(ids, grads)
-        try:
-            self._tables[name].check_push(ids, int(push.step), push.lr)
-        except ValueError as err:
-            raise InvalidArgument(f"table {name!r}: {err}") from None
-        return int(push.step), ids, grads
+        return checks.checked_push(self._tables[name], push, ids)

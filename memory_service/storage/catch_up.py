@@ -26,7 +26,7 @@ under half an ulp leaves the value unchanged), so stopping there is exact to flo
 terms are kept until the tail's bound is below 2^-30 of the movement (see _series).
 
 The sums run in float64 and round once to float32, so a caught-up row is at least as close to the
-real-number Adam trajectory as torch's own 150 rounded steps; tests/test_dense_adam.py measures the
+real-number Adam trajectory as torch's own 150 rounded steps; tests/memory_service/storage/test_dense_adam.py measures the
 agreement with torch.
 """
 from __future__ import annotations

@@ -12,6 +12,10 @@ a CommitStep). Every other status is the shard's answer.
 Re-sending is safe for every rpc the client makes: reads change nothing (a fetch held for a step is
 held again by the restarted shard, whose committed step survived), CreateTable is idempotent, and
 Push and CommitStep carry a request id the shard applies once (PushRequest.request_seq).
+
+The same backoff re-sends rows a shard refused because they moved (RowsMoved: a hot/cold migration
+moved them between the client's routing and the request): `RetryPolicy.resend_moved`, with the
+faster policy `RetryPolicy.for_moved_rows`, since a move is over within milliseconds.
 """
 from __future__ import annotations
 
@@ -23,9 +27,10 @@ from typing import TypeVar
 
 import grpc
 
-from memory_service.errors import ShardUnavailable
+from memory_service.errors import RowsMoved, ShardUnavailable
 
 T = TypeVar("T")
+M = TypeVar("M", bound=dict)
 RETRYABLE = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED})
 # Channel options of callers that retry: a restarted shard listens again within seconds, so
 # reconnect attempts back off to at most 1 s (gRPC's default grows to 120 s, far past the restart).
@@ -52,25 +57,76 @@ class RetryPolicy:
         if self.multiplier < 1:
             raise ValueError(f"retry multiplier {self.multiplier} must be >= 1")
 
+    @classmethod
+    def for_moved_rows(cls, deadline_s: float) -> "RetryPolicy":
+        """The policy of re-sends after RowsMoved: a migration round moves rows within
+        milliseconds, so the waits start at 1 ms (a restart's 50 ms would stall every fetch of
+        a round) and stay under 50 ms; `deadline_s` is the client's rpc timeout."""
+        return cls(deadline_s=deadline_s, initial_backoff_s=0.001, max_backoff_s=0.05)
+
+    def backoff(self) -> "Backoff":
+        """The waits of one retry loop under this policy."""
+        return Backoff(self)
+
     def call(self, attempt: Callable[[], T], what: str, on_retry: Callable[[], None] = lambda: None) -> T:
         """attempt(), re-run while it raises a retryable grpc.RpcError; ShardUnavailable (naming
         `what`, the tries and the time) once the deadline passed. Other errors pass through."""
-        first_failure, tries, backoff = None, 0, self.initial_backoff_s
+        backoff = self.backoff()
         while True:
             try:
                 return attempt()
             except grpc.RpcError as err:
                 if err.code() not in RETRYABLE:
                     raise
-                now = time.monotonic()
-                first_failure = now if first_failure is None else first_failure
-                left = self.deadline_s - (now - first_failure)
-                if left <= 0:
+                wait = backoff.next_wait()
+                if wait is None:
                     raise ShardUnavailable(
-                        f"{what}: unavailable for {now - first_failure:.1f} s, {tries} retries "
+                        f"{what}: unavailable for {backoff.elapsed_s:.1f} s, {backoff.tries} retries "
                         f"(retry deadline {self.deadline_s:g} s); last error: {err.code().name}: "
                         f"{err.details()}") from None
-                tries += 1
                 on_retry()
-                time.sleep(min(backoff * random.uniform(0.5, 1.0), left))  # the last try at the deadline
-                backoff = min(backoff * self.multiplier, self.max_backoff_s)
+                time.sleep(wait)
+
+    def resend_moved(self, refused: M, resend: Callable[[M], M], what: str) -> None:
+        """Re-sends what shards refused because its rows moved, until nothing is refused:
+        `refused` is {table: what of it was refused} (empty: nothing), and `resend(refused)` sends
+        those rows to their homes now and returns what was refused again. Each re-send waits this
+        policy's backoff first; RowsMoved naming `what` and the tables once the deadline passed."""
+        backoff = self.backoff()
+        while refused:
+            wait = backoff.next_wait()
+            if wait is None:
+                raise RowsMoved(f"{what}: rows of tables {sorted(refused)} kept moving for "
+                                f"{backoff.elapsed_s:.1f} s, {backoff.tries} re-sends (deadline {self.deadline_s:g} s)")
+            time.sleep(wait)
+            refused = resend(refused)
+
+
+class Backoff:
+    """The waits of one retry loop under `policy`. Its clock starts at the first failure (the
+    first `next_wait`), so the deadline bounds how long failures go on, not the whole call."""
+
+    def __init__(self, policy: RetryPolicy):
+        self.policy = policy
+        self.tries = 0  # waits handed out, so re-sends
+        self._first_failure: float | None = None
+        self._backoff = policy.initial_backoff_s
+
+    @property
+    def elapsed_s(self) -> float:
+        """Seconds since the first failure (0 before one)."""
+        return 0.0 if self._first_failure is None else time.monotonic() - self._first_failure
+
+    def next_wait(self) -> float | None:
+        """Seconds to wait before the next try, after a failure now; None once the deadline
+        passed. The last wait ends at the deadline, so the last try is made there."""
+        now = time.monotonic()
+        if self._first_failure is None:
+            self._first_failure = now
+        left = self.policy.deadline_s - (now - self._first_failure)
+        if left <= 0:
+            return None
+        self.tries += 1
+        wait = min(self._backoff * random.uniform(0.5, 1.0), left)
+        self._backoff = min(self._backoff * self.policy.multiplier, self.policy.max_backoff_s)
+        return wait

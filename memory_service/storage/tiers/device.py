@@ -1,7 +1,7 @@
-"""The hot tier: a table's rows and optimizer state in torch tensors on a device (a GPU when there
+"""The device arena: a table's rows and optimizer state in torch tensors on a device (a GPU when there
 is one), so the rows a hot shard serves are gathered where they live.
 
-It is the warm tier's arena with the payload moved: ids, last steps, dirty flags and the slot index
+It is the DRAM arena (dram.py) with the payload moved: ids, last steps, dirty flags and the slot index
 stay on the host (numpy; the index is probed there anyway), rows (cap, width) and state
 (cap, state_width) are device tensors, gathered with `index_select` and written with
 `index_copy_` on the device. numpy arrays cross at the boundary: one host->device copy of the slots
@@ -13,6 +13,7 @@ import numpy as np
 import torch
 
 from memory_service.storage.tiers.dram import DramTier
+from memory_service.storage.usage import DEVICE_TIER
 
 
 def default_device() -> torch.device:
@@ -22,7 +23,7 @@ def default_device() -> torch.device:
 class DeviceTier(DramTier):
     """A table's records with rows and state on `device` (default: CUDA if available, else CPU)."""
 
-    name = "device"
+    name = DEVICE_TIER
 
     def __init__(self, width: int, state_width: int, max_rows: int | None = None,
                  device: str | torch.device | None = None) -> None:

@@ -1,5 +1,5 @@
-"""The cold tier: a cold shard's rows in one LMDB environment on local disk, one named database per
-table, so a table far larger than DRAM keeps only its hot rows in memory.
+"""The disk tier: a cold shard's rows in one LMDB environment on local disk, one named database per
+table, so a table far larger than DRAM keeps only its most-read rows in memory.
 
 Records. Key: the row id as 8 bytes big-endian, so LMDB's byte order is id order (sorted request
 ids walk the B-tree left to right, and a scan yields rows in id order). Value: the raw
@@ -48,6 +48,7 @@ import msgpack
 import numpy as np
 
 from memory_service.storage.tiers.base import RowRecords, Tier
+from memory_service.storage.usage import DISK_TIER
 
 T = TypeVar("T")
 
@@ -184,7 +185,7 @@ class DiskEnvironment:
         return out
 
     def open_table(self, name: str, meta: dict, width: int, state_width: int) -> "DiskTier":
-        """The table's cold tier, created (with `meta` stored beside it) if new."""
+        """The table's disk tier, created (with `meta` stored beside it) if new."""
         key = _table_key(name)
         if name not in self.tables() and len(self.tables()) >= self.max_tables:
             raise ValueError(f"{self.path}: {self.max_tables} tables already (max_tables)")
@@ -220,7 +221,7 @@ def _table_key(name: str) -> bytes:
 class DiskTier(Tier):
     """One table's records in its LMDB database (see the module docstring for the layout)."""
 
-    name = "disk"
+    name = DISK_TIER
 
     def __init__(self, environment: DiskEnvironment, key: bytes, width: int, state_width: int) -> None:
         super().__init__(width, state_width)

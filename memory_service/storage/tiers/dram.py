@@ -1,15 +1,15 @@
-"""The warm tier: a table's rows in host DRAM, in growable numpy arenas found through `SlotIndex`.
+"""The DRAM arena: a table's rows in host DRAM, in growable numpy arenas found through `SlotIndex`.
 
 Records live in arenas ids (cap,), rows (cap, width), state (cap, state_width), last (cap,) and a
 dirty flag (cap,) (the row is newer than its copy in the tier below), at slots 0..len-1: removing
 records moves the last ones into the holes, so the arenas stay dense and a tier with a row budget
 never touches more memory than its rows need. `SlotIndex` finds slots with whole-array numpy
 probing: with 1M rows written it finds 16k ids in ~1 ms where a Python dict took 12 ms (2-core VM;
-tests/test_store.py prints the 16k read and update times).
+tests/memory_service/storage/test_store.py prints the 16k read and update times).
 
 Besides the `Tier` operations the arena offers slot-level access (`lookup`, `rows_at`,
 `records_at`, `write_at`), which the store's read and update paths use so that a read gathers only
-the rows, not their optimizer state. `DeviceTier` (hot.py) keeps rows and state on a torch device and
+the rows, not their optimizer state. `DeviceTier` (device.py) keeps rows and state on a torch device and
 overrides exactly the methods that touch them.
 """
 from __future__ import annotations
@@ -18,11 +18,12 @@ import numpy as np
 
 from memory_service.ids import MIN_INDEX_BITS, SlotIndex
 from memory_service.storage.tiers.base import RowRecords, Tier
+from memory_service.storage.usage import DRAM_TIER
 
 class DramTier(Tier):
     """A table's records in host DRAM; at most `max_rows` of them when given (a DRAM budget)."""
 
-    name = "dram"
+    name = DRAM_TIER
 
     def __init__(self, width: int, state_width: int, max_rows: int | None = None) -> None:
         super().__init__(width, state_width)

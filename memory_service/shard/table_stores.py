@@ -1,0 +1,159 @@
+"""TableStores: the `TableStore` of each of a shard's tables, and the storage they keep rows in.
+
+Three kinds of shard, by where their rows live:
+- with `storage.path`, a DiskEnvironment (LMDB) in that directory holds every written row of every
+  table and DRAM a bounded copy of some: each table's DRAM tier gets an equal share of
+  `storage.dram_budget_bytes` (`_split_budget`), re-split whenever a table comes or goes;
+- with `device` (a torch device name), a DeviceTier arena there holds each table's rows and
+  optimizer state, so a hot shard on a GPU gathers the rows it serves in GPU memory;
+- otherwise host DRAM (numpy) holds them, unbounded.
+Reopening a directory reopens the tables it holds (`open_disk`).
+"""
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Iterable, Iterator, Mapping
+
+import numpy as np
+
+from memory_service.config import StorageConfig, TableConfig
+from memory_service.errors import InvalidArgument, TableNotFound
+from memory_service.placement import make_policy
+from memory_service.storage.store import TableStore, state_width_of
+from memory_service.storage.tiers.disk import DiskEnvironment, record_dtype
+from memory_service.storage.tiers.dram import DramTier
+from memory_service.tables import TableInfo, TablePush
+
+# 1/HEADROOM of each table's DRAM share holds no rows: it is left to the placement policy's
+# bookkeeping (plain LRU keeps 8 bytes per resident row, 1% of a share of 64-wide Adam rows; a
+# frequency sketch needs more) and to what requests leave allocated between them (measured in
+# tests/test_cold_memory.py: at rest, 2.6 MiB beyond a 240 MiB DRAM tier, LRU included).
+HEADROOM = 16
+
+
+class TableStores(Mapping[str, TableStore]):
+    """{table name: its TableStore} of shard `shard_id` of `num_shards`, read-only as a mapping:
+    tables come with `add` and go with `remove`."""
+
+    def __init__(self, shard_id: int, num_shards: int, storage: StorageConfig, device: str | None) -> None:
+        self.shard_id, self.num_shards, self.storage, self.device = shard_id, num_shards, storage, device
+        self.disk: DiskEnvironment | None = None  # with storage.path, once open_disk ran
+        self._stores: dict[str, TableStore] = {}
+
+    def __getitem__(self, name: str) -> TableStore:
+        return self._stores[name]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._stores)
+
+    def __len__(self) -> int:
+        return len(self._stores)
+
+    def store(self, name: str) -> TableStore:
+        """Table `name`'s store, or TableNotFound."""
+        if name not in self._stores:
+            raise TableNotFound(f"table {name!r} not found on shard {self.shard_id}")
+        return self._stores[name]
+
+    def info(self, name: str) -> TableInfo:
+        """Table `name`'s config, step and size here (TableNotFound if absent)."""
+        store = self.store(name)
+        return TableInfo(store.cfg, store.step, store.num_materialized, store.nbytes, store.optimizer_rows)
+
+    def reached(self, names: Iterable[str], step: int) -> bool:
+        """Whether every table of `names` still here completed step `step`."""
+        return all(name not in self._stores or self._stores[name].committed >= step for name in names)
+
+    def read(self, requests: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Rows of each table's checked ids (n,) -> (n, width) float32, in the ids' order."""
+        return TableStore.read_many({name: (self._stores[name], ids) for name, ids in requests.items()})
+
+    def apply(self, pushes: dict[str, TablePush], commit: bool) -> int:
+        """Applies each table's checked push at its step, and with `commit` completes the step;
+        returns the number of distinct rows updated."""
+        num_updated = 0
+        for name, push in pushes.items():
+            store = self._stores[name]
+            if len(push.ids):
+                store.update(push.ids, push.grads, push.step, push.lr, commit)  # logs the step, then updates
+                num_updated += len(push.ids)
+            else:
+                store.record_step(push.step, push.lr)  # an empty push still logs its lr
+            if commit:
+                store.commit(push.step, push.lr)
+        return num_updated
+
+    def digest(self) -> str:
+        """sha256 over every table's digest, in name order: equal iff no state changed."""
+        h = hashlib.sha256()
+        for name in sorted(self._stores):
+            h.update(self._stores[name].digest().encode())
+        return h.hexdigest()
+
+    def open_disk(self) -> None:
+        """Opens the LMDB directory `storage.path` and the tables it holds (InvalidArgument if it
+        belongs to another shard)."""
+        make_policy(self.storage.policy, 0)  # an unknown policy name fails here, not in a thread
+        self.disk = DiskEnvironment(self.storage.path, self.storage.map_bytes)
+        try:
+            self.disk.check_shard(self.shard_id, self.num_shards)
+        except ValueError as err:
+            self.disk.close()
+            raise InvalidArgument(str(err)) from None
+        for meta in self.disk.tables().values():
+            cfg = TableConfig.from_dict(meta["config"])
+            self._stores[cfg.name] = self._new_store(cfg)
+        self._split_budget()
+
+    def add(self, cfg: TableConfig) -> TableStore:
+        """A new, empty store of table `cfg` (its LMDB database created, with a disk)."""
+        store = self._stores[cfg.name] = self._new_store(cfg)
+        self._split_budget()
+        return store
+
+    def remove(self, name: str) -> None:
+        """Retires table `name`'s store and deletes its rows (dirty ones are not written back)."""
+        self._stores[name].close(flush=False)
+        del self._stores[name]
+        if self.disk is not None:
+            self.disk.drop_table(name)
+            self._split_budget()
+
+    def flush(self) -> None:
+        """Writes every table's dirty DRAM rows to LMDB."""
+        for store in self._stores.values():
+            store.flush()
+
+    def close(self) -> None:
+        """Retires every store (writing dirty rows back) and closes the LMDB files."""
+        for store in self._stores.values():
+            store.close()
+        if self.disk is not None:
+            self.disk.close()
+            self.disk = None
+
+    def _new_store(self, cfg: TableConfig) -> TableStore:
+        if self.disk is None and self.device is not None:
+            from memory_service.storage.tiers.device import DeviceTier  # torch only where a shard asks for a device
+
+            return TableStore(cfg, arena=DeviceTier(cfg.width, state_width_of(cfg), device=self.device))
+        if self.disk is None:
+            return TableStore(cfg)
+        state_width = state_width_of(cfg)
+        rows_here = -(-cfg.num_rows // self.num_shards)
+        self.disk.reserve(min(rows_here * record_dtype(cfg.width, state_width).itemsize * 3 // 2,
+                              self.storage.map_bytes))
+        disk = self.disk.open_table(cfg.name, {"config": cfg.to_dict()}, cfg.width, state_width)
+        dram = DramTier(cfg.width, state_width, max_rows=0)  # _split_budget sizes it
+        return TableStore(cfg, arena=dram, disk=disk, policy=make_policy(self.storage.policy, 0))
+
+    def _split_budget(self) -> None:
+        """Gives each table an equal share of the DRAM budget, as rows of its own size, less the
+        headroom (see HEADROOM)."""
+        if self.disk is None or not self._stores:
+            return
+        share = self.storage.dram_budget_bytes // len(self._stores)
+        share -= share // HEADROOM
+        for store in self._stores.values():
+            width, state_width = store.cfg.width, store.optimizer.state_width(store.cfg.width)
+            store.set_arena_capacity(DramTier.rows_within(share, width, state_width))
