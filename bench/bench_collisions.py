@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from memory_service.ops.collisions import mix64
+from memory_service.ids import mix64
 from trainer.data import Corpus, CorpusConfig
 from trainer.hashing import NgramHashConfig, NgramHasher
 from trainer.tokenizer_compression import TokenizerCompression

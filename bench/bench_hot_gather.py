@@ -1,4 +1,4 @@
-"""Gather rate of the hot tier's read path against `torch.index_select` on the same device (issue 5).
+"""Gather rate of the device tier's read path (a hot shard's arena on a GPU) against `torch.index_select` on the same device (issue 5).
 
 A hot shard on a GPU keeps its rows in a `DeviceTier` arena there (memory_service/storage/tiers/device.py) and
 serves a fetch by finding the ids' slots on the host (SlotIndex), gathering the rows on the device
@@ -86,7 +86,7 @@ def summary(seconds: dict[str, float], rows: int, batch: int, width: int, device
 
 
 def table_text(out: dict) -> str:
-    lines = [f"hot tier gather on {out['device_name']}: {out['rows']:,} rows x {out['width']} fp32, "
+    lines = [f"device tier gather on {out['device_name']}: {out['rows']:,} rows x {out['width']} fp32, "
              f"batches of {out['batch']:,} random rows",
              "       path      M rows/s      GB/s   vs floor"]
     for name, p in out["paths"].items():

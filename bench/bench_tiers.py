@@ -44,7 +44,7 @@ from memory_service.cluster import ClusterConfig, init_local_ray, launch
 from memory_service.config import StorageConfig
 from memory_service.placement import Policy, make_policy
 from memory_service.placement.replay import belady_hit_rate, num_reads, simulate
-from memory_service.storage.usage import DRAM_TIER
+from memory_service.storage.usage import DEVICE_TIER, DRAM_TIER
 from trainer.data import Corpus, CorpusConfig
 from trainer.remote_tables import RemoteTables
 from trainer.row_trace import RowTrace
@@ -397,7 +397,7 @@ def tier_counts(after, before) -> tuple[dict[str, int], dict[str, int]]:
     for report, sign in ((after, 1), (before, -1)):
         for shard in report.shards:
             for table in shard.tables:
-                memory = sum(t.hits for t in table.tiers if t.tier == DRAM_TIER)
+                memory = sum(t.hits for t in table.tiers if t.tier in (DRAM_TIER, DEVICE_TIER))
                 reads[shard.role] = reads.get(shard.role, 0) + sign * table.rows_read
                 hits[shard.role] = hits.get(shard.role, 0) + sign * memory
     return reads, hits

@@ -15,7 +15,7 @@
 # Steps, most wanted first, each under `timeout`, each continuing past a failure; no step starts
 # with less than its time left in SESSION_BUDGET_S (default 540 s, under the run's 600 s limit):
 #   pytest -m gpu          -> pytest.log
-#   bench_hot_gather       -> hot_gather.json   (hot tier gather vs index_select, 4M x 64 fp32)
+#   bench_hot_gather       -> hot_gather.json   (device-tier gather vs index_select, 4M x 64 fp32)
 #   corpus                 (the stdlib corpus the next two benches train on, built once)
 #   bench_train_overhead   -> train_overhead.json, trace/trace.json.gz (profiled prefetch steps)
 #   bench_generate         -> generate.json
@@ -60,7 +60,7 @@ else
 fi
 
 # Only files holding GPU tests are collected: the others may import Ray, which is not here.
-GPU_TESTS=$(grep -l "mark\.gpu" tests/test_*.py)
+GPU_TESTS=$(grep -rl --include='test_*.py' "mark\.gpu" tests)
 step pytest-gpu 150 "$OUT/pytest.log" $PY -m pytest -m gpu -q --tb=short -p no:cacheprovider $GPU_TESTS
 step hot-gather 60 "$OUT/hot_gather.json" $PY bench/bench_hot_gather.py --device cuda --json
 step corpus 150 /dev/null $PY -c 'from trainer.data import Corpus, CorpusConfig; print(Corpus.load(CorpusConfig()).summary())'

@@ -23,8 +23,8 @@ import numpy as np
 import torch
 
 from memory_service.ops import collisions
-from memory_service.wire import codec as wire
-from memory_service.wire import reply_files as reply_buffer
+from memory_service.wire import codec
+from memory_service.wire import reply_files
 from memory_service.config import TableConfig
 from memory_service.errors import InvalidArgument
 from memory_service.rpc import memory_pb2
@@ -58,15 +58,15 @@ class MemoryClient:
                  security: ClientSecurity | None = None):
         if not targets:
             raise ValueError("MemoryClient needs at least one shard target")
-        if not 1 <= max_rows_per_request <= wire.MAX_REQUEST_ROWS:
-            raise ValueError(f"max_rows_per_request {max_rows_per_request} must be in [1, {wire.MAX_REQUEST_ROWS}] "
+        if not 1 <= max_rows_per_request <= codec.MAX_REQUEST_ROWS:
+            raise ValueError(f"max_rows_per_request {max_rows_per_request} must be in [1, {codec.MAX_REQUEST_ROWS}] "
                              f"(the shards' per-request limit)")
         if timeout <= 0:
             raise ValueError(f"timeout {timeout} must be > 0 (seconds)")
         self.num_cold, self.num_hot = len(targets), len(hot_targets)
         self.targets = list(targets) + list(hot_targets)  # shard index: cold 0..N-1, then hot
         self.router = Router(self.num_cold, self.num_hot, max_rows_per_request,
-                             max_request_bytes=wire.MAX_BATCH_ROWS * wire.MAX_BATCH_WIDTH * 4)
+                             max_request_bytes=codec.MAX_BATCH_ROWS * codec.MAX_BATCH_WIDTH * 4)
         self.transport = Transport(self.targets, self.num_cold, timeout, retry, security)
         self.refreshes = 0  # hot-map refreshes after a RowsMoved answer
         self.max_rows_per_request = max_rows_per_request
@@ -84,7 +84,7 @@ class MemoryClient:
         self.tables: dict[str, TableConfig] = {}
         # Same-host fast path: rows come back through shared memory until a shard says it cannot
         # open the file (it runs on another host); then that shard's rows come over gRPC.
-        self.replies = reply_buffer.ReplyBufferPool() if shared_memory and reply_buffer.available() else None
+        self.replies = reply_files.ReplyBufferPool() if shared_memory and reply_files.available() else None
         self.same_host = [True] * len(self.targets)
 
     @property
@@ -104,7 +104,7 @@ class MemoryClient:
     # -- tables ---------------------------------------------------------------------------------
     def create_table(self, cfg: TableConfig) -> None:
         """Create `cfg` on every shard (idempotent for an identical config)."""
-        self.transport.call_all("CreateTable", memory_pb2.CreateTableRequest(config=wire.table_config_to_proto(cfg)))
+        self.transport.call_all("CreateTable", memory_pb2.CreateTableRequest(config=codec.table_config_to_proto(cfg)))
         self.tables[cfg.name] = cfg
 
     def drop_table(self, name: str) -> None:
@@ -115,7 +115,7 @@ class MemoryClient:
         """The table's config, asked of shard 0 once and cached."""
         if name not in self.tables:
             info = self.transport.call(0, "DescribeTable", memory_pb2.DescribeTableRequest(name=name))
-            self.tables[name] = wire.table_config_from_proto(info.config)
+            self.tables[name] = codec.table_config_from_proto(info.config)
         return self.tables[name]
 
     def stats(self) -> list:
@@ -124,7 +124,7 @@ class MemoryClient:
 
     def report(self) -> ClusterReport:
         """Every shard's utilization and what they add up to (what `engram stats` prints)."""
-        return ClusterReport(tuple(wire.shard_report_from_proto(r) for r in self.stats()))
+        return ClusterReport(tuple(codec.shard_report_from_proto(r) for r in self.stats()))
 
     def samples_collisions(self, name: str) -> bool:
         """Whether fetches of table `name` should carry N-gram fingerprints (its
@@ -159,7 +159,7 @@ class MemoryClient:
             raise ValueError(f"announced step {step} must be >= 0")
         routes = {name: self._route(name, table_ids) for name, table_ids in ids.items()}
         futures = [self.transport.start(shard, "Announce", memory_pb2.AnnounceRequest(step=step, tables=[
-            memory_pb2.TableIds(table=name, ids=wire.encode_ids(routes[name].grouped[start:stop]))
+            memory_pb2.TableIds(table=name, ids=codec.encode_ids(routes[name].grouped[start:stop]))
             for name, start, stop in chunk])) for shard, chunk in self._requests(routes)]
         return self.pool.submit(lambda: [self.transport.result(f) for f in futures] and None)
 
@@ -178,7 +178,7 @@ class MemoryClient:
                 for name in names}
         for name, futures in sent.items():
             maps = [self.transport.result(f) for f in futures]
-            self.router.set_hot(name, np.concatenate([wire.decode_ids(m.ids, name) for m in maps]))
+            self.router.set_hot(name, np.concatenate([codec.decode_ids(m.ids, name) for m in maps]))
 
     def _refresh_hot(self, names) -> None:
         self.refreshes += 1
@@ -351,7 +351,7 @@ class MemoryClient:
 
     def _row_bytes(self, name: str) -> int:
         cfg = self.table(name)
-        return cfg.width * wire.ITEMSIZE[cfg.dtype]
+        return cfg.width * codec.ITEMSIZE[cfg.dtype]
 
     def close(self) -> None:
         self.pool.shutdown(wait=False)

@@ -1,4 +1,4 @@
-"""Shards as Ray actors, each serving gRPC, found through a named registry actor.
+"""Tables clusters on Ray: launch, find (through a named registry actor) and stop the shard actors.
 
 `start_local()` starts an embedded local Ray cluster on demand (the default: demo, tests);
 `connect(address)` attaches to a running Ray cluster (`ray start --head`, KubeRay). Either way the
@@ -24,10 +24,11 @@ from dataclasses import dataclass, replace
 import ray
 
 from memory_service.config import StorageConfig
+from memory_service.placement import DEFAULT_POLICY
 from memory_service.wire.security import SecurityConfig, is_loopback, warn_if_exposed
-# ShardActor, ShardAddress, node_ip and shard_env are re-exported: callers import them from here
-from memory_service.server.shard_actor import NAMESPACE, SIGTERM_GRACE_S, ShardActor, node_ip  # noqa: F401
+from memory_service.server.shard_actor import NAMESPACE, ShardActor
 from memory_service.server.shard_address import ShardAddress
+# shard_env is re-exported: a cold shard's malloc settings, which tests apply to a plain process
 from memory_service.server.shard_process import LOCAL_NICENESS, SHARD_ENV, shard_env  # noqa: F401
 
 log = logging.getLogger(__name__)
@@ -62,7 +63,7 @@ class ClusterConfig:
     shard_resource: str = SHARD_RESOURCE
     num_hot: int = 0  # hot shards (one per GPU where there are GPUs; DRAM otherwise)
     hot_rows: int = 65536  # rows per table each hot shard keeps
-    placement: str = "engram"  # memory_service.placement.make_policy name
+    placement: str = DEFAULT_POLICY  # memory_service.placement.make_policy name
     migrate_interval_s: float = 0.05
     migrate_max_duty: float = 0.05  # wall-clock share of a hot shard's migrator (Migrator: ~50 ms of CPU a 1 s step)
     storage: StorageConfig = StorageConfig()  # the cold shards' DRAM budget over LMDB (path None: DRAM only)

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from memory_service.ops.collisions import mix64
+from memory_service.ids import mix64
 
 _C = np.uint64(0xD6E8FEB86659FD93)  # odd: token * _C is a bijection of uint64
 

@@ -9,9 +9,9 @@ k > 0 lets the look-ahead fetch be answered before this step's push, at the cost
 steps old.
 
 Further ahead, `announce` batches are drawn and hashed early and their ids only announced (a hint,
-nothing read): a hot/cold placement policy keeps rows that are about to be read, which is worth
+nothing read): the hot shard's placement policy keeps rows that are about to be read, which is worth
 most of what separates frequency from the optimum (bench/results/tiers_policy.md: 6 announced
-steps take the hot tier from 0.77 to 0.885 of Belady's hit rate). Batches are used in the order
+steps take the hot shard's hit rate from 0.77 to 0.885 of Belady's hit rate). Batches are used in the order
 drawn, so announcing changes nothing else.
 """
 from __future__ import annotations

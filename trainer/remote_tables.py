@@ -1,4 +1,4 @@
-"""Remote rows: the Engram module's tables living in the table service.
+"""RemoteTables: the Engram module's tables living in the table service.
 
 Each (layer, order, head) table of the model is one service table whose initial rows are those of
 `LocalTables` (same seeds), so a model trains the same whether its rows are here or there.

@@ -31,7 +31,7 @@ from tqdm import tqdm
 
 from trainer.data import Batches, Corpus, CorpusConfig, eval_batches
 from memory_service.config import OPTIMIZERS, OptimizerConfig
-from trainer.engram import EngramTables, LocalTables
+from trainer.engram import EngramConfig, EngramTables, LocalTables
 from trainer.model import EngramLM, ModelConfig
 from trainer.prefetch import Prefetcher, Prepared
 from trainer.remote_tables import RemoteTables
@@ -135,7 +135,7 @@ def lr_at(cfg: TrainConfig, step: int) -> float:
 
 
 # (Engram config, {layer: prime size of each (order, head) table}) -> the tables a model reads
-TablesFactory = Callable[["EngramConfig", dict[int, list[int]]], EngramTables]
+TablesFactory = Callable[[EngramConfig, dict[int, list[int]]], EngramTables]
 
 
 def build(cfg: TrainConfig, corpus: Corpus, make_tables: TablesFactory | None = None

@@ -66,7 +66,7 @@ def _arena_hit_rate(hit_rate: dict[str, float | None]) -> float | None:
 def tables_table(report: ClusterReport, names: list[str] | None = None) -> Table:
     """One row per Engram table: size, memory, hit rate and hash-collision stats."""
     table = Table(title="tables", title_justify="left")
-    for header in ("table", "step", "rows", "bytes", "opt. state", "memory hits", "collision share",
+    for header in ("table", "step", "rows", "bytes", "opt. state", "arena hits", "collision share",
                    "N-grams/slot mean (max)", "occupancy", "birthday bound", "sample rate"):
         table.add_column(header, justify="left" if header == "table" else "right")
     for t in report.tables(names):

@@ -2,31 +2,31 @@
 
 Counted from the messages' payload lengths before anything is decoded, so an oversized request is
 refused (RequestTooLarge: gRPC RESOURCE_EXHAUSTED) before it costs the shard any work. The limits
-themselves are the wire's (wire.MAX_REQUEST_ROWS, wire.MAX_REPLY_BYTES): the client splits its
+themselves are the wire's (codec.MAX_REQUEST_ROWS, codec.MAX_REPLY_BYTES): the client splits its
 batches by the same numbers.
 """
 from __future__ import annotations
 
 from memory_service.errors import RequestTooLarge
-from memory_service.wire import codec as wire
+from memory_service.wire import codec
 
 MAX_FETCH_WAIT_S = 600.0
 
 
 def check_rows(messages, rpc: str) -> None:
-    """RequestTooLarge when the messages' ids payloads hold more than wire.MAX_REQUEST_ROWS ids
+    """RequestTooLarge when the messages' ids payloads hold more than codec.MAX_REQUEST_ROWS ids
     (counted from their lengths, before anything is decoded)."""
     num_ids = sum(len(msg.ids) for msg in messages) // 8
-    if num_ids > wire.MAX_REQUEST_ROWS:
-        raise RequestTooLarge(f"{rpc}: {num_ids} row ids in one request; at most {wire.MAX_REQUEST_ROWS} "
+    if num_ids > codec.MAX_REQUEST_ROWS:
+        raise RequestTooLarge(f"{rpc}: {num_ids} row ids in one request; at most {codec.MAX_REQUEST_ROWS} "
                               f"(split the batch, as MemoryClient does)")
 
 
 def check_reply(nbytes: int, rpc: str) -> None:
-    """RequestTooLarge when a reply would carry more than wire.MAX_REPLY_BYTES of rows."""
-    if nbytes > wire.MAX_REPLY_BYTES:
+    """RequestTooLarge when a reply would carry more than codec.MAX_REPLY_BYTES of rows."""
+    if nbytes > codec.MAX_REPLY_BYTES:
         raise RequestTooLarge(f"{rpc}: the reply would hold {nbytes} bytes of rows; at most "
-                              f"{wire.MAX_REPLY_BYTES} per request (split the batch, as MemoryClient does)")
+                              f"{codec.MAX_REPLY_BYTES} per request (split the batch, as MemoryClient does)")
 
 
 def wait_s(context) -> float:

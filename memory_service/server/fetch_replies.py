@@ -12,13 +12,13 @@ import numpy as np
 from memory_service.config import TableConfig
 from memory_service.errors import FailedPrecondition
 from memory_service.rpc import memory_pb2
-from memory_service.wire import codec as wire
+from memory_service.wire import codec
 from memory_service.wire.reply_files import ReplyFiles
 
 
 def reply_nbytes(requests: dict[str, np.ndarray], configs: dict[str, TableConfig]) -> int:
     """Bytes of rows a fetch of ids (n,) per table answers, in the tables' wire dtypes."""
-    return sum(len(ids) * configs[name].width * wire.ITEMSIZE[configs[name].dtype] for name, ids in requests.items())
+    return sum(len(ids) * configs[name].width * codec.ITEMSIZE[configs[name].dtype] for name, ids in requests.items())
 
 
 class FetchReplies:
@@ -48,7 +48,7 @@ class FetchReplies:
                                                           for msg in request.tables])
             payloads = [b""] * len(rows)
         else:
-            payloads = [wire.encode_rows(rows[name], cfg.dtype) for name, cfg in configs.items()]
+            payloads = [codec.encode_rows(rows[name], cfg.dtype) for name, cfg in configs.items()]
         return memory_pb2.FetchResponse(tables=[
-            memory_pb2.TableRows(table=name, dtype=wire.dtype_to_proto(cfg.dtype), width=cfg.width, rows=payload)
+            memory_pb2.TableRows(table=name, dtype=codec.dtype_to_proto(cfg.dtype), width=cfg.width, rows=payload)
             for (name, cfg), payload in zip(configs.items(), payloads)])

@@ -29,9 +29,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from memory_service.wire import codec as wire
-from memory_service.placement import make_policy
-from memory_service.placement.policy import READ, Policy, sorted_unique, tell
+from memory_service.wire import codec
+from memory_service.placement import DEFAULT_POLICY, make_policy
+from memory_service.ids import sorted_unique
+from memory_service.placement.policy import READ, Policy, tell
 from memory_service.wire.retry import RECONNECT_OPTIONS, RetryPolicy
 from memory_service.rpc import memory_pb2, memory_pb2_grpc
 from memory_service.wire.security import ClientSecurity, open_channel
@@ -57,7 +58,7 @@ class Migrator:
     round; unbounded, the migrator took more of the hot shard's CPU than its requests did.
     `security`: how to reach secured cold shards (a write token: exports and imports are writes)."""
 
-    def __init__(self, hot: Shard, cold_targets: list[str], capacity: int, policy: str = "engram",
+    def __init__(self, hot: Shard, cold_targets: list[str], capacity: int, policy: str = DEFAULT_POLICY,
                  interval_s: float = 0.05, max_moves: int = 4096, timeout: float = 30.0,
                  max_duty: float = 0.05, retry: RetryPolicy = RetryPolicy(),
                  security: ClientSecurity | None = None):
@@ -69,7 +70,7 @@ class Migrator:
         self.retry = retry
         self.client_id = f"migrator-{uuid.uuid4().hex}"
         self._request_seqs = itertools.count(1)  # ExportRowsRequest.request_seq
-        self.channels = [open_channel(t, (*wire.MESSAGE_OPTIONS, *RECONNECT_OPTIONS), security)
+        self.channels = [open_channel(t, (*codec.MESSAGE_OPTIONS, *RECONNECT_OPTIONS), security)
                          for t in cold_targets]
         self.cold = [memory_pb2_grpc.MemoryServiceStub(c) for c in self.channels]
         self.policies: dict[str, Policy] = {}
@@ -144,9 +145,9 @@ class Migrator:
         drained = [self.hot.drain_accesses()]
         for stub in self.cold:
             reply = self._rpc(stub, "DrainAccesses", memory_pb2.DrainAccessesRequest())
-            drained.append({t.table: list(zip(wire.decode_ids(t.tags, t.table).tolist(),
-                                              np.split(wire.decode_ids(t.ids, t.table),
-                                                       np.cumsum(wire.decode_ids(t.lengths, t.table))[:-1])))
+            drained.append({t.table: list(zip(codec.decode_ids(t.tags, t.table).tolist(),
+                                              np.split(codec.decode_ids(t.ids, t.table),
+                                                       np.cumsum(codec.decode_ids(t.lengths, t.table))[:-1])))
                             for t in reply.tables})
         seen = False
         for accesses in drained:
@@ -173,9 +174,9 @@ class Migrator:
             if not len(part):
                 continue
             reply = self._rpc(self.cold[c], "ExportRows", memory_pb2.ExportRowsRequest(
-                table=name, ids=wire.encode_ids(part), version=version, client_id=self.client_id,
+                table=name, ids=codec.encode_ids(part), version=version, client_id=self.client_id,
                 request_seq=next(self._request_seqs)))
-            records = wire.records_from_proto(reply, width, state_width)
+            records = codec.records_from_proto(reply, width, state_width)
             self.hot.import_rows(name, records, version, part)
             self.counters.promoted += len(part)
 
@@ -191,7 +192,7 @@ class Migrator:
             mine = records.take(records.ids % n == c)
             try:
                 self._rpc(self.cold[c], "ImportRows", memory_pb2.ImportRowsRequest(
-                    records=wire.records_to_proto(name, mine), version=version, ids=wire.encode_ids(part)))
+                    records=codec.records_to_proto(name, mine), version=version, ids=codec.encode_ids(part)))
                 self.counters.demoted += len(part)
             except Exception as err:  # the cold shard stayed down: its rows stay hot rather than nowhere
                 self.hot.import_rows(name, mine, version, part)

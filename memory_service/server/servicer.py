@@ -28,11 +28,11 @@ from memory_service.rpc import memory_pb2, memory_pb2_grpc
 from memory_service.server import budgets
 from memory_service.server.fetch_replies import FetchReplies, reply_nbytes
 from memory_service.server.request_guard import RequestGuard
-from memory_service.shard import checkpoint_files as shard_checkpoint
+from memory_service.shard import checkpoint_files
 from memory_service.shard.shard import Shard
 from memory_service.tables import TableInfo, TablePush
-from memory_service.wire import codec as wire
-from memory_service.wire.codec import MAX_MESSAGE_BYTES, MESSAGE_OPTIONS  # noqa: F401 (re-exported)
+from memory_service.wire import codec
+from memory_service.wire.codec import MESSAGE_OPTIONS
 from memory_service.wire.security import SecurityConfig, warn_if_exposed
 
 SERVICE_NAME = memory_pb2.DESCRIPTOR.services_by_name["MemoryService"].full_name
@@ -93,12 +93,12 @@ class MemoryServicer(memory_pb2_grpc.MemoryServiceServicer):
 
     @_maps_errors
     def CreateTable(self, request, context):
-        info = self.shard.create_table(wire.table_config_from_proto(request.config))
-        return wire.table_info_to_proto(info)
+        info = self.shard.create_table(codec.table_config_from_proto(request.config))
+        return codec.table_info_to_proto(info)
 
     @_maps_errors
     def DescribeTable(self, request, context):
-        return wire.table_info_to_proto(self.shard.describe_table(request.name))
+        return codec.table_info_to_proto(self.shard.describe_table(request.name))
 
     @_maps_errors
     def DropTable(self, request, context):
@@ -123,26 +123,26 @@ class MemoryServicer(memory_pb2_grpc.MemoryServiceServicer):
 
     @_maps_errors
     def ExportRows(self, request, context):
-        ids = wire.decode_ids(request.ids, request.table)
+        ids = codec.decode_ids(request.ids, request.table)
         budgets.check_rows([request], "export")
         width = self.shard.describe_table(request.table).config.width
         budgets.check_reply(len(ids) * (4 * (width + self.shard.state_width(request.table)) + 16), "export")
         records = self.shard.export_rows(request.table, ids, request.version, request.client_id, request.request_seq)
-        return wire.records_to_proto(request.table, records)
+        return codec.records_to_proto(request.table, records)
 
     @_maps_errors
     def ImportRows(self, request, context):
         name = request.records.table
         budgets.check_rows([request, request.records], "import")
         cfg = self.shard.describe_table(name).config
-        records = wire.records_from_proto(request.records, cfg.width, self.shard.state_width(name))
-        self.shard.import_rows(name, records, request.version, wire.decode_ids(request.ids, name))
+        records = codec.records_from_proto(request.records, cfg.width, self.shard.state_width(name))
+        self.shard.import_rows(name, records, request.version, codec.decode_ids(request.ids, name))
         return memory_pb2.ImportRowsResponse()
 
     @_maps_errors
     def HotMap(self, request, context):
         version, ids = self.shard.hot_map(request.table)
-        return memory_pb2.HotMapResponse(version=version, ids=wire.encode_ids(ids))
+        return memory_pb2.HotMapResponse(version=version, ids=codec.encode_ids(ids))
 
     @_maps_errors
     def DrainAccesses(self, request, context):
@@ -164,7 +164,7 @@ class MemoryServicer(memory_pb2_grpc.MemoryServiceServicer):
 
     @_maps_errors
     def CheckpointSave(self, request, context):
-        part = shard_checkpoint.save_shard(self.shard, request.path, request.step, list(request.tables),
+        part = checkpoint_files.save_shard(self.shard, request.path, request.step, list(request.tables),
                                            request.wait_seconds)
         return memory_pb2.CheckpointSaveResponse(
             role=part.role, shard_id=part.shard_id, num_shards=part.num_shards,
@@ -173,7 +173,7 @@ class MemoryServicer(memory_pb2_grpc.MemoryServiceServicer):
 
     @_maps_errors
     def CheckpointRestore(self, request, context):
-        restored = shard_checkpoint.restore_shard(self.shard, request.path)
+        restored = checkpoint_files.restore_shard(self.shard, request.path)
         return memory_pb2.CheckpointRestoreResponse(tables=[
             memory_pb2.CheckpointTableRows(table=name, rows=rows) for name, rows in restored.items()])
 
@@ -205,7 +205,7 @@ class MemoryServicer(memory_pb2_grpc.MemoryServiceServicer):
 
     @_maps_errors
     def Stats(self, request, context):
-        return wire.shard_report_to_proto(self.report())
+        return codec.shard_report_to_proto(self.report())
 
     def report(self) -> ShardReport:
         """The shard's utilization now: what Stats returns and Prometheus scrapes."""
@@ -224,7 +224,7 @@ def _decode_ids(messages, rpc: str) -> dict[str, np.ndarray]:
     requests = {}
     for msg in messages:
         _check_once(requests, msg.table, rpc)
-        requests[msg.table] = wire.decode_ids(msg.ids, msg.table)
+        requests[msg.table] = codec.decode_ids(msg.ids, msg.table)
     return requests
 
 
@@ -238,7 +238,7 @@ def _decode_ngrams(messages, requests: dict[str, np.ndarray], configs: dict[str,
             raise InvalidArgument(f"table {msg.table!r}: ngrams sent but the table's "
                                   f"collision_sample_rate is 0 (collision stats off)")
         ids = requests[msg.table]
-        samples[msg.table] = (ids, wire.decode_ngrams(msg.ngrams, ids, msg.table))
+        samples[msg.table] = (ids, codec.decode_ngrams(msg.ngrams, ids, msg.table))
     return samples
 
 
@@ -246,9 +246,9 @@ def _accesses_to_proto(name: str, events: list[tuple[int, np.ndarray]]) -> memor
     """One table's (tag, ids) access events as the ids of all of them, each one's length and tag."""
     ids = [e[1] for e in events]
     return memory_pb2.TableAccesses(
-        table=name, ids=wire.encode_ids(np.concatenate(ids) if ids else np.empty(0, np.int64)),
-        lengths=wire.encode_ids(np.array([len(i) for i in ids], np.int64)),
-        tags=wire.encode_ids(np.array([e[0] for e in events], np.int64)))
+        table=name, ids=codec.encode_ids(np.concatenate(ids) if ids else np.empty(0, np.int64)),
+        lengths=codec.encode_ids(np.array([len(i) for i in ids], np.int64)),
+        tags=codec.encode_ids(np.array([e[0] for e in events], np.int64)))
 
 
 def _check_once(seen: dict, table: str, rpc: str) -> None:
@@ -260,15 +260,15 @@ def _decode_push(msg: memory_pb2.TableGrads, info: TableInfo) -> TablePush:
     """One table's gradients -> TablePush, after checking dtype, width and payload lengths against
     the table's config."""
     cfg = info.config
-    dtype = wire.dtype_from_proto(msg.dtype, f"table {cfg.name!r}")
+    dtype = codec.dtype_from_proto(msg.dtype, f"table {cfg.name!r}")
     if dtype != cfg.dtype:
         raise InvalidArgument(f"table {cfg.name!r}: grads dtype {dtype} does not match the table's "
                               f"dtype {cfg.dtype}")
     if msg.width != cfg.width:
         raise InvalidArgument(f"table {cfg.name!r}: grads width {msg.width} does not match the "
                               f"table's width {cfg.width}")
-    ids = wire.decode_ids(msg.ids, cfg.name)  # (n,) int64
-    grads = wire.decode_rows(msg.grads, len(ids), cfg.width, dtype, cfg.name)  # (n, width) float32
+    ids = codec.decode_ids(msg.ids, cfg.name)  # (n,) int64
+    grads = codec.decode_rows(msg.grads, len(ids), cfg.width, dtype, cfg.name)  # (n, width) float32
     return TablePush(step=msg.step, ids=ids, grads=grads, lr=msg.lr or None)
 
 

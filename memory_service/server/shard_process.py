@@ -1,4 +1,4 @@
-"""How a shard's process is set up, whoever starts it (a Ray actor in cluster.py, a plain local
+"""How a shard's process is set up, whoever starts it (a Ray actor, server/shard_actor.py, launched by memory_service/cluster.py, a plain local
 process of bench/shard_processes.py): its malloc settings and its CPU priority."""
 from __future__ import annotations
 

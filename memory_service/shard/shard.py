@@ -52,7 +52,7 @@ class Shard:
     most `storage.dram_budget_bytes` of them, and a background `Placer` moves rows between the two
     following the placement policy. Call `close()` to write dirty rows back and close the files.
     Every change is in its write-ahead log before it is acknowledged, so a shard reopened after a
-    crash recovers every acknowledged change (memory_service/durability/journal.py, recovery.py); an all-DRAM
+    crash recovers every acknowledged change (memory_service/durability/journal.py, memory_service/shard/recovery.py); an all-DRAM
     shard loses everything with its process. A push or commit with a `request_seq` is applied once
     however often it is re-sent (the journal remembers it).
     A "hot" `role` shard is home of the hot rows id % num_shards instead (memory_service/shard/homes.py).

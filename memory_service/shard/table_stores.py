@@ -27,7 +27,7 @@ from memory_service.tables import TableInfo, TablePush
 # 1/HEADROOM of each table's DRAM share holds no rows: it is left to the placement policy's
 # bookkeeping (plain LRU keeps 8 bytes per resident row, 1% of a share of 64-wide Adam rows; a
 # frequency sketch needs more) and to what requests leave allocated between them (measured in
-# tests/test_cold_memory.py: at rest, 2.6 MiB beyond a 240 MiB DRAM tier, LRU included).
+# tests/memory_service/shard/test_cold_memory.py: at rest, 2.6 MiB beyond a 240 MiB DRAM tier, LRU included).
 HEADROOM = 16
 
 

@@ -5,7 +5,7 @@ Rows, optimizer state and last step move between tiers as exact copies, and the 
 the same batches whatever the tiers hold: dense Adam's catch-up is not batch-independent in the
 last bit, so a read or push gathers every row it touches, from the arena and the disk tier, into
 one batch. A tiered store thus ends bit-identical to an all-DRAM one given the same requests
-(tests/test_tiered_store.py). Every change of a disk-backed table is told to its journal (`note`)
+(tests/memory_service/storage/test_tiered_store.py). Every change of a disk-backed table is told to its journal (`note`)
 before it reaches the disk tier.
 """
 from __future__ import annotations

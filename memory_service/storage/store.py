@@ -50,7 +50,7 @@ class TableStore:
     """The rows of one table held by one shard, and their optimizer state.
 
     `arena`: the upper tier (default: an unbounded DramTier; a hot shard's is a DeviceTier).
-    `disk`: the LMDB tier under it, or None for an all-DRAM store. `policy`: places rows between
+    `disk`: the disk tier (LMDB) under it, or None for an all-DRAM store. `policy`: places rows between
     them (needed with `disk`)."""
 
     def __init__(self, cfg: TableConfig, arena: DramTier | None = None, disk: DiskTier | None = None,

@@ -9,7 +9,7 @@ import torch
 
 from memory_service.client import MemoryClient
 from memory_service.config import OptimizerConfig, TableConfig
-from memory_service.wire import codec as wire
+from memory_service.wire import codec
 from memory_service.errors import InvalidArgument, StepNotReached, TableNotFound
 from memory_service.server.migration import Migrator
 from memory_service.placement.policy import READ, UNTAGGED
@@ -41,8 +41,8 @@ def test_announced_ids_reach_placement_and_change_nothing(shard):
                 client.announce({"t": np.array([1000])}).result()
             with pytest.raises(TableNotFound):
                 client.announce({"nope": np.array([1])}).result()
-            too_many = memory_pb2.TableIds(table="t", ids=np.zeros(wire.MAX_REQUEST_ROWS + 1, np.int64).tobytes())
-            with grpc.insecure_channel(server.address, options=wire.MESSAGE_OPTIONS) as channel:
+            too_many = memory_pb2.TableIds(table="t", ids=np.zeros(codec.MAX_REQUEST_ROWS + 1, np.int64).tobytes())
+            with grpc.insecure_channel(server.address, options=codec.MESSAGE_OPTIONS) as channel:
                 with pytest.raises(grpc.RpcError) as refused:  # before the ids are decoded
                     memory_pb2_grpc.MemoryServiceStub(channel).Announce(memory_pb2.AnnounceRequest(tables=[too_many]))
             assert refused.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and "announce" in refused.value.details()
@@ -67,13 +67,13 @@ def test_look_aheads_carry_their_step_in_order(shard):
                 shard.fetch({"t": np.array([5, 6])}, min_step=3, timeout=0.05)
             client.fetch({"t": np.array([2, 3])})
             client.announce({"t": np.array([0])}, step=0).result()
-            with grpc.insecure_channel(server.address, options=wire.MESSAGE_OPTIONS) as channel:
+            with grpc.insecure_channel(server.address, options=codec.MESSAGE_OPTIONS) as channel:
                 reply = memory_pb2_grpc.MemoryServiceStub(channel).DrainAccesses(memory_pb2.DrainAccessesRequest())
     finally:
         server.stop(grace=None)
     (table,) = reply.tables
-    tags, lengths = wire.decode_ids(table.tags, "t"), wire.decode_ids(table.lengths, "t")
-    ids = np.split(wire.decode_ids(table.ids, "t"), np.cumsum(lengths)[:-1])
+    tags, lengths = codec.decode_ids(table.tags, "t"), codec.decode_ids(table.lengths, "t")
+    ids = np.split(codec.decode_ids(table.ids, "t"), np.cumsum(lengths)[:-1])
     assert [(int(t), sorted(i.tolist())) for t, i in zip(tags, ids)] == [
         (4, [8, 9]), (3, [5, 6]), (READ, [2, 3]), (0, [0])]
     assert shard.drain_accesses() == {}

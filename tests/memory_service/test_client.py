@@ -7,7 +7,7 @@ import pytest
 import ray
 import torch
 
-from memory_service.wire import reply_files as reply_buffer
+from memory_service.wire import reply_files
 from memory_service.client import MemoryClient
 from memory_service.config import OptimizerConfig, TableConfig
 from memory_service.errors import InvalidArgument
@@ -55,7 +55,7 @@ def test_shared_memory_and_grpc_replies_agree(cluster):
     torch.testing.assert_close(a["b16"][torch.from_numpy(ids["b16"] % 5 != 0)], rounded, rtol=0, atol=0)
 
 
-class UnlinkedReplies(reply_buffer.ReplyBufferPool):
+class UnlinkedReplies(reply_files.ReplyBufferPool):
     """Reply files whose path is gone as soon as they exist: what a shard on another host sees."""
 
     def acquire(self, size):
@@ -104,12 +104,12 @@ def test_fetch_async_and_validation(cluster):
 
 
 def test_reply_files_refuse_paths_outside_shared_memory(tmp_path):
-    files = reply_buffer.ReplyFiles()
+    files = reply_files.ReplyFiles()
     with pytest.raises(InvalidArgument, match="must be /dev/shm/engram-reply-"):
         files.open(str(tmp_path / "engram-reply-x"))
     with pytest.raises(InvalidArgument, match="must be /dev/shm/engram-reply-"):
         files.open("/dev/shm/other-file")
-    buf = reply_buffer.ReplyBuffer(1 << 20)
+    buf = reply_files.ReplyBuffer(1 << 20)
     try:
         with pytest.raises(InvalidArgument, match="does not fit"):
             files.write(buf.path, [(0, np.ones((10, 4), np.float32), "float32"),

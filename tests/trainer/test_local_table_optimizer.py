@@ -1,6 +1,6 @@
 """In-process tables under the table service's optimizer math equal torch's own optimizers.
 
-(Dense-equivalent `adam` has its own file, test_dense_adam.py.)"""
+(Dense-equivalent `adam` has its own file, tests/memory_service/storage/test_dense_adam.py.)"""
 import pytest
 import torch
 

@@ -15,7 +15,7 @@ deterministic and no atomics. The backward recomputes the norms instead of savin
 
 File order: kernels, launchers (check shapes, strides and dtypes, pick the grid), autograd Functions.
 The file passes our ~400-line mark on purpose: kernel, launcher and autograd wrapper of both halves
-sit together (STYLE.md habit 5), so a stride check is read beside the kernel that relies on it.
+sit together (the design notes' STYLE.md, habit 5), so a stride check is read beside the kernel that relies on it.
 The plain PyTorch reference the tests compare against is trainer/kernels/reference.py (`gated_value`,
 `value_path`), stated once there for these kernels and for the Engram module's PyTorch path.
 """

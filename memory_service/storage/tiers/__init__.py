@@ -13,6 +13,6 @@ operation takes a batch of ids (see base.py).
 """
 from memory_service.storage.tiers.base import RowRecords, Tier
 from memory_service.storage.tiers.disk import DiskEnvironment, DiskTier
-from memory_service.storage.tiers.dram import SlotIndex, DramTier
+from memory_service.storage.tiers.dram import DramTier
 
-__all__ = ["DiskEnvironment", "DiskTier", "RowRecords", "SlotIndex", "Tier", "DramTier"]
+__all__ = ["DiskEnvironment", "DiskTier", "RowRecords", "Tier", "DramTier"]

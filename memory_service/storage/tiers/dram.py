@@ -1,4 +1,5 @@
-"""The DRAM arena: a table's rows in host DRAM, in growable numpy arenas found through `SlotIndex`.
+"""The DRAM arena: a table's rows in host DRAM, in growable numpy arenas found through `SlotIndex`
+(memory_service/ids.py).
 
 Records live in arenas ids (cap,), rows (cap, width), state (cap, state_width), last (cap,) and a
 dirty flag (cap,) (the row is newer than its copy in the tier below), at slots 0..len-1: removing

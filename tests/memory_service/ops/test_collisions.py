@@ -173,23 +173,23 @@ def test_service_rejects_bad_samples(make_cluster):
     INVALID_ARGUMENT naming the problem, and the fetch reads nothing."""
     import grpc
 
-    from memory_service.wire import codec as wire
+    from memory_service.wire import codec
     from memory_service.rpc import memory_pb2
 
     cluster = make_cluster(1)
     ids = np.array([1, 2, 3])
     good = summarize(ids, np.arange(3), np.arange(3, dtype=np.uint64), sample_threshold(1.0))
-    bad_index = wire.encode_ngrams(good)
+    bad_index = codec.encode_ngrams(good)
     bad_index.pair_index = np.array([0, 1, 3], dtype="<u4").tobytes()
-    cases = [("off", ids, wire.encode_ngrams(good), "collision_sample_rate is 0"),
+    cases = [("off", ids, codec.encode_ngrams(good), "collision_sample_rate is 0"),
              ("on", ids, bad_index, "pair_index 3 out of range"),
-             ("on", np.array([1, 1, 3]), wire.encode_ngrams(good), "must be distinct")]
+             ("on", np.array([1, 1, 3]), codec.encode_ngrams(good), "must be distinct")]
     with cluster.client() as client:
         client.create_table(TableConfig(name="off", num_rows=100, width=2))
         client.create_table(TableConfig(name="on", num_rows=100, width=2, collision_sample_rate=1.0))
         for table, table_ids, ngrams, message in cases:
             request = memory_pb2.FetchRequest(tables=[memory_pb2.TableIds(
-                table=table, ids=wire.encode_ids(table_ids), ngrams=ngrams)])
+                table=table, ids=codec.encode_ids(table_ids), ngrams=ngrams)])
             with pytest.raises(grpc.RpcError) as err:
                 client.stubs[0].Fetch(request)
             assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT

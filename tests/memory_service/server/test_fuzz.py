@@ -15,7 +15,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from memory_service.wire import codec as wire
+from memory_service.wire import codec
 from memory_service.config import MAX_TABLE_ROWS, OptimizerConfig, TableConfig
 from memory_service.storage.optimizer import MAX_STEP_AHEAD
 from memory_service.rpc import memory_pb2
@@ -108,7 +108,7 @@ def finite_grads(draw, n: int, cfg: TableConfig) -> np.ndarray:
 
 
 def grads_bytes(grads: np.ndarray, cfg: TableConfig) -> bytes:
-    return wire.encode_rows(grads, cfg.dtype)
+    return codec.encode_rows(grads, cfg.dtype)
 
 
 # --- Fetch ----------------------------------------------------------------------------------------
@@ -150,7 +150,7 @@ def fetch_cases(draw) -> Case:
             path=f"/dev/shm/engram-reply-fuzz-{draw(st.integers(0, 2**32))}"))
         codes = {Code.FAILED_PRECONDITION}
     elif mutation == "too_wide":  # a small request asking for a reply over the limit
-        limit = wire.MAX_REPLY_BYTES // (WIDE.width * 4)
+        limit = codec.MAX_REPLY_BYTES // (WIDE.width * 4)
         msg = _table_ids(WIDE, np.arange(draw(st.integers(limit + 1, WIDE.num_rows // 2))) * 2)
         codes = {Code.RESOURCE_EXHAUSTED}
     tables = good + [msg]
@@ -194,7 +194,7 @@ def valid_grads(draw, cfg: TableConfig) -> memory_pb2.TableGrads:
     """A TableGrads the shard would apply: adam at step STEPS + 1, sparse_adam at a step of its log."""
     ids = draw(own_ids(cfg, unique=cfg.optimizer.kind != "adam"))
     step = STEPS + 1 if cfg.optimizer.kind == "adam" else draw(st.integers(1, STEPS + 5))
-    return memory_pb2.TableGrads(table=cfg.name, step=step, dtype=wire.dtype_to_proto(cfg.dtype), width=cfg.width,
+    return memory_pb2.TableGrads(table=cfg.name, step=step, dtype=codec.dtype_to_proto(cfg.dtype), width=cfg.width,
                                  ids=encode(ids), grads=grads_bytes(finite_grads(draw, len(ids), cfg), cfg))
 
 
@@ -227,7 +227,7 @@ def bad_grads(draw, cfg: TableConfig) -> tuple[memory_pb2.TableGrads, set, str]:
     elif what == "width":
         msg.width = draw(st.integers(0, 2**32 - 1).filter(lambda w: w != cfg.width))
     elif what == "dtype":
-        msg.dtype = draw(st.sampled_from([0, 3, 99, -1, 2**31 - 1]) | st.just(3 - wire.dtype_to_proto(cfg.dtype)))
+        msg.dtype = draw(st.sampled_from([0, 3, 99, -1, 2**31 - 1]) | st.just(3 - codec.dtype_to_proto(cfg.dtype)))
     elif what == "step0":
         msg.step = 0
     elif what == "huge_step":
@@ -327,7 +327,7 @@ BAD_OPTIMIZER_FIELDS = {
 @st.composite
 def create_cases(draw) -> Case:
     base = draw(st.sampled_from([ADAM, SPARSE, WIDE]))
-    msg = wire.table_config_to_proto(base)
+    msg = codec.table_config_to_proto(base)
     what = draw(st.sampled_from(["config", "optimizer", "no_optimizer", "conflict", "identical"]))
     codes = {Code.INVALID_ARGUMENT}
     if what != "conflict" and what != "identical" and draw(st.booleans()):
@@ -490,7 +490,7 @@ def attacked():
     shard = _primed_shard()
     server = serve(shard)
     channel = grpc.insecure_channel(server.address, options=(
-        ("grpc.max_send_message_length", 2 * wire.MAX_MESSAGE_BYTES), *wire.MESSAGE_OPTIONS[1:]))
+        ("grpc.max_send_message_length", 2 * codec.MAX_MESSAGE_BYTES), *codec.MESSAGE_OPTIONS[1:]))
     yield shard, server, channel
     channel.close()
     server.stop(None)
@@ -551,7 +551,7 @@ def test_the_per_request_limits_answer_before_anything_is_read(attacked):
     thousands of times above), and a small request for a reply over the limit."""
     shard, _, channel = attacked
     digest = shard.digest()
-    too_many = bytes(8 * (wire.MAX_REQUEST_ROWS + 1))  # zeros: valid ids, just too many
+    too_many = bytes(8 * (codec.MAX_REQUEST_ROWS + 1))  # zeros: valid ids, just too many
     requests = {
         "Fetch": memory_pb2.FetchRequest(tables=[memory_pb2.TableIds(table="adam", ids=too_many)]),
         "Push": memory_pb2.PushRequest(client_id="c", tables=[memory_pb2.TableGrads(
@@ -562,7 +562,7 @@ def test_the_per_request_limits_answer_before_anything_is_read(attacked):
     for rpc, request in requests.items():
         code, details = _send(channel, _case(rpc, request, {}, "limit"))
         assert code == Code.RESOURCE_EXHAUSTED, (rpc, code, details)
-        assert f"{wire.MAX_REQUEST_ROWS + 1} row ids in one request; at most {wire.MAX_REQUEST_ROWS}" in details
+        assert f"{codec.MAX_REQUEST_ROWS + 1} row ids in one request; at most {codec.MAX_REQUEST_ROWS}" in details
     wide = memory_pb2.FetchRequest(tables=[_table_ids(WIDE, np.arange(1025) * 2)])  # 1025 x 256 KiB
     code, details = _send(channel, _case("Fetch", wide, {}, "limit"))
     assert code == Code.RESOURCE_EXHAUSTED and "would hold 268697600 bytes" in details

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from memory_service.wire import codec as wire
+from memory_service.wire import codec
 from memory_service.config import OptimizerConfig, TableConfig
 from memory_service.rpc import memory_pb2, memory_pb2_grpc
 from memory_service.server.servicer import SERVICE_NAME, serve
@@ -27,9 +27,9 @@ Code = grpc.StatusCode
 
 def _grads(cfg: TableConfig, ids: np.ndarray, step: int, seed: int = 0) -> memory_pb2.TableGrads:
     grads = np.random.default_rng(seed).standard_normal((len(ids), cfg.width)).astype(np.float32)
-    return memory_pb2.TableGrads(table=cfg.name, step=step, dtype=wire.dtype_to_proto(cfg.dtype),
-                                 width=cfg.width, ids=wire.encode_ids(ids),
-                                 grads=wire.encode_rows(grads, cfg.dtype))
+    return memory_pb2.TableGrads(table=cfg.name, step=step, dtype=codec.dtype_to_proto(cfg.dtype),
+                                 width=cfg.width, ids=codec.encode_ids(ids),
+                                 grads=codec.encode_rows(grads, cfg.dtype))
 
 
 def _push(*tables: memory_pb2.TableGrads, client_id: str = "trainer-0") -> memory_pb2.PushRequest:
@@ -37,7 +37,7 @@ def _push(*tables: memory_pb2.TableGrads, client_id: str = "trainer-0") -> memor
 
 
 def _fetch(**ids_of_table: list[int]) -> memory_pb2.FetchRequest:
-    return memory_pb2.FetchRequest(tables=[memory_pb2.TableIds(table=t, ids=wire.encode_ids(np.array(ids)))
+    return memory_pb2.FetchRequest(tables=[memory_pb2.TableIds(table=t, ids=codec.encode_ids(np.array(ids)))
                                            for t, ids in ids_of_table.items()])
 
 
@@ -67,7 +67,7 @@ def server(shard):
 
 @pytest.fixture
 def channel(server):
-    with grpc.insecure_channel(server.address, options=wire.MESSAGE_OPTIONS) as channel:
+    with grpc.insecure_channel(server.address, options=codec.MESSAGE_OPTIONS) as channel:
         yield channel
 
 
@@ -95,10 +95,10 @@ def test_health_is_serving(channel, service):
 def test_create_describe_list_drop(stub):
     cfg = TableConfig(name="new", num_rows=10**8, width=16, dtype="bfloat16", init_scale=0.02,
                       seed=7, optimizer=OptimizerConfig(kind="sgd", lr=0.5))
-    created = stub.CreateTable(memory_pb2.CreateTableRequest(config=wire.table_config_to_proto(cfg)))
-    assert wire.table_info_from_proto(created).config == cfg
+    created = stub.CreateTable(memory_pb2.CreateTableRequest(config=codec.table_config_to_proto(cfg)))
+    assert codec.table_info_from_proto(created).config == cfg
     assert (created.step, created.rows_materialized) == (0, 0)
-    again = stub.CreateTable(memory_pb2.CreateTableRequest(config=wire.table_config_to_proto(cfg)))
+    again = stub.CreateTable(memory_pb2.CreateTableRequest(config=codec.table_config_to_proto(cfg)))
     assert again == created  # re-creating with the same config is a no-op
     assert stub.DescribeTable(memory_pb2.DescribeTableRequest(name="new")) == created
     assert list(stub.ListTables(memory_pb2.ListTablesRequest()).names) == ["emb", "emb16", "new"]
@@ -108,7 +108,7 @@ def test_create_describe_list_drop(stub):
 
 def test_describe_reports_step_and_memory(stub, shard):
     info = stub.DescribeTable(memory_pb2.DescribeTableRequest(name="emb"))
-    assert wire.table_info_from_proto(info) == shard.describe_table("emb")
+    assert codec.table_info_from_proto(info) == shard.describe_table("emb")
     assert (info.step, info.rows_materialized) == (1, 3) and info.nbytes > 0
 
 
@@ -118,9 +118,9 @@ def test_fetch_several_tables_in_request_order(stub, shard):
     assert [t.table for t in response.tables] == ["emb16", "emb"]
     expected = shard.fetch({"emb16": np.array(ids16), "emb": np.array(ids)})
     for msg, cfg, n in zip(response.tables, (EMB16, EMB), (len(ids16), len(ids))):
-        assert (msg.dtype, msg.width) == (wire.dtype_to_proto(cfg.dtype), cfg.width)
-        rows = wire.decode_rows(msg.rows, n, cfg.width, cfg.dtype, cfg.name)  # (n, width)
-        reference = wire.decode_rows(wire.encode_rows(expected[cfg.name], cfg.dtype), n, cfg.width,
+        assert (msg.dtype, msg.width) == (codec.dtype_to_proto(cfg.dtype), cfg.width)
+        rows = codec.decode_rows(msg.rows, n, cfg.width, cfg.dtype, cfg.name)  # (n, width)
+        reference = codec.decode_rows(codec.encode_rows(expected[cfg.name], cfg.dtype), n, cfg.width,
                                      cfg.dtype, cfg.name)  # what the dtype keeps of the fp32 rows
         np.testing.assert_array_equal(rows, reference)
     np.testing.assert_array_equal(rows[0], rows[3])
@@ -134,7 +134,7 @@ def test_push_updates_rows_like_the_shard_in_process(stub, shard):
     assert shard.digest() != digest
     # the same gradients (as the wire dtype keeps them) pushed in-process to a twin shard
     twin = _primed_shard()
-    twin.push("twin", {cfg.name: TablePush(2, ids, wire.decode_rows(msg.grads, len(ids), cfg.width,
+    twin.push("twin", {cfg.name: TablePush(2, ids, codec.decode_rows(msg.grads, len(ids), cfg.width,
                                                                     cfg.dtype, cfg.name))
                        for msg, cfg, ids in zip(request.tables, (EMB, EMB16), (emb_ids, emb16_ids))})
     assert shard.digest() == twin.digest()
@@ -164,7 +164,7 @@ def test_fetch_64k_rows_above_grpcs_default_limit(stub, shard, server):
     ids = np.arange(0, 2 * 65536, 2)  # (65536,) even ids: shard 0's
     response = stub.Fetch(_fetch(big=ids))
     assert response.ByteSize() > 16 * 2**20 > 4 * 2**20  # gRPC's default receive limit is 4 MiB
-    rows = wire.decode_rows(response.tables[0].rows, len(ids), 64, "float32", "big")  # (65536, 64)
+    rows = codec.decode_rows(response.tables[0].rows, len(ids), 64, "float32", "big")  # (65536, 64)
     sample = slice(None, None, 1021)  # computing all 64k rows twice would double the test's time
     np.testing.assert_array_equal(rows[sample], shard.fetch({"big": ids[sample]})["big"])
     # a channel left at gRPC's defaults cannot take it: the limit is what makes this work
@@ -190,7 +190,7 @@ def _with(msg: memory_pb2.TableGrads, **changes) -> memory_pb2.TableGrads:
 GOOD = _grads(EMB, np.array([0, 6]), step=2)
 GOOD16 = _grads(EMB16, np.array([2]), step=2)
 BAD_GRAD = np.full((1, 8), np.nan, np.float32)
-TWO_ROWS_IDS = wire.encode_ids(np.array([0, 2]))
+TWO_ROWS_IDS = codec.encode_ids(np.array([0, 2]))
 
 REJECTED = {
     # rpc, request, code, message (regex)
@@ -208,9 +208,9 @@ REJECTED = {
     "fetch id of another shard": ("Fetch", _fetch(emb=[3]), Code.INVALID_ARGUMENT,
                                   r"table 'emb': row id 3 belongs to shard 1 of 2, not to shard 0"),
     "push id out of range (second table)": (
-        "Push", _push(GOOD, _with(GOOD16, ids=wire.encode_ids(np.array([500])))), Code.INVALID_ARGUMENT,
+        "Push", _push(GOOD, _with(GOOD16, ids=codec.encode_ids(np.array([500])))), Code.INVALID_ARGUMENT,
         r"table 'emb16': row id 500 out of range \[0, 500\)"),
-    "push negative id": ("Push", _push(_with(GOOD, ids=wire.encode_ids(np.array([0, -4])))),
+    "push negative id": ("Push", _push(_with(GOOD, ids=codec.encode_ids(np.array([0, -4])))),
                          Code.INVALID_ARGUMENT, r"table 'emb': row id -4 out of range \[0, 1000\)"),
     "push width mismatch": ("Push", _push(GOOD16, _with(GOOD, width=4)), Code.INVALID_ARGUMENT,
                             r"table 'emb': grads width 4 does not match the table's width 8"),
@@ -228,10 +228,10 @@ REJECTED = {
                              Code.INVALID_ARGUMENT,
                              r"table 'emb': rows payload of 63 bytes, expected 64 \(2 rows x width 8"),
     "push grads for fewer rows than ids": (
-        "Push", _push(_with(GOOD, ids=wire.encode_ids(np.array([0, 2, 4])))), Code.INVALID_ARGUMENT,
+        "Push", _push(_with(GOOD, ids=codec.encode_ids(np.array([0, 2, 4])))), Code.INVALID_ARGUMENT,
         r"table 'emb': rows payload of 64 bytes, expected 96 \(3 rows x width 8"),
     "push non-finite gradient": (
-        "Push", _push(_with(GOOD, ids=wire.encode_ids(np.array([4])), grads=BAD_GRAD.tobytes())),
+        "Push", _push(_with(GOOD, ids=codec.encode_ids(np.array([4])), grads=BAD_GRAD.tobytes())),
         Code.INVALID_ARGUMENT, r"table 'emb': gradient of row id 4 is not finite"),
     "push step 0": ("Push", _push(_with(GOOD, step=0)), Code.INVALID_ARGUMENT,
                     r"table 'emb': step 0 must be an integer >= 1"),
@@ -244,7 +244,7 @@ REJECTED = {
         r"fetch: table 'emb' appears more than once in one request"),
     "create with a different config": (
         "CreateTable", memory_pb2.CreateTableRequest(
-            config=wire.table_config_to_proto(TableConfig(name="emb", num_rows=1000, width=16, seed=1))),
+            config=codec.table_config_to_proto(TableConfig(name="emb", num_rows=1000, width=16, seed=1))),
         Code.ALREADY_EXISTS, r"table 'emb' exists with a different config: width 8 != 16"),
     "create with an invalid config": (
         "CreateTable", memory_pb2.CreateTableRequest(config=memory_pb2.TableConfig(name="x")),
@@ -256,15 +256,15 @@ REJECTED = {
     "commit step 0": ("CommitStep", memory_pb2.CommitStepRequest(client_id="c", tables=[
         memory_pb2.TableStep(table="emb", step=0)]), Code.INVALID_ARGUMENT, r"table 'emb': commit step 0 must be"),
     "create with an infinite lr over an existing table": (
-        "CreateTable", memory_pb2.CreateTableRequest(config=wire.table_config_to_proto(EMB)),
+        "CreateTable", memory_pb2.CreateTableRequest(config=codec.table_config_to_proto(EMB)),
         Code.INVALID_ARGUMENT, r"optimizer lr inf must be > 0 and finite"),
     "import repeated ids": ("ImportRows", memory_pb2.ImportRowsRequest(
-        records=memory_pb2.RowRecords(table="emb", ids=wire.encode_ids(np.array([2, 2])), rows=bytes(64),
-                                      state=bytes(128), last=bytes(16)), ids=wire.encode_ids(np.array([2, 2]))),
+        records=memory_pb2.RowRecords(table="emb", ids=codec.encode_ids(np.array([2, 2])), rows=bytes(64),
+                                      state=bytes(128), last=bytes(16)), ids=codec.encode_ids(np.array([2, 2]))),
         Code.INVALID_ARGUMENT, r"table 'emb': imported ids must be distinct"),
     "import non-finite rows": ("ImportRows", memory_pb2.ImportRowsRequest(
-        records=memory_pb2.RowRecords(table="emb", ids=wire.encode_ids(np.array([2])), rows=BAD_GRAD.tobytes(),
-                                      state=bytes(64), last=bytes(8)), ids=wire.encode_ids(np.array([2]))),
+        records=memory_pb2.RowRecords(table="emb", ids=codec.encode_ids(np.array([2])), rows=BAD_GRAD.tobytes(),
+                                      state=bytes(64), last=bytes(8)), ids=codec.encode_ids(np.array([2]))),
         Code.INVALID_ARGUMENT, r"table 'emb': imported rows and optimizer state must be finite"),
     "describe a name longer than a status may quote": (
         "DescribeTable", memory_pb2.DescribeTableRequest(name="x" * 100_000), Code.NOT_FOUND,

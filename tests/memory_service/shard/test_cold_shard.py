@@ -100,7 +100,7 @@ def test_cold_shard_reopens_from_lmdb_and_continues_bit_identically(tmp_path):
         Shard(1, 2, storage(tmp_path))
 
 
-def test_usage_reports_memory_over_cold(tmp_path):
+def test_usage_reports_dram_over_disk(tmp_path):
     shard = cold_shard(tmp_path)
     try:
         drive([shard], range(1, 11))

@@ -159,7 +159,7 @@ def test_a_killed_shard_replays_its_log_and_applies_a_resent_request_once(tmp_pa
         reopened.close()
 
 
-@pytest.mark.parametrize("path", [None, "disk"], ids=["dram", "cold"])
+@pytest.mark.parametrize("path", [None, "disk"], ids=["dram", "disk"])
 def test_a_resent_push_or_commit_is_applied_once(tmp_path, path):
     shard = Shard(0, 1, storage(tmp_path / path) if path else None)
     try:
@@ -335,7 +335,7 @@ def test_kill_9_of_a_cold_shard_mid_training_loses_no_update_and_applies_none_tw
     # operators see it: Stats (and so the CLI and Prometheus) reports the replay, on that shard only
     assert [s.wal_replayed for s in report.shards if s.role == "cold"] == [0, recovered["wal_replayed"]]
     assert all(m["promoted"] > 0 and m["demoted"] > 0 for m in moves), moves
-    for table in report.shards[1].tables:  # the cold tier was in use: most rows lived in LMDB
+    for table in report.shards[1].tables:  # the disk tier was in use: most rows lived in LMDB
         dram, disk = table.tiers
         assert disk.tier == "disk" and disk.rows > 4 * dram.rows, table
     assert got.train_losses == want.train_losses

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from memory_service.wire import codec as wire
+from memory_service.wire import codec
 from memory_service.config import OptimizerConfig, TableConfig
 from memory_service.errors import InvalidArgument
 from memory_service.rpc import memory_pb2
@@ -23,29 +23,29 @@ def _torch_bf16_bits(x: np.ndarray) -> np.ndarray:
 @pytest.mark.parametrize("dtype", [np.int64, np.int32, np.uint64, np.uint16])
 def test_ids_round_trip(dtype):
     ids = np.array([0, 1, 7, 12345, 2**15 - 1], dtype=dtype)
-    decoded = wire.decode_ids(wire.encode_ids(ids), "t")
+    decoded = codec.decode_ids(codec.encode_ids(ids), "t")
     assert decoded.dtype == np.int64
     np.testing.assert_array_equal(decoded, ids.astype(np.int64))
 
 
 def test_ids_are_int64_little_endian():
-    assert wire.encode_ids(np.array([1, -2])) == struct.pack("<qq", 1, -2)
+    assert codec.encode_ids(np.array([1, -2])) == struct.pack("<qq", 1, -2)
 
 
 def test_decode_ids_is_a_view_of_the_payload():
-    payload = wire.encode_ids(np.arange(10))
-    ids = wire.decode_ids(payload, "t")
+    payload = codec.encode_ids(np.arange(10))
+    ids = codec.decode_ids(payload, "t")
     assert not ids.flags.owndata and not ids.flags.writeable
 
 
 def test_decode_ids_rejects_a_partial_id():
     with pytest.raises(InvalidArgument, match=r"table 'emb': ids payload of 12 bytes is not a multiple of 8"):
-        wire.decode_ids(b"\0" * 12, "emb")
+        codec.decode_ids(b"\0" * 12, "emb")
 
 
 def test_encode_ids_rejects_floats():
     with pytest.raises(InvalidArgument, match="ids must be integers, got dtype float64"):
-        wire.encode_ids(np.array([1.0]))
+        codec.encode_ids(np.array([1.0]))
 
 
 # --- rows -----------------------------------------------------------------------------------------
@@ -55,22 +55,22 @@ def test_float32_rows_round_trip_exactly(shape):
     rows = np.random.default_rng(0).standard_normal(shape).astype(np.float32)  # (n, width)
     if rows.size:
         rows.flat[:3] = [np.inf, -np.inf, np.nan][: rows.size]
-    payload = wire.encode_rows(rows, "float32")
+    payload = codec.encode_rows(rows, "float32")
     assert len(payload) == rows.size * 4
-    decoded = wire.decode_rows(payload, *shape, "float32", "t")
+    decoded = codec.decode_rows(payload, *shape, "float32", "t")
     assert decoded.dtype == np.float32 and decoded.shape == shape
     np.testing.assert_array_equal(decoded.view(np.uint32), rows.view(np.uint32))  # bit-exact
 
 
 def test_float32_rows_are_little_endian_and_zero_copy_on_decode():
-    payload = wire.encode_rows(np.array([[1.0, -2.5]], np.float32), "float32")
+    payload = codec.encode_rows(np.array([[1.0, -2.5]], np.float32), "float32")
     assert payload == struct.pack("<ff", 1.0, -2.5)
-    rows = wire.decode_rows(payload, 1, 2, "float32", "t")
+    rows = codec.decode_rows(payload, 1, 2, "float32", "t")
     assert not rows.flags.owndata and not rows.flags.writeable
 
 
 def test_bfloat16_is_the_upper_half_little_endian():
-    assert wire.encode_rows(np.array([[1.0, -2.0]], np.float32), "bfloat16") == b"\x80\x3f\x00\xc0"
+    assert codec.encode_rows(np.array([[1.0, -2.0]], np.float32), "bfloat16") == b"\x80\x3f\x00\xc0"
 
 
 def test_bfloat16_rounds_like_torch():
@@ -84,21 +84,21 @@ def test_bfloat16_rounds_like_torch():
                      np.float32)
     x = np.concatenate([normal, scaled, bits, ties, edges])
     x = x[~np.isnan(x)]  # NaN bit patterns are checked below: torch's differ by code path
-    ours = np.frombuffer(wire.encode_rows(x[None, :], "bfloat16"), "<u2")
+    ours = np.frombuffer(codec.encode_rows(x[None, :], "bfloat16"), "<u2")
     np.testing.assert_array_equal(ours, _torch_bf16_bits(x))
 
 
 def test_bfloat16_keeps_nan_and_its_sign():
     nans = np.array([0x7FC00000, 0xFFC00000, 0x7F800001, 0xFFFFFFFF, 0x7FFFFFFF], np.uint32)
-    payload = wire.encode_rows(nans.view(np.float32)[None, :], "bfloat16")
-    decoded = wire.decode_rows(payload, 1, 5, "bfloat16", "t")[0]
+    payload = codec.encode_rows(nans.view(np.float32)[None, :], "bfloat16")
+    decoded = codec.decode_rows(payload, 1, 5, "bfloat16", "t")[0]
     assert np.isnan(decoded).all()
     np.testing.assert_array_equal(np.signbit(decoded), [False, True, False, True, False])
 
 
 def test_bfloat16_decodes_to_torchs_float32():
     x = np.random.default_rng(1).standard_normal((50, 16)).astype(np.float32)  # (n, width)
-    decoded = wire.decode_rows(wire.encode_rows(x, "bfloat16"), 50, 16, "bfloat16", "t")
+    decoded = codec.decode_rows(codec.encode_rows(x, "bfloat16"), 50, 16, "bfloat16", "t")
     expected = torch.from_numpy(x).to(torch.bfloat16).float().numpy()
     assert decoded.dtype == np.float32
     np.testing.assert_array_equal(decoded, expected)
@@ -109,7 +109,7 @@ def test_decode_rows_rejects_a_wrong_length(dtype, itemsize):
     payload = b"\0" * (3 * 8 * itemsize - 1)
     with pytest.raises(InvalidArgument, match=rf"table 'emb': rows payload of {len(payload)} bytes, "
                                               rf"expected {3 * 8 * itemsize} \(3 rows x width 8"):
-        wire.decode_rows(payload, 3, 8, dtype, "emb")
+        codec.decode_rows(payload, 3, 8, dtype, "emb")
 
 
 # --- configs --------------------------------------------------------------------------------------
@@ -121,18 +121,18 @@ def test_table_config_round_trips(dtype, kind):
                       seed=2**64 - 1, optimizer=OptimizerConfig(kind=kind, lr=0.1, beta1=0.5,
                                                                 beta2=0.25, eps=1e-10,
                                                                 initial_accumulator_value=0.1))
-    msg = memory_pb2.TableConfig.FromString(wire.table_config_to_proto(cfg).SerializeToString())
-    assert wire.table_config_from_proto(msg) == cfg
+    msg = memory_pb2.TableConfig.FromString(codec.table_config_to_proto(cfg).SerializeToString())
+    assert codec.table_config_from_proto(msg) == cfg
 
 
 def test_table_info_round_trips():
     info = TableInfo(TableConfig(name="t", num_rows=10, width=4), step=3, rows_materialized=2,
                      nbytes=1234)
-    assert wire.table_info_from_proto(wire.table_info_to_proto(info)) == info
+    assert codec.table_info_from_proto(codec.table_info_to_proto(info)) == info
 
 
 def _config_msg(**changes) -> memory_pb2.TableConfig:
-    msg = wire.table_config_to_proto(TableConfig(name="emb", num_rows=100, width=8))
+    msg = codec.table_config_to_proto(TableConfig(name="emb", num_rows=100, width=8))
     for field, value in changes.items():
         setattr(msg, field, value)
     return msg
@@ -149,19 +149,19 @@ def _config_msg(**changes) -> memory_pb2.TableConfig:
 ])
 def test_table_config_from_proto_rejects(changes, message):
     with pytest.raises(InvalidArgument, match=message):
-        wire.table_config_from_proto(_config_msg(**changes))
+        codec.table_config_from_proto(_config_msg(**changes))
 
 
 def test_optimizer_config_from_proto_rejects():
     msg = _config_msg()
     msg.optimizer.kind = memory_pb2.OPTIMIZER_KIND_UNSPECIFIED
     with pytest.raises(InvalidArgument, match="table 'emb': optimizer kind OPTIMIZER_KIND_UNSPECIFIED"):
-        wire.table_config_from_proto(msg)
+        codec.table_config_from_proto(msg)
     msg = _config_msg()
     msg.optimizer.lr = -1.0
     with pytest.raises(InvalidArgument, match=r"table 'emb': optimizer lr -1.0 must be > 0"):
-        wire.table_config_from_proto(msg)
+        codec.table_config_from_proto(msg)
     msg = _config_msg()
     msg.ClearField("optimizer")
     with pytest.raises(InvalidArgument, match="table 'emb': the optimizer config is required"):
-        wire.table_config_from_proto(msg)
+        codec.table_config_from_proto(msg)

@@ -18,7 +18,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from memory_service.wire import codec as wire
+from memory_service.wire import codec
 from memory_service.client import MemoryClient
 from memory_service.config import OptimizerConfig, TableConfig
 from memory_service.errors import PermissionDenied, Unauthenticated
@@ -126,19 +126,19 @@ def mtls_server(shard, pki):
 
 
 def _stub(server, security: ClientSecurity | None) -> tuple[grpc.Channel, memory_pb2_grpc.MemoryServiceStub]:
-    channel = (security.channel(server.address, wire.MESSAGE_OPTIONS) if security
-               else grpc.insecure_channel(server.address, options=wire.MESSAGE_OPTIONS))
+    channel = (security.channel(server.address, codec.MESSAGE_OPTIONS) if security
+               else grpc.insecure_channel(server.address, options=codec.MESSAGE_OPTIONS))
     return channel, memory_pb2_grpc.MemoryServiceStub(channel)
 
 
 def _push(step: int = 2) -> memory_pb2.PushRequest:
     grads = np.full((2, 8), 0.5, np.float32)
     return memory_pb2.PushRequest(client_id="t", tables=[memory_pb2.TableGrads(
-        table="emb", step=step, dtype=memory_pb2.DTYPE_FLOAT32, width=8, ids=wire.encode_ids(np.array([0, 6])),
-        grads=wire.encode_rows(grads, "float32"))])
+        table="emb", step=step, dtype=memory_pb2.DTYPE_FLOAT32, width=8, ids=codec.encode_ids(np.array([0, 6])),
+        grads=codec.encode_rows(grads, "float32"))])
 
 
-FETCH = memory_pb2.FetchRequest(tables=[memory_pb2.TableIds(table="emb", ids=wire.encode_ids(np.array([0, 2])))])
+FETCH = memory_pb2.FetchRequest(tables=[memory_pb2.TableIds(table="emb", ids=codec.encode_ids(np.array([0, 2])))])
 
 
 def _code(call, *args) -> grpc.StatusCode:
@@ -175,10 +175,10 @@ def test_read_token_reads(tls_server, pki):
 WRITES = {
     "Push": _push(),
     "CommitStep": memory_pb2.CommitStepRequest(client_id="t", tables=[memory_pb2.TableStep(table="emb", step=2)]),
-    "CreateTable": memory_pb2.CreateTableRequest(config=wire.table_config_to_proto(
+    "CreateTable": memory_pb2.CreateTableRequest(config=codec.table_config_to_proto(
         TableConfig(name="new", num_rows=10, width=2))),
     "DropTable": memory_pb2.DropTableRequest(name="emb"),
-    "ExportRows": memory_pb2.ExportRowsRequest(table="emb", ids=wire.encode_ids(np.array([0])), version=1),
+    "ExportRows": memory_pb2.ExportRowsRequest(table="emb", ids=codec.encode_ids(np.array([0])), version=1),
     "ImportRows": memory_pb2.ImportRowsRequest(records=memory_pb2.RowRecords(table="emb")),
     "DrainAccesses": memory_pb2.DrainAccessesRequest(),
 }
@@ -326,11 +326,11 @@ def test_binding_beyond_loopback_without_tls_warns(shard, pki):
 def test_a_message_over_the_limit_is_resource_exhausted(tls_server, pki, shard):
     digest = shard.digest()
     security = ClientSecurity(root_cert=pki.ca, token=WRITE)
-    options = (("grpc.max_send_message_length", 2 * wire.MAX_MESSAGE_BYTES),)  # the client would send it
+    options = (("grpc.max_send_message_length", 2 * codec.MAX_MESSAGE_BYTES),)  # the client would send it
     with security.channel(tls_server.address, options) as channel:
         stub = memory_pb2_grpc.MemoryServiceStub(channel)
-        request = memory_pb2.FetchRequest(tables=[memory_pb2.TableIds(table="emb", ids=bytes(wire.MAX_MESSAGE_BYTES))])
-        assert request.ByteSize() > wire.MAX_MESSAGE_BYTES
+        request = memory_pb2.FetchRequest(tables=[memory_pb2.TableIds(table="emb", ids=bytes(codec.MAX_MESSAGE_BYTES))])
+        assert request.ByteSize() > codec.MAX_MESSAGE_BYTES
         assert _code(stub.Fetch, request) == Code.RESOURCE_EXHAUSTED
         assert stub.ListTables(memory_pb2.ListTablesRequest(), timeout=10).names == ["emb"]  # still serving
     assert shard.digest() == digest

@@ -9,7 +9,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from memory_service.storage.tiers import DiskEnvironment, RowRecords, SlotIndex, DramTier
+from memory_service.ids import SlotIndex
+from memory_service.storage.tiers import DiskEnvironment, DramTier, RowRecords
 from memory_service.storage.tiers import disk as disk_tier
 from memory_service.storage.tiers.device import DeviceTier
 

@@ -14,7 +14,7 @@ from trainer.train import ServiceOptions, train
 
 from tests.trainer.test_train import small_train_config
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[3] / "bench"))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "bench"))
 
 from shard_processes import start_processes  # noqa: E402
 
