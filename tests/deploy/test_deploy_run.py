@@ -23,20 +23,17 @@ import json
 import os
 import re
 import shutil
-import signal
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 
 from deploy import manifests
+from tests.deploy.netns import Network, Processes, wait_for
 
 pytestmark = pytest.mark.slow
 OVERLAY = manifests.DEPLOY / "overlays" / "cpu-small"
 BIN = Path(sys.executable).parent  # the image's PATH: ray and engram live here
-READY_S = 180
 
 
 def replace(text: str, old: str, new: str) -> str:
@@ -63,92 +60,6 @@ class Local:
         for path, local in self.mounts.items():
             command = replace(command, path, local)
         return command
-
-
-class Network:
-    """A network namespace with only loopback, held open by a sleeping process; `enter(argv)` is
-    argv run inside it."""
-
-    def __init__(self):
-        rootless = os.geteuid() != 0
-        unshare = ["unshare", "--user", "--map-root-user", "--net"] if rootless else ["unshare", "--net"]
-        self.holder = subprocess.Popen(unshare + ["bash", "-c", "ip link set lo up && exec sleep infinity"],
-                                       start_new_session=True)
-        self.prefix = ["nsenter", "-t", str(self.holder.pid)]
-        self.prefix += ["--user", "--net", "--preserve-credentials"] if rootless else ["--net"]
-        deadline = time.monotonic() + 30
-        while not self._loopback_up():
-            assert self.holder.poll() is None and time.monotonic() < deadline, \
-                "could not set up a network namespace (unshare, nsenter and ip are needed)"
-            time.sleep(0.2)
-
-    def _loopback_up(self) -> bool:
-        shown = subprocess.run(self.enter(["ip", "link", "show", "lo", "up"]), capture_output=True)
-        return b"UP" in shown.stdout
-
-    def enter(self, argv: list[str]) -> list[str]:
-        return [*self.prefix, "--", *argv]
-
-    def close(self) -> None:
-        self.holder.kill()
-        self.holder.wait(timeout=10)
-
-
-class Processes:
-    """Processes started inside the network, each in a session of its own, all ended by their ids
-    at the end."""
-
-    def __init__(self, network: Network, logs: Path, env: dict[str, str]):
-        self.network, self.logs, self.env, self.procs = network, logs, env, []
-
-    def start(self, name: str, argv: list[str], extra_env: dict[str, str] | None = None) -> None:
-        with open(self.logs / f"{name}.log", "w") as log:
-            proc = subprocess.Popen(self.network.enter(argv), stdout=log, stderr=subprocess.STDOUT,
-                                    start_new_session=True, env={**self.env, **(extra_env or {})})
-        self.procs.append((name, proc))
-
-    def run(self, argv: list[str], timeout: float = 180, **env) -> subprocess.CompletedProcess:
-        return subprocess.run(self.network.enter(argv), capture_output=True, text=True,
-                              timeout=timeout, env={**self.env, **env})
-
-    def log(self, name: str) -> str:
-        return (self.logs / f"{name}.log").read_text()
-
-    def stop(self) -> None:
-        """SIGTERM each session, newest first (the tables' driver before Ray), then SIGKILL
-        whatever is left of those sessions, found by session id."""
-        for _, proc in reversed(self.procs):
-            _signal_session(proc.pid, signal.SIGTERM)
-            try:
-                proc.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                pass
-        for _, proc in self.procs:
-            _signal_session(proc.pid, signal.SIGKILL)
-            proc.wait(timeout=20)
-
-
-def _signal_session(sid: int, sig: int) -> None:
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except (OSError, IndexError):
-            continue
-        if int(fields[3]) == sid:  # field 6 of /proc/<pid>/stat: the session id
-            try:
-                os.kill(int(stat.parent.name), sig)
-            except ProcessLookupError:
-                pass
-
-
-def wait_for(check, what: str, procs: Processes, timeout: float = READY_S):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if result := check():
-            return result
-        time.sleep(1)
-    logs = "\n".join(f"--- {name}\n{procs.log(name)[-3000:]}" for name, _ in procs.procs)
-    raise AssertionError(f"timed out waiting for {what}\n{logs}")
 
 
 def engram_stats(procs: Processes, name: str) -> dict:
