@@ -70,3 +70,13 @@ class Unauthenticated(MemoryServiceError):
 
 class PermissionDenied(MemoryServiceError):
     """A read token called a write rpc (gRPC PERMISSION_DENIED)."""
+
+
+class ClusterError(MemoryServiceError):
+    """The Ray cluster cannot hold or reach the table cluster: no node offers the shard resource,
+    or an actor did not come up before its deadline. The message says what is missing and how to
+    fix it."""
+
+
+class ClusterNotFound(ClusterError):
+    """No table cluster (registry actor) of this name runs on the Ray cluster."""
