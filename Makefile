@@ -4,10 +4,13 @@ PY := $(VENV)/bin/python
 # CPU machines install the local CPU build first so the `torch>=2.4` range pulls no CUDA wheel.
 # On a GPU machine with its own torch: make test TORCH_SPEC=
 TORCH_SPEC ?= torch==2.13.0
+# dev: tests and stub generation; demo: the demo's plot. A GPU machine adds the Triton kernels:
+# make test EXTRAS=dev,demo,gpu TORCH_SPEC=
+EXTRAS ?= dev,demo
 
 # Wheels a GPU machine lent without network lacks: its image has torch, triton, numpy, tokenizers,
-# msgpack, rich and prometheus_client, but not lmdb, grpcio-health-checking or this project's pinned
-# grpcio/protobuf (the generated stubs check their versions). Carry .wheels/ to it and run
+# msgpack, rich and prometheus_client, but not lmdb, grpcio-health-checking or a grpcio/protobuf
+# as new as the generated stubs need (pyproject.toml's floors; the stubs check them). Carry .wheels/ to it and run
 # bench/gpu_session.sh there. Its python is 3.12 (WHEELS_PY). Ray is left out: its wheel (79 MB) is
 # over the 64 MiB the machine may be carried, and the GPU checks run without it (local_shards.py).
 WHEELS_PY ?= 3.12
@@ -20,7 +23,7 @@ $(VENV)/.installed: pyproject.toml Makefile
 	python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(if $(TORCH_SPEC),$(PY) -m pip install -q "$(TORCH_SPEC)")
-	$(PY) -m pip install -q -e ".[dev]"
+	$(PY) -m pip install -q -e ".[$(EXTRAS)]"
 	touch $@
 
 demo: venv
