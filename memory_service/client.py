@@ -331,7 +331,7 @@ class MemoryClient:
         """Tells every shard that step `step` of the tables is complete (all requests landed)."""
         request = memory_pb2.CommitStepRequest(
             client_id=self.client_id, contributors=contributors, request_seq=next(self._request_seqs),
-            tables=[memory_pb2.TableStep(table=name, step=step, lr=lr or 0.0) for name in names])
+            tables=[memory_pb2.TableStep(table=name, step=step, **codec.lr_field(lr)) for name in names])
         replies = self.transport.call_all("CommitStep", request, pool=self.transport.push_pool)
         return sum(r.rows_updated for r in replies)
 

@@ -198,7 +198,7 @@ class MemoryServicer(memory_pb2_grpc.MemoryServiceServicer):
         steps = {}
         for msg in request.tables:
             _check_once(steps, msg.table, "commit")
-            steps[msg.table] = (msg.step, msg.lr or None)
+            steps[msg.table] = (msg.step, _lr(msg))
         updated = self.shard.commit(request.client_id, steps, max(1, request.contributors),
                                     request_seq=request.request_seq)
         return memory_pb2.CommitStepResponse(rows_updated=updated)
@@ -269,7 +269,13 @@ def _decode_push(msg: memory_pb2.TableGrads, info: TableInfo) -> TablePush:
                               f"table's width {cfg.width}")
     ids = codec.decode_ids(msg.ids, cfg.name)  # (n,) int64
     grads = codec.decode_rows(msg.grads, len(ids), cfg.width, dtype, cfg.name)  # (n, width) float32
-    return TablePush(step=msg.step, ids=ids, grads=grads, lr=msg.lr or None)
+    return TablePush(step=msg.step, ids=ids, grads=grads, lr=_lr(msg))
+
+
+def _lr(msg: memory_pb2.TableGrads | memory_pb2.TableStep) -> float | None:
+    """The learning rate a push or commit carries: None when it carries none (the table's
+    configured lr); 0.0 is a zero step, not "configured"."""
+    return msg.lr if msg.HasField("lr") else None
 
 
 @dataclass

@@ -74,15 +74,17 @@ class TableOptimizer(ABC):
         `lr` its learning rate (None: the configured one)."""
 
     def checked_lr(self, step: int, lr: float | None) -> float:
-        """The learning rate of a push for `step` (None or 0: the configured lr), or ValueError if
+        """The learning rate of a push for `step` (None: the configured lr; 0: a zero step), or ValueError if
         the push cannot be applied: a different lr than the step already has, or, for optimizers
         that catch up, a step other than the current or the next one (the step log has no holes)."""
         if step > self.step + MAX_STEP_AHEAD:
             raise ValueError(f"step {step} is more than {MAX_STEP_AHEAD} steps beyond the table's step "
                              f"{self.step} (the step log keeps a learning rate per step)")
-        lr = self.config.lr if lr is None or lr == 0 else float(lr)
-        if not (math.isfinite(lr) and lr > 0):
-            raise ValueError(f"learning rate {lr} of step {step} must be finite and > 0")
+        lr = self.config.lr if lr is None else float(lr)
+        # lr 0 is a step all the same, as torch takes it (a schedule that ends at 0): rows keep
+        # their values, the optimizer state (moments, sums, the step) moves as under any lr
+        if not (math.isfinite(lr) and lr >= 0):
+            raise ValueError(f"learning rate {lr} of step {step} must be finite and >= 0")
         if step < len(self._lrs) and not math.isnan(known := float(self._lrs[step])) and known != lr:
             raise ValueError(f"step {step} was pushed with learning rate {known!r}, not {lr!r}")
         if self.catches_up and step not in (self.step, self.step + 1):

@@ -69,6 +69,12 @@ def decode_ids(payload: bytes, table: str) -> np.ndarray:
     return np.frombuffer(payload, dtype="<i8")
 
 
+def lr_field(lr: float | None) -> dict[str, float]:
+    """The `lr` keyword of a TableGrads or TableStep: none for None (the table's configured lr),
+    so that 0.0 goes on the wire as a zero step (the field has explicit presence)."""
+    return {} if lr is None else {"lr": float(lr)}
+
+
 def encode_rows(rows: np.ndarray, dtype: str) -> bytes:
     """Rows (n, width) float32 -> row-major little-endian bytes in `dtype` (float32 or bfloat16)."""
     rows = np.ascontiguousarray(rows, dtype="<f4")  # (n, width); no copy when already so

@@ -71,4 +71,4 @@ class PushRound:
             raise InvalidArgument(f"table {name!r}: gradient width {grads.shape[1]} != table width {cfg.width}")
         return memory_pb2.TableGrads(table=name, step=self.step, dtype=codec.dtype_to_proto(cfg.dtype),
                                      width=cfg.width, ids=codec.encode_ids(ids),
-                                     grads=codec.encode_rows(grads, cfg.dtype), lr=self.lr or 0.0)
+                                     grads=codec.encode_rows(grads, cfg.dtype), **codec.lr_field(self.lr))

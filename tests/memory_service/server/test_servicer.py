@@ -305,3 +305,48 @@ def test_the_valid_push_of_the_rejected_cases_does_change_state(stub, shard):
     digest = shard.digest()
     assert stub.Push(_push(GOOD, GOOD16)).rows_updated == 3
     assert shard.digest() != digest
+
+
+def test_a_push_says_whether_it_carries_an_lr(stub):
+    """TableGrads.lr and TableStep.lr have explicit presence: absent is the table's configured lr,
+    0.0 a zero step (rows stay; the step and its lr are logged), through the stub and through
+    MemoryClient (which RemoteTables pushes with)."""
+    ids = np.array([0, 2, 4])
+    rows = lambda: stub.Fetch(_fetch(emb=ids.tolist())).tables[0].rows  # noqa: E731
+    first = rows()
+    assert stub.Push(_push(_grads(EMB, ids, step=2))).rows_updated == 3  # no lr: EMB's 0.01
+    assert rows() != first
+    twin = _primed_shard()
+    twin.push("twin", {"emb": TablePush(2, ids, codec.decode_rows(_grads(EMB, ids, 2).grads, 3, 8, "float32", "emb"),
+                                        lr=EMB.optimizer.lr)})
+    assert rows() == codec.encode_rows(twin.fetch({"emb": ids})["emb"], "float32")
+    after_two = rows()
+    zero = _grads(EMB, ids, step=3)
+    zero.lr = 0.0
+    assert zero.HasField("lr")
+    assert stub.Push(_push(zero)).rows_updated == 3
+    assert rows() == after_two  # a zero step
+    # a commit without an lr means the configured one, which step 3 was not pushed with
+    with pytest.raises(grpc.RpcError) as err:
+        stub.CommitStep(memory_pb2.CommitStepRequest(client_id="c", tables=[memory_pb2.TableStep(table="emb", step=3)]))
+    assert err.value.code() == Code.INVALID_ARGUMENT and "not 0.01" in err.value.details()
+    stub.CommitStep(memory_pb2.CommitStepRequest(client_id="c", tables=[memory_pb2.TableStep(table="emb", step=3, lr=0.0)]))
+
+
+def test_memory_client_sends_lr_zero_as_a_zero_step():
+    from memory_service.client import MemoryClient  # only here: the other tests call the stub
+    cfg = TableConfig(name="solo", num_rows=1000, width=4, seed=5, optimizer=OptimizerConfig("sgd", lr=0.5))
+    ids, grads = np.array([0, 3, 4]), np.ones((3, 4), np.float32)
+    shard = Shard(shard_id=0, num_shards=1)
+    server = serve(shard)
+    try:
+        with MemoryClient([server.address], shared_memory=False) as client:
+            client.create_table(cfg)
+            start = shard.fetch({"solo": ids})["solo"]
+            client.push({"solo": (ids, grads)}, step=1, lr=0.0)
+            np.testing.assert_array_equal(shard.fetch({"solo": ids})["solo"], start)
+            assert shard.describe_table("solo").step == 1  # the step happened
+            client.push({"solo": (ids, grads)}, step=2)  # no lr: the configured 0.5
+            np.testing.assert_array_equal(shard.fetch({"solo": ids})["solo"], start - np.float32(0.5))
+    finally:
+        server.stop(grace=None)

@@ -230,6 +230,53 @@ def test_held_parts_and_commits_come_back_after_a_restart(tmp_path, restart):
         shard.close()
 
 
+ZERO_LRS = (0.05, 0.0, 0.0)  # a schedule that ends at 0 (cosine to eta_min = 0): zero steps
+
+
+def push_zero_steps(shard: Shard) -> None:
+    """Steps 1..3 of "sa" and "ad" at ZERO_LRS: the last two move optimizer state, never rows."""
+    for step, lr in enumerate(ZERO_LRS, start=1):
+        ids = np.arange(step, 300, 3)
+        grads = np.random.default_rng(step).standard_normal((len(ids), WIDTH)).astype(np.float32)
+        shard.push("trainer", {name: TablePush(step, ids, grads, lr=lr) for name in ("sa", "ad")}, request_seq=step)
+
+
+ZERO_CHILD = """
+import sys
+sys.path[:0] = [{tests!r}, {root!r}]
+from test_recovery import open_shard, push_zero_steps
+push_zero_steps(open_shard({path!r}))
+print("pushed", flush=True)
+import time
+time.sleep(600)  # killed before
+"""
+
+
+def test_a_replayed_push_at_lr_zero_is_still_a_zero_step(tmp_path):
+    """The write-ahead log keeps each step's lr as the step log has it, so a replayed lr 0 stays a
+    zero step (it does not turn into the configured lr): a killed cold shard comes back equal to
+    one that never stopped, and its steps 2 and 3 keep lr 0."""
+    path = tmp_path / "shard"
+    child = subprocess.Popen([sys.executable, "-c", ZERO_CHILD.format(tests=str(ROOT / "tests" / "memory_service" / "shard"),
+                                                                     root=str(ROOT), path=str(path))],
+                             stdout=subprocess.PIPE, text=True)
+    assert child.stdout.readline() == "pushed\n"
+    child.kill()
+    child.wait()
+    want = open_shard()
+    push_zero_steps(want)
+    shard = open_shard(path)
+    try:
+        assert shard.journal.replayed > 0
+        got = states(shard)
+        assert_same(got, states(want))
+        assert list(got["sa"]["lrs"][1:]) == list(ZERO_LRS)
+        with pytest.raises(InvalidArgument, match="not 0.05"):  # no lr: the configured one, not step 3's
+            shard.commit("trainer", {"sa": (3, None)})
+    finally:
+        shard.close()
+
+
 def test_a_damaged_log_is_refused_but_a_torn_last_record_is_not(tmp_path):
     wal = WriteAheadLog(str(tmp_path))
     wal.open(1)

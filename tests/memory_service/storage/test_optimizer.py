@@ -103,3 +103,59 @@ def test_adam_bias_correction_uses_table_step_not_row_count():
     step_size = cfg.lr * np.sqrt(1 - cfg.beta2**10) / (1 - cfg.beta1**10)
     m, v = 1 - cfg.beta1, 1 - cfg.beta2
     np.testing.assert_allclose(rows, -step_size * m / (np.sqrt(v) + cfg.eps), rtol=1e-6)
+
+
+# -- lr 0: a zero step, as torch takes it ------------------------------------------------------------
+ZERO_STEP_LRS = [0.05, 0.0, 0.02, 0.0, 0.0, 0.03]  # a schedule touching 0 twice, then going on
+
+
+def torch_state(kind: str, opt: torch.optim.Optimizer, weight: torch.Tensor) -> np.ndarray:
+    """torch's per-row state in our layout: [exp_avg, exp_avg_sq] (Adam kinds) or [sum] (Adagrad)."""
+    state = opt.state[weight]
+    if kind == "adagrad":
+        return state["sum"].numpy()
+    if kind == "sgd":
+        return np.zeros((weight.shape[0], 0), np.float32)
+    return np.concatenate([state["exp_avg"].numpy(), state["exp_avg_sq"].numpy()], axis=1)
+
+
+@pytest.mark.filterwarnings("ignore:Sparse invariant checks:UserWarning")
+@pytest.mark.parametrize("kind", [*OPTIMIZERS, "adam"])
+def test_lr_zero_is_a_zero_step_with_torchs_state(kind):
+    """A step at lr 0 leaves every row bit for bit, while the state moves as torch's does with the
+    param group's lr at 0 (moments and step; Adagrad's sums): the steps after it match torch."""
+    cfg = OPTIMIZERS.get(kind) or OptimizerConfig("adam", lr=0.05, beta1=0.8, beta2=0.99, eps=1e-6)
+    optimizer = make_optimizer(cfg)
+    start = init_rows(3, np.arange(NUM_ROWS), WIDTH, 0.5)  # (NUM_ROWS, WIDTH)
+    rows, state = start.copy(), optimizer.initial_state(NUM_ROWS, WIDTH)
+    emb = torch.nn.Embedding(NUM_ROWS, WIDTH, sparse=kind != "adam", _weight=torch.from_numpy(start.copy()))
+    reference = (torch.optim.Adam(emb.parameters(), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps)
+                 if kind == "adam" else torch_optimizer(cfg, emb.parameters()))
+    rng = np.random.default_rng(0)
+    for step, lr in enumerate(ZERO_STEP_LRS, start=1):
+        grads = rng.standard_normal((NUM_ROWS, WIDTH)).astype(np.float32)  # every row: sparse == dense
+        before = rows.copy()
+        optimizer.record_step(step, lr)
+        optimizer.apply(rows, state, grads, step, optimizer.lr_at(step))
+        reference.param_groups[0]["lr"] = lr
+        reference.zero_grad()
+        emb(torch.arange(NUM_ROWS)).backward(torch.from_numpy(grads))
+        reference.step()
+        if lr == 0:
+            np.testing.assert_array_equal(rows, before)
+        np.testing.assert_allclose(rows, emb.weight.detach().numpy(), rtol=1e-6, atol=1e-6)
+        np.testing.assert_allclose(state, torch_state(kind, reference, emb.weight), rtol=1e-6, atol=1e-7)
+    assert optimizer.lr_at(2) == 0.0 and optimizer.step == len(ZERO_STEP_LRS)
+    assert not np.allclose(rows, start, atol=1e-3)
+
+
+def test_an_absent_lr_is_the_configured_one_and_a_negative_one_is_refused():
+    optimizer = make_optimizer(OPTIMIZERS["sgd"])
+    assert optimizer.checked_lr(1, None) == 0.1 and optimizer.checked_lr(1, 0.0) == 0.0
+    optimizer.record_step(1, None)
+    assert optimizer.lr_at(1) == 0.1
+    with pytest.raises(ValueError, match="pushed with learning rate 0.1, not 0.0"):
+        optimizer.checked_lr(1, 0.0)  # a zero step is not the configured lr
+    for bad in (-1e-300, float("nan"), float("inf")):
+        with pytest.raises(ValueError, match="must be finite and >= 0"):
+            optimizer.checked_lr(2, bad)
