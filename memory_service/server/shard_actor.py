@@ -20,13 +20,13 @@ import time
 import ray
 
 from memory_service.config import StorageConfig
+from memory_service.server.registry import NAMESPACE
 from memory_service.server.shard_address import ShardAddress
 from memory_service.server.shard_process import set_priority
 from memory_service.shard.shard import Shard
 from memory_service.wire.security import SecurityConfig
 
 log = logging.getLogger(__name__)
-NAMESPACE = "engram_memory"  # named actors are per namespace: every driver must use this one
 SIGTERM_GRACE_S = 5.0  # rpcs in flight may finish this long after SIGTERM (Kubernetes waits 30 s by default)
 
 
