@@ -43,8 +43,7 @@ import grpc
 import numpy as np
 import torch
 
-from memory_service.errors import (CheckpointCorrupt, FailedPrecondition, InvalidArgument, MemoryServiceError,
-                                   TableNotFound)
+from memory_service.errors import CheckpointCorrupt, FailedPrecondition, error_of_status
 from memory_service.durability.manifest import (PARTIAL, FileEntry, Manifest, ShardEntry, TableEntry, fsync_dir,
                                      sha256_file, verify_file)
 from memory_service.rpc import memory_pb2
@@ -55,8 +54,6 @@ STEP_DIR = re.compile(r"step-(\d+)")
 # in configs unpickle through these; torch.load(weights_only=True) refuses every other global.
 _SAFE_GLOBALS = [np._core.multiarray._reconstruct, np._core.multiarray.scalar, np.ndarray, np.dtype, frozenset,
                  *(getattr(np.dtypes, name) for name in np.dtypes.__all__)]
-_ERRORS = {grpc.StatusCode.FAILED_PRECONDITION: FailedPrecondition, grpc.StatusCode.DATA_LOSS: CheckpointCorrupt,
-           grpc.StatusCode.NOT_FOUND: TableNotFound, grpc.StatusCode.INVALID_ARGUMENT: InvalidArgument}
 
 
 @dataclass(frozen=True)
@@ -236,7 +233,7 @@ def _call_all(client, rpc: str, request, timeout: float, hot_only: bool = False,
         try:
             replies.append(f.result())
         except grpc.RpcError as err:
-            first = first or _ERRORS.get(err.code(), MemoryServiceError)(f"{rpc}: {err.details()}")
+            first = first or error_of_status(err.code().name, f"{rpc}: {err.details()}")
     if first is not None:
         raise first
     return replies

@@ -20,8 +20,7 @@ import numpy as np
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from memory_service.config import TableConfig
-from memory_service.errors import (CheckpointCorrupt, FailedPrecondition, InvalidArgument, RequestTooLarge,
-                                   RowsMoved, StepNotReached, TableExists, TableNotFound, status_details)
+from memory_service.errors import InvalidArgument, MemoryServiceError, status_details
 from memory_service.ops.metrics import MetricsServer, ShardMetrics, serve_metrics
 from memory_service.ops.reports import ShardReport
 from memory_service.rpc import memory_pb2, memory_pb2_grpc
@@ -38,17 +37,15 @@ from memory_service.wire.security import SecurityConfig, warn_if_exposed
 SERVICE_NAME = memory_pb2.DESCRIPTOR.services_by_name["MemoryService"].full_name
 # so_reuseport=0: a second server asking for a port in use fails instead of silently sharing it.
 SERVER_OPTIONS = (*MESSAGE_OPTIONS, ("grpc.so_reuseport", 0))
-# The status each service error travels as; the client maps it back to the same class.
-ERROR_STATUS = {
-    TableNotFound: grpc.StatusCode.NOT_FOUND,
-    TableExists: grpc.StatusCode.ALREADY_EXISTS,
-    StepNotReached: grpc.StatusCode.DEADLINE_EXCEEDED,
-    RowsMoved: grpc.StatusCode.ABORTED,
-    FailedPrecondition: grpc.StatusCode.FAILED_PRECONDITION,
-    CheckpointCorrupt: grpc.StatusCode.DATA_LOSS,
-    RequestTooLarge: grpc.StatusCode.RESOURCE_EXHAUSTED,
-    ValueError: grpc.StatusCode.INVALID_ARGUMENT,  # InvalidArgument and the configs' checks
-}
+
+
+def status_of(err: Exception) -> grpc.StatusCode | None:
+    """The status a handler's exception travels as: a service error's own (`status`, which the
+    client maps back to the same class), INVALID_ARGUMENT for the configs' ValueErrors; None for
+    anything else (a bug: gRPC answers UNKNOWN)."""
+    if isinstance(err, MemoryServiceError) and err.status is not None:
+        return grpc.StatusCode[err.status]
+    return grpc.StatusCode.INVALID_ARGUMENT if isinstance(err, ValueError) else None
 
 
 def _maps_errors(method):
@@ -57,8 +54,9 @@ def _maps_errors(method):
     def wrapper(self, request, context):
         try:
             return method(self, request, context)
-        except tuple(ERROR_STATUS) as err:
-            code = next(code for cls, code in ERROR_STATUS.items() if isinstance(err, cls))
+        except Exception as err:
+            if (code := status_of(err)) is None:
+                raise
             context.abort(code, status_details(str(err)))
     return wrapper
 

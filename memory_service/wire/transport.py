@@ -13,23 +13,17 @@ from typing import NoReturn
 
 import grpc
 
-from memory_service.errors import (InvalidArgument, MemoryServiceError, PermissionDenied, RequestTooLarge, RowsMoved,
-                                   TableExists, TableNotFound, Unauthenticated)
+from memory_service.errors import error_of_status
 from memory_service.rpc import memory_pb2_grpc
 from memory_service.wire.codec import MESSAGE_OPTIONS
 from memory_service.wire.retry import RECONNECT_OPTIONS, RetryPolicy
 from memory_service.wire.security import ClientSecurity, open_channel
 
-ERRORS = {grpc.StatusCode.INVALID_ARGUMENT: InvalidArgument, grpc.StatusCode.NOT_FOUND: TableNotFound,
-          grpc.StatusCode.ALREADY_EXISTS: TableExists, grpc.StatusCode.ABORTED: RowsMoved,
-          grpc.StatusCode.UNAUTHENTICATED: Unauthenticated, grpc.StatusCode.PERMISSION_DENIED: PermissionDenied,
-          grpc.StatusCode.RESOURCE_EXHAUSTED: RequestTooLarge}
-
 
 def raise_error(err: grpc.RpcError) -> NoReturn:
-    """Raise the service error of `err`'s status (MemoryServiceError for codes without one)."""
-    cls = ERRORS.get(err.code(), MemoryServiceError)
-    raise cls(err.details()) from None
+    """Raise the service error of `err`'s status (memory_service.errors.STATUS_ERRORS: a named
+    class for every code)."""
+    raise error_of_status(err.code().name, err.details() or "") from None
 
 
 class Transport:
