@@ -4,14 +4,15 @@ derive what each pod would run.
     python deploy/manifests.py deploy/overlays/cpu-small           # the rendered YAML
     python deploy/manifests.py deploy/overlays/cpu-small --check   # CRD schemas + lint
 
-`render` implements the subset of kustomize these manifests use (`resources`, and `patches` of
-JSON 6902 operations with a `target`) and rejects any other kustomization field, so it cannot
-silently disagree with `kubectl kustomize`. CRD kinds are validated against the vendored CRDs'
+`render` implements the subset of kustomize these manifests use (`resources`, `patches` of JSON
+6902 operations with a `target`, and `configMapGenerator` from files without a name-suffix hash)
+and rejects any other kustomization field, so it cannot silently disagree with `kubectl kustomize`. CRD kinds are validated against the vendored CRDs'
 `openAPIV3Schema` (deploy/crds/, KubeRay v1.7.0 and prometheus-operator v0.93.0), made strict the
 way the API server's strict field validation is: an unknown field is an error. Core kinds are for
 `kubernetes-validate --strict` (tests/deploy/test_manifests.py runs it). `pods` mirrors how KubeRay v1.7
 turns a group into pods: the `ray start` command it generates from `rayStartParams` and the Ray
-container's resources, and the containers beside it.
+container's resources, and the containers beside it. `serve_config` reads the tables cluster's
+config (the ConfigMap the head's `engram serve --config` sidecar mounts).
 """
 from __future__ import annotations
 
@@ -22,6 +23,7 @@ import math
 import re
 import shlex
 import sys
+import tomllib
 from dataclasses import dataclass, field
 from decimal import Decimal
 from pathlib import Path
@@ -39,7 +41,8 @@ CRD_FILES = {
     ("ray.io/v1", "RayJob"): "ray.io_rayjobs.yaml",
     ("monitoring.coreos.com/v1", "PodMonitor"): "monitoring.coreos.com_podmonitors.yaml",
 }
-KUSTOMIZATION_FIELDS = {"apiVersion", "kind", "resources", "patches"}
+KUSTOMIZATION_FIELDS = {"apiVersion", "kind", "resources", "patches", "configMapGenerator", "generatorOptions"}
+GENERATOR_FIELDS = {"name", "files", "behavior", "options"}
 HEAD_PORT = 6379  # KubeRay's default GCS port (rayStartParams has no `port`)
 IMAGE = "engram-memory"
 
@@ -51,7 +54,7 @@ def load_yaml(path: Path) -> list[dict]:
 # --- rendering ------------------------------------------------------------------------------------
 
 def render(directory: Path) -> list[dict]:
-    """The documents of a kustomization directory, patches applied."""
+    """The documents of a kustomization directory, ConfigMaps generated and patches applied."""
     directory = Path(directory)
     kustomization = yaml.safe_load((directory / "kustomization.yaml").read_text())
     unknown = set(kustomization) - KUSTOMIZATION_FIELDS
@@ -62,6 +65,8 @@ def render(directory: Path) -> list[dict]:
     for entry in kustomization.get("resources", []):
         path = directory / entry
         docs += render(path) if path.is_dir() else load_yaml(path)
+    for generator in kustomization.get("configMapGenerator", []):
+        _generate_config_map(directory, kustomization, generator, docs)
     for patch in kustomization.get("patches", []):
         targets = [d for d in docs if _is_target(d, patch["target"])]
         if len(targets) != 1:
@@ -69,6 +74,35 @@ def render(directory: Path) -> list[dict]:
         operations = yaml.safe_load((directory / patch["path"]).read_text())
         jsonpatch.apply_patch(targets[0], operations, in_place=True)
     return docs
+
+
+def _generate_config_map(directory: Path, kustomization: dict, generator: dict, docs: list[dict]) -> None:
+    """A configMapGenerator entry: `files` (each `path` or `key=path`) become data keys; behavior
+    create (default) adds the ConfigMap, replace swaps a base's data for these, merge adds keys.
+    Only without the name-suffix hash, which kustomize computes and this subset does not."""
+    where = f"{directory}/kustomization.yaml: configMapGenerator {generator.get('name')!r}"
+    unknown = set(generator) - GENERATOR_FIELDS
+    if unknown or set(generator.get("options", {})) - {"labels"}:
+        raise ValueError(f"{where}: fields {sorted(unknown) or generator['options']} are not in the supported subset")
+    if kustomization.get("generatorOptions") != {"disableNameSuffixHash": True}:
+        raise ValueError(f"{where}: needs generatorOptions {{disableNameSuffixHash: true}} (the only form supported)")
+    data = {}
+    for entry in generator["files"]:
+        key, _, path = entry.rpartition("=")
+        data[key or Path(path).name] = (directory / path).read_text()
+    behavior = generator.get("behavior", "create")
+    existing = [d for d in docs if d["kind"] == "ConfigMap" and d["metadata"]["name"] == generator["name"]]
+    if behavior == "create":
+        if existing:
+            raise ValueError(f"{where}: a ConfigMap of that name exists (use behavior replace or merge)")
+        labels = generator.get("options", {}).get("labels", {})
+        docs.append({"apiVersion": "v1", "kind": "ConfigMap",
+                     "metadata": {"name": generator["name"], **({"labels": dict(labels)} if labels else {})},
+                     "data": data})
+    elif behavior in ("replace", "merge") and len(existing) == 1:
+        existing[0]["data"] = data if behavior == "replace" else {**existing[0].get("data", {}), **data}
+    else:
+        raise ValueError(f"{where}: behavior {behavior!r} needs exactly one ConfigMap of that name, found {len(existing)}")
 
 
 def _is_target(doc: dict, target: dict) -> bool:
@@ -243,30 +277,84 @@ def custom_resources(params: dict[str, str]) -> dict[str, float]:
     return json.loads(text.strip("'\"` ")) if text else {}
 
 
-def serve_args(docs: list[dict]) -> argparse.Namespace | None:
-    """The `engram serve` arguments of the head's sidecar, parsed by the real CLI parser."""
-    from trainer.cli import build_parser
+@dataclass
+class ServeConfig:
+    """What the head's `engram serve` sidecar runs with: its arguments, the config file it reads
+    (`path`, inside the volume mounted at `mount_path`), and that file's text and contents, as
+    rendered from the ConfigMap `config_map` (key `key`)."""
 
+    argv: list[str]  # after `engram serve`
+    path: str  # --config's value, e.g. /etc/engram/cluster.yaml
+    mount_path: str  # where the sidecar mounts the ConfigMap's volume
+    config_map: str
+    key: str
+    text: str
+    config: dict  # the file parsed (keys = ClusterConfig's fields)
+
+
+def serve_config(docs: list[dict]) -> ServeConfig | None:
+    """The head sidecar's `engram serve --config FILE` and the rendered ConfigMap that FILE is;
+    None when no container of the head runs `engram serve`."""
     (cluster,) = by_kind(docs, "RayCluster")
-    for container in cluster["spec"]["headGroupSpec"]["template"]["spec"]["containers"][1:]:
+    pod_spec = cluster["spec"]["headGroupSpec"]["template"]["spec"]
+    for container in pod_spec["containers"][1:]:
         script = " ".join(container.get("command", []) + container.get("args", []))
         if m := re.search(r"engram serve ([^;&|]*)", script):
-            return build_parser().parse_args(["serve", *shlex.split(m[1])])
+            argv = shlex.split(m[1])
+            return _config_of(docs, pod_spec, container, argv)
     return None
+
+
+def _config_of(docs: list[dict], pod_spec: dict, container: dict, argv: list[str]) -> ServeConfig:
+    if "--config" not in argv:
+        raise ValueError(f"container {container['name']}: engram serve {' '.join(argv)} reads no --config")
+    path = argv[argv.index("--config") + 1]
+    mounts = [m for m in container.get("volumeMounts", []) if path.startswith(m["mountPath"].rstrip("/") + "/")]
+    if not mounts:
+        raise ValueError(f"container {container['name']}: --config {path} is on no volume it mounts")
+    mount = max(mounts, key=lambda m: len(m["mountPath"]))
+    volume = next(v for v in pod_spec.get("volumes", []) if v["name"] == mount["name"])
+    relative = path[len(mount["mountPath"].rstrip("/")) + 1:]
+    sources = [s["configMap"] for s in volume.get("projected", {}).get("sources", []) if "configMap" in s]
+    sources += [volume["configMap"]] if "configMap" in volume else []
+    for source in sources:
+        items = {i["path"]: i["key"] for i in source.get("items", [])} if "items" in source else None
+        key = items.get(relative) if items is not None else relative
+        maps = [d for d in by_kind(docs, "ConfigMap") if d["metadata"]["name"] == source["name"]]
+        if key and len(maps) == 1 and key in maps[0].get("data", {}):
+            text = maps[0]["data"][key]
+            return ServeConfig(argv=argv, path=path, mount_path=mount["mountPath"], config_map=source["name"],
+                               key=key, text=text, config=yaml.safe_load(text) or {})
+    raise ValueError(f"container {container['name']}: --config {path}: no ConfigMap key behind it")
 
 
 # --- lint: what the schemas cannot catch ----------------------------------------------------------
 
-def pinned_ray_version() -> str:
-    m = re.search(r'"ray\[[^\]]*\]==([0-9.]+)"', (ROOT / "pyproject.toml").read_text())
-    if not m:
-        raise ValueError("pyproject.toml pins no ray version")
-    return m[1]
+def project_version() -> str:
+    return tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["version"]
 
 
-def lint(docs: list[dict], ray_version: str | None = None, dockerfile: str | None = None) -> list[str]:
+def ray_requirement() -> str:
+    """pyproject.toml's requirement on ray, e.g. 'ray[default,train]>=2.59,<3'."""
+    deps = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
+    (req,) = [d for d in deps if re.match(r"ray\b", d)]
+    return req
+
+
+def image_ray_version(dockerfile: str) -> str | None:
+    """The Ray release the image is built on: deploy/Dockerfile's default RAY_TAG."""
+    m = re.search(r"^ARG RAY_TAG=([0-9.]+)-py311$", dockerfile, re.M)
+    return m[1] if m else None
+
+
+def image_tag(version: str, ray_version: str, gpu: bool = False) -> str:
+    """engram-memory:<project version>-ray<Ray version>-py311[-gpu]."""
+    return f"{IMAGE}:{version}-ray{ray_version}-py311{'-gpu' if gpu else ''}"
+
+
+def lint(docs: list[dict], dockerfile: str | None = None, version: str | None = None) -> list[str]:
     """Problems the schemas cannot see, one line each (empty: none)."""
-    ray_version = ray_version or pinned_ray_version()
+    version = version or project_version()
     dockerfile = dockerfile if dockerfile is not None else (DEPLOY / "Dockerfile").read_text()
     problems: list[str] = []
     clusters = by_kind(docs, "RayCluster")
@@ -274,9 +362,9 @@ def lint(docs: list[dict], ray_version: str | None = None, dockerfile: str | Non
         return [f"expected one RayCluster, found {len(clusters)}"]
     for check in (_ray_containers_first, _start_params_are_strings, _autoscaling_off,
                   _custom_resources, _auth_decided, _pdbs, _service_ports, _pod_monitors,
-                  _rayjobs, _serve_matches_groups):
+                  _rayjobs, _serve_config):
         problems += check(docs)
-    problems += _image_tags(docs, ray_version, dockerfile)
+    problems += _image_tags(docs, version, dockerfile)
     return problems
 
 
@@ -390,51 +478,142 @@ def _pod_monitors(docs) -> list[str]:
 
 
 def _rayjobs(docs) -> list[str]:
+    """Each RayJob attaches to the running cluster, checkpoints periodically into a folder and
+    resumes from that folder (the documented recovery: rerun the job)."""
     name = by_kind(docs, "RayCluster")[0]["metadata"]["name"]
     problems = []
     for job in by_kind(docs, "RayJob"):
-        spec = job["spec"]
+        spec, job_name = job["spec"], job["metadata"]["name"]
         if spec.get("clusterSelector") != {"ray.io/cluster": name}:
-            problems.append(f"RayJob {job['metadata']['name']}: clusterSelector must be "
+            problems.append(f"RayJob {job_name}: clusterSelector must be "
                             f"{{ray.io/cluster: {name}}} to attach to the running cluster")
         if "rayClusterSpec" in spec or spec.get("shutdownAfterJobFinishes"):
-            problems.append(f"RayJob {job['metadata']['name']}: must neither create nor shut down a cluster")
+            problems.append(f"RayJob {job_name}: must neither create nor shut down a cluster")
+        flags = dict(re.findall(r"(--checkpoint-dir|--checkpoint-every|--resume-from)[ =]([^\s)]+)", spec["entrypoint"]))
+        if not flags.get("--checkpoint-dir") or int(flags.get("--checkpoint-every", 0)) <= 0:
+            problems.append(f"RayJob {job_name}: entrypoint must checkpoint periodically "
+                            f"(--checkpoint-dir DIR --checkpoint-every N)")
+        elif flags.get("--resume-from") != flags["--checkpoint-dir"]:
+            problems.append(f"RayJob {job_name}: entrypoint must --resume-from its --checkpoint-dir "
+                            f"{flags['--checkpoint-dir']} (a rerun continues from the last checkpoint)")
     return problems
 
 
-def _serve_matches_groups(docs) -> list[str]:
-    """The tables' driver asks for a resource that `--shards` pods declare, one shard per pod, and
-    binds the ports those pods declare."""
-    args = serve_args(docs)
-    if args is None:
+def _offering(docs, resource: str) -> list[tuple[Group, float]]:
+    """The groups whose pods declare `resource`, with the units each pod declares."""
+    out = []
+    for g in groups(docs):
+        units = custom_resources(g.spec.get("rayStartParams", {})).get(resource, 0)
+        if units:
+            out.append((g, units))
+    return out
+
+
+def _has_gpu(g: Group) -> bool:
+    limits = g.pod_spec["containers"][0].get("resources", {}).get("limits", {})
+    return any(key.endswith("gpu") and parse_quantity(value) > 0 for key, value in limits.items())
+
+
+def _serve_config(docs) -> list[str]:
+    """The tables cluster's config agrees with the RayCluster: one shard per pod that declares
+    its resource, the ports those pods declare, cold shards' LMDB on a shared volume of every
+    pod they may run (or restart) on, restarts on, hot shards on GPU pods iff hot_device is cuda."""
+    try:
+        serve = serve_config(docs)
+    except ValueError as err:
+        return [str(err)]
+    if serve is None:
         return ["the head has no `engram serve` sidecar: nothing starts the shards"]
+    c = serve.config
+    where = f"{serve.config_map}/{serve.key}"
+    shard_resource, hot_resource = c.get("shard_resource"), c.get("hot_resource") or c.get("shard_resource")
+    num_shards, num_hot = c.get("num_shards", 0), c.get("num_hot", 0)
     problems = []
-    hosting = [g for g in groups(docs) if args.resource in custom_resources(g.spec.get("rayStartParams", {}))]
-    num_pods = sum(g.replicas for g in hosting)
-    if num_pods != args.shards:
-        problems.append(f"engram serve --shards {args.shards} but {num_pods} pods declare {args.resource!r}")
-    for g in hosting:
-        group, ports = g.name, _container_ports(g.pod_spec)
-        if ports.get("grpc") != args.port or ports.get("engram-metrics") != args.metrics_port:
-            problems.append(f"group {group}: ports grpc/engram-metrics {ports.get('grpc')}/"
-                            f"{ports.get('engram-metrics')} != engram serve --port {args.port} "
-                            f"--metrics-port {args.metrics_port}")
+    wanted = {shard_resource: num_shards}
+    if num_hot:
+        wanted[hot_resource] = wanted.get(hot_resource, 0) + num_hot
+    for resource, count in wanted.items():
+        if not count:
+            continue
+        pods = sum(g.replicas * units for g, units in _offering(docs, resource))
+        if pods != count:
+            problems.append(f"{where}: {count} shards take {resource!r} but the pods declare {pods} units")
+    for g in groups(docs):
+        units = {r: custom_resources(g.spec.get("rayStartParams", {})).get(r, 0) for r in wanted}
+        if sum(units.values()) > 1:
+            problems.append(f"group {g.name}: declares {sum(units.values()):g} shard units per pod; shards "
+                            f"listen on fixed ports, one per pod")
+        if sum(units.values()):
+            ports = _container_ports(g.pod_spec)
+            if ports.get("grpc") != c.get("port") or ports.get("engram-metrics") != c.get("metrics_port"):
+                problems.append(f"group {g.name}: ports grpc/engram-metrics {ports.get('grpc')}/"
+                                f"{ports.get('engram-metrics')} != {where} port {c.get('port')} "
+                                f"metrics_port {c.get('metrics_port')}")
+    if c.get("host") != "0.0.0.0":
+        problems.append(f"{where}: host must be 0.0.0.0: shards are dialled at their pod's IP")
+    if c.get("max_restarts", 3) == 0:
+        problems.append(f"{where}: max_restarts 0: a shard whose pod dies stays dead")
+    problems += _storage_volumes(docs, where, c.get("storage", {}).get("path"), shard_resource)
+    problems += _hot_devices(docs, where, c.get("hot_device", "auto"), hot_resource if num_hot else None)
     return problems
 
 
-def _image_tags(docs, ray_version: str, dockerfile: str) -> list[str]:
+def _storage_volumes(docs, where: str, path: str | None, shard_resource: str) -> list[str]:
+    if not path:
+        return [f"{where}: storage.path unset: cold shards would keep their rows only in DRAM"]
+    claims = {d["metadata"]["name"]: d for d in by_kind(docs, "PersistentVolumeClaim")}
     problems = []
+    for g, _ in _offering(docs, shard_resource):
+        mounts = [m for m in g.pod_spec["containers"][0].get("volumeMounts", [])
+                  if (path.rstrip("/") + "/").startswith(m["mountPath"].rstrip("/") + "/")]
+        volumes = {v["name"]: v for v in g.pod_spec.get("volumes", [])}
+        claim = volumes.get(mounts[0]["name"], {}).get("persistentVolumeClaim", {}).get("claimName") if mounts else None
+        if claim is None:
+            problems.append(f"group {g.name}: no PersistentVolumeClaim mounted at {where} storage.path {path}")
+        elif "ReadWriteMany" not in claims.get(claim, {}).get("spec", {}).get("accessModes", []):
+            problems.append(f"group {g.name}: storage.path {path} is on {claim!r}, not a ReadWriteMany claim: "
+                            f"a shard restarted on another pod would not find its files")
+    return problems
+
+
+def _hot_devices(docs, where: str, device: str, hot_resource: str | None) -> list[str]:
+    if hot_resource is None:
+        return []
+    problems = []
+    for g, _ in _offering(docs, hot_resource):
+        if device == "cuda" and not _has_gpu(g):
+            problems.append(f"group {g.name}: {where} hot_device cuda but the pods declaring "
+                            f"{hot_resource!r} have no GPU")
+        if device == "cpu" and _has_gpu(g):
+            problems.append(f"group {g.name}: hot shards on GPU pods with hot_device cpu leave the GPUs idle")
+    return problems
+
+
+def _image_tags(docs, version: str, dockerfile: str) -> list[str]:
+    """Every image is engram-memory:<project version>-ray<the image's Ray>-py311[-gpu], that Ray is
+    the RayCluster's rayVersion and inside pyproject's range, and the Dockerfile builds that."""
+    from packaging.requirements import Requirement
+
+    ray_version = image_ray_version(dockerfile)
+    if ray_version is None:
+        return ["deploy/Dockerfile: no `ARG RAY_TAG=<ray version>-py311`"]
+    problems = []
+    if not Requirement(ray_requirement()).specifier.contains(ray_version):
+        problems.append(f"deploy/Dockerfile: Ray {ray_version} is outside pyproject's {ray_requirement()}")
     cluster = by_kind(docs, "RayCluster")[0]
     if cluster["spec"].get("rayVersion") != ray_version:
-        problems.append(f"RayCluster rayVersion {cluster['spec'].get('rayVersion')!r} != pinned ray {ray_version}")
+        problems.append(f"RayCluster rayVersion {cluster['spec'].get('rayVersion')!r} != the image's Ray {ray_version}")
     images = [c["image"] for g in groups(docs) for c in g.pod_spec["containers"]]
     for job in by_kind(docs, "RayJob"):
         images += [c["image"] for c in job["spec"].get("submitterPodTemplate", {}).get("spec", {}).get("containers", [])]
-    tag = re.compile(rf"{IMAGE}:ray{re.escape(ray_version)}-py311(-gpu)?")
-    problems += [f"image {image!r} must be {IMAGE}:ray{ray_version}-py311[-gpu]"
-                 for image in images if not tag.fullmatch(image.rsplit("/", 1)[-1])]
-    if not re.search(rf"^ARG RAY_TAG={re.escape(ray_version)}-py311$", dockerfile, re.M):
-        problems.append(f"deploy/Dockerfile: ARG RAY_TAG must default to {ray_version}-py311")
+    allowed = {image_tag(version, ray_version), image_tag(version, ray_version, gpu=True)}
+    problems += [f"image {image!r} must be {image_tag(version, ray_version)}[-gpu]"
+                 for image in images if image.rsplit("/", 1)[-1] not in allowed]
+    built = set(re.findall(rf"-t ({re.escape(IMAGE)}:\S+)", dockerfile))
+    if not built or not built <= allowed:
+        problems.append(f"deploy/Dockerfile: builds {sorted(built)}, not {sorted(allowed)}")
+    if f'org.opencontainers.image.version="{version}"' not in dockerfile:
+        problems.append(f'deploy/Dockerfile: LABEL org.opencontainers.image.version="{version}" missing')
     return problems
 
 
@@ -455,5 +634,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.path.insert(0, str(ROOT))  # trainer.cli, for parsing the serve sidecar's arguments
     raise SystemExit(main())
