@@ -62,6 +62,20 @@ class Processes:
     def log(self, name: str) -> str:
         return (self.logs / f"{name}.log").read_text()
 
+    def get(self, name: str) -> subprocess.Popen:
+        return dict(self.procs)[name]
+
+    def owner_of(self, pid: int) -> str:
+        """The name of the started process whose session `pid` belongs to (a pod's processes)."""
+        sid = _session(Path(f"/proc/{pid}/stat"))
+        (name,) = [name for name, proc in self.procs if proc.pid == sid]
+        return name
+
+    def kill(self, name: str) -> None:
+        """SIGKILL every process of `name`'s session at once, as a node dies."""
+        _signal_session(self.get(name).pid, signal.SIGKILL)
+        self.get(name).wait(timeout=20)
+
     def stop(self) -> None:
         """SIGTERM each session, newest first (the tables' driver before Ray), then SIGKILL
         whatever is left of those sessions, found by session id."""
@@ -76,13 +90,16 @@ class Processes:
             proc.wait(timeout=20)
 
 
+def _session(stat: Path) -> int | None:
+    try:
+        return int(stat.read_text().rsplit(")", 1)[1].split()[3])  # field 6 of /proc/<pid>/stat
+    except (OSError, IndexError):
+        return None
+
+
 def _signal_session(sid: int, sig: int) -> None:
     for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except (OSError, IndexError):
-            continue
-        if int(fields[3]) == sid:  # field 6 of /proc/<pid>/stat: the session id
+        if _session(stat) == sid:
             try:
                 os.kill(int(stat.parent.name), sig)
             except ProcessLookupError:
