@@ -44,7 +44,7 @@ from memory_service.server.shard_process import LOCAL_NICENESS, SHARD_ENV, shard
 log = logging.getLogger(__name__)
 SHARD_RESOURCE = "engram_shard"
 HOT_DEVICES = ("auto", "cuda", "cpu")
-RESOURCE_WAIT_S = 3.0  # how long launch() waits for nodes that offer the shards' resources
+RESOURCE_WAIT_S = 2.0  # how long launch() waits for nodes that offer the shards' resources
 HEAD_NODE_RESOURCE = "node:__internal_head__"  # every Ray head node has one unit (Ray Train pins its state actor so)
 
 
@@ -182,7 +182,16 @@ def init_local_ray(num_cpus: int | None = None, log_to_driver: bool = False) -> 
     os.environ.setdefault("RAY_worker_niceness", "0")
     ray.init(namespace=NAMESPACE, num_cpus=num_cpus, resources={SHARD_RESOURCE: 4096},
              include_dashboard=False, log_to_driver=log_to_driver, configure_logging=False)
+    _embedded.add(ray.get_runtime_context().gcs_address)
     return True
+
+
+_embedded: set[str] = set()  # GCS addresses of the embedded clusters this process started
+
+
+def _is_embedded() -> bool:
+    """Whether this process's Ray is an embedded cluster it started (and that ends with it)."""
+    return ray.is_initialized() and ray.get_runtime_context().gcs_address in _embedded
 
 
 def attach_ray(address: str | None = None, log_to_driver: bool = False) -> bool:
@@ -265,6 +274,10 @@ def launch(config: ClusterConfig, owns_ray: bool = False) -> TableCluster:
     if _registry_or_none(config.name) is not None:
         raise ClusterError(f"tables cluster {config.name!r} already runs on this Ray cluster: attach to it, or "
                            f"stop it first (engram stop --name {config.name})")
+    if config.detached and _is_embedded():
+        declare = f"""ray start --head --resources='{{"{config.shard_resource}": {config.num_shards + config.num_hot}}}'"""
+        raise ClusterError(f"detached shards need a Ray cluster that outlives this process, and the embedded one "
+                           f"ends with it: start one with `{declare}` and pass --address auto")
     check_resources(config)
     if config.storage.path is None:
         log.warning("cluster %r: shards without storage.path keep their rows only in DRAM: a crashed "

@@ -112,8 +112,11 @@ def test_registry_restart_keeps_the_cluster_findable(make_cluster, tmp_path):
         return ray.get(cluster.registry.__ray_call__.remote(lambda self: os.getpid()), timeout=60)
 
     before = registry_pid()
-    ray.kill(cluster.registry, no_restart=False)
-    assert registry_pid() != before  # a new process, started with an empty map
+    ray.kill(cluster.registry, no_restart=False)  # returns before the process is gone
+    deadline = time.monotonic() + 60
+    while registry_pid() == before:  # until a new process, started with an empty map, answers
+        assert time.monotonic() < deadline, "the registry was not restarted"
+        time.sleep(0.2)
     again = connect(name=cluster.config.name)
     assert again.targets == cluster.targets
     old_pid = ray.get(cluster.actors[1].pid.remote())
@@ -129,3 +132,9 @@ def test_registry_restart_keeps_the_cluster_findable(make_cluster, tmp_path):
     with cluster.client() as client:
         client.create_table(TableConfig(name="after", num_rows=16, width=4))
         assert client.fetch({"after": np.arange(16)})["after"].shape == (16, 4)
+
+
+def test_detached_on_the_embedded_cluster_is_refused(ray_session):
+    """The embedded Ray ends with the process that started it: detached shards there would not outlive it."""
+    with pytest.raises(ClusterError, match="detached shards need a Ray cluster that outlives this process"):
+        launch(ClusterConfig(num_shards=1, name="embedded-detached", detached=True))
