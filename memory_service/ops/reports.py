@@ -4,9 +4,10 @@ whole tables cluster adds up to (`ClusterReport`, what `engram stats` prints).
 A shard reports its rows, bytes and hits per tier and table, its optimizer-state bytes, and its
 Fetch and Push traffic over the last minute (requests/s, rows/s, p50/p99). The cluster view adds
 the shards up per table, merges their collision counts, and measures imbalance: max / mean over
-shards of the load (row ids handled in the window, Fetch plus Push) and of the rows stored. 1.0 is
-perfect balance; with rows spread by id % num_shards the rows stay near 1.0, while load follows
-which N-grams are hot.
+the shards of one role of the load (row ids handled in the window, Fetch plus Push) and of the
+rows stored. 1.0 is perfect balance; with rows spread by id % num_shards the cold shards' rows stay
+near 1.0, while load follows which N-grams are hot. Hot and cold shards are never compared with
+each other: a hot shard holds the few rows placement chose, by design unlike a cold one.
 """
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ from memory_service.ops.collisions import CollisionCounts, CollisionSummary
 from memory_service.storage.usage import TierUsage
 
 RPCS = ("fetch", "push")
+ROLES = ("cold", "hot")  # a shard's role: cold, home of rows id % num_cold; hot, of the rows placement moved there
 
 
 @dataclass(frozen=True)
@@ -88,6 +90,11 @@ class ShardReport:
     wal_replayed: int = 0  # write-ahead log records replayed when this process opened the shard
 
     @property
+    def label(self) -> str:
+        """"cold 0", "hot 1": the shard as operators name it (shard ids count within a role)."""
+        return f"{self.role} {self.shard_id}"
+
+    @property
     def load(self) -> int:
         """Row ids handled in the recent window, Fetch and Push together."""
         return self.fetch.rows + self.push.rows
@@ -144,15 +151,31 @@ class TableSummary:
 class ClusterReport:
     """Every shard of one tables cluster, and what they add up to."""
 
-    shards: tuple[ShardReport, ...]  # in shard order
+    shards: tuple[ShardReport, ...]  # in shard order: the cold shards, then the hot ones
+
+    def shards_of(self, role: str) -> list[ShardReport]:
+        return [s for s in self.shards if s.role == role]
+
+    @property
+    def roles(self) -> list[str]:
+        """The roles present, cold first."""
+        return [role for role in ROLES if self.shards_of(role)]
+
+    def load_imbalance_of(self, role: str) -> float | None:
+        return imbalance([s.load for s in self.shards_of(role)])
+
+    def rows_imbalance_of(self, role: str) -> float | None:
+        return imbalance([s.rows for s in self.shards_of(role)])
 
     @property
     def load_imbalance(self) -> float | None:
-        return imbalance([s.load for s in self.shards])
+        """Over the cold shards (the hot ones: load_imbalance_of("hot"))."""
+        return self.load_imbalance_of("cold")
 
     @property
     def rows_imbalance(self) -> float | None:
-        return imbalance([s.rows for s in self.shards])
+        """Over the cold shards (the hot ones: rows_imbalance_of("hot"))."""
+        return self.rows_imbalance_of("cold")
 
     def tables(self, names: list[str] | None = None) -> list[TableSummary]:
         """Per-table totals, sorted by name; only `names` when given."""
@@ -164,18 +187,21 @@ class ClusterReport:
                 if names is None or name in names]
 
     def to_json(self, names: list[str] | None = None) -> dict:
-        """Plain data for `engram stats --json`: shards, imbalance, tables."""
+        """Plain data for `engram stats --json`: shards (each with its role), imbalance (the top
+        keys over the cold shards; per role under "imbalance"), tables."""
         return {
             "num_shards": len(self.shards),
             "load_imbalance": self.load_imbalance,
             "rows_imbalance": self.rows_imbalance,
+            "imbalance": {role: {"load": self.load_imbalance_of(role), "rows": self.rows_imbalance_of(role)}
+                          for role in self.roles},
             "shards": [_shard_json(s, names) for s in self.shards],
             "tables": [_table_json(t) for t in self.tables(names)],
         }
 
 
 def _shard_json(shard: ShardReport, names: list[str] | None) -> dict:
-    out = {"shard_id": shard.shard_id, "uptime_s": shard.uptime_s, "wal_replayed": shard.wal_replayed,
+    out = {"role": shard.role, "shard_id": shard.shard_id, "uptime_s": shard.uptime_s, "wal_replayed": shard.wal_replayed,
            "metrics_port": shard.metrics_port,
            "load": shard.load, "rows": shard.rows, "counters": asdict(shard.counters),
            "tables": [_usage_json(t) for t in shard.tables if names is None or t.name in names]}

@@ -1,22 +1,31 @@
 """`engram stats`: a tables cluster's utilization and collision stats as terminal tables (rich),
 or as JSON for scripts.
 
-Two tables: one row per shard (traffic over the last minute, rows and bytes held) with the
-cluster's imbalance below it, and one row per Engram table (rows, bytes, optimizer state, memory
-hit rate, and the collision stats of tables that sample them).
+Two tables: one row per shard, hot and cold alike, each named by its role ("cold 0", "hot 0"):
+traffic over the last minute, rows and bytes held, with the imbalance of each role below; and one
+row per Engram table (rows, bytes, optimizer state, memory hit rate, and the collision stats of
+tables that sample them).
+
+The tables fit the terminal: where the full tables are wider (an 80-column `kubectl exec` without a
+TTY, where rich assumes 80), each splits in two narrower ones with two-line headers (shard traffic |
+what shards hold; table sizes | collisions), so no cell is cut short with an ellipsis.
 """
 from __future__ import annotations
 
 import json
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
 
-from rich.console import Console, Group
+from rich import box
+from rich.console import Console, Group, RenderableType
 from rich.live import Live
+from rich.measure import Measurement
 from rich.table import Table
 from rich.text import Text
 
-from memory_service.ops.reports import ClusterReport
+from memory_service.ops.reports import ClusterReport, RpcWindow, ShardReport, TableSummary
 from memory_service.storage.usage import DEVICE_TIER, DRAM_TIER
 
 
@@ -37,24 +46,62 @@ def _ratio(x: float | None, fmt: str = "{:.2f}") -> str:
     return "-" if x is None else fmt.format(x)
 
 
-def shards_table(report: ClusterReport) -> Table:
-    """One row per shard: recent Fetch and Push traffic and latency, rows and bytes held."""
-    table = Table(title="shards (traffic over the last minute)", title_justify="left")
-    for header in ("shard", "fetch req/s", "fetch rows/s", "fetch p50/p99 ms", "push req/s",
-                   "push rows/s", "push p50/p99 ms", "rows", "bytes", "uptime s", "log replayed"):
-        table.add_column(header, justify="left" if header == "shard" else "right")
-    for s in report.shards:
-        table.add_row(str(s.shard_id),
-                      f"{s.fetch.requests_per_s:,.1f}", f"{s.fetch.rows_per_s:,.0f}",
-                      f"{_ms(s.fetch.p50_s)} / {_ms(s.fetch.p99_s)}",
-                      f"{s.push.requests_per_s:,.1f}", f"{s.push.rows_per_s:,.0f}",
-                      f"{_ms(s.push.p50_s)} / {_ms(s.push.p99_s)}",
-                      f"{s.rows:,}", _bytes(sum(t.bytes for t in s.tables)), f"{s.uptime_s:,.0f}",
-                      f"{s.wal_replayed:,}")
-    table.caption = (f"imbalance (max/mean over shards): load {_ratio(report.load_imbalance)}, "
-                     f"rows {_ratio(report.rows_imbalance)}")
-    table.caption_justify = "left"
-    return table
+def _short(x: float) -> str:
+    """x in at most 6 characters, 3 significant digits from 1,000 up: 950, 12.3k, 66.7M, 1.23G."""
+    if x < 1000:
+        return f"{x:.1f}" if x < 100 and x != int(x) else f"{x:.0f}"
+    for unit in ("k", "M", "G", "T", "P"):
+        x /= 1000
+        if x < 999.5 or unit == "P":
+            return f"{x:.3g}{unit}"
+
+
+def _ms_short(seconds: float) -> str:
+    """Milliseconds, 3 significant digits: 0.12, 12.3, 457."""
+    ms = seconds * 1e3
+    return f"{ms:.2f}" if ms < 10 else f"{ms:.3g}" if ms < 1000 else f"{ms:,.0f}"
+
+
+@dataclass(frozen=True)
+class Column:
+    """One column: its header in the full table, its (two-line) header in a narrow one, its cell,
+    and its cell in a compact table (3 significant digits; None: the same). A `left` column holds
+    names; a `fold` one continues a long name on the next line rather than cut it."""
+
+    header: str
+    short: str
+    cell: Callable[[Any], str]
+    left: bool = False
+    fold: bool = False
+    compact: Callable[[Any], str] | None = None
+
+
+# -- shards -----------------------------------------------------------------------------------------
+SHARD = Column("shard", "shard", lambda s: s.label, left=True)
+
+
+def _traffic(rpc: str) -> tuple[Column, ...]:
+    def window(s: ShardReport) -> RpcWindow:
+        return getattr(s, rpc)
+
+    return (Column(f"{rpc} req/s", f"{rpc}\nreq/s", lambda s: f"{window(s).requests_per_s:,.1f}",
+                   compact=lambda s: _short(window(s).requests_per_s)),
+            Column(f"{rpc} rows/s", f"{rpc}\nrows/s", lambda s: f"{window(s).rows_per_s:,.0f}",
+                   compact=lambda s: _short(window(s).rows_per_s)),
+            Column(f"{rpc} p50/p99 ms", f"{rpc} ms\np50 / p99",
+                   lambda s: f"{_ms(window(s).p50_s)} / {_ms(window(s).p99_s)}",
+                   compact=lambda s: f"{_ms_short(window(s).p50_s)} / {_ms_short(window(s).p99_s)}"))
+
+
+TRAFFIC = (*_traffic("fetch"), *_traffic("push"))
+HOLDINGS = (
+    Column("rows", "rows", lambda s: f"{s.rows:,}"),
+    Column("bytes", "bytes", lambda s: _bytes(sum(t.bytes for t in s.tables))),
+    Column("uptime s", "uptime\ns", lambda s: f"{s.uptime_s:,.0f}"),
+    Column("log replayed", "log\nreplayed", lambda s: f"{s.wal_replayed:,}"),
+)
+
+# -- tables -----------------------------------------------------------------------------------------
 
 
 def _arena_hit_rate(hit_rate: dict[str, float | None]) -> float | None:
@@ -63,36 +110,126 @@ def _arena_hit_rate(hit_rate: dict[str, float | None]) -> float | None:
     return sum(rates) if rates else None
 
 
-def tables_table(report: ClusterReport, names: list[str] | None = None) -> Table:
-    """One row per Engram table: size, memory, hit rate and hash-collision stats."""
-    table = Table(title="tables", title_justify="left")
-    for header in ("table", "step", "rows", "bytes", "opt. state", "arena hits", "collision share",
-                   "N-grams/slot mean (max)", "occupancy", "birthday bound", "sample rate"):
-        table.add_column(header, justify="left" if header == "table" else "right")
-    for t in report.tables(names):
-        c = t.collisions
-        if c is None:
-            collision = ["off", "-", "-", "-", "-"]
-        else:
-            share = _ratio(c.collision_share, "{:.2%}") + ("" if c.exact else " ~")
-            collision = [share, f"{_ratio(c.mean_distinct, '{:.3f}')} ({c.max_distinct})",
-                         f"{c.occupancy:.2%}", f"{c.birthday_occupancy:.2%}", f"{c.sample_rate:.4g}"]
-        table.add_row(t.name, f"{t.step:,}", f"{t.rows:,} / {t.num_rows:,}", _bytes(t.bytes),
-                      _bytes(t.optimizer_state_bytes),
-                      _ratio(_arena_hit_rate(t.hit_rate), "{:.1%}"), *collision)
-    table.caption = ("collision share: lookups landing in a slot with >= 2 distinct N-grams "
-                     "(~: estimated from the slot sample); birthday bound: 1 - e^(-n/m)")
-    table.caption_justify = "left"
+def _share(t: TableSummary) -> str:
+    c = t.collisions
+    return "off" if c is None else _ratio(c.collision_share, "{:.2%}") + ("" if c.exact else " ~")
+
+
+def _collision_cell(fmt: Callable[[Any], str]) -> Callable[[TableSummary], str]:
+    return lambda t: "-" if t.collisions is None else fmt(t.collisions)
+
+
+TABLE = Column("table", "table", lambda t: t.name, left=True, fold=True)
+SIZES = (
+    Column("step", "step", lambda t: f"{t.step:,}"),
+    Column("rows", "rows stored\n/ table rows", lambda t: f"{t.rows:,} / {t.num_rows:,}",
+           compact=lambda t: f"{_short(t.rows)} / {_short(t.num_rows)}"),
+    Column("bytes", "bytes", lambda t: _bytes(t.bytes)),
+    Column("opt. state", "opt.\nstate", lambda t: _bytes(t.optimizer_state_bytes)),
+    Column("arena hits", "arena\nhits", lambda t: _ratio(_arena_hit_rate(t.hit_rate), "{:.1%}")),
+)
+COLLISIONS = (
+    Column("collision share", "collision\nshare", _share),
+    Column("N-grams/slot mean (max)", "N-grams/slot\nmean (max)",
+           _collision_cell(lambda c: f"{_ratio(c.mean_distinct, '{:.3f}')} ({c.max_distinct})")),
+    Column("occupancy", "occupancy", _collision_cell(lambda c: f"{c.occupancy:.2%}")),
+    Column("birthday bound", "birthday\nbound", _collision_cell(lambda c: f"{c.birthday_occupancy:.2%}")),
+    Column("sample rate", "sample\nrate", _collision_cell(lambda c: f"{c.sample_rate:.4g}")),
+)
+COLLISIONS_NOTE = ("collision share: lookups landing in a slot with >= 2 distinct N-grams "
+                   "(~: estimated from the slot sample); birthday bound: 1 - e^(-n/m)")
+
+
+@dataclass(frozen=True)
+class Layout:
+    """How wide the tables are: `narrow` splits each in two with two-line headers and no outer
+    border; `compact` also writes large numbers with 3 significant digits (66.7M)."""
+
+    narrow: bool = False
+    compact: bool = False
+
+
+FULL, NARROW, COMPACT = Layout(), Layout(narrow=True), Layout(narrow=True, compact=True)
+
+
+def _table(title: str, columns: Sequence[Column], items: Sequence, layout: Layout, caption: str | None) -> Table:
+    narrow = layout.narrow
+    table = Table(title=title, title_justify="left", caption=caption, caption_justify="left",
+                  box=box.SIMPLE_HEAD if narrow else box.HEAVY_HEAD, pad_edge=not narrow, show_edge=not narrow)
+    for c in columns:
+        table.add_column(c.short if narrow else c.header, justify="left" if c.left else "right",
+                         no_wrap=not c.fold, overflow="fold" if c.fold else "ellipsis")
+    for item in items:
+        table.add_row(*((c.compact or c.cell)(item) if layout.compact else c.cell(item) for c in columns))
     return table
 
 
-def render(report: ClusterReport, names: list[str] | None = None) -> Group:
-    return Group(shards_table(report), Text(""), tables_table(report, names))
+def _imbalance_caption(report: ClusterReport) -> str:
+    parts = [f"{role}: load {_ratio(report.load_imbalance_of(role))}, rows {_ratio(report.rows_imbalance_of(role))}"
+             for role in report.roles]
+    return "imbalance (max/mean over shards of a role): " + "; ".join(parts)
+
+
+def shards_tables(report: ClusterReport, layout: Layout = FULL) -> list[Table]:
+    """One row per shard, its role in its name: recent Fetch and Push traffic and latency, rows and
+    bytes held; one table, or (narrow) traffic and holdings apart."""
+    title, caption = "shards (traffic over the last minute)", _imbalance_caption(report)
+    if not layout.narrow:
+        return [_table(title, (SHARD, *TRAFFIC, *HOLDINGS), report.shards, layout, caption)]
+    return [_table(title, (SHARD, *TRAFFIC), report.shards, layout, caption),
+            _table("shards (what they hold)", (SHARD, *HOLDINGS), report.shards, layout, None)]
+
+
+def tables_tables(report: ClusterReport, names: list[str] | None = None, layout: Layout = FULL) -> list[Table]:
+    """One row per Engram table: size, memory, hit rate and hash-collision stats; one table, or
+    (narrow) sizes apart from the collisions of the tables that sample them."""
+    summaries = report.tables(names)
+    if not layout.narrow:
+        return [_table("tables", (TABLE, *SIZES, *COLLISIONS), summaries, layout, COLLISIONS_NOTE)]
+    sampled = [t for t in summaries if t.collisions is not None]
+    out = [_table("tables", (TABLE, *SIZES), summaries, layout, None if sampled else "collision stats off")]
+    if sampled:
+        out.append(_table("collisions", (TABLE, *COLLISIONS), sampled, layout, COLLISIONS_NOTE))
+    return out
+
+
+# The old single-table entry points (tests, notebooks): the full layout.
+def shards_table(report: ClusterReport) -> Table:
+    return shards_tables(report)[0]
+
+
+def tables_table(report: ClusterReport, names: list[str] | None = None) -> Table:
+    return tables_tables(report, names)[0]
+
+
+def _fits(console: Console, tables: list[Table], width: int) -> bool:
+    """Whether every table renders within `width` columns without wrapping a cell."""
+    unbounded = console.options.update_width(1 << 16)  # a measurement never exceeds the width it is given
+    return all(Measurement.get(console, unbounded, t).maximum <= width for t in tables)
+
+
+def render(report: ClusterReport, names: list[str] | None = None, width: int | None = None,
+           console: Console | None = None) -> Group:
+    """The report's tables in the first layout (FULL, NARROW, COMPACT) whose tables fit `width`
+    columns, for the shards and for the tables apart (None: always FULL)."""
+    console = console or Console(width=width or 80)
+    chosen: list[Table] = []
+    for make in (lambda layout: shards_tables(report, layout), lambda layout: tables_tables(report, names, layout)):
+        for layout in (FULL, NARROW, COMPACT):
+            tables = make(layout)
+            if width is None or _fits(console, tables, width):
+                break
+        chosen.extend(tables)  # the first layout that fits, else the most compact
+    parts: list[RenderableType] = []
+    for table in chosen:
+        parts.extend([Text(""), table] if parts else [table])
+    return Group(*parts)
 
 
 def show(fetch: Callable[[], ClusterReport], names: list[str] | None = None, as_json: bool = False,
          watch: float | None = None, console: Console | None = None) -> None:
-    """Print the report once, or with `watch` redraw it every `watch` seconds until Ctrl-C."""
+    """Print the report once, or with `watch` redraw it every `watch` seconds until Ctrl-C; the
+    tables fit `console`'s width (rich's: the terminal's, $COLUMNS, or 80 without a terminal)."""
     console = console or Console()
     if as_json and watch is None:
         print(json.dumps(fetch().to_json(names), indent=1))
@@ -101,10 +238,14 @@ def show(fetch: Callable[[], ClusterReport], names: list[str] | None = None, as_
         while True:
             print(json.dumps(fetch().to_json(names)), flush=True)
             time.sleep(watch)
+
+    def draw() -> Group:
+        return render(fetch(), names, console.width, console)
+
     if watch is None:
-        console.print(render(fetch(), names))
+        console.print(draw())
         return
-    with Live(render(fetch(), names), console=console, auto_refresh=False) as live:
+    with Live(draw(), console=console, auto_refresh=False) as live:
         while True:
             time.sleep(watch)
-            live.update(render(fetch(), names), refresh=True)
+            live.update(draw(), refresh=True)

@@ -312,7 +312,9 @@ def test_a_push_says_whether_it_carries_an_lr(stub):
     0.0 a zero step (rows stay; the step and its lr are logged), through the stub and through
     MemoryClient (which RemoteTables pushes with)."""
     ids = np.array([0, 2, 4])
-    rows = lambda: stub.Fetch(_fetch(emb=ids.tolist())).tables[0].rows  # noqa: E731
+    def rows() -> bytes:
+        return stub.Fetch(_fetch(emb=ids.tolist())).tables[0].rows
+
     first = rows()
     assert stub.Push(_push(_grads(EMB, ids, step=2))).rows_updated == 3  # no lr: EMB's 0.01
     assert rows() != first
