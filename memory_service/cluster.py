@@ -44,7 +44,7 @@ from memory_service.server.shard_process import LOCAL_NICENESS, SHARD_ENV, shard
 log = logging.getLogger(__name__)
 SHARD_RESOURCE = "engram_shard"
 HOT_DEVICES = ("auto", "cuda", "cpu")
-RESOURCE_WAIT_S = 2.0  # how long launch() waits for nodes that offer the shards' resources
+RESOURCE_WAIT_S = 2.0  # how long launch() waits for resource units in use to be freed
 HEAD_NODE_RESOURCE = "node:__internal_head__"  # every Ray head node has one unit (Ray Train pins its state actor so)
 
 
@@ -232,8 +232,9 @@ def needed_resources(config: ClusterConfig) -> dict[str, float]:
 
 def check_resources(config: ClusterConfig, wait_s: float = RESOURCE_WAIT_S) -> None:
     """Raise ClusterError, with the fix, unless the Ray cluster's nodes have the resources the
-    shards take free (waiting up to `wait_s` for nodes still joining). Without this, a shard
-    asking for a resource no node offers waits in Ray's queue forever."""
+    shards take free. Without this, a shard asking for a resource no node offers waits in Ray's
+    queue forever. Nodes declare resources when they join, so too few in total fails at once;
+    units in use are waited on for `wait_s` (the free counts lag an actor's end by a moment)."""
     need = needed_resources(config)
     deadline = time.monotonic() + wait_s
     while True:
@@ -241,7 +242,7 @@ def check_resources(config: ClusterConfig, wait_s: float = RESOURCE_WAIT_S) -> N
         short = {k: v for k, v in need.items() if free.get(k, 0.0) < v}
         if not short:
             return
-        if time.monotonic() >= deadline:
+        if time.monotonic() >= deadline or any(total.get(k, 0.0) < v for k, v in short.items()):
             raise ClusterError(_shortage(config, short, total, free))
         time.sleep(0.25)
 

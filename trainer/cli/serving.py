@@ -1,0 +1,140 @@
+"""`engram serve` (a tables cluster from a config file and flags) and `engram stop` (removes a
+detached one). The flags are ClusterConfig's fields under command-line names; a flag given
+overrides the file (memory_service/config_file.py), a flag left out leaves the file's value."""
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import threading
+
+from trainer.cli.options import (add_cluster_args, check_reachable, non_negative_int, positive_float,
+                                 positive_int, size)
+
+# flag dest -> ClusterConfig field ("storage." for StorageConfig's, "security." for the TLS files)
+SERVE_FIELDS = {
+    "shards": "num_shards", "hot_shards": "num_hot", "hot_rows": "hot_rows", "hot_resource": "hot_resource",
+    "hot_device": "hot_device", "host": "host", "port": "port", "metrics_port": "metrics_port",
+    "resource": "shard_resource", "max_restarts": "max_restarts", "placement": "placement",
+    "migrate_max_duty": "migrate_max_duty", "ready_timeout": "ready_timeout_s", "name": "name",
+    "storage_path": "storage.path", "dram_budget": "storage.dram_budget_bytes",
+    "tls_cert": "security.tls_cert", "tls_key": "security.tls_key", "tls_ca": "security.tls_ca",
+    "tls_client_ca": "security.tls_client_ca",
+}
+
+
+def serve_overrides(args: argparse.Namespace) -> dict:
+    """The flags given, as config_file overrides (nested for storage and security)."""
+    overrides: dict = {}
+    for dest, field in SERVE_FIELDS.items():
+        value = getattr(args, dest)
+        if value is None:
+            continue
+        section, _, key = field.rpartition(".")
+        (overrides.setdefault(section, {}) if section else overrides)[key] = value
+    if args.no_metrics:
+        overrides["metrics_port"] = None
+    if args.detach:
+        overrides["detached"] = True
+    return overrides
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    """Start a tables cluster. Attached (the default), serve until SIGINT/SIGTERM, then stop every
+    shard cleanly; detached (`--detach` or `detached: true`), return once every shard serves:
+    the shards keep serving until `engram stop`."""
+    from memory_service.config_file import ConfigError, load_cluster_config
+
+    config = load_cluster_config(args.config, serve_overrides(args))  # checked before anything starts
+    address = args.address or os.environ.get("RAY_ADDRESS") or None
+    if config.detached and address is None:
+        raise ConfigError("detached shards need a Ray cluster that outlives this process (--address or "
+                          "$RAY_ADDRESS): the embedded one stops when engram serve exits")
+    if address is not None:
+        check_reachable(address)
+    from memory_service import cluster as clusters
+
+    owns_ray = clusters.attach_ray(address, log_to_driver=True)  # shards' warnings reach this log
+    cluster = clusters.launch(config, owns_ray=owns_ray)
+    for a in cluster.addresses:
+        print(f"shard {a.shard_id}: {a.target}", flush=True)
+    for a in cluster.hot_addresses:
+        print(f"hot shard {a.shard_id}: {a.target}", flush=True)
+    for a in [*cluster.addresses, *cluster.hot_addresses]:
+        if a.metrics_port:
+            print(f"metrics {a.role} {a.shard_id}: http://{a.host}:{a.metrics_port}/metrics", flush=True)
+    shards = f"{len(cluster.addresses)} shards" + (f" and {len(cluster.hot_addresses)} hot shards"
+                                                   if cluster.hot_addresses else "")
+    if config.detached:
+        cluster.shutdown()  # detaches only
+        print(f"serving {shards} of cluster {config.name!r}, detached; `engram stop --name {config.name}` "
+              f"stops them", flush=True)
+        return 0
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):  # after Ray's start: its driver installs its own
+        signal.signal(sig, lambda *_: stop.set())
+    print(f"serving {shards} of cluster {config.name!r}; Ctrl-C to stop", flush=True)
+    stop.wait()
+    cluster.shutdown()
+    print("stopped", flush=True)
+    return 0
+
+
+def cmd_stop(args: argparse.Namespace) -> int:
+    """Stop every shard of a (detached) tables cluster cleanly and remove its actors and registry."""
+    from trainer.cli.options import client_settings, ray_address
+
+    name, _ = client_settings(args)
+    address = ray_address(args.address)
+    from memory_service import cluster as clusters
+
+    stopped = clusters.stop_cluster(name, address=address, timeout_s=args.timeout)
+    print(f"stopped {stopped} shards of tables cluster {name!r}", flush=True)
+    return 0
+
+
+def add_parsers(sub) -> None:
+    p = sub.add_parser("serve", help="run a tables cluster (Ray shard actors serving gRPC)",
+                       description="Flags override the --config file; what neither gives keeps ClusterConfig's "
+                                   "default. Tokens: $ENGRAM_READ_TOKENS, $ENGRAM_WRITE_TOKENS (comma-separated).")
+    add_cluster_args(p, "Ray cluster to run on (default: $RAY_ADDRESS, else an embedded local one)")
+    p.add_argument("--shards", type=positive_int, default=None, help="cold shards (default 2)")
+    p.add_argument("--hot-shards", type=non_negative_int, default=None, help="hot shards (default 0)")
+    p.add_argument("--hot-rows", type=non_negative_int, default=None, help="rows per table a hot shard keeps")
+    p.add_argument("--hot-resource", default=None,
+                   help="Ray resource a hot shard takes one unit of (default: --resource's)")
+    p.add_argument("--hot-device", default=None, choices=("auto", "cuda", "cpu"),
+                   help="where hot rows live (auto: cuda where the node has a GPU)")
+    p.add_argument("--storage-path", default=None,
+                   help="directory of the cold shards' LMDB files (shard-NNNN inside; default: DRAM only, "
+                        "and no restarts)")
+    p.add_argument("--dram-budget", type=size, default=None, metavar="BYTES",
+                   help="a cold shard's DRAM over its LMDB files, e.g. 4GiB")
+    p.add_argument("--max-restarts", type=int, default=None, help="restarts of a crashed cold shard (-1: always)")
+    p.add_argument("--placement", default=None, help="hot shards' placement policy (default engram)")
+    p.add_argument("--migrate-max-duty", type=positive_float, default=None,
+                   help="wall-clock share a hot shard's migration may take")
+    p.add_argument("--detach", action="store_true",
+                   help="return once the shards serve; they outlive this process until `engram stop`")
+    p.add_argument("--ready-timeout", type=positive_float, default=None, metavar="SECONDS",
+                   help="deadline of every wait for shards to start")
+    p.add_argument("--host", default=None, help="bind address of the shards' gRPC servers (default 127.0.0.1)")
+    p.add_argument("--port", type=non_negative_int, default=None, help="first shard's port (0: any free port)")
+    p.add_argument("--metrics-port", type=non_negative_int, default=None,
+                   help="first shard's Prometheus port (0: any free port); shards sharing a host take the next ones")
+    p.add_argument("--no-metrics", action="store_true", help="serve no Prometheus endpoint")
+    p.add_argument("--resource", default=None,
+                   help="Ray custom resource each shard takes one unit of (default engram_shard; pins shards "
+                        "to the nodes declaring it)")
+    p.add_argument("--tls-cert", default=None, help="the shards' certificate chain (PEM; turns TLS on)")
+    p.add_argument("--tls-key", default=None, help="the shards' private key (PEM)")
+    p.add_argument("--tls-ca", default=None,
+                   help="CA that signed the shards' certificates, for shard-to-shard calls (default: --tls-cert)")
+    p.add_argument("--tls-client-ca", default=None, help="require client certificates signed by this CA (mutual TLS)")
+    p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser("stop", help="stop a detached tables cluster: flush every shard, remove its actors")
+    add_cluster_args(p, "Ray cluster the shards run on (default: $RAY_ADDRESS, else the one running on this machine)")
+    p.add_argument("--timeout", type=positive_float, default=60.0, metavar="SECONDS",
+                   help="deadline for the shards to flush and stop")
+    p.set_defaults(func=cmd_stop)
