@@ -27,13 +27,13 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from tqdm import tqdm
 
 from trainer.data import Batches, Corpus, CorpusConfig, eval_batches
 from memory_service.config import OPTIMIZERS, OptimizerConfig
 from trainer.engram import EngramConfig, EngramTables, LocalTables
 from trainer.model import EngramLM, ModelConfig
 from trainer.prefetch import Prefetcher, Prepared
+from trainer.progress import progress
 from trainer.remote_tables import RemoteTables
 from trainer.row_indexer import RowIndexer, identity_compression
 from trainer.run_state import Resume, RunState, save_run
@@ -222,7 +222,7 @@ def train(cfg: TrainConfig, corpus: Corpus | None = None, client=None,
     if cfg.batch_size % world:
         raise ValueError(f"batch_size {cfg.batch_size} must be a multiple of the {world} workers")
     loop = _TrainLoop(cfg, corpus or Corpus.load(cfg.corpus), client, service, rank, world)
-    bar = tqdm(range(loop.run.step, cfg.steps), disable=not cfg.progress or rank != 0, desc="train", dynamic_ncols=True)
+    bar = progress(range(loop.run.step, cfg.steps), "train", disable=not cfg.progress or rank != 0)
     for step in bar:
         loop.train_step(step)
         if on_step is not None:
