@@ -32,7 +32,7 @@ def train_workers(cfg: TrainConfig, workers: int, cluster_name: str = "default",
     if workers < 1 or cfg.batch_size % workers:
         raise ValueError(f"batch_size {cfg.batch_size} must be a multiple of workers {workers} >= 1")
     if cfg.resume_from:
-        cfg = replace(cfg, resume_from=str(_restore_tables(cfg, cluster_name)))
+        cfg = replace(cfg, resume_from=str(_restore_tables(cfg, cluster_name, security)))
     trainer = TorchTrainer(
         _worker, train_loop_config={"cfg": cfg, "cluster": cluster_name, "service": service,
                                   "security": security, "use_gpu": use_gpu},
@@ -44,16 +44,17 @@ def train_workers(cfg: TrainConfig, workers: int, cluster_name: str = "default",
     return trainer.fit().return_value
 
 
-def _restore_tables(cfg: TrainConfig, cluster_name: str):
+def _restore_tables(cfg: TrainConfig, cluster_name: str, security: ClientSecurity | None):
     """Restores the tables of the checkpoint `cfg.resume_from` once, here, before the workers
-    start (each then loads the dense part); returns the checkpoint's path, so that every worker
-    reads the same one."""
+    start (each then loads the dense part), as a client with the workers' `security` (a secured
+    cluster refuses anyone else); returns the checkpoint's path, so that every worker reads the
+    same one."""
     from memory_service.cluster import connect
     from trainer.run_state import Resume
 
     cluster = connect("auto", name=cluster_name)
     try:
-        with cluster.client() as client:
+        with cluster.client(security=security) as client:
             resume = Resume.open(cfg.resume_from, client)
             resume.restore_tables(client)
     finally:
