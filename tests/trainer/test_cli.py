@@ -195,3 +195,17 @@ def test_serve_detached_then_stats_then_stop(ray_address):
     assert stopped.stdout.strip() == f"stopped 2 shards of tables cluster {name!r}"
     again = engram("stop", "--address", ray_address, "--name", name)
     assert again.returncode == 1 and f"no tables cluster {name!r}" in again.stderr
+
+
+@pytest.mark.slow
+def test_train_through_a_cluster_found_by_name(make_cluster, corpus_dir, tmp_path, capsys):
+    """`engram train` with no --address on a driver already in Ray (as in a RayJob) finds the
+    tables cluster by --name and trains through it; a plain progress line, no carriage return."""
+    from trainer.cli import main
+
+    cluster = make_cluster(1, num_hot=1, hot_device="cpu")
+    assert main(["train", "--name", cluster.config.name, "--corpus", str(corpus_dir), "--steps", "2",
+                 "--batch-size", "2", "--context", "16", "--threads", "1"]) == 0
+    out, err = capsys.readouterr()
+    assert f"attached to 1 shards of tables cluster {cluster.config.name!r}" in out and "held-out loss" in out
+    assert "train: step 2/2 (100%)" in err and "\r" not in err
