@@ -209,3 +209,54 @@ def test_train_through_a_cluster_found_by_name(make_cluster, corpus_dir, tmp_pat
     out, err = capsys.readouterr()
     assert f"attached to 1 shards of tables cluster {cluster.config.name!r}" in out and "held-out loss" in out
     assert "train: step 2/2 (100%)" in err and "\r" not in err
+
+
+def self_signed(tmp_path: Path) -> tuple[str, str]:
+    """(certificate, key) PEM files of a self-signed certificate for 127.0.0.1."""
+    import datetime
+    import ipaddress
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "engram shard")])
+    now = datetime.datetime.now(datetime.timezone.utc)
+    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
+            .serial_number(x509.random_serial_number()).not_valid_before(now - datetime.timedelta(minutes=5))
+            .not_valid_after(now + datetime.timedelta(days=1))
+            .add_extension(x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
+                           critical=False)
+            .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+            .sign(key, hashes.SHA256()))
+    (tmp_path / "tls.crt").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    (tmp_path / "tls.key").write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                                         serialization.NoEncryption()))
+    return str(tmp_path / "tls.crt"), str(tmp_path / "tls.key")
+
+
+def test_checkpoint_and_stats_reach_a_secured_cluster(make_cluster, ray_address, tmp_path):
+    """TLS and a token on `engram checkpoint save` and `engram stats`: from the flags, or the
+    cluster's config file (its name, and its self-signed certificate as the CA) with the token
+    from $ENGRAM_TOKEN; without the token, one line and exit 1."""
+    from memory_service.config import TableConfig
+    from memory_service.wire.security import ClientSecurity, SecurityConfig
+
+    cert, key = self_signed(tmp_path)
+    cluster = make_cluster(1, security=SecurityConfig.from_tokens(["r"], ["w"], cert=cert, key=key))
+    with cluster.client(security=ClientSecurity(root_cert=cert, token="w")) as client:
+        client.create_table(TableConfig(name="secure", num_rows=100, width=4))
+    name = cluster.config.name
+    config = tmp_path / "cluster.yaml"
+    config.write_text(f"name: {name}\nsecurity:\n  tls_cert: {cert}\n  tls_key: {key}\n")
+    writer = {**ENV, "ENGRAM_TOKEN": "w"}
+    saved = engram("checkpoint", "save", str(tmp_path / "ck"), "--address", ray_address, "--name", name,
+                   "--tls-ca", cert, env=writer)
+    assert saved.returncode == 0 and "saved" in saved.stdout, saved.stderr
+    stats = engram("stats", "--address", ray_address, "--config", str(config), "--json", env={**ENV, "ENGRAM_TOKEN": "r"})
+    assert stats.returncode == 0 and '"secure"' in stats.stdout, stats.stderr
+    refused = engram("checkpoint", "save", str(tmp_path / "ck2"), "--address", ray_address, "--config", str(config))
+    assert refused.returncode == 1 and len(refused.stderr.splitlines()) == 1, refused.stderr
+    assert refused.stderr.startswith("engram checkpoint save: ") and "token" in refused.stderr, refused.stderr
