@@ -137,6 +137,7 @@ def serve_until_stdin_closes(spec: dict) -> None:
     sys.stdin.read()  # returns when the parent closes our stdin, or dies
     if migrator is not None:
         migrator.stop()
+        migrator.close()
     server.stop(1.0)
     shard.close()
 

@@ -162,7 +162,8 @@ class TableCluster:
         shards outlive this: `stop_cluster` ends them. (The embedded Ray, started here, takes every
         actor with it when it stops, detached or not.)"""
         if self.owns_actors and not self.config.detached:
-            _stop_actors(self.config.name, self.hot_actors, self.actors, self.registry, self.config.ready_timeout_s)
+            _stop_actors(self.config.name, self.hot_actors, self.actors, self.registry, self.config.ready_timeout_s,
+                         drain=self.config.storage.path is not None)  # DRAM-only cold shards keep nothing
         if self.owns_ray:
             ray.shutdown()
 
@@ -368,14 +369,15 @@ def _get(refs, timeout_s: float, what: str):
         raise ClusterError(f"{what} did not answer within {timeout_s:g} s") from None
 
 
-def _stop_actors(name: str, hot: list, cold: list, registry, timeout_s: float) -> None:
-    """Stop the hot shards (their migration ends: no row moves while the cold shards flush), then
-    the cold ones (each flushes its dirty rows), then kill every actor and the registry. Raises
-    ClusterError after killing them if a shard did not stop cleanly (a cold shard's write-ahead
-    log keeps what it did not flush)."""
+def _stop_actors(name: str, hot: list, cold: list, registry, timeout_s: float, drain: bool) -> None:
+    """Stop the hot shards (their migration ends: no row moves while the cold shards flush; with
+    `drain`, each first moves its rows back to the cold shards), then the cold ones (each flushes
+    its dirty rows), then kill every actor and the registry. Raises ClusterError after killing
+    them if a shard did not stop cleanly (a cold shard's write-ahead log keeps what it did not
+    flush; a hot shard's rows are lost as in a crash)."""
     unclean = []
     for role, group in (("hot", hot), ("cold", cold)):
-        refs = [a.stop.remote() for a in group]
+        refs = [a.stop.remote(drain=drain) for a in group]
         ready, _ = ray.wait(refs, num_returns=len(refs), timeout=timeout_s)
         for i, ref in enumerate(refs):
             try:
@@ -465,8 +467,8 @@ def _named(cluster: str, role: str, shard_id: int):
 
 def stop_cluster(name: str, address: str | None = None, timeout_s: float = 60.0) -> int:
     """Stop tables cluster `name` on the Ray cluster at `address` (None: $RAY_ADDRESS, else
-    "auto"): every hot shard stops migrating, every cold shard flushes, then their actors and the
-    registry are killed (waits at most `timeout_s` for each group). Returns the number of shards
+    "auto"): every hot shard stops migrating and moves its rows back to the cold shards, every
+    cold shard flushes, then their actors and the registry are killed (waits at most `timeout_s` for each group). Returns the number of shards
     stopped; ClusterNotFound if no such cluster runs."""
     owns_ray = _attach_existing(address)
     try:
@@ -475,7 +477,7 @@ def stop_cluster(name: str, address: str | None = None, timeout_s: float = 60.0)
                                  f"the registry of tables cluster {name!r}")
         cold = [a for i in range(num_cold) if (a := _actor_or_none(shard_name(name, "cold", i)))]
         hot = [a for i in range(num_hot) if (a := _actor_or_none(shard_name(name, "hot", i)))]
-        _stop_actors(name, hot, cold, registry, timeout_s)
+        _stop_actors(name, hot, cold, registry, timeout_s, drain=True)
         return len(cold) + len(hot)
     finally:
         if owns_ray:

@@ -85,14 +85,43 @@ class Migrator:
         self._thread.start()
         return self
 
-    def stop(self) -> None:
-        """Ends the thread after the round in progress (idempotent)."""
+    def stop(self, drain: bool = False) -> int:
+        """Ends the thread after the round in progress (idempotent). With `drain`, then moves
+        every row this hot shard is home of back to its cold home, closes the channels and
+        returns how many rows: a clean stop of the cluster (`engram stop`) keeps them there, in
+        the cold shards' files, where the hot shard's would die with its process."""
         self._stop.set()
         if self._thread is not None:
             self._thread.join(timeout=self.timeout)
+            if self._thread.is_alive():
+                raise RuntimeError(f"hot shard {self.hot.shard_id}: the migration round did not end in "
+                                   f"{self.timeout:g} s")
             self._thread = None
-            for channel in self.channels:
-                channel.close()
+        if not drain:
+            return 0
+        try:
+            return self._drain()
+        finally:
+            self.close()
+
+    def close(self) -> None:
+        """Closes the channels to the cold shards (after stop(); idempotent)."""
+        for channel in self.channels:
+            channel.close()
+        self.channels = []
+
+    def _drain(self) -> int:
+        """Demote every row of every table this hot shard holds (in batches of `max_moves`)."""
+        moved = 0
+        with self.hot.moves.round() as free:
+            if not free:
+                raise RuntimeError(f"hot shard {self.hot.shard_id}: a checkpoint holds the moves; rows stay hot")
+            for name in self.hot.list_tables():
+                ids = np.asarray(self.hot.hot_map(name)[1], np.int64)
+                for start in range(0, len(ids), self.max_moves):
+                    self._demote(name, ids[start:start + self.max_moves])
+                moved += len(ids)
+        return moved
 
     def _run(self) -> None:
         pause = self.interval_s

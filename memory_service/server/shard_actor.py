@@ -122,17 +122,22 @@ class ShardActor:
                     return int(line.split()[1]) * 1024
         return 0
 
-    def stop(self, grace: float = 1.0) -> None:
+    def stop(self, grace: float = 1.0, drain: bool = False) -> int:
         """Stops migrating and serving, then closes the shard (a cold shard writes its dirty rows
-        back and empties its write-ahead log). Once; later calls do nothing."""
+        back and empties its write-ahead log). A hot shard with `drain` first moves every row it
+        holds back to the cold shards (they must still serve), so a clean stop of the cluster
+        loses none; returns how many it moved. Once; later calls do nothing."""
         with self._stop_lock:
             if self._stopped:
-                return
+                return 0
             self._stopped = True
-            if self.migrator is not None:
-                self.migrator.stop()
-            self.server.stop(grace)  # waits for in-flight rpcs (up to `grace`)
-            self.shard.close()
+            try:
+                return self.migrator.stop(drain=drain) if self.migrator is not None else 0
+            finally:  # a drain that failed leaves its rows hot: they die with the process, as in a crash
+                if self.migrator is not None:
+                    self.migrator.close()
+                self.server.stop(grace)  # waits for in-flight rpcs (up to `grace`)
+                self.shard.close()
 
 
 def _serve_first_free(shard: Shard, host: str, port: int, metrics_port: int | None, cluster: str,

@@ -15,7 +15,7 @@ import ray
 
 from memory_service.cluster import (ClusterConfig, check_resources, connect, find_registry, launch,
                                     stop_cluster)
-from memory_service.config import StorageConfig, TableConfig
+from memory_service.config import OptimizerConfig, StorageConfig, TableConfig
 from memory_service.errors import ClusterError, ClusterNotFound
 from memory_service.server.registry import NAMESPACE, shard_name
 
@@ -39,6 +39,19 @@ def launch_in_subprocess(name: str, storage: str) -> str:
     return out.stdout
 
 
+def wait_restarted(actor, old_pid: int, timeout: float = 120) -> None:
+    """Until `actor` answers from a process other than `old_pid` (Ray restarted it)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            if ray.get(actor.pid.remote(), timeout=5) != old_pid:
+                return
+        except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError):
+            pass
+        time.sleep(0.5)
+    raise AssertionError(f"actor not restarted within {timeout:g} s")
+
+
 def test_detached_shards_outlive_their_launcher(ray_session, tmp_path):
     out = launch_in_subprocess("detached", str(tmp_path))
     assert f"gcs {ray.get_runtime_context().gcs_address}" in out  # attached: the same Ray cluster
@@ -49,7 +62,14 @@ def test_detached_shards_outlive_their_launcher(ray_session, tmp_path):
     with cluster.client() as client:
         client.create_table(cfg)
         client.push({"kept": (np.arange(8), np.ones((8, 4), np.float32))}, step=1)
-        assert client.fetch({"kept": np.arange(8)})["kept"].shape == (8, 4)
+        rows = client.fetch({"kept": np.arange(8)})["kept"].numpy()
+    # a detached cold shard is still restarted after a crash, on its port, with its rows
+    pid = ray.get(cluster.actors[0].pid.remote())
+    ray.kill(cluster.actors[0], no_restart=False)
+    wait_restarted(cluster.actors[0], pid)
+    assert ray.get(cluster.actors[0].get_address.remote()).target == targets[0]
+    with cluster.client() as client:
+        np.testing.assert_array_equal(client.fetch({"kept": np.arange(8)})["kept"].numpy(), rows)
     cluster.shutdown()  # detaches only
     assert stop_cluster("detached") == 3
     with pytest.raises(ClusterNotFound, match="no tables cluster 'detached'"):
@@ -121,13 +141,7 @@ def test_registry_restart_keeps_the_cluster_findable(make_cluster, tmp_path):
     assert again.targets == cluster.targets
     old_pid = ray.get(cluster.actors[1].pid.remote())
     ray.kill(cluster.actors[1], no_restart=False)  # a crash: Ray restarts it
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
-        try:
-            if ray.get(cluster.actors[1].pid.remote(), timeout=5) != old_pid:
-                break
-        except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError):
-            time.sleep(0.5)
+    wait_restarted(cluster.actors[1], old_pid)
     assert ray.get(cluster.actors[1].get_address.remote()).target == cluster.targets[1]
     with cluster.client() as client:
         client.create_table(TableConfig(name="after", num_rows=16, width=4))
@@ -138,3 +152,47 @@ def test_detached_on_the_embedded_cluster_is_refused(ray_session):
     """The embedded Ray ends with the process that started it: detached shards there would not outlive it."""
     with pytest.raises(ClusterError, match="detached shards need a Ray cluster that outlives this process"):
         launch(ClusterConfig(num_shards=1, name="embedded-detached", detached=True))
+
+
+def merged_state(actors: list, name: str) -> dict[int, tuple]:
+    """id -> (row, optimizer state) over the shards `actors`."""
+    out = {}
+    for actor in actors:
+        state = ray.get(actor.table_state.remote(name))
+        for i, row_id in enumerate(state["ids"].tolist()):
+            assert row_id not in out, f"row {row_id} held by two shards"
+            out[row_id] = (state["rows"][i].tolist(), state["state"][i].tolist())
+    return out
+
+
+def test_a_clean_stop_keeps_the_hot_rows(ray_session, tmp_path):
+    """stop_cluster moves the hot shard's rows back to the cold shards before they flush: the
+    cluster served again from the same files holds every row and optimizer state, hot ones too."""
+    config = ClusterConfig(num_shards=2, num_hot=1, hot_rows=64, migrate_interval_s=0.005, migrate_max_duty=1.0,
+                           name="drained", storage=StorageConfig(path=str(tmp_path)))
+    table = TableConfig(name="d", num_rows=1000, width=4, optimizer=OptimizerConfig(lr=0.1))
+    cluster = launch(config)
+    ids = np.arange(0, 1000, 25)
+    with cluster.client() as client:
+        client.create_table(table)
+        deadline = time.monotonic() + 60
+        step = 0
+        while ray.get(cluster.hot_actors[0].migration_counters.remote())["promoted"] == 0:
+            assert time.monotonic() < deadline, "no row was promoted"
+            step += 1
+            client.fetch({"d": ids}, min_step=step - 1)
+            client.push({"d": (ids, np.full((len(ids), 4), step, np.float32))}, step=step)
+        client.fetch({"d": ids}, min_step=step)  # every push applied before the state is read
+    ray.get(cluster.hot_actors[0].stop_migration.remote())  # rows hold still while we read them all
+    before = merged_state([*cluster.actors, *cluster.hot_actors], "d")
+    assert len(ray.get(cluster.hot_actors[0].table_state.remote("d"))["ids"]) > 0  # some rows are hot
+    assert stop_cluster("drained") == 3
+    again = launch(config)
+    try:
+        assert merged_state(again.actors, "d") == before  # all in the cold shards' files
+        with again.client() as client:
+            client.create_table(table)  # as a trainer does: the new hot shard learns the table
+            np.testing.assert_array_equal(client.fetch({"d": ids})["d"].numpy(),
+                                          np.array([before[i][0] for i in ids.tolist()], np.float32))
+    finally:
+        again.shutdown()
