@@ -23,10 +23,23 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(entry)
 
 
+class StderrHandler(logging.StreamHandler):
+    """Writes to whatever sys.stderr is when a record arrives, not the stream of the moment of
+    setup: `main` called in a process that swaps stderr (pytest's capture) must not leave a
+    handler writing into a closed file."""
+
+    def __init__(self):
+        logging.Handler.__init__(self)
+
+    @property
+    def stream(self):
+        return sys.stderr
+
+
 def setup(level: str = "info", as_json: bool = False) -> None:
     """Route every logger to stderr at `level`; replaces what an earlier call set up (tests call
     `main` many times in one process)."""
-    handler = logging.StreamHandler(sys.stderr)
+    handler = StderrHandler()
     handler.setFormatter(JsonFormatter() if as_json else
                          logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     logging.basicConfig(level=level.upper(), handlers=[handler], force=True)
