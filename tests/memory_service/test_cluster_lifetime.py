@@ -196,3 +196,52 @@ def test_a_clean_stop_keeps_the_hot_rows(ray_session, tmp_path):
                                           np.array([before[i][0] for i in ids.tolist()], np.float32))
     finally:
         again.shutdown()
+
+
+def test_the_embedded_cluster_listens_on_loopback_only(make_cluster):
+    """Issue 22, finding 1: no server of the embedded Ray cluster (GCS, raylet, object manager,
+    agents, workers, this driver's core worker), nor a shard's gRPC server, listens on an address
+    another machine can reach; its token auth is off, so one that did would run anyone's code."""
+    import ipaddress
+    import socket
+
+    import psutil
+
+    cluster = make_cluster(1, num_hot=1)  # shard actors among the workers
+    me = psutil.Process()
+    listening = []
+    for proc in [me, *me.children(recursive=True)]:  # Ray's daemons and workers descend from the driver
+        try:
+            listening += [(proc.name(), c.laddr.ip, c.laddr.port) for c in proc.net_connections("inet")
+                          if c.status == psutil.CONN_LISTEN]
+        except psutil.NoSuchProcess:
+            continue
+
+    def loopback(ip: str) -> bool:
+        address = ipaddress.ip_address(ip)
+        return address.is_loopback or getattr(address, "ipv4_mapped", None) is not None \
+            and address.ipv4_mapped.is_loopback
+
+    gcs_port = int(ray.get_runtime_context().gcs_address.rsplit(":", 1)[1])
+    names = {name for name, _, _ in listening}
+    assert any(port == gcs_port for _, _, port in listening) and "raylet" in names, listening
+    assert all(loopback(ip) for _, ip, _ in listening), [s for s in listening if not loopback(s[1])]
+    assert ray.util.get_node_ip_address() == "127.0.0.1"
+    assert all(a.host == "127.0.0.1" for a in [*cluster.addresses, *cluster.hot_addresses])
+    host = socket.gethostbyname(socket.gethostname())
+    if not ipaddress.ip_address(host).is_loopback:  # the host's own address: refused
+        with pytest.raises(OSError):
+            socket.create_connection((host, gcs_port), timeout=5).close()
+
+
+def test_a_dead_shard_does_not_keep_the_others_from_stopping(ray_session):
+    """Issue 22, finding 8: with one shard dead (all-DRAM: not restarted), shutdown still stops
+    and removes every other actor, then says which shard did not stop cleanly."""
+    cluster = launch(ClusterConfig(num_shards=2, name="one-dead"))
+    ray.kill(cluster.actors[0])
+    with pytest.raises(ClusterError, match="'one-dead' removed, but not every shard stopped cleanly: cold 0"):
+        cluster.shutdown()
+    with pytest.raises(ClusterNotFound):
+        find_registry("one-dead")
+    with pytest.raises(ValueError):
+        ray.get_actor(shard_name("one-dead", "cold", 1), namespace=NAMESPACE)
