@@ -25,6 +25,7 @@ shards are not restarted: their rows die with their process (a restart would ser
 from __future__ import annotations
 
 import logging
+import math
 import os
 import time
 from contextlib import contextmanager, nullcontext
@@ -71,7 +72,10 @@ class ClusterConfig:
     `detached`: shards and registry outlive the driver that launched them (stop_cluster ends them).
     `hot_resource`: the custom resource hot shards take instead of `shard_resource` (GPU nodes);
     `hot_device`: where hot shards keep rows ("auto": on a GPU when the Ray cluster has one per hot
-    shard). `ready_timeout_s`: the deadline of each wait for shards to serve, register or stop."""
+    shard). `ready_timeout_s`: the deadline of each wait for shards to serve, register or stop.
+    `join_timeout_s`: how long launch waits for nodes offering the shard resources to join (0: they
+    must be there already, so a missing resource fails at once; a Kubernetes sidecar that starts
+    before the shard pods join gives them time instead of failing into a restart loop)."""
 
     num_shards: int = 2
     name: str = "default"  # several tables clusters can share one Ray cluster under different names
@@ -93,6 +97,7 @@ class ClusterConfig:
     hot_resource: str | None = None  # the custom resource a hot shard takes a unit of (None: shard_resource)
     hot_device: str = "auto"  # where hot rows live: "cuda", "cpu", or "auto" (cuda if the cluster has a GPU per hot shard)
     ready_timeout_s: float = 120.0  # deadline of each wait for shards to come up or stop
+    join_timeout_s: float = 0.0  # how long launch waits for nodes with the shard resources to join
 
     def __post_init__(self) -> None:
         if self.max_restarts < -1:
@@ -119,6 +124,8 @@ class ClusterConfig:
             raise ValueError(f"hot_device {self.hot_device!r} must be one of {', '.join(HOT_DEVICES)}")
         if not self.ready_timeout_s > 0:
             raise ValueError(f"ready_timeout_s {self.ready_timeout_s} must be > 0")
+        if not 0 <= self.join_timeout_s < math.inf:
+            raise ValueError(f"join_timeout_s {self.join_timeout_s} must be >= 0 and finite")
         if self.security is not None and self.security.has_tokens and not self.security.is_tls \
                 and not is_loopback(self.host):
             raise ValueError(f"tokens without TLS on host {self.host}: clients send tokens only over TLS or "
@@ -139,6 +146,7 @@ class TableCluster:
         self.registry = registry
         self.owns_ray = owns_ray
         self.owns_actors = owns_actors  # False when attached to shards another driver started
+        self.already_running = False  # launch() found this detached cluster running and attached
         self.addresses: list[ShardAddress]
         self.hot_addresses: list[ShardAddress]
         self.addresses, self.hot_addresses = _get(
@@ -279,16 +287,21 @@ def needed_resources(config: ClusterConfig) -> dict[str, float]:
 def check_resources(config: ClusterConfig, wait_s: float = RESOURCE_WAIT_S) -> None:
     """Raise ClusterError, with the fix, unless the Ray cluster's nodes have the resources the
     shards take free. Without this, a shard asking for a resource no node offers waits in Ray's
-    queue forever. Nodes declare resources when they join, so too few in total fails at once;
-    units in use are waited on for `wait_s` (the free counts lag an actor's end by a moment)."""
+    queue forever. Nodes declare resources when they join, so too few in total fails once
+    `config.join_timeout_s` has passed (at once by default); units in use are waited on for
+    `wait_s` more (the free counts lag an actor's end by a moment)."""
     need = needed_resources(config)
-    deadline = time.monotonic() + wait_s
+    start = time.monotonic()
+    if config.join_timeout_s:
+        log.info("waiting up to %g s for Ray nodes offering %s", config.join_timeout_s, need)
     while True:
         total, free = ray.cluster_resources(), ray.available_resources()
         short = {k: v for k, v in need.items() if free.get(k, 0.0) < v}
         if not short:
             return
-        if time.monotonic() >= deadline or any(total.get(k, 0.0) < v for k, v in short.items()):
+        elapsed = time.monotonic() - start
+        missing = any(total.get(k, 0.0) < v for k, v in short.items())
+        if elapsed >= config.join_timeout_s + wait_s or (missing and elapsed >= config.join_timeout_s):
             raise ClusterError(_shortage(config, short, total, free))
         time.sleep(0.25)
 
@@ -314,11 +327,14 @@ def _shortage(config: ClusterConfig, short: dict[str, float], total: dict, free:
 
 def launch(config: ClusterConfig, owns_ray: bool = False) -> TableCluster:
     """Start `config.num_shards` cold and `config.num_hot` hot shard actors and wait (at most
-    `config.ready_timeout_s` each for cold and hot) until every one serves gRPC. Checks first that
-    no tables cluster of this name runs and that the Ray cluster offers the resources; on any
-    failure, kills what it started."""
+    `config.ready_timeout_s` each for cold and hot) until every one serves gRPC. A detached cluster
+    of this name that already runs with this shape is attached to instead; any other cluster of
+    this name is an error. Checks that the Ray cluster offers the resources; on any failure, kills
+    what it started."""
     warn_if_exposed(config.host, config.security)  # here too: an actor's warning stays in its log
     if _registry_or_none(config.name) is not None:
+        if config.detached:  # launched before: attach to it (launching again is then harmless)
+            return _running(config, owns_ray)
         raise ClusterError(f"tables cluster {config.name!r} already runs on this Ray cluster: attach to it, or "
                            f"stop it first (engram stop --name {config.name})")
     if config.detached and _is_embedded():
@@ -500,6 +516,20 @@ def _find(config: ClusterConfig, owns_ray: bool) -> TableCluster:
     hot = [_named(config.name, "hot", i) for i in range(num_hot)]
     return TableCluster(replace(config, num_shards=expected, num_hot=num_hot), actors, registry, owns_ray,
                         owns_actors=False, hot_actors=hot)
+
+
+def _running(config: ClusterConfig, owns_ray: bool) -> TableCluster:
+    """The detached tables cluster `config.name` that already runs, if it has `config`'s shape: a
+    launcher started again (a restarted sidecar, a rerun script) attaches instead of failing."""
+    cluster = _find(config, owns_ray)
+    have = (cluster.config.num_shards, cluster.config.num_hot)
+    if have != (config.num_shards, config.num_hot):
+        raise ClusterError(f"tables cluster {config.name!r} already runs with {have[0]} cold and {have[1]} hot "
+                           f"shards, not {config.num_shards} and {config.num_hot}: stop it first "
+                           f"(engram stop --name {config.name}) or pick another name")
+    log.info("tables cluster %r already runs (detached): attached to it", config.name)
+    cluster.already_running = True
+    return cluster
 
 
 def _named(cluster: str, role: str, shard_id: int):

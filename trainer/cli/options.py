@@ -41,6 +41,13 @@ def positive_float(text: str) -> float:
     return value
 
 
+def non_negative_float(text: str) -> float:
+    value = float(text)
+    if not 0 <= value < float("inf"):
+        raise argparse.ArgumentTypeError(f"{value} must be >= 0 and finite")
+    return value
+
+
 def size(text: str) -> int:
     """Bytes from '4GiB', '512MiB', '1GB' or a plain int (memory_service.config_file.parse_size)."""
     from memory_service.config_file import parse_size

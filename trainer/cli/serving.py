@@ -8,15 +8,16 @@ import os
 import signal
 import threading
 
-from trainer.cli.options import (add_cluster_args, check_reachable, non_negative_int, positive_float,
-                                 positive_int, size)
+from trainer.cli.options import (add_cluster_args, check_reachable, non_negative_float, non_negative_int,
+                                 positive_float, positive_int, size)
 
 # flag dest -> ClusterConfig field ("storage." for StorageConfig's, "security." for the TLS files)
 SERVE_FIELDS = {
     "shards": "num_shards", "hot_shards": "num_hot", "hot_rows": "hot_rows", "hot_resource": "hot_resource",
     "hot_device": "hot_device", "host": "host", "port": "port", "metrics_port": "metrics_port",
     "resource": "shard_resource", "max_restarts": "max_restarts", "placement": "placement",
-    "migrate_max_duty": "migrate_max_duty", "ready_timeout": "ready_timeout_s", "name": "name",
+    "migrate_max_duty": "migrate_max_duty", "ready_timeout": "ready_timeout_s",
+    "join_timeout": "join_timeout_s", "name": "name",
     "storage_path": "storage.path", "dram_budget": "storage.dram_budget_bytes",
     "tls_cert": "security.tls_cert", "tls_key": "security.tls_key", "tls_ca": "security.tls_ca",
     "tls_client_ca": "security.tls_client_ca",
@@ -40,9 +41,11 @@ def serve_overrides(args: argparse.Namespace) -> dict:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    """Start a tables cluster. Attached (the default), serve until SIGINT/SIGTERM, then stop every
-    shard cleanly; detached (`--detach` or `detached: true`), return once every shard serves:
-    the shards keep serving until `engram stop`."""
+    """Start a tables cluster and serve until SIGINT/SIGTERM. Its shards are owned by this process
+    (stopped cleanly on the signal) unless detached (`detached: true` or `--detach`): then the
+    signal only detaches, the shards keep serving until `engram stop`, and starting `engram
+    serve` again with the same config attaches to them (a restarted Kubernetes sidecar). With
+    `--detach` it returns as soon as every shard serves."""
     from memory_service.config_file import ConfigError, load_cluster_config
 
     config = load_cluster_config(args.config, serve_overrides(args))  # checked before anything starts
@@ -56,6 +59,28 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     owns_ray = clusters.attach_ray(address, log_to_driver=True)  # shards' warnings reach this log
     cluster = clusters.launch(config, owns_ray=owns_ray)
+    _print_shards(cluster)
+    shards = f"{len(cluster.addresses)} shards" + (f" and {len(cluster.hot_addresses)} hot shards"
+                                                   if cluster.hot_addresses else "")
+    already = " (already running: attached)" if cluster.already_running else ""
+    if args.detach:
+        cluster.shutdown()  # detaches only
+        print(f"serving {shards} of cluster {config.name!r}{already}, detached; `engram stop --name "
+              f"{config.name}` stops them", flush=True)
+        return 0
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):  # after Ray's start: its driver installs its own
+        signal.signal(sig, lambda *_: stop.set())
+    ending = (f"a signal detaches; `engram stop --name {config.name}` stops them" if config.detached
+              else "Ctrl-C to stop")
+    print(f"serving {shards} of cluster {config.name!r}{already}; {ending}", flush=True)
+    stop.wait()
+    cluster.shutdown()  # stops the shards, or detaches from detached ones
+    print(f"detached: cluster {config.name!r} keeps serving" if config.detached else "stopped", flush=True)
+    return 0
+
+
+def _print_shards(cluster) -> None:
     for a in cluster.addresses:
         print(f"shard {a.shard_id}: {a.target}", flush=True)
     for a in cluster.hot_addresses:
@@ -63,21 +88,6 @@ def cmd_serve(args: argparse.Namespace) -> int:
     for a in [*cluster.addresses, *cluster.hot_addresses]:
         if a.metrics_port:
             print(f"metrics {a.role} {a.shard_id}: http://{a.host}:{a.metrics_port}/metrics", flush=True)
-    shards = f"{len(cluster.addresses)} shards" + (f" and {len(cluster.hot_addresses)} hot shards"
-                                                   if cluster.hot_addresses else "")
-    if config.detached:
-        cluster.shutdown()  # detaches only
-        print(f"serving {shards} of cluster {config.name!r}, detached; `engram stop --name {config.name}` "
-              f"stops them", flush=True)
-        return 0
-    stop = threading.Event()
-    for sig in (signal.SIGINT, signal.SIGTERM):  # after Ray's start: its driver installs its own
-        signal.signal(sig, lambda *_: stop.set())
-    print(f"serving {shards} of cluster {config.name!r}; Ctrl-C to stop", flush=True)
-    stop.wait()
-    cluster.shutdown()
-    print("stopped", flush=True)
-    return 0
 
 
 def cmd_stop(args: argparse.Namespace) -> int:
@@ -115,7 +125,10 @@ def add_parsers(sub) -> None:
     p.add_argument("--migrate-max-duty", type=positive_float, default=None,
                    help="wall-clock share a hot shard's migration may take")
     p.add_argument("--detach", action="store_true",
-                   help="return once the shards serve; they outlive this process until `engram stop`")
+                   help="detached shards (they outlive this process until `engram stop`), and return once "
+                        "they serve")
+    p.add_argument("--join-timeout", type=non_negative_float, default=None, metavar="SECONDS",
+                   help="wait this long for Ray nodes offering the shard resources to join (default 0: fail at once)")
     p.add_argument("--ready-timeout", type=positive_float, default=None, metavar="SECONDS",
                    help="deadline of every wait for shards to start")
     p.add_argument("--host", default=None, help="bind address of the shards' gRPC servers (default 127.0.0.1)")

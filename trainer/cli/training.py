@@ -4,6 +4,7 @@ the command functions, after `colocation.apply()` (trainer/cli/__init__.py), nev
 from __future__ import annotations
 
 import argparse
+import os
 from dataclasses import replace
 
 from trainer.cli.options import (add_client_security_args, add_cluster_args, client_security, client_settings,
@@ -68,12 +69,16 @@ def train_config(args: argparse.Namespace):
         model = replace(model, context=args.context)
     if args.no_engram:
         model = model.iso_flops_baseline()
-    return TrainConfig(model=model, corpus=CorpusConfig(corpus_dir=args.corpus), steps=args.steps,
+    # absolute: Ray Train workers run in a folder of Ray's session, where a relative path is lost
+    corpus, checkpoint, checkpoint_dir, resume_from = (
+        os.path.abspath(p) if p else None
+        for p in (args.corpus, args.checkpoint, args.checkpoint_dir, args.resume_from))
+    return TrainConfig(model=model, corpus=CorpusConfig(corpus_dir=corpus), steps=args.steps,
                        batch_size=args.batch_size, lr=args.lr, table_lr_mult=args.table_lr_mult,
                        seed=args.seed, threads=args.threads, device=args.device,
-                       warmup_steps=min(20, args.steps // 10), checkpoint=args.checkpoint,
-                       checkpoint_dir=args.checkpoint_dir, checkpoint_every=args.checkpoint_every,
-                       resume_from=args.resume_from,
+                       warmup_steps=min(20, args.steps // 10), checkpoint=checkpoint,
+                       checkpoint_dir=checkpoint_dir, checkpoint_every=args.checkpoint_every,
+                       resume_from=resume_from,
                        compress_tokens=not args.no_compression,
                        keep_whitespace_runs=args.keep_whitespace_runs)
 
