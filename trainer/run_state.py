@@ -11,6 +11,7 @@ into `checkpoint_dir/step-NNNNNNNN` and resumes from `resume_from`.
 """
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -46,13 +47,15 @@ class RunState:
                    config=d["config"], service=d["service"])
 
 
-def save_run(directory: str | Path, client, model: torch.nn.Module, optimizers: list, state: RunState) -> Path:
-    """Checkpoints the run (tables through `client`, None for in-process tables) into
+def save_run(directory: str | Path, client, model: torch.nn.Module, optimizers: list, state: RunState,
+             tables: Sequence[str] = ()) -> Path:
+    """Checkpoints the run (its `tables` through `client`, None for in-process tables) into
     `directory`/step-NNNNNNNN; returns that path. A checkpoint of that step already there (of a
-    run this one resumed before it got here) is replaced."""
+    run this one resumed before it got here) is replaced. Only this run's tables: other runs'
+    tables on the same tables cluster are at other steps."""
     path = checkpoint_path(directory, state.step)
     save_checkpoint(path, client, state.step, model=model, optimizers=optimizers, extra=state.to_dict(),
-                    overwrite=True)
+                    tables=tables, overwrite=True)
     return path
 
 

@@ -318,7 +318,8 @@ class _TrainLoop:
         data = self.data_states.get(steps_done, self.batches.state_dict())  # drawn ahead, or not yet
         save_run(self.cfg.checkpoint_dir, self.client, self.model, self.optimizers,
                  RunState(steps_done, data, self.losses, self.val_losses, torch.get_rng_state(), asdict(self.cfg),
-                          asdict(self.service) if self.tables is not None else None))
+                          asdict(self.service) if self.tables is not None else None),
+                 tables=[t.name for t in self.tables.configs] if self.tables is not None else ())
 
     def progress(self, step: int) -> dict[str, str]:
         """The bar's figures after `step`: loss, tokens/s, remote tables' mean wait per fetch."""

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 import torch
 
+from memory_service.config import TableConfig
 from memory_service.durability.checkpoint import checkpoint_path, latest_checkpoint
 from trainer.data import Corpus
 from trainer.train import ServiceOptions, build, train
@@ -21,7 +22,8 @@ N = 6  # steps before the checkpoint, and after it
 
 def test_resumed_service_training_matches_the_uninterrupted_run(make_cluster, corpus_dir, tmp_path, capsys):
     """2N steps with dense-equivalent Adam tables on 2 shards, uninterrupted; the same run on 2
-    cold + 1 hot shards saving a checkpoint every N steps (the save must not change the run); and
+    cold + 1 hot shards saving a checkpoint every N steps (the save must not change the run, nor
+    take in the table of another run on that cluster, at another step); and
     a run resumed from the step-N checkpoint on 3 fresh shards. The resumed steps' losses, the
     held-out loss and every final row match the uninterrupted run within 1e-6."""
     cfg = replace(small_train_config(corpus_dir, tmp_path), steps=2 * N, warmup_steps=2, threads=1,
@@ -35,6 +37,9 @@ def test_resumed_service_training_matches_the_uninterrupted_run(make_cluster, co
         plain = train(cfg, corpus, client=client, service=service)
         plain_rows = remote_rows(client, "resume", sizes, step=2 * N)
     with make_cluster(2, num_hot=1, hot_rows=128, migrate_interval_s=0.01, migrate_max_duty=1.0).client() as client:
+        client.create_table(TableConfig("another-run/t", num_rows=64, width=4))  # a run sharing the cluster,
+        for step in range(1, 2 * N + 3):  # ahead of this one: its checkpoints must leave that table out
+            client.push({"another-run/t": (np.arange(2), np.ones((2, 4), np.float32))}, step)
         saving = train(replace(cfg, checkpoint_dir=str(runs), checkpoint_every=N), corpus, client=client,
                        service=service)
     assert latest_checkpoint(runs) == checkpoint_path(runs, 2 * N)
