@@ -11,6 +11,10 @@ What differs from a user's machine, and why:
 - the block's last line stops the tables; Ray itself is stopped by ending the processes' sessions
   (`ray stop`, which the README mentions outside the block, ends every Ray process of the machine).
 
+After the block, the same head as a Ray job or a KubeRay pod sees it: with $RAY_ADDRESS set and no
+`--address`, `engram serve` and `engram demo` attach to it (before, serve failed with "resources
+must not be provided").
+
 The second test is the acceptance bound of issue 21: with a head that declares no shard resource,
 `engram serve` fails within 10 s with the fix in its message (a deadline, not a speed figure).
 Needs util-linux's unshare and nsenter, iproute2's ip, and root or unprivileged user namespaces.
@@ -34,6 +38,7 @@ ROOT = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent  # where `ray` and `engram` are installed
 SECTION = "Past one machine"
 SERVE_FAILS_WITHIN_S = 10.0  # issue 21: a missing resource is reported at once, not waited on
+HEAD_PORT = 6379  # `ray start --head`'s default
 TRAIN_SIZE = "--preset tiny --steps 3 --batch-size 2 --context 32 --threads 1"
 
 
@@ -84,10 +89,10 @@ def start_head(procs: Processes, line: str) -> None:
     wait_for(lambda: "Ray runtime started" in procs.log("ray-head"), "the Ray head", procs)
 
 
-def shell(procs: Processes, line: str, timeout: float = 600):
+def shell(procs: Processes, line: str, timeout: float = 600, **env):
     """One README line in bash, in the working directory (run.pt lands there)."""
     started = time.monotonic()
-    out = procs.run(["bash", "-c", f"cd {shlex.quote(str(procs.work))} && {line}"], timeout=timeout)
+    out = procs.run(["bash", "-c", f"cd {shlex.quote(str(procs.work))} && {line}"], timeout=timeout, **env)
     print(f"{time.monotonic() - started:6.1f} s  rc {out.returncode}  {line}")
     return out
 
@@ -115,6 +120,15 @@ def test_quick_start_as_written(machine, corpus_dir):
     assert stop.returncode == 0 and f"stopped {shards} shards" in stop.stdout, stop.stdout + stop.stderr
     again = shell(machine, command(commands, "engram stop"))  # nothing left of that name
     assert again.returncode == 1 and "no tables cluster 'prod'" in again.stderr, again.stdout + again.stderr
+    # inside a Ray job or a KubeRay pod: $RAY_ADDRESS set and no --address, serve and demo attach
+    inside = {"RAY_ADDRESS": f"127.0.0.1:{HEAD_PORT}"}
+    serve = shell(machine, "engram serve --name inside --shards 1 --detach", **inside)
+    assert serve.returncode == 0 and "serving 1 shards of cluster 'inside'" in serve.stdout, serve.stdout + serve.stderr
+    stop = shell(machine, "engram stop --name inside", **inside)
+    assert stop.returncode == 0, stop.stdout + stop.stderr
+    demo = shell(machine, f"engram demo {TRAIN_SIZE} --corpus {corpus_dir} --out demo", **inside)
+    assert demo.returncode == 0, demo.stdout[-3000:] + demo.stderr[-3000:]
+    assert "held-out loss after 3 steps" in demo.stdout and (machine.work / "demo" / "model.pt").exists()
 
 
 def test_serve_without_the_shard_resource_fails_at_once(machine):
