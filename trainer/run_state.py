@@ -88,9 +88,11 @@ class Resume:
         return cls(path, manifest, dense, RunState.from_dict(dense["extra"]))
 
     def restore_tables(self, client) -> None:
-        """Puts the run's tables onto `client`'s cluster (before the model attaches to them)."""
+        """Puts the run's tables onto `client`'s cluster (before the model attaches to them),
+        replacing those of the same names: a job rerun on the tables cluster it trained on finds
+        its tables there, past the checkpoint's step."""
         if client is not None:
-            restore_checkpoint(self.path, client)
+            restore_checkpoint(self.path, client, replace=True)
 
     def load(self, model: torch.nn.Module, optimizers: list) -> RunState:
         """Loads the dense model's and optimizers' states; returns the run's state."""

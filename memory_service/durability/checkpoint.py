@@ -241,27 +241,31 @@ def _call_all(client, rpc: str, request, timeout: float, hot_only: bool = False,
 
 # -- restore ----------------------------------------------------------------------------------------
 def restore_checkpoint(path: str | Path, client=None, *, model: torch.nn.Module | None = None,
-                       optimizers: Sequence[torch.optim.Optimizer] = (),
+                       optimizers: Sequence[torch.optim.Optimizer] = (), replace: bool = False,
                        options: CheckpointOptions = CheckpointOptions()) -> Restored:
-    """Restores checkpoint `path`: its tables onto `client`'s cluster (which must not hold them),
-    then, when given, the `model`'s and `optimizers`' states. Returns the manifest and `extra`.
-    CheckpointCorrupt for an incomplete or damaged checkpoint, before anything changes."""
+    """Restores checkpoint `path`: its tables onto `client`'s cluster (which must not hold them,
+    unless `replace`: then the cluster's tables of those names are dropped first, as a run
+    resumed on the tables cluster it trained on needs), then, when given, the `model`'s and
+    `optimizers`' states. Returns the manifest and `extra`. CheckpointCorrupt for an incomplete or
+    damaged checkpoint, before anything changes."""
     root = Path(path).absolute()
     manifest = Manifest.read(root)
     for entry in manifest.files:  # the dense part too is checked before anything changes
         verify_file(root, entry)
     if client is not None and manifest.tables:
-        _restore_tables(root, manifest, client, options)
+        _restore_tables(root, manifest, client, options, replace)
     return Restored(manifest, _load_dense(root, model, optimizers, manifest, verify=False))
 
 
-def _restore_tables(root: Path, manifest: Manifest, client, options: CheckpointOptions) -> None:
+def _restore_tables(root: Path, manifest: Manifest, client, options: CheckpointOptions, replace: bool) -> None:
     names = {t.name for t in manifest.tables}
     listed = _call_all(client, "ListTables", memory_pb2.ListTablesRequest(), options.pause_timeout_s)
-    for shard, reply in enumerate(listed):
-        if clash := sorted(names & set(reply.names)):
-            raise FailedPrecondition(f"shard {shard} holds table {clash[0]!r} of the checkpoint already: restore "
-                                     f"onto a cluster without the checkpoint's tables")
+    held = sorted(names & {name for reply in listed for name in reply.names})
+    if held and not replace:
+        raise FailedPrecondition(f"the cluster holds table {held[0]!r} of the checkpoint already: restore onto a "
+                                 f"cluster without the checkpoint's tables")
+    for name in held:  # replace: the checkpoint's state of these tables wins
+        client.drop_table(name)
     try:
         with _migration_paused(client, options):
             replies = _call_all(client, "CheckpointRestore", memory_pb2.CheckpointRestoreRequest(path=str(root)),

@@ -23,7 +23,8 @@ N = 6  # steps before the checkpoint, and after it
 def test_resumed_service_training_matches_the_uninterrupted_run(make_cluster, corpus_dir, tmp_path, capsys):
     """2N steps with dense-equivalent Adam tables on 2 shards, uninterrupted; the same run on 2
     cold + 1 hot shards saving a checkpoint every N steps (the save must not change the run, nor
-    take in the table of another run on that cluster, at another step); and
+    take in the table of another run on that cluster, at another step), then resumed there from
+    step N (a job rerun: its tables are on the cluster, at step 2N, and are replaced); and
     a run resumed from the step-N checkpoint on 3 fresh shards. The resumed steps' losses, the
     held-out loss and every final row match the uninterrupted run within 1e-6."""
     cfg = replace(small_train_config(corpus_dir, tmp_path), steps=2 * N, warmup_steps=2, threads=1,
@@ -42,6 +43,9 @@ def test_resumed_service_training_matches_the_uninterrupted_run(make_cluster, co
             client.push({"another-run/t": (np.arange(2), np.ones((2, 4), np.float32))}, step)
         saving = train(replace(cfg, checkpoint_dir=str(runs), checkpoint_every=N), corpus, client=client,
                        service=service)
+        # a job rerun on the same tables cluster: its tables are there, at step 2N; the resume replaces them
+        rerun = train(replace(cfg, resume_from=str(checkpoint_path(runs, N))), corpus, client=client, service=service)
+        rerun_rows = remote_rows(client, "resume", sizes, step=2 * N)
     assert latest_checkpoint(runs) == checkpoint_path(runs, 2 * N)
     with make_cluster(3).client() as client:
         resumed = train(replace(cfg, resume_from=str(checkpoint_path(runs, N))), corpus, client=client,
@@ -52,8 +56,10 @@ def test_resumed_service_training_matches_the_uninterrupted_run(make_cluster, co
     assert resumed.train_losses[:N] == saving.train_losses[:N]  # the history came with the checkpoint
     np.testing.assert_allclose(resumed.train_losses[N:], plain.train_losses[N:], rtol=0, atol=1e-6)
     assert resumed.val_loss == pytest.approx(plain.val_loss, abs=1e-6)
+    np.testing.assert_allclose(rerun.train_losses[N:], plain.train_losses[N:], rtol=0, atol=1e-6)
     for layer, rows in plain_rows.items():
         np.testing.assert_allclose(resumed_rows[layer], rows, rtol=0, atol=1e-6)
+        np.testing.assert_allclose(rerun_rows[layer], rows, rtol=0, atol=1e-6)
     assert plain.train_losses[-1] < plain.train_losses[0]  # it trained
     print(f"max |loss diff| {np.abs(np.subtract(resumed.train_losses[N:], plain.train_losses[N:])).max():.2e}, "
           f"max |row diff| {max(np.abs(resumed_rows[k] - plain_rows[k]).max() for k in plain_rows):.2e}")
