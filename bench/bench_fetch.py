@@ -32,7 +32,8 @@ from memory_service.server.shard_process import SHARD_ENV, reexec_with
 
 reexec_with(SHARD_ENV)
 
-from memory_service.cluster import ClusterConfig, init_local_ray, launch  # noqa: E402
+from memory_service.cluster import ClusterConfig, launch  # noqa: E402
+from memory_service.ray_attach import init_local_ray  # noqa: E402
 from memory_service.config import OptimizerConfig, StorageConfig, TableConfig  # noqa: E402
 from report import write_results  # noqa: E402  (bench/report.py)
 

@@ -40,10 +40,11 @@ from pathlib import Path
 import numpy as np
 import ray
 
-from memory_service.cluster import ClusterConfig, init_local_ray, launch
+from memory_service.cluster import ClusterConfig, launch
 from memory_service.config import StorageConfig
 from memory_service.placement import Policy, make_policy
 from memory_service.placement.replay import belady_hit_rate, num_reads, simulate
+from memory_service.ray_attach import init_local_ray
 from memory_service.storage.usage import DEVICE_TIER, DRAM_TIER
 from trainer.data import Corpus, CorpusConfig
 from trainer.remote_tables import RemoteTables

@@ -14,7 +14,7 @@ _names = itertools.count()
 def ray_session():
     import ray
 
-    from memory_service.cluster import init_local_ray
+    from memory_service.ray_attach import init_local_ray
 
     started = init_local_ray()
     yield ray

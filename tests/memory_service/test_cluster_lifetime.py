@@ -13,8 +13,8 @@ import numpy as np
 import pytest
 import ray
 
-from memory_service.cluster import (ClusterConfig, check_resources, connect, find_registry, launch,
-                                    stop_cluster)
+from memory_service.cluster import ClusterConfig, connect, find_registry, launch, stop_cluster
+from memory_service.cluster_resources import check_resources
 from memory_service.config import OptimizerConfig, StorageConfig, TableConfig
 from memory_service.errors import ClusterError, ClusterNotFound
 from memory_service.server.registry import NAMESPACE, shard_name
