@@ -93,8 +93,10 @@ def read_fields(source: str | None, overrides: Mapping[str, Any]) -> tuple[dict[
     where = source or "flags"
     fields = _convert(ClusterConfig, merged, where, prefix="", skip={"security"})
     tls = _build(TLSFiles, _convert(TLSFiles, _section(merged, "security", where), where, "security."), where)
-    fields["storage"] = _build(StorageConfig, _convert(StorageConfig, _section(merged, "storage", where),
-                                                       where, "storage."), where)
+    storage = _build(StorageConfig, _convert(StorageConfig, _section(merged, "storage", where), where, "storage."),
+                     where)
+    # absolute: the shards open it in a process Ray starts in a folder of its own
+    fields["storage"] = dataclasses.replace(storage, path=os.path.abspath(storage.path)) if storage.path else storage
     return fields, tls
 
 
@@ -112,14 +114,25 @@ def server_security(tls: TLSFiles, environ: Mapping[str, str], where: str = "fla
         raise ConfigError(f"${READ_TOKENS_VAR} without ${WRITE_TOKENS_VAR}: nothing could write, not even the "
                           f"shards' own migration")
     mutual = tls.tls_client_ca is not None
+    # read here, by the launcher: the shards run on other nodes, where these files need not exist
+    cert, key, ca, client_ca = (_pem_file(getattr(tls, name), name, where)
+                                for name in ("tls_cert", "tls_key", "tls_ca", "tls_client_ca"))
     try:
-        peer = ClientSecurity(root_cert=(tls.tls_ca or tls.tls_cert) if tls.tls_cert else None,
-                              token=write[0] if write else None,
-                              client_cert=tls.tls_cert if mutual else None, client_key=tls.tls_key if mutual else None)
-        return SecurityConfig.from_tokens(read, write, cert=tls.tls_cert, key=tls.tls_key,
-                                          client_ca=tls.tls_client_ca, peer=peer)
+        peer = ClientSecurity(root_cert=(ca or cert) if cert else None, token=write[0] if write else None,
+                              client_cert=cert if mutual else None, client_key=key if mutual else None)
+        return SecurityConfig.from_tokens(read, write, cert=cert, key=key, client_ca=client_ca, peer=peer)
     except ValueError as err:
         raise ConfigError(f"{where}: security: {err}") from None
+
+
+def _pem_file(path: str | None, key: str, where: str) -> bytes | None:
+    if path is None:
+        return None
+    try:
+        with open(path, "rb") as f:
+            return f.read()
+    except OSError as err:
+        raise ConfigError(f"{where}: security.{key}: cannot read {path!r}: {err.strerror}") from None
 
 
 def _read_yaml(source: str) -> dict:

@@ -43,7 +43,7 @@ import grpc
 import numpy as np
 import torch
 
-from memory_service.errors import CheckpointCorrupt, FailedPrecondition, error_of_status
+from memory_service.errors import CheckpointCorrupt, FailedPrecondition, MemoryServiceError, error_of_status
 from memory_service.durability.manifest import (PARTIAL, FileEntry, Manifest, ShardEntry, TableEntry, fsync_dir,
                                      sha256_file, verify_file)
 from memory_service.rpc import memory_pb2

@@ -101,14 +101,31 @@ def test_sizes_take_binary_and_decimal_units():
 
 
 def test_tls_from_the_file_and_tokens_only_from_the_environment(tmp_path):
-    path = write(tmp_path, GOOD + "security:\n  tls_cert: /tls/tls.crt\n  tls_key: /tls/tls.key\n  tls_ca: /tls/ca.crt\n")
+    """The launcher reads the PEM files and ships their bytes: shards on other nodes need not
+    have them; a missing one is a ConfigError naming the key."""
+    tls_dir = tmp_path / "tls"
+    tls_dir.mkdir()
+    for name in ("tls.crt", "tls.key", "ca.crt"):
+        (tls_dir / name).write_bytes(f"PEM of {name}".encode())
+    path = write(tmp_path, GOOD + f"security:\n  tls_cert: {tls_dir}/tls.crt\n  tls_key: {tls_dir}/tls.key\n"
+                                  f"  tls_ca: {tls_dir}/ca.crt\n")
     env = {"ENGRAM_READ_TOKENS": "r1,r2", "ENGRAM_WRITE_TOKENS": "w1"}
     security = load_cluster_config(path, environ=env).security
-    assert (security.cert, security.key) == ("/tls/tls.crt", "/tls/tls.key")
+    assert (security.cert, security.key) == (b"PEM of tls.crt", b"PEM of tls.key")
     assert security.read_token_digests == (token_digest("r1"), token_digest("r2"))
-    assert security.peer == ClientSecurity(root_cert="/tls/ca.crt", token="w1")  # migration reaches cold shards
+    assert security.peer == ClientSecurity(root_cert=b"PEM of ca.crt", token="w1")  # migration reaches cold shards
     _, tls = read_fields(str(path), {"security": {"tls_ca": "/other/ca.crt"}})
-    assert tls.tls_ca == "/other/ca.crt" and tls.tls_cert == "/tls/tls.crt"
+    assert tls.tls_ca == "/other/ca.crt" and tls.tls_cert == f"{tls_dir}/tls.crt"
+    assert error(path, overrides={"security": {"tls_ca": "/other/ca.crt"}}) == \
+        f"{path} with flags: security.tls_ca: cannot read '/other/ca.crt': No such file or directory"
     assert "ENGRAM_READ_TOKENS without $ENGRAM_WRITE_TOKENS" in error(path, environ={"ENGRAM_READ_TOKENS": "r"})
-    half = write(tmp_path, "security:\n  tls_cert: /tls/tls.crt\n", "half.yaml")
+    half = write(tmp_path, f"security:\n  tls_cert: {tls_dir}/tls.crt\n", "half.yaml")
     assert error(half) == f"{half}: security: SecurityConfig: cert and key go together (both or neither)"
+
+
+def test_a_relative_storage_path_is_made_absolute_by_the_launcher(tmp_path, monkeypatch):
+    """Shards open it in processes Ray starts in folders of its own, where a relative path
+    names another directory."""
+    monkeypatch.chdir(tmp_path)
+    config = load_cluster_config(None, {"storage": {"path": "tables"}}, environ={})
+    assert config.storage.path == str(tmp_path / "tables")

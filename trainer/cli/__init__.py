@@ -88,17 +88,3 @@ def _fail(command: str, err: Exception) -> int:
     return 2 if isinstance(err, ConfigError) else 1
 
 
-def server_security(args: argparse.Namespace):
-    """`engram serve`'s SecurityConfig from its TLS flags and token variables (without a config
-    file); SystemExit on a contradiction, as the command reports it."""
-    import os
-
-    from memory_service.config_file import ConfigError, TLSFiles
-    from memory_service.config_file import server_security as from_files
-
-    files = TLSFiles(args.tls_cert, args.tls_key, args.tls_ca, args.tls_client_ca)
-    try:
-        return from_files(files, os.environ)
-    except ConfigError as err:
-        raise SystemExit(f"engram serve: {err}") from None
-

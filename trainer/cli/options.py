@@ -104,8 +104,21 @@ def client_security(args: argparse.Namespace, tls_ca: str | None = None) -> "Cli
     tls_ca = tls_ca or args.tls_ca
     if not (tls_ca or args.tls_cert or token):
         return None
-    return ClientSecurity(root_cert=tls_ca, token=token, client_cert=args.tls_cert, client_key=args.tls_key,
+    # read here: Ray Train workers run on other nodes and in a folder of Ray's, where paths break
+    root, cert, key = (_read_pem(path, flag) for path, flag in ((tls_ca, "--tls-ca"), (args.tls_cert, "--tls-cert"),
+                                                                (args.tls_key, "--tls-key")))
+    return ClientSecurity(root_cert=root, token=token, client_cert=cert, client_key=key,
                           server_name=args.tls_server_name)
+
+
+def _read_pem(path: str | None, flag: str) -> bytes | None:
+    if path is None:
+        return None
+    try:
+        with open(path, "rb") as f:
+            return f.read()
+    except OSError as err:
+        raise CommandError(f"{flag} {path}: {err.strerror}") from None
 
 
 def ray_address(address: str | None) -> str:

@@ -389,19 +389,28 @@ def test_engram_stats_reaches_a_tls_server_with_the_token_from_the_environment(t
     assert refused.returncode != 0 and "missing or invalid token" in refused.stderr
 
 
-def test_engram_serve_parses_tls_flags_and_token_variables(monkeypatch):
-    from trainer.cli import build_parser, server_security
+def test_engram_serve_parses_tls_flags_and_token_variables(monkeypatch, tmp_path):
+    """The serve command's own path (flags -> config overrides -> ClusterConfig.security): PEM
+    files read by the launcher, tokens from the environment, a contradiction one ConfigError."""
+    from memory_service.config_file import ConfigError, load_cluster_config
+    from trainer.cli import build_parser
+    from trainer.cli.serving import serve_overrides
 
-    parse = lambda *argv: build_parser().parse_args(["serve", *argv])
+    def security(*argv):
+        return load_cluster_config(None, serve_overrides(build_parser().parse_args(["serve", *argv]))).security
+
+    for name in ("c.pem", "k.pem", "ca.pem"):
+        (tmp_path / name).write_bytes(name.encode())
     monkeypatch.delenv("ENGRAM_READ_TOKENS", raising=False)
     monkeypatch.delenv("ENGRAM_WRITE_TOKENS", raising=False)
-    assert server_security(parse()) is None  # the open default
+    assert security() is None  # the open default
     monkeypatch.setenv("ENGRAM_READ_TOKENS", "r1,r2")
-    with pytest.raises(SystemExit, match="without \\$ENGRAM_WRITE_TOKENS"):
-        server_security(parse())
+    with pytest.raises(ConfigError, match="without \\$ENGRAM_WRITE_TOKENS"):
+        security()
     monkeypatch.setenv("ENGRAM_WRITE_TOKENS", "w1")
-    security = server_security(parse("--tls-cert", "c.pem", "--tls-key", "k.pem", "--tls-client-ca", "ca.pem"))
-    assert security.read_token_digests == (token_digest("r1"), token_digest("r2"))
-    assert security.write_token_digests == (token_digest("w1"),)
-    assert (security.cert, security.key, security.client_ca) == ("c.pem", "k.pem", "ca.pem")
-    assert security.peer == ClientSecurity(root_cert="c.pem", token="w1", client_cert="c.pem", client_key="k.pem")
+    got = security("--tls-cert", str(tmp_path / "c.pem"), "--tls-key", str(tmp_path / "k.pem"),
+                   "--tls-client-ca", str(tmp_path / "ca.pem"))
+    assert got.read_token_digests == (token_digest("r1"), token_digest("r2"))
+    assert got.write_token_digests == (token_digest("w1"),)
+    assert (got.cert, got.key, got.client_ca) == (b"c.pem", b"k.pem", b"ca.pem")
+    assert got.peer == ClientSecurity(root_cert=b"c.pem", token="w1", client_cert=b"c.pem", client_key=b"k.pem")
