@@ -190,7 +190,8 @@ class ClusterReport:
         """Plain data for `engram stats --json`: shards (each with its role), imbalance (the top
         keys over the cold shards; per role under "imbalance"), tables."""
         return {
-            "num_shards": len(self.shards),
+            "num_shards": len(self.shards_of("cold")),  # as ClusterConfig and engram serve count them
+            "num_hot": len(self.shards_of("hot")),
             "load_imbalance": self.load_imbalance,
             "rows_imbalance": self.rows_imbalance,
             "imbalance": {role: {"load": self.load_imbalance_of(role), "rows": self.rows_imbalance_of(role)}

@@ -228,8 +228,9 @@ def render(report: ClusterReport, names: list[str] | None = None, width: int | N
 
 def show(fetch: Callable[[], ClusterReport], names: list[str] | None = None, as_json: bool = False,
          watch: float | None = None, console: Console | None = None) -> None:
-    """Print the report once, or with `watch` redraw it every `watch` seconds until Ctrl-C; the
-    tables fit `console`'s width (rich's: the terminal's, $COLUMNS, or 80 without a terminal)."""
+    """Print the report once, or with `watch` redraw it every `watch` seconds until Ctrl-C (off a
+    terminal: print it again every `watch` seconds, under a time stamp); the tables fit
+    `console`'s width (rich's: the terminal's, $COLUMNS, or 80 without a terminal)."""
     console = console or Console()
     if as_json and watch is None:
         print(json.dumps(fetch().to_json(names), indent=1))
@@ -245,6 +246,12 @@ def show(fetch: Callable[[], ClusterReport], names: list[str] | None = None, as_
     if watch is None:
         console.print(draw())
         return
+    if not console.is_terminal:  # a log (kubectl logs, a file): whole tables one after another, no redraws
+        while True:
+            tables = draw()
+            console.print(f"-- {time.strftime('%Y-%m-%d %H:%M:%S')}")
+            console.print(tables)
+            time.sleep(watch)
     with Live(draw(), console=console, auto_refresh=False) as live:
         while True:
             time.sleep(watch)

@@ -29,7 +29,7 @@ def cmd_stats(args: argparse.Namespace) -> int:
     else:
         from memory_service.cluster import connect
 
-        cluster = connect(address, name=name)
+        cluster = connect(address, name=name, ready_timeout_s=args.timeout)
         client = cluster.client(**bounds)
     try:
         with client:

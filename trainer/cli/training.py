@@ -7,8 +7,8 @@ import argparse
 import os
 from dataclasses import replace
 
-from trainer.cli.options import (add_client_security_args, add_cluster_args, client_security, client_settings,
-                                 non_negative_int, positive_float, positive_int, ray_address)
+from trainer.cli.options import (CommandError, add_client_security_args, add_cluster_args, client_security,
+                                 client_settings, non_negative_int, positive_float, positive_int, ray_address)
 
 # trainer.model.MODEL_PRESETS and trainer.train.DEVICES, spelled here so the parser needs no torch
 # (tests/trainer/test_cli.py checks that they agree)
@@ -138,7 +138,12 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
+    import importlib.util
+
     from trainer.demo import DemoConfig, run
+
+    if importlib.util.find_spec("matplotlib") is None:  # now, not after minutes of training
+        raise CommandError("the demo's loss plot needs matplotlib: pip install 'engram-memory[demo]'")
 
     if args.address:
         ray_address(args.address)  # a dead address fails now, not after loading the corpus

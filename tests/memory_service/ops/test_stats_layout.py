@@ -85,3 +85,22 @@ def test_a_long_table_name_folds_rather_than_being_cut():
     lines = console.file.getvalue().splitlines()
     assert max(len(line) for line in lines) <= 80 and "…" not in "\n".join(lines)
     assert name[:20] in "\n".join(lines)
+
+
+def test_watch_off_a_terminal_prints_whole_reports_one_after_another():
+    """`engram stats --watch` in a log (kubectl logs, a file): each report printed in full under a
+    time stamp, no cursor moves; Ctrl-C (here: the third fetch) ends it."""
+    fetched = []
+
+    def fetch() -> ClusterReport:
+        fetched.append(1)
+        if len(fetched) == 3:
+            raise KeyboardInterrupt
+        return REPORT
+
+    console = Console(width=80, file=io.StringIO(), color_system=None)
+    with pytest.raises(KeyboardInterrupt):
+        stats_view.show(fetch, watch=0.01, console=console)
+    out = console.file.getvalue()
+    assert out.count("\n-- ") + out.startswith("-- ") == 2 and out.count("shards (traffic") == 2
+    assert "\x1b" not in out and "\r" not in out
