@@ -59,6 +59,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     owns_ray = clusters.attach_ray(address, log_to_driver=True)  # shards' warnings reach this log
     cluster = clusters.launch(config, owns_ray=owns_ray)
+    if cluster.already_running:
+        _follow_other_jobs_logs()
     _print_shards(cluster)
     shards = f"{len(cluster.addresses)} shards" + (f" and {len(cluster.hot_addresses)} hot shards"
                                                    if cluster.hot_addresses else "")
@@ -78,6 +80,16 @@ def cmd_serve(args: argparse.Namespace) -> int:
     cluster.shutdown()  # stops the shards, or detaches from detached ones
     print(f"detached: cluster {config.name!r} keeps serving" if config.detached else "stopped", flush=True)
     return 0
+
+
+def _follow_other_jobs_logs() -> None:
+    """Attached to detached shards an earlier `engram serve` (another Ray job) started: Ray's
+    driver shows only its own job's worker logs, and the shards' warnings would stop reaching
+    this log (`kubectl logs`) after a sidecar restart. Ray Serve's controller sets the same flag."""
+    import ray._private.worker as ray_worker
+
+    if hasattr(ray_worker.global_worker, "_filter_logs_by_job"):
+        ray_worker.global_worker._filter_logs_by_job = False
 
 
 def _print_shards(cluster) -> None:
