@@ -196,12 +196,12 @@ class ShardCollector:
 
     def collect(self):
         report = self.report()
-        base = (self.cluster, str(report.shard_id))
+        base = (self.cluster, report.role, str(report.shard_id))  # shard ids count within a role
         families = {}
         for name, kind, labels, doc in METRICS:
             cls = {"gauge": GaugeMetricFamily, "counter": CounterMetricFamily,
                    "histogram": HistogramMetricFamily}[kind]
-            families[name] = cls(name, doc, labels=("cluster", "shard", *labels))
+            families[name] = cls(name, doc, labels=("cluster", "role", "shard", *labels))
         families["engram_shard_info"].add_metric([*base, str(report.num_shards)], 1)
         families["engram_shard_uptime_seconds"].add_metric(base, report.uptime_s)
         families["engram_shard_wal_replayed_records"].add_metric(base, report.wal_replayed)

@@ -66,7 +66,7 @@ def test_scrape_live_shards(make_cluster):
             for s in family.samples:  # conventions: namespace, base-unit suffixes, identity labels
                 assert re.fullmatch(r"engram_[a-z0-9_]+", s.name)
                 assert s.labels["cluster"] == cluster.config.name
-                assert s.labels["shard"] == str(shard.shard_id)
+                assert (s.labels["role"], s.labels["shard"]) == (shard.role, str(shard.shard_id))
                 assert set(labels) <= set(s.labels)
                 if kind == "counter":
                     assert s.name.endswith(("_total", "_created"))
