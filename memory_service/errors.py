@@ -47,11 +47,13 @@ class TableExists(MemoryServiceError):
     status = "ALREADY_EXISTS"
 
 
-class DeadlineExceeded(MemoryServiceError, TimeoutError):
+class DeadlineExceeded(MemoryServiceError):
     """An rpc did not finish before its deadline (gRPC DEADLINE_EXCEEDED): the client's timeout
     passed, or the shard held a fetch for a step that did not come (StepNotReached, as the
     client sees it: both end at the rpc's deadline). Says nothing about state: a push may or may
-    not have been applied (re-sending it with the same request id is safe)."""
+    not have been applied (re-sending it with the same request id is safe). Not a TimeoutError:
+    that is an OSError, and code that catches disk errors (a shard writing checkpoint files) must
+    not take a step that did not come for one."""
 
     status = "DEADLINE_EXCEEDED"
 
