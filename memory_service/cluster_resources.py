@@ -70,12 +70,19 @@ def _shortage(config: ClusterConfig, short: dict[str, float], total: dict, free:
             f"by other actors ({count}): other tables clusters? `engram stop --name NAME` ends one")
 
 
-
 def hot_device(config: ClusterConfig) -> str | None:
-    """"cuda" when hot shards keep their rows on a GPU (hot_device cuda, or auto and the Ray
-    cluster has a GPU for each hot shard), else None (DRAM)."""
+    """"cuda" when hot shards keep their rows on a GPU (hot_device cuda, or auto and the nodes
+    offering the hot resource have a GPU for each hot shard), else None (DRAM). GPUs on other
+    nodes (trainers') do not count: a hot shard asking for one beside its resource would never
+    be scheduled."""
     if config.num_hot == 0 or config.hot_device == "cpu":
         return None
-    if config.hot_device == "cuda" or ray.cluster_resources().get("GPU", 0) >= config.num_hot:
+    if config.hot_device == "cuda" or _gpus_beside(config.hot_resource or config.shard_resource) >= config.num_hot:
         return "cuda"
     return None
+
+
+def _gpus_beside(resource: str) -> float:
+    """How many hot shards could each get a GPU on a node that offers `resource`."""
+    return sum(min(node["Resources"].get("GPU", 0.0), node["Resources"].get(resource, 0.0))
+               for node in ray.nodes() if node["Alive"])
