@@ -113,9 +113,13 @@ def launch(config: ClusterConfig, owns_ray: bool = False) -> TableCluster:
                     "shard loses them and is not restarted", config.name)
     lifetime = {"lifetime": "detached"} if config.detached else {}
     # on the head node: the registry must outlive any shard node (see server/registry.py)
-    registry = Registry.options(name=registry_name(config.name), namespace=NAMESPACE,
-                                resources={HEAD_NODE_RESOURCE: 0.001}, **lifetime) \
-        .remote(config.num_shards, config.num_hot, config.name)
+    try:
+        registry = Registry.options(name=registry_name(config.name), namespace=NAMESPACE,
+                                    resources={HEAD_NODE_RESOURCE: 0.001}, **lifetime) \
+            .remote(config.num_shards, config.num_hot, config.name)
+    except ValueError:  # another launcher of this name got there between the check above and here
+        raise ClusterError(f"tables cluster {config.name!r} is being started by another launcher; "
+                           f"run engram serve again once it serves (detached: it attaches)") from None
     actors: list = []
     hot_actors: list = []
     try:
