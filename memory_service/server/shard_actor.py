@@ -27,6 +27,7 @@ from memory_service.shard.shard import Shard
 from memory_service.wire.security import SecurityConfig
 
 log = logging.getLogger(__name__)
+REGISTRY_TIMEOUT_S = 60.0  # a shard's calls to its cluster's registry (on the head node): a dead head ends them
 SIGTERM_GRACE_S = 5.0  # rpcs in flight may finish this long after SIGTERM (Kubernetes waits 30 s by default)
 
 
@@ -41,7 +42,7 @@ class ShardActor:
                  niceness: int = 0, device: str | None = None):
         set_priority(niceness)  # before serve(): the gRPC threads inherit this thread's priority
         registry = ray.get_actor(registry_name, namespace=NAMESPACE)
-        previous = ray.get(registry.address.remote(role, shard_id))  # set: this is a restart
+        previous = ray.get(registry.address.remote(role, shard_id), timeout=REGISTRY_TIMEOUT_S)  # set: a restart
         self.shard = Shard(shard_id, num_shards, role=role, track_accesses=track_accesses, storage=storage,
                            device=device)
         if previous is None:
@@ -58,7 +59,7 @@ class ShardActor:
             from memory_service.server.migration import Migrator
 
             self.migrator = Migrator(self.shard, **migration).start()
-        ray.get(registry.register.remote(self.address))
+        ray.get(registry.register.remote(self.address), timeout=REGISTRY_TIMEOUT_S)
         self._stopped = False
         self._stop_lock = threading.Lock()  # stop() from an actor call and from SIGTERM: once
         self._on_signal = None
