@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from memory_service.rows import init_rows, table_seed
-from trainer.kernels import reference
+from trainer.kernels import reference, triton_installed
 
 
 @dataclass(frozen=True)
@@ -260,9 +260,10 @@ class Engram(nn.Module):
 
     def uses_triton(self, hidden: torch.Tensor) -> bool:
         """Whether forward runs the Triton kernels for this input (see `kernels`)."""
-        # float64 (gradcheck) has no kernel: "auto" leaves it to PyTorch
+        # float64 (gradcheck) has no kernel, and without triton (an optional extra) there is none:
+        # "auto" leaves both to PyTorch
         return self.kernels == "triton" or (self.kernels == "auto" and hidden.is_cuda
-                                            and hidden.dtype != torch.float64)
+                                            and hidden.dtype != torch.float64 and triton_installed())
 
     def fused_forward(self, hidden: torch.Tensor, projected: torch.Tensor) -> torch.Tensor:
         """forward after the projection, in the fused kernels: hidden (B, T, M, D), projected

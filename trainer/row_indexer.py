@@ -11,6 +11,7 @@ import torch
 from trainer.engram import EngramConfig
 from trainer.fingerprint import ngram_fingerprints
 from trainer.hashing import NgramHashConfig, NgramHasher
+from trainer.kernels import triton_installed
 from trainer.tokenizer_compression import TokenizerCompression
 
 
@@ -62,7 +63,7 @@ class RowIndexer:
 
     def hash(self, compressed: torch.Tensor) -> dict[int, torch.Tensor]:
         """Row ids {layer: (B, T, H)} of compressed ids (B, T), on their device."""
-        if compressed.is_cuda:  # one Triton kernel per layer, no host round trip
+        if compressed.is_cuda and triton_installed():  # one Triton kernel per layer, no host round trip
             from trainer.kernels.hashing import hash_layer
             return {layer: hash_layer(self.hasher, compressed, layer) for layer in self.cfg.layer_ids}
         return {layer: self.hasher.hash_torch(compressed, layer) for layer in self.cfg.layer_ids}

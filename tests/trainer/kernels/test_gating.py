@@ -208,3 +208,32 @@ def test_bf16_engram_on_cuda_uses_kernels_and_matches_fp32_torch_path():
     rows = torch.randn(2, 512, cfg.retrieved_width, device="cuda").bfloat16()
     assert fused.uses_triton(hidden)
     assert_rel(fused(hidden, rows), plain(hidden.float(), rows.float()), tol=3e-2)
+
+
+def test_without_triton_the_model_runs_on_the_reference():
+    """triton is an optional extra (engram-memory[gpu]): in a process where it cannot be imported,
+    the Engram module imports and runs forward and backward (auto takes the PyTorch reference),
+    and triton_installed() says so."""
+    import subprocess
+    import sys
+
+    script = (
+        "import sys\n"
+        "class Hide:\n"
+        "    def find_spec(self, name, path=None, target=None):\n"
+        "        if name == 'triton' or name.startswith('triton.'):\n"
+        "            raise ModuleNotFoundError(name)\n"
+        "sys.meta_path.insert(0, Hide())\n"
+        "import torch\n"
+        "from trainer.kernels import triton_installed\n"
+        "from trainer.engram import Engram, EngramConfig\n"
+        "assert not triton_installed()\n"
+        "cfg = EngramConfig(hidden_size=24, num_branches=2, d_mem=8, table_sizes=(11, 13))\n"
+        "module = Engram(cfg)\n"
+        "hidden = torch.randn(2, 5, 2, 24, requires_grad=True)\n"
+        "rows = torch.randn(2, 5, cfg.retrieved_width)\n"
+        "module(hidden, rows).sum().backward()\n"
+        "assert 'triton' not in sys.modules\n"
+        "print('ok')\n")
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr[-2000:]
