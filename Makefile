@@ -4,8 +4,8 @@ PY := $(VENV)/bin/python
 # CPU machines install the local CPU build first so the `torch>=2.4` range pulls no CUDA wheel.
 # On a GPU machine with its own torch: make test TORCH_SPEC=
 TORCH_SPEC ?= torch==2.13.0
-# dev: tests and stub generation; demo: the demo's plot. A GPU machine adds the Triton kernels:
-# make test EXTRAS=dev,demo,gpu TORCH_SPEC=
+# dev: tests (Triton included: the suite runs the kernels in its interpreter) and stub generation;
+# demo: the demo's plot. On a GPU machine with its own torch: make test TORCH_SPEC=
 EXTRAS ?= dev,demo
 
 # Wheels a GPU machine lent without network lacks: its image has torch, triton, numpy, tokenizers,
