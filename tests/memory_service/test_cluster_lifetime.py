@@ -8,6 +8,7 @@ import subprocess
 import sys
 import textwrap
 import time
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -105,6 +106,20 @@ def test_missing_resource_fails_fast_with_the_fix(ray_session, fields, missing):
     assert elapsed < 10, elapsed
     with pytest.raises(ClusterNotFound):  # nothing was started
         find_registry(config.name)
+
+
+def test_join_timeout_waits_for_nodes_to_join_before_failing(ray_session):
+    """A Kubernetes sidecar may start before the shard pods join: with join_timeout_s the check
+    waits that long for the resource (here it never comes) instead of failing at once."""
+    config = ClusterConfig(num_shards=1, name="joining", shard_resource="engram_late", join_timeout_s=1.5)
+    start = time.monotonic()
+    with pytest.raises(ClusterError, match="no Ray node offers resource 'engram_late'"):
+        check_resources(config, wait_s=0)
+    assert time.monotonic() - start >= 1.5
+    start = time.monotonic()
+    with pytest.raises(ClusterError):
+        check_resources(replace(config, join_timeout_s=0.0), wait_s=0)
+    assert time.monotonic() - start < 1.5  # without it: at once
 
 
 def test_too_few_units_are_counted(ray_session):
