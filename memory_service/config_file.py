@@ -105,7 +105,7 @@ def server_security(tls: TLSFiles, environ: Mapping[str, str], where: str = "fla
     $ENGRAM_READ_TOKENS / $ENGRAM_WRITE_TOKENS; None (open) when neither is given. A hot shard
     reaches the cold ones with the first write token, the shard certificate as client certificate
     (mutual TLS) and `tls_ca` (or the certificate itself, when self-signed) as root."""
-    from memory_service.wire.security import ClientSecurity, SecurityConfig
+    from memory_service.wire.security import ClientSecurity, SecurityConfig, read_pem
 
     read, write = ([t for t in environ.get(var, "").split(",") if t] for var in (READ_TOKENS_VAR, WRITE_TOKENS_VAR))
     if not (tls.tls_cert or tls.tls_key or read or write):
@@ -115,24 +115,17 @@ def server_security(tls: TLSFiles, environ: Mapping[str, str], where: str = "fla
                           f"shards' own migration")
     mutual = tls.tls_client_ca is not None
     # read here, by the launcher: the shards run on other nodes, where these files need not exist
-    cert, key, ca, client_ca = (_pem_file(getattr(tls, name), name, where)
-                                for name in ("tls_cert", "tls_key", "tls_ca", "tls_client_ca"))
+    try:
+        cert, key, ca, client_ca = (read_pem(getattr(tls, name), f"security.{name}")
+                                    for name in ("tls_cert", "tls_key", "tls_ca", "tls_client_ca"))
+    except ValueError as err:
+        raise ConfigError(f"{where}: {err}") from None
     try:
         peer = ClientSecurity(root_cert=(ca or cert) if cert else None, token=write[0] if write else None,
                               client_cert=cert if mutual else None, client_key=key if mutual else None)
         return SecurityConfig.from_tokens(read, write, cert=cert, key=key, client_ca=client_ca, peer=peer)
     except ValueError as err:
         raise ConfigError(f"{where}: security: {err}") from None
-
-
-def _pem_file(path: str | None, key: str, where: str) -> bytes | None:
-    if path is None:
-        return None
-    try:
-        with open(path, "rb") as f:
-            return f.read()
-    except OSError as err:
-        raise ConfigError(f"{where}: security.{key}: cannot read {path!r}: {err.strerror}") from None
 
 
 def _read_yaml(source: str) -> dict:

@@ -60,8 +60,9 @@ def token_digest(token: str) -> str:
     return hashlib.sha256(token.encode()).hexdigest()
 
 
-def _pem(value: PEM | None, what: str) -> bytes | None:
-    """PEM bytes from bytes (as is) or from a path (read now)."""
+def read_pem(value: PEM | None, what: str) -> bytes | None:
+    """PEM bytes from bytes (as is) or from a path (read now); ValueError naming `what` if the
+    file cannot be read."""
     if value is None or isinstance(value, bytes):
         return value
     try:
@@ -112,9 +113,9 @@ class ClientSecurity:
         TLS to another host is a ValueError here."""
         if self.is_tls:
             credentials = grpc.ssl_channel_credentials(
-                root_certificates=_pem(self.root_cert, "root_cert"),
-                private_key=_pem(self.client_key, "client_key"),
-                certificate_chain=_pem(self.client_cert, "client_cert"))
+                root_certificates=read_pem(self.root_cert, "root_cert"),
+                private_key=read_pem(self.client_key, "client_key"),
+                certificate_chain=read_pem(self.client_cert, "client_cert"))
             if self.server_name:
                 options = (*options, ("grpc.ssl_target_name_override", self.server_name))
         elif self.token is None:
@@ -195,9 +196,9 @@ class SecurityConfig:
         """Binds `address` on `server`, with TLS when configured; returns the bound port."""
         if not self.is_tls:
             return server.add_insecure_port(address)
-        client_ca = _pem(self.client_ca, "client_ca")
+        client_ca = read_pem(self.client_ca, "client_ca")
         credentials = grpc.ssl_server_credentials(
-            [(_pem(self.key, "key"), _pem(self.cert, "cert"))], root_certificates=client_ca,
+            [(read_pem(self.key, "key"), read_pem(self.cert, "cert"))], root_certificates=client_ca,
             require_client_auth=client_ca is not None)
         return server.add_secure_port(address, credentials)
 

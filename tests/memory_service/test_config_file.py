@@ -117,7 +117,7 @@ def test_tls_from_the_file_and_tokens_only_from_the_environment(tmp_path):
     _, tls = read_fields(str(path), {"security": {"tls_ca": "/other/ca.crt"}})
     assert tls.tls_ca == "/other/ca.crt" and tls.tls_cert == f"{tls_dir}/tls.crt"
     assert error(path, overrides={"security": {"tls_ca": "/other/ca.crt"}}) == \
-        f"{path} with flags: security.tls_ca: cannot read '/other/ca.crt': No such file or directory"
+        f"{path} with flags: security.tls_ca: cannot read PEM file '/other/ca.crt': No such file or directory"
     assert "ENGRAM_READ_TOKENS without $ENGRAM_WRITE_TOKENS" in error(path, environ={"ENGRAM_READ_TOKENS": "r"})
     half = write(tmp_path, f"security:\n  tls_cert: {tls_dir}/tls.crt\n", "half.yaml")
     assert error(half) == f"{half}: security: SecurityConfig: cert and key go together (both or neither)"

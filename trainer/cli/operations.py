@@ -4,10 +4,9 @@ from __future__ import annotations
 
 import argparse
 
-from trainer.cli.options import (add_client_security_args, add_cluster_args, client_security, client_settings,
-                                 non_negative_int, positive_float, ray_address)
+from trainer.cli.options import (CLIENT_ADDRESS_HELP, add_client_security_args, add_cluster_args, client_security,
+                                 client_settings, non_negative_int, positive_float, ray_address)
 
-CLIENT_ADDRESS_HELP = "Ray cluster the shards run on (default: $RAY_ADDRESS, else the one running on this machine)"
 
 
 def cmd_stats(args: argparse.Namespace) -> int:

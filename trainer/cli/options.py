@@ -16,6 +16,8 @@ TOKEN_VAR = "ENGRAM_TOKEN"
 CHECK_ADDRESS_S = 3.0  # a Ray head that does not accept a TCP connection in 3 s is not there
 
 
+CLIENT_ADDRESS_HELP = "Ray cluster the shards run on (default: $RAY_ADDRESS, else the one running on this machine)"
+
 class CommandError(Exception):
     """A command could not do its work (no such cluster, nothing listening): one line, exit 1."""
 
@@ -98,35 +100,30 @@ def client_settings(args: argparse.Namespace) -> tuple[str, str | None]:
 def client_security(args: argparse.Namespace, tls_ca: str | None = None) -> "ClientSecurity | None":
     """ClientSecurity from the TLS flags (or `tls_ca` from the config) and $ENGRAM_TOKEN; None
     when neither is given."""
-    from memory_service.wire.security import ClientSecurity
+    from memory_service.wire.security import ClientSecurity, read_pem
 
     token = os.environ.get(TOKEN_VAR) or None
     tls_ca = tls_ca or args.tls_ca
     if not (tls_ca or args.tls_cert or token):
         return None
     # read here: Ray Train workers run on other nodes and in a folder of Ray's, where paths break
-    root, cert, key = (_read_pem(path, flag) for path, flag in ((tls_ca, "--tls-ca"), (args.tls_cert, "--tls-cert"),
-                                                                (args.tls_key, "--tls-key")))
+    try:
+        root, cert, key = (read_pem(path, flag) for path, flag in ((tls_ca, "--tls-ca"), (args.tls_cert, "--tls-cert"),
+                                                                   (args.tls_key, "--tls-key")))
+    except ValueError as err:
+        raise CommandError(str(err)) from None
     return ClientSecurity(root_cert=root, token=token, client_cert=cert, client_key=key,
                           server_name=args.tls_server_name)
 
 
-def _read_pem(path: str | None, flag: str) -> bytes | None:
-    if path is None:
-        return None
-    try:
-        with open(path, "rb") as f:
-            return f.read()
-    except OSError as err:
-        raise CommandError(f"{flag} {path}: {err.strerror}") from None
-
-
-def ray_address(address: str | None) -> str:
-    """The Ray cluster a client command attaches to: `--address`, else $RAY_ADDRESS, else "auto"
-    (the cluster `ray start` left on this machine). A host:port that accepts no TCP connection is
-    a CommandError at once: Ray itself would wait ~40 s and then print a page."""
-    address = address or os.environ.get("RAY_ADDRESS") or "auto"
-    check_reachable(address)
+def ray_address(address: str | None, default: str | None = "auto") -> str | None:
+    """The Ray cluster a command attaches to: `--address`, else $RAY_ADDRESS, else `default`
+    ("auto": the cluster `ray start` left on this machine; None: none, the embedded one). A
+    host:port that accepts no TCP connection is a CommandError at once: Ray itself would wait
+    ~40 s and then print a page."""
+    address = address or os.environ.get("RAY_ADDRESS") or default
+    if address is not None:
+        check_reachable(address)
     return address
 
 

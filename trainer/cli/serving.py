@@ -4,12 +4,11 @@ overrides the file (memory_service/config_file.py), a flag left out leaves the f
 from __future__ import annotations
 
 import argparse
-import os
 import signal
 import threading
 
-from trainer.cli.options import (add_cluster_args, check_reachable, non_negative_float, non_negative_int,
-                                 positive_float, positive_int, size)
+from trainer.cli.options import (CLIENT_ADDRESS_HELP, add_cluster_args, non_negative_float, non_negative_int,
+                                 positive_float, positive_int, ray_address, size)
 
 # flag dest -> ClusterConfig field ("storage." for StorageConfig's, "security." for the TLS files)
 SERVE_FIELDS = {
@@ -49,12 +48,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from memory_service.config_file import ConfigError, load_cluster_config
 
     config = load_cluster_config(args.config, serve_overrides(args))  # checked before anything starts
-    address = args.address or os.environ.get("RAY_ADDRESS") or None
+    address = ray_address(args.address, default=None)  # None: the embedded one
     if config.detached and address is None:
         raise ConfigError("detached shards need a Ray cluster that outlives this process (--address or "
                           "$RAY_ADDRESS): the embedded one stops when engram serve exits")
-    if address is not None:
-        check_reachable(address)
     from memory_service import cluster as clusters
 
     owns_ray = clusters.attach_ray(address, log_to_driver=True)  # shards' warnings reach this log
@@ -159,7 +156,7 @@ def add_parsers(sub) -> None:
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("stop", help="stop a detached tables cluster: flush every shard, remove its actors")
-    add_cluster_args(p, "Ray cluster the shards run on (default: $RAY_ADDRESS, else the one running on this machine)")
+    add_cluster_args(p, CLIENT_ADDRESS_HELP)
     p.add_argument("--timeout", type=positive_float, default=60.0, metavar="SECONDS",
                    help="deadline for the shards to flush and stop")
     p.set_defaults(func=cmd_stop)

@@ -7,8 +7,9 @@ import argparse
 import os
 from dataclasses import replace
 
-from trainer.cli.options import (CommandError, add_client_security_args, add_cluster_args, client_security,
-                                 client_settings, non_negative_int, positive_float, positive_int, ray_address)
+from trainer.cli.options import (CLIENT_ADDRESS_HELP, CommandError, add_client_security_args, add_cluster_args,
+                                 client_security, client_settings, non_negative_int, positive_float, positive_int,
+                                 ray_address)
 
 # trainer.model.MODEL_PRESETS and trainer.train.DEVICES, spelled here so the parser needs no torch
 # (tests/trainer/test_cli.py checks that they agree)
@@ -99,11 +100,16 @@ def cmd_train_local(args: argparse.Namespace) -> int:
     print(corpus.summary())
     result = train(cfg, corpus)
     print(f"tokenizer compression: {result.compression}")
+    _report(cfg, result)
+    return 0
+
+
+def _report(cfg, result, workers: str = "") -> None:
+    """The run's last lines: held-out loss, speed, and where the model went."""
     print(f"held-out loss {result.val_loss:.4f} nats/token after {cfg.steps} steps "
-          f"({result.tokens_per_s:,.0f} tokens/s)")
+          f"({result.tokens_per_s:,.0f} tokens/s{workers})")
     if cfg.checkpoint:
         print(f"checkpoint: {cfg.checkpoint}")
-    return 0
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -130,10 +136,7 @@ def cmd_train(args: argparse.Namespace) -> int:
                 result = train(cfg, client=client, service=service)
     finally:
         cluster.shutdown()
-    print(f"held-out loss {result.val_loss:.4f} nats/token after {cfg.steps} steps "
-          f"({result.tokens_per_s:,.0f} tokens/s, {args.workers} worker(s))")
-    if cfg.checkpoint:
-        print(f"checkpoint: {cfg.checkpoint}")
+    _report(cfg, result, f", {args.workers} worker(s)")
     return 0
 
 
@@ -186,7 +189,7 @@ def add_parsers(sub) -> None:
 
     p = sub.add_parser("train", help="train through a running tables cluster")
     add_train_args(p, steps=200)
-    add_cluster_args(p, "Ray cluster of the tables (default: $RAY_ADDRESS, else the one running on this machine)")
+    add_cluster_args(p, CLIENT_ADDRESS_HELP)
     p.add_argument("--workers", type=positive_int, default=1,
                    help="data-parallel Ray Train workers (> 1: TorchTrainer)")
     p.add_argument("--gpu", action="store_true", help="one GPU per worker (NCCL)")

@@ -189,6 +189,17 @@ time.sleep(600)  # killed before
 """
 
 
+def kill_once_it_says(script: str, path, line: str) -> None:
+    """Run `script` (a template of tests, root and path) on the shard at `path` in a child
+    process and SIGKILL it as soon as it prints `line`: a crash at a known point."""
+    child = subprocess.Popen([sys.executable, "-c", script.format(tests=str(ROOT / "tests" / "memory_service" / "shard"),
+                                                                  root=str(ROOT), path=str(path))],
+                             stdout=subprocess.PIPE, text=True)
+    assert child.stdout.readline() == f"{line}\n"
+    child.kill()
+    child.wait()
+
+
 def hold_half_a_step(shard: Shard) -> None:
     """Two workers' parts of step 1 of "dp" without commit, and worker 0's commit: the step waits
     for worker 1's commit."""
@@ -211,11 +222,7 @@ def test_held_parts_and_commits_come_back_after_a_restart(tmp_path, restart):
         hold_half_a_step(shard)
         shard.close()
     else:
-        child = subprocess.Popen([sys.executable, "-c", HELD.format(tests=str(ROOT / "tests" / "memory_service" / "shard"), root=str(ROOT),
-                                                                   path=str(path))], stdout=subprocess.PIPE, text=True)
-        assert child.stdout.readline() == "held\n"
-        child.kill()
-        child.wait()
+        kill_once_it_says(HELD, path, "held")
     reference = open_shard()
     hold_half_a_step(reference)
     shard = open_shard(path)
@@ -257,12 +264,7 @@ def test_a_replayed_push_at_lr_zero_is_still_a_zero_step(tmp_path):
     zero step (it does not turn into the configured lr): a killed cold shard comes back equal to
     one that never stopped, and its steps 2 and 3 keep lr 0."""
     path = tmp_path / "shard"
-    child = subprocess.Popen([sys.executable, "-c", ZERO_CHILD.format(tests=str(ROOT / "tests" / "memory_service" / "shard"),
-                                                                     root=str(ROOT), path=str(path))],
-                             stdout=subprocess.PIPE, text=True)
-    assert child.stdout.readline() == "pushed\n"
-    child.kill()
-    child.wait()
+    kill_once_it_says(ZERO_CHILD, path, "pushed")
     want = open_shard()
     push_zero_steps(want)
     shard = open_shard(path)
