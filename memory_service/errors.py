@@ -100,6 +100,14 @@ class RequestTooLarge(MemoryServiceError):
     status = "RESOURCE_EXHAUSTED"
 
 
+class Overloaded(RequestTooLarge):
+    """The shard has as many calls of this client, or in all, in flight (or held fetches
+    waiting) as its admission bounds allow, or a request did not arrive in time (gRPC
+    RESOURCE_EXHAUSTED, its details starting with PREFIX): retry later, or hold fewer fetches."""
+
+    PREFIX = "overloaded:"
+
+
 class Unauthenticated(MemoryServiceError):
     """The call carried no token, or one the shard does not accept (gRPC UNAUTHENTICATED)."""
 
@@ -157,6 +165,8 @@ STATUS_ERRORS: dict[str, type[MemoryServiceError]] = {cls.status: cls for cls in
 def error_of_status(status: str, message: str) -> MemoryServiceError:
     """The error of a failed rpc: the class of gRPC status code `status` (its name, e.g.
     "DATA_LOSS": grpc.StatusCode.DATA_LOSS.name) with `message`."""
+    if status == Overloaded.status and message.startswith(Overloaded.PREFIX):
+        return Overloaded(message)
     return STATUS_ERRORS.get(status, MemoryServiceError)(message)
 
 

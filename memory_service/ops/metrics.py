@@ -17,13 +17,18 @@ table in deploy/README.md is this list.
 from __future__ import annotations
 
 import bisect
+import hashlib
+import hmac
 import math
+import socket
 import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from wsgiref.simple_server import WSGIRequestHandler, make_server
 
-from prometheus_client import CollectorRegistry, start_http_server
+from prometheus_client import CollectorRegistry, make_wsgi_app
+from prometheus_client.exposition import ThreadingWSGIServer
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 from prometheus_client.utils import floatToGoString
 
@@ -256,11 +261,42 @@ class MetricsServer:
 
 
 def serve_metrics(report: Callable[[], ShardReport], metrics: ShardMetrics, cluster: str,
-                  host: str, port: int) -> MetricsServer:
+                  host: str, port: int, token: str | None = None) -> MetricsServer:
     """Serve the shard's metrics on host:port (0: any free port) from a registry of its own (the
     process-wide default registry would mix in Python's process metrics of whatever else runs
-    in the actor)."""
+    in the actor). With `token`, a scrape must send 'Authorization: Bearer <token>' (Prometheus:
+    `authorization: {credentials: <token>}` in its scrape config); others get 401. Plain HTTP:
+    bind `host` to an interface only the scrapers reach (loopback, a private network)."""
     registry = CollectorRegistry()
     registry.register(ShardCollector(report, metrics, cluster))
-    server, thread = start_http_server(port, addr=host, registry=registry)
+    app = make_wsgi_app(registry)
+    if token is not None:
+        app = _bearer_only(app, hashlib.sha256(token.encode()).hexdigest())
+
+    class Server(ThreadingWSGIServer):
+        address_family = socket.AF_INET6 if ":" in host else socket.AF_INET
+
+    server = make_server(host.strip("[]"), port, app, Server, handler_class=_QuietHandler)
+    thread = threading.Thread(target=server.serve_forever, name="shard-metrics", daemon=True)
+    thread.start()
     return MetricsServer(server, thread, server.server_port)
+
+
+class _QuietHandler(WSGIRequestHandler):
+    def log_message(self, format, *args) -> None:  # scrapes are not worth a log line each
+        pass
+
+
+def _bearer_only(app: Callable, digest: str) -> Callable:
+    """`app` behind a bearer-token check (the token's sha256 compared in constant time)."""
+    expected = digest.encode()
+
+    def checked(environ, start_response):
+        scheme, _, given = environ.get("HTTP_AUTHORIZATION", "").partition(" ")
+        given_digest = hashlib.sha256(given.strip().encode()).hexdigest().encode()
+        if scheme.lower() == "bearer" and given and hmac.compare_digest(given_digest, expected):
+            return app(environ, start_response)
+        start_response("401 Unauthorized", [("Content-Type", "text/plain"),
+                                            ("WWW-Authenticate", 'Bearer realm="engram metrics"')])
+        return [b"a bearer token is required: Authorization: Bearer <token>\n"]
+    return checked

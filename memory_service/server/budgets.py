@@ -10,7 +10,10 @@ from __future__ import annotations
 from memory_service.errors import RequestTooLarge
 from memory_service.wire import codec
 
-MAX_FETCH_WAIT_S = 600.0
+# How long a held fetch (min_step) waits when its call set no deadline. Seconds, not minutes: a
+# waiting fetch holds a place and a thread (admission.py), so a caller that needs longer sets its
+# own deadline, or re-sends on StepNotReached as MemoryClient does (wire/fetch_round.py).
+MAX_FETCH_WAIT_S = 30.0
 
 
 def check_rows(messages, rpc: str) -> None:
@@ -29,8 +32,8 @@ def check_reply(nbytes: int, rpc: str) -> None:
                               f"{codec.MAX_REPLY_BYTES} per request (split the batch, as MemoryClient does)")
 
 
-def wait_s(context) -> float:
+def wait_s(context, max_wait_s: float = MAX_FETCH_WAIT_S) -> float:
     """Seconds a held fetch may wait: until just before the rpc's deadline (so the caller hears
-    why), at most MAX_FETCH_WAIT_S when it set none."""
+    why), at most `max_wait_s` (the server's bound, MAX_FETCH_WAIT_S by default)."""
     remaining = context.time_remaining()
-    return MAX_FETCH_WAIT_S if remaining is None else max(0.0, min(remaining - 0.05, MAX_FETCH_WAIT_S))
+    return max_wait_s if remaining is None else max(0.0, min(remaining - 0.05, max_wait_s))

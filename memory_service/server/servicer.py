@@ -10,13 +10,16 @@ rows travel back (in the response or a shared-memory file) is fetch_replies.py's
 from __future__ import annotations
 
 import dataclasses
+import asyncio
 import functools
+import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
 
 import grpc
 import numpy as np
+from grpc import aio
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from memory_service.config import TableConfig
@@ -26,7 +29,7 @@ from memory_service.ops.reports import ShardReport
 from memory_service.rpc import memory_pb2, memory_pb2_grpc
 from memory_service.server import budgets
 from memory_service.server.fetch_replies import FetchReplies, reply_nbytes
-from memory_service.server.request_guard import RequestGuard
+from memory_service.server.admission import Admission, AdmissionLimits
 from memory_service.shard import checkpoint_files
 from memory_service.shard.shard import Shard
 from memory_service.tables import TableInfo, TablePush
@@ -83,8 +86,9 @@ class MemoryServicer(memory_pb2_grpc.MemoryServiceServicer):
     """Serves one `Shard` over gRPC. gRPC calls it from a thread pool: the Shard's lock
     serialises the requests."""
 
-    def __init__(self, shard: Shard) -> None:
+    def __init__(self, shard: Shard, max_fetch_wait_s: float = budgets.MAX_FETCH_WAIT_S) -> None:
         self.shard = shard
+        self.max_fetch_wait_s = max_fetch_wait_s  # a held fetch's wait when its call set no deadline
         self.replies = FetchReplies()
         self.metrics = ShardMetrics()
         self.metrics_port = 0  # set by serve() once the Prometheus endpoint listens
@@ -115,7 +119,10 @@ class MemoryServicer(memory_pb2_grpc.MemoryServiceServicer):
         budgets.check_reply(reply_nbytes(requests, configs), "fetch")
         samples = _decode_ngrams(request.tables, requests, configs)  # checked before any row is read
         self.replies.open(request)  # before reading, so a retry counts once
-        rows = self.shard.fetch(requests, request.min_step, budgets.wait_s(context))  # table -> (n, width) f32
+        cancelled = threading.Event()  # set when the caller goes away while the fetch is held
+        context.add_callback(lambda: self.shard.cancel_wait(cancelled))
+        rows = self.shard.fetch(requests, request.min_step, budgets.wait_s(context, self.max_fetch_wait_s),
+                                cancelled)  # table -> (n, width) f32
         self.shard.record_ngrams(samples)
         return self.replies.response(request, rows, configs)
 
@@ -276,15 +283,39 @@ def _lr(msg: memory_pb2.TableGrads | memory_pb2.TableStep) -> float | None:
     return msg.lr if msg.HasField("lr") else None
 
 
+class EventLoop:
+    """An asyncio loop on a thread of its own: where the aio gRPC server runs."""
+
+    def __init__(self) -> None:
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, name="shard-grpc", daemon=True)
+        self.thread.start()
+
+    def run(self, coroutine, timeout: float | None = None):
+        """The coroutine's result, run on the loop; blocks the calling thread."""
+        return asyncio.run_coroutine_threadsafe(coroutine, self.loop).result(timeout)
+
+    def submit(self, coroutine) -> Future:
+        return asyncio.run_coroutine_threadsafe(coroutine, self.loop)
+
+    def close(self) -> None:
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join()
+        self.loop.close()
+
+
 @dataclass
 class ShardServer:
     """A running gRPC server of one shard. `port` is the bound port (never 0)."""
 
-    server: grpc.Server
-    health: health.HealthServicer
+    server: aio.Server
+    health: health.aio.HealthServicer
     host: str
     port: int
     metrics: MetricsServer | None = None  # the Prometheus endpoint, when serve() started one
+    loop: EventLoop | None = None
+    executors: tuple[ThreadPoolExecutor, ...] = ()
+    _stopped: threading.Event = field(default_factory=threading.Event)
 
     @property
     def address(self) -> str:
@@ -293,54 +324,85 @@ class ShardServer:
 
     def stop(self, grace: float | None = None) -> None:
         """Report NOT_SERVING, finish in-flight rpcs for up to `grace` seconds, and stop."""
-        self.health.enter_graceful_shutdown()
-        self.server.stop(grace).wait()
+        if self._stopped.is_set():
+            return
+        self.loop.run(self.health.enter_graceful_shutdown())
+        self.loop.run(self.server.stop(grace))
+        for executor in self.executors:
+            executor.shutdown(wait=False, cancel_futures=True)
+        self.loop.close()
+        self._stopped.set()
         if self.metrics is not None:
             self.metrics.stop()
 
     def wait(self) -> None:
         """Block until the server stops."""
-        self.server.wait_for_termination()
+        self._stopped.wait()
 
 
 def serve(shard: Shard, host: str = "127.0.0.1", port: int = 0, max_workers: int = 16,
           metrics_port: int | None = None, cluster: str = "default",
-          security: SecurityConfig | None = None) -> ShardServer:
+          security: SecurityConfig | None = None, admission: AdmissionLimits | None = None,
+          max_fetch_wait_s: float = budgets.MAX_FETCH_WAIT_S, metrics_host: str | None = None,
+          metrics_token: str | None = None) -> ShardServer:
     """Serve `shard` and the grpc.health.v1 service on host:port (port 0 picks a free port), and
-    with `metrics_port` its Prometheus endpoint on host:metrics_port (0: a free port), labelled
-    with the tables cluster's name. Held fetches (min_step) occupy a worker thread each.
+    with `metrics_port` its Prometheus endpoint on metrics_host:metrics_port (0: a free port;
+    metrics_host None: `host`), labelled with the tables cluster's name.
+
+    A grpc.aio server: requests are received on its event loop and admitted (admission.py: the
+    token, the per-client and total bounds `admission`, RESOURCE_EXHAUSTED over them) before any
+    thread is held; the servicer's methods run on `max_workers` threads, held fetches (min_step)
+    on threads of their own (`admission.held` of them), each waiting at most `max_fetch_wait_s`
+    when its call set no deadline, and ending when its client goes away.
 
     `security`: TLS and tokens (memory_service.wire.security; None: open, as the loopback default
-    needs). Serving a non-loopback host without TLS warns. The Prometheus endpoint is plain HTTP
-    without tokens whatever `security` says (it shows counts, never rows)."""
+    needs). Serving a non-loopback host without TLS warns. The Prometheus endpoint asks for
+    `metrics_token` as a bearer token when given (it shows counts, never rows)."""
     security = security if security is not None else SecurityConfig()
+    admission = admission if admission is not None else AdmissionLimits()
     warn_if_exposed(host, security)
-    server = grpc.server(ThreadPoolExecutor(max_workers=max_workers), options=SERVER_OPTIONS,
-                         interceptors=[*security.interceptors(), RequestGuard()])  # tokens first
-    servicer = MemoryServicer(shard)
-    memory_pb2_grpc.add_MemoryServiceServicer_to_server(servicer, server)
-    health_servicer = _add_health(server)
-    bound = security.add_port(server, _address(host, port))  # raises RuntimeError if it cannot bind
-    metrics = None
+    workers = ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="shard-rpc")
+    held_workers = ThreadPoolExecutor(max_workers=admission.held, thread_name_prefix="shard-held")
+    loop = EventLoop()
+    servicer = MemoryServicer(shard, max_fetch_wait_s)
+    try:
+        server, health_servicer, bound = loop.run(_start(
+            servicer, Admission(admission, security.token_check(), workers, held_workers), security,
+            _address(host, port)))
+    except BaseException:
+        loop.close()
+        raise
+    served = ShardServer(server, health_servicer, host, bound, None, loop, (workers, held_workers))
     if metrics_port is not None:
         try:
-            metrics = serve_metrics(servicer.report, servicer.metrics, cluster, host, metrics_port)
+            served.metrics = serve_metrics(servicer.report, servicer.metrics, cluster,
+                                           host if metrics_host is None else metrics_host, metrics_port,
+                                           token=metrics_token)
         except OSError:
-            server.stop(None)
+            served.stop(None)
             raise
-        servicer.metrics_port = metrics.port
-    server.start()
-    return ShardServer(server, health_servicer, host, bound, metrics)
+        servicer.metrics_port = served.metrics.port
+    return served
+
+
+async def _start(servicer: MemoryServicer, admission: Admission, security: SecurityConfig, address: str):
+    """(the started aio server, its health servicer, the bound port), on the server's loop."""
+    server = aio.server(options=SERVER_OPTIONS, interceptors=[admission])
+    memory_pb2_grpc.add_MemoryServiceServicer_to_server(servicer, server)
+    health_servicer = await _add_health(server)
+    bound = security.add_port(server, address)  # raises RuntimeError if it cannot bind
+    await server.start()
+    return server, health_servicer, bound
 
 
 def _address(host: str, port: int) -> str:
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"  # IPv6 hosts go in brackets
 
 
-def _add_health(server: grpc.Server) -> health.HealthServicer:
+async def _add_health(server: aio.Server) -> health.aio.HealthServicer:
     """The standard health service, SERVING for the whole server ("") and for MemoryService."""
-    servicer = health.HealthServicer()
+    servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(servicer, server)
     for service in ("", SERVICE_NAME):
-        servicer.set(service, health_pb2.HealthCheckResponse.SERVING)
+        await servicer.set(service, health_pb2.HealthCheckResponse.SERVING)
     return servicer

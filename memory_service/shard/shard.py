@@ -25,7 +25,7 @@ import numpy as np
 from memory_service.config import StorageConfig, TableConfig
 from memory_service.durability.journal import Journal
 from memory_service.durability.wal import WriteAheadLog
-from memory_service.errors import FailedPrecondition, InvalidArgument, StepNotReached, TableExists
+from memory_service.errors import Cancelled, FailedPrecondition, InvalidArgument, StepNotReached, TableExists
 from memory_service.ops.collisions import CollisionSketch, NgramBatch
 from memory_service.ops.reports import ShardCounters, TableUsage
 from memory_service.shard import request_checks as checks
@@ -179,29 +179,41 @@ class Shard:
             return sorted(self._tables)
 
     def fetch(self, requests: dict[str, np.ndarray], min_step: int = 0,
-              timeout: float | None = None) -> dict[str, np.ndarray]:
+              timeout: float | None = None, cancelled: threading.Event | None = None) -> dict[str, np.ndarray]:
         """Rows of each table's ids (n,) -> (n, width) float32, in the ids' order, repeats kept,
-        read once every table's step is >= `min_step` (StepNotReached after `timeout` seconds)."""
+        read once every table's step is >= `min_step` (StepNotReached after `timeout` seconds).
+        `cancelled`: set through `cancel_wait` when the caller went away, it ends the wait with
+        Cancelled."""
         with self._lock:
             checked = self._checked_requests(requests)  # table -> ids (n,) int64
             if min_step > 0:
-                self._wait_for_step(checked, min_step, timeout)
+                self._wait_for_step(checked, min_step, timeout, cancelled)
             for name, ids in checked.items():
                 self.homes.check(name, ids)  # after any wait: a row may have moved meanwhile
             self._note_reads(checked)
             with self.journal.change():  # dense Adam catches rows up as it reads them
                 return self._tables.read(checked)  # table -> rows (n, width) float32
 
-    def _wait_for_step(self, checked: dict[str, np.ndarray], min_step: int, timeout: float | None) -> None:
+    def cancel_wait(self, cancelled: threading.Event) -> None:
+        """Sets `cancelled` and wakes the held fetches, so the one it was given to ends now."""
+        with self._stepped:
+            cancelled.set()
+            self._stepped.notify_all()
+
+    def _wait_for_step(self, checked: dict[str, np.ndarray], min_step: int, timeout: float | None,
+                       cancelled: threading.Event | None = None) -> None:
         """Waits, the lock released meanwhile, until every table of `checked` is at step
         `min_step` (StepNotReached after `timeout` seconds; NOT_FOUND for a table dropped
         meanwhile). The ids are a look-ahead read until then: placement may act on them now."""
         for name, ids in checked.items():
             if self._tables[name].committed < min_step:
                 self._expect(name, ids, min_step)
-        if not self._stepped.wait_for(lambda: self._tables.reached(checked, min_step), timeout):
+        gone = cancelled.is_set if cancelled is not None else (lambda: False)
+        if not self._stepped.wait_for(lambda: gone() or self._tables.reached(checked, min_step), timeout):
             steps = {name: self._tables.store(name).committed for name in checked}
             raise StepNotReached(f"fetch waited {timeout:.1f} s for step {min_step}; tables are at {steps}")
+        if gone():
+            raise Cancelled(f"fetch: the caller went away while it waited for step {min_step}")
         for name in checked:
             self._tables.store(name)  # dropped while this fetch waited
 

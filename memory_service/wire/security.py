@@ -188,9 +188,9 @@ class SecurityConfig:
     def has_tokens(self) -> bool:
         return bool(self.read_token_digests or self.write_token_digests)
 
-    def interceptors(self) -> list[grpc.ServerInterceptor]:
-        """The server interceptors this config needs: the token check, when tokens are on."""
-        return [AuthInterceptor(self.read_token_digests, self.write_token_digests)] if self.has_tokens else []
+    def token_check(self) -> TokenCheck | None:
+        """The server's token check, when tokens are on."""
+        return TokenCheck(self.read_token_digests, self.write_token_digests) if self.has_tokens else None
 
     def add_port(self, server: grpc.Server, address: str) -> int:
         """Binds `address` on `server`, with TLS when configured; returns the bound port."""
@@ -234,17 +234,19 @@ def method_scope(method: str) -> str:
     return "write"
 
 
-class AuthInterceptor(grpc.ServerInterceptor):
-    """Checks every call's bearer token against the accepted digests before the request is read:
-    UNAUTHENTICATED without exactly one 'authorization: Bearer <token>' of a known token,
-    PERMISSION_DENIED for a read token on a write method."""
+class TokenCheck:
+    """Checks a call's bearer token against the accepted digests from its headers alone, before
+    any of its request is read (server/admission.py asks it first): UNAUTHENTICATED without
+    exactly one 'authorization: Bearer <token>' of a known token, PERMISSION_DENIED for a read
+    token on a write method."""
 
     def __init__(self, read_digests: tuple[str, ...], write_digests: tuple[str, ...]) -> None:
         self.read_digests = tuple(d.encode() for d in read_digests)
         self.write_digests = tuple(d.encode() for d in write_digests)
 
-    def scope_of(self, metadata) -> str | None:
-        """'write', 'read' or None (no valid token) for a call's metadata."""
+    def identify(self, metadata) -> tuple[str, str] | None:
+        """(scope 'write' or 'read', the token's digest) of a call's metadata; None without a
+        valid token."""
         values = [v for k, v in (metadata or ()) if k == METADATA_KEY]
         if len(values) != 1 or not isinstance(values[0], str):
             return None
@@ -255,30 +257,21 @@ class AuthInterceptor(grpc.ServerInterceptor):
         # compare with every digest (no early exit), in constant time each
         write = sum(hmac.compare_digest(digest, d) for d in self.write_digests)
         read = sum(hmac.compare_digest(digest, d) for d in self.read_digests)
-        return "write" if write else "read" if read else None
+        scope = "write" if write else "read" if read else None
+        return None if scope is None else (scope, digest.decode())
 
-    def intercept_service(self, continuation, handler_call_details):
-        method = handler_call_details.method
-        scope = self.scope_of(handler_call_details.invocation_metadata)
+    def scope_of(self, metadata) -> str | None:
+        """'write', 'read' or None (no valid token) for a call's metadata."""
+        found = self.identify(metadata)
+        return None if found is None else found[0]
+
+    def refusal(self, method: str, scope: str | None) -> tuple[grpc.StatusCode, str] | None:
+        """(status, details) refusing a call of `method` with a token of `scope` (None: no valid
+        token); None when the call may go on."""
         if scope is None:
-            return _refusal(continuation(handler_call_details), grpc.StatusCode.UNAUTHENTICATED,
-                            f"{method}: missing or invalid token (send metadata "
-                            f"'{METADATA_KEY}: Bearer <token>')")
+            return grpc.StatusCode.UNAUTHENTICATED, status_details(
+                f"{method}: missing or invalid token (send metadata '{METADATA_KEY}: Bearer <token>')")
         if scope == "read" and method_scope(method) == "write":
-            return _refusal(continuation(handler_call_details), grpc.StatusCode.PERMISSION_DENIED,
-                            f"{method} needs a write token; this token has the read scope")
-        return continuation(handler_call_details)
-
-
-def _refusal(handler: grpc.RpcMethodHandler | None, code: grpc.StatusCode, details: str):
-    """A handler of the same kind as `handler` that answers `code` without reading the request."""
-    def refuse(request, context):
-        context.abort(code, status_details(details))
-
-    streaming = (handler.request_streaming, handler.response_streaming) if handler else (False, False)
-    make = {(False, False): grpc.unary_unary_rpc_method_handler,
-            (False, True): grpc.unary_stream_rpc_method_handler,
-            (True, False): grpc.stream_unary_rpc_method_handler,
-            (True, True): grpc.stream_stream_rpc_method_handler}[streaming]
-    # the request bytes are never parsed: garbage from an unauthenticated caller stays unread
-    return make(refuse, request_deserializer=lambda payload: payload)
+            return grpc.StatusCode.PERMISSION_DENIED, status_details(
+                f"{method} needs a write token; this token has the read scope")
+        return None

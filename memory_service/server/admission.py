@@ -1,0 +1,256 @@
+"""Admission: who may call a shard, and how many calls each caller may have in flight or held.
+
+The shard's gRPC server is a grpc.aio server (servicer.serve): requests are received on its event
+loop, and only a complete, admitted request reaches a thread. `Admission`, its one interceptor,
+decides from a call's headers alone, before any of its body is read and before any thread is
+held:
+
+- the token (wire.security.TokenCheck): a call without a valid token is refused at once
+  (UNAUTHENTICATED / PERMISSION_DENIED) by a handler that never reads its body, so uploads that
+  never finish cost no thread and no wait (issue 22, finding 2);
+- the call bounds (`AdmissionLimits`): calls in flight per client and in all, counted from the
+  headers until the call ends, stalled uploads included; over a bound the call is refused with
+  RESOURCE_EXHAUSTED (errors.Overloaded). A request body must arrive within `body_timeout_s`.
+
+Then the request bytes are parsed (request_guard: INVALID_ARGUMENT for bytes that are not a valid
+message) and the servicer's method runs on the server's worker pool. A held fetch (a Fetch with a
+min_step) counts against its own bounds and waits on a pool of its own, so held fetches never take
+the threads other calls need (finding 3); when its client cancels or disconnects, the call's
+callbacks run (the servicer's wakes the shard's wait) and its places are given back once its thread
+is free. A client is the pair (peer host, token): callers sharing a host and a token share bounds.
+"""
+from __future__ import annotations
+
+import asyncio
+import inspect
+import threading
+import time
+from collections import Counter
+from collections.abc import Callable
+from concurrent.futures import Executor
+from dataclasses import dataclass
+
+import grpc
+from grpc import aio
+
+from memory_service.errors import Overloaded, status_details
+from memory_service.server.request_guard import Unparsable, parse
+from memory_service.wire.security import MEMORY_SERVICE, TokenCheck
+
+HELD_METHOD = f"/{MEMORY_SERVICE}/Fetch"  # its requests with a min_step > 0 are held fetches
+
+
+@dataclass(frozen=True)
+class AdmissionLimits:
+    """A shard server's bounds on its callers' calls. `calls_per_client`, `calls`: calls in flight
+    (from their headers until they end, stalled uploads included) per client and in all.
+    `held_per_client`, `held`: fetches waiting for a min_step, per client and in all (`held` is
+    also the size of their own thread pool). `body_timeout_s`: how long an admitted call's request
+    may take to arrive."""
+
+    calls_per_client: int = 64
+    calls: int = 512
+    held_per_client: int = 16
+    held: int = 64
+    body_timeout_s: float = 30.0
+
+    def __post_init__(self) -> None:
+        for name in ("calls_per_client", "calls", "held_per_client", "held"):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
+                raise ValueError(f"AdmissionLimits.{name} must be an int >= 1, got {getattr(self, name)!r}")
+        if self.calls_per_client > self.calls or self.held_per_client > self.held:
+            raise ValueError("AdmissionLimits: a per-client bound above its total bound")
+        if not self.body_timeout_s > 0:
+            raise ValueError(f"AdmissionLimits.body_timeout_s must be > 0, got {self.body_timeout_s!r}")
+
+
+class Places:
+    """Places in flight per client and in all; used on the server's event loop only."""
+
+    def __init__(self, per_client: int, total: int, what: str) -> None:
+        self.per_client, self.total, self.what = per_client, total, what
+        self.taken: Counter = Counter()
+        self.in_use = 0
+
+    def take(self, client: tuple) -> None:
+        """One place for `client`; Overloaded when it or the server has none left."""
+        if self.in_use >= self.total:
+            raise Overloaded(f"{Overloaded.PREFIX} the shard has {self.total} {self.what} in flight, its bound; "
+                             f"retry later")
+        if self.taken[client] >= self.per_client:
+            raise Overloaded(f"{Overloaded.PREFIX} this client has {self.per_client} {self.what} in flight, "
+                             f"its bound per client; retry later")
+        self.taken[client] += 1
+        self.in_use += 1
+
+    def give(self, client: tuple) -> None:
+        self.in_use -= 1
+        self.taken[client] -= 1
+        if not self.taken[client]:
+            del self.taken[client]
+
+
+class CallAborted(Exception):
+    """Raised by SyncContext.abort in a worker thread; the event loop aborts the call with it."""
+
+    def __init__(self, code: grpc.StatusCode, details: str) -> None:
+        super().__init__(code, details)
+        self.code, self.details = code, details
+
+
+class SyncContext:
+    """What a servicer method running on a worker thread sees of its call: the subset of
+    grpc.ServicerContext the servicer uses (abort, time_remaining, add_callback, is_active,
+    invocation_metadata, peer)."""
+
+    def __init__(self, context: aio.ServicerContext) -> None:
+        remaining = context.time_remaining()
+        self._deadline = None if remaining is None else time.monotonic() + remaining
+        self._metadata = context.invocation_metadata()
+        self._peer = context.peer()
+        self._callbacks: list[Callable[[], None]] = []
+        self._lock = threading.Lock()
+        self._ended = False
+
+    def abort(self, code: grpc.StatusCode, details: str = ""):
+        raise CallAborted(code, details)
+
+    def time_remaining(self) -> float | None:
+        return None if self._deadline is None else max(0.0, self._deadline - time.monotonic())
+
+    def add_callback(self, callback: Callable[[], None]) -> bool:
+        """Runs `callback` when the call is cancelled (its client went away or its deadline
+        passed) while its method runs; False (not added) once the call has ended."""
+        with self._lock:
+            if not self._ended:
+                self._callbacks.append(callback)
+            return not self._ended
+
+    def is_active(self) -> bool:
+        return not self._ended
+
+    def invocation_metadata(self):
+        return self._metadata
+
+    def peer(self) -> str:
+        return self._peer
+
+    def end(self, cancelled: bool) -> None:
+        """The call ended; run the callbacks when it was cancelled."""
+        with self._lock:
+            self._ended, callbacks = True, self._callbacks
+            self._callbacks = []
+        for callback in callbacks if cancelled else ():
+            callback()
+
+
+def _client_host(peer: str) -> str:
+    """'ipv4:127.0.0.1:5555' -> 'ipv4:127.0.0.1' (a client's connections share its host)."""
+    return peer.rpartition(":")[0] or peer
+
+
+class Admission(aio.ServerInterceptor):
+    """The server's one interceptor: the token check, the bounds, the request's parse, and the
+    run of a synchronous servicer method on `workers` (held fetches on `held_workers`)."""
+
+    def __init__(self, limits: AdmissionLimits, tokens: TokenCheck | None, workers: Executor,
+                 held_workers: Executor) -> None:
+        self.limits, self.tokens = limits, tokens
+        self.workers, self.held_workers = workers, held_workers
+        self.calls = Places(limits.calls_per_client, limits.calls, "calls")
+        self.held = Places(limits.held_per_client, limits.held, "held fetches")
+
+    async def intercept_service(self, continuation, handler_call_details):
+        method = handler_call_details.method
+        identity = ("read", "")  # no tokens: every caller may call everything
+        if self.tokens is not None:
+            identity = self.tokens.identify(handler_call_details.invocation_metadata)
+            refused = self.tokens.refusal(method, identity and identity[0])
+            if refused is not None:
+                return _refusal(*refused)
+        handler = await continuation(handler_call_details)
+        if handler is None or handler.request_streaming:  # unknown method: UNIMPLEMENTED; no streams served
+            return handler
+        return self._admitted(handler, method, identity[1])
+
+    def _admitted(self, handler: grpc.RpcMethodHandler, method: str, token: str) -> grpc.RpcMethodHandler:
+        """`handler` as a handler of a request stream, which gRPC calls on the headers alone."""
+        if handler.response_streaming:
+            async def stream(requests, context):
+                client = (_client_host(context.peer()), token)
+                async with _Place(self.calls, client, context):
+                    request = await self._request(handler, method, context)
+                    async for response in handler.unary_stream(request, context):
+                        yield response
+            return grpc.stream_stream_rpc_method_handler(stream, response_serializer=handler.response_serializer)
+
+        async def unary(requests, context):
+            client = (_client_host(context.peer()), token)
+            async with _Place(self.calls, client, context):
+                request = await self._request(handler, method, context)
+                if method == HELD_METHOD and getattr(request, "min_step", 0) > 0:
+                    async with _Place(self.held, client, context):
+                        return await self._run(handler.unary_unary, request, context, self.held_workers)
+                return await self._run(handler.unary_unary, request, context, self.workers)
+        return grpc.stream_unary_rpc_method_handler(unary, response_serializer=handler.response_serializer)
+
+    async def _request(self, handler: grpc.RpcMethodHandler, method: str, context: aio.ServicerContext):
+        """The call's one request, parsed; the call aborted when it does not come in time or
+        does not parse."""
+        try:
+            payload = await asyncio.wait_for(context.read(), self.limits.body_timeout_s)
+        except asyncio.TimeoutError:
+            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, status_details(
+                f"{Overloaded.PREFIX} {method}: the request did not arrive within "
+                f"{self.limits.body_timeout_s:g} s of its headers"))
+        if payload is aio.EOF:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"{method}: the call sent no request")
+        try:
+            return parse(handler.request_deserializer, payload, method)
+        except Unparsable as err:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(err))
+
+    async def _run(self, behavior, request, context: aio.ServicerContext, workers: Executor):
+        """`behavior`'s response: awaited when it is a coroutine function (the health service),
+        else run on `workers` with a SyncContext. When the call is cancelled meanwhile, the
+        context's callbacks run and the thread is waited for before the call's places are given
+        back."""
+        if inspect.iscoroutinefunction(behavior):
+            return await behavior(request, context)
+        sync_context = SyncContext(context)
+        future = asyncio.get_running_loop().run_in_executor(workers, behavior, request, sync_context)
+        try:
+            response = await asyncio.shield(future)
+        except asyncio.CancelledError:
+            sync_context.end(cancelled=True)
+            await asyncio.wait([future])  # the thread is given back before the places are
+            raise
+        except CallAborted as aborted:
+            sync_context.end(cancelled=False)
+            await context.abort(aborted.code, aborted.details)
+        sync_context.end(cancelled=False)
+        return response
+
+
+class _Place:
+    """`async with`: one place of `places` for the call's client, given back when the call ends;
+    the call aborted with RESOURCE_EXHAUSTED when none is left."""
+
+    def __init__(self, places: Places, client: tuple, context: aio.ServicerContext) -> None:
+        self.places, self.client, self.context = places, client, context
+
+    async def __aenter__(self) -> None:
+        try:
+            self.places.take(self.client)
+        except Overloaded as err:
+            await self.context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, status_details(str(err)))
+
+    async def __aexit__(self, *exc) -> None:
+        self.places.give(self.client)
+
+
+def _refusal(code: grpc.StatusCode, details: str) -> grpc.RpcMethodHandler:
+    """A handler that answers `code` at once, without reading the request."""
+    async def refuse(requests, context):
+        await context.abort(code, details)
+    return grpc.stream_unary_rpc_method_handler(refuse)

@@ -1,0 +1,174 @@
+"""A shard that slow, stalled or held callers cannot freeze (issue 22, findings 2 and 3), on real
+gRPC servers over 127.0.0.1 with TLS and tokens (the certificates of test_security.py).
+
+Stalled uploads are real: a client-streaming call on a unary method's path sends its headers and
+then no message, as a client that never finishes its request body. Held fetches carry a min_step no
+push brings. While either kind fills the server, health, Fetch and Stats must answer within seconds,
+calls beyond the per-client bounds get RESOURCE_EXHAUSTED, and cancelled or disconnected callers give
+their places back."""
+from __future__ import annotations
+
+import threading
+import time
+
+import grpc
+import numpy as np
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from memory_service.rpc import memory_pb2, memory_pb2_grpc
+from memory_service.server import budgets
+from memory_service.server.admission import AdmissionLimits
+from memory_service.server.servicer import SERVICE_NAME, serve
+from memory_service.shard.shard import Shard
+from memory_service.tables import TablePush
+from memory_service.wire import codec
+from memory_service.wire.security import ClientSecurity, SecurityConfig
+from tests.memory_service.wire.test_security import EMB, pki  # noqa: F401  (pki: the module's certificates)
+
+Code = grpc.StatusCode
+READ, WRITE = "read-token-0123", "write-token-4567"
+LIMITS = AdmissionLimits(calls_per_client=6, calls=64, held_per_client=4, held=16, body_timeout_s=30.0)
+FETCH = memory_pb2.FetchRequest(tables=[memory_pb2.TableIds(table="emb", ids=codec.encode_ids(np.array([0])))])
+
+
+@pytest.fixture(scope="module")
+def shard() -> Shard:
+    shard = Shard(0, 1)
+    shard.create_table(EMB)
+    shard.push("setup", {"emb": TablePush(1, np.array([0, 2]), np.ones((2, 8), np.float32))})
+    return shard
+
+
+@pytest.fixture(scope="module")
+def server(shard, pki):  # noqa: F811
+    server = serve(shard, admission=LIMITS, security=SecurityConfig.from_tokens(
+        [READ], [WRITE], cert=pki.server_cert, key=pki.server_key))
+    yield server
+    server.stop(None)
+
+
+def _channel(server, pki, token: str | None) -> grpc.Channel:  # noqa: F811
+    return ClientSecurity(root_cert=pki.ca, token=token).channel(server.address, codec.MESSAGE_OPTIONS)
+
+
+class Stalled:
+    """`n` uploads to `method` that send their headers and never a message, on one channel."""
+
+    def __init__(self, channel: grpc.Channel, method: str, n: int) -> None:
+        self.release = threading.Event()
+        upload = channel.stream_unary(method)
+        self.calls = [upload.future(self._never(), timeout=60) for _ in range(n)]
+
+    def _never(self):
+        self.release.wait()
+        return
+        yield  # a generator that ends without a message once released
+
+    def cancel(self) -> None:
+        for call in self.calls:
+            call.cancel()
+        self.release.set()
+
+
+def _answers_at_once(server, pki) -> None:  # noqa: F811
+    """health, Fetch and Stats each answer within 5 s on a fresh read-token channel."""
+    with _channel(server, pki, READ) as channel:
+        health = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service=SERVICE_NAME),
+                                                           timeout=5)
+        assert health.status == health_pb2.HealthCheckResponse.SERVING
+        stub = memory_pb2_grpc.MemoryServiceStub(channel)
+        assert len(stub.Fetch(FETCH, timeout=5).tables[0].rows) == 8 * 4
+        stub.Stats(memory_pb2.StatsRequest(), timeout=5)
+
+
+def _codes(calls, wait_s: float) -> list:
+    """The status codes of the calls that ended within `wait_s` (None for those still open)."""
+    deadline = time.monotonic() + wait_s
+    codes = []
+    for call in calls:
+        try:
+            call.result(timeout=max(0.01, deadline - time.monotonic()))
+            codes.append(Code.OK)
+        except grpc.FutureTimeoutError:
+            codes.append(None)
+        except grpc.RpcError as err:
+            codes.append(err.code())
+    return codes
+
+
+def test_stalled_uploads_without_a_token_do_not_freeze_the_shard(server, pki):  # noqa: F811
+    with _channel(server, pki, None) as channel:
+        stalled = Stalled(channel, f"/{SERVICE_NAME}/Push", 24)
+        try:
+            time.sleep(0.5)  # the server has their headers
+            _answers_at_once(server, pki)
+            # refused from their headers alone, before any body came
+            assert _codes(stalled.calls, 5) == [Code.UNAUTHENTICATED] * 24
+        finally:
+            stalled.cancel()
+
+
+def test_stalled_uploads_with_a_token_are_bounded_per_client(server, pki):  # noqa: F811
+    with _channel(server, pki, WRITE) as channel:
+        stalled = Stalled(channel, f"/{SERVICE_NAME}/Push", 24)
+        try:
+            time.sleep(0.5)
+            _answers_at_once(server, pki)  # another client (its token): its own bound
+            codes = _codes(stalled.calls, 2)
+            assert codes.count(Code.RESOURCE_EXHAUSTED) == 24 - LIMITS.calls_per_client
+            assert codes.count(None) == LIMITS.calls_per_client  # still waiting for their bodies
+        finally:
+            stalled.cancel()
+
+
+def _held(stub, n: int, timeout: float = 60):
+    request = memory_pb2.FetchRequest(min_step=10**9, tables=FETCH.tables)
+    return [stub.Fetch.future(request, timeout=timeout) for _ in range(n)]
+
+
+def _wait_admitted(server, pki, n: int) -> None:  # noqa: F811
+    """Waits (<= 10 s) until the read token's client may hold `n` fetches again."""
+    deadline = time.monotonic() + 10
+    while True:
+        with _channel(server, pki, READ) as channel:
+            calls = _held(memory_pb2_grpc.MemoryServiceStub(channel), n)
+            codes = _codes(calls, 0.5)
+            for call in calls:
+                call.cancel()
+        if codes == [None] * n or time.monotonic() > deadline:
+            assert codes == [None] * n, "the cancelled fetches were not given back"
+            return
+        time.sleep(0.2)
+
+
+@pytest.mark.parametrize("leave", ["cancel", "disconnect"])
+def test_held_fetches_are_bounded_and_released(server, pki, shard, leave):  # noqa: F811
+    channel = _channel(server, pki, READ)
+    calls = _held(memory_pb2_grpc.MemoryServiceStub(channel), 20)
+    try:
+        codes = _codes(calls, 2)
+        _answers_at_once(server, pki)
+        assert codes.count(Code.RESOURCE_EXHAUSTED) == 20 - LIMITS.held_per_client
+        assert codes.count(None) == LIMITS.held_per_client  # held, waiting for step 10**9
+    finally:
+        if leave == "cancel":
+            for call in calls:
+                call.cancel()
+        channel.close()
+    _wait_admitted(server, pki, LIMITS.held_per_client)
+    _answers_at_once(server, pki)
+
+
+def test_a_held_fetch_without_a_deadline_ends_in_seconds(shard):
+    assert budgets.MAX_FETCH_WAIT_S <= 60  # seconds, not the ten minutes of issue 22
+    quick = serve(shard, max_fetch_wait_s=1.0)
+    try:
+        with grpc.insecure_channel(quick.address) as channel:
+            start = time.monotonic()
+            with pytest.raises(grpc.RpcError) as err:
+                memory_pb2_grpc.MemoryServiceStub(channel).Fetch(memory_pb2.FetchRequest(
+                    min_step=10**9, tables=FETCH.tables))  # no deadline
+            assert err.value.code() == Code.DEADLINE_EXCEEDED and time.monotonic() - start < 10
+    finally:
+        quick.stop(None)
