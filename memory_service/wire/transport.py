@@ -8,6 +8,7 @@ nothing of tables or rows: MemoryClient builds the messages and reads the replie
 from __future__ import annotations
 
 import threading
+import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import NoReturn
 
@@ -18,6 +19,11 @@ from memory_service.rpc import memory_pb2_grpc
 from memory_service.wire.codec import MESSAGE_OPTIONS
 from memory_service.wire.retry import RECONNECT_OPTIONS, RetryPolicy
 from memory_service.wire.security import ClientSecurity, open_channel
+
+# A held fetch (min_step) that a shard answered DEADLINE_EXCEEDED with at least this much of the
+# client's timeout left ended at the shard's own bound (server.budgets.MAX_FETCH_WAIT_S, seconds),
+# not at ours: it is sent again for the rest of the client's timeout.
+HELD_RESEND_MARGIN_S = 0.5
 
 
 def raise_error(err: grpc.RpcError) -> NoReturn:
@@ -58,10 +64,22 @@ class Transport:
 
     def send(self, shard: int, rpc: str, request):
         """rpc `rpc` to `shard` in this thread, re-sent while the shard is unavailable; other
-        failures raise grpc.RpcError."""
+        failures raise grpc.RpcError. A held fetch (a Fetch with a min_step) waits up to the
+        client's timeout in all: a shard holds one for seconds at most, so it is sent again when
+        the shard's bound ended it before ours."""
         method = getattr(self.stubs[shard], rpc)
-        return self.retry.call(lambda: method(request, timeout=self.timeout),
-                               f"{rpc} to {self.shard_name(shard)}", self._count_retry)
+        name = f"{rpc} to {self.shard_name(shard)}"
+        if rpc != "Fetch" or request.min_step <= 0:
+            return self.retry.call(lambda: method(request, timeout=self.timeout), name, self._count_retry)
+        deadline = time.monotonic() + self.timeout
+        while True:
+            try:
+                return self.retry.call(lambda: method(request, timeout=max(0.001, deadline - time.monotonic())),
+                                       name, self._count_retry)
+            except grpc.RpcError as err:
+                if err.code() != grpc.StatusCode.DEADLINE_EXCEEDED or \
+                        deadline - time.monotonic() < HELD_RESEND_MARGIN_S:
+                    raise
 
     def call(self, shard: int, rpc: str, request):
         """`send`, with a failure raised as the service error of its status."""

@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from memory_service.client import MemoryClient
 from memory_service.rpc import memory_pb2, memory_pb2_grpc
 from memory_service.server import budgets
 from memory_service.server.admission import AdmissionLimits
@@ -171,4 +172,23 @@ def test_a_held_fetch_without_a_deadline_ends_in_seconds(shard):
                     min_step=10**9, tables=FETCH.tables))  # no deadline
             assert err.value.code() == Code.DEADLINE_EXCEEDED and time.monotonic() - start < 10
     finally:
+        quick.stop(None)
+
+
+def test_the_client_asks_again_for_a_step_that_comes_after_the_shards_bound():
+    """The trainer's look-ahead fetch: a step that takes longer than the shard holds a fetch (1 s
+    here) still arrives within the client's own timeout (5 s): MemoryClient sends it again."""
+    shard = Shard(0, 1)
+    shard.create_table(EMB)
+    quick = serve(shard, max_fetch_wait_s=1.0)
+    client = MemoryClient([quick.address], timeout=5.0)
+    try:
+        late = threading.Timer(2.5, lambda: shard.push("late", {"emb": TablePush(
+            1, np.array([0]), np.ones((1, 8), np.float32))}))
+        late.start()
+        rows = client.fetch({"emb": np.array([0, 1])}, min_step=1)
+        assert rows["emb"].shape == (2, 8) and shard.describe_table("emb").step == 1
+    finally:
+        late.cancel()
+        client.close()
         quick.stop(None)
