@@ -1,9 +1,10 @@
 """A tables cluster's YAML config file, read into the frozen dataclasses it names.
 
 The file's keys are exactly the fields of `ClusterConfig` (memory_service/cluster.py), with
-`storage:` holding `StorageConfig` fields and `security:` the server's TLS files (`TLSFiles`);
-tokens never sit in the file: they come from $ENGRAM_READ_TOKENS / $ENGRAM_WRITE_TOKENS
-(comma-separated), as a Kubernetes Secret sets them. The reader walks `dataclasses.fields`, so a
+`storage:` holding `StorageConfig` fields and `security:` the server's TLS files and the
+Prometheus endpoint's interface (`TLSFiles`); tokens never sit in the file: they come from
+$ENGRAM_READ_TOKENS / $ENGRAM_WRITE_TOKENS (comma-separated) and $ENGRAM_METRICS_TOKEN, as a
+Kubernetes Secret sets them. The reader walks `dataclasses.fields`, so a
 field added to a config is a key of the file with no change here.
 
 Precedence: the dataclasses' defaults < the file < `overrides` (the command line's flags, in the
@@ -31,6 +32,7 @@ if TYPE_CHECKING:
     from memory_service.wire.security import SecurityConfig
 
 READ_TOKENS_VAR, WRITE_TOKENS_VAR = "ENGRAM_READ_TOKENS", "ENGRAM_WRITE_TOKENS"
+METRICS_TOKEN_VAR = "ENGRAM_METRICS_TOKEN"  # the bearer token Prometheus scrapes with
 # As Kubernetes quantities read: Ki, KiB binary (1024); K, KB decimal (1000)
 _POWERS = {"K": 1, "M": 2, "G": 3, "T": 4}
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(?:([KMGT])(i?)B?|B)?\s*$", re.IGNORECASE)
@@ -45,12 +47,14 @@ class TLSFiles:
     """The `security:` section: PEM files of the shards' server side. `tls_cert`/`tls_key` turn TLS
     on; `tls_ca` is the CA that signed the shards' certificates (what clients and a hot shard's
     migration verify them with; default: `tls_cert` itself, self-signed); `tls_client_ca` makes TLS
-    mutual (clients need a certificate it signed)."""
+    mutual (clients need a certificate it signed). `metrics_host`: the interface the shards'
+    Prometheus endpoints bind (default: the shards' host; "127.0.0.1" keeps them on the node)."""
 
     tls_cert: str | None = None
     tls_key: str | None = None
     tls_ca: str | None = None
     tls_client_ca: str | None = None
+    metrics_host: str | None = None
 
 
 def parse_size(value: int | str) -> int:
@@ -102,13 +106,15 @@ def read_fields(source: str | None, overrides: Mapping[str, Any]) -> tuple[dict[
 
 def server_security(tls: TLSFiles, environ: Mapping[str, str], where: str = "flags") -> "SecurityConfig | None":
     """The shards' SecurityConfig from the TLS files and the comma-separated tokens in
-    $ENGRAM_READ_TOKENS / $ENGRAM_WRITE_TOKENS; None (open) when neither is given. A hot shard
+    $ENGRAM_READ_TOKENS / $ENGRAM_WRITE_TOKENS, and the Prometheus endpoint's interface and
+    $ENGRAM_METRICS_TOKEN; None (open) when none is given. A hot shard
     reaches the cold ones with the first write token, the shard certificate as client certificate
     (mutual TLS) and `tls_ca` (or the certificate itself, when self-signed) as root."""
     from memory_service.wire.security import ClientSecurity, SecurityConfig, read_pem
 
     read, write = ([t for t in environ.get(var, "").split(",") if t] for var in (READ_TOKENS_VAR, WRITE_TOKENS_VAR))
-    if not (tls.tls_cert or tls.tls_key or read or write):
+    metrics_token = environ.get(METRICS_TOKEN_VAR) or None
+    if not (tls.tls_cert or tls.tls_key or read or write or tls.metrics_host or metrics_token):
         return None
     if read and not write:
         raise ConfigError(f"${READ_TOKENS_VAR} without ${WRITE_TOKENS_VAR}: nothing could write, not even the "
@@ -122,8 +128,10 @@ def server_security(tls: TLSFiles, environ: Mapping[str, str], where: str = "fla
         raise ConfigError(f"{where}: {err}") from None
     try:
         peer = ClientSecurity(root_cert=(ca or cert) if cert else None, token=write[0] if write else None,
-                              client_cert=cert if mutual else None, client_key=key if mutual else None)
-        return SecurityConfig.from_tokens(read, write, cert=cert, key=key, client_ca=client_ca, peer=peer)
+                              client_cert=cert if mutual else None, client_key=key if mutual else None) \
+            if cert or read or write else None
+        return SecurityConfig.from_tokens(read, write, cert=cert, key=key, client_ca=client_ca, peer=peer,
+                                          metrics_token=metrics_token, metrics_host=tls.metrics_host)
     except ValueError as err:
         raise ConfigError(f"{where}: security: {err}") from None
 

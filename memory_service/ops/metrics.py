@@ -261,17 +261,17 @@ class MetricsServer:
 
 
 def serve_metrics(report: Callable[[], ShardReport], metrics: ShardMetrics, cluster: str,
-                  host: str, port: int, token: str | None = None) -> MetricsServer:
+                  host: str, port: int, token_digest: str | None = None) -> MetricsServer:
     """Serve the shard's metrics on host:port (0: any free port) from a registry of its own (the
     process-wide default registry would mix in Python's process metrics of whatever else runs
-    in the actor). With `token`, a scrape must send 'Authorization: Bearer <token>' (Prometheus:
+    in the actor). With `token_digest` (sha256 hex of a token), a scrape must send 'Authorization: Bearer <token>' (Prometheus:
     `authorization: {credentials: <token>}` in its scrape config); others get 401. Plain HTTP:
     bind `host` to an interface only the scrapers reach (loopback, a private network)."""
     registry = CollectorRegistry()
     registry.register(ShardCollector(report, metrics, cluster))
     app = make_wsgi_app(registry)
-    if token is not None:
-        app = _bearer_only(app, hashlib.sha256(token.encode()).hexdigest())
+    if token_digest is not None:
+        app = _bearer_only(app, token_digest)
 
     class Server(ThreadingWSGIServer):
         address_family = socket.AF_INET6 if ":" in host else socket.AF_INET

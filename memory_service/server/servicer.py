@@ -343,11 +343,10 @@ class ShardServer:
 def serve(shard: Shard, host: str = "127.0.0.1", port: int = 0, max_workers: int = 16,
           metrics_port: int | None = None, cluster: str = "default",
           security: SecurityConfig | None = None, admission: AdmissionLimits | None = None,
-          max_fetch_wait_s: float = budgets.MAX_FETCH_WAIT_S, metrics_host: str | None = None,
-          metrics_token: str | None = None) -> ShardServer:
+          max_fetch_wait_s: float = budgets.MAX_FETCH_WAIT_S) -> ShardServer:
     """Serve `shard` and the grpc.health.v1 service on host:port (port 0 picks a free port), and
-    with `metrics_port` its Prometheus endpoint on metrics_host:metrics_port (0: a free port;
-    metrics_host None: `host`), labelled with the tables cluster's name.
+    with `metrics_port` its Prometheus endpoint on security.metrics_host (None: `host`):metrics_port
+    (0: a free port), labelled with the tables cluster's name.
 
     A grpc.aio server: requests are received on its event loop and admitted (admission.py: the
     token, the per-client and total bounds `admission`, RESOURCE_EXHAUSTED over them) before any
@@ -356,8 +355,8 @@ def serve(shard: Shard, host: str = "127.0.0.1", port: int = 0, max_workers: int
     when its call set no deadline, and ending when its client goes away.
 
     `security`: TLS and tokens (memory_service.wire.security; None: open, as the loopback default
-    needs). Serving a non-loopback host without TLS warns. The Prometheus endpoint asks for
-    `metrics_token` as a bearer token when given (it shows counts, never rows)."""
+    needs). Serving a non-loopback host without TLS warns. The Prometheus endpoint asks for a bearer
+    token when security.metrics_token_digest is set (it shows counts, never rows)."""
     security = security if security is not None else SecurityConfig()
     admission = admission if admission is not None else AdmissionLimits()
     warn_if_exposed(host, security)
@@ -376,8 +375,8 @@ def serve(shard: Shard, host: str = "127.0.0.1", port: int = 0, max_workers: int
     if metrics_port is not None:
         try:
             served.metrics = serve_metrics(servicer.report, servicer.metrics, cluster,
-                                           host if metrics_host is None else metrics_host, metrics_port,
-                                           token=metrics_token)
+                                           security.metrics_host or host, metrics_port,
+                                           token_digest=security.metrics_token_digest)
         except OSError:
             served.stop(None)
             raise

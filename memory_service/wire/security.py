@@ -60,6 +60,10 @@ def token_digest(token: str) -> str:
     return hashlib.sha256(token.encode()).hexdigest()
 
 
+def _is_digest(value: object) -> bool:
+    return isinstance(value, str) and len(value) == 64 and all(c in "0123456789abcdef" for c in value)
+
+
 def read_pem(value: PEM | None, what: str) -> bytes | None:
     """PEM bytes from bytes (as is) or from a path (read now); ValueError naming `what` if the
     file cannot be read."""
@@ -144,7 +148,11 @@ class SecurityConfig:
     `write_token_digests`: token_digest() of the accepted tokens (tokens on when either is
     non-empty; `from_tokens` builds them from plain tokens). `peer`: how this shard calls other
     shards (a hot shard's migration exports and imports rows through the cold shards' write rpcs),
-    needed when shards of a secured cluster include hot ones."""
+    needed when shards of a secured cluster include hot ones.
+
+    The Prometheus endpoint (plain HTTP, counts only): `metrics_host` the interface it binds
+    (None: the gRPC server's host; "127.0.0.1" keeps it on the node), `metrics_token_digest`
+    token_digest() of the bearer token a scrape must send (None: none asked)."""
 
     cert: PEM | None = None
     key: PEM | None = field(default=None, repr=False)
@@ -152,6 +160,8 @@ class SecurityConfig:
     read_token_digests: tuple[str, ...] = ()
     write_token_digests: tuple[str, ...] = ()
     peer: ClientSecurity | None = None
+    metrics_host: str | None = None
+    metrics_token_digest: str | None = None
 
     def __post_init__(self) -> None:
         for name in ("cert", "key", "client_ca"):
@@ -162,18 +172,25 @@ class SecurityConfig:
             raise ValueError("SecurityConfig: client_ca (mutual TLS) needs the server's cert and key")
         for name in ("read_token_digests", "write_token_digests"):
             digests = getattr(self, name)
-            if isinstance(digests, str) or not all(isinstance(d, str) and len(d) == 64 and
-                                                   all(c in "0123456789abcdef" for c in d) for d in digests):
+            if isinstance(digests, str) or not all(_is_digest(d) for d in digests):
                 raise ValueError(f"SecurityConfig.{name} must be a tuple of sha256 hex digests "
                                  f"(token_digest(token)), not tokens")
+        if self.metrics_token_digest is not None and not _is_digest(self.metrics_token_digest):
+            raise ValueError("SecurityConfig.metrics_token_digest must be a sha256 hex digest "
+                             "(token_digest(token)), not a token")
+        if self.metrics_host is not None and (not isinstance(self.metrics_host, str) or not self.metrics_host):
+            raise ValueError(f"SecurityConfig.metrics_host must be a non-empty host, got {self.metrics_host!r}")
         if self.peer is not None and not isinstance(self.peer, ClientSecurity):
             raise ValueError(f"SecurityConfig.peer must be a ClientSecurity, got {type(self.peer).__name__}")
 
     @classmethod
-    def from_tokens(cls, read_tokens=(), write_tokens=(), **fields) -> "SecurityConfig":
+    def from_tokens(cls, read_tokens=(), write_tokens=(), metrics_token: str | None = None,
+                    **fields) -> "SecurityConfig":
         """A config accepting these plain tokens (kept as digests only)."""
         return cls(read_token_digests=tuple(token_digest(t) for t in read_tokens),
-                   write_token_digests=tuple(token_digest(t) for t in write_tokens), **fields)
+                   write_token_digests=tuple(token_digest(t) for t in write_tokens),
+                   metrics_token_digest=token_digest(metrics_token) if metrics_token is not None else None,
+                   **fields)
 
     @property
     def is_tls(self) -> bool:
