@@ -7,7 +7,9 @@ memory_service/durability/journal.py). UNAVAILABLE is what a client sees both fo
 server died ("Socket closed", "Cancelling all calls") and for calls while nothing listens
 ("Connection refused"). CANCELLED is re-sent too: the client never cancels its own rpcs, so it
 comes from a server that stopped with the call in flight (a SIGTERM's graceful stop; seen in CI on
-a CommitStep). Every other status is the shard's answer.
+a CommitStep). So is RESOURCE_EXHAUSTED when the shard's admission refused the call for its bounds
+on calls in flight ("overloaded:", errors.Overloaded): refused from its headers, before any state
+changed, it is worth asking again once other calls ended. Every other status is the shard's answer.
 
 Re-sending is safe for every rpc the client makes: reads change nothing (a fetch held for a step is
 held again by the restarted shard, whose committed step survived), CreateTable is idempotent, and
@@ -27,7 +29,7 @@ from typing import TypeVar
 
 import grpc
 
-from memory_service.errors import RowsMoved, ShardUnavailable
+from memory_service.errors import Overloaded, RowsMoved, ShardUnavailable
 
 T = TypeVar("T")
 M = TypeVar("M", bound=dict)
@@ -36,6 +38,12 @@ RETRYABLE = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED})
 # reconnect attempts back off to at most 1 s (gRPC's default grows to 120 s, far past the restart).
 RECONNECT_OPTIONS = (("grpc.initial_reconnect_backoff_ms", 100), ("grpc.min_reconnect_backoff_ms", 100),
                      ("grpc.max_reconnect_backoff_ms", 1000))
+
+
+def retryable(err: grpc.RpcError) -> bool:
+    """Whether a failed rpc is worth sending again: the shard was unavailable, or too busy."""
+    return err.code() in RETRYABLE or (err.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+                                       and (err.details() or "").startswith(Overloaded.PREFIX))
 
 
 @dataclass(frozen=True)
@@ -76,7 +84,7 @@ class RetryPolicy:
             try:
                 return attempt()
             except grpc.RpcError as err:
-                if err.code() not in RETRYABLE:
+                if not retryable(err):
                     raise
                 wait = backoff.next_wait()
                 if wait is None:

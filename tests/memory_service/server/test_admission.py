@@ -192,3 +192,21 @@ def test_the_client_asks_again_for_a_step_that_comes_after_the_shards_bound():
         late.cancel()
         client.close()
         quick.stop(None)
+
+
+def test_the_client_asks_again_when_the_shard_is_overloaded(server, pki):  # noqa: F811
+    """Overloaded is refused from the headers, before any state changed: MemoryClient re-sends it
+    with backoff, and it is answered once the held fetches that filled its bound are gone."""
+    channel = _channel(server, pki, READ)
+    held = _held(memory_pb2_grpc.MemoryServiceStub(channel), LIMITS.held_per_client)
+    client = MemoryClient([server.address], timeout=20.0, security=ClientSecurity(root_cert=pki.ca, token=READ))
+    try:
+        assert _codes(held, 1) == [None] * LIMITS.held_per_client
+        release = threading.Timer(1.5, channel.close)
+        release.start()
+        start = time.monotonic()
+        rows = client.fetch({"emb": np.array([0])}, min_step=1)  # a held fetch: over the bound until released
+        assert rows["emb"].shape == (1, 8) and time.monotonic() - start >= 1.0
+    finally:
+        client.close()
+        channel.close()
