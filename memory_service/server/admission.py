@@ -175,13 +175,16 @@ class Admission(aio.ServerInterceptor):
 
     def _admitted(self, handler: grpc.RpcMethodHandler, method: str, token: str) -> grpc.RpcMethodHandler:
         """`handler` as a handler of a request stream, which gRPC calls on the headers alone."""
-        if handler.response_streaming:
+        if handler.response_streaming:  # the health service's Watch: an aio handler that writes
             async def stream(requests, context):
                 client = (_client_host(context.peer()), token)
                 async with _Place(self.calls, client, context):
                     request = await self._request(handler, method, context)
-                    async for response in handler.unary_stream(request, context):
-                        yield response
+                    if inspect.isasyncgenfunction(handler.unary_stream):
+                        async for response in handler.unary_stream(request, context):
+                            await context.write(response)
+                    else:
+                        await handler.unary_stream(request, context)
             return grpc.stream_stream_rpc_method_handler(stream, response_serializer=handler.response_serializer)
 
         async def unary(requests, context):

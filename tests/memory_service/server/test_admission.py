@@ -210,3 +210,34 @@ def test_the_client_asks_again_when_the_shard_is_overloaded(server, pki):  # noq
     finally:
         client.close()
         channel.close()
+
+
+def test_health_watch_streams_through_admission(server, pki):  # noqa: F811
+    with _channel(server, pki, READ) as channel:
+        watch = health_pb2_grpc.HealthStub(channel).Watch(health_pb2.HealthCheckRequest(service=SERVICE_NAME),
+                                                          timeout=10)
+        assert next(watch).status == health_pb2.HealthCheckResponse.SERVING
+        watch.cancel()
+
+
+def test_total_bound_and_request_timeout(shard, pki):  # noqa: F811
+    """Two clients (two tokens) share the total bound; an admitted upload whose request does not
+    come within body_timeout_s is ended with RESOURCE_EXHAUSTED, its place given back."""
+    limits = AdmissionLimits(calls_per_client=6, calls=8, held_per_client=2, held=4, body_timeout_s=1.5)
+    small = serve(shard, admission=limits, security=SecurityConfig.from_tokens(
+        [READ], [WRITE], cert=pki.server_cert, key=pki.server_key))
+    try:
+        with _channel(small, pki, READ) as reader, _channel(small, pki, WRITE) as writer:
+            first = Stalled(reader, f"/{SERVICE_NAME}/Fetch", 6)
+            time.sleep(0.3)
+            second = Stalled(writer, f"/{SERVICE_NAME}/Push", 6)
+            try:
+                assert _codes(first.calls, 0.5) == [None] * 6
+                assert _codes(second.calls, 0.5).count(Code.RESOURCE_EXHAUSTED) == 4  # 8 in all
+                assert _codes(first.calls + second.calls, 5).count(None) == 0  # the timeout ended the rest
+            finally:
+                first.cancel()
+                second.cancel()
+            _answers_at_once(small, pki)
+    finally:
+        small.stop(None)
