@@ -110,7 +110,7 @@ class SyncContext:
         self._peer = context.peer()
         self._callbacks: list[Callable[[], None]] = []
         self._lock = threading.Lock()
-        self._ended = False
+        self._ended = self._cancelled = False
 
     def abort(self, code: grpc.StatusCode, details: str = ""):
         raise CallAborted(code, details)
@@ -120,11 +120,16 @@ class SyncContext:
 
     def add_callback(self, callback: Callable[[], None]) -> bool:
         """Runs `callback` when the call is cancelled (its client went away or its deadline
-        passed) while its method runs; False (not added) once the call has ended."""
+        passed) while its method runs, at once if it was already; False (not added) once the
+        call has ended."""
         with self._lock:
             if not self._ended:
                 self._callbacks.append(callback)
-            return not self._ended
+                return True
+            cancelled = self._cancelled
+        if cancelled:
+            callback()
+        return False
 
     def is_active(self) -> bool:
         return not self._ended
@@ -138,7 +143,7 @@ class SyncContext:
     def end(self, cancelled: bool) -> None:
         """The call ended; run the callbacks when it was cancelled."""
         with self._lock:
-            self._ended, callbacks = True, self._callbacks
+            self._ended, self._cancelled, callbacks = True, cancelled, self._callbacks
             self._callbacks = []
         for callback in callbacks if cancelled else ():
             callback()
@@ -222,17 +227,21 @@ class Admission(aio.ServerInterceptor):
             return await behavior(request, context)
         sync_context = SyncContext(context)
         future = asyncio.get_running_loop().run_in_executor(workers, behavior, request, sync_context)
+        cancelled = False
         try:
-            response = await asyncio.shield(future)
+            return await asyncio.shield(future)
         except asyncio.CancelledError:
+            cancelled = True
             sync_context.end(cancelled=True)
             await asyncio.wait([future])  # the thread is given back before the places are
+            if not future.cancelled():
+                future.exception()  # retrieved: the call is gone, nobody hears it
             raise
         except CallAborted as aborted:
-            sync_context.end(cancelled=False)
             await context.abort(aborted.code, aborted.details)
-        sync_context.end(cancelled=False)
-        return response
+        finally:
+            if not cancelled:
+                sync_context.end(cancelled=False)
 
 
 class _Place:
