@@ -137,10 +137,23 @@ class ReplyFiles:
             raise InvalidArgument(f"shared-memory reply path {path!r} is not a regular file")
         opened = _OpenFile(fd)
         with self.lock:
+            self._close_deleted()
             self.files[path] = opened
             while len(self.files) > self.max_open:
                 self.files.popitem(last=False)[1].close()
         return opened
+
+    def _close_deleted(self) -> None:
+        """Closes the files their clients have deleted (a closed MemoryClient's buffers): an open
+        fd would keep a deleted file's pages in /dev/shm until the cache evicted it."""
+        for path, opened in list(self.files.items()):
+            try:
+                deleted = opened.fd >= 0 and os.fstat(opened.fd).st_nlink == 0
+            except OSError:
+                deleted = True
+            if deleted:
+                del self.files[path]
+                opened.close()
 
     def write(self, path: str, parts: list[tuple[int, np.ndarray, str]]) -> None:
         """Write each (offset, rows (n, width) float32, wire dtype) into the file at `path` as

@@ -80,3 +80,17 @@ def test_a_reply_path_that_is_not_a_regular_file_is_refused(shard, tmp_path):
         assert shard.alive()
     finally:
         os.unlink(path)
+
+
+def test_the_shard_lets_go_of_reply_files_their_clients_deleted():
+    files = reply_files.ReplyFiles()
+    rows = np.ones((4, 8), np.float32)
+    first, second = reply_files.ReplyBuffer(rows.nbytes), reply_files.ReplyBuffer(rows.nbytes)
+    try:
+        files.write(first.path, [(0, rows, "float32")])
+        first.close()  # unlinks it: only the shard's fd keeps its pages
+        files.write(second.path, [(0, rows, "float32")])  # opening another file sweeps the deleted
+        assert list(files.files) == [second.path]
+        np.testing.assert_array_equal(second.view(0, rows.nbytes).view("<f4").reshape(4, 8), rows)
+    finally:
+        second.close()
