@@ -66,7 +66,7 @@ class MemoryClient:
         self.num_cold, self.num_hot = len(targets), len(hot_targets)
         self.targets = list(targets) + list(hot_targets)  # shard index: cold 0..N-1, then hot
         self.router = Router(self.num_cold, self.num_hot, max_rows_per_request,
-                             max_request_bytes=codec.MAX_BATCH_ROWS * codec.MAX_BATCH_WIDTH * 4)
+                             max_request_bytes=codec.MAX_REPLY_BYTES)
         self.transport = Transport(self.targets, self.num_cold, timeout, retry, security)
         self.refreshes = 0  # hot-map refreshes after a RowsMoved answer
         self.max_rows_per_request = max_rows_per_request

@@ -44,8 +44,12 @@ class FetchReplies:
         """The response to `request` with each table's rows (n, width) float32: in the reply file
         the request names (the response then holds no rows), else in the message."""
         if request.HasField("shared_memory"):
-            self.files.write(request.shared_memory.path, [(msg.reply_offset, rows[msg.table], configs[msg.table].dtype)
-                                                          for msg in request.tables])
+            path = request.shared_memory.path
+            try:
+                self.files.write(path, [(msg.reply_offset, rows[msg.table], configs[msg.table].dtype)
+                                        for msg in request.tables])
+            except OSError as err:  # /dev/shm full, say: the client falls back to gRPC replies
+                raise FailedPrecondition(f"shared-memory reply file {path!r} cannot be written: {err}") from None
             payloads = [b""] * len(rows)
         else:
             payloads = [codec.encode_rows(rows[name], cfg.dtype) for name, cfg in configs.items()]

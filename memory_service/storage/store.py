@@ -169,8 +169,11 @@ class TableStore:
             if missing.any():
                 pending.append((name, store, ids[missing], missing))
         computed = initial_rows_many([(store._init_rows, ids) for _, store, ids, _ in pending], remember=True)
-        for (name, _, _, missing), rows in zip(pending, computed):
-            out[name][missing] = rows  # their first push reuses them
+        for (name, _, _, missing), rows in zip(pending, computed):  # their first push reuses them
+            if missing.all():
+                out[name] = rows  # no copy: a wide fetch of new rows would hold them twice
+            else:
+                out[name][missing] = rows
         return out
 
     def expect(self, ids: np.ndarray, step: int | None = None) -> None:

@@ -20,9 +20,9 @@ from memory_service.tables import TableInfo
 from memory_service.ops.reports import RpcWindow, ShardCounters, ShardReport, TableUsage
 from memory_service.storage.usage import TierUsage
 
-# The largest batch the client sends in one message: 65536 rows x width 1024 fp32 = 256 MiB of rows
-# (plus 512 KiB of ids). gRPC's default 4 MiB receive limit would stop a 64k x 64 fp32 fetch
-# (16 MiB); the client splits batches bigger than this.
+# The largest message: 65536 rows x width 1024 fp32 = 256 MiB of rows (plus 512 KiB of ids), what
+# the migrator's ExportRows/ImportRows may carry; MemoryClient's requests are smaller
+# (MAX_REPLY_BYTES). gRPC's default 4 MiB receive limit would stop a 64k x 64 fp32 fetch (16 MiB).
 MAX_BATCH_ROWS = 65536
 MAX_BATCH_WIDTH = 1024
 # 256 MiB of rows + 4 MiB for ids and framing = 260 MiB (272_629_760 bytes), far below gRPC's 2 GiB
@@ -30,10 +30,15 @@ MAX_BATCH_WIDTH = 1024
 MAX_MESSAGE_BYTES = MAX_BATCH_ROWS * MAX_BATCH_WIDTH * 4 + 4 * 2**20
 # What one request may ask of a shard, checked before anything is allocated for it (RESOURCE_EXHAUSTED
 # beyond): row ids summed over its tables (32 MiB of ids; MemoryClient never sends more), and the
-# bytes of rows a reply would carry (Fetch rows in the wire dtype, ExportRows rows + state): a
-# 1000-id fetch of a 65536-wide table would otherwise make the shard build a 256 MiB reply.
+# bytes of rows a reply would carry, which bound what a request costs the shard
+# (memory_service/server/budgets.py): Fetch rows in the wire dtype, at most MAX_REPLY_BYTES (32 MiB:
+# a 1024-id fetch of a 65536-wide table, allowed under the former 256 MiB, took 36 s and 3.7 GiB);
+# ExportRows rows + optimizer state, at most MAX_EXPORT_BYTES (the hot shards' migrator sends
+# batches of up to 4096 rows whatever their width and needs the room). MemoryClient splits its
+# fetches and pushes into requests of at most MAX_REPLY_BYTES of rows.
 MAX_REQUEST_ROWS = 1 << 22
-MAX_REPLY_BYTES = MAX_BATCH_ROWS * MAX_BATCH_WIDTH * 4
+MAX_REPLY_BYTES = 32 * 2**20
+MAX_EXPORT_BYTES = MAX_BATCH_ROWS * MAX_BATCH_WIDTH * 4
 MESSAGE_OPTIONS = (
     ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
     ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),

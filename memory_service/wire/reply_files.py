@@ -6,13 +6,17 @@ one 4 MiB memcpy. When client and shard share a host, the client owns a file in 
 request carries (path, offset, size), the shard writes the rows there and answers with offsets
 only. gRPC still carries the ids, the validation and the errors.
 
-Only files named `engram-reply-*` directly inside /dev/shm are ever opened by a shard, so a
-request cannot make a shard write anywhere else.
+Only regular files named `engram-reply-*` directly inside /dev/shm are ever opened by a shard, so
+a request cannot make a shard write anywhere else. The shard writes with pwrite, never through a
+mapping: the client owns the file and can shrink it at any moment, which would turn the shard's
+next store through a mapping into SIGBUS (issue 22, finding 4); a pwrite past the end just
+extends the file. pwrite costs the same copy as a store through a mapping (4 MiB in ~0.2 ms here).
 """
 from __future__ import annotations
 
 import mmap
 import os
+import stat
 import threading
 import uuid
 from collections import OrderedDict
@@ -91,47 +95,89 @@ class ReplyBufferPool:
             self.free.clear()
 
 
+class _OpenFile:
+    """One client's reply file as the shard holds it: an fd written with pwrite, never a mapping.
+    The client owns the file and may shrink it at any time: a store through a mapping past the new
+    end is SIGBUS (the whole shard process dies), while a pwrite there just extends the file. The
+    lock keeps the fd open while a write uses it (closing it mid-write could hand its number to
+    another file that the write would then land in)."""
+
+    def __init__(self, fd: int):
+        self.fd = fd
+        self.lock = threading.Lock()
+
+    def close(self) -> None:
+        with self.lock:
+            if self.fd >= 0:
+                os.close(self.fd)
+                self.fd = -1
+
+
 class ReplyFiles:
-    """The shard side: open clients' reply files by path (cached, bounded) and write rows."""
+    """The shard side: open clients' reply files by path (cached, bounded) and write rows into them
+    with pwrite, so that nothing a client does to its file can fault the shard."""
 
     def __init__(self, max_open: int = 64):
-        self.maps: OrderedDict[str, mmap.mmap] = OrderedDict()
+        self.files: OrderedDict[str, _OpenFile] = OrderedDict()
         self.max_open = max_open
         self.lock = threading.Lock()
 
-    def open(self, path: str) -> mmap.mmap:
+    def open(self, path: str) -> _OpenFile:
         """FileNotFoundError when the file is not on this host; InvalidArgument for a path outside
-        the reply files' folder."""
+        the reply files' folder or one that is not a regular file."""
         if os.path.dirname(path) != SHM_DIR or not os.path.basename(path).startswith(PREFIX):
             raise InvalidArgument(f"shared-memory reply path {path!r} must be {SHM_DIR}/{PREFIX}*")
         with self.lock:
-            if path in self.maps:
-                self.maps.move_to_end(path)
-                return self.maps[path]
-        fd = os.open(path, os.O_RDWR | os.O_NOFOLLOW)
-        try:
-            mapped = mmap.mmap(fd, os.fstat(fd).st_size)
-        finally:
+            if path in self.files:
+                self.files.move_to_end(path)
+                return self.files[path]
+        fd = os.open(path, os.O_WRONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
             os.close(fd)
+            raise InvalidArgument(f"shared-memory reply path {path!r} is not a regular file")
+        opened = _OpenFile(fd)
         with self.lock:
-            self.maps[path] = mapped
-            while len(self.maps) > self.max_open:
-                self.maps.popitem(last=False)[1].close()
-        return mapped
+            self._close_deleted()
+            self.files[path] = opened
+            while len(self.files) > self.max_open:
+                self.files.popitem(last=False)[1].close()
+        return opened
+
+    def _close_deleted(self) -> None:
+        """Closes the files their clients have deleted (a closed MemoryClient's buffers): an open
+        fd would keep a deleted file's pages in /dev/shm until the cache evicted it."""
+        for path, opened in list(self.files.items()):
+            try:
+                deleted = opened.fd >= 0 and os.fstat(opened.fd).st_nlink == 0
+            except OSError:
+                deleted = True
+            if deleted:
+                del self.files[path]
+                opened.close()
 
     def write(self, path: str, parts: list[tuple[int, np.ndarray, str]]) -> None:
         """Write each (offset, rows (n, width) float32, wire dtype) into the file at `path` as
-        little-endian fp32 or bf16, after checking that every part fits, so a bad request writes
-        nothing."""
-        mapped = self.open(path)
+        little-endian fp32 or bf16, after checking that every part fits in the file as it is now,
+        so a bad request writes nothing. A file its client shrinks after the check only grows back
+        (pwrite extends it); the shard never faults."""
+        while True:
+            opened = self.open(path)
+            with opened.lock:
+                if opened.fd >= 0:  # else evicted between open and lock: open it again
+                    self._write(opened.fd, path, parts)
+                    return
+
+    @staticmethod
+    def _write(fd: int, path: str, parts: list[tuple[int, np.ndarray, str]]) -> None:
+        size = os.fstat(fd).st_size
         for offset, rows, dtype in parts:
             nbytes = rows.size * (4 if dtype == "float32" else 2)
-            if offset + nbytes > len(mapped) or offset % 2:
+            if offset + nbytes > size or offset % 2:
                 raise InvalidArgument(f"shared-memory reply of {nbytes} bytes at offset {offset} "
-                                      f"does not fit in the {len(mapped)}-byte file {path!r}")
+                                      f"does not fit in the {size}-byte file {path!r}")
         for offset, rows, dtype in parts:
-            if dtype == "float32":
-                np.copyto(np.frombuffer(mapped, "<f4", rows.size, offset).reshape(rows.shape), rows)
-            else:
-                np.copyto(np.frombuffer(mapped, "<u2", rows.size, offset).reshape(rows.shape),
-                          float32_to_bfloat16_bits(rows))
+            data = (np.ascontiguousarray(rows, "<f4") if dtype == "float32" else float32_to_bfloat16_bits(rows))
+            view = memoryview(data).cast("B")
+            while view:
+                written = os.pwrite(fd, view, offset)
+                view, offset = view[written:], offset + written

@@ -87,3 +87,17 @@ def test_init_rows_many_is_init_rows_of_each_table():
         np.testing.assert_array_equal(rows, init_rows(seed, ids, width, scale))
     with pytest.raises(ValueError, match="negative"):
         init_rows_many([(1, np.array([1]), 4, 1.0), (2, np.array([-1]), 4, 1.0)])
+
+
+def test_requests_larger_than_a_pass_are_computed_in_passes_bit_for_bit():
+    # 2^18 values a pass (rows._PASS_VALUES): 70 rows of width 8192 take 3 passes, with two seeds
+    # and scales interleaved across the passes' boundaries
+    from memory_service import rows
+
+    ids = np.arange(70) * 3
+    assert len(ids) * 8192 > 2 * rows._PASS_VALUES
+    whole = init_rows(5, ids, 8192, 0.5)
+    np.testing.assert_array_equal(whole, np.concatenate([init_rows(5, ids[i:i + 1], 8192, 0.5) for i in range(70)]))
+    mixed = init_rows_many([(5, ids[:40], 8192, 0.5), (6, ids[40:], 8192, 2.0)])
+    np.testing.assert_array_equal(mixed[0], whole[:40])
+    np.testing.assert_array_equal(mixed[1], init_rows(6, ids[40:], 8192, 2.0))
