@@ -121,7 +121,7 @@ class StepParts:
         parts.grads.append(grads)
         nbytes = ids.nbytes + grads.nbytes
         parts.client_bytes[client_id] = parts.client_bytes.get(client_id, 0) + nbytes
-        self._count(parts, +1)
+        self._count(Parts(contributors, lr, client_bytes={client_id: nbytes}), +1)
 
     def is_complete(self, name: str, step: int) -> bool:
         """Whether every contributor sent its part of table `name`'s step."""

@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 
 from memory_service.config import OptimizerConfig, StorageConfig, TableConfig
-from memory_service.errors import InvalidArgument
+from memory_service.errors import InvalidArgument, StepExpired
 from memory_service.shard.shard import Shard
 from memory_service.tables import TablePush
 from memory_service.durability.wal import WalCorrupt, WriteAheadLog
@@ -233,6 +233,48 @@ def test_held_parts_and_commits_come_back_after_a_restart(tmp_path, restart):
         assert shard.commit("worker1", {"dp": (1, None)}, contributors=2) == 200
         assert reference.commit("worker1", {"dp": (1, None)}, contributors=2) == 200
         assert_same(states(shard), states(reference))
+    finally:
+        shard.close()
+
+
+EXPIRED = """
+import os, sys, time
+sys.path[:0] = [{tests!r}, {root!r}]
+from test_recovery import expire_half_a_step
+expire_half_a_step({path!r})
+print("expired", flush=True)
+time.sleep(600)  # killed before
+"""
+
+
+def expire_half_a_step(path) -> "Shard":
+    """hold_half_a_step on a shard whose parts expire after 0.2 s, then a fetch after 0.3 s, which
+    drops the step; returns the shard, open."""
+    shard = open_shard(path, parts_expiry_s=0.2)
+    hold_half_a_step(shard)
+    time.sleep(0.3)
+    shard.fetch({"sa": np.array([0])})
+    assert shard.caller_state()["open_steps"] == 0
+    return shard
+
+
+@pytest.mark.parametrize("restart", ["close", "kill"])
+def test_an_expired_step_stays_expired_after_a_restart(tmp_path, restart):
+    """A step dropped for expiry (issue 22, finding 6) is logged (a parts_expired record) and kept
+    by a checkpoint, so the reopened shard holds none of its parts and still refuses its late
+    commit, with a long parts_expiry_s this time: the state a shard that never restarted has."""
+    path = tmp_path / "shard"
+    if restart == "close":
+        expire_half_a_step(path).close()
+    else:
+        kill_once_it_says(EXPIRED, path, "expired")
+    shard = open_shard(path)
+    try:
+        assert shard.journal.replayed == (0 if restart == "close" else 4)
+        assert shard.caller_state()["parts_bytes"] == 0 and shard.caller_state()["open_steps"] == 0
+        with pytest.raises(StepExpired, match="table 'dp' step 1: its data-parallel parts expired"):
+            shard.commit("worker1", {"dp": (1, None)}, contributors=2)
+        assert shard.describe_table("dp").step == 0
     finally:
         shard.close()
 
