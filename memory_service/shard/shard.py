@@ -277,8 +277,10 @@ class Shard:
         stay within their bounds (LimitReached)."""
         for name, push in checked.items():
             self._parts.check_part(name, push.step, client_id, contributors, push.lr, is_whole)
-        self._parts.check_room(client_id, sum(p.ids.nbytes + p.grads.nbytes for p in checked.values()),
-                               [(name, push.step) for name, push in checked.items()])
+        held = {name: push for name, push in checked.items()  # parts that complete their step are not held
+                if not (is_whole and self._parts.completes(name, push.step, client_id, contributors))}
+        self._parts.check_room(client_id, sum(p.ids.nbytes + p.grads.nbytes for p in held.values()),
+                               [(name, push.step) for name, push in held.items()])
         complete = {}
         for name, push in checked.items():
             self._parts.add_part(name, push.step, client_id, contributors, push.lr, push.ids, push.grads)

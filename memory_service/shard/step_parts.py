@@ -123,6 +123,12 @@ class StepParts:
         parts.client_bytes[client_id] = parts.client_bytes.get(client_id, 0) + nbytes
         self._count(Parts(contributors, lr, client_bytes={client_id: nbytes}), +1)
 
+    def completes(self, name: str, step: int, client_id: str, contributors: int) -> bool:
+        """Whether a whole part from `client_id` would complete table `name`'s step (it is then
+        summed and applied at once, never held: the bounds do not count it)."""
+        parts = self._parts.get((name, step))
+        return len((parts.clients if parts is not None else set()) | {client_id}) == contributors
+
     def is_complete(self, name: str, step: int) -> bool:
         """Whether every contributor sent its part of table `name`'s step."""
         parts = self._parts.get((name, step))

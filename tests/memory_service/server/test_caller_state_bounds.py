@@ -142,6 +142,9 @@ def test_parts_held_are_bounded_per_client_and_per_shard(tmp_path):
             part(served, "w1", step, commit_later=False, seed=1)
         msg = served.refused(Code.RESOURCE_EXHAUSTED, part, served, "w2", 12, seed=2)
         assert "parts_max_bytes" in msg
+        # a whole part that completes its step is applied at once, never held: taken at the bound
+        assert part(served, "w2", 10, commit_later=False, seed=2).rows_updated == 2 * PART_IDS
+        part(served, "w1", 12, commit_later=False, seed=1)  # in step 10's room
         state = served.shard.caller_state()
         assert state["parts_bytes"] == 5 * PART_BYTES and state["open_steps"] == 5
         commit(served, "w0", 1)  # both workers commit step 1 (w1 had nothing of it): applied, its room is free
