@@ -15,8 +15,10 @@ through the same ones: what a checkpoint stored (`held`, `voters`, `expired`; `h
 Bounds. What is held is a caller's to make, so it is bounded and expires (StorageConfig): the
 parts' bytes (ids + gradients) per shard (`max_bytes`) and per client (`client_max_bytes`), and the
 steps open at once (MAX_OPEN_STEPS); `check_room` refuses a part past any of them with LimitReached
-(RESOURCE_EXHAUSTED) before anything is held. A step whose parts or commits did not all come within
-`expiry_s` of its first is dropped by `expire` (the shard logs it, so a replay drops it too), and
+(RESOURCE_EXHAUSTED) before anything is held; a whole part that completes its step is applied at
+once, never held, so it is not refused. A step whose parts or commits did not all come within
+`expiry_s` of its first is `due`; the shard drops it (`expire_step`) at its next request or
+placement pass and logs that, so a replay drops it too; and
 what a trainer sees then is StepExpired (FAILED_PRECONDITION) on its next part or commit of that
 step, which is never applied on this shard (fetches waiting for it time out): it must redo the
 step or restore a checkpoint. The last MAX_EXPIRED expired steps are remembered for that answer.
