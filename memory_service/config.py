@@ -9,6 +9,9 @@ from dataclasses import dataclass, field
 OPTIMIZERS = ("sparse_adam", "adam", "adagrad", "sgd")
 DTYPES = ("float32", "bfloat16")
 MAX_TABLE_ROWS = 2**62
+# The most ids a shard's access log may keep (StorageConfig.access_log_ids): 128 MiB of ids, half
+# of a gRPC message (wire/codec.py's MAX_MESSAGE_BYTES), so a drained log always fits one reply.
+MAX_ACCESS_LOG_IDS = 1 << 24
 
 
 @dataclass(frozen=True)
@@ -101,7 +104,15 @@ class StorageConfig:
     rows are flushed to LMDB and the log restarted every `flush_interval_s` seconds or
     `flush_wal_bytes` of log, whichever comes first, and on close or SIGTERM; a restart replays
     the log since. Without `wal`, a crash loses the rows only DRAM held since their last
-    eviction. An all-DRAM shard (`path` None) loses all its rows with its process."""
+    eviction. An all-DRAM shard (`path` None) loses all its rows with its process.
+
+    What a shard keeps for its callers is bounded and expires (memory_service/shard/step_parts.py,
+    shard/accesses.py): data-parallel parts of steps not complete yet take at most `parts_max_bytes`
+    per shard and `parts_client_max_bytes` per client (a push past either is refused with
+    RESOURCE_EXHAUSTED), and a step not complete `parts_expiry_s` seconds after its first part or
+    commit is dropped (its later parts and commits get FAILED_PRECONDITION). A shard that keeps
+    reads for placement keeps at most `access_log_ids` ids of them, the oldest dropped first, none
+    older than `access_log_expiry_s` seconds."""
 
     path: str | None = None
     dram_budget_bytes: int = 1 << 30
@@ -113,6 +124,11 @@ class StorageConfig:
     wal_fsync: bool = False
     flush_interval_s: float = 60.0
     flush_wal_bytes: int = 256 << 20
+    parts_max_bytes: int = 2 << 30
+    parts_client_max_bytes: int = 512 << 20  # two steps in flight of a 64k x 1024 fp32 part
+    parts_expiry_s: float = 300.0
+    access_log_ids: int = 1 << 22  # 32 MiB of ids: a DrainAccesses reply always fits a message
+    access_log_expiry_s: float = 60.0
 
     def __post_init__(self) -> None:
         if self.path is not None and not self.path:
@@ -130,6 +146,14 @@ class StorageConfig:
         if not self.flush_interval_s > 0 or self.flush_wal_bytes < 1:
             raise ValueError(f"flush_interval_s {self.flush_interval_s} must be > 0 and flush_wal_bytes "
                              f"{self.flush_wal_bytes} >= 1")
+        if not 1 <= self.parts_client_max_bytes <= self.parts_max_bytes:
+            raise ValueError(f"parts_client_max_bytes {self.parts_client_max_bytes} must be in "
+                             f"[1, parts_max_bytes {self.parts_max_bytes}]")
+        if not (self.parts_expiry_s > 0 and self.access_log_expiry_s > 0):
+            raise ValueError(f"parts_expiry_s {self.parts_expiry_s} and access_log_expiry_s "
+                             f"{self.access_log_expiry_s} must be > 0")
+        if not 1 <= self.access_log_ids <= MAX_ACCESS_LOG_IDS:
+            raise ValueError(f"access_log_ids {self.access_log_ids} must be in [1, {MAX_ACCESS_LOG_IDS}]")
 
     def for_shard(self, shard_id: int) -> "StorageConfig":
         """The config of shard `shard_id`: its own subdirectory of `path`."""

@@ -108,6 +108,21 @@ class Overloaded(RequestTooLarge):
     PREFIX = "overloaded:"
 
 
+class LimitReached(RequestTooLarge):
+    """A bound on what a shard keeps for its callers was reached: the data-parallel parts held
+    for steps not complete yet, per shard or per client (StorageConfig.parts_max_bytes,
+    parts_client_max_bytes), or the steps open at once (gRPC RESOURCE_EXHAUSTED; the client raises
+    RequestTooLarge, its base class). Nothing was applied: complete (or let expire) the steps
+    held first."""
+
+
+class StepExpired(FailedPrecondition):
+    """A part or commit of a data-parallel step whose parts the shard dropped: not every
+    contributor's part or commit came within StorageConfig.parts_expiry_s of the first (gRPC
+    FAILED_PRECONDITION; the client raises FailedPrecondition, its base class). The step was never
+    applied on this shard; the trainer must redo it (or restore a checkpoint)."""
+
+
 class Unauthenticated(MemoryServiceError):
     """The call carried no token, or one the shard does not accept (gRPC UNAUTHENTICATED)."""
 

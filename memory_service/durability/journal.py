@@ -12,7 +12,8 @@ Two jobs, one object per shard:
    the file format). While a request changes state (`change()`), every change is noted as the
    state it leaves, never as the gradient that made it: the rows, optimizer state and last step of
    every row an update or a catch-up wrote, step-log entries, commits, rows exported to or imported
-   from a hot shard, and data-parallel parts held until their step is complete. At the end of the
+   from a hot shard, and data-parallel parts held until their step is complete (or dropped when it
+   expired: a `parts_expired` record, so a replay drops it too). At the end of the
    request the notes become one WAL record (with the request's id), and only then do the request's
    LMDB writes run (the DiskEnvironment defers them), so LMDB never holds a change the log lacks
    and a crash before the record leaves nothing of the request behind. Replaying a record is exact

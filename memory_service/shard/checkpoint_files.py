@@ -4,7 +4,9 @@ it is home of, so no table ever passes through the driver or is held whole in on
 Save (`save_shard`): under the shard's lock, once every table is at the checkpoint's step, each
 table's written rows stream from its tiers (TableStore.records: the LMDB tier with the dirty DRAM
 copies in their place) into `<dir>/<table>.rows.npy`, 64k records at a time, hashed as they are
-written; the step log goes to `<table>.log.npy`. A rows file is a plain .npy of one record per row
+written; the step log goes to `<table>.log.npy` (one (step int64, lr float64) record per step a push
+or commit named, in step order; checkpoints saved before had a float64 rate per step 0..step, nan
+where none was pushed, and are still read). A rows file is a plain .npy of one record per row
 ever written, in id order:
 
     id int64 | row float32[width] | state float32[state_width] | last int64   (little-endian)
@@ -36,6 +38,7 @@ from numpy.lib import format as npy_format
 from memory_service.errors import CheckpointCorrupt, FailedPrecondition, InvalidArgument
 from memory_service.durability.manifest import FileEntry, Manifest, ShardEntry, TableEntry, fsync_dir
 from memory_service.shard.shard import Shard
+from memory_service.storage.optimizer import make_optimizer
 from memory_service.storage.store import TableStore, state_width_of
 from memory_service.storage.tiers.base import RowRecords
 
@@ -124,9 +127,14 @@ def _write_rows(base: Path, rel: str, store: TableStore) -> FileEntry:
     return FileEntry(rel, size, digest, "rows", store.cfg.name, num)
 
 
+LOG_DTYPE = np.dtype([("step", "<i8"), ("lr", "<f8")])  # one step of a step log file
+
+
 def _write_log(base: Path, rel: str, store: TableStore) -> FileEntry:
-    lrs = np.ascontiguousarray(store.optimizer.log_state()["lrs"], dtype="<f8")  # (step + 1,)
-    size, digest = _write_npy(base, rel, lrs.dtype, len(lrs), iter([lrs]))
+    steps, lrs = store.optimizer.log.entries()
+    log = np.empty(len(steps), LOG_DTYPE)
+    log["step"], log["lr"] = steps, lrs
+    size, digest = _write_npy(base, rel, LOG_DTYPE, len(log), iter([log]))
     return FileEntry(rel, size, digest, "log", store.cfg.name)
 
 
@@ -171,11 +179,25 @@ def _sources(manifest: Manifest, shard: Shard) -> list[ShardEntry]:
 
 
 def _read_log(base: Path, entry: FileEntry, table: TableEntry) -> dict[str, np.ndarray]:
-    lrs = _load(base, entry, np.dtype("<f8"), None)
-    if len(lrs) != table.step + 1:
-        raise CheckpointCorrupt(f"checkpoint file {entry.path}: a step log of {len(lrs)} entries for table "
-                                f"{table.name!r} at step {table.step}")
-    return {"step": np.int64(table.step), "lrs": np.array(lrs, dtype=np.float64)}
+    """The step log of `table` (TableOptimizer.log_state's form), from either file format."""
+    try:
+        dense = np.load(base / entry.path, mmap_mode="r", allow_pickle=False).dtype == np.dtype("<f8")
+    except (OSError, ValueError) as err:
+        raise CheckpointCorrupt(f"checkpoint file {entry.path} cannot be read: {err}") from None
+    if dense:  # saved before step logs were sparse: a rate per step 0..step
+        lrs = _load(base, entry, np.dtype("<f8"), table.step + 1)
+        steps = np.flatnonzero(~np.isnan(lrs))
+        log = {"step": np.int64(table.step), "steps": steps, "lrs": np.array(lrs[steps], dtype=np.float64)}
+    else:
+        records = _load(base, entry, LOG_DTYPE, None)
+        log = {"step": np.int64(table.step), "steps": np.array(records["step"], dtype=np.int64),
+               "lrs": np.array(records["lr"], dtype=np.float64)}
+    try:
+        make_optimizer(table.config.optimizer).load_log_state(log)  # checked as the restore will take it
+    except ValueError as err:
+        raise CheckpointCorrupt(f"checkpoint file {entry.path}: not a step log of table {table.name!r} at "
+                                f"step {table.step}: {err}") from None
+    return log
 
 
 def _rows_of(base: Path, sources: list[ShardEntry], table: TableEntry, shard_id: int,

@@ -46,9 +46,10 @@ class Recovery:
                       "moved": {name: encode(self.homes.ids(name)) for name in self.stores
                                 if len(self.homes.ids(name))}},
             "parts": [[name, step, p.contributors, p.lr, sorted(p.clients),
-                       [encode(i) for i in p.ids], [encode(g) for g in p.grads]]
+                       [encode(i) for i in p.ids], [encode(g) for g in p.grads], p.client_bytes]
                       for name, step, p in self.parts.held()],
             "commits": [[name, step, sorted(clients)] for name, step, clients in self.parts.voters()],
+            "expired": [[name, step] for name, step in self.parts.expired()],
         }
 
     def recover(self, shard_id: int, path: str) -> int:
@@ -73,15 +74,18 @@ class Recovery:
             if name in self.stores:
                 self.homes.leave(name, _ids(ids), 0)
         self.homes.version = state["homes"]["version"]
-        for name, step, contributors, lr, clients, ids, grads in state["parts"]:
-            if name in self.stores:
+        for name, step, contributors, lr, clients, ids, grads, *client_bytes in state["parts"]:
+            if name in self.stores:  # client_bytes: absent from checkpoints before parts were bounded
                 width = self.stores[name].cfg.width
                 self.parts.hold(name, step, Parts(contributors, lr, set(clients), [_ids(i) for i in ids],
-                                                  [_matrix(g, width) for g in grads]))
+                                                  [_matrix(g, width) for g in grads], *client_bytes))
         for name, step, clients in state["commits"]:
             if name in self.stores:
                 for client in clients:
                     self.parts.vote(name, step, client)
+        for name, step in state.get("expired", []):
+            if name in self.stores:
+                self.parts.expire_step(name, step)
         for client, seq, name, *records in state.get("exports", []):
             if name in self.stores:
                 self.journal.remember_export(client, seq, name, _records(*records, *_widths(self.stores[name])))
@@ -117,6 +121,8 @@ class Recovery:
             self.parts.vote(name, step, client)
         elif kind == "parts_done":
             self.parts.forget(name, f[0])
+        elif kind == "parts_expired":
+            self.parts.expire_step(name, f[0])
         else:
             raise WalCorrupt(f"unknown write-ahead log change {kind!r} of table {name!r}")
 

@@ -15,6 +15,7 @@ request_checks.py and recovery.py, so what stays here is the order of steps each
 from __future__ import annotations
 
 import dataclasses
+import logging
 import os
 import threading
 from collections.abc import Callable, Iterable
@@ -42,6 +43,7 @@ from memory_service.storage.tiers.base import RowRecords
 from memory_service.tables import TableInfo, TablePush
 
 T = TypeVar("T")
+log = logging.getLogger(__name__)
 
 
 class Shard:
@@ -70,11 +72,13 @@ class Shard:
         self.shard_id, self.num_shards, self.device = shard_id, num_shards, device
         self.homes = Homes(role)  # a hot shard is shard `shard_id` of the `num_shards` hot ones
         self.track_accesses = track_accesses  # keep reads for placement (hot shards, tiers) to drain
-        self._accesses = Accesses()
-        self.counters = ShardCounters()
         self.storage = storage if storage is not None else StorageConfig()
+        self._accesses = Accesses(self.storage.access_log_ids, self.storage.access_log_expiry_s)
+        self.counters = ShardCounters()
         self._tables = TableStores(shard_id, num_shards, self.storage, device)  # table -> its TableStore
-        self._parts = StepParts()  # data-parallel parts of the steps not complete yet
+        # data-parallel parts of the steps not complete yet, bounded and expiring (step_parts.py)
+        self._parts = StepParts(self.storage.parts_max_bytes, self.storage.parts_client_max_bytes,
+                                self.storage.parts_expiry_s)
         self._collisions: dict[str, CollisionSketch] = {}  # tables with collision stats on
         self._lock = threading.Lock()
         self._stepped = threading.Condition(self._lock)  # notified when a table's step advances
@@ -121,7 +125,9 @@ class Shard:
         self.journal.checkpoint(self._recovery.snapshot())
 
     def _flush_if_due(self) -> None:
-        """The placer's housekeeping (under the lock): a checkpoint when the journal says so."""
+        """The placer's housekeeping (under the lock): expired steps dropped, and a checkpoint
+        when the journal says so."""
+        self._expire_parts()
         if self.journal.due():
             self._checkpoint()
 
@@ -219,6 +225,7 @@ class Shard:
 
     def _note_reads(self, checked: dict[str, np.ndarray]) -> None:
         """Counts a fetch and, on a shard that keeps them, records its reads for placement."""
+        self._expire_parts()
         self.counters.fetch_requests += 1
         self.counters.fetch_rows += sum(len(ids) for ids in checked.values())
         if self.track_accesses:
@@ -263,6 +270,7 @@ class Shard:
         with self._lock:
             if (done := self.journal.applied(client_id, request_seq)) is not None:
                 return done  # re-sent: its first answer
+            self._expire_parts()
             checked = {name: self._checked_push(name, push) for name, push in pushes.items()}
             with self.journal.change(client_id, request_seq) as change:
                 if contributors > 1:
@@ -276,9 +284,15 @@ class Shard:
                     is_whole: bool) -> dict[str, TablePush]:
         """Holds each table's part of its step; returns {table: the sum of its step's parts} of the
         steps whose K-th part this is (with `is_whole`; without, a client may send several requests
-        of its part, and its commit counts instead). Checks every table before holding any part."""
+        of its part, and its commit counts instead). Checks every table before holding any part: the
+        parts agree (InvalidArgument), their step did not expire (StepExpired), and the parts held
+        stay within their bounds (LimitReached)."""
         for name, push in checked.items():
             self._parts.check_part(name, push.step, client_id, contributors, push.lr, is_whole)
+        held = {name: push for name, push in checked.items()  # parts that complete their step are not held
+                if not (is_whole and self._parts.completes(name, push.step, client_id, contributors))}
+        self._parts.check_room(client_id, sum(p.ids.nbytes + p.grads.nbytes for p in held.values()),
+                               [(name, push.step) for name, push in held.items()])
         complete = {}
         for name, push in checked.items():
             self._parts.add_part(name, push.step, client_id, contributors, push.lr, push.ids, push.grads)
@@ -303,6 +317,7 @@ class Shard:
         with self._lock:
             if (done := self.journal.applied(client_id, request_seq)) is not None:
                 return done  # re-sent: its first answer
+            self._expire_parts()
             self._check_commits(client_id, steps, contributors)
             with self.journal.change(client_id, request_seq) as change:
                 change.result = sum(self._commit_step(client_id, name, step, lr, contributors)
@@ -318,6 +333,19 @@ class Shard:
             checks.check_lr(self._tables.store(name), step, lr)
             if contributors > 1:
                 self._parts.check_vote(name, step, client_id)
+
+    def _expire_parts(self) -> None:
+        """Drops the data-parallel steps not complete within storage.parts_expiry_s of their first
+        part or commit (under the lock), logged so that a replay drops them too."""
+        due = self._parts.due()
+        if not due:
+            return
+        with self.journal.change():
+            for name, step in due:
+                self._parts.expire_step(name, step)
+                self.journal.note(name, "parts_expired", step)
+        log.warning("shard %d: data-parallel steps %s expired after %g s without every contributor; dropped",
+                    self.shard_id, due[:8], self.storage.parts_expiry_s)
 
     def _commit_step(self, client_id: str, name: str, step: int, lr: float | None, contributors: int) -> int:
         """Completes table `name`'s step `step` for `client_id`; returns rows updated. With K > 1
@@ -435,10 +463,21 @@ class Shard:
 
     def drain_accesses(self) -> dict[str, list[tuple[int, np.ndarray]]]:
         """{table: its access events since the last call, in order: (READ, the distinct ids of a
-        fetch served) or (step or UNTAGGED, the ids of a look-ahead)}; bounded (the oldest events
-        are dropped first)."""
+        fetch served) or (step or UNTAGGED, the ids of a look-ahead)}; at most
+        storage.access_log_ids ids, the oldest events dropped first, none older than
+        storage.access_log_expiry_s (accesses.py), so the reply fits one gRPC message."""
         with self._lock:
             return self._accesses.drain()
+
+    def caller_state(self) -> dict[str, int]:
+        """What this shard keeps for its callers beside the tables' rows, each bounded and expiring
+        (StorageConfig): data-parallel parts held ("parts_bytes") for "open_steps" steps, the
+        access log's ids ("access_log_ids"), and the step logs' bytes ("step_log_bytes", an entry
+        per step pushed)."""
+        with self._lock:
+            return {"parts_bytes": self._parts.nbytes, "open_steps": len(self._parts),
+                    "access_log_ids": self._accesses.num_ids,
+                    "step_log_bytes": sum(self._tables[name].optimizer.log.nbytes for name in self._tables)}
 
     def record_ngrams(self, samples: dict[str, tuple[np.ndarray, NgramBatch]]) -> None:
         """Adds the N-grams behind a fetch that succeeded: {table: (its distinct ids (n,), their

@@ -23,12 +23,13 @@ from abc import ABC, abstractmethod
 import numpy as np
 
 from memory_service.storage.catch_up import AdamDecay, CatchUpStats, catch_up
+from memory_service.storage.step_log import StepLog
 from memory_service.config import OptimizerConfig
 
 
-# The furthest a push or commit may step beyond the table's step. The step log is dense (one
-# learning rate per step, 8 bytes each), so one request naming step 2**63 would otherwise make the
-# shard allocate exabytes; 2**20 steps ahead costs at most 8 MiB.
+# The furthest a push or commit may step beyond the table's step (INVALID_ARGUMENT beyond). The
+# step log keeps the steps named, not a slot per step (step_log.py), so a jump costs what any push
+# costs; the bound keeps steps far from int64's end, where step + 1 would overflow.
 MAX_STEP_AHEAD = 1 << 20
 
 
@@ -57,7 +58,7 @@ class TableOptimizer(ABC):
     def __init__(self, config: OptimizerConfig) -> None:
         self.config = config
         self.step = 0  # the largest step recorded
-        self._lrs = np.full(1, np.nan)  # (step + 1,) float64 learning rate per step; nan: no push
+        self.log = StepLog()  # the learning rate of each step a push or commit named
 
     @abstractmethod
     def state_width(self, width: int) -> int:
@@ -85,7 +86,7 @@ class TableOptimizer(ABC):
         # their values, the optimizer state (moments, sums, the step) moves as under any lr
         if not (math.isfinite(lr) and lr >= 0):
             raise ValueError(f"learning rate {lr} of step {step} must be finite and >= 0")
-        if step < len(self._lrs) and not math.isnan(known := float(self._lrs[step])) and known != lr:
+        if not math.isnan(known := self.log.lr_at(step)) and known != lr:
             raise ValueError(f"step {step} was pushed with learning rate {known!r}, not {lr!r}")
         if self.catches_up and step not in (self.step, self.step + 1):
             raise ValueError(f"table is at step {self.step}: a {self.config.kind} table takes pushes "
@@ -95,13 +96,12 @@ class TableOptimizer(ABC):
     def record_step(self, step: int, lr: float | None) -> None:
         """Logs `step` with its learning rate (checked_lr first)."""
         lr = self.checked_lr(step, lr)
-        if step >= len(self._lrs):
-            self._lrs = np.concatenate([self._lrs, np.full(max(step + 1 - len(self._lrs), len(self._lrs)), np.nan)])
-        self._lrs[step] = lr
+        self.log.record(step, lr)
         self.step = max(self.step, step)
 
     def lr_at(self, step: int) -> float:
-        return float(self._lrs[step])
+        """The learning rate of `step` (nan: no push or commit named it)."""
+        return self.log.lr_at(step)
 
     def catch_up(self, rows: np.ndarray, state: np.ndarray, last: np.ndarray, target: int) -> None:
         """Brings rows last updated at steps `last` (n,) up to step `target` (n, ...) in place.
@@ -115,11 +115,22 @@ class TableOptimizer(ABC):
         last[:] = step
 
     def log_state(self) -> dict[str, np.ndarray]:
-        """The step log, for checkpoints."""
-        return {"step": np.int64(self.step), "lrs": self._lrs[: self.step + 1].copy()}
+        """The step log, for checkpoints: the table's step, and the steps logged (k,) int64 with
+        their learning rates (k,) float64."""
+        steps, lrs = self.log.entries()
+        return {"step": np.int64(self.step), "steps": steps, "lrs": lrs}
 
     def load_log_state(self, log: dict[str, np.ndarray]) -> None:
-        self.step, self._lrs = int(log["step"]), np.array(log["lrs"], dtype=np.float64)
+        """Takes a `log_state()`; one without "steps" is the dense form older checkpoints saved
+        (a rate per step 0..step, nan where none was pushed). ValueError for a log that is not one."""
+        if "steps" in log:
+            self.log = StepLog()
+            self.log.load(log["steps"], log["lrs"])
+        else:
+            self.log = StepLog.from_dense(log["lrs"])
+        self.step = int(log["step"])
+        if self.log.last > self.step:
+            raise ValueError(f"a step log with step {self.log.last} for a table at step {self.step}")
 
 
 class SparseAdam(TableOptimizer):
@@ -205,20 +216,26 @@ class Adam(TableOptimizer):
 
     def record_step(self, step: int, lr: float | None) -> None:
         super().record_step(step, lr)
+        self._extend_factors()
+
+    def _extend_factors(self) -> None:
+        """Per-step factors of the steps logged since: dense Adam takes every step in order, so
+        these cost 16 bytes per step the table took, never more than its pushes named."""
         if len(self._ss) <= self.step:
             j = np.arange(len(self._ss), self.step + 1)
             c = self.config
-            ss = self._lrs[j] / (1 - c.beta1 ** j.astype(np.float64))
+            ss = self.log.lrs_of(j) / (1 - c.beta1 ** j.astype(np.float64))
             bsq = np.sqrt(1 - c.beta2 ** j.astype(np.float64))
             self._ss = np.concatenate([self._ss, ss.astype(np.float32).astype(np.float64)])
             self._bsq = np.concatenate([self._bsq, bsq.astype(np.float32).astype(np.float64)])
 
     def load_log_state(self, log: dict[str, np.ndarray]) -> None:
         super().load_log_state(log)
+        steps, _ = self.log.entries()
+        if not np.array_equal(steps, np.arange(1, self.step + 1)):
+            raise ValueError(f"an adam table's step log must hold every step 1..{self.step}")
         self._ss, self._bsq = np.zeros(1), np.ones(1)
-        steps, self.step = self.step, 0
-        for j in range(1, steps + 1):
-            self.record_step(j, self.lr_at(j))
+        self._extend_factors()
 
     def catch_up(self, rows: np.ndarray, state: np.ndarray, last: np.ndarray, target: int) -> None:
         w = rows.shape[1]

@@ -369,17 +369,13 @@ class TableStore:
         self.optimizer.load_log_state(log)
         self.committed = self.step
         if self.disk is not None:
-            lrs = np.asarray(log["lrs"], dtype=np.float64)
-            steps = np.flatnonzero(~np.isnan(lrs))
-            self.disk.save_log(steps, lrs[steps])
+            self.disk.save_log(*self.optimizer.log.entries())
 
     def _load_log(self) -> None:
         """The step log stored with the disk tier (a reopened shard continues from it)."""
         steps, lrs = self.disk.load_log()
         if steps.size:
-            log = np.full(int(steps.max()) + 1, np.nan)
-            log[steps] = lrs
-            self.optimizer.load_log_state({"step": np.int64(steps.max()), "lrs": log})
+            self.optimizer.load_log_state({"step": np.int64(steps.max()), "steps": steps, "lrs": lrs})
             self.committed = self.step  # a reopened shard's steps are complete
 
     # --- stats ---

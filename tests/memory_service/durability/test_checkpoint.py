@@ -63,7 +63,8 @@ def merged_state(cluster, name: str) -> dict[str, np.ndarray]:
     out = {k: np.concatenate([s[k] for s in states])[order] for k in ("ids", "rows", "state", "last")}
     for s in states:
         assert s["lrs"].tobytes() == states[0]["lrs"].tobytes() and s["step"] == states[0]["step"]
-    return {**out, "lrs": states[0]["lrs"], "step": states[0]["step"]}
+        assert s["steps"].tobytes() == states[0]["steps"].tobytes()
+    return {**out, "steps": states[0]["steps"], "lrs": states[0]["lrs"], "step": states[0]["step"]}
 
 
 def assert_same_state(got: dict, want: dict) -> None:

@@ -327,3 +327,17 @@ def test_acceptance_on_the_corpus_trace(corpus_trace):
     assert engram <= belady
     announced = layer_hit_rate(corpus_trace, policy("engram", ANNOUNCED_FOR_85))
     assert announced >= 0.85 * belady, (announced, belady)
+
+
+def test_the_lookahead_holds_at_most_max_ids_however_often_a_step_is_announced():
+    """Announcements of one step that keep naming new rows (issue 22, finding 6: what a caller
+    can make a shard keep) grew its request without end; now every request together holds at most
+    max_ids ids, the soonest dropped first."""
+    lookahead = Lookahead(max_requests=4, max_ids=1000)
+    for i in range(50):
+        lookahead.announce(np.arange(i * 100, (i + 1) * 100), step=7)
+    assert lookahead.num_ids == 1000 and len(lookahead) == 1
+    lookahead.announce(np.arange(10**6, 10**6 + 300), step=8)
+    assert lookahead.num_ids <= 1000 and lookahead.distance(np.array([10**6])).tolist() == [0]
+    lookahead.consume(np.arange(10**6, 10**6 + 300))
+    assert lookahead.num_ids == 0

@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 
 from memory_service.config import OptimizerConfig, StorageConfig, TableConfig
-from memory_service.errors import InvalidArgument
+from memory_service.errors import InvalidArgument, StepExpired
 from memory_service.shard.shard import Shard
 from memory_service.tables import TablePush
 from memory_service.durability.wal import WalCorrupt, WriteAheadLog
@@ -237,6 +237,48 @@ def test_held_parts_and_commits_come_back_after_a_restart(tmp_path, restart):
         shard.close()
 
 
+EXPIRED = """
+import os, sys, time
+sys.path[:0] = [{tests!r}, {root!r}]
+from test_recovery import expire_half_a_step
+expire_half_a_step({path!r})
+print("expired", flush=True)
+time.sleep(600)  # killed before
+"""
+
+
+def expire_half_a_step(path) -> "Shard":
+    """hold_half_a_step on a shard whose parts expire after 0.2 s, then a fetch after 0.3 s, which
+    drops the step; returns the shard, open."""
+    shard = open_shard(path, parts_expiry_s=0.2)
+    hold_half_a_step(shard)
+    time.sleep(0.3)
+    shard.fetch({"sa": np.array([0])})
+    assert shard.caller_state()["open_steps"] == 0
+    return shard
+
+
+@pytest.mark.parametrize("restart", ["close", "kill"])
+def test_an_expired_step_stays_expired_after_a_restart(tmp_path, restart):
+    """A step dropped for expiry (issue 22, finding 6) is logged (a parts_expired record) and kept
+    by a checkpoint, so the reopened shard holds none of its parts and still refuses its late
+    commit, with a long parts_expiry_s this time: the state a shard that never restarted has."""
+    path = tmp_path / "shard"
+    if restart == "close":
+        expire_half_a_step(path).close()
+    else:
+        kill_once_it_says(EXPIRED, path, "expired")
+    shard = open_shard(path)
+    try:
+        assert shard.journal.replayed == (0 if restart == "close" else 4)
+        assert shard.caller_state()["parts_bytes"] == 0 and shard.caller_state()["open_steps"] == 0
+        with pytest.raises(StepExpired, match="table 'dp' step 1: its data-parallel parts expired"):
+            shard.commit("worker1", {"dp": (1, None)}, contributors=2)
+        assert shard.describe_table("dp").step == 0
+    finally:
+        shard.close()
+
+
 ZERO_LRS = (0.05, 0.0, 0.0)  # a schedule that ends at 0 (cosine to eta_min = 0): zero steps
 
 
@@ -272,7 +314,8 @@ def test_a_replayed_push_at_lr_zero_is_still_a_zero_step(tmp_path):
         assert shard.journal.replayed > 0
         got = states(shard)
         assert_same(got, states(want))
-        assert list(got["sa"]["lrs"][1:]) == list(ZERO_LRS)
+        assert list(got["sa"]["lrs"]) == list(ZERO_LRS)
+        assert list(got["sa"]["steps"]) == list(range(1, len(ZERO_LRS) + 1))
         with pytest.raises(InvalidArgument, match="not 0.05"):  # no lr: the configured one, not step 3's
             shard.commit("trainer", {"sa": (3, None)})
     finally:
@@ -326,7 +369,7 @@ def rows_of(cluster, names) -> dict:
         out[name] = {field: np.concatenate([state[field] for state in states])[order]
                      for field in ("ids", "rows", "state", "last")}
         for i, state in enumerate(states):
-            out[name][f"step log of shard {i}"] = state["lrs"]
+            out[name][f"step log of shard {i}"] = np.stack([state["steps"], state["lrs"]])
     return out
 
 
@@ -459,4 +502,4 @@ def test_sigterm_flushes_and_the_restarted_shard_holds_every_acknowledged_push(m
     for field in ("ids", "rows", "state", "last"):
         assert np.array_equal(got[field], np.concatenate([w[field] for w in want_rows])[order]), field
     for i, w in enumerate(want_rows):
-        assert np.array_equal(got[f"step log of shard {i}"], w["lrs"], equal_nan=True)
+        assert np.array_equal(got[f"step log of shard {i}"], np.stack([w["steps"], w["lrs"]]))

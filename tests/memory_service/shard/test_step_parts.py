@@ -2,10 +2,12 @@
 sum taken once, commits counted, and what a checkpoint stores put back into a fresh one."""
 from __future__ import annotations
 
+import time
+
 import numpy as np
 import pytest
 
-from memory_service.errors import InvalidArgument
+from memory_service.errors import InvalidArgument, LimitReached, StepExpired
 from memory_service.shard.step_parts import StepParts
 
 WIDTH = 4
@@ -96,3 +98,27 @@ def test_what_held_and_voters_return_puts_a_fresh_one_in_the_same_state():
     a, b = parts.take("t", 3), copy.take("t", 3)
     np.testing.assert_array_equal(a.ids, b.ids)
     np.testing.assert_array_equal(a.grads, b.grads)
+
+
+def test_bytes_held_are_counted_per_client_and_given_back_when_a_step_completes_or_expires():
+    parts = StepParts(max_bytes=10_000, client_max_bytes=4_000, expiry_s=60.0)
+    a, b = part(0, [1, 3, 5]), part(1, [5, 7])  # 3 * (8 + 16) = 72 and 48 bytes
+    parts.add_part("t", 1, "w0", 2, None, *a)
+    parts.add_part("t", 1, "w0", 2, None, *b)  # a second request of w0's part
+    parts.add_part("t", 1, "w1", 2, None, *b)
+    parts.add_part("t", 2, "w1", 2, None, *a)
+    assert (parts.nbytes, parts.client_nbytes("w0"), parts.client_nbytes("w1"), len(parts)) == (240, 120, 120, 2)
+    parts.take("t", 1)
+    assert (parts.nbytes, parts.client_nbytes("w0"), parts.client_nbytes("w1"), len(parts)) == (72, 0, 72, 1)
+    with pytest.raises(LimitReached, match="client 'w1'.*parts_client_max_bytes 4000"):
+        parts.check_room("w1", 4_000 - 72 + 1, [("t", 3)])
+    parts.check_room("w1", 4_000 - 72, [("t", 3)])
+    assert parts.due(time.monotonic() + 59) == [] and parts.due(time.monotonic() + 61) == [("t", 2)]
+    parts.expire_step("t", 2)
+    assert (parts.nbytes, len(parts), parts.expired()) == (0, 0, [("t", 2)])
+    with pytest.raises(StepExpired, match="table 't' step 2: its data-parallel parts expired"):
+        parts.check_part("t", 2, "w0", 2, None, is_whole=True)
+    with pytest.raises(StepExpired):
+        parts.check_vote("t", 2, "w0")
+    parts.drop_table("t")
+    assert parts.expired() == []
