@@ -37,7 +37,7 @@ from memory_service.shard.recovery import Recovery
 from memory_service.shard.step_parts import StepParts
 from memory_service.shard.table_stores import TableStores
 from memory_service.sharding import shard_of
-from memory_service.storage.store import TableStore
+from memory_service.storage.store import TableStore, Update
 from memory_service.storage.tiers.base import RowRecords
 from memory_service.tables import TableInfo, TablePush
 
@@ -252,30 +252,52 @@ class Shard:
             if (done := self.journal.applied(client_id, request_seq)) is not None:
                 return done  # re-sent: its first answer
             checked = {name: self._checked_push(name, push) for name, push in pushes.items()}
+            # every table's update computed and checked before anything changes (or is logged)
+            whole = self._completed_parts(client_id, checked, contributors, commit) if contributors > 1 else checked
+            updates = self._tables.prepare(whole)
             with self.journal.change(client_id, request_seq) as change:
                 if contributors > 1:
-                    checked = self._hold_parts(client_id, checked, contributors, is_whole=commit)
+                    self._hold_parts(client_id, checked, contributors, whole)
                 self._note_push(pushes)
-                change.result = self._tables.apply(checked, commit)
+                change.result = self._tables.apply(updates, commit)
             self._stepped.notify_all()
             return change.result
 
-    def _hold_parts(self, client_id: str, checked: dict[str, TablePush], contributors: int,
-                    is_whole: bool) -> dict[str, TablePush]:
-        """Holds each table's part of its step; returns {table: the sum of its step's parts} of the
-        steps whose K-th part this is (with `is_whole`; without, a client may send several requests
-        of its part, and its commit counts instead). Checks every table before holding any part."""
+    def _completed_parts(self, client_id: str, checked: dict[str, TablePush], contributors: int,
+                         is_whole: bool) -> dict[str, TablePush]:
+        """{table: the sum of its step's parts} of the steps whose K-th part this push is (with
+        `is_whole`; without, a client may send several requests of its part, and its commit counts
+        instead), summed as `_hold_parts` will hold them; checks every table's part first.
+        Changes nothing."""
         for name, push in checked.items():
             self._parts.check_part(name, push.step, client_id, contributors, push.lr, is_whole)
+        if not is_whole:
+            return {}
         complete = {}
+        for name, push in checked.items():
+            clients, ids, grads = self._held_parts(name, push.step)
+            if len(clients | {client_id}) == contributors:
+                complete[name] = checks.summed_parts(self._tables[name], push.step, push.lr,
+                                                     [*ids, push.ids], [*grads, push.grads])
+        return complete
+
+    def _held_parts(self, name: str, step: int) -> tuple[set[str], list[np.ndarray], list[np.ndarray]]:
+        """(clients, ids, grads) of the parts held of table `name`'s step, in the order they came."""
+        for table, held_step, parts in self._parts.held():
+            if (table, held_step) == (name, step):
+                return parts.clients, parts.ids, parts.grads
+        return set(), [], []
+
+    def _hold_parts(self, client_id: str, checked: dict[str, TablePush], contributors: int,
+                    complete: dict[str, TablePush]) -> None:
+        """Holds each table's part of its step, except where it completes the step (`complete`,
+        summed by `_completed_parts`): those steps' parts are done."""
         for name, push in checked.items():
             self._parts.add_part(name, push.step, client_id, contributors, push.lr, push.ids, push.grads)
             self.journal.note(name, "part", push.step, client_id, contributors, push.lr, push.ids, push.grads)
-            if is_whole and self._parts.is_complete(name, push.step):
-                complete[name] = self._parts.take(name, push.step)
+            if name in complete:
+                self._parts.forget(name, push.step)
                 self.journal.note(name, "parts_done", push.step)
-                checks.check_push(self._tables[name], complete[name])
-        return complete
 
     def _note_push(self, pushes: dict[str, TablePush]) -> None:
         self.counters.push_requests += 1
@@ -291,38 +313,47 @@ class Shard:
         with self._lock:
             if (done := self.journal.applied(client_id, request_seq)) is not None:
                 return done  # re-sent: its first answer
-            self._check_commits(client_id, steps, contributors)
+            updates = self._check_commits(client_id, steps, contributors)
             with self.journal.change(client_id, request_seq) as change:
-                change.result = sum(self._commit_step(client_id, name, step, lr, contributors)
+                change.result = sum(self._commit_step(client_id, name, step, lr, contributors, updates.get(name))
                                     for name, (step, lr) in steps.items())
             self._stepped.notify_all()
             return change.result
 
-    def _check_commits(self, client_id: str, steps: dict[str, tuple[int, float | None]], contributors: int) -> None:
+    def _check_commits(self, client_id: str, steps: dict[str, tuple[int, float | None]],
+                       contributors: int) -> dict[str, Update]:
         """InvalidArgument (or NOT_FOUND) unless every table's commit can be applied: checked
-        before any change."""
+        before any change. Returns {table: its update} of the steps this commit completes with
+        parts held (K > 1 contributors), computed and checked (TableStores.prepare)."""
+        whole = {}
         for name, (step, lr) in steps.items():
             checks.check_step(name, step, "commit step")
             checks.check_lr(self._tables.store(name), step, lr)
             if contributors > 1:
                 self._parts.check_vote(name, step, client_id)
+                voters = next((clients for table, s, clients in self._parts.voters() if (table, s) == (name, step)), set())
+                _, ids, grads = self._held_parts(name, step)
+                if len(voters | {client_id}) >= contributors and ids:
+                    whole[name] = checks.summed_parts(self._tables[name], step, lr, ids, grads, is_push=False)
+        return self._tables.prepare(whole)
 
-    def _commit_step(self, client_id: str, name: str, step: int, lr: float | None, contributors: int) -> int:
+    def _commit_step(self, client_id: str, name: str, step: int, lr: float | None, contributors: int,
+                     update: Update | None) -> int:
         """Completes table `name`'s step `step` for `client_id`; returns rows updated. With K > 1
-        contributors the step completes at the K-th client's commit, which applies the parts' sum."""
-        store, whole = self._tables[name], None
+        contributors the step completes at the K-th client's commit, which applies the parts' sum
+        (`update`, prepared by `_check_commits`)."""
+        store = self._tables[name]
         if contributors > 1:
             num_votes = self._parts.vote(name, step, client_id)
             self.journal.note(name, "vote", step, client_id)
             if num_votes < contributors:
                 return 0
-            whole = self._parts.take(name, step)
             self._parts.forget(name, step)
             self.journal.note(name, "parts_done", step)
-            if whole is not None:
-                store.update(whole.ids, whole.grads, step, lr, commit=False)
+            if update is not None:
+                store.write_update(update, commit=False)
         store.commit(step, lr)
-        return 0 if whole is None else len(whole.ids)
+        return 0 if update is None or update.batch is None else len(update.batch.ids)
 
     # -- hot and cold shards ----------------------------------------------------------------------
     def export_rows(self, name: str, ids: np.ndarray, version: int, client_id: str = "",

@@ -108,10 +108,12 @@ class TableOptimizer(ABC):
         Nothing to do for optimizers whose rows move only when they have a gradient."""
 
     def update(self, rows: np.ndarray, state: np.ndarray, last: np.ndarray, grads: np.ndarray,
-               step: int) -> None:
-        """Catch-up to step - 1, then the step's update; `last` (n,) becomes `step`. Gathered copies."""
+               step: int, lr: float | None = None) -> None:
+        """Catch-up to step - 1, then the step's update with learning rate `lr` (`checked_lr`'s:
+        the step need not be logged yet, so an update can be computed, checked and only then
+        stored; None: the rate logged for `step`); `last` (n,) becomes `step`. Gathered copies."""
         self.catch_up(rows, state, last, step - 1)
-        self.apply(rows, state, grads, step, self.lr_at(step))
+        self.apply(rows, state, grads, step, self.lr_at(step) if lr is None else lr)
         last[:] = step
 
     def log_state(self) -> dict[str, np.ndarray]:
