@@ -85,6 +85,11 @@ class MemoryServiceStub:
                 request_serializer=engram__memory_dot_v1_dot_memory__pb2.ImportRowsRequest.SerializeToString,
                 response_deserializer=engram__memory_dot_v1_dot_memory__pb2.ImportRowsResponse.FromString,
                 _registered_method=True)
+        self.ReturnRows = channel.unary_unary(
+                '/engram_memory.v1.MemoryService/ReturnRows',
+                request_serializer=engram__memory_dot_v1_dot_memory__pb2.ReturnRowsRequest.SerializeToString,
+                response_deserializer=engram__memory_dot_v1_dot_memory__pb2.ReturnRowsResponse.FromString,
+                _registered_method=True)
         self.HotMap = channel.unary_unary(
                 '/engram_memory.v1.MemoryService/HotMap',
                 request_serializer=engram__memory_dot_v1_dot_memory__pb2.HotMapRequest.SerializeToString,
@@ -207,6 +212,19 @@ class MemoryServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ReturnRows(self, request, context):
+        """Undoes an export the destination refused to import: the rows export (client_id, request_seq)
+        handed over, among `ids`, are served here again exactly as they left, from this shard's own
+        copy of that export's answer (no row travels, so rows the destination refused, for instance
+        non-finite ones a checkpoint from before that check brought, are taken back all the same).
+        Ids this shard serves already are skipped: a re-sent return changes nothing. Logged like an
+        import, so a cold shard that crashes afterwards still serves them. FAILED_PRECONDITION if an
+        id is still away but this shard no longer remembers the export (it keeps its last 64).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def HotMap(self, request, context):
         """A hot shard's rows of a table: the ids it is home of and the map's version.
         """
@@ -324,6 +342,11 @@ def add_MemoryServiceServicer_to_server(servicer, server):
                     servicer.ImportRows,
                     request_deserializer=engram__memory_dot_v1_dot_memory__pb2.ImportRowsRequest.FromString,
                     response_serializer=engram__memory_dot_v1_dot_memory__pb2.ImportRowsResponse.SerializeToString,
+            ),
+            'ReturnRows': grpc.unary_unary_rpc_method_handler(
+                    servicer.ReturnRows,
+                    request_deserializer=engram__memory_dot_v1_dot_memory__pb2.ReturnRowsRequest.FromString,
+                    response_serializer=engram__memory_dot_v1_dot_memory__pb2.ReturnRowsResponse.SerializeToString,
             ),
             'HotMap': grpc.unary_unary_rpc_method_handler(
                     servicer.HotMap,
@@ -627,6 +650,33 @@ class MemoryService:
             '/engram_memory.v1.MemoryService/ImportRows',
             engram__memory_dot_v1_dot_memory__pb2.ImportRowsRequest.SerializeToString,
             engram__memory_dot_v1_dot_memory__pb2.ImportRowsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ReturnRows(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/engram_memory.v1.MemoryService/ReturnRows',
+            engram__memory_dot_v1_dot_memory__pb2.ReturnRowsRequest.SerializeToString,
+            engram__memory_dot_v1_dot_memory__pb2.ReturnRowsResponse.FromString,
             options,
             channel_credentials,
             insecure,

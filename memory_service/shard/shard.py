@@ -388,6 +388,33 @@ class Shard:
                 self._tables[name].import_rows(records)
                 self.homes.arrive(name, ids, version)
 
+    def return_rows(self, name: str, ids: np.ndarray, version: int, client_id: str, request_seq: int) -> int:
+        """Takes back the rows among distinct `ids` (n,) that export (client_id, request_seq)
+        handed over, when their destination refused them: they are served here again exactly as
+        they left, from the export's answer this shard remembers (its own rows: not checked again,
+        so rows the destination refused as non-finite are kept, not lost). Ids served here already
+        are skipped, so a re-sent return changes nothing. Returns the ids taken back;
+        FailedPrecondition if some id is away and the export is not remembered (or was of another
+        table). Logged as an import: a crash afterwards recovers them here."""
+        with self._lock:
+            ids = self._checked_ids(name, ids)
+            if len(np.unique(ids)) != len(ids):
+                raise InvalidArgument(f"table {name!r}: returned ids must be distinct")
+            ids = ids[self.homes.away(name, ids)]
+            if not len(ids):
+                return 0
+            export = self.journal.export_of(client_id, request_seq)
+            if export is None or export[0] != name:
+                raise FailedPrecondition(
+                    f"table {name!r}: {self.homes.role} shard {self.shard_id} does not remember export "
+                    f"({client_id!r}, {request_seq}) of this table, so it cannot take back row {ids[0]}")
+            records = export[1].take(np.isin(export[1].ids, ids))
+            with self.journal.change():
+                self.journal.note(name, "import", ids, records.ids, records.rows, records.state, records.last, version)
+                self._tables[name].import_rows(records)
+                self.homes.arrive(name, ids, version)
+            return len(ids)
+
     # -- checkpoints (memory_service/durability/checkpoint.py) ------------------------------------------------
     def checkpoint_tables(self, step: int, names: list[str], timeout: float,
                           write: Callable[[TableStore], T]) -> dict[str, T]:
