@@ -22,7 +22,7 @@ from abc import ABC, abstractmethod
 
 import numpy as np
 
-from memory_service.storage.catch_up import AdamDecay, CatchUpStats, catch_up
+from memory_service.storage.catch_up import MAX_MOVEMENT, AdamDecay, CatchUpStats, catch_up, moment_ratio
 from memory_service.config import OptimizerConfig
 
 
@@ -201,6 +201,25 @@ class Adam(TableOptimizer):
         self.stats = CatchUpStats()
         self._ss = np.zeros(1)  # (step + 1,) float32-rounded lr_j / (1 - beta1^j)
         self._bsq = np.ones(1)  # (step + 1,) float32-rounded sqrt(1 - beta2^j)
+        self._ss_sum = 0.0  # sum of _ss: bounds how far any row can ever move (see checked_lr)
+
+    def checked_lr(self, step: int, lr: float | None) -> float:
+        """As TableOptimizer's, and for a new step: ValueError if its rate could carry a row past
+        float32's range. A row moves, per step j it is updated or caught up over, by at most
+        ss_j = lr_j / (1 - beta1^j) times |m| / sqrt(v) <= moment_ratio (catch_up.py's bound,
+        for beta1^2 < beta2): the sum of ss_j over every step times it stays below MAX_MOVEMENT,
+        a quarter of float32's largest value. A push's own rows are checked after the update
+        (TableStore.prepare_update); this covers the rows a step's rate moves later, in a catch-up
+        on read, which cannot be refused. Far from any real schedule (~1e37 in all)."""
+        lr = super().checked_lr(step, lr)
+        ratio = moment_ratio(self.decay)
+        if step > self.step and ratio is not None:
+            total = self._ss_sum + lr / (1 - self.config.beta1**step)
+            if not total * ratio <= MAX_MOVEMENT:
+                raise ValueError(f"learning rate {lr:g} of step {step} could carry a row past float32's range "
+                                 f"when it is caught up over that step (the sum of lr_j / (1 - beta1^j) over "
+                                 f"every step of an adam table must stay below {MAX_MOVEMENT / ratio:.3g})")
+        return lr
 
     def state_width(self, width: int) -> int:
         return 2 * width
@@ -214,10 +233,11 @@ class Adam(TableOptimizer):
             bsq = np.sqrt(1 - c.beta2 ** j.astype(np.float64))
             self._ss = np.concatenate([self._ss, ss.astype(np.float32).astype(np.float64)])
             self._bsq = np.concatenate([self._bsq, bsq.astype(np.float32).astype(np.float64)])
+            self._ss_sum = float(np.nansum(self._ss))
 
     def load_log_state(self, log: dict[str, np.ndarray]) -> None:
         super().load_log_state(log)
-        self._ss, self._bsq = np.zeros(1), np.ones(1)
+        self._ss, self._bsq, self._ss_sum = np.zeros(1), np.ones(1), 0.0
         steps, self.step = self.step, 0
         for j in range(1, steps + 1):
             self.record_step(j, self.lr_at(j))

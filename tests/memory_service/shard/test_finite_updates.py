@@ -135,3 +135,24 @@ def test_every_row_stays_finite_after_the_refusals(served):
     for kind in KINDS:
         state = shard.table_state(kind)
         assert np.isfinite(state["rows"]).all() and np.isfinite(state["state"]).all(), kind
+
+
+@pytest.mark.parametrize("how", ["empty push", "commit"])
+def test_a_dense_adam_rate_that_would_overflow_a_catch_up_is_refused(served, how):
+    """An adam table moves rows on read over the steps they skipped (catch-up), so a step's rate
+    that no push row overflowed can still carry a later read's rows past float32's range: a step
+    logged with lr 1e38 (an empty push, or a commit) is refused, and rows stay finite on read."""
+    shard, stub, wal = served
+    step = step_of(shard, "adam")
+    digest, logged = shard.digest(), wal_bytes(wal)
+    with pytest.raises(grpc.RpcError) as err:
+        if how == "empty push":
+            stub.Push(memory_pb2.PushRequest(client_id="t", tables=[grads_of("adam", step, [], [], lr=1e38)]), timeout=30)
+        else:
+            stub.CommitStep(memory_pb2.CommitStepRequest(client_id="t", tables=[
+                memory_pb2.TableStep(table="adam", step=step, lr=1e38)]), timeout=30)
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT, err.value.details()
+    assert "'adam'" in err.value.details()
+    assert shard.digest() == digest and wal_bytes(wal) == logged
+    stub.Push(memory_pb2.PushRequest(client_id="t", tables=[grads_of("adam", step, [], [])]), timeout=30)
+    assert np.isfinite(shard.fetch({"adam": np.arange(8)}, min_step=step)["adam"]).all()
