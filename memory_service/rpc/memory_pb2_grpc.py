@@ -168,8 +168,9 @@ class MemoryServiceServicer:
     def Push(self, request, context):
         """Applies gradients to rows of one or several tables with each table's optimizer. The whole
         request is validated first (tables exist, dtype and width match, payload lengths, ids in
-        range, finite gradients, step >= 1), so a rejected push changes nothing. Returns the number of
-        distinct rows updated.
+        range, finite gradients, step >= 1), and every table's update is computed and checked to leave
+        every row and its optimizer state finite before any is stored, so a rejected push changes
+        nothing, in any of its tables, and logs nothing. Returns the number of distinct rows updated.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -199,7 +200,9 @@ class MemoryServiceServicer:
         details "moved: <hot map version>"; the client refreshes the hot map (HotMap) and re-routes.
 
         Removes rows (and their optimizer state) from this shard for a move, marks them moved, and
-        returns those ever written; the others are computed from the seed wherever they live.
+        returns those ever written; the others are computed from the seed wherever they live. With a
+        request_seq the shard remembers what it handed over, so the mover can give the rows back
+        (ReturnRows) should their destination refuse them.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
