@@ -104,6 +104,9 @@ class Journal:
         applied and is still remembered (the last MAX_EXPORTS)."""
         return self.exports.get((client_id, request_seq)) if request_seq else None
 
+    def forget_export(self, client_id: str, request_seq: int) -> None:
+        self.exports.pop((client_id, request_seq), None)
+
     def remember_export(self, client_id: str, request_seq: int, table: str, records: RowRecords) -> None:
         if request_seq:
             self.exports[(client_id, request_seq)] = (table, records)

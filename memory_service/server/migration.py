@@ -34,6 +34,7 @@ import time
 import uuid
 from dataclasses import dataclass
 
+import grpc
 import numpy as np
 
 from memory_service.wire import codec
@@ -219,9 +220,13 @@ class Migrator:
             if not len(part):
                 continue
             seq = next(self._request_seqs)
-            reply = self._rpc(self.cold[c], "ExportRows", memory_pb2.ExportRowsRequest(
-                table=name, ids=codec.encode_ids(part), version=version, client_id=self.client_id,
-                request_seq=seq))
+            try:
+                reply = self._rpc(self.cold[c], "ExportRows", memory_pb2.ExportRowsRequest(
+                    table=name, ids=codec.encode_ids(part), version=version, client_id=self.client_id,
+                    request_seq=seq))
+            except Exception:  # it may have been applied, its answer lost: give back whatever it took
+                self._returns.append(_Return(c, name, part, version, seq))
+                raise
             records = codec.records_from_proto(reply, width, state_width)
             finite = np.isfinite(records.rows).all(axis=1) & np.isfinite(records.state).all(axis=1)
             if not finite.all():
@@ -244,25 +249,29 @@ class Migrator:
         shard did not take (ReturnRows: it re-imports them from its own copy of the export).
         Returns None, or the error when that shard stayed unavailable: the return is then kept
         and retried at every round (the shard remembers the export across a restart, through its
-        write-ahead log), and the rows are refused with RowsMoved meanwhile, never served stale."""
+        write-ahead log), and the rows are refused with RowsMoved meanwhile, never served stale.
+        A shard that does not know the export (FAILED_PRECONDITION: it was never applied, and the
+        rows have moved since) has nothing to give back: the return is dropped."""
         try:
-            self._rpc(self.cold[back.cold], "ReturnRows", memory_pb2.ReturnRowsRequest(
+            reply = self._rpc(self.cold[back.cold], "ReturnRows", memory_pb2.ReturnRowsRequest(
                 table=back.table, ids=codec.encode_ids(back.ids), version=back.version,
                 client_id=self.client_id, request_seq=back.seq))
         except Exception as err:
-            self._returns.append(back)
+            if not (isinstance(err, grpc.RpcError) and err.code() == grpc.StatusCode.FAILED_PRECONDITION):
+                self._returns.append(back)
             return err
-        self.counters.returned += len(back.ids)
+        self.counters.returned += reply.rows_returned
         return None
 
     def _retry_returns(self) -> None:
-        """Gives back the rows of the returns that failed before (`_give_back`), oldest first;
-        raises the last error if one failed again (it stays kept)."""
-        pending, self._returns, error = self._returns, [], None
+        """Gives back the rows of the returns that failed before (`_give_back`, or an export
+        whose answer never came), oldest first. One that fails again is kept and its error shown
+        (`error`); the round goes on: rows whose return is pending are away from their cold shard,
+        which refuses to export them again until it took them back."""
+        pending, self._returns = self._returns, []
         for back in pending:
-            error = self._give_back(back) or error
-        if error is not None:
-            raise error
+            if (error := self._give_back(back)) is not None:
+                self.error = error
 
     def _demote(self, name: str, ids: np.ndarray) -> None:
         """Moves rows `ids` of table `name` from here to their cold homes; a part whose cold shard
@@ -284,6 +293,7 @@ class Migrator:
             except Exception as err:  # refused, or the cold shard stayed down: its rows stay hot rather than nowhere
                 self.hot.return_rows(name, part, version, self.client_id, seq)
                 error = err
+        self.hot.forget_export(self.client_id, seq)  # every part landed somewhere: no copy to keep
         if error is not None:
             raise error
 

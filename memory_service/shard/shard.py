@@ -415,6 +415,13 @@ class Shard:
                 self.homes.arrive(name, ids, version)
             return len(ids)
 
+    def forget_export(self, client_id: str, request_seq: int) -> None:
+        """Drops the copy of export (client_id, request_seq) kept for `return_rows`: its rows all
+        landed (the hot shard's own exports, whose copies would otherwise hold up to
+        journal.MAX_EXPORTS batches of rows)."""
+        with self._lock:
+            self.journal.forget_export(client_id, request_seq)
+
     # -- checkpoints (memory_service/durability/checkpoint.py) ------------------------------------------------
     def checkpoint_tables(self, step: int, names: list[str], timeout: float,
                           write: Callable[[TableStore], T]) -> dict[str, T]:
