@@ -44,7 +44,8 @@ def sum_duplicates(ids: np.ndarray, grads: np.ndarray) -> tuple[np.ndarray, np.n
     starts = np.flatnonzero(np.r_[True, ids[1:] != ids[:-1]])  # (m,) first of each run
     if len(starts) == len(ids):
         return ids, grads
-    return ids[starts], np.add.reduceat(grads, starts, axis=0)
+    with np.errstate(over="ignore"):  # a sum past float32's range: check_finite_sum refuses it
+        return ids[starts], np.add.reduceat(grads, starts, axis=0)
 
 
 def check_contributors(contributors: int) -> None:

@@ -251,7 +251,8 @@ class TableStore:
         lr = self.optimizer.checked_lr(step, lr)
         if not len(ids):
             return Update(step, lr, None)
-        batch = self.writer.prepare(ids, grads, step, lr)
+        with np.errstate(over="ignore"):  # an overflow is what the check below finds and refuses
+            batch = self.writer.prepare(ids, grads, step, lr)
         if (bad := batch.first_non_finite()) is not None:
             raise ValueError(f"the update of step {step} would make row id {ids[bad]} or its optimizer state "
                              f"non-finite (lr {lr:g}, largest |gradient| {float(np.abs(grads[bad]).max()):g}): "
