@@ -360,7 +360,9 @@ class Shard:
                     request_seq: int = 0) -> RowRecords:
         """Hands distinct rows `ids` (n,) over for a move: removed here with their optimizer state,
         refused (RowsMoved) from now on. Only rows ever written come back. A re-sent
-        (client_id, request_seq) gets the same rows again (its first answer was lost)."""
+        (client_id, request_seq) gets the same rows again (its first answer was lost), and the
+        rows handed over stay remembered (journal.MAX_EXPORTS exports), so that `return_rows`
+        can take them back should their destination refuse them."""
         with self._lock:
             if (done := self.journal.exported(client_id, request_seq)) is not None:
                 return done
