@@ -97,8 +97,16 @@ class Journal:
 
     def exported(self, client_id: str, request_seq: int) -> RowRecords | None:
         """The rows export request (client_id, request_seq) handed over, if it was applied."""
-        found = self.exports.get((client_id, request_seq)) if request_seq else None
+        found = self.export_of(client_id, request_seq)
         return None if found is None else found[1]
+
+    def export_of(self, client_id: str, request_seq: int) -> tuple[str, RowRecords] | None:
+        """(table, the rows it handed over) of export request (client_id, request_seq), if it was
+        applied and is still remembered (the last MAX_EXPORTS)."""
+        return self.exports.get((client_id, request_seq)) if request_seq else None
+
+    def forget_export(self, client_id: str, request_seq: int) -> None:
+        self.exports.pop((client_id, request_seq), None)
 
     def remember_export(self, client_id: str, request_seq: int, table: str, records: RowRecords) -> None:
         if request_seq:

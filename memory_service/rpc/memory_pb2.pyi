@@ -425,6 +425,26 @@ class ImportRowsResponse(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...
 
+class ReturnRowsRequest(_message.Message):
+    __slots__ = ("table", "ids", "version", "client_id", "request_seq")
+    TABLE_FIELD_NUMBER: _ClassVar[int]
+    IDS_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    CLIENT_ID_FIELD_NUMBER: _ClassVar[int]
+    REQUEST_SEQ_FIELD_NUMBER: _ClassVar[int]
+    table: str
+    ids: bytes
+    version: int
+    client_id: str
+    request_seq: int
+    def __init__(self, table: _Optional[str] = ..., ids: _Optional[bytes] = ..., version: _Optional[int] = ..., client_id: _Optional[str] = ..., request_seq: _Optional[int] = ...) -> None: ...
+
+class ReturnRowsResponse(_message.Message):
+    __slots__ = ("rows_returned",)
+    ROWS_RETURNED_FIELD_NUMBER: _ClassVar[int]
+    rows_returned: int
+    def __init__(self, rows_returned: _Optional[int] = ...) -> None: ...
+
 class HotMapRequest(_message.Message):
     __slots__ = ("table",)
     TABLE_FIELD_NUMBER: _ClassVar[int]

@@ -85,6 +85,11 @@ class MemoryServiceStub:
                 request_serializer=engram__memory_dot_v1_dot_memory__pb2.ImportRowsRequest.SerializeToString,
                 response_deserializer=engram__memory_dot_v1_dot_memory__pb2.ImportRowsResponse.FromString,
                 _registered_method=True)
+        self.ReturnRows = channel.unary_unary(
+                '/engram_memory.v1.MemoryService/ReturnRows',
+                request_serializer=engram__memory_dot_v1_dot_memory__pb2.ReturnRowsRequest.SerializeToString,
+                response_deserializer=engram__memory_dot_v1_dot_memory__pb2.ReturnRowsResponse.FromString,
+                _registered_method=True)
         self.HotMap = channel.unary_unary(
                 '/engram_memory.v1.MemoryService/HotMap',
                 request_serializer=engram__memory_dot_v1_dot_memory__pb2.HotMapRequest.SerializeToString,
@@ -163,8 +168,9 @@ class MemoryServiceServicer:
     def Push(self, request, context):
         """Applies gradients to rows of one or several tables with each table's optimizer. The whole
         request is validated first (tables exist, dtype and width match, payload lengths, ids in
-        range, finite gradients, step >= 1), so a rejected push changes nothing. Returns the number of
-        distinct rows updated.
+        range, finite gradients, step >= 1), and every table's update is computed and checked to leave
+        every row and its optimizer state finite before any is stored, so a rejected push changes
+        nothing, in any of its tables, and logs nothing. Returns the number of distinct rows updated.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -194,7 +200,9 @@ class MemoryServiceServicer:
         details "moved: <hot map version>"; the client refreshes the hot map (HotMap) and re-routes.
 
         Removes rows (and their optimizer state) from this shard for a move, marks them moved, and
-        returns those ever written; the others are computed from the seed wherever they live.
+        returns those ever written; the others are computed from the seed wherever they live. With a
+        request_seq the shard remembers what it handed over, so the mover can give the rows back
+        (ReturnRows) should their destination refuse them.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -202,6 +210,19 @@ class MemoryServiceServicer:
 
     def ImportRows(self, request, context):
         """Takes rows moved here; they are served from this shard from now on.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ReturnRows(self, request, context):
+        """Undoes an export the destination refused to import: the rows export (client_id, request_seq)
+        handed over, among `ids`, are served here again exactly as they left, from this shard's own
+        copy of that export's answer (no row travels, so rows the destination refused, for instance
+        non-finite ones a checkpoint from before that check brought, are taken back all the same).
+        Ids this shard serves already are skipped: a re-sent return changes nothing. Logged like an
+        import, so a cold shard that crashes afterwards still serves them. FAILED_PRECONDITION if an
+        id is still away but this shard no longer remembers the export (it keeps its last 64).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -324,6 +345,11 @@ def add_MemoryServiceServicer_to_server(servicer, server):
                     servicer.ImportRows,
                     request_deserializer=engram__memory_dot_v1_dot_memory__pb2.ImportRowsRequest.FromString,
                     response_serializer=engram__memory_dot_v1_dot_memory__pb2.ImportRowsResponse.SerializeToString,
+            ),
+            'ReturnRows': grpc.unary_unary_rpc_method_handler(
+                    servicer.ReturnRows,
+                    request_deserializer=engram__memory_dot_v1_dot_memory__pb2.ReturnRowsRequest.FromString,
+                    response_serializer=engram__memory_dot_v1_dot_memory__pb2.ReturnRowsResponse.SerializeToString,
             ),
             'HotMap': grpc.unary_unary_rpc_method_handler(
                     servicer.HotMap,
@@ -627,6 +653,33 @@ class MemoryService:
             '/engram_memory.v1.MemoryService/ImportRows',
             engram__memory_dot_v1_dot_memory__pb2.ImportRowsRequest.SerializeToString,
             engram__memory_dot_v1_dot_memory__pb2.ImportRowsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ReturnRows(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/engram_memory.v1.MemoryService/ReturnRows',
+            engram__memory_dot_v1_dot_memory__pb2.ReturnRowsRequest.SerializeToString,
+            engram__memory_dot_v1_dot_memory__pb2.ReturnRowsResponse.FromString,
             options,
             channel_credentials,
             insecure,

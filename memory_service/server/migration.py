@@ -10,6 +10,13 @@ state:
   shard imports them; then they are hot.
 - demote: the hot shard exports them (answered "moved"), their cold homes import them.
 
+A refused import leaves the rows where they were: the exporting shard remembers what each export
+handed over, and when the destination refuses it (rows the hot shard would not store: a
+non-finite row or optimizer state, which only a checkpoint from before the push-side checks can
+hold; or any other error), the exporting shard takes the rows back from its own copy (ReturnRows
+for a cold shard, `Shard.return_rows` here), logged like an import. Rows are never held by
+nobody: a return that fails is retried every round, and the rows answer RowsMoved until it lands.
+
 A row is in flight between the export and the import, and requests for it are refused with
 RowsMoved until it lands, so no fetch sees a stale copy and no push is applied to one; the client
 refreshes its hot map and re-sends (memory_service/client.py).
@@ -27,6 +34,7 @@ import time
 import uuid
 from dataclasses import dataclass
 
+import grpc
 import numpy as np
 
 from memory_service.wire import codec
@@ -46,6 +54,7 @@ class MigrationCounters:
     rounds: int = 0
     promoted: int = 0  # rows moved cold -> hot
     demoted: int = 0  # rows moved hot -> cold
+    returned: int = 0  # rows a cold shard exported and took back, this shard having refused them
 
 
 class Migrator:
@@ -76,6 +85,7 @@ class Migrator:
         self.policies: dict[str, Policy] = {}
         self.counters = MigrationCounters()
         self._unfinished = True  # the last plan was cut at max_moves (or none ran yet)
+        self._returns: list[_Return] = []  # exports not taken here whose return failed: retried each round
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self.error: BaseException | None = None
@@ -116,6 +126,7 @@ class Migrator:
         with self.hot.moves.round() as free:
             if not free:
                 raise RuntimeError(f"hot shard {self.hot.shard_id}: a checkpoint holds the moves; rows stay hot")
+            self._retry_returns()
             for name in self.hot.list_tables():
                 ids = np.asarray(self.hot.hot_map(name)[1], np.int64)
                 for start in range(0, len(ids), self.max_moves):
@@ -147,6 +158,7 @@ class Migrator:
         with self.hot.moves.round() as free:
             if not free:
                 return True  # paused: look again soon
+            self._retry_returns()
             if not self._observe() and not self._unfinished:
                 return False
             self._unfinished = False
@@ -195,23 +207,78 @@ class Migrator:
                                f"{rpc} to cold shard {self.cold.index(stub)}")
 
     def _promote(self, name: str, ids: np.ndarray) -> None:
+        """Moves rows `ids` of table `name` from their cold homes here. A cold shard lets go of
+        its rows only once this shard took them: rows this shard would refuse (not finite: only a
+        checkpoint from before that check can bring such rows) are given back at once, and when
+        the import fails for any other reason, the whole part is (`_give_back`)."""
         version = self.hot.homes.version + 1
         width, state_width = self.hot.describe_table(name).config.width, self.hot.state_width(name)
         n = len(self.cold)
+        error = None
         for c in range(n):
             part = ids[ids % n == c]
             if not len(part):
                 continue
-            reply = self._rpc(self.cold[c], "ExportRows", memory_pb2.ExportRowsRequest(
-                table=name, ids=codec.encode_ids(part), version=version, client_id=self.client_id,
-                request_seq=next(self._request_seqs)))
+            seq = next(self._request_seqs)
+            try:
+                reply = self._rpc(self.cold[c], "ExportRows", memory_pb2.ExportRowsRequest(
+                    table=name, ids=codec.encode_ids(part), version=version, client_id=self.client_id,
+                    request_seq=seq))
+            except Exception:  # it may have been applied, its answer lost: give back whatever it took
+                self._returns.append(_Return(c, name, part, version, seq))
+                raise
             records = codec.records_from_proto(reply, width, state_width)
-            self.hot.import_rows(name, records, version, part)
+            finite = np.isfinite(records.rows).all(axis=1) & np.isfinite(records.state).all(axis=1)
+            if not finite.all():
+                refused = records.ids[~finite]
+                error = self._give_back(_Return(c, name, refused, version, seq)) or error
+                part, records = np.setdiff1d(part, refused), records.take(finite)
+                if not len(part):
+                    continue
+            try:
+                self.hot.import_rows(name, records, version, part)
+            except Exception as err:  # refused here: the rows go back to their cold home, not nowhere
+                error = self._give_back(_Return(c, name, part, version, seq)) or err
+                continue
             self.counters.promoted += len(part)
+        if error is not None:
+            raise error
+
+    def _give_back(self, back: "_Return") -> Exception | None:
+        """Has cold shard `back.cold` serve again the rows of its export `back.seq` that this
+        shard did not take (ReturnRows: it re-imports them from its own copy of the export).
+        Returns None, or the error when that shard stayed unavailable: the return is then kept
+        and retried at every round (the shard remembers the export across a restart, through its
+        write-ahead log), and the rows are refused with RowsMoved meanwhile, never served stale.
+        A shard that does not know the export (FAILED_PRECONDITION: it was never applied, and the
+        rows have moved since) has nothing to give back: the return is dropped."""
+        try:
+            reply = self._rpc(self.cold[back.cold], "ReturnRows", memory_pb2.ReturnRowsRequest(
+                table=back.table, ids=codec.encode_ids(back.ids), version=back.version,
+                client_id=self.client_id, request_seq=back.seq))
+        except Exception as err:
+            if not (isinstance(err, grpc.RpcError) and err.code() == grpc.StatusCode.FAILED_PRECONDITION):
+                self._returns.append(back)
+            return err
+        self.counters.returned += reply.rows_returned
+        return None
+
+    def _retry_returns(self) -> None:
+        """Gives back the rows of the returns that failed before (`_give_back`, or an export
+        whose answer never came), oldest first. One that fails again is kept and its error shown
+        (`error`); the round goes on: rows whose return is pending are away from their cold shard,
+        which refuses to export them again until it took them back."""
+        pending, self._returns = self._returns, []
+        for back in pending:
+            if (error := self._give_back(back)) is not None:
+                self.error = error
 
     def _demote(self, name: str, ids: np.ndarray) -> None:
+        """Moves rows `ids` of table `name` from here to their cold homes; a part whose cold shard
+        refuses it (or stays unavailable) is taken back here from this shard's copy of the export."""
         version = self.hot.homes.version + 1
-        records = self.hot.export_rows(name, ids, version)
+        seq = next(self._request_seqs)
+        records = self.hot.export_rows(name, ids, version, self.client_id, seq)
         n = len(self.cold)
         error = None
         for c in range(n):
@@ -223,9 +290,21 @@ class Migrator:
                 self._rpc(self.cold[c], "ImportRows", memory_pb2.ImportRowsRequest(
                     records=codec.records_to_proto(name, mine), version=version, ids=codec.encode_ids(part)))
                 self.counters.demoted += len(part)
-            except Exception as err:  # the cold shard stayed down: its rows stay hot rather than nowhere
-                self.hot.import_rows(name, mine, version, part)
+            except Exception as err:  # refused, or the cold shard stayed down: its rows stay hot rather than nowhere
+                self.hot.return_rows(name, part, version, self.client_id, seq)
                 error = err
+        self.hot.forget_export(self.client_id, seq)  # every part landed somewhere: no copy to keep
         if error is not None:
             raise error
 
+
+@dataclass(frozen=True)
+class _Return:
+    """Rows `ids` of table `table` that export `seq` (at hot map `version`) of cold shard `cold`
+    handed over and this hot shard did not take: to be given back."""
+
+    cold: int
+    table: str
+    ids: np.ndarray
+    version: int
+    seq: int

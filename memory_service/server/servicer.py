@@ -145,6 +145,13 @@ class MemoryServicer(memory_pb2_grpc.MemoryServiceServicer):
         return memory_pb2.ImportRowsResponse()
 
     @_maps_errors
+    def ReturnRows(self, request, context):
+        budgets.check_rows([request], "return")
+        ids = codec.decode_ids(request.ids, request.table)
+        returned = self.shard.return_rows(request.table, ids, request.version, request.client_id, request.request_seq)
+        return memory_pb2.ReturnRowsResponse(rows_returned=returned)
+
+    @_maps_errors
     def HotMap(self, request, context):
         version, ids = self.shard.hot_map(request.table)
         return memory_pb2.HotMapResponse(version=version, ids=codec.encode_ids(ids))

@@ -5,6 +5,8 @@ state, so a rejected request, even one naming several tables, changes nothing. T
 are those checks: each returns the checked value or raises InvalidArgument naming the bad value
 and the bound. A checked push is summed over duplicate ids here (`sum_duplicates`): the optimizer's
 update is non-linear, so it must see each row once, as torch's `grad.coalesce()` before SparseAdam.
+Finite gradients can still sum past float32's range (`check_finite_sum`), and an update can still
+overflow in the optimizer: TableStore.prepare_update checks the values it would store.
 """
 from __future__ import annotations
 
@@ -42,7 +44,8 @@ def sum_duplicates(ids: np.ndarray, grads: np.ndarray) -> tuple[np.ndarray, np.n
     starts = np.flatnonzero(np.r_[True, ids[1:] != ids[:-1]])  # (m,) first of each run
     if len(starts) == len(ids):
         return ids, grads
-    return ids[starts], np.add.reduceat(grads, starts, axis=0)
+    with np.errstate(over="ignore"):  # a sum past float32's range: check_finite_sum refuses it
+        return ids[starts], np.add.reduceat(grads, starts, axis=0)
 
 
 def check_contributors(contributors: int) -> None:
@@ -104,10 +107,34 @@ def checked_push(store: TableStore, push: TablePush, ids: np.ndarray) -> TablePu
     name = store.cfg.name
     check_step(name, push.step)
     grads = _checked_grads(name, push.grads, ids, store.cfg.width)
+    num_ids = len(ids)
     ids, grads = sum_duplicates(ids, grads)
+    if len(ids) < num_ids:  # finite gradients of a repeated id may sum past float32's range
+        check_finite_sum(name, ids, grads)
     checked = TablePush(int(push.step), ids, grads, push.lr)
     check_push(store, checked)
     return checked
+
+
+def summed_parts(store: TableStore, step: int, lr: float | None, ids: list[np.ndarray],
+                 grads: list[np.ndarray], is_push: bool = True) -> TablePush:
+    """The data-parallel parts (ids (n_i,), grads (n_i, width)) of table `store`'s step summed, as
+    the store applies them (StepParts.take sums them the same way), or InvalidArgument if a sum is
+    not finite or (`is_push`: the K-th part came in a push) the store cannot take it now."""
+    summed_ids, summed = sum_duplicates(np.concatenate(ids), np.concatenate(grads))
+    check_finite_sum(store.cfg.name, summed_ids, summed)
+    push = TablePush(step, summed_ids, summed, lr)
+    if is_push:
+        check_push(store, push)
+    return push
+
+
+def check_finite_sum(name: str, ids: np.ndarray, grads: np.ndarray) -> None:
+    """InvalidArgument naming the first row id (m,) whose summed gradient (m, width) is not finite."""
+    if not np.isfinite(grads).all():
+        i = np.isfinite(grads).all(axis=1).argmin()
+        raise InvalidArgument(f"table {name!r}: the summed gradient of row id {ids[i]} is not finite "
+                              f"(finite gradients of one row summed past float32's range)")
 
 
 def check_push(store: TableStore, push: TablePush) -> None:

@@ -38,7 +38,7 @@ from memory_service.shard.recovery import Recovery
 from memory_service.shard.step_parts import StepParts
 from memory_service.shard.table_stores import TableStores
 from memory_service.sharding import shard_of
-from memory_service.storage.store import TableStore
+from memory_service.storage.store import TableStore, Update
 from memory_service.storage.tiers.base import RowRecords
 from memory_service.tables import TableInfo, TablePush
 
@@ -272,36 +272,54 @@ class Shard:
                 return done  # re-sent: its first answer
             self._expire_parts()
             checked = {name: self._checked_push(name, push) for name, push in pushes.items()}
+            # every table's update computed and checked before anything changes (or is logged)
+            whole = self._completed_parts(client_id, checked, contributors, commit) if contributors > 1 else checked
+            updates = self._tables.prepare(whole)
             with self.journal.change(client_id, request_seq) as change:
                 if contributors > 1:
-                    checked = self._hold_parts(client_id, checked, contributors, is_whole=commit)
+                    self._hold_parts(client_id, checked, contributors, whole)
                 self._note_push(pushes)
-                change.result = self._tables.apply(checked, commit)
+                change.result = self._tables.apply(updates, commit)
             self._stepped.notify_all()
             return change.result
 
-    def _hold_parts(self, client_id: str, checked: dict[str, TablePush], contributors: int,
-                    is_whole: bool) -> dict[str, TablePush]:
-        """Holds each table's part of its step; returns {table: the sum of its step's parts} of the
-        steps whose K-th part this is (with `is_whole`; without, a client may send several requests
-        of its part, and its commit counts instead). Checks every table before holding any part: the
+    def _completed_parts(self, client_id: str, checked: dict[str, TablePush], contributors: int,
+                         is_whole: bool) -> dict[str, TablePush]:
+        """{table: the sum of its step's parts} of the steps whose K-th part this push is (with
+        `is_whole`; without, a client may send several requests of its part, and its commit counts
+        instead), summed as `_hold_parts` will hold them. Checks every table's part first: the
         parts agree (InvalidArgument), their step did not expire (StepExpired), and the parts held
-        stay within their bounds (LimitReached)."""
+        stay within their bounds (LimitReached). Changes nothing."""
         for name, push in checked.items():
             self._parts.check_part(name, push.step, client_id, contributors, push.lr, is_whole)
-        held = {name: push for name, push in checked.items()  # parts that complete their step are not held
-                if not (is_whole and self._parts.completes(name, push.step, client_id, contributors))}
+        complete = {}
+        for name, push in checked.items():
+            clients, ids, grads = self._held_parts(name, push.step)
+            if is_whole and len(clients | {client_id}) == contributors:
+                complete[name] = checks.summed_parts(self._tables[name], push.step, push.lr,
+                                                     [*ids, push.ids], [*grads, push.grads])
+        held = {name: push for name, push in checked.items() if name not in complete}  # completing parts are not held
         self._parts.check_room(client_id, sum(p.ids.nbytes + p.grads.nbytes for p in held.values()),
                                [(name, push.step) for name, push in held.items()])
-        complete = {}
+        return complete
+
+    def _held_parts(self, name: str, step: int) -> tuple[set[str], list[np.ndarray], list[np.ndarray]]:
+        """(clients, ids, grads) of the parts held of table `name`'s step, in the order they came."""
+        for table, held_step, parts in self._parts.held():
+            if (table, held_step) == (name, step):
+                return parts.clients, parts.ids, parts.grads
+        return set(), [], []
+
+    def _hold_parts(self, client_id: str, checked: dict[str, TablePush], contributors: int,
+                    complete: dict[str, TablePush]) -> None:
+        """Holds each table's part of its step, except where it completes the step (`complete`,
+        summed by `_completed_parts`): those steps' parts are done."""
         for name, push in checked.items():
             self._parts.add_part(name, push.step, client_id, contributors, push.lr, push.ids, push.grads)
             self.journal.note(name, "part", push.step, client_id, contributors, push.lr, push.ids, push.grads)
-            if is_whole and self._parts.is_complete(name, push.step):
-                complete[name] = self._parts.take(name, push.step)
+            if name in complete:
+                self._parts.forget(name, push.step)
                 self.journal.note(name, "parts_done", push.step)
-                checks.check_push(self._tables[name], complete[name])
-        return complete
 
     def _note_push(self, pushes: dict[str, TablePush]) -> None:
         self.counters.push_requests += 1
@@ -318,21 +336,29 @@ class Shard:
             if (done := self.journal.applied(client_id, request_seq)) is not None:
                 return done  # re-sent: its first answer
             self._expire_parts()
-            self._check_commits(client_id, steps, contributors)
+            updates = self._check_commits(client_id, steps, contributors)
             with self.journal.change(client_id, request_seq) as change:
-                change.result = sum(self._commit_step(client_id, name, step, lr, contributors)
+                change.result = sum(self._commit_step(client_id, name, step, lr, contributors, updates.get(name))
                                     for name, (step, lr) in steps.items())
             self._stepped.notify_all()
             return change.result
 
-    def _check_commits(self, client_id: str, steps: dict[str, tuple[int, float | None]], contributors: int) -> None:
+    def _check_commits(self, client_id: str, steps: dict[str, tuple[int, float | None]],
+                       contributors: int) -> dict[str, Update]:
         """InvalidArgument (or NOT_FOUND) unless every table's commit can be applied: checked
-        before any change."""
+        before any change. Returns {table: its update} of the steps this commit completes with
+        parts held (K > 1 contributors), computed and checked (TableStores.prepare)."""
+        whole = {}
         for name, (step, lr) in steps.items():
             checks.check_step(name, step, "commit step")
             checks.check_lr(self._tables.store(name), step, lr)
             if contributors > 1:
                 self._parts.check_vote(name, step, client_id)
+                voters = next((clients for table, s, clients in self._parts.voters() if (table, s) == (name, step)), set())
+                _, ids, grads = self._held_parts(name, step)
+                if len(voters | {client_id}) >= contributors and ids:
+                    whole[name] = checks.summed_parts(self._tables[name], step, lr, ids, grads, is_push=False)
+        return self._tables.prepare(whole)
 
     def _expire_parts(self) -> None:
         """Drops the data-parallel steps not complete within storage.parts_expiry_s of their first
@@ -347,29 +373,32 @@ class Shard:
         log.warning("shard %d: data-parallel steps %s expired after %g s without every contributor; dropped",
                     self.shard_id, due[:8], self.storage.parts_expiry_s)
 
-    def _commit_step(self, client_id: str, name: str, step: int, lr: float | None, contributors: int) -> int:
+    def _commit_step(self, client_id: str, name: str, step: int, lr: float | None, contributors: int,
+                     update: Update | None) -> int:
         """Completes table `name`'s step `step` for `client_id`; returns rows updated. With K > 1
-        contributors the step completes at the K-th client's commit, which applies the parts' sum."""
-        store, whole = self._tables[name], None
+        contributors the step completes at the K-th client's commit, which applies the parts' sum
+        (`update`, prepared by `_check_commits`)."""
+        store = self._tables[name]
         if contributors > 1:
             num_votes = self._parts.vote(name, step, client_id)
             self.journal.note(name, "vote", step, client_id)
             if num_votes < contributors:
                 return 0
-            whole = self._parts.take(name, step)
             self._parts.forget(name, step)
             self.journal.note(name, "parts_done", step)
-            if whole is not None:
-                store.update(whole.ids, whole.grads, step, lr, commit=False)
+            if update is not None:
+                store.write_update(update, commit=False)
         store.commit(step, lr)
-        return 0 if whole is None else len(whole.ids)
+        return 0 if update is None or update.batch is None else len(update.batch.ids)
 
     # -- hot and cold shards ----------------------------------------------------------------------
     def export_rows(self, name: str, ids: np.ndarray, version: int, client_id: str = "",
                     request_seq: int = 0) -> RowRecords:
         """Hands distinct rows `ids` (n,) over for a move: removed here with their optimizer state,
         refused (RowsMoved) from now on. Only rows ever written come back. A re-sent
-        (client_id, request_seq) gets the same rows again (its first answer was lost)."""
+        (client_id, request_seq) gets the same rows again (its first answer was lost), and the
+        rows handed over stay remembered (journal.MAX_EXPORTS exports), so that `return_rows`
+        can take them back should their destination refuse them."""
         with self._lock:
             if (done := self.journal.exported(client_id, request_seq)) is not None:
                 return done
@@ -396,6 +425,40 @@ class Shard:
                 self.journal.note(name, "import", ids, records.ids, records.rows, records.state, records.last, version)
                 self._tables[name].import_rows(records)
                 self.homes.arrive(name, ids, version)
+
+    def return_rows(self, name: str, ids: np.ndarray, version: int, client_id: str, request_seq: int) -> int:
+        """Takes back the rows among distinct `ids` (n,) that export (client_id, request_seq)
+        handed over, when their destination refused them: they are served here again exactly as
+        they left, from the export's answer this shard remembers (its own rows: not checked again,
+        so rows the destination refused as non-finite are kept, not lost). Ids served here already
+        are skipped, so a re-sent return changes nothing. Returns the ids taken back;
+        FailedPrecondition if some id is away and the export is not remembered (or was of another
+        table). Logged as an import: a crash afterwards recovers them here."""
+        with self._lock:
+            ids = self._checked_ids(name, ids)
+            if len(np.unique(ids)) != len(ids):
+                raise InvalidArgument(f"table {name!r}: returned ids must be distinct")
+            ids = ids[self.homes.away(name, ids)]
+            if not len(ids):
+                return 0
+            export = self.journal.export_of(client_id, request_seq)
+            if export is None or export[0] != name:
+                raise FailedPrecondition(
+                    f"table {name!r}: {self.homes.role} shard {self.shard_id} does not remember export "
+                    f"({client_id!r}, {request_seq}) of this table, so it cannot take back row {ids[0]}")
+            records = export[1].take(np.isin(export[1].ids, ids))
+            with self.journal.change():
+                self.journal.note(name, "import", ids, records.ids, records.rows, records.state, records.last, version)
+                self._tables[name].import_rows(records)
+                self.homes.arrive(name, ids, version)
+            return len(ids)
+
+    def forget_export(self, client_id: str, request_seq: int) -> None:
+        """Drops the copy of export (client_id, request_seq) kept for `return_rows`: its rows all
+        landed (the hot shard's own exports, whose copies would otherwise hold up to
+        journal.MAX_EXPORTS batches of rows)."""
+        with self._lock:
+            self.journal.forget_export(client_id, request_seq)
 
     # -- checkpoints (memory_service/durability/checkpoint.py) ------------------------------------------------
     def checkpoint_tables(self, step: int, names: list[str], timeout: float,

@@ -19,7 +19,7 @@ import numpy as np
 from memory_service.config import StorageConfig, TableConfig
 from memory_service.errors import InvalidArgument, TableNotFound
 from memory_service.placement import make_policy
-from memory_service.storage.store import TableStore, state_width_of
+from memory_service.storage.store import TableStore, Update, state_width_of
 from memory_service.storage.tiers.disk import DiskEnvironment, record_dtype
 from memory_service.storage.tiers.dram import DramTier
 from memory_service.tables import TableInfo, TablePush
@@ -68,19 +68,27 @@ class TableStores(Mapping[str, TableStore]):
         """Rows of each table's checked ids (n,) -> (n, width) float32, in the ids' order."""
         return TableStore.read_many({name: (self._stores[name], ids) for name, ids in requests.items()})
 
-    def apply(self, pushes: dict[str, TablePush], commit: bool) -> int:
-        """Applies each table's checked push at its step, and with `commit` completes the step;
-        returns the number of distinct rows updated."""
-        num_updated = 0
+    def prepare(self, pushes: dict[str, TablePush]) -> dict[str, Update]:
+        """Each table's checked push computed, not stored (TableStore.prepare_update): InvalidArgument
+        naming the table and row if one would leave a value non-finite, before any table changed."""
+        updates = {}
         for name, push in pushes.items():
+            try:
+                updates[name] = self._stores[name].prepare_update(push.ids, push.grads, push.step, push.lr)
+            except ValueError as err:
+                raise InvalidArgument(f"table {name!r}: {err}") from None
+        return updates
+
+    def apply(self, updates: dict[str, Update], commit: bool) -> int:
+        """Stores each table's prepared update, and with `commit` completes its step; returns the
+        number of distinct rows updated."""
+        num_updated = 0
+        for name, update in updates.items():
             store = self._stores[name]
-            if len(push.ids):
-                store.update(push.ids, push.grads, push.step, push.lr, commit)  # logs the step, then updates
-                num_updated += len(push.ids)
-            else:
-                store.record_step(push.step, push.lr)  # an empty push still logs its lr
+            store.write_update(update, commit)  # logs the step, then writes the rows
+            num_updated += 0 if update.batch is None else len(update.batch.ids)
             if commit:
-                store.commit(push.step, push.lr)
+                store.commit(update.step, update.lr)
         return num_updated
 
     def digest(self) -> str:

@@ -41,6 +41,9 @@ TRUNCATION = 2.0**-30  # allowed relative error of the truncated series
 MAX_TERMS = 12
 X_LIMIT = 0.15  # x <= 0.15: 12 terms always reach TRUNCATION (0.15^12 / 0.85 < 2^-30)
 _TINY = float(np.finfo(np.float32).tiny)
+# The most the step sizes of an adam table may add up to, times moment_ratio: a row starts small
+# and moves, over all its updates and catch-ups, by at most that, so it stays in float32's range.
+MAX_MOVEMENT = float(np.finfo(np.float32).max) / 4
 
 
 @dataclass(frozen=True)
@@ -112,6 +115,16 @@ def catch_up(rows: np.ndarray, m: np.ndarray, v: np.ndarray, last: np.ndarray, t
     stats.rows += len(last)
 
 
+def moment_ratio(decay: AdamDecay) -> float | None:
+    """A bound of |m| / sqrt(v) over any gradient history (Cauchy-Schwarz on the two moving
+    averages; catch-up only shrinks it), with slack for rounding; None where b1^2 >= b2 (no bound:
+    |m| / eps bounds each move instead)."""
+    b1, b2 = decay.b1, decay.b2
+    if b1 * b1 >= b2:
+        return None
+    return 1.001 * (1 - b1) / math.sqrt((1 - b2) * (1 - b1 * b1 / b2))
+
+
 def _horizon(theta: np.ndarray, m: np.ndarray, last: np.ndarray, target: int, ss: np.ndarray,
              decay: AdamDecay) -> np.ndarray:
     """Steps (r,) after which the rest of each row's movement is below HORIZON of its largest |value|.
@@ -123,8 +136,7 @@ def _horizon(theta: np.ndarray, m: np.ndarray, last: np.ndarray, target: int, ss
     scale = ss_max[np.minimum(last + 1, target)]  # (r,)
     limit = HORIZON * np.maximum(np.abs(theta).max(axis=1), _TINY)  # (r,)
     b1, b2 = decay.b1, decay.b2
-    if b1 * b1 < b2:
-        ratio = 1.001 * (1 - b1) / math.sqrt((1 - b2) * (1 - b1 * b1 / b2))  # slack for rounding
+    if (ratio := moment_ratio(decay)) is not None:
         steps = _steps_below(scale * ratio, b1 / math.sqrt(b2), limit)
     else:
         steps = _steps_below(scale * np.abs(m).max(axis=1) / decay.eps, b1, limit)

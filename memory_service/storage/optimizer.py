@@ -22,7 +22,7 @@ from abc import ABC, abstractmethod
 
 import numpy as np
 
-from memory_service.storage.catch_up import AdamDecay, CatchUpStats, catch_up
+from memory_service.storage.catch_up import MAX_MOVEMENT, AdamDecay, CatchUpStats, catch_up, moment_ratio
 from memory_service.storage.step_log import StepLog
 from memory_service.config import OptimizerConfig
 
@@ -108,10 +108,12 @@ class TableOptimizer(ABC):
         Nothing to do for optimizers whose rows move only when they have a gradient."""
 
     def update(self, rows: np.ndarray, state: np.ndarray, last: np.ndarray, grads: np.ndarray,
-               step: int) -> None:
-        """Catch-up to step - 1, then the step's update; `last` (n,) becomes `step`. Gathered copies."""
+               step: int, lr: float | None = None) -> None:
+        """Catch-up to step - 1, then the step's update with learning rate `lr` (`checked_lr`'s:
+        the step need not be logged yet, so an update can be computed, checked and only then
+        stored; None: the rate logged for `step`); `last` (n,) becomes `step`. Gathered copies."""
         self.catch_up(rows, state, last, step - 1)
-        self.apply(rows, state, grads, step, self.lr_at(step))
+        self.apply(rows, state, grads, step, self.lr_at(step) if lr is None else lr)
         last[:] = step
 
     def log_state(self) -> dict[str, np.ndarray]:
@@ -210,6 +212,25 @@ class Adam(TableOptimizer):
         self.stats = CatchUpStats()
         self._ss = np.zeros(1)  # (step + 1,) float32-rounded lr_j / (1 - beta1^j)
         self._bsq = np.ones(1)  # (step + 1,) float32-rounded sqrt(1 - beta2^j)
+        self._ss_sum = 0.0  # sum of _ss: bounds how far any row can ever move (see checked_lr)
+
+    def checked_lr(self, step: int, lr: float | None) -> float:
+        """As TableOptimizer's, and for a new step: ValueError if its rate could carry a row past
+        float32's range. A row moves, per step j it is updated or caught up over, by at most
+        ss_j = lr_j / (1 - beta1^j) times |m| / sqrt(v) <= moment_ratio (catch_up.py's bound,
+        for beta1^2 < beta2): the sum of ss_j over every step times it stays below MAX_MOVEMENT,
+        a quarter of float32's largest value. A push's own rows are checked after the update
+        (TableStore.prepare_update); this covers the rows a step's rate moves later, in a catch-up
+        on read, which cannot be refused. Far from any real schedule (~1e37 in all)."""
+        lr = super().checked_lr(step, lr)
+        ratio = moment_ratio(self.decay)
+        if step > self.step and ratio is not None:
+            total = self._ss_sum + lr / (1 - self.config.beta1**step)
+            if not total * ratio <= MAX_MOVEMENT:
+                raise ValueError(f"learning rate {lr:g} of step {step} could carry a row past float32's range "
+                                 f"when it is caught up over that step (the sum of lr_j / (1 - beta1^j) over "
+                                 f"every step of an adam table must stay below {MAX_MOVEMENT / ratio:.3g})")
+        return lr
 
     def state_width(self, width: int) -> int:
         return 2 * width
@@ -228,13 +249,14 @@ class Adam(TableOptimizer):
             bsq = np.sqrt(1 - c.beta2 ** j.astype(np.float64))
             self._ss = np.concatenate([self._ss, ss.astype(np.float32).astype(np.float64)])
             self._bsq = np.concatenate([self._bsq, bsq.astype(np.float32).astype(np.float64)])
+            self._ss_sum += float(np.nansum(ss))
 
     def load_log_state(self, log: dict[str, np.ndarray]) -> None:
         super().load_log_state(log)
         steps, _ = self.log.entries()
         if not np.array_equal(steps, np.arange(1, self.step + 1)):
             raise ValueError(f"an adam table's step log must hold every step 1..{self.step}")
-        self._ss, self._bsq = np.zeros(1), np.ones(1)
+        self._ss, self._bsq, self._ss_sum = np.zeros(1), np.ones(1), 0.0
         self._extend_factors()
 
     def catch_up(self, rows: np.ndarray, state: np.ndarray, last: np.ndarray, target: int) -> None:

@@ -11,6 +11,7 @@ before it reaches the disk tier.
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -19,6 +20,27 @@ from memory_service.storage.optimizer import TableOptimizer
 from memory_service.storage.residency import Residency
 from memory_service.storage.tiers.disk import DiskTier
 from memory_service.storage.tiers.dram import DramTier
+
+
+@dataclass
+class UpdateBatch:
+    """An update computed but not stored (RowWriter.prepare): distinct `ids` (n,), their arena
+    `slots` (n,) (-1: not resident), and their new `rows` (n, width), optimizer `state`
+    (n, state_width) and `last` step (n,)."""
+
+    ids: np.ndarray
+    slots: np.ndarray
+    rows: np.ndarray
+    state: np.ndarray
+    last: np.ndarray
+
+    def first_non_finite(self) -> int | None:
+        """Position of the first row whose new values or optimizer state are not finite, or None
+        (the common case: two passes of np.isfinite, nothing else)."""
+        if np.isfinite(self.rows).all() and np.isfinite(self.state).all():
+            return None
+        bad = ~(np.isfinite(self.rows).all(axis=1) & np.isfinite(self.state).all(axis=1))
+        return int(bad.argmax())
 
 
 class RowWriter:
@@ -76,42 +98,53 @@ class RowWriter:
             self.disk.put(disk_ids[behind], batch_rows[a:], batch_state[a:], batch_last[a:])
         self.optimizer_rows += len(batch_rows)
 
-    # --- updates (pushes) ---
+    # --- updates (pushes): computed first (`prepare`), stored once every table of the request passed ---
 
-    def update_arena(self, ids: np.ndarray, grads: np.ndarray, step: int) -> None:
-        """The optimizer at `step` on distinct `ids` (n,) of an all-DRAM store, with `grads`
-        (n, width): rows updated in place by slot, never-written ones added."""
-        slots = self.arena.lookup(ids)  # (n,)
-        missing = slots < 0
-        if missing.any():
-            new = ids[missing]
-            slots[missing] = self.arena.append(new, *self.initial(new))
-        rows, state, last = self.arena.records_at(slots)  # gathered copies
-        self.optimizer.update(rows, state, last, grads, step)
-        self.arena.write_at(slots, rows, state, last)
-        self.optimizer_rows += len(ids)
-
-    def update_tiered(self, ids: np.ndarray, grads: np.ndarray, step: int,
-                      log: tuple[int, float] | None) -> None:
-        """One optimizer batch over every id: resident rows updated in the arena (dirty), the
-        others read from the disk tier (or initialised) and written back there with the step log
-        entry `log` (and copied into the arena while it has room)."""
+    def prepare(self, ids: np.ndarray, grads: np.ndarray, step: int, lr: float) -> UpdateBatch:
+        """The optimizer at `step` with learning rate `lr` over distinct `ids` (n,) with `grads`
+        (n, width), in one batch, on gathered copies: resident rows from the arena, the others from
+        the disk tier or initialised. Changes nothing; `write` stores the result."""
         n, width = len(ids), self.arena.width
         slots = self.arena.lookup(ids)  # (n,)
         resident = slots >= 0
-        rows = np.empty((n, width), dtype=np.float32)
-        state = np.empty((n, self.arena.state_width), dtype=np.float32)
-        last = np.empty(n, dtype=np.int64)
-        rows[resident], state[resident], last[resident] = self.arena.records_at(slots[resident])
-        other = np.flatnonzero(~resident)  # (o,) positions
-        found, disk_rows, disk_state, disk_last = self.disk.get(ids[other])
-        rows[other[found]], state[other[found]], last[other[found]] = disk_rows, disk_state, disk_last
-        new = other[~found]
-        rows[new], state[new], last[new] = self.initial(ids[new])
-        self.optimizer.update(rows, state, last, grads, step)
+        if resident.all():
+            rows, state, last = self.arena.records_at(slots)
+            found = np.zeros(0, bool)
+        else:
+            rows = np.empty((n, width), dtype=np.float32)
+            state = np.empty((n, self.arena.state_width), dtype=np.float32)
+            last = np.empty(n, dtype=np.int64)
+            rows[resident], state[resident], last[resident] = self.arena.records_at(slots[resident])
+            other = np.flatnonzero(~resident)  # (o,) positions
+            found = np.zeros(len(other), bool)
+            if self.disk is not None:
+                found, disk_rows, disk_state, disk_last = self.disk.get(ids[other])
+                rows[other[found]], state[other[found]], last[other[found]] = disk_rows, disk_state, disk_last
+            new = other[~found]
+            rows[new], state[new], last[new] = self.initial(ids[new], step)
+        self.optimizer.update(rows, state, last, grads, step, lr)
+        return UpdateBatch(ids, slots, rows, state, last)
+
+    def write(self, batch: UpdateBatch, log: tuple[int, float] | None) -> None:
+        """Stores a prepared batch: resident rows in the arena (dirty when a disk tier is under it),
+        never-written ones appended (all-DRAM), the others written to the disk tier with the step
+        log entry `log` (and copied into the arena while it has room)."""
+        ids, slots, rows, state, last = batch.ids, batch.slots, batch.rows, batch.state, batch.last
+        resident = slots >= 0
+        if self.disk is None:
+            if not resident.all():
+                slots = slots.copy()
+                slots[~resident] = self.arena.append(ids[~resident], rows[~resident], state[~resident],
+                                                     last[~resident])
+                self.arena.write_at(slots[resident], rows[resident], state[resident], last[resident])
+            else:
+                self.arena.write_at(slots, rows, state, last)
+            self.optimizer_rows += len(ids)
+            return
         self.note("rows", ids, rows, state, last)
         self.arena.write_at(slots[resident], rows[resident], state[resident], last[resident])
         self.arena.mark_dirty(slots[resident])
+        other = np.flatnonzero(~resident)
         if other.size:
             self.disk.put(ids[other], rows[other], state[other], last[other], log=log)
             self.residency.copy_in(ids[other], rows[other], state[other], last[other])
@@ -119,12 +152,12 @@ class RowWriter:
             self.disk.save_log(np.array([log[0]]), np.array([log[1]]))
         self.optimizer_rows += len(ids)
 
-    def initial(self, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """(rows, state, last) of never-written `ids` (m,): their initial row, zero state, and
-        last step as if caught up to the step before the current one."""
+    def initial(self, ids: np.ndarray, step: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(rows, state, last) of never-written `ids` (m,) updated at `step`: their initial row,
+        zero state, and last step as if caught up to the step before the table's step."""
         rows = self.init_rows(ids)
         state = self.optimizer.initial_state(len(ids), self.arena.width)
-        return rows, state, np.full(len(ids), max(self.optimizer.step - 1, 0), dtype=np.int64)
+        return rows, state, np.full(len(ids), max(max(self.optimizer.step, step) - 1, 0), dtype=np.int64)
 
     def last_of(self, ids: np.ndarray) -> np.ndarray:
         """Last step of each id (n,), -1 where never written."""

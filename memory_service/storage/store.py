@@ -25,6 +25,7 @@ from __future__ import annotations
 import hashlib
 import math
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -34,11 +35,22 @@ from memory_service.rows import InitialRows, initial_rows_many
 from memory_service.storage.optimizer import make_optimizer
 from memory_service.storage.residency import Residency
 from memory_service.storage.row_reader import RowReader
-from memory_service.storage.row_writer import RowWriter
+from memory_service.storage.row_writer import RowWriter, UpdateBatch
 from memory_service.storage.tiers.base import RowRecords
 from memory_service.storage.tiers.disk import DiskTier
 from memory_service.storage.tiers.dram import DramTier
 from memory_service.storage.usage import DISK_TIER, TierCounters, TierUsage
+
+
+@dataclass(frozen=True)
+class Update:
+    """One table's push at `step` with learning rate `lr` (checked), computed and checked but not
+    stored yet (`TableStore.prepare_update`); `batch` None for a push without rows (it only logs
+    the step's learning rate)."""
+
+    step: int
+    lr: float
+    batch: UpdateBatch | None
 
 
 def state_width_of(cfg: TableConfig) -> int:
@@ -229,18 +241,46 @@ class TableStore:
                commit: bool = True) -> None:
         """Applies the optimizer at table `step` with learning rate `lr` (None: the configured one)
         to distinct `ids` (n,) with `grads` (n, width); with `commit`, the step is complete (see
-        `commit`), else more of its gradients may come."""
+        `commit`), else more of its gradients may come. ValueError, and nothing changed, if a row
+        or its optimizer state would not be finite (`prepare_update`)."""
+        self.write_update(self.prepare_update(ids, grads, step, lr), commit)
+
+    def prepare_update(self, ids: np.ndarray, grads: np.ndarray, step: int, lr: float | None = None) -> Update:
+        """The update `update` would make, computed and checked but not stored: ValueError naming
+        the first row that it would leave non-finite (row or optimizer state: finite gradients
+        can overflow float32 in the optimizer, e.g. a gradient of 1e20 squared into Adam's second
+        moment, or a huge learning rate). Changes nothing, so a shard computes every table's
+        update of a request first and stores them only once all passed."""
+        lr = self.optimizer.checked_lr(step, lr)
+        if not len(ids):
+            return Update(step, lr, None)
+        with np.errstate(over="ignore"):  # an overflow is what the check below finds and refuses
+            batch = self.writer.prepare(ids, grads, step, lr)
+        if (bad := batch.first_non_finite()) is not None:
+            raise ValueError(f"the update of step {step} would make row id {ids[bad]} or its optimizer state "
+                             f"non-finite (lr {lr:g}, largest |gradient| {float(np.abs(grads[bad]).max()):g}): "
+                             f"refused, nothing applied")
+        return Update(step, lr, batch)
+
+    def write_update(self, update: Update, commit: bool = True) -> None:
+        """Stores a prepared update (`prepare_update`, with no other change of the table since):
+        logs its step and learning rate, writes its rows; with `commit` completes the step."""
+        step = update.step
+        if update.batch is None:
+            self.record_step(step, update.lr)  # an empty push still logs its lr
+            if commit:
+                self._set_committed(step)
+            return
         if commit:
             self._set_committed(step)
-        if self.disk is None:
-            self.optimizer.record_step(step, lr)
-            self.writer.update_arena(ids, grads, step)
-            return
         new = self._is_new_step(step)
-        self.optimizer.record_step(step, lr)
+        self.optimizer.record_step(step, update.lr)
+        if self.disk is None:
+            self.writer.write(update.batch, None)
+            return
         if new:
-            self._note("step", step, self.optimizer.lr_at(step))
-        self.writer.update_tiered(ids, grads, step, (step, self.optimizer.lr_at(step)) if new else None)
+            self._note("step", step, update.lr)
+        self.writer.write(update.batch, (step, update.lr) if new else None)
         self.residency.unsettled = True  # rows read before they were written can be admitted now
 
     def _note(self, kind: str, *fields) -> None:

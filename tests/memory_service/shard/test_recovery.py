@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 
 from memory_service.config import OptimizerConfig, StorageConfig, TableConfig
-from memory_service.errors import InvalidArgument, StepExpired
+from memory_service.errors import InvalidArgument, RowsMoved, StepExpired
 from memory_service.shard.shard import Shard
 from memory_service.tables import TablePush
 from memory_service.durability.wal import WalCorrupt, WriteAheadLog
@@ -247,6 +247,18 @@ time.sleep(600)  # killed before
 """
 
 
+MOVED = np.arange(0, 60, 3)  # rows exported for a move their destination then refused
+MOVED_SCRIPT = """
+import os, sys
+sys.path[:0] = [{tests!r}, {root!r}]
+from test_recovery import export_moved, open_shard
+export_moved(open_shard({path!r}), give_back=GIVE_BACK)
+print("moved", flush=True)
+import time
+time.sleep(600)  # killed before
+"""
+
+
 def expire_half_a_step(path) -> "Shard":
     """hold_half_a_step on a shard whose parts expire after 0.2 s, then a fetch after 0.3 s, which
     drops the step; returns the shard, open."""
@@ -275,6 +287,45 @@ def test_an_expired_step_stays_expired_after_a_restart(tmp_path, restart):
         with pytest.raises(StepExpired, match="table 'dp' step 1: its data-parallel parts expired"):
             shard.commit("worker1", {"dp": (1, None)}, contributors=2)
         assert shard.describe_table("dp").step == 0
+    finally:
+        shard.close()
+
+
+def push_moved(shard: Shard) -> None:
+    grads = np.random.default_rng(3).standard_normal((len(MOVED), WIDTH)).astype(np.float32)
+    shard.push("w", {name: TablePush(1, MOVED, grads) for name in TABLES})
+
+
+def export_moved(shard: Shard, give_back: bool) -> None:
+    """Rows MOVED of every table written, exported for a move and, with `give_back`, taken back
+    (the destination refused them)."""
+    push_moved(shard)
+    for seq, name in enumerate(TABLES, 1):
+        shard.export_rows(name, MOVED, 1, "migrator", seq)
+        if give_back:
+            assert shard.return_rows(name, MOVED, 1, "migrator", seq) == len(MOVED)
+
+
+@pytest.mark.parametrize("give_back", [False, True], ids=["killed-after-export", "killed-after-return"])
+def test_rows_given_back_after_a_refused_move_survive_a_crash(tmp_path, give_back):
+    """A cold shard killed after an export (before the migrator could give the rows back) still
+    remembers the export's rows and takes them back when the return comes; killed after the
+    return, it serves them again: either way the rows come back exact (the return is logged like
+    an import), and a re-sent return changes nothing."""
+    path = tmp_path / "shard"
+    kill_once_it_says(MOVED_SCRIPT.replace("GIVE_BACK", str(give_back)), path, "moved")
+    reference = open_shard()
+    push_moved(reference)
+    shard = open_shard(path)
+    try:
+        for seq, name in enumerate(TABLES, 1):
+            if not give_back:
+                with pytest.raises(RowsMoved):
+                    shard.fetch({name: MOVED})
+                assert shard.return_rows(name, MOVED, 1, "migrator", seq) == len(MOVED)
+            assert shard.return_rows(name, MOVED, 1, "migrator", seq) == 0  # re-sent: nothing to do
+            np.testing.assert_array_equal(shard.fetch({name: MOVED})[name], reference.fetch({name: MOVED})[name])
+        assert_same(states(shard), states(reference))
     finally:
         shard.close()
 

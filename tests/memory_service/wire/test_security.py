@@ -180,6 +180,8 @@ WRITES = {
     "DropTable": memory_pb2.DropTableRequest(name="emb"),
     "ExportRows": memory_pb2.ExportRowsRequest(table="emb", ids=codec.encode_ids(np.array([0])), version=1),
     "ImportRows": memory_pb2.ImportRowsRequest(records=memory_pb2.RowRecords(table="emb")),
+    "ReturnRows": memory_pb2.ReturnRowsRequest(table="emb", ids=codec.encode_ids(np.array([0])), version=1,
+                                               client_id="m", request_seq=1),
     "DrainAccesses": memory_pb2.DrainAccessesRequest(),
 }
 
