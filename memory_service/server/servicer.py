@@ -10,11 +10,10 @@ rows travel back (in the response or a shared-memory file) is fetch_replies.py's
 from __future__ import annotations
 
 import dataclasses
-import asyncio
 import functools
 import threading
 import time
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import grpc
@@ -28,8 +27,9 @@ from memory_service.ops.metrics import MetricsServer, ShardMetrics, serve_metric
 from memory_service.ops.reports import ShardReport
 from memory_service.rpc import memory_pb2, memory_pb2_grpc
 from memory_service.server import budgets
-from memory_service.server.fetch_replies import FetchReplies, reply_nbytes
 from memory_service.server.admission import Admission, AdmissionLimits
+from memory_service.server.event_loop import EventLoop
+from memory_service.server.fetch_replies import FetchReplies, reply_nbytes
 from memory_service.shard import checkpoint_files
 from memory_service.shard.shard import Shard
 from memory_service.tables import TableInfo, TablePush
@@ -288,27 +288,6 @@ def _lr(msg: memory_pb2.TableGrads | memory_pb2.TableStep) -> float | None:
     """The learning rate a push or commit carries: None when it carries none (the table's
     configured lr); 0.0 is a zero step, not "configured"."""
     return msg.lr if msg.HasField("lr") else None
-
-
-class EventLoop:
-    """An asyncio loop on a thread of its own: where the aio gRPC server runs."""
-
-    def __init__(self) -> None:
-        self.loop = asyncio.new_event_loop()
-        self.thread = threading.Thread(target=self.loop.run_forever, name="shard-grpc", daemon=True)
-        self.thread.start()
-
-    def run(self, coroutine, timeout: float | None = None):
-        """The coroutine's result, run on the loop; blocks the calling thread."""
-        return asyncio.run_coroutine_threadsafe(coroutine, self.loop).result(timeout)
-
-    def submit(self, coroutine) -> Future:
-        return asyncio.run_coroutine_threadsafe(coroutine, self.loop)
-
-    def close(self) -> None:
-        self.loop.call_soon_threadsafe(self.loop.stop)
-        self.thread.join()
-        self.loop.close()
 
 
 @dataclass
