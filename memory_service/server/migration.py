@@ -16,8 +16,11 @@ refreshes its hot map and re-sends (memory_service/client.py).
 
 A cold shard that crashes and restarts mid-move loses no row in flight: calls to it are re-sent
 while it is unavailable (memory_service/wire/retry.py); an import is idempotent, and an export carries
-a request id, so a re-sent one returns the rows it already handed over. (The hot shard itself is
-not durable: its rows die with its process.)
+a request id, so a re-sent one returns the rows it already handed over. A hot shard with a disk
+directory (`hot-NNNN`) is durable as a cold one is, and Ray restarts it: its migrator writes each
+move it starts in that directory (move_intent.py) and, started again over it, finishes the move a
+crash cut in half (`resume`) before it plans another. A hot shard without one (all-DRAM, or rows
+on a GPU) is not durable: its rows die with its process.
 """
 from __future__ import annotations
 
@@ -31,6 +34,7 @@ import numpy as np
 
 from memory_service.wire import codec
 from memory_service.placement import DEFAULT_POLICY, make_policy
+from memory_service.server.move_intent import Move, MoveIntent
 from memory_service.ids import sorted_unique
 from memory_service.placement.policy import READ, Policy, tell
 from memory_service.wire.retry import RECONNECT_OPTIONS, RetryPolicy
@@ -79,6 +83,10 @@ class Migrator:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self.error: BaseException | None = None
+        # a durable hot shard: each move is written down before it starts, and finished after a crash
+        path = hot.storage.path
+        self.intent = MoveIntent(path, hot.storage.wal_fsync) if path is not None and hot.journal.durable else None
+        self._resumed = self.intent is None
 
     def start(self) -> "Migrator":
         self._thread = threading.Thread(target=self._run, name="engram-migrator", daemon=True)
@@ -147,6 +155,8 @@ class Migrator:
         with self.hot.moves.round() as free:
             if not free:
                 return True  # paused: look again soon
+            if not self._resumed:
+                self.resume()
             if not self._observe() and not self._unfinished:
                 return False
             self._unfinished = False
@@ -160,6 +170,31 @@ class Migrator:
                     self._promote(name, np.asarray(admit, np.int64))
             self.counters.rounds += 1
             return True
+
+    def resume(self) -> int:
+        """Finishes the move a crash of this hot shard interrupted (none: nothing), before any
+        other: a promote re-sends its export (the cold shard answers with the rows it handed over
+        then, or hands them over now) and imports what this shard does not hold yet; a demote takes
+        the rows this shard let go of (its export remembered them) and imports them where they are
+        not home yet. Returns the rows of the move."""
+        move = self.intent.pending()
+        if move is not None:
+            ids = move.ids
+            if move.table not in self.hot.list_tables():
+                pass  # dropped since: its rows went with it
+            elif move.kind == "promote":
+                self._promote_part(move.table, ids, move.version, move.client_id, move.request_seq)
+            else:
+                records = self.hot.export_rows(move.table, ids, move.version, move.client_id, move.request_seq)
+                held = self.hot.hot_map(move.table)[1]  # taken back after a failed import: they stay
+                error = self._import_cold(move.table, ids[~np.isin(ids, held)],
+                                          records.take(~np.isin(records.ids, held)), move.version)
+                if error is not None:
+                    self.intent.end()
+                    raise error
+            self.intent.end()
+        self._resumed = True
+        return 0 if move is None else len(move.ids)
 
     def _policy(self, name: str) -> Policy:
         if name not in self.policies:
@@ -202,16 +237,41 @@ class Migrator:
             part = ids[ids % n == c]
             if not len(part):
                 continue
-            reply = self._rpc(self.cold[c], "ExportRows", memory_pb2.ExportRowsRequest(
-                table=name, ids=codec.encode_ids(part), version=version, client_id=self.client_id,
-                request_seq=next(self._request_seqs)))
-            records = codec.records_from_proto(reply, width, state_width)
-            self.hot.import_rows(name, records, version, part)
+            seq = next(self._request_seqs)
+            self._begin(Move("promote", name, part, version, self.client_id, seq))
+            self._promote_part(name, part, version, self.client_id, seq)
+            self._end()
             self.counters.promoted += len(part)
+
+    def _promote_part(self, name: str, part: np.ndarray, version: int, client_id: str, seq: int) -> None:
+        """Moves rows `part` (all of one cold home) here; export request (client_id, seq)."""
+        c = int(part[0] % len(self.cold))
+        width, state_width = self.hot.describe_table(name).config.width, self.hot.state_width(name)
+        reply = self._rpc(self.cold[c], "ExportRows", memory_pb2.ExportRowsRequest(
+            table=name, ids=codec.encode_ids(part), version=version, client_id=client_id, request_seq=seq))
+        self.hot.import_rows(name, codec.records_from_proto(reply, width, state_width), version, part)
+
+    def _begin(self, move: Move) -> None:
+        if self.intent is not None:
+            self.intent.begin(move)
+
+    def _end(self) -> None:
+        if self.intent is not None:
+            self.intent.end()
 
     def _demote(self, name: str, ids: np.ndarray) -> None:
         version = self.hot.homes.version + 1
-        records = self.hot.export_rows(name, ids, version)
+        seq = next(self._request_seqs)
+        self._begin(Move("demote", name, ids, version, self.client_id, seq))
+        records = self.hot.export_rows(name, ids, version, self.client_id, seq)  # remembered, for resume
+        error = self._import_cold(name, ids, records, version)
+        self._end()  # imported, or taken back here
+        if error is not None:
+            raise error
+
+    def _import_cold(self, name: str, ids: np.ndarray, records, version: int) -> Exception | None:
+        """Imports rows `ids` (`records` those written) that this shard exported into their cold
+        homes; the rows of a cold shard that stayed down are taken back here (its error returned)."""
         n = len(self.cold)
         error = None
         for c in range(n):
@@ -226,6 +286,5 @@ class Migrator:
             except Exception as err:  # the cold shard stayed down: its rows stay hot rather than nowhere
                 self.hot.import_rows(name, mine, version, part)
                 error = err
-        if error is not None:
-            raise error
+        return error
 

@@ -34,11 +34,14 @@ class Homes:
         """Sorted ids: a cold shard's rows that moved away, a hot shard's rows it is home of."""
         return self._sets.get(table, EMPTY)
 
+    def away(self, table: str, ids: np.ndarray) -> np.ndarray:
+        """(n,) bool: which of `ids` this shard is not home of now (the static rule already checked)."""
+        member = contains(self._sets.get(table, EMPTY), ids)
+        return member if self.role == "cold" else ~member
+
     def check(self, table: str, ids: np.ndarray) -> None:
         """RowsMoved unless this shard is home of every id (n,) (the static rule already checked)."""
-        held = self._sets.get(table, EMPTY)
-        member = contains(held, ids)
-        away = member if self.role == "cold" else ~member
+        away = self.away(table, ids)
         if away.any():
             where = "moved to a hot shard" if self.role == "cold" else "is not hot here"
             raise RowsMoved(f"moved: {self.version}: table {table!r} row {int(ids[away.argmax()])} {where}")
@@ -54,6 +57,11 @@ class Homes:
         held = self._sets.get(table, EMPTY)
         self._sets[table] = np.setdiff1d(held, ids) if self.role == "cold" else np.union1d(held, ids)
         self.version = max(self.version, version)
+
+    def restore(self, table: str, ids: np.ndarray) -> None:
+        """Sets the moving part of `table` to sorted ids `ids` (as `ids(table)` gave them), as a
+        checkpoint stored it, on a cold or a hot shard alike."""
+        self._sets[table] = ids
 
     def drop(self, table: str) -> None:
         self._sets.pop(table, None)
