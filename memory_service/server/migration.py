@@ -160,14 +160,18 @@ class Migrator:
             if not self._observe() and not self._unfinished:
                 return False
             self._unfinished = False
-            for name in self.hot.list_tables():
-                policy = self._policy(name)
-                admit, evict = policy.plan(self.hot.hot_map(name)[1], self.max_moves)
-                self._unfinished |= max(len(admit), len(evict)) >= self.max_moves
-                if len(evict):
-                    self._demote(name, np.asarray(evict, np.int64))
-                if len(admit):
-                    self._promote(name, np.asarray(admit, np.int64))
+            try:
+                for name in self.hot.list_tables():
+                    policy = self._policy(name)
+                    admit, evict = policy.plan(self.hot.hot_map(name)[1], self.max_moves)
+                    self._unfinished |= max(len(admit), len(evict)) >= self.max_moves
+                    if len(evict):
+                        self._demote(name, np.asarray(evict, np.int64))
+                    if len(admit):
+                        self._promote(name, np.asarray(admit, np.int64))
+            except BaseException:  # a move may be cut in half: the next round finishes it first
+                self._resumed = self.intent is None
+                raise
             self.counters.rounds += 1
             return True
 
