@@ -553,17 +553,26 @@ def _serve_config(docs) -> list[str]:
         problems.append(f"{where}: host must be 0.0.0.0: shards are dialled at their pod's IP")
     if c.get("max_restarts", 3) == 0:
         problems.append(f"{where}: max_restarts 0: a shard whose pod dies stays dead")
-    problems += _storage_volumes(docs, where, c.get("storage", {}).get("path"), shard_resource)
+    durable_hot = hot_resource if num_hot and c.get("hot_device", "auto") != "cuda" else None
+    problems += _storage_volumes(docs, where, c.get("storage", {}).get("path"), shard_resource, durable_hot)
     problems += _hot_devices(docs, where, c.get("hot_device", "auto"), hot_resource if num_hot else None)
     return problems
 
 
-def _storage_volumes(docs, where: str, path: str | None, shard_resource: str) -> list[str]:
+def _storage_volumes(docs, where: str, path: str | None, shard_resource: str,
+                     hot_resource: str | None = None) -> list[str]:
+    """storage.path is on a ReadWriteMany claim in every pod a shard with files may run on: the
+    cold shards', and the hot shards' (`hot_resource`) that keep rows in host DRAM over LMDB
+    (`hot-NNNN/`; a hot shard on a GPU pod keeps them on the GPU, without files)."""
     if not path:
         return [f"{where}: storage.path unset: cold shards would keep their rows only in DRAM"]
     claims = {d["metadata"]["name"]: d for d in by_kind(docs, "PersistentVolumeClaim")}
     problems = []
-    for g, _ in _offering(docs, shard_resource):
+    offering = _offering(docs, shard_resource)
+    if hot_resource is not None:
+        offering += [(g, u) for g, u in _offering(docs, hot_resource) if not _has_gpu(g) and g not in
+                     [h for h, _ in offering]]
+    for g, _ in offering:
         mounts = [m for m in g.pod_spec["containers"][0].get("volumeMounts", [])
                   if (path.rstrip("/") + "/").startswith(m["mountPath"].rstrip("/") + "/")]
         volumes = {v["name"]: v for v in g.pod_spec.get("volumes", [])}

@@ -15,12 +15,15 @@ Lifetime. Shards belong to the driver that launched them and die with it, unless
 `ClusterConfig.detached`: then shards and registry are detached Ray actors that keep serving after
 the launcher exits (`engram serve --detach`), and `stop_cluster(name)` (`engram stop`) ends them.
 
-Crashes. A cold shard with a disk directory (`storage.path`) is restarted by Ray after a crash
-(`ClusterConfig.max_restarts`): the new process recovers every acknowledged change from its LMDB
-files and write-ahead log, binds the port its predecessor had (read from the registry, which
-outlives it) and re-registers; clients' channels reconnect by themselves and re-send what failed.
-On SIGTERM (Kubernetes stopping a pod) a shard stops serving, flushes and exits. All-DRAM and hot
-shards are not restarted: their rows die with their process (a restart would serve empty tables).
+Crashes. With a disk directory (`storage.path`) every shard, cold (`shard-NNNN`) or hot
+(`hot-NNNN`, rows in host DRAM), is restarted by Ray after a crash (`ClusterConfig.max_restarts`):
+the new process recovers every acknowledged change from its LMDB files and write-ahead log, binds
+the port its predecessor had (read from the registry, which outlives it) and re-registers;
+clients' channels reconnect by themselves and re-send what failed, and a hot shard's migrator
+finishes the move the crash interrupted (server/migration.py). On SIGTERM (Kubernetes stopping a
+pod) a shard stops serving, flushes and exits. All-DRAM shards and hot shards keeping rows on a
+GPU are not restarted: their rows die with their process (a restart would serve empty tables).
+`TableCluster.watch` reports shards that restarted and those that died for good (`engram serve`).
 """
 from __future__ import annotations
 
@@ -77,6 +80,13 @@ class TableCluster:
 
         return MemoryClient(self.targets, hot_targets=self.hot_targets, **kwargs)
 
+    def watch(self):
+        """A ShardWatch (cluster_watch.py) of every shard actor: restarts and deaths as they happen."""
+        from memory_service.cluster_watch import ShardWatch
+
+        return ShardWatch({**{("cold", i): a for i, a in enumerate(self.actors)},
+                           **{("hot", i): a for i, a in enumerate(self.hot_actors)}}, self.config.ready_timeout_s)
+
     def shutdown(self) -> None:
         """Stop the shards (hot first, then the cold ones flush) and kill the actors if this object
         started them and they are not detached; stop Ray if this object started Ray. Detached
@@ -111,6 +121,10 @@ def launch(config: ClusterConfig, owns_ray: bool = False) -> TableCluster:
     if config.storage.path is None:
         log.warning("cluster %r: shards without storage.path keep their rows only in DRAM: a crashed "
                     "shard loses them and is not restarted", config.name)
+    elif config.num_hot and hot_device(config) is not None:
+        log.warning("cluster %r: hot shards keeping rows on a GPU have no disk directory: a crashed hot "
+                    "shard loses the rows it is home of and is not restarted (hot_device: cpu makes them "
+                    "durable)", config.name)
     lifetime = {"lifetime": "detached"} if config.detached else {}
     # on the head node: the registry must outlive any shard node (see server/registry.py)
     try:
@@ -134,11 +148,15 @@ def launch(config: ClusterConfig, owns_ray: bool = False) -> TableCluster:
         raise
 
 
+def _restarts(config: ClusterConfig, durable: bool) -> dict:
+    """Ray's restart options of a shard: a durable one (a disk directory) recovers from its files
+    after a crash, and actor calls a crash interrupted are re-run (all are safe to)."""
+    return dict(max_restarts=config.max_restarts, max_task_retries=config.max_restarts) if durable else {}
+
+
 def _start_cold(config: ClusterConfig, lifetime: dict) -> list:
     shards = config.num_shards + config.num_hot
-    # a restarted shard recovers from its files; actor calls a crash interrupted are re-run (all are safe to)
-    restarts = {} if config.storage.path is None else dict(
-        max_restarts=config.max_restarts, max_task_retries=config.max_restarts)
+    restarts = _restarts(config, config.storage.path is not None)
     return [
         ShardActor.options(num_cpus=config.num_cpus_per_shard, resources={config.shard_resource: 1},
                            name=shard_name(config.name, "cold", i), namespace=NAMESPACE,
@@ -152,6 +170,7 @@ def _start_cold(config: ClusterConfig, lifetime: dict) -> list:
 
 def _start_hot(config: ClusterConfig, cold_targets: list[str], lifetime: dict) -> list:
     device = hot_device(config)
+    durable = config.storage.path is not None and device is None  # a GPU arena has no disk under it
     migration = dict(cold_targets=cold_targets, capacity=config.hot_rows,
                      policy=config.placement, interval_s=config.migrate_interval_s,
                      max_duty=config.migrate_max_duty,
@@ -160,11 +179,13 @@ def _start_hot(config: ClusterConfig, cold_targets: list[str], lifetime: dict) -
         ShardActor.options(num_cpus=config.num_cpus_per_shard, num_gpus=1 if device == "cuda" else 0,
                            resources={config.hot_resource or config.shard_resource: 1},
                            name=shard_name(config.name, "hot", i), namespace=NAMESPACE,
-                           runtime_env={"env_vars": SHARD_ENV}, **lifetime)
+                           runtime_env={"env_vars": shard_env(config.storage) if durable else SHARD_ENV},
+                           **_restarts(config, durable), **lifetime)
         .remote(i, config.num_hot, config.host, config.port, registry_name(config.name), config.metrics_port,
                 config.name, config.num_shards + config.num_hot, role="hot", track_accesses=True,
                 migration=migration, security=config.security, niceness=config.niceness,
-                device=device)  # rows in its GPU's memory
+                storage=config.storage.for_hot_shard(i) if durable else None,
+                device=device)  # None: host DRAM (over LMDB when durable); "cuda": its GPU's memory
         for i in range(config.num_hot)
     ]
 

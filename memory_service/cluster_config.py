@@ -27,10 +27,12 @@ class ClusterConfig:
     TLS and tokens (memory_service.wire.security; None: open), with `security.peer` the credentials a
     hot shard's migration uses on the cold shards.
     `shard_resource` is the Ray custom resource each shard takes one unit of. `storage` is where
-    shards keep rows: all in DRAM by default; with `storage.path`, each shard is a cold shard with
-    its LMDB files in its own subdirectory `shard-NNNN` of that path (StorageConfig.for_shard).
-    Such a shard is restarted by Ray up to `max_restarts` times (-1: always) after a crash, and
-    recovers from its files; all-DRAM shards and hot shards are never restarted.
+    shards keep rows: all in DRAM by default; with `storage.path`, each cold shard has its LMDB
+    files and write-ahead log in its own subdirectory `shard-NNNN` of that path
+    (StorageConfig.for_shard), and each hot shard keeping rows in host DRAM one `hot-NNNN`
+    (for_hot_shard). Such a shard is restarted by Ray up to `max_restarts` times (-1: always)
+    after a crash, and recovers from its files; all-DRAM shards and hot shards keeping rows on a
+    GPU are never restarted.
     `niceness` is the shards' CPU priority (0 normal, 19 lowest): shards sharing a host's cores with
     a trainer (the embedded cluster) should yield to it, or each of their bursts stalls the
     trainer's whole intra-op parallel region; shards on hosts of their own keep 0.

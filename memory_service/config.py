@@ -160,3 +160,11 @@ class StorageConfig:
         if self.path is None:
             return self
         return dataclasses.replace(self, path=os.path.join(self.path, f"shard-{shard_id:04d}"))
+
+    def for_hot_shard(self, shard_id: int) -> "StorageConfig":
+        """The config of hot shard `shard_id`: its own subdirectory `hot-NNNN` of `path`, beside
+        the cold shards' (a hot shard logs and checkpoints as a cold one does, so a crash of it
+        loses nothing either)."""
+        if self.path is None:
+            return self
+        return dataclasses.replace(self, path=os.path.join(self.path, f"hot-{shard_id:04d}"))

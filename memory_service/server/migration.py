@@ -23,8 +23,11 @@ refreshes its hot map and re-sends (memory_service/client.py).
 
 A cold shard that crashes and restarts mid-move loses no row in flight: calls to it are re-sent
 while it is unavailable (memory_service/wire/retry.py); an import is idempotent, and an export carries
-a request id, so a re-sent one returns the rows it already handed over. (The hot shard itself is
-not durable: its rows die with its process.)
+a request id, so a re-sent one returns the rows it already handed over. A hot shard with a disk
+directory (`hot-NNNN`) is durable as a cold one is, and Ray restarts it: its migrator writes each
+move it starts in that directory (move_intent.py) and, started again over it, finishes the move a
+crash cut in half (`resume`) before it plans another. A hot shard without one (all-DRAM, or rows
+on a GPU) is not durable: its rows die with its process.
 """
 from __future__ import annotations
 
@@ -39,6 +42,7 @@ import numpy as np
 
 from memory_service.wire import codec
 from memory_service.placement import DEFAULT_POLICY, make_policy
+from memory_service.server.move_intent import Move, MoveIntent
 from memory_service.ids import sorted_unique
 from memory_service.placement.policy import READ, Policy, tell
 from memory_service.wire.retry import RECONNECT_OPTIONS, RetryPolicy
@@ -89,6 +93,10 @@ class Migrator:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self.error: BaseException | None = None
+        # a durable hot shard: each move is written down before it starts, and finished after a crash
+        path = hot.storage.path
+        self.intent = MoveIntent(path, hot.storage.wal_fsync) if path is not None and hot.journal.durable else None
+        self._resumed = self.intent is None
 
     def start(self) -> "Migrator":
         self._thread = threading.Thread(target=self._run, name="engram-migrator", daemon=True)
@@ -158,20 +166,56 @@ class Migrator:
         with self.hot.moves.round() as free:
             if not free:
                 return True  # paused: look again soon
+            if not self._resumed:
+                self.resume()
             self._retry_returns()
             if not self._observe() and not self._unfinished:
                 return False
             self._unfinished = False
-            for name in self.hot.list_tables():
-                policy = self._policy(name)
-                admit, evict = policy.plan(self.hot.hot_map(name)[1], self.max_moves)
-                self._unfinished |= max(len(admit), len(evict)) >= self.max_moves
-                if len(evict):
-                    self._demote(name, np.asarray(evict, np.int64))
-                if len(admit):
-                    self._promote(name, np.asarray(admit, np.int64))
+            try:
+                for name in self.hot.list_tables():
+                    policy = self._policy(name)
+                    admit, evict = policy.plan(self.hot.hot_map(name)[1], self.max_moves)
+                    self._unfinished |= max(len(admit), len(evict)) >= self.max_moves
+                    if len(evict):
+                        self._demote(name, np.asarray(evict, np.int64))
+                    if len(admit):
+                        self._promote(name, np.asarray(admit, np.int64))
+            except BaseException:  # a move may be cut in half: the next round finishes it first
+                self._resumed = self.intent is None
+                raise
             self.counters.rounds += 1
             return True
+
+    def resume(self) -> int:
+        """Finishes the move a crash of this hot shard interrupted (none: nothing), before any
+        other: a promote re-sends its export (the cold shard answers with the rows it handed over
+        then, or hands them over now) and imports what this shard does not hold yet; a demote takes
+        the rows this shard let go of (its export remembered them) and imports them where they are
+        not home yet. Returns the rows of the move."""
+        move = self.intent.pending()
+        if move is not None:
+            ids = move.ids
+            if move.table not in self.hot.list_tables():
+                pass  # dropped since: its rows went with it
+            elif move.kind in ("promote", "return"):
+                c = int(ids[0] % len(self.cold))
+                error = (self._promote_part(move.table, ids, move.version, move.client_id, move.request_seq)
+                         if move.kind == "promote" else
+                         self._give_back(_Return(c, move.table, ids, move.version, move.request_seq)))
+                if error is not None:
+                    raise error  # the intent stays: tried again next round
+            else:
+                records = self.hot.export_rows(move.table, ids, move.version, move.client_id, move.request_seq)
+                held = self.hot.hot_map(move.table)[1]  # taken back after a failed import: they stay
+                error = self._import_cold(move.table, ids[~np.isin(ids, held)],
+                                          records.take(~np.isin(records.ids, held)), move.version, move.request_seq)
+                if error is not None:
+                    self.intent.end()
+                    raise error
+            self.intent.end()
+        self._resumed = True
+        return 0 if move is None else len(move.ids)
 
     def _policy(self, name: str) -> Policy:
         if name not in self.policies:
@@ -207,12 +251,9 @@ class Migrator:
                                f"{rpc} to cold shard {self.cold.index(stub)}")
 
     def _promote(self, name: str, ids: np.ndarray) -> None:
-        """Moves rows `ids` of table `name` from their cold homes here. A cold shard lets go of
-        its rows only once this shard took them: rows this shard would refuse (not finite: only a
-        checkpoint from before that check can bring such rows) are given back at once, and when
-        the import fails for any other reason, the whole part is (`_give_back`)."""
+        """Moves rows `ids` of table `name` from their cold homes here, one cold shard's part at a
+        time (`_promote_part`); raises the first error after trying every part."""
         version = self.hot.homes.version + 1
-        width, state_width = self.hot.describe_table(name).config.width, self.hot.state_width(name)
         n = len(self.cold)
         error = None
         for c in range(n):
@@ -220,44 +261,63 @@ class Migrator:
             if not len(part):
                 continue
             seq = next(self._request_seqs)
-            try:
-                reply = self._rpc(self.cold[c], "ExportRows", memory_pb2.ExportRowsRequest(
-                    table=name, ids=codec.encode_ids(part), version=version, client_id=self.client_id,
-                    request_seq=seq))
-            except Exception:  # it may have been applied, its answer lost: give back whatever it took
-                self._returns.append(_Return(c, name, part, version, seq))
-                raise
-            records = codec.records_from_proto(reply, width, state_width)
-            finite = np.isfinite(records.rows).all(axis=1) & np.isfinite(records.state).all(axis=1)
-            if not finite.all():
-                refused = records.ids[~finite]
-                error = self._give_back(_Return(c, name, refused, version, seq)) or error
-                part, records = np.setdiff1d(part, refused), records.take(finite)
-                if not len(part):
-                    continue
-            try:
-                self.hot.import_rows(name, records, version, part)
-            except Exception as err:  # refused here: the rows go back to their cold home, not nowhere
-                error = self._give_back(_Return(c, name, part, version, seq)) or err
-                continue
-            self.counters.promoted += len(part)
+            self._begin(Move("promote", name, part, version, self.client_id, seq))
+            if (failed := self._promote_part(name, part, version, self.client_id, seq)) is None:
+                self._end()
+            else:  # a durable hot shard keeps the intent and finishes (or gives back) the move first next round
+                error = error or failed
+                if self.intent is not None:
+                    break
         if error is not None:
             raise error
+
+    def _promote_part(self, name: str, part: np.ndarray, version: int, client_id: str, seq: int) -> Exception | None:
+        """Moves rows `part` (all of one cold home) here; export request (client_id, seq). A cold
+        shard lets go of its rows only once this shard took them: rows this shard refuses (not
+        finite: only a checkpoint from before that check can bring such rows), or the whole part
+        when the import fails for another reason, are given back (`_give_back`), after the intent
+        says so (a crash then re-sends the return, never the export). Returns the error, if any."""
+        c = int(part[0] % len(self.cold))
+        width, state_width = self.hot.describe_table(name).config.width, self.hot.state_width(name)
+        try:
+            reply = self._rpc(self.cold[c], "ExportRows", memory_pb2.ExportRowsRequest(
+                table=name, ids=codec.encode_ids(part), version=version, client_id=client_id, request_seq=seq))
+        except Exception:  # it may have been applied, its answer lost: give back whatever it took
+            if self.intent is None:  # a durable hot shard re-sends the export instead (resume)
+                self._returns.append(_Return(c, name, part, version, seq))
+            raise
+        records = codec.records_from_proto(reply, width, state_width)
+        finite = np.isfinite(records.rows).all(axis=1) & np.isfinite(records.state).all(axis=1)
+        refused, error = records.ids[~finite], None
+        keep = np.setdiff1d(part, refused)
+        try:
+            if len(keep):
+                self.hot.import_rows(name, records.take(finite), version, keep)
+        except Exception as err:  # refused here: the rows go back to their cold home, not nowhere
+            refused, error = part, err
+        self.counters.promoted += len(part) - len(refused)
+        if len(refused):
+            self._begin(Move("return", name, refused, version, client_id, seq))
+            error = self._give_back(_Return(c, name, refused, version, seq)) or error
+        return error
 
     def _give_back(self, back: "_Return") -> Exception | None:
         """Has cold shard `back.cold` serve again the rows of its export `back.seq` that this
         shard did not take (ReturnRows: it re-imports them from its own copy of the export).
-        Returns None, or the error when that shard stayed unavailable: the return is then kept
-        and retried at every round (the shard remembers the export across a restart, through its
-        write-ahead log), and the rows are refused with RowsMoved meanwhile, never served stale.
-        A shard that does not know the export (FAILED_PRECONDITION: it was never applied, and the
-        rows have moved since) has nothing to give back: the return is dropped."""
+        Returns None, or the error when that shard stayed unavailable: the return is then tried
+        again (a durable hot shard's intent keeps it, else it is kept in memory and retried at every
+        round; the shard remembers the export across a restart, through its write-ahead log), and
+        the rows are refused with RowsMoved meanwhile, never served stale. A shard that does not
+        know the export (FAILED_PRECONDITION: it was never applied, and the rows have moved since)
+        has nothing to give back: the return is done."""
         try:
             reply = self._rpc(self.cold[back.cold], "ReturnRows", memory_pb2.ReturnRowsRequest(
                 table=back.table, ids=codec.encode_ids(back.ids), version=back.version,
                 client_id=self.client_id, request_seq=back.seq))
         except Exception as err:
-            if not (isinstance(err, grpc.RpcError) and err.code() == grpc.StatusCode.FAILED_PRECONDITION):
+            if isinstance(err, grpc.RpcError) and err.code() == grpc.StatusCode.FAILED_PRECONDITION:
+                return None
+            if self.intent is None:
                 self._returns.append(back)
             return err
         self.counters.returned += reply.rows_returned
@@ -273,12 +333,30 @@ class Migrator:
             if (error := self._give_back(back)) is not None:
                 self.error = error
 
+    def _begin(self, move: Move) -> None:
+        if self.intent is not None:
+            self.intent.begin(move)
+
+    def _end(self) -> None:
+        if self.intent is not None:
+            self.intent.end()
+
     def _demote(self, name: str, ids: np.ndarray) -> None:
         """Moves rows `ids` of table `name` from here to their cold homes; a part whose cold shard
         refuses it (or stays unavailable) is taken back here from this shard's copy of the export."""
         version = self.hot.homes.version + 1
         seq = next(self._request_seqs)
-        records = self.hot.export_rows(name, ids, version, self.client_id, seq)
+        self._begin(Move("demote", name, ids, version, self.client_id, seq))
+        records = self.hot.export_rows(name, ids, version, self.client_id, seq)  # remembered, for resume
+        error = self._import_cold(name, ids, records, version, seq)
+        self._end()  # imported, or taken back here
+        if error is not None:
+            raise error
+
+    def _import_cold(self, name: str, ids: np.ndarray, records, version: int, seq: int) -> Exception | None:
+        """Imports rows `ids` (`records` those written) that this shard exported (export `seq`)
+        into their cold homes; the rows a cold shard refused, or that stayed down, are taken back
+        here from this shard's copy of the export (the error returned)."""
         n = len(self.cold)
         error = None
         for c in range(n):
@@ -294,8 +372,7 @@ class Migrator:
                 self.hot.return_rows(name, part, version, self.client_id, seq)
                 error = err
         self.hot.forget_export(self.client_id, seq)  # every part landed somewhere: no copy to keep
-        if error is not None:
-            raise error
+        return error
 
 
 @dataclass(frozen=True)

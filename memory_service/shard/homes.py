@@ -35,7 +35,7 @@ class Homes:
         return self._sets.get(table, EMPTY)
 
     def away(self, table: str, ids: np.ndarray) -> np.ndarray:
-        """(n,) bool: which ids (n,) this shard is not home of (the static rule already checked)."""
+        """(n,) bool: which of `ids` this shard is not home of now (the static rule already checked)."""
         member = contains(self._sets.get(table, EMPTY), ids)
         return member if self.role == "cold" else ~member
 
@@ -57,6 +57,11 @@ class Homes:
         held = self._sets.get(table, EMPTY)
         self._sets[table] = np.setdiff1d(held, ids) if self.role == "cold" else np.union1d(held, ids)
         self.version = max(self.version, version)
+
+    def restore(self, table: str, ids: np.ndarray) -> None:
+        """Sets the moving part of `table` to sorted ids `ids` (as `ids(table)` gave them), as a
+        checkpoint stored it, on a cold or a hot shard alike."""
+        self._sets[table] = ids
 
     def drop(self, table: str) -> None:
         self._sets.pop(table, None)

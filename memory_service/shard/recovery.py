@@ -1,4 +1,5 @@
-"""Recovery: a cold shard reopened after a crash gets back every change it acknowledged.
+"""Recovery: a shard with a disk directory (cold, or hot: hot-NNNN) reopened after a crash gets
+back every change it acknowledged.
 
 The LMDB files hold every row as of the last flush, and more: rows written since (evicted, or
 written straight to LMDB by a push) are there too, since a killed process keeps what LMDB
@@ -31,9 +32,10 @@ log = logging.getLogger(__name__)
 
 
 class Recovery:
-    """Stores (`snapshot`) and puts back (`recover`) what only a cold shard's memory holds beside
-    its rows: each table's committed step in `stores`, the moved rows of `homes`, the held parts
-    and commits of `parts`, and the rows exported for a re-sent request in `journal`."""
+    """Stores (`snapshot`) and puts back (`recover`) what only a shard's memory holds beside its
+    rows: each table's committed step in `stores`, the moved (cold) or held (hot) rows of
+    `homes`, the held parts and commits of `parts`, and the rows exported for a re-sent request in
+    `journal`."""
 
     def __init__(self, stores: Mapping[str, TableStore], homes: Homes, parts: StepParts, journal: Journal) -> None:
         self.stores, self.homes, self.parts, self.journal = stores, homes, parts, journal
@@ -72,7 +74,7 @@ class Recovery:
             store.committed = state["committed"].get(name, 0)  # later tables: their commits are in the log
         for name, ids in state["homes"]["moved"].items():
             if name in self.stores:
-                self.homes.leave(name, _ids(ids), 0)
+                self.homes.restore(name, _ids(ids))  # moved away (cold) or held (hot)
         self.homes.version = state["homes"]["version"]
         for name, step, contributors, lr, clients, ids, grads, *client_bytes in state["parts"]:
             if name in self.stores:  # client_bytes: absent from checkpoints before parts were bounded

@@ -417,10 +417,15 @@ class Shard:
 
     def import_rows(self, name: str, records: RowRecords, version: int, ids: np.ndarray | None = None) -> None:
         """Takes rows moved here: `ids` (n,) all of them, `records` those ever written (the
-        others are computed from the seed wherever they are), exported by their previous home."""
+        others are computed from the seed wherever they are), exported by their previous home.
+        Rows this shard is home of already are kept as they are: an import re-sent after a crash
+        of the migrating hot shard (server/migration.py resumes its moves) must not overwrite
+        rows updated since they arrived."""
         with self._lock:
             ids = self._checked_ids(name, records.ids if ids is None else ids)
             checks.check_records(name, records, ids, self._checked_ids(name, records.ids))
+            if not (away := self.homes.away(name, ids)).all():
+                ids, records = ids[away], records.take(self.homes.away(name, records.ids))
             with self.journal.change():
                 self.journal.note(name, "import", ids, records.ids, records.rows, records.state, records.last, version)
                 self._tables[name].import_rows(records)

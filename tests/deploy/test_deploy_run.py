@@ -168,7 +168,7 @@ def test_the_deployment_runs_outlives_its_launcher_survives_a_pod_kill_and_stops
         stats = json.loads(engram(procs, "stats", "--address", HEAD, "--name", name, "--json").stdout)
         roles = sorted(s["role"] for s in stats["shards"])
         assert roles == ["cold"] * config["num_shards"] + ["hot"] * config["num_hot"] == ["cold", "cold", "hot"]
-        assert sorted(os.listdir(local.mounts[config["storage"]["path"]])) == ["shard-0000", "shard-0001"]
+        assert sorted(os.listdir(local.mounts[config["storage"]["path"]])) == ["hot-0000", "shard-0000", "shard-0001"]
 
         # 3. an uninterrupted reference run, then the RayJob's entrypoint (as Ray runs a job's driver:
         # on the head, RAY_ADDRESS set) with a cold shard's pod killed mid-training

@@ -78,8 +78,8 @@ def test_detached_shards_outlive_their_launcher(ray_session, tmp_path):
     for role, shard_id in (("cold", 0), ("cold", 1), ("hot", 0)):
         with pytest.raises(ValueError):
             ray.get_actor(shard_name("detached", role, shard_id), namespace=NAMESPACE)
-    # the cold shards flushed on stop: their files hold the rows, and no write-ahead log is left to replay
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["shard-0000", "shard-0001"]
+    # the shards flushed on stop: their files hold the rows, and no write-ahead log is left to replay
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["hot-0000", "shard-0000", "shard-0001"]
 
 
 def test_unknown_cluster_is_one_line(ray_session):

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import signal
+import sys
 import threading
 
 from trainer.cli.options import (CLIENT_ADDRESS_HELP, add_cluster_args, non_negative_float, non_negative_int,
@@ -40,12 +41,16 @@ def serve_overrides(args: argparse.Namespace) -> dict:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    """Start a tables cluster and serve until SIGINT/SIGTERM. Its shards are owned by this process
+    """Start a tables cluster and serve until SIGINT/SIGTERM, or until a shard dies for good (Ray
+    gave up restarting it, or it is one that is never restarted): that is logged, the other shards
+    stop (cold ones flush) and serve exits with 1; a shard Ray restarted is logged, and serving
+    goes on (memory_service/cluster_watch.py). Its shards are owned by this process
     (stopped cleanly on the signal) unless detached (`detached: true` or `--detach`): then the
     signal only detaches, the shards keep serving until `engram stop`, and starting `engram
     serve` again with the same config attaches to them (a restarted Kubernetes sidecar). With
     `--detach` it returns as soon as every shard serves."""
     from memory_service.config_file import ConfigError, load_cluster_config
+    from memory_service.errors import ClusterError
 
     config = load_cluster_config(args.config, serve_overrides(args))  # checked before anything starts
     address = ray_address(args.address, default=None)  # None: the embedded one
@@ -72,11 +77,22 @@ def cmd_serve(args: argparse.Namespace) -> int:
         signal.signal(sig, lambda *_: stop.set())
     ending = (f"a signal detaches; `engram stop --name {config.name}` stops them" if config.detached
               else "Ctrl-C to stop")
+    watch = cluster.watch()
     print(f"serving {shards} of cluster {config.name!r}{already}; {ending}", flush=True)
-    stop.wait()
-    cluster.shutdown()  # stops the shards, or detaches from detached ones
-    print(f"detached: cluster {config.name!r} keeps serving" if config.detached else "stopped", flush=True)
-    return 0
+    dead = watch.run(stop)  # restarts are logged; a shard that died for good ends serving
+    if not dead:
+        cluster.shutdown()  # stops the shards, or detaches from detached ones
+        print(f"detached: cluster {config.name!r} keeps serving" if config.detached else "stopped", flush=True)
+        return 0
+    for event in dead:
+        print(f"error: {event}: cluster {config.name!r} cannot serve its rows", file=sys.stderr, flush=True)
+    try:
+        cluster.shutdown()  # the others stop cleanly (cold ones flush), or stay when detached
+    except ClusterError as err:  # names the dead ones again
+        print(f"error: {err}", file=sys.stderr, flush=True)
+    print(f"detached: the other shards of {config.name!r} keep serving until `engram stop --name {config.name}`"
+          if config.detached else "stopped the other shards", flush=True)
+    return 1
 
 
 def _follow_other_jobs_logs() -> None:
@@ -125,11 +141,12 @@ def add_parsers(sub) -> None:
     p.add_argument("--hot-device", default=None, choices=("auto", "cuda", "cpu"),
                    help="where hot rows live (auto: cuda where the node has a GPU)")
     p.add_argument("--storage-path", default=None,
-                   help="directory of the cold shards' LMDB files (shard-NNNN inside; default: DRAM only, "
-                        "and no restarts)")
+                   help="directory of the shards' LMDB files and write-ahead logs (shard-NNNN and hot-NNNN "
+                        "inside; default: DRAM only, and no restarts)")
     p.add_argument("--dram-budget", type=size, default=None, metavar="BYTES",
-                   help="a cold shard's DRAM over its LMDB files, e.g. 4GiB")
-    p.add_argument("--max-restarts", type=int, default=None, help="restarts of a crashed cold shard (-1: always)")
+                   help="a shard's DRAM over its LMDB files, e.g. 4GiB")
+    p.add_argument("--max-restarts", type=int, default=None,
+                   help="restarts of a crashed shard with --storage-path (-1: always; default 3)")
     p.add_argument("--placement", default=None, help="hot shards' placement policy (default engram)")
     p.add_argument("--migrate-max-duty", type=positive_float, default=None,
                    help="wall-clock share a hot shard's migration may take")
