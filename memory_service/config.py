@@ -101,7 +101,14 @@ class StorageConfig:
     rows are flushed to LMDB and the log restarted every `flush_interval_s` seconds or
     `flush_wal_bytes` of log, whichever comes first, and on close or SIGTERM; a restart replays
     the log since. Without `wal`, a crash loses the rows only DRAM held since their last
-    eviction. An all-DRAM shard (`path` None) loses all its rows with its process."""
+    eviction. An all-DRAM shard (`path` None) loses all its rows with its process.
+
+    Checkpoints (memory_service/durability/checkpoint.py): shards write and read checkpoint files
+    only under `checkpoint_root`, a directory of the cluster (the same for every shard, cold and
+    hot; shared with the driver on a multi-host cluster); a CheckpointSave or CheckpointRestore
+    naming a path outside it (`..`, a symlink pointing out) is refused. None: `checkpoints/` under
+    `path` for a cluster with disk storage (`checkpoint_dir`); an all-DRAM cluster without one
+    refuses checkpoints until it is set."""
 
     path: str | None = None
     dram_budget_bytes: int = 1 << 30
@@ -113,6 +120,7 @@ class StorageConfig:
     wal_fsync: bool = False
     flush_interval_s: float = 60.0
     flush_wal_bytes: int = 256 << 20
+    checkpoint_root: str | None = None  # where checkpoints may be written (None: <path>/checkpoints)
 
     def __post_init__(self) -> None:
         if self.path is not None and not self.path:
@@ -127,12 +135,23 @@ class StorageConfig:
             raise ValueError(f"max_moves {self.max_moves} must be >= 1")
         if self.map_bytes < 1 << 20:
             raise ValueError(f"map_bytes {self.map_bytes} must be >= 1 MiB")
+        if self.checkpoint_root is not None and not os.path.isabs(self.checkpoint_root):
+            raise ValueError(f"checkpoint_root {self.checkpoint_root!r} must be an absolute path")
         if not self.flush_interval_s > 0 or self.flush_wal_bytes < 1:
             raise ValueError(f"flush_interval_s {self.flush_interval_s} must be > 0 and flush_wal_bytes "
                              f"{self.flush_wal_bytes} >= 1")
 
+    @property
+    def checkpoint_dir(self) -> str | None:
+        """The cluster's checkpoint root: `checkpoint_root`, else `path`/checkpoints, else None."""
+        if self.checkpoint_root is not None:
+            return self.checkpoint_root
+        return os.path.join(self.path, "checkpoints") if self.path is not None else None
+
     def for_shard(self, shard_id: int) -> "StorageConfig":
-        """The config of shard `shard_id`: its own subdirectory of `path`."""
+        """The config of shard `shard_id`: its own subdirectory of `path` (the checkpoint root
+        stays the cluster's)."""
         if self.path is None:
             return self
-        return dataclasses.replace(self, path=os.path.join(self.path, f"shard-{shard_id:04d}"))
+        return dataclasses.replace(self, path=os.path.join(self.path, f"shard-{shard_id:04d}"),
+                                   checkpoint_root=self.checkpoint_dir)

@@ -97,6 +97,8 @@ def read_fields(source: str | None, overrides: Mapping[str, Any]) -> tuple[dict[
                      where)
     # absolute: the shards open it in a process Ray starts in a folder of its own
     fields["storage"] = dataclasses.replace(storage, path=os.path.abspath(storage.path)) if storage.path else storage
+    if storage.checkpoint_root:  # likewise; relative to where the config was read, as `path`
+        fields["storage"] = dataclasses.replace(fields["storage"], checkpoint_root=os.path.abspath(storage.checkpoint_root))
     return fields, tls
 
 
