@@ -44,7 +44,7 @@ from memory_service.storage.tiers.base import RowRecords
 from memory_service.tables import TableInfo, TablePush
 
 T = TypeVar("T")
-FLUSH_CHUNK_ROWS = 2048  # dirty rows a flush writes per hold of the lock (~20 ms at width 64 with Adam state)
+FLUSH_CHUNK_ROWS = 1024  # dirty rows a flush writes per hold of the lock (~5-10 ms at width 64 with Adam state)
 FLUSH_PAUSE_S = 0.001  # between chunks: requests waiting for the lock get it
 
 

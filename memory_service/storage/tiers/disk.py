@@ -83,7 +83,8 @@ def _ids_of(keys: bytes) -> np.ndarray:
 class DiskEnvironment:
     """The LMDB environment of one cold shard: a directory on local disk holding every table's
     rows, metadata and step log. Not thread-safe: the shard's lock serialises its use (the map
-    can only grow while no transaction is open)."""
+    can only grow while no transaction is open), except `reader()` transactions, read outside
+    the lock (a resize waits for them)."""
 
     def __init__(self, path: str, map_bytes: int = 64 << 20, max_tables: int = 1024) -> None:
         if map_bytes < 1 << 20:
@@ -380,7 +381,11 @@ class DiskTier(Tier):
         while True:
             with nullcontext(txn) if txn is not None else self._env.begin() as current:
                 cursor = current.cursor(db=self._rows_db)
-                pairs = list(islice(cursor.iternext(), chunk)) if cursor.set_range(start) else []
+                pairs = []
+                if cursor.set_range(start):  # in slices: the GIL is not released inside one, and a
+                    records = cursor.iternext()  # snapshot is read beside requests being served
+                    while len(pairs) < chunk and (part := list(islice(records, min(_CHUNK, chunk - len(pairs))))):
+                        pairs += part
             if not pairs:
                 return
             ids = _ids_of(b"".join(map(_first, pairs)))
