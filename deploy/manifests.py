@@ -555,6 +555,7 @@ def _serve_config(docs) -> list[str]:
         problems.append(f"{where}: max_restarts 0: a shard whose pod dies stays dead")
     durable_hot = hot_resource if num_hot and c.get("hot_device", "auto") != "cuda" else None
     problems += _storage_volumes(docs, where, c.get("storage", {}).get("path"), shard_resource, durable_hot)
+    problems += _checkpoint_root(docs, where, c.get("storage", {}), [shard_resource, hot_resource if num_hot else None])
     problems += _hot_devices(docs, where, c.get("hot_device", "auto"), hot_resource if num_hot else None)
     return problems
 
@@ -582,6 +583,23 @@ def _storage_volumes(docs, where: str, path: str | None, shard_resource: str,
         elif "ReadWriteMany" not in claims.get(claim, {}).get("spec", {}).get("accessModes", []):
             problems.append(f"group {g.name}: storage.path {path} is on {claim!r}, not a ReadWriteMany claim: "
                             f"a shard restarted on another pod would not find its files")
+    return problems
+
+
+def _checkpoint_root(docs, where: str, storage: dict, resources: list[str | None]) -> list[str]:
+    """The checkpoint root (storage.checkpoint_root, default <path>/checkpoints) must be on a volume
+    every shard pod mounts: shards write their part of a checkpoint there and refuse any other path."""
+    root = storage.get("checkpoint_root") or (f"{storage['path'].rstrip('/')}/checkpoints" if storage.get("path") else None)
+    if root is None:
+        return [f"{where}: no storage.checkpoint_root: the shards would refuse every checkpoint"]
+    problems = []
+    for resource in filter(None, resources):
+        for g, _ in _offering(docs, resource):
+            mounts = [m for m in g.pod_spec["containers"][0].get("volumeMounts", [])
+                      if (root.rstrip("/") + "/").startswith(m["mountPath"].rstrip("/") + "/")]
+            if not mounts:
+                problems.append(f"group {g.name}: nothing mounted at {where} checkpoint root {root}: its shards "
+                                f"could not write checkpoints")
     return problems
 
 

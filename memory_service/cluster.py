@@ -35,6 +35,7 @@ import ray
 
 # ClusterConfig and attach_ray are re-exported: config_file.py and the CLI reach them through this door
 from memory_service.cluster_config import ClusterConfig
+from memory_service.config import StorageConfig
 from memory_service.cluster_resources import check_resources, hot_device
 from memory_service.errors import ClusterError, ClusterNotFound
 from memory_service.ray_attach import attach_existing, attach_ray, is_embedded  # noqa: F401
@@ -184,7 +185,8 @@ def _start_hot(config: ClusterConfig, cold_targets: list[str], lifetime: dict) -
         .remote(i, config.num_hot, config.host, config.port, registry_name(config.name), config.metrics_port,
                 config.name, config.num_shards + config.num_hot, role="hot", track_accesses=True,
                 migration=migration, security=config.security, niceness=config.niceness,
-                storage=config.storage.for_hot_shard(i) if durable else None,
+                storage=(config.storage.for_hot_shard(i) if durable
+                         else StorageConfig(checkpoint_root=config.storage.checkpoint_dir)),  # rows in DRAM; its checkpoint root
                 device=device)  # None: host DRAM (over LMDB when durable); "cuda": its GPU's memory
         for i in range(config.num_hot)
     ]

@@ -112,7 +112,14 @@ class StorageConfig:
     RESOURCE_EXHAUSTED), and a step not complete `parts_expiry_s` seconds after its first part or
     commit is dropped (its later parts and commits get FAILED_PRECONDITION). A shard that keeps
     reads for placement keeps at most `access_log_ids` ids of them, the oldest dropped first, none
-    older than `access_log_expiry_s` seconds."""
+    older than `access_log_expiry_s` seconds.
+
+    Checkpoints (memory_service/durability/checkpoint.py): shards write and read checkpoint files
+    only under `checkpoint_root`, a directory of the cluster (the same for every shard, cold and
+    hot; shared with the driver on a multi-host cluster); a CheckpointSave or CheckpointRestore
+    naming a path outside it (`..`, a symlink pointing out) is refused. None: `checkpoints/` under
+    `path` for a cluster with disk storage (`checkpoint_dir`); an all-DRAM cluster without one
+    refuses checkpoints until it is set."""
 
     path: str | None = None
     dram_budget_bytes: int = 1 << 30
@@ -129,6 +136,7 @@ class StorageConfig:
     parts_expiry_s: float = 300.0
     access_log_ids: int = 1 << 22  # 32 MiB of ids: a DrainAccesses reply always fits a message
     access_log_expiry_s: float = 60.0
+    checkpoint_root: str | None = None  # where checkpoints may be written (None: <path>/checkpoints)
 
     def __post_init__(self) -> None:
         if self.path is not None and not self.path:
@@ -143,6 +151,8 @@ class StorageConfig:
             raise ValueError(f"max_moves {self.max_moves} must be >= 1")
         if self.map_bytes < 1 << 20:
             raise ValueError(f"map_bytes {self.map_bytes} must be >= 1 MiB")
+        if self.checkpoint_root is not None and not os.path.isabs(self.checkpoint_root):
+            raise ValueError(f"checkpoint_root {self.checkpoint_root!r} must be an absolute path")
         if not self.flush_interval_s > 0 or self.flush_wal_bytes < 1:
             raise ValueError(f"flush_interval_s {self.flush_interval_s} must be > 0 and flush_wal_bytes "
                              f"{self.flush_wal_bytes} >= 1")
@@ -155,16 +165,26 @@ class StorageConfig:
         if not 1 <= self.access_log_ids <= MAX_ACCESS_LOG_IDS:
             raise ValueError(f"access_log_ids {self.access_log_ids} must be in [1, {MAX_ACCESS_LOG_IDS}]")
 
+    @property
+    def checkpoint_dir(self) -> str | None:
+        """The cluster's checkpoint root: `checkpoint_root`, else `path`/checkpoints, else None."""
+        if self.checkpoint_root is not None:
+            return self.checkpoint_root
+        return os.path.join(self.path, "checkpoints") if self.path is not None else None
+
     def for_shard(self, shard_id: int) -> "StorageConfig":
-        """The config of shard `shard_id`: its own subdirectory of `path`."""
+        """The config of shard `shard_id`: its own subdirectory of `path` (the checkpoint root
+        stays the cluster's)."""
         if self.path is None:
             return self
-        return dataclasses.replace(self, path=os.path.join(self.path, f"shard-{shard_id:04d}"))
+        return dataclasses.replace(self, path=os.path.join(self.path, f"shard-{shard_id:04d}"),
+                                   checkpoint_root=self.checkpoint_dir)
 
     def for_hot_shard(self, shard_id: int) -> "StorageConfig":
         """The config of hot shard `shard_id`: its own subdirectory `hot-NNNN` of `path`, beside
         the cold shards' (a hot shard logs and checkpoints as a cold one does, so a crash of it
-        loses nothing either)."""
+        loses nothing either); the checkpoint root stays the cluster's."""
         if self.path is None:
             return self
-        return dataclasses.replace(self, path=os.path.join(self.path, f"hot-{shard_id:04d}"))
+        return dataclasses.replace(self, path=os.path.join(self.path, f"hot-{shard_id:04d}"),
+                                   checkpoint_root=self.checkpoint_dir)

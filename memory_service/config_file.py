@@ -97,8 +97,10 @@ def read_fields(source: str | None, overrides: Mapping[str, Any]) -> tuple[dict[
     where = source or "flags"
     fields = _convert(ClusterConfig, merged, where, prefix="", skip={"security"})
     tls = _build(TLSFiles, _convert(TLSFiles, _section(merged, "security", where), where, "security."), where)
-    storage = _build(StorageConfig, _convert(StorageConfig, _section(merged, "storage", where), where, "storage."),
-                     where)
+    storage_fields = _convert(StorageConfig, _section(merged, "storage", where), where, "storage.")
+    if storage_fields.get("checkpoint_root"):  # absolute, as `path` below (StorageConfig insists)
+        storage_fields["checkpoint_root"] = os.path.abspath(storage_fields["checkpoint_root"])
+    storage = _build(StorageConfig, storage_fields, where)
     # absolute: the shards open it in a process Ray starts in a folder of its own
     fields["storage"] = dataclasses.replace(storage, path=os.path.abspath(storage.path)) if storage.path else storage
     return fields, tls

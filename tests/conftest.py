@@ -23,15 +23,25 @@ def ray_session():
 
 
 @pytest.fixture(scope="module")
-def make_cluster(ray_session):
+def make_cluster(ray_session, tmp_path_factory):
     """Factory: make_cluster(num_shards, **ClusterConfig fields) -> a TableCluster, shut down at
     the end of the test module (a shard actor holds ~190 MiB and its background threads run
     until it stops: kept for the whole session, the suite's clusters filled memory and cores)."""
+    import dataclasses
+
     from memory_service.cluster import ClusterConfig, launch
+    from memory_service.config import StorageConfig
 
     clusters = []
+    # tests save checkpoints in their tmp_path folders: the clusters' checkpoint root holds them all
+    checkpoint_root = str(tmp_path_factory.getbasetemp())
 
-    def make(num_shards: int, **kwargs):
+    def make(num_shards: int, test_checkpoint_root: bool = True, **kwargs):
+        """`test_checkpoint_root`: a storage without a checkpoint_root gets the session's tmp
+        folder as its root (False: the cluster keeps its own default)."""
+        storage = kwargs.get("storage", StorageConfig())
+        if test_checkpoint_root and storage.checkpoint_root is None:
+            kwargs["storage"] = dataclasses.replace(storage, checkpoint_root=checkpoint_root)
         cluster = launch(ClusterConfig(num_shards=num_shards, name=f"test{next(_names)}", **kwargs))
         clusters.append(cluster)
         return cluster

@@ -23,7 +23,12 @@ Two jobs, one object per shard:
 A checkpoint (`checkpoint`) follows a flush of every dirty row to LMDB: it stores the last record's
 seq (the marker) and what only memory holds (each table's committed step, the rows that moved to a
 hot shard, held parts, the recent requests) in LMDB's metadata, in one transaction, then starts a
-new log file. Recovery loads that and replays the records after the marker.
+new log file. Recovery loads that and replays the records after the marker. A shard's periodic
+flush takes it in two halves so that it never holds the shard for the whole dirty set
+(`begin_checkpoint`: marker and state noted, new log file; then the rows dirty at the marker are
+written in chunks between requests; `end_checkpoint`: state stored, older files deleted). Until
+the end the old files stay, so a crash meanwhile replays from the previous marker over LMDB rows
+that are as new or newer: exact, as after-images are.
 """
 from __future__ import annotations
 
@@ -50,6 +55,16 @@ class Change:
     """A request in progress: set `result` (its rows_updated) before the `change()` block ends."""
 
     result: int = 0
+
+
+@dataclass(frozen=True)
+class PendingCheckpoint:
+    """A checkpoint begun (Journal.begin_checkpoint): the state to store, its marker, and the
+    count of checkpoints when it began (a whole checkpoint meanwhile supersedes it)."""
+
+    state: dict
+    marker: int
+    epoch: int
 
 
 class JournalFailed(RuntimeError):
@@ -174,16 +189,44 @@ class Journal:
         """Every dirty row is in LMDB now (the caller flushed): store the marker and `state`
         (what only memory holds), sync LMDB to disk when the log is fsynced, and rotate the log."""
         marker = self.wal.last_seq
-        state = {**state, "seq": marker,
-                 "requests": [[c, s, r] for (c, s), r in self.requests.items()],
-                 "exports": [[c, s, table, *(encode(getattr(records, f)) for f in ("ids", "rows", "state", "last"))]
-                             for (c, s), (table, records) in self.exports.items()]}
-        self.disk.put_meta(_SNAPSHOT_KEY, msgpack.packb(state, use_bin_type=True))
-        if self.wal.fsync:
-            self.disk.sync()
+        self._store(self._state(state, marker))
         self.wal.rotate(marker)
         self.checkpoints += 1
         self._last_checkpoint = time.monotonic()
+
+    def begin_checkpoint(self, state: dict) -> "PendingCheckpoint":
+        """The first half of a checkpoint that does not hold the shard (Shard.flush): under the
+        shard's lock, notes the marker (the last record) and `state` as they stand, and starts a
+        new log file for the records after it, the older files kept. The caller then writes every
+        row dirty now to LMDB, in chunks with the lock released between them (a row changed
+        meanwhile is in a record after the marker), and calls `end_checkpoint`."""
+        marker = self.wal.start_next()
+        self._last_checkpoint = time.monotonic()
+        return PendingCheckpoint(self._state(state, marker), marker, self.checkpoints)
+
+    def end_checkpoint(self, pending: "PendingCheckpoint") -> bool:
+        """Completes `pending` (under the lock, once every row dirty at its start is in LMDB):
+        stores its state and drops the log files through its marker. Does nothing (False) when a
+        whole checkpoint ran meanwhile (it stored a later marker and dropped those files)."""
+        if pending.epoch != self.checkpoints:
+            return False
+        self._store(pending.state)
+        self.wal.drop_through(pending.marker)
+        self.checkpoints += 1
+        return True
+
+    def _state(self, state: dict, marker: int) -> dict:
+        """`state` with the marker and what the journal itself holds (requests, exports)."""
+        return {**state, "seq": marker,
+                "requests": [[c, s, r] for (c, s), r in self.requests.items()],
+                "exports": [[c, s, table, *(encode(getattr(records, f)) for f in ("ids", "rows", "state", "last"))]
+                            for (c, s), (table, records) in self.exports.items()]}
+
+    def _store(self, state: dict) -> None:
+        """Stores a checkpoint's state in LMDB (synced to disk when the log is fsynced)."""
+        self.disk.put_meta(_SNAPSHOT_KEY, msgpack.packb(state, use_bin_type=True))
+        if self.wal.fsync:
+            self.disk.sync()
 
     def load(self) -> tuple[dict | None, Iterator[dict]]:
         """(the state of the last checkpoint, or None for a directory that never had one; the

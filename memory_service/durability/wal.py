@@ -135,6 +135,23 @@ class WriteAheadLog:
                 os.remove(path)
         self.open(marker + 1)
 
+    def start_next(self) -> int:
+        """Starts a new file for the records after the last one, keeping the older files; returns
+        that last seq (the marker of a checkpoint in progress: `drop_through` it once LMDB holds
+        everything up to it)."""
+        marker = self.last_seq
+        self.open(marker + 1)
+        return marker
+
+    def drop_through(self, marker: int) -> None:
+        """Deletes the files whose records are all <= `marker` (every file before the open one
+        that starts after it)."""
+        for first, path in self.files():
+            if first <= marker and (self._file is None or path != self._file.name):
+                os.remove(path)
+        if self.fsync:
+            self._sync_directory()
+
     def close(self) -> None:
         if self._file is not None:
             self._file.close()

@@ -1,18 +1,25 @@
 """A shard's part of a checkpoint: it writes its own tables' files and, on restore, reads the rows
 it is home of, so no table ever passes through the driver or is held whole in one process.
 
-Save (`save_shard`): under the shard's lock, once every table is at the checkpoint's step, each
-table's written rows stream from its tiers (TableStore.records: the LMDB tier with the dirty DRAM
-copies in their place) into `<dir>/<table>.rows.npy`, 64k records at a time, hashed as they are
-written; the step log goes to `<table>.log.npy` (one (step int64, lr float64) record per step a push
-or commit named, in step order; checkpoints saved before had a float64 rate per step 0..step, nan
-where none was pushed, and are still read). A rows file is a plain .npy of one record per row
+Save (`save_shard`): once every table is at the checkpoint's step, each table's written rows stream
+from a snapshot of it (Shard.checkpoint_tables: on a shard with LMDB, an LMDB read transaction
+opened after the dirty DRAM rows were flushed, read while the shard goes on serving; on an all-DRAM
+shard, the arena under the shard's lock) into `<dir>/<table>.rows.npy`, 64k records at a time,
+hashed as they are written; the step log goes to `<table>.log.npy` (one (step int64, lr float64)
+record per step a push or commit named, in step order; checkpoints saved before had a float64 rate
+per step 0..step, nan where none was pushed, and are still read). A rows file is a plain .npy of one record per row
 ever written, in id order:
 
     id int64 | row float32[width] | state float32[state_width] | last int64   (little-endian)
 
 (`np.load(path, mmap_mode="r")` reads one anywhere). Files are fsynced; the driver's manifest,
-written after every shard answered, is what makes them a checkpoint.
+written after every shard answered, is what makes them a checkpoint; a shard whose save fails
+removes its folder again.
+
+Paths: a shard reads and writes checkpoints only inside its cluster's checkpoint root
+(StorageConfig.checkpoint_root, default `checkpoints/` under the storage path), resolved with every
+symlink and `..` (`checkpoint_folder`): a request naming anything outside is refused
+(InvalidArgument) before a file is touched, and files are created without following symlinks.
 
 Restore (`restore_shard`): cold shard j of N reads, from every saved shard's file that can hold
 such rows, the records with id % N == j, in chunks, and stores them exactly (TableStore.import_rows:
@@ -29,6 +36,7 @@ import hashlib
 import math
 import os
 import re
+import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -39,7 +47,7 @@ from memory_service.errors import CheckpointCorrupt, FailedPrecondition, Invalid
 from memory_service.durability.manifest import FileEntry, Manifest, ShardEntry, TableEntry, fsync_dir
 from memory_service.shard.shard import Shard
 from memory_service.storage.optimizer import make_optimizer
-from memory_service.storage.store import TableStore, state_width_of
+from memory_service.storage.store import TableSnapshot, state_width_of
 from memory_service.storage.tiers.base import RowRecords
 
 CHUNK_ROWS = 65536  # records written or read at a time
@@ -65,21 +73,31 @@ def record_dtype(width: int, state_width: int) -> np.dtype:
 # -- save -------------------------------------------------------------------------------------------
 def save_shard(shard: Shard, root: str, step: int, names: list[str], wait_s: float) -> ShardEntry:
     """Writes the tables `names` (all when empty) of `shard` at table step `step` under checkpoint
-    directory `root` (absolute, on a filesystem shared with the driver); returns the files."""
-    base = _checked_root(root)
+    directory `root` (inside the cluster's checkpoint root: see `checkpoint_folder`); returns the
+    files. A save that fails removes the shard's folder again, so nothing it wrote is left."""
+    base = checkpoint_folder(shard, root)
     folder = shard_dir(shard.homes.role, shard.shard_id, shard.num_shards)
 
-    def write(store: TableStore) -> list[FileEntry]:
+    def write(store: TableSnapshot) -> list[FileEntry]:
         stem = f"{folder}/{file_stem(store.cfg.name)}"
         return [_write_rows(base, f"{stem}.rows.npy", store),
                 _write_log(base, f"{stem}.log.npy", store)]
 
     try:
-        (base / folder).mkdir(exist_ok=True)
+        (base / folder).mkdir()
+    except FileExistsError:
+        raise FailedPrecondition(f"{root!r} holds a {folder} already: each save writes into a new directory") from None
+    except OSError as err:
+        raise FailedPrecondition(f"{folder} cannot write its checkpoint files under {root!r}: {err}") from None
+    try:
         written = shard.checkpoint_tables(step, names, wait_s, write)
         fsync_dir(base / folder)
     except OSError as err:  # disk full, permissions: the driver removes the unfinished checkpoint
+        shutil.rmtree(base / folder, ignore_errors=True)
         raise FailedPrecondition(f"{folder} cannot write its checkpoint files under {root!r}: {err}") from None
+    except BaseException:
+        shutil.rmtree(base / folder, ignore_errors=True)
+        raise
     return ShardEntry(shard.homes.role, shard.shard_id, shard.num_shards,
                       tuple(f for files in written.values() for f in files))
 
@@ -98,7 +116,9 @@ class _HashingFile:
 
 def _write_npy(base: Path, rel: str, dtype: np.dtype, num: int, blocks: Iterator[np.ndarray]) -> tuple[int, str]:
     """Writes a (num,) .npy of `dtype` from `blocks`, fsynced; returns (bytes, sha256)."""
-    with open(base / rel, "wb") as f:
+    # O_NOFOLLOW: a symlink planted in the folder is not followed out of the checkpoint root
+    fd = os.open(base / rel, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o644)
+    with os.fdopen(fd, "wb") as f:
         out = _HashingFile(f)
         npy_format.write_array_header_1_0(out, {"descr": npy_format.dtype_to_descr(dtype),
                                                 "fortran_order": False, "shape": (num,)})
@@ -113,29 +133,27 @@ def _write_npy(base: Path, rel: str, dtype: np.dtype, num: int, blocks: Iterator
     return out.bytes, out.sha256.hexdigest()
 
 
-def _write_rows(base: Path, rel: str, store: TableStore) -> FileEntry:
-    dtype = record_dtype(store.cfg.width, store.optimizer.state_width(store.cfg.width))
+def _write_rows(base: Path, rel: str, table: TableSnapshot) -> FileEntry:
+    dtype = record_dtype(table.cfg.width, table.state_width)
 
     def blocks() -> Iterator[np.ndarray]:
-        for chunk in store.records(CHUNK_ROWS):
+        for chunk in table.records(CHUNK_ROWS):
             block = np.empty(len(chunk), dtype)
             block["id"], block["row"], block["state"], block["last"] = chunk.ids, chunk.rows, chunk.state, chunk.last
             yield block
 
-    num = store.num_materialized  # what records() yields: the disk tier holds every written row
-    size, digest = _write_npy(base, rel, dtype, num, blocks())
-    return FileEntry(rel, size, digest, "rows", store.cfg.name, num)
+    size, digest = _write_npy(base, rel, dtype, table.num_rows, blocks())  # every written row
+    return FileEntry(rel, size, digest, "rows", table.cfg.name, table.num_rows)
 
 
 LOG_DTYPE = np.dtype([("step", "<i8"), ("lr", "<f8")])  # one step of a step log file
 
 
-def _write_log(base: Path, rel: str, store: TableStore) -> FileEntry:
-    steps, lrs = store.optimizer.log.entries()
-    log = np.empty(len(steps), LOG_DTYPE)
-    log["step"], log["lr"] = steps, lrs
+def _write_log(base: Path, rel: str, table: TableSnapshot) -> FileEntry:
+    log = np.empty(len(table.steps), LOG_DTYPE)
+    log["step"], log["lr"] = table.steps, table.lrs
     size, digest = _write_npy(base, rel, LOG_DTYPE, len(log), iter([log]))
-    return FileEntry(rel, size, digest, "log", store.cfg.name)
+    return FileEntry(rel, size, digest, "log", table.cfg.name)
 
 
 # -- restore ----------------------------------------------------------------------------------------
@@ -143,7 +161,7 @@ def restore_shard(shard: Shard, root: str) -> dict[str, int]:
     """Creates every table of checkpoint `root` on `shard` with the rows it is home of (cold
     shard: id % num_shards == shard_id; hot shard: none); returns {table: rows taken}. Checks the
     files it reads first (CheckpointCorrupt); all or nothing."""
-    base = _checked_root(root)
+    base = checkpoint_folder(shard, root)
     try:
         manifest = Manifest.read(base)
         sources = _sources(manifest, shard)
@@ -230,11 +248,22 @@ def _load(base: Path, entry: FileEntry, dtype: np.dtype, num: int | None) -> np.
     return array
 
 
-def _checked_root(root: str) -> Path:
-    if not os.path.isabs(root):
-        raise InvalidArgument(f"checkpoint path {root!r} must be absolute (shards resolve it on their own hosts)")
-    base = Path(root)
-    if not base.is_dir():
-        raise FailedPrecondition(f"checkpoint directory {root!r} does not exist on this shard's host: shards and "
-                                 f"the driver must share the checkpoint's filesystem")
-    return base
+def checkpoint_folder(shard: Shard, path: str) -> Path:
+    """The real directory a checkpoint request names: `path` (absolute, or a name relative to the
+    root) with every symlink and `..` resolved, which must lie strictly inside the shard's
+    checkpoint root (StorageConfig.checkpoint_dir, resolved likewise) and exist. InvalidArgument
+    for a path outside the root, checked before anything is read or written; FailedPrecondition
+    when the cluster has no root or the directory is missing on this host."""
+    configured = shard.storage.checkpoint_dir
+    if configured is None:
+        raise FailedPrecondition("this cluster has no checkpoint root: set storage.checkpoint_root (or storage.path, "
+                                 "whose checkpoints/ folder is the default) to save or restore checkpoints")
+    root = Path(os.path.realpath(configured))
+    real = Path(os.path.realpath(path if os.path.isabs(path) else os.path.join(configured, path)))
+    if root not in real.parents:
+        raise InvalidArgument(f"checkpoint path {path!r} is outside this cluster's checkpoint root {configured!r}: "
+                              f"save checkpoints in folders inside it")
+    if not real.is_dir():
+        raise FailedPrecondition(f"checkpoint directory {path!r} does not exist on this shard's host: shards and "
+                                 f"the driver must share the checkpoint root's filesystem")
+    return real

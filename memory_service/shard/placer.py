@@ -45,7 +45,7 @@ def release_free_heap() -> None:
 
 class Placer:
     """Runs `place()` on the stores `stores()` lists (called under `lock`) on a daemon thread, and
-    after each pass `housekeeping()` under the lock (the shard's periodic flush)."""
+    after each pass `housekeeping()`, which takes the lock itself (the shard's periodic flush)."""
 
     def __init__(self, lock: threading.Lock, stores: Callable[[], Iterable["TableStore"]],
                  interval_s: float = 0.1, max_moves: int = 16384,
@@ -86,8 +86,7 @@ class Placer:
                     break
         self.moves += moved
         if self._housekeeping is not None and not self._stop.is_set():
-            with self._lock:
-                self._housekeeping()
+            self._housekeeping()  # takes the lock as it needs (a flush: chunk by chunk)
         return moved
 
     def wait_passes(self, count: int, timeout: float = 30.0) -> bool:

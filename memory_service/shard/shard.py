@@ -18,7 +18,9 @@ import dataclasses
 import logging
 import os
 import threading
+import time
 from collections.abc import Callable, Iterable
+from contextlib import ExitStack
 from typing import TypeVar
 
 import numpy as np
@@ -38,12 +40,14 @@ from memory_service.shard.recovery import Recovery
 from memory_service.shard.step_parts import StepParts
 from memory_service.shard.table_stores import TableStores
 from memory_service.sharding import shard_of
-from memory_service.storage.store import TableStore, Update
+from memory_service.storage.store import TableSnapshot, TableStore, Update
 from memory_service.storage.tiers.base import RowRecords
 from memory_service.tables import TableInfo, TablePush
 
 T = TypeVar("T")
 log = logging.getLogger(__name__)
+FLUSH_CHUNK_ROWS = 1024  # dirty rows a flush writes per hold of the lock (~5-10 ms at width 64 with Adam state)
+FLUSH_PAUSE_S = 0.001  # between chunks: requests waiting for the lock get it
 
 
 class Shard:
@@ -82,6 +86,7 @@ class Shard:
         self._collisions: dict[str, CollisionSketch] = {}  # tables with collision stats on
         self._lock = threading.Lock()
         self._stepped = threading.Condition(self._lock)  # notified when a table's step advances
+        self._flushing = threading.Lock()  # held by a flush in progress (taken before _lock)
         self.placer: Placer | None = None
         self.moves = MoveGate()  # a hot shard's migrator asks it before each round; checkpoints pause it
         self.journal = Journal()  # requests applied once; a cold shard's logs its changes too
@@ -113,23 +118,48 @@ class Shard:
 
     def flush(self) -> None:
         """Writes every dirty row to LMDB and starts a new write-ahead log (a checkpoint), so a
-        restart replays nothing. A cold shard does this by itself when its log grows past
-        `storage.flush_wal_bytes` or `storage.flush_interval_s` passes, and on close."""
-        with self._lock:
-            self._checkpoint()
+        restart replays only what came after it. A cold shard does this by itself when its log
+        grows past `storage.flush_wal_bytes` or `storage.flush_interval_s` passes, and on close.
+
+        It does not stop the shard: under the lock it notes the log position and the rows dirty
+        then (journal.begin_checkpoint: cheap), writes those rows to LMDB FLUSH_CHUNK_ROWS at a
+        time, taking the lock for each chunk only, and completes the checkpoint under the lock at
+        the end. A row changed meanwhile is dirty again (and its change is in the log after the
+        marker); a crash before the end replays from the previous checkpoint (journal.py)."""
+        with self._flushing:  # one flush at a time
+            with self._lock:
+                if not self.journal.durable or self._closed or self.journal.failed is not None:
+                    return
+                pending = self.journal.begin_checkpoint(self._recovery.snapshot())
+                dirty = self._tables.dirty()
+            for store, ids in dirty:
+                for start in range(0, len(ids), FLUSH_CHUNK_ROWS):
+                    time.sleep(FLUSH_PAUSE_S)  # waiting requests take the lock between chunks
+                    with self._lock:
+                        if store.closed or self._closed:
+                            break
+                        store.flush(ids[start:start + FLUSH_CHUNK_ROWS])
+            with self._lock:
+                if not self._closed:
+                    self.journal.end_checkpoint(pending)
 
     def _checkpoint(self) -> None:
+        """A whole checkpoint under the lock the caller holds (opening, drop, restore, close)."""
         if not self.journal.durable:
             return
         self._tables.flush()
         self.journal.checkpoint(self._recovery.snapshot())
 
     def _flush_if_due(self) -> None:
-        """The placer's housekeeping (under the lock): expired steps dropped, and a checkpoint
+        """The placer's housekeeping (called without the lock): expired steps dropped, and a flush
         when the journal says so."""
-        self._expire_parts()
-        if self.journal.due():
-            self._checkpoint()
+        with self._lock:
+            if self._closed:
+                return
+            self._expire_parts()
+            due = self.journal.due()
+        if due:
+            self.flush()
 
     def close(self) -> None:
         """Stops placement, writes dirty rows back, empties the write-ahead log and closes the
@@ -137,7 +167,7 @@ class Shard:
         afterwards; closing again does nothing."""
         if self.placer is not None:
             self.placer.stop()
-        with self._lock:
+        with self._flushing, self._lock:  # after a flush in progress
             if self._closed:
                 return
             self._closed = True
@@ -467,11 +497,18 @@ class Shard:
 
     # -- checkpoints (memory_service/durability/checkpoint.py) ------------------------------------------------
     def checkpoint_tables(self, step: int, names: list[str], timeout: float,
-                          write: Callable[[TableStore], T]) -> dict[str, T]:
-        """{table: write(its store)} for `names` (all tables when empty), called under the shard's
-        lock once every one of them is at table step `step`, complete: a checkpoint is consistent
-        at one step. Waits up to `timeout` seconds for the step's commits (data-parallel workers'
-        parts may still be arriving); FailedPrecondition if a table is at another step then."""
+                          write: Callable[[TableSnapshot], T]) -> dict[str, T]:
+        """{table: write(its snapshot)} for `names` (all tables when empty), as they stand once
+        every one of them is at table step `step`, complete: a checkpoint is consistent at one
+        step. Waits up to `timeout` seconds for the step's commits (data-parallel workers' parts
+        may still be arriving); FailedPrecondition if a table is at another step then.
+
+        A shard with LMDB does not stop while `write` runs: it flushes (Shard.flush, in chunks),
+        then under the lock writes what was dirtied since and opens an LMDB read transaction, whose
+        snapshot `write` reads after the lock is released. An all-DRAM shard calls `write` under
+        the lock (its rows have no snapshot to read from)."""
+        if self._tables.disk is not None:
+            self.flush()  # most dirty rows to LMDB without holding the shard
         with self._lock:
             names = sorted(self._tables) if not names else list(names)
             for name in names:
@@ -483,7 +520,18 @@ class Shard:
                     raise FailedPrecondition(
                         f"table {name!r} on {self.homes.role} shard {self.shard_id} is at step {store.step} "
                         f"(complete: {store.committed}), not at the checkpoint's step {step}")
-            return {name: write(self._tables[name]) for name in names}
+            if self._tables.disk is None:
+                return {name: write(self._tables[name].snapshot()) for name in names}
+            self._tables.flush(names)  # what changed since the flush above (not a log checkpoint)
+            reading = ExitStack()  # the read transaction, closed after `write` ran
+            try:
+                txn = reading.enter_context(self._tables.disk.reader())
+                snapshots = {name: self._tables[name].snapshot(txn) for name in names}
+            except BaseException:
+                reading.close()
+                raise
+        with reading:
+            return {name: write(snapshot) for name, snapshot in snapshots.items()}
 
     def restore_table(self, cfg: TableConfig, log: dict[str, np.ndarray], chunks: Iterable[RowRecords]) -> int:
         """Creates table `cfg` as a checkpoint saved it: its step log (`optimizer.log_state()`),

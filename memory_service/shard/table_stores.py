@@ -127,10 +127,15 @@ class TableStores(Mapping[str, TableStore]):
             self.disk.drop_table(name)
             self._split_budget()
 
-    def flush(self) -> None:
-        """Writes every table's dirty DRAM rows to LMDB."""
-        for store in self._stores.values():
+    def flush(self, names: Iterable[str] | None = None) -> None:
+        """Writes every table's (or the tables `names`') dirty DRAM rows to LMDB."""
+        for store in self._stores.values() if names is None else (self._stores[n] for n in names):
             store.flush()
+
+    def dirty(self) -> list[tuple[TableStore, np.ndarray]]:
+        """(store, the ids of its dirty DRAM rows) of every table with some."""
+        found = [(store, store.dirty_ids()) for store in self._stores.values()]
+        return [(store, ids) for store, ids in found if len(ids)]
 
     def close(self) -> None:
         """Retires every store (writing dirty rows back) and closes the LMDB files."""

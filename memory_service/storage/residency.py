@@ -126,9 +126,16 @@ class Residency:
         self.counters.promotions += num_found
         return num_found
 
-    def flush(self) -> None:
-        """Writes every dirty arena row back to the disk tier (before a shard closes)."""
-        slots = self.arena.dirty_slots()
+    def flush(self, ids: np.ndarray | None = None) -> None:
+        """Writes every dirty arena row back to the disk tier (before a shard closes), or only
+        the dirty ones among `ids` (n,) (a flush in chunks: ids no longer resident, or clean
+        again, are skipped)."""
+        if ids is None:
+            slots = self.arena.dirty_slots()
+        else:
+            slots = self.arena.lookup(np.asarray(ids, dtype=np.int64))
+            slots = slots[slots >= 0]
+            slots = slots[self.arena.dirty_at(slots)]
         if slots.size:
             self.disk.put(self.arena.ids_at(slots), *self.arena.records_at(slots))
             self.arena.mark_clean(slots)

@@ -53,6 +53,20 @@ class Update:
     batch: UpdateBatch | None
 
 
+@dataclass(frozen=True)
+class TableSnapshot:
+    """A table's part on one shard as a checkpoint writes it: config, optimizer-state width, the
+    number of written rows, the step log (steps (k,) int64 with their learning rates (k,) float64), and
+    `records(chunk_rows)`: every written row in id order, in chunks (TableStore.snapshot)."""
+
+    cfg: TableConfig
+    state_width: int
+    num_rows: int
+    steps: np.ndarray
+    lrs: np.ndarray
+    records: Callable[..., Iterator[RowRecords]]
+
+
 def state_width_of(cfg: TableConfig) -> int:
     """float32 optimizer-state values per row of the table."""
     return make_optimizer(cfg.optimizer).state_width(cfg.width)
@@ -307,10 +321,32 @@ class TableStore:
         the rows moved. Called between requests (the shard's Placer), never inside one."""
         return 0 if self.disk is None else self.residency.place(max_moves)
 
-    def flush(self) -> None:
-        """Writes every dirty arena row back to the disk tier (before a shard closes)."""
+    def flush(self, ids: np.ndarray | None = None) -> None:
+        """Writes every dirty arena row back to the disk tier (before a shard closes), or the
+        dirty ones among `ids` (n,): a shard flushes a large dirty set in chunks of those, its
+        lock released between them (Shard.flush)."""
         if self.disk is not None:
-            self.residency.flush()
+            self.residency.flush(ids)
+
+    def dirty_ids(self) -> np.ndarray:
+        """The ids (n,) of the arena rows newer than their disk copy (none without a disk tier)."""
+        if self.disk is None:
+            return np.zeros(0, dtype=np.int64)
+        return self.arena.ids_at(self.arena.dirty_slots()).copy()
+
+    def snapshot(self, reader=None) -> "TableSnapshot":
+        """The table as it stands now, for a checkpoint. With `reader` (an LMDB read transaction
+        of the disk tier's environment, DiskEnvironment.reader) and no dirty arena row, the rows
+        come from that transaction's snapshot, so they can be read while the shard goes on
+        serving; otherwise they are read live (under the shard's lock)."""
+        state_width = self.optimizer.state_width(self.cfg.width)
+        steps, lrs = self.optimizer.log.entries()  # copies
+        if self.disk is None or reader is None:
+            return TableSnapshot(self.cfg, state_width, self.num_materialized, steps, lrs, self.records)
+        assert self.arena.num_dirty == 0, "a snapshot from LMDB needs every dirty row flushed first"
+        disk = self.disk
+        return TableSnapshot(self.cfg, state_width, disk.count(reader), steps, lrs,
+                             lambda chunk_rows=65536: disk.scan(chunk_rows, reader))
 
     # --- migration ---
 

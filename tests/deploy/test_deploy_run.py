@@ -79,7 +79,7 @@ class Local:
         for path in self.mounts.values():
             path.mkdir()
         local_file = self.mounts[serve.mount_path] / Path(serve.path).relative_to(serve.mount_path)
-        local_file.write_text(self.paths(serve.text, serve.config["storage"]["path"]))
+        local_file.write_text(self.paths(serve.text, serve.config["storage"]["path"], "/checkpoints"))
 
     def ray_start(self, command: str, node_type: str, index: int) -> str:
         if node_type == "head":

@@ -129,3 +129,15 @@ def test_a_relative_storage_path_is_made_absolute_by_the_launcher(tmp_path, monk
     monkeypatch.chdir(tmp_path)
     config = load_cluster_config(None, {"storage": {"path": "tables"}}, environ={})
     assert config.storage.path == str(tmp_path / "tables")
+
+
+def test_the_checkpoint_root_defaults_under_the_storage_path_and_is_made_absolute(tmp_path, monkeypatch):
+    """storage.checkpoint_root: absolute like the path; default <path>/checkpoints, kept by every
+    shard's own config (not moved into its shard-NNNN folder); none for an all-DRAM cluster."""
+    monkeypatch.chdir(tmp_path)
+    config = load_cluster_config(None, {"storage": {"path": "tables"}}, environ={})
+    assert config.storage.checkpoint_dir == str(tmp_path / "tables" / "checkpoints")
+    assert config.storage.for_shard(1).checkpoint_dir == str(tmp_path / "tables" / "checkpoints")
+    config = load_cluster_config(None, {"storage": {"path": "tables", "checkpoint_root": "ck"}}, environ={})
+    assert config.storage.checkpoint_dir == str(tmp_path / "ck") == config.storage.for_shard(0).checkpoint_dir
+    assert load_cluster_config(None, {}, environ={}).storage.checkpoint_dir is None

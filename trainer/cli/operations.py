@@ -99,7 +99,8 @@ def add_parsers(sub) -> None:
                          ("restore", "load a checkpoint into a cluster without its tables (any shard count)"),
                          ("inspect", "print a checkpoint's step, tables, rows and bytes, and check its files")):
         a = actions.add_parser(action, help=text)
-        a.add_argument("path", help="the checkpoint directory (on a filesystem the shards share)")
+        a.add_argument("path", help="the checkpoint directory, inside the cluster's checkpoint root "
+                                    "(storage.checkpoint_root; on a filesystem the shards share)")
         if action == "inspect":
             a.add_argument("--json", action="store_true", help="print the manifest as JSON")
             a.add_argument("--no-verify", action="store_true", help="do not read the files to check their sha256")

@@ -19,6 +19,7 @@ SERVE_FIELDS = {
     "migrate_max_duty": "migrate_max_duty", "ready_timeout": "ready_timeout_s",
     "join_timeout": "join_timeout_s", "name": "name",
     "storage_path": "storage.path", "dram_budget": "storage.dram_budget_bytes",
+    "checkpoint_root": "storage.checkpoint_root",
     "tls_cert": "security.tls_cert", "tls_key": "security.tls_key", "tls_ca": "security.tls_ca",
     "tls_client_ca": "security.tls_client_ca",
 }
@@ -143,6 +144,9 @@ def add_parsers(sub) -> None:
     p.add_argument("--storage-path", default=None,
                    help="directory of the shards' LMDB files and write-ahead logs (shard-NNNN and hot-NNNN "
                         "inside; default: DRAM only, and no restarts)")
+    p.add_argument("--checkpoint-root", default=None, metavar="DIR",
+                   help="the only directory the shards save checkpoints in and restore them from "
+                        "(default: checkpoints/ under --storage-path; none without it: checkpoints refused)")
     p.add_argument("--dram-budget", type=size, default=None, metavar="BYTES",
                    help="a shard's DRAM over its LMDB files, e.g. 4GiB")
     p.add_argument("--max-restarts", type=int, default=None,

@@ -37,8 +37,9 @@ from __future__ import annotations
 
 import hashlib
 import os
+import threading
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from itertools import islice, repeat
 from operator import itemgetter
 from typing import TypeVar
@@ -82,7 +83,8 @@ def _ids_of(keys: bytes) -> np.ndarray:
 class DiskEnvironment:
     """The LMDB environment of one cold shard: a directory on local disk holding every table's
     rows, metadata and step log. Not thread-safe: the shard's lock serialises its use (the map
-    can only grow while no transaction is open)."""
+    can only grow while no transaction is open), except `reader()` transactions, read outside
+    the lock (a resize waits for them)."""
 
     def __init__(self, path: str, map_bytes: int = 64 << 20, max_tables: int = 1024) -> None:
         if map_bytes < 1 << 20:
@@ -95,6 +97,10 @@ class DiskEnvironment:
         self.env.reader_check()  # clear reader slots a crashed process left behind
         self._meta = self.env.open_db(_META_DB)
         self.map_growths = 0
+        # open `reader()` transactions: they run outside the shard's lock, and the map may only be
+        # resized while no transaction of this process is open, so a resize waits for them
+        self._readers = 0
+        self._no_readers = threading.Condition()
         self._deferred: list[Callable[[lmdb.Transaction], object]] | None = None  # see `deferring`
         self._pending: set[bytes] = set()  # databases with deferred writes
 
@@ -151,7 +157,7 @@ class DiskEnvironment:
                 with self.env.begin(write=True) as txn:
                     return fn(txn)
             except lmdb.MapFullError:
-                self.env.set_mapsize(2 * self.map_size)
+                self._set_map_size(2 * self.map_size)
                 self.map_growths += 1
 
     def reserve(self, nbytes: int) -> None:
@@ -159,7 +165,32 @@ class DiskEnvironment:
         need = self.used_bytes + nbytes
         if need > self.map_size:
             page = self.env.stat()["psize"]
-            self.env.set_mapsize(-(-need // page) * page)
+            self._set_map_size(-(-need // page) * page)
+
+    def _set_map_size(self, nbytes: int) -> None:
+        """Resizes the map once no `reader()` transaction is open (LMDB remaps the file: an open
+        transaction of this process would read freed memory)."""
+        with self._no_readers:
+            self._no_readers.wait_for(lambda: self._readers == 0)
+            self.env.set_mapsize(nbytes)
+
+    @contextmanager
+    def reader(self) -> Iterator[lmdb.Transaction]:
+        """A read transaction for use outside the shard's lock, on one thread: a snapshot of
+        every table as committed when it opened (LMDB's MVCC), unchanged by later writes, which
+        go on meanwhile (pages it still sees are not reused, so the file may grow while it is
+        open). Open it under the lock; the map is grown first to twice the pages in use, so that
+        writes meanwhile rarely need a resize (which waits for it to close)."""
+        self.reserve(self.used_bytes)
+        with self._no_readers:
+            self._readers += 1
+        try:
+            with self.env.begin() as txn:
+                yield txn
+        finally:
+            with self._no_readers:
+                self._readers -= 1
+                self._no_readers.notify_all()
 
     def check_shard(self, shard_id: int, num_shards: int) -> None:
         """Records which shard the directory holds; ValueError if it holds another one's rows."""
@@ -342,14 +373,19 @@ class DiskTier(Tier):
         with self._env.begin(db=self._rows_db) as txn:
             return _ids_of(b"".join(txn.cursor().iternext(keys=True, values=False)))
 
-    def scan(self, chunk: int = _SCAN_CHUNK) -> Iterator[RowRecords]:
+    def scan(self, chunk: int = _SCAN_CHUNK, txn: lmdb.Transaction | None = None) -> Iterator[RowRecords]:
         """Every record in id order, in chunks of `chunk`; each chunk is read in a transaction of
-        its own, so the caller may write between chunks."""
+        its own, so the caller may write between chunks, or all from `txn` (a
+        DiskEnvironment.reader snapshot)."""
         start = _keys(np.zeros(1, dtype=np.int64))[0]
         while True:
-            with self._env.begin(db=self._rows_db) as txn:
-                cursor = txn.cursor()
-                pairs = list(islice(cursor.iternext(), chunk)) if cursor.set_range(start) else []
+            with nullcontext(txn) if txn is not None else self._env.begin() as current:
+                cursor = current.cursor(db=self._rows_db)
+                pairs = []
+                if cursor.set_range(start):  # in slices: the GIL is not released inside one, and a
+                    records = cursor.iternext()  # snapshot is read beside requests being served
+                    while len(pairs) < chunk and (part := list(islice(records, min(_CHUNK, chunk - len(pairs))))):
+                        pairs += part
             if not pairs:
                 return
             ids = _ids_of(b"".join(map(_first, pairs)))
@@ -359,7 +395,11 @@ class DiskTier(Tier):
 
     def __len__(self) -> int:
         with self._env.begin() as txn:
-            return txn.stat(self._rows_db)["entries"]
+            return self.count(txn)
+
+    def count(self, txn: lmdb.Transaction) -> int:
+        """Records the table holds as transaction `txn` sees it."""
+        return txn.stat(self._rows_db)["entries"]
 
     @property
     def nbytes(self) -> int:
