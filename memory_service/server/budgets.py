@@ -11,8 +11,8 @@ never-written rows, each computed from its seed (rows.py: 8M values took 2-2.5 s
 machine under moderate load, up to ~8 s with 8 jobs on its cores; the shard's lock is held
 meanwhile, so that is also how long it can delay another request). Its memory: the rows (1x the
 reply) and, for a reply in the message, its encoded bytes, the message's copy, the serialised
-message and gRPC's buffers: the shard's peak RSS grew by ~200 MiB (6x) for a 32 MiB reply, <= 8x
-stated; a reply through shared memory is written from the rows (<= 2x). Freed after the answer
+message and gRPC's buffers: the shard's peak RSS grew by ~200 MiB (6x) for a 32 MiB reply with the
+sync gRPC server and ~300 MiB (9.4x) with the grpc.aio server that replaced it, <= 12x stated; a reply through shared memory is written from the rows (<= 2x). Freed after the answer
 (an all-DRAM shard's heap keeps the pages for its next requests: server/shard_process.py).
 tests/memory_service/server/test_request_cost.py checks both against a real shard process. Before
 (issue 22, finding 7) the budget was 256 MiB and the rows were computed in one pass: one allowed
