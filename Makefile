@@ -29,8 +29,11 @@ $(VENV)/.installed: pyproject.toml Makefile
 demo: venv
 	$(VENV)/bin/engram demo
 
+# Two workers (pytest-xdist), each test file whole on one of them (its module fixtures, e.g. one
+# Ray cluster, shared): most tests wait on shard processes, so two share the 2 cores well.
+JOBS ?= 2
 test: venv
-	$(VENV)/bin/pytest -q
+	$(VENV)/bin/pytest -q -n $(JOBS) --dist loadfile
 
 wheels:
 	python3 -m pip download -q --no-deps --only-binary=:all: --python-version $(WHEELS_PY) --implementation cp \
