@@ -13,7 +13,12 @@ import grpc
 import numpy as np
 import pytest
 
-from memory_service.config import MAX_ACCESS_LOG_IDS, OptimizerConfig, StorageConfig, TableConfig
+from memory_service.config import (
+    MAX_ACCESS_LOG_IDS,
+    OptimizerConfig,
+    StorageConfig,
+    TableConfig,
+)
 from memory_service.rpc import memory_pb2, memory_pb2_grpc
 from memory_service.server.servicer import serve
 from memory_service.shard.shard import Shard

@@ -247,7 +247,7 @@ time.sleep(600)  # killed before
 """
 
 
-def expire_half_a_step(path) -> "Shard":
+def expire_half_a_step(path) -> Shard:
     """hold_half_a_step on a shard whose parts expire after 0.2 s, then a fetch after 0.3 s, which
     drops the step; returns the shard, open."""
     shard = open_shard(path, parts_expiry_s=0.2)
