@@ -259,12 +259,12 @@ time.sleep(600)  # killed before
 """
 
 
-def expire_half_a_step(path) -> "Shard":
-    """hold_half_a_step on a shard whose parts expire after 0.2 s, then a fetch after 0.3 s, which
-    drops the step; returns the shard, open."""
-    shard = open_shard(path, parts_expiry_s=0.2)
+def expire_half_a_step(path) -> Shard:
+    """hold_half_a_step on a shard whose parts expire after 2 s (time for the step's requests on a
+    busy machine), then a fetch 2.1 s later, which drops the step; returns the shard, open."""
+    shard = open_shard(path, parts_expiry_s=2.0)
     hold_half_a_step(shard)
-    time.sleep(0.3)
+    time.sleep(2.1)
     shard.fetch({"sa": np.array([0])})
     assert shard.caller_state()["open_steps"] == 0
     return shard
