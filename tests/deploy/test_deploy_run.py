@@ -35,7 +35,7 @@ import pytest
 from deploy import manifests
 from tests.deploy.netns import Network, Processes, wait_for
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_deployment_at_a_time")]
 OVERLAY = manifests.DEPLOY / "overlays" / "cpu-small"
 BIN = Path(sys.executable).parent  # the image's PATH: ray and engram live here
 HEAD = f"127.0.0.1:{manifests.HEAD_PORT}"

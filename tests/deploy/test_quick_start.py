@@ -33,7 +33,7 @@ import pytest
 
 from tests.deploy.netns import Network, Processes, wait_for
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_deployment_at_a_time")]
 ROOT = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent  # where `ray` and `engram` are installed
 SECTION = "Past one machine"
