@@ -1,5 +1,6 @@
 """Shared fixtures: one real local Ray cluster per test session (ray.init costs seconds and
 ~600 MiB), and tables clusters of real shard actors serving gRPC on 127.0.0.1."""
+import fcntl
 import itertools
 import shutil
 import sysconfig
@@ -8,6 +9,26 @@ from pathlib import Path
 import pytest
 
 _names = itertools.count()
+
+
+def suite_lock_path(tmp_path_factory) -> Path:
+    """A lock file shared by the run's pytest-xdist workers (their temporary folders' parent)."""
+    return tmp_path_factory.getbasetemp().parent / "engram-suite.lock"
+
+
+@pytest.fixture(autouse=True)
+def _not_beside_a_deployment(request, tmp_path_factory):
+    """Every test holds the suite lock shared while it runs; the deployment tests hold it alone
+    (tests/deploy/conftest.py), so nothing runs beside them on the other worker."""
+    if "one_deployment_at_a_time" in request.fixturenames:
+        yield
+        return
+    with open(suite_lock_path(tmp_path_factory), "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_SH)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
 
 
 @pytest.fixture(scope="session")

@@ -1,16 +1,18 @@
-"""One deployment at a time: the end-to-end tests each start a Ray head and several nodes in network
-namespaces of their own, which on a 2-core machine is all it can take; when `make test` runs the
-suite on two workers (pytest-xdist), a lock file in the run's shared temporary folder keeps two such
-test modules from running at once (the other worker waits, then goes on with the rest)."""
+"""The end-to-end deployment tests run alone: each starts a Ray head and several nodes in network
+namespaces of its own, which on a 2-core machine is all it can take (beside a busy second worker its
+Ray nodes timed out starting). When `make test` runs the suite on two workers (pytest-xdist), such a
+module holds a lock file in the run's shared temporary folder exclusively, and every other test
+holds it shared while it runs (tests/conftest.py), so the other worker pauses meanwhile."""
 import fcntl
 
 import pytest
 
+from tests.conftest import suite_lock_path
+
 
 @pytest.fixture(scope="module")
 def one_deployment_at_a_time(tmp_path_factory):
-    lock_path = tmp_path_factory.getbasetemp().parent / "engram-deploy-tests.lock"  # shared by the workers
-    with open(lock_path, "a") as lock:
+    with open(suite_lock_path(tmp_path_factory), "a") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         try:
             yield
