@@ -1,5 +1,6 @@
 """Shared fixtures: one real local Ray cluster per test session (ray.init costs seconds and
 ~600 MiB), and tables clusters of real shard actors serving gRPC on 127.0.0.1."""
+import contextlib
 import fcntl
 import itertools
 import shutil
@@ -11,9 +12,16 @@ import pytest
 _names = itertools.count()
 
 
-def suite_lock_path(tmp_path_factory) -> Path:
-    """A lock file shared by the run's pytest-xdist workers (their temporary folders' parent)."""
-    return tmp_path_factory.getbasetemp().parent / "engram-suite.lock"
+@contextlib.contextmanager
+def suite_lock(tmp_path_factory, mode: int):
+    """Holds the lock file shared by the run's pytest-xdist workers (in their temporary folders'
+    parent) in `mode` (fcntl.LOCK_SH or LOCK_EX)."""
+    with open(tmp_path_factory.getbasetemp().parent / "engram-suite.lock", "a") as lock:
+        fcntl.flock(lock, mode)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
 
 
 @pytest.fixture(autouse=True)
@@ -23,12 +31,8 @@ def _not_beside_a_deployment(request, tmp_path_factory):
     if "one_deployment_at_a_time" in request.fixturenames:
         yield
         return
-    with open(suite_lock_path(tmp_path_factory), "a") as lock:
-        fcntl.flock(lock, fcntl.LOCK_SH)
-        try:
-            yield
-        finally:
-            fcntl.flock(lock, fcntl.LOCK_UN)
+    with suite_lock(tmp_path_factory, fcntl.LOCK_SH):
+        yield
 
 
 @pytest.fixture(scope="session")

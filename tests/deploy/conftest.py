@@ -7,14 +7,10 @@ import fcntl
 
 import pytest
 
-from tests.conftest import suite_lock_path
+from tests.conftest import suite_lock
 
 
 @pytest.fixture(scope="module")
 def one_deployment_at_a_time(tmp_path_factory):
-    with open(suite_lock_path(tmp_path_factory), "a") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(lock, fcntl.LOCK_UN)
+    with suite_lock(tmp_path_factory, fcntl.LOCK_EX):
+        yield
