@@ -19,7 +19,8 @@ WHEELS := grpcio==1.85.1 grpcio-health-checking==1.85.1 protobuf==7.36.2 lmdb==3
 .PHONY: demo test venv clean wheels
 venv: $(VENV)/.installed
 
-$(VENV)/.installed: pyproject.toml Makefile
+# setup.py and the C sources: the compiled kernels (memory_service/native/) are rebuilt when they change
+$(VENV)/.installed: pyproject.toml Makefile setup.py $(wildcard memory_service/native/*.c)
 	python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(if $(TORCH_SPEC),$(PY) -m pip install -q "$(TORCH_SPEC)")

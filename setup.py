@@ -1,0 +1,13 @@
+"""Compiled parts of the table service (memory_service/native/): plain C over the CPython API and
+the buffer protocol, so a build needs only a C compiler, no numpy headers and no binding library.
+Everything else about the package is in pyproject.toml."""
+from setuptools import Extension, setup
+
+# -ffp-contract=off: no fused multiply-adds, so the optimizer's float32 arithmetic rounds exactly
+# as numpy's does (the numpy path is the reference the tests compare with, bit for bit).
+FLAGS = ["-O3", "-ffp-contract=off", "-fno-fast-math", "-std=c11"]
+
+setup(ext_modules=[
+    Extension("memory_service.native._kernels", ["memory_service/native/kernels.c"], extra_compile_args=FLAGS),
+    Extension("memory_service.native._arena", ["memory_service/native/arena.c"], extra_compile_args=FLAGS),
+])
