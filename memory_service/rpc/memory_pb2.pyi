@@ -192,18 +192,20 @@ class TableGrads(_message.Message):
     def __init__(self, table: _Optional[str] = ..., step: _Optional[int] = ..., dtype: _Optional[_Union[DType, str]] = ..., width: _Optional[int] = ..., ids: _Optional[bytes] = ..., grads: _Optional[bytes] = ..., lr: _Optional[float] = ...) -> None: ...
 
 class PushRequest(_message.Message):
-    __slots__ = ("client_id", "tables", "contributors", "commit_later", "request_seq")
+    __slots__ = ("client_id", "tables", "contributors", "commit_later", "request_seq", "announce")
     CLIENT_ID_FIELD_NUMBER: _ClassVar[int]
     TABLES_FIELD_NUMBER: _ClassVar[int]
     CONTRIBUTORS_FIELD_NUMBER: _ClassVar[int]
     COMMIT_LATER_FIELD_NUMBER: _ClassVar[int]
     REQUEST_SEQ_FIELD_NUMBER: _ClassVar[int]
+    ANNOUNCE_FIELD_NUMBER: _ClassVar[int]
     client_id: str
     tables: _containers.RepeatedCompositeFieldContainer[TableGrads]
     contributors: int
     commit_later: bool
     request_seq: int
-    def __init__(self, client_id: _Optional[str] = ..., tables: _Optional[_Iterable[_Union[TableGrads, _Mapping]]] = ..., contributors: _Optional[int] = ..., commit_later: _Optional[bool] = ..., request_seq: _Optional[int] = ...) -> None: ...
+    announce: AnnounceRequest
+    def __init__(self, client_id: _Optional[str] = ..., tables: _Optional[_Iterable[_Union[TableGrads, _Mapping]]] = ..., contributors: _Optional[int] = ..., commit_later: _Optional[bool] = ..., request_seq: _Optional[int] = ..., announce: _Optional[_Union[AnnounceRequest, _Mapping]] = ...) -> None: ...
 
 class TableStep(_message.Message):
     __slots__ = ("table", "step", "lr")
@@ -372,16 +374,32 @@ class StatsResponse(_message.Message):
     def __init__(self, shard_id: _Optional[int] = ..., num_shards: _Optional[int] = ..., counters: _Optional[_Union[ShardCounters, _Mapping]] = ..., tables: _Optional[_Iterable[_Union[TableStats, _Mapping]]] = ..., fetch: _Optional[_Union[RpcStats, _Mapping]] = ..., push: _Optional[_Union[RpcStats, _Mapping]] = ..., uptime_seconds: _Optional[float] = ..., metrics_port: _Optional[int] = ..., wal_replayed: _Optional[int] = ..., role: _Optional[str] = ...) -> None: ...
 
 class AnnounceRequest(_message.Message):
-    __slots__ = ("tables", "step")
+    __slots__ = ("tables", "step", "direct_reads", "request_seq")
     TABLES_FIELD_NUMBER: _ClassVar[int]
     STEP_FIELD_NUMBER: _ClassVar[int]
+    DIRECT_READS_FIELD_NUMBER: _ClassVar[int]
+    REQUEST_SEQ_FIELD_NUMBER: _ClassVar[int]
     tables: _containers.RepeatedCompositeFieldContainer[TableIds]
     step: int
-    def __init__(self, tables: _Optional[_Iterable[_Union[TableIds, _Mapping]]] = ..., step: _Optional[int] = ...) -> None: ...
+    direct_reads: _containers.RepeatedCompositeFieldContainer[TableIds]
+    request_seq: int
+    def __init__(self, tables: _Optional[_Iterable[_Union[TableIds, _Mapping]]] = ..., step: _Optional[int] = ..., direct_reads: _Optional[_Iterable[_Union[TableIds, _Mapping]]] = ..., request_seq: _Optional[int] = ...) -> None: ...
 
 class AnnounceResponse(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...
+
+class DirectReadsRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class DirectReadsResponse(_message.Message):
+    __slots__ = ("path", "nonce")
+    PATH_FIELD_NUMBER: _ClassVar[int]
+    NONCE_FIELD_NUMBER: _ClassVar[int]
+    path: str
+    nonce: bytes
+    def __init__(self, path: _Optional[str] = ..., nonce: _Optional[bytes] = ...) -> None: ...
 
 class ExportRowsRequest(_message.Message):
     __slots__ = ("table", "ids", "version", "client_id", "request_seq")

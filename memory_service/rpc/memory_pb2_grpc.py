@@ -105,6 +105,11 @@ class MemoryServiceStub:
                 request_serializer=engram__memory_dot_v1_dot_memory__pb2.AnnounceRequest.SerializeToString,
                 response_deserializer=engram__memory_dot_v1_dot_memory__pb2.AnnounceResponse.FromString,
                 _registered_method=True)
+        self.DirectReads = channel.unary_unary(
+                '/engram_memory.v1.MemoryService/DirectReads',
+                request_serializer=engram__memory_dot_v1_dot_memory__pb2.DirectReadsRequest.SerializeToString,
+                response_deserializer=engram__memory_dot_v1_dot_memory__pb2.DirectReadsResponse.FromString,
+                _registered_method=True)
         self.CheckpointPause = channel.unary_unary(
                 '/engram_memory.v1.MemoryService/CheckpointPause',
                 request_serializer=engram__memory_dot_v1_dot_memory__pb2.CheckpointPauseRequest.SerializeToString,
@@ -253,6 +258,14 @@ class MemoryServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def DirectReads(self, request, context):
+        """Where a client on this shard's host may read rows straight from shared memory (see
+        DirectReadsResponse); read scope.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def CheckpointPause(self, request, context):
         """-- checkpoints (memory_service/durability/checkpoint.py) ---------------------------------------------------
         A checkpoint is a directory on a filesystem the driver and every shard share (one machine's
@@ -365,6 +378,11 @@ def add_MemoryServiceServicer_to_server(servicer, server):
                     servicer.Announce,
                     request_deserializer=engram__memory_dot_v1_dot_memory__pb2.AnnounceRequest.FromString,
                     response_serializer=engram__memory_dot_v1_dot_memory__pb2.AnnounceResponse.SerializeToString,
+            ),
+            'DirectReads': grpc.unary_unary_rpc_method_handler(
+                    servicer.DirectReads,
+                    request_deserializer=engram__memory_dot_v1_dot_memory__pb2.DirectReadsRequest.FromString,
+                    response_serializer=engram__memory_dot_v1_dot_memory__pb2.DirectReadsResponse.SerializeToString,
             ),
             'CheckpointPause': grpc.unary_unary_rpc_method_handler(
                     servicer.CheckpointPause,
@@ -761,6 +779,33 @@ class MemoryService:
             '/engram_memory.v1.MemoryService/Announce',
             engram__memory_dot_v1_dot_memory__pb2.AnnounceRequest.SerializeToString,
             engram__memory_dot_v1_dot_memory__pb2.AnnounceResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DirectReads(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/engram_memory.v1.MemoryService/DirectReads',
+            engram__memory_dot_v1_dot_memory__pb2.DirectReadsRequest.SerializeToString,
+            engram__memory_dot_v1_dot_memory__pb2.DirectReadsResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -36,10 +36,12 @@ from memory_service.rpc import memory_pb2
 
 MEMORY_SERVICE = memory_pb2.DESCRIPTOR.services_by_name["MemoryService"].full_name
 HEALTH_SERVICE = "grpc.health.v1.Health"
-# The read scope: calls that change nothing. Everything else (Push, CommitStep, CreateTable,
+# The read scope: calls that change no rows. Everything else (Push, CommitStep, CreateTable,
 # DropTable, ExportRows, ImportRows, DrainAccesses, and any rpc added later) needs a write token.
+# Announce is a reader's: it only hints placement, as a Fetch's reads do, and carries the count of
+# a reader's direct reads (DirectReads: where a same-host reader finds the shared-memory arena).
 READ_METHODS = frozenset(f"/{MEMORY_SERVICE}/{name}" for name in
-                         ("Fetch", "Stats", "DescribeTable", "ListTables", "HotMap"))
+                         ("Fetch", "Stats", "DescribeTable", "ListTables", "HotMap", "Announce", "DirectReads"))
 METADATA_KEY = "authorization"  # gRPC metadata keys are lower case
 PEM = str | bytes  # bytes: PEM contents; str: the path of a PEM file
 
