@@ -29,6 +29,7 @@ from memory_service.config import TableConfig
 from memory_service.errors import InvalidArgument
 from memory_service.rpc import memory_pb2
 from memory_service.router import Request, Route, Router, as_row_ids
+from memory_service.wire.direct_reads import DirectReads
 from memory_service.wire.fetch_round import FetchRound
 from memory_service.wire.push_round import PushRound, Refused
 from memory_service.wire.reply_layout import ReplyLayout
@@ -55,7 +56,7 @@ class MemoryClient:
     def __init__(self, targets: list[str], max_rows_per_request: int = 65536, timeout: float = 60.0,
                  client_id: str | None = None, max_workers: int = 8, shared_memory: bool = True,
                  hot_targets: list[str] = (), retry: RetryPolicy = RetryPolicy(),
-                 security: ClientSecurity | None = None):
+                 security: ClientSecurity | None = None, direct_reads: bool = True):
         if not targets:
             raise ValueError("MemoryClient needs at least one shard target")
         if not 1 <= max_rows_per_request <= codec.MAX_REQUEST_ROWS:
@@ -86,6 +87,9 @@ class MemoryClient:
         # open the file (it runs on another host); then that shard's rows come over gRPC.
         self.replies = reply_files.ReplyBufferPool() if shared_memory and reply_files.available() else None
         self.same_host = [True] * len(self.targets)
+        # Same-host reads straight from the shards' shared arenas (wire/direct_reads.py), tried
+        # before a Fetch; off with shared_memory=False (every row then comes over gRPC)
+        self.direct = DirectReads(self.transport) if shared_memory and direct_reads and DirectReads.available() else None
 
     @property
     def num_shards(self) -> int:
@@ -217,7 +221,7 @@ class MemoryClient:
         layout = ReplyLayout({name: (len(route.grouped), self.table(name)) for name, route in routes.items()},
                              self.replies, any(self.same_host[shard] for shard, _ in requests))
         return FetchRound(self.transport, routes, ngrams, layout, min_step, self.same_host, self.trace,
-                          started).send(requests)
+                          started, self.direct).send(requests)
 
     def _finish_fetch(self, fetch: FetchRound) -> dict[str, torch.Tensor]:
         """Wait for a started fetch's replies and assemble the rows in the caller's order."""
@@ -354,6 +358,8 @@ class MemoryClient:
         return cfg.width * codec.ITEMSIZE[cfg.dtype]
 
     def close(self) -> None:
+        if self.direct is not None:
+            self.direct.close()  # the shards count the reads they did not serve
         self.pool.shutdown(wait=False)
         self.transport.close()
         if self.replies is not None:

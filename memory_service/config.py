@@ -119,7 +119,12 @@ class StorageConfig:
     hot; shared with the driver on a multi-host cluster); a CheckpointSave or CheckpointRestore
     naming a path outside it (`..`, a symlink pointing out) is refused. None: `checkpoints/` under
     `path` for a cluster with disk storage (`checkpoint_dir`); an all-DRAM cluster without one
-    refuses checkpoints until it is set."""
+    refuses checkpoints until it is set.
+
+    `direct_reads`: a shard with its rows in host DRAM keeps them (rows, last steps, index) in
+    shared memory under /dev/shm, where clients on its host read them without a request
+    (memory_service/storage/tiers/shared_arena.py, wire/direct_reads.py; off where the compiled
+    reader is not built)."""
 
     path: str | None = None
     dram_budget_bytes: int = 1 << 30
@@ -137,6 +142,7 @@ class StorageConfig:
     access_log_ids: int = 1 << 22  # 32 MiB of ids: a DrainAccesses reply always fits a message
     access_log_expiry_s: float = 60.0
     checkpoint_root: str | None = None  # where checkpoints may be written (None: <path>/checkpoints)
+    direct_reads: bool = True
 
     def __post_init__(self) -> None:
         if self.path is not None and not self.path:

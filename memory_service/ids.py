@@ -55,6 +55,10 @@ _FIBONACCI = np.uint64(0x9E3779B97F4A7C15)  # multiplicative hash: spreads ids r
 MIN_INDEX_BITS = 4
 
 
+def _private_buckets(bits: int) -> tuple[np.ndarray, np.ndarray]:
+    return np.full(1 << bits, _EMPTY, dtype=np.int64), np.zeros(1 << bits, dtype=np.int64)
+
+
 def _bits_for(size: int) -> int:
     """Bucket bits that keep `size` ids at load <= 1/2."""
     return max(MIN_INDEX_BITS, (2 * size - 1).bit_length())
@@ -64,10 +68,12 @@ class SlotIndex:
     """row id -> arena slot, linear probing at load <= 1/2, all ids of a call probed together.
     Removal leaves tombstones, swept by rehashing when they would push the load past 1/2."""
 
-    def __init__(self, min_size: int = 0) -> None:
+    def __init__(self, min_size: int = 0, alloc=None) -> None:
+        # alloc(bits) -> (keys, slots) of 2**bits buckets, keys -1: where the arrays live (a
+        # shard's shared-memory arena, storage/tiers/shared_arena.py); None: private numpy arrays
+        self._alloc = alloc if alloc is not None else _private_buckets
         self._bits = _bits_for(min_size)
-        self._keys = np.full(1 << self._bits, _EMPTY, dtype=np.int64)  # (buckets,) row ids
-        self._slots = np.zeros(1 << self._bits, dtype=np.int64)  # (buckets,) arena slots
+        self._keys, self._slots = self._alloc(self._bits)  # (buckets,) row ids, (buckets,) arena slots
         self.size = 0
         self._tombstones = 0
 
@@ -146,7 +152,6 @@ class SlotIndex:
         live = self._keys >= 0
         ids, slots = self._keys[live], self._slots[live]
         self._bits = bits
-        self._keys = np.full(1 << bits, _EMPTY, dtype=np.int64)
-        self._slots = np.zeros(1 << bits, dtype=np.int64)
+        self._keys, self._slots = self._alloc(bits)
         self.size = self._tombstones = 0
         self.insert(ids, slots)

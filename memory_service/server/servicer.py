@@ -164,8 +164,16 @@ class MemoryServicer(memory_pb2_grpc.MemoryServiceServicer):
     @_maps_errors
     def Announce(self, request, context):
         requests = _decode_ids(request.tables, "announce")  # table -> ids (n,) int64
-        self.shard.announce(requests, request.step if request.HasField("step") else None)
+        if requests:
+            self.shard.announce(requests, request.step if request.HasField("step") else None)
+        if request.direct_reads:
+            self.shard.note_direct_reads(_decode_ids(request.direct_reads, "announce"))
         return memory_pb2.AnnounceResponse()
+
+    @_maps_errors
+    def DirectReads(self, request, context):
+        path, nonce = self.shard.direct_reads()
+        return memory_pb2.DirectReadsResponse(path=path, nonce=nonce)
 
     @_maps_errors
     def CheckpointPause(self, request, context):

@@ -8,6 +8,7 @@ its hot map and re-routes, so no fetch sees a stale copy and no push lands on on
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -25,6 +26,8 @@ class Homes:
     role: str
     version: int = 0  # hot map version of the last move this shard took part in
     _sets: dict[str, np.ndarray] = field(default_factory=dict)  # table -> sorted ids (moved or held)
+    # told the table whose set changed (the shard publishes it to same-host readers)
+    on_change: Callable[[str], None] | None = None
 
     def __post_init__(self) -> None:
         if self.role not in ("cold", "hot"):
@@ -51,12 +54,16 @@ class Homes:
         held = self._sets.get(table, EMPTY)
         self._sets[table] = np.union1d(held, ids) if self.role == "cold" else np.setdiff1d(held, ids)
         self.version = max(self.version, version)
+        if self.on_change is not None:
+            self.on_change(table)
 
     def arrive(self, table: str, ids: np.ndarray, version: int) -> None:
         """Rows `ids` (distinct) are served here from now on."""
         held = self._sets.get(table, EMPTY)
         self._sets[table] = np.setdiff1d(held, ids) if self.role == "cold" else np.union1d(held, ids)
         self.version = max(self.version, version)
+        if self.on_change is not None:
+            self.on_change(table)
 
     def restore(self, table: str, ids: np.ndarray) -> None:
         """Sets the moving part of `table` to sorted ids `ids` (as `ids(table)` gave them), as a

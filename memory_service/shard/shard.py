@@ -29,6 +29,7 @@ from memory_service.config import StorageConfig, TableConfig
 from memory_service.durability.journal import Journal
 from memory_service.durability.wal import WriteAheadLog
 from memory_service.errors import Cancelled, FailedPrecondition, InvalidArgument, StepNotReached, TableExists
+from memory_service.native import compiled
 from memory_service.ops.collisions import CollisionSketch, NgramBatch
 from memory_service.ops.reports import ShardCounters, TableUsage
 from memory_service.shard import request_checks as checks
@@ -42,6 +43,7 @@ from memory_service.shard.table_stores import TableStores
 from memory_service.sharding import shard_of
 from memory_service.storage.store import TableSnapshot, TableStore, Update
 from memory_service.storage.tiers.base import RowRecords
+from memory_service.storage.tiers.shared_arena import SharedArena
 from memory_service.tables import TableInfo, TablePush
 
 T = TypeVar("T")
@@ -79,12 +81,14 @@ class Shard:
         self.storage = storage if storage is not None else StorageConfig()
         self._accesses = Accesses(self.storage.access_log_ids, self.storage.access_log_expiry_s)
         self.counters = ShardCounters()
-        self._tables = TableStores(shard_id, num_shards, self.storage, device)  # table -> its TableStore
+        self.shared = self._shared_arena(role) if device is None else None  # host rows for same-host readers
+        self._tables = TableStores(shard_id, num_shards, self.storage, device, self.shared)  # table -> its TableStore
         # data-parallel parts of the steps not complete yet, bounded and expiring (step_parts.py)
         self._parts = StepParts(self.storage.parts_max_bytes, self.storage.parts_client_max_bytes,
                                 self.storage.parts_expiry_s)
         self._collisions: dict[str, CollisionSketch] = {}  # tables with collision stats on
-        self._lock = threading.Lock()
+        # one lock serialises requests; with a shared arena it also versions it (SeqLock)
+        self._lock = self.shared.lock() if self.shared is not None else threading.Lock()
         self._stepped = threading.Condition(self._lock)  # notified when a table's step advances
         self._flushing = threading.Lock()  # held by a flush in progress (taken before _lock)
         self.placer: Placer | None = None
@@ -94,6 +98,37 @@ class Shard:
         self._closed = False
         if self.storage.path is not None:
             self._open_disk()
+
+    def _shared_arena(self, role: str) -> SharedArena | None:
+        """The shared-memory directory of this shard's host DRAM arenas, or None (not asked for,
+        the reader not built, or no /dev/shm here: clients then Fetch every row)."""
+        if not (self.storage.direct_reads and compiled.AVAILABLE):
+            return None
+        try:
+            arena = SharedArena(hot=role == "hot")
+        except OSError as err:
+            log.warning("shard %d: no shared-memory arena (%s): same-host clients will Fetch", self.shard_id, err)
+            return None
+        self.homes.on_change = self._publish_homes
+        return arena
+
+    def _publish_homes(self, name: str) -> None:
+        if self.shared is not None and name in self.shared.tables:
+            self.shared.tables[name].set_homes(self.homes.ids(name))
+
+    def direct_reads(self) -> tuple[str, bytes]:
+        """(directory, nonce) of the shared arena same-host clients read rows from; ("", b"")
+        where there is none."""
+        return ("", b"") if self.shared is None else (self.shared.path, self.shared.nonce)
+
+    def note_direct_reads(self, requests: dict[str, np.ndarray]) -> None:
+        """Ids (n,) per table that a client read straight from the shared arena: counted and
+        recorded for placement as a fetch's reads are, so stats and migration see every read."""
+        with self._lock:
+            checked = {name: ids for name, ids in self._checked_requests(requests).items()}
+            self._note_reads(checked)
+            for name, ids in checked.items():
+                self._tables[name].note_reads(ids)
 
     def _open_disk(self) -> None:
         """Opens the LMDB directory and the tables it holds, recovers what its write-ahead log
@@ -175,6 +210,8 @@ class Shard:
                 self._checkpoint()  # the log is empty afterwards: a reopen replays nothing
             self._tables.close()
             self.journal.close()
+            if self.shared is not None:
+                self.shared.close()
 
     def create_table(self, cfg: TableConfig) -> TableInfo:
         """Creates the table; re-creating with the identical config is a no-op."""
@@ -191,6 +228,7 @@ class Shard:
     def _add_table(self, cfg: TableConfig) -> TableStore:
         """A new, empty table `cfg`, with its collision stats if it keeps them."""
         store = self._tables.add(cfg)
+        self._publish_homes(cfg.name)  # rows of a re-created table may have moved already
         if cfg.collision_sample_rate > 0:
             self._collisions[cfg.name] = CollisionSketch(cfg.collision_sample_rate)
         return store

@@ -19,9 +19,11 @@ import numpy as np
 from memory_service.config import StorageConfig, TableConfig
 from memory_service.errors import InvalidArgument, TableNotFound
 from memory_service.placement import make_policy
+from memory_service.storage.optimizer import make_optimizer
 from memory_service.storage.store import TableStore, Update, state_width_of
 from memory_service.storage.tiers.disk import DiskEnvironment, record_dtype
 from memory_service.storage.tiers.dram import DramTier
+from memory_service.storage.tiers.shared_arena import CATCHES_UP, HAS_DISK, SharedArena
 from memory_service.tables import TableInfo, TablePush
 
 # 1/HEADROOM of each table's DRAM share holds no rows: it is left to the placement policy's
@@ -35,9 +37,11 @@ class TableStores(Mapping[str, TableStore]):
     """{table name: its TableStore} of shard `shard_id` of `num_shards`, read-only as a mapping:
     tables come with `add` and go with `remove`."""
 
-    def __init__(self, shard_id: int, num_shards: int, storage: StorageConfig, device: str | None) -> None:
+    def __init__(self, shard_id: int, num_shards: int, storage: StorageConfig, device: str | None,
+                 shared: SharedArena | None = None) -> None:
         self.shard_id, self.num_shards, self.storage, self.device = shard_id, num_shards, storage, device
         self.disk: DiskEnvironment | None = None  # with storage.path, once open_disk ran
+        self.shared = shared  # host DRAM arenas in shared memory, for same-host readers
         self._stores: dict[str, TableStore] = {}
 
     def __getitem__(self, name: str) -> TableStore:
@@ -123,6 +127,8 @@ class TableStores(Mapping[str, TableStore]):
         """Retires table `name`'s store and deletes its rows (dirty ones are not written back)."""
         self._stores[name].close(flush=False)
         del self._stores[name]
+        if self.shared is not None:
+            self.shared.drop(name)
         if self.disk is not None:
             self.disk.drop_table(name)
             self._split_budget()
@@ -151,14 +157,21 @@ class TableStores(Mapping[str, TableStore]):
 
             return TableStore(cfg, arena=DeviceTier(cfg.width, state_width_of(cfg), device=self.device))
         if self.disk is None:
-            return TableStore(cfg)
+            return TableStore(cfg, arena=DramTier(cfg.width, state_width_of(cfg), shared=self._shared_table(cfg)))
         state_width = state_width_of(cfg)
         rows_here = -(-cfg.num_rows // self.num_shards)
         self.disk.reserve(min(rows_here * record_dtype(cfg.width, state_width).itemsize * 3 // 2,
                               self.storage.map_bytes))
         disk = self.disk.open_table(cfg.name, {"config": cfg.to_dict()}, cfg.width, state_width)
-        dram = DramTier(cfg.width, state_width, max_rows=0)  # _split_budget sizes it
+        dram = DramTier(cfg.width, state_width, max_rows=0, shared=self._shared_table(cfg))  # _split_budget sizes it
         return TableStore(cfg, arena=dram, disk=disk, policy=make_policy(self.storage.policy, 0))
+
+    def _shared_table(self, cfg: TableConfig):
+        """Table `cfg`'s shared-memory files, or None where the shard shares none."""
+        if self.shared is None:
+            return None
+        flags = (CATCHES_UP if make_optimizer(cfg.optimizer).catches_up else 0) | (HAS_DISK if self.disk else 0)
+        return self.shared.table(cfg.name, cfg.width, flags)
 
     def _split_budget(self) -> None:
         """Gives each table an equal share of the DRAM budget, as rows of its own size, less the

@@ -39,6 +39,7 @@ from memory_service.storage.row_writer import RowWriter, UpdateBatch
 from memory_service.storage.tiers.base import RowRecords
 from memory_service.storage.tiers.disk import DiskTier
 from memory_service.storage.tiers.dram import DramTier
+from memory_service.storage.tiers.shared_arena import FIELD
 from memory_service.storage.usage import DISK_TIER, TierCounters, TierUsage
 
 
@@ -202,6 +203,15 @@ class TableStore:
                 out[name][missing] = rows
         return out
 
+    def note_reads(self, ids: np.ndarray) -> None:
+        """Counts ids (n,) a same-host client read from the shared arena (every one was there) and
+        tells placement, as `read` does."""
+        self.reader.rows_read += len(ids)
+        self.reader.hits += len(ids)
+        if self.disk is not None:
+            self.arena_counters.hits += len(ids)
+            self.residency.tell(READ, ids)
+
     def expect(self, ids: np.ndarray, step: int | None = None) -> None:
         """Ids (n,) the fetch of `step` (a held fetch, or an announced one) will read: the
         policy's look-ahead (see Policy.expect)."""
@@ -250,6 +260,10 @@ class TableStore:
         if step > self.committed:
             self.committed = step
             self._note("commit", step)
+        if (shared := self.arena.shared) is not None:  # what same-host readers check
+            shared.set_committed(self.committed)
+            if shared.header[FIELD["open_step"]] <= self.committed:
+                shared.set_open_step(0)
 
     def update(self, ids: np.ndarray, grads: np.ndarray, step: int, lr: float | None = None,
                commit: bool = True) -> None:
@@ -287,6 +301,8 @@ class TableStore:
             return
         if commit:
             self._set_committed(step)
+        elif step > self.committed and (shared := self.arena.shared) is not None:
+            shared.set_open_step(step)  # part of a step: same-host readers leave the table to Fetch
         new = self._is_new_step(step)
         self.optimizer.record_step(step, update.lr)
         if self.disk is None:

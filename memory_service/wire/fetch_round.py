@@ -20,6 +20,7 @@ from memory_service.ops.collisions import NgramBatch
 from memory_service.router import Chunk, Request, Route
 from memory_service.rpc import memory_pb2
 from memory_service.wire import codec
+from memory_service.wire.direct_reads import DirectReads
 from memory_service.wire.reply_layout import ReplyLayout
 from memory_service.wire.transport import Transport, raise_error
 
@@ -32,9 +33,11 @@ class FetchRound:
 
     def __init__(self, transport: Transport, routes: dict[str, Route], ngrams: dict[str, NgramBatch],
                  layout: ReplyLayout, min_step: int, same_host: list[bool],
-                 trace: Callable[[str, dict], None] | None = None, started: float | None = None):
+                 trace: Callable[[str, dict], None] | None = None, started: float | None = None,
+                 direct: DirectReads | None = None):
         self.transport, self.routes, self.ngrams, self.layout = transport, routes, ngrams, layout
         self.min_step, self.same_host, self.trace = min_step, same_host, trace
+        self.direct = direct  # same-host reads from the shards' shared arenas, tried first
         self.started = time.perf_counter() if started is None else started
         self.sent: list[tuple[int, Chunk, tuple[Future, bool]]] = []  # (shard, chunk, (future, via_shm))
 
@@ -42,7 +45,8 @@ class FetchRound:
         """Start every request [(shard, chunk)]; nothing waits here. The layout is released if
         a request cannot be sent."""
         try:
-            self.sent = [(shard, chunk, self._send(shard, chunk)) for shard, chunk in requests]
+            self.sent = [(shard, chunk, self._send(shard, chunk)) for shard, chunk in requests
+                         if not self._read_direct(shard, chunk)]
         except BaseException:
             self.layout.release()
             raise
@@ -79,6 +83,27 @@ class FetchRound:
         if self.trace is not None:
             self.trace("fetch_sent", {"shard": shard, "step": self.min_step})
         return self.transport.start(shard, "Fetch", request), use_shm
+
+    def _read_direct(self, shard: int, chunk: Chunk) -> bool:
+        """Whether request `chunk`'s rows were read from `shard`'s shared arena into the layout
+        (never for N-grams, which only a Fetch carries to the shard's collision stats)."""
+        if self.direct is None or any(name in self.ngrams for name, _, _ in chunk):
+            return False
+        items, narrow = [], []
+        for name, start, stop in chunk:
+            target = self.layout.rows[name][start:stop]  # (n, width) in the wire dtype
+            ids = np.ascontiguousarray(self.routes[name].grouped[start:stop], dtype=np.int64)
+            out = target if target.dtype == np.float32 else np.empty(target.shape, np.float32)
+            items.append((self.layout.configs[name], ids, out))
+            if out is not target:
+                narrow.append((target, out))
+        if not self.direct.read(shard, items, self.min_step):
+            return False
+        for target, rows in narrow:  # bf16 on the wire: rounded as a shard rounds its replies
+            target[...] = codec.float32_to_bfloat16_bits(rows)
+        if self.trace is not None:
+            self.trace("fetch_sent", {"shard": shard, "step": self.min_step, "direct": True})
+        return True
 
     def _ngrams_message(self, name: str, start: int, stop: int):
         return codec.encode_ngrams(self.ngrams[name].slice(start, stop)) if name in self.ngrams else None

@@ -19,23 +19,30 @@ import numpy as np
 
 from memory_service.ids import MIN_INDEX_BITS, SlotIndex
 from memory_service.storage.tiers.base import RowRecords, Tier
+from memory_service.storage.tiers.shared_arena import SharedTable
 from memory_service.storage.usage import DRAM_TIER
 
 class DramTier(Tier):
-    """A table's records in host DRAM; at most `max_rows` of them when given (a DRAM budget)."""
+    """A table's records in host DRAM; at most `max_rows` of them when given (a DRAM budget).
+    With `shared`, rows, their last steps and the index live in that table's shared-memory files
+    (storage/tiers/shared_arena.py), where same-host clients read them."""
 
     name = DRAM_TIER
 
-    def __init__(self, width: int, state_width: int, max_rows: int | None = None) -> None:
+    def __init__(self, width: int, state_width: int, max_rows: int | None = None,
+                 shared: SharedTable | None = None) -> None:
         super().__init__(width, state_width)
         if max_rows is not None and max_rows < 0:
             raise ValueError(f"max_rows {max_rows} must be >= 0")
         self.max_rows = max_rows
-        self._index = SlotIndex()
+        self.shared = shared
+        self._index = SlotIndex(alloc=None if shared is None else shared.new_index)
         self._ids = np.empty(0, dtype=np.int64)  # (cap,) row id of each slot
         self._last = np.empty(0, dtype=np.int64)  # (cap,) step each row was last brought up to date
         self._dirty = np.empty(0, dtype=bool)  # (cap,) newer than the tier below's copy
         self._alloc_payload(0)
+        if shared is not None:
+            self._rows, self._last = shared.new_rows(0, width)
 
     @staticmethod
     def rows_within(budget_bytes: int, width: int, state_width: int) -> int:
@@ -118,12 +125,19 @@ class DramTier(Tier):
     def _reserve(self, capacity: int) -> None:
         """Arenas of `capacity` slots (>= len(self)), keeping the records."""
         used = len(self)
-        for name in ("_ids", "_last", "_dirty"):
+        for name in ("_ids", "_dirty") if self.shared is not None else ("_ids", "_last", "_dirty"):
             old = getattr(self, name)
             new = np.empty(capacity, dtype=old.dtype)
             new[:used] = old[:used]
             setattr(self, name, new)
-        self._alloc_payload(capacity)
+        if self.shared is None:
+            self._alloc_payload(capacity)
+            return
+        rows, last = self.shared.new_rows(capacity, self.width)
+        rows[:used], last[:used] = self._rows[:used], self._last[:used]
+        state = np.empty((capacity, self.state_width), dtype=np.float32)
+        state[:used] = self._state[:used]
+        self._rows, self._last, self._state = rows, last, state
 
     def set_max_rows(self, max_rows: int | None) -> None:
         """A new row limit (>= len(self)); arenas and index shrink to it when they are larger."""
