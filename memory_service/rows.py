@@ -21,6 +21,8 @@ import collections
 
 import numpy as np
 
+from memory_service.native import compiled
+
 _M = np.array([[0xD2E7470EE14C6C93], [0xCA5A826395121157]], dtype=np.uint64)  # (2, 1): the two multipliers
 _W = np.array([[0x9E3779B97F4A7C15], [0xBB67AE8584CAA73B]], dtype=np.uint64)  # (2, 1): the key's Weyl steps
 _LO32 = np.uint64(0xFFFFFFFF)
@@ -40,7 +42,18 @@ def _mulhi(b: np.ndarray) -> np.ndarray:
 
 def philox4x64(counter: np.ndarray, key: tuple[int, int] | np.ndarray) -> np.ndarray:
     """Philox4x64-10 of each counter. counter: (n, 4) uint64 -> (n, 4) uint64; key: one (k0, k1)
-    for every counter, or (2, n) uint64, a key per counter (several tables in one pass).
+    for every counter, or (2, n) uint64, a key per counter (several tables in one pass). Compiled
+    (memory_service/native/philox.c) where built, `philox4x64_numpy` otherwise: bit for bit the same."""
+    if compiled.AVAILABLE:
+        k = np.ascontiguousarray(np.asarray(key, dtype=np.uint64).reshape(2, -1))
+        out = np.empty((counter.shape[0], 4), dtype=np.uint64)
+        compiled._philox.philox(np.ascontiguousarray(counter, dtype=np.uint64), k[0], k[1], out)
+        return out
+    return philox4x64_numpy(counter, key)
+
+
+def philox4x64_numpy(counter: np.ndarray, key: tuple[int, int] | np.ndarray) -> np.ndarray:
+    """Philox4x64-10 of each counter in numpy (the reference of the compiled one).
 
     The two multiplications of a round run as one (2, n) product (the round's cost is numpy's
     per-call overhead at the batch sizes a shard sees): `x` holds words (0, 2), `y` words (1, 3)."""

@@ -2,7 +2,8 @@
 import numpy as np
 import pytest
 
-from memory_service.rows import InitialRows, init_rows, init_rows_many, philox4x64, table_seed
+from memory_service.native import compiled
+from memory_service.rows import InitialRows, init_rows, init_rows_many, philox4x64, philox4x64_numpy, table_seed
 
 
 @pytest.mark.parametrize("seed", [0, 7, 2**63 + 12345])
@@ -13,6 +14,16 @@ def test_philox_matches_numpy(seed):
     for c, row in zip(counters, ours):
         ref = np.random.Philox(key=np.array([seed, 3], dtype=np.uint64), counter=c).random_raw(4)
         np.testing.assert_array_equal(row, ref)
+
+
+def test_compiled_philox_equals_the_numpy_reference():
+    assert compiled.AVAILABLE, "memory_service.native is not built: pip install -e . builds it"
+    rng = np.random.default_rng(2)
+    counters = rng.integers(0, 2**64, size=(4097, 4), dtype=np.uint64)
+    keys = rng.integers(0, 2**64, size=(2, 4097), dtype=np.uint64)
+    for key in ((2**64 - 1, 5), keys):  # one key for all, a key per counter
+        np.testing.assert_array_equal(philox4x64(counters, key), philox4x64_numpy(counters, key))
+    assert philox4x64(counters[:0], (1, 2)).shape == (0, 4)
 
 
 def test_block_layout_matches_numpy_philox():
