@@ -37,7 +37,7 @@ log = logging.getLogger(__name__)
 
 ATTEMPTS = 16  # gathers tried while the shard is busy before the request goes to it as a Fetch
 REPORT_IDS = 1 << 16  # report a shard's direct reads once this many ids are pending...
-REPORT_SECONDS = 0.5  # ...or this long after the previous report
+REPORT_SECONDS = 0.05  # ...or at the first read this long after the previous one (a migration round: 50 ms)
 
 
 def _map(path: str) -> mmap.mmap:
