@@ -17,6 +17,7 @@ under two trees to compare servers, on the same machine in the same minutes:
 from __future__ import annotations
 
 import argparse
+import os
 import shutil
 import socket
 import statistics
@@ -169,7 +170,9 @@ def main() -> None:
         child.stdin.close()
         child.wait(timeout=30)
     floor = [floor_run(args.calls) for _ in range(args.runs)]
-    lines = [f"{args.calls} sequential calls x {args.runs} runs (median [min, max] of the runs' values, us)", "",
+    lines = [f"`python bench/bench_small_fetch.py {' '.join(sys.argv[1:])}` ({time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, "
+             f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores)", "",
+             f"{args.calls} sequential calls x {args.runs} runs (median [min, max] of the runs' values, us)", "",
              "| 1-id Fetch, one shard server | p50 | p99 |", "|---|---|---|",
              row("gRPC loopback (plain stub)", rpc), row("floor: Shard.fetch in-process", floor)]
     if not args.skip_cluster:

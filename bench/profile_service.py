@@ -45,6 +45,7 @@ from report import write_results  # noqa: E402  (bench/report.py)
 
 PY_SPY = str(Path(sys.executable).with_name("py-spy"))
 WIDTH = 64
+TOP_LEAVES = 6  # leaf frames listed per process
 # (stage, regular expression over one frame "function (file:line)" or "function (library.so)").
 # A sample takes the stage of its leaf-most frame that matches; rules are tried in this order.
 STAGES: tuple[tuple[str, str], ...] = (
@@ -80,10 +81,12 @@ def stage_of(frames: list[str]) -> str:
     return "other"
 
 
-def buckets(raw: str) -> tuple[Counter, dict[int, str]]:
-    """({stage: samples}, {thread id: Python thread name}) of py-spy's raw (collapsed) output."""
+def buckets(raw: str) -> tuple[Counter, dict[int, str], Counter]:
+    """({stage: samples}, {thread id: Python thread name}, {leaf frame: samples} of the samples
+    not idle) of py-spy's raw (collapsed) output."""
     out: Counter = Counter()
     names: dict[int, str] = {}
+    leaves: Counter = Counter()
     for line in raw.splitlines():
         stack, _, count = line.rpartition(" ")
         if not stack:
@@ -91,8 +94,11 @@ def buckets(raw: str) -> tuple[Counter, dict[int, str]]:
         frames = stack.split(";")
         if (thread := re.match(r"thread \((\d+)\): (.*)", frames[0])) is not None:
             names[int(thread.group(1))] = thread.group(2)
-        out[stage_of(frames[1:])] += int(count)
-    return out, names
+        stage = stage_of(frames[1:])
+        out[stage] += int(count)
+        if stage != "idle":
+            leaves[f"{stage}: {frames[-1]}"] += int(count)
+    return out, names, leaves
 
 
 def thread_cpu(pid: int) -> dict[int, tuple[str, float]]:
@@ -132,6 +138,10 @@ class Load:
                        for i in range(tables)]
         for cfg in self.tables:
             client.create_table(cfg)
+            if name != "adam":  # every row stored first, as bench_fetch does: no fetch pays for lazy init
+                for start in range(0, rows, 65536):
+                    ids = np.arange(start, start + 65536)
+                    client.push({cfg.name: (ids, np.zeros((len(ids), WIDTH), np.float32))}, step=1)
         self.ids = rng.choice(rows, 16384, replace=False)
         self.grads = (rng.standard_normal((16384, WIDTH)) * 1e-3).astype(np.float32)
         self.one = {cfg.name: np.array([7]) for cfg in self.tables}
@@ -180,8 +190,9 @@ def profile(load: Load, pids: dict[str, int], seconds: float, rate: int, native:
         raw = path.read_text() if path.exists() else ""
         if not raw:
             print(f"py-spy on {name}: {errors[name].strip()[-300:]}", file=sys.stderr)
-        stages, python_names = buckets(raw)
-        out[name] = {"stages": stages, "threads": cpu_by_name(cpu0[name], cpu1[name], python_names)}
+        stages, python_names, leaves = buckets(raw)
+        out[name] = {"stages": stages, "threads": cpu_by_name(cpu0[name], cpu1[name], python_names),
+                     "leaves": leaves}
     return {"processes": out, "wall_s": wall, "requests": steps * load.requests_per_step, "steps": steps}
 
 
@@ -200,6 +211,10 @@ def report(name: str, result: dict, rate: int) -> list[str]:
             share = "" if stage == "idle" else f"{100 * count / busy:.1f}%"
             lines.append(f"| {proc} | {stage} | {100 * count / total:.1f}% | {share} | "
                          f"{1e3 * count / rate / requests:.3f} |")
+    lines += ["", "| process | stage: leaf frame (the most sampled, not idle) | thread-ms per request |", "|---|---|---|"]
+    for proc, data in result["processes"].items():
+        for leaf, count in data["leaves"].most_common(TOP_LEAVES):
+            lines.append(f"| {proc} | {leaf} | {1e3 * count / rate / requests:.3f} |")
     lines += ["", "| process | thread (from /proc) | CPU ms per request | share of the process's CPU |",
               "|---|---|---|---|"]
     for proc, data in result["processes"].items():
