@@ -48,9 +48,13 @@ WIDTH = 64
 TOP_LEAVES = 6  # leaf frames listed per process
 # (stage, regular expression over one frame "function (file:line)" or "function (library.so)").
 # A sample takes the stage of its leaf-most frame that matches; rules are tried in this order.
+# numpy's and libc's generic frames match nothing on purpose, so such a sample takes the stage of
+# the Python frame that called numpy (a row copy in row_reader.py is "copy", a sort in router.py
+# "dedup/sort").
 STAGES: tuple[tuple[str, str], ...] = (
     ("idle", r"^(select|poll|epoll_wait|_worker|get) \((selectors|concurrent/futures/thread|queue)\.py|"
-             r"epoll_wait|pthread_cond_wait|pthread_cond_timedwait|clock_nanosleep|^sleep "),
+             r"epoll_wait|pthread_cond_wait|pthread_cond_timedwait|clock_nanosleep|^sleep |^poll \(libc|"
+             r"_poll_wrapper"),
     ("locks/waits", r"^(acquire|wait|_wait_for_tstate_lock|__enter__) \(threading\.py|sem_wait|"
                     r"lock_PyThread|acquire_timed|futex|PyThread_acquire_lock|take_gil|drop_gil"),
     ("catch-up", r"catch_up\.py"),
@@ -62,8 +66,8 @@ STAGES: tuple[tuple[str, str], ...] = (
                        r"_parse_|deserializ"),
     ("encode", r"encode_|SerializeToString|reply_layout\.py|codec\.py|serializ"),
     ("copy", r"row_reader\.py|row_writer\.py|reply_files\.py|fetch_replies\.py|tiers/dram\.py|gather|"
-             r"__memmove|__memcpy|memcpy|memmove|copyto|tobytes|frombuffer|take \(|mmap|shared_memory|"
-             r"torch/|from_numpy|PyArray_|_multiarray_umath"),
+             r"__memmove|__memcpy|memcpy|memmove|copyto|tobytes|frombuffer|^take |mmap|shared_memory|"
+             r"from_numpy|PyArray_TakeFrom|PyArray_AssignArray|raw_array_assign|gather_table"),
     ("gRPC", r"grpc|cygrpc|_channel\.py|_server\.py|libgrpc|admission\.py|servicer\.py|transport\.py|"
              r"fetch_round\.py|push_round\.py"),
     ("asyncio", r"asyncio/|base_events|events\.py|_run_once|uvloop"),
