@@ -13,7 +13,11 @@ held:
   RESOURCE_EXHAUSTED (errors.Overloaded). A request body must arrive within `body_timeout_s`.
 
 Then the request bytes are parsed (request_guard: INVALID_ARGUMENT for bytes that are not a valid
-message) and the servicer's method runs on the server's worker pool. A held fetch (a Fetch with a
+message) and the servicer's method runs on the server's worker pool, except a small plain fetch
+(at most `inline_ids` ids, no min_step), which runs on the event loop itself: its work is a
+fraction of the two thread hand-offs (loop -> worker -> loop) it would otherwise wait for, and
+since the shard serialises its requests under one lock, a loop waiting there delays nothing that
+could run meanwhile but the reading of other calls' bytes. A held fetch (a Fetch with a
 min_step) counts against its own bounds and waits on a pool of its own, so held fetches never take
 the threads other calls need (finding 3); when its client cancels or disconnects, the call's
 callbacks run (the servicer's wakes the shard's wait) and its places are given back once its thread
@@ -23,6 +27,7 @@ from __future__ import annotations
 
 import asyncio
 import inspect
+import sys
 import threading
 import time
 from collections import Counter
@@ -38,6 +43,7 @@ from memory_service.server.request_guard import Unparsable, parse
 from memory_service.wire.security import MEMORY_SERVICE, TokenCheck
 
 HELD_METHOD = f"/{MEMORY_SERVICE}/Fetch"  # its requests with a min_step > 0 are held fetches
+INLINE_METHOD = HELD_METHOD  # its small requests without a min_step run on the event loop
 
 
 @dataclass(frozen=True)
@@ -46,13 +52,15 @@ class AdmissionLimits:
     (from their headers until they end, stalled uploads included) per client and in all.
     `held_per_client`, `held`: fetches waiting for a min_step, per client and in all (`held` is
     also the size of their own thread pool). `body_timeout_s`: how long an admitted call's request
-    may take to arrive."""
+    may take to arrive. `inline_ids`: a Fetch of at most this many ids (all tables) and no
+    min_step runs on the event loop instead of a worker thread (0: none does)."""
 
     calls_per_client: int = 64
     calls: int = 512
     held_per_client: int = 16
     held: int = 64
     body_timeout_s: float = 30.0
+    inline_ids: int = 64
 
     def __post_init__(self) -> None:
         for name in ("calls_per_client", "calls", "held_per_client", "held"):
@@ -60,6 +68,8 @@ class AdmissionLimits:
                 raise ValueError(f"AdmissionLimits.{name} must be an int >= 1, got {getattr(self, name)!r}")
         if self.calls_per_client > self.calls or self.held_per_client > self.held:
             raise ValueError("AdmissionLimits: a per-client bound above its total bound")
+        if not isinstance(self.inline_ids, int) or self.inline_ids < 0:
+            raise ValueError(f"AdmissionLimits.inline_ids must be an int >= 0, got {self.inline_ids!r}")
         if not self.body_timeout_s > 0:
             raise ValueError(f"AdmissionLimits.body_timeout_s must be > 0, got {self.body_timeout_s!r}")
 
@@ -192,21 +202,26 @@ class Admission(aio.ServerInterceptor):
                         await handler.unary_stream(request, context)
             return grpc.stream_stream_rpc_method_handler(stream, response_serializer=handler.response_serializer)
 
+        behavior = handler.unary_unary
+        is_async = inspect.iscoroutinefunction(behavior)  # once per call, not in each step below
+
         async def unary(requests, context):
             client = (_client_host(context.peer()), token)
             async with _Place(self.calls, client, context):
                 request = await self._request(handler, method, context)
                 if method == HELD_METHOD and getattr(request, "min_step", 0) > 0:
                     async with _Place(self.held, client, context):
-                        return await self._run(handler.unary_unary, request, context, self.held_workers)
-                return await self._run(handler.unary_unary, request, context, self.workers)
+                        return await self._run(behavior, is_async, request, context, self.held_workers)
+                if method == INLINE_METHOD and _num_ids(request) <= self.limits.inline_ids:
+                    return await self._run(behavior, is_async, request, context, None)
+                return await self._run(behavior, is_async, request, context, self.workers)
         return grpc.stream_unary_rpc_method_handler(unary, response_serializer=handler.response_serializer)
 
     async def _request(self, handler: grpc.RpcMethodHandler, method: str, context: aio.ServicerContext):
         """The call's one request, parsed; the call aborted when it does not come in time or
         does not parse."""
         try:
-            payload = await asyncio.wait_for(context.read(), self.limits.body_timeout_s)
+            payload = await _read(context, self.limits.body_timeout_s)
         except asyncio.TimeoutError:
             await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, status_details(
                 f"{Overloaded.PREFIX} {method}: the request did not arrive within "
@@ -218,14 +233,22 @@ class Admission(aio.ServerInterceptor):
         except Unparsable as err:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(err))
 
-    async def _run(self, behavior, request, context: aio.ServicerContext, workers: Executor):
+    async def _run(self, behavior, is_async: bool, request, context: aio.ServicerContext,
+                   workers: Executor | None):
         """`behavior`'s response: awaited when it is a coroutine function (the health service),
-        else run on `workers` with a SyncContext. When the call is cancelled meanwhile, the
-        context's callbacks run and the thread is waited for before the call's places are given
-        back."""
-        if inspect.iscoroutinefunction(behavior):
+        run right here on the loop when `workers` is None, else run on `workers` with a
+        SyncContext. When the call is cancelled meanwhile, the context's callbacks run and the
+        thread is waited for before the call's places are given back."""
+        if is_async:
             return await behavior(request, context)
         sync_context = SyncContext(context)
+        if workers is None:
+            try:
+                return behavior(request, sync_context)
+            except CallAborted as aborted:
+                await context.abort(aborted.code, aborted.details)
+            finally:
+                sync_context.end(cancelled=False)
         future = asyncio.get_running_loop().run_in_executor(workers, behavior, request, sync_context)
         cancelled = False
         try:
@@ -242,6 +265,20 @@ class Admission(aio.ServerInterceptor):
         finally:
             if not cancelled:
                 sync_context.end(cancelled=False)
+
+
+async def _read(context: aio.ServicerContext, timeout_s: float):
+    """The call's request bytes, or asyncio.TimeoutError after `timeout_s`. asyncio.timeout
+    (Python 3.11) makes no task per call, as wait_for does."""
+    if sys.version_info >= (3, 11):
+        async with asyncio.timeout(timeout_s):
+            return await context.read()
+    return await asyncio.wait_for(context.read(), timeout_s)
+
+
+def _num_ids(request) -> int:
+    """Ids a Fetch request carries over all its tables (int64 each on the wire)."""
+    return sum(len(table.ids) for table in request.tables) // 8
 
 
 class _Place:

@@ -241,3 +241,24 @@ def test_total_bound_and_request_timeout(shard, pki):  # noqa: F811
             _answers_at_once(small, pki)
     finally:
         small.stop(None)
+
+
+@pytest.mark.parametrize("inline_ids", [0, 64])
+def test_small_fetches_on_the_event_loop_answer_as_on_a_worker(shard, inline_ids):
+    """A small plain Fetch runs on the event loop (inline_ids 64) or on a worker (0): the same
+    rows, and the same status for a request the shard refuses (the abort path of each)."""
+    server = serve(shard, admission=AdmissionLimits(inline_ids=inline_ids))
+    try:
+        with grpc.insecure_channel(server.address) as channel:
+            stub = memory_pb2_grpc.MemoryServiceStub(channel)
+            ids = np.array([0, 1, 2])
+            reply = stub.Fetch(memory_pb2.FetchRequest(tables=[memory_pb2.TableIds(
+                table="emb", ids=codec.encode_ids(ids))]), timeout=10)
+            rows = codec.decode_rows(reply.tables[0].rows, 3, 8, "float32", "emb")
+            np.testing.assert_array_equal(rows, shard.fetch({"emb": ids})["emb"])
+            with pytest.raises(grpc.RpcError) as err:
+                stub.Fetch(memory_pb2.FetchRequest(tables=[memory_pb2.TableIds(
+                    table="nope", ids=codec.encode_ids(ids))]), timeout=10)
+            assert err.value.code() == Code.NOT_FOUND
+    finally:
+        server.stop(None)
