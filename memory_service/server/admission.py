@@ -169,8 +169,12 @@ class Admission(aio.ServerInterceptor):
     run of a synchronous servicer method on `workers` (held fetches on `held_workers`)."""
 
     def __init__(self, limits: AdmissionLimits, tokens: TokenCheck | None, workers: Executor,
-                 held_workers: Executor) -> None:
+                 held_workers: Executor, busy: Callable[[], bool] = lambda: False) -> None:
         self.limits, self.tokens = limits, tokens
+        # busy(): the shard's request lock is held. A small Fetch then goes to a worker, so the
+        # event loop never waits behind a long push or an all-DRAM checkpoint (health checks,
+        # refusals and other calls keep being answered)
+        self.busy = busy
         self.workers, self.held_workers = workers, held_workers
         self.calls = Places(limits.calls_per_client, limits.calls, "calls")
         self.held = Places(limits.held_per_client, limits.held, "held fetches")
@@ -212,7 +216,7 @@ class Admission(aio.ServerInterceptor):
                 if method == HELD_METHOD and getattr(request, "min_step", 0) > 0:
                     async with _Place(self.held, client, context):
                         return await self._run(behavior, is_async, request, context, self.held_workers)
-                if method == INLINE_METHOD and _num_ids(request) <= self.limits.inline_ids:
+                if method == INLINE_METHOD and _num_ids(request) <= self.limits.inline_ids and not self.busy():
                     return await self._run(behavior, is_async, request, context, None)
                 return await self._run(behavior, is_async, request, context, self.workers)
         return grpc.stream_unary_rpc_method_handler(unary, response_serializer=handler.response_serializer)

@@ -360,7 +360,7 @@ def serve(shard: Shard, host: str = "127.0.0.1", port: int = 0, max_workers: int
     servicer = MemoryServicer(shard, max_fetch_wait_s)
     try:
         server, health_servicer, bound = loop.run(_start(
-            servicer, Admission(admission, security.token_check(), workers, held_workers), security,
+            servicer, Admission(admission, security.token_check(), workers, held_workers, shard.busy), security,
             _address(host, port)))
     except BaseException:
         loop.close()

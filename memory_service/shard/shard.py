@@ -116,6 +116,10 @@ class Shard:
         if self.shared is not None and name in self.shared.tables:
             self.shared.tables[name].set_homes(self.homes.ids(name))
 
+    def busy(self) -> bool:
+        """Whether a request holds the shard's lock now (a hint: it may be let go the next moment)."""
+        return self._lock.locked()
+
     def direct_reads(self) -> tuple[str, bytes]:
         """(directory, nonce) of the shared arena same-host clients read rows from; ("", b"")
         where there is none."""
