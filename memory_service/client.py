@@ -16,6 +16,7 @@ import itertools
 import secrets
 import time
 import uuid
+from collections import Counter
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 
@@ -29,8 +30,9 @@ from memory_service.config import TableConfig
 from memory_service.errors import InvalidArgument
 from memory_service.rpc import memory_pb2
 from memory_service.router import Request, Route, Router, as_row_ids
+from memory_service.tables import Announcement
 from memory_service.wire.fetch_round import FetchRound
-from memory_service.wire.push_round import PushRound, Refused
+from memory_service.wire.push_round import PushRound, Refused, whole_step_requests
 from memory_service.wire.reply_layout import ReplyLayout
 from memory_service.wire.retry import RetryPolicy
 from memory_service.wire.security import ClientSecurity
@@ -155,13 +157,22 @@ class MemoryClient:
         step the shards got and order the steps (announce with it whenever fetches wait for
         steps); None: read after what was announced before. Returns at once; the Future ends when
         every shard answered (raising what a shard refused)."""
-        if step is not None and step < 0:
-            raise ValueError(f"announced step {step} must be >= 0")
-        routes = {name: self._route(name, table_ids) for name, table_ids in ids.items()}
-        futures = [self.transport.start(shard, "Announce", memory_pb2.AnnounceRequest(step=step, tables=[
+        futures = self._send_announcements(self._announce_requests(Announcement(ids, step)))
+        return self.pool.submit(lambda: [self.transport.result(f) for f in futures] and None)
+
+    def _announce_requests(self, announce: Announcement) -> list[tuple[int, memory_pb2.AnnounceRequest]]:
+        """The announcement routed to the ids' homes: [(shard, AnnounceRequest)], in shard order,
+        within the wire's limits."""
+        if announce.step is not None and announce.step < 0:
+            raise ValueError(f"announced step {announce.step} must be >= 0")
+        routes = {name: self._route(name, table_ids) for name, table_ids in announce.ids.items()}
+        return [(shard, memory_pb2.AnnounceRequest(step=announce.step, tables=[
             memory_pb2.TableIds(table=name, ids=codec.encode_ids(routes[name].grouped[start:stop]))
             for name, start, stop in chunk])) for shard, chunk in self._requests(routes)]
-        return self.pool.submit(lambda: [self.transport.result(f) for f in futures] and None)
+
+    def _send_announcements(self, requests: list[tuple[int, memory_pb2.AnnounceRequest]]) -> list[Future]:
+        """Each (shard, AnnounceRequest) sent as an Announce of its own; nothing waits here."""
+        return [self.transport.start(shard, "Announce", request) for shard, request in requests]
 
     # -- hot shards -----------------------------------------------------------------------------
     def hot_ids(self, name: str) -> np.ndarray:
@@ -284,38 +295,72 @@ class MemoryClient:
         return collisions.summarize(route.grouped, route.index, fingerprints, collisions.sample_threshold(rate))
 
     def push(self, grads: dict[str, tuple[np.ndarray | torch.Tensor, np.ndarray | torch.Tensor]],
-             step: int, lr: float | None = None, contributors: int = 1) -> int:
+             step: int, lr: float | None = None, contributors: int = 1,
+             announce: Announcement | None = None) -> int:
         """Apply gradients {table: (ids (n,), grads (n, width))} as table step `step` with learning
         rate `lr` (None: each table's configured lr) on the shards (duplicate ids summed here
         first). Requests refused because rows moved (hot/cold shards) are re-sent to the rows' new
         homes; then every shard gets the step's commit (an adam table catches rows up over steps
-        and needs each step's lr), and reads see the step from then on. With
-        `contributors` K > 1 this is one of K data-parallel workers' parts of the step: the shards
-        apply the sum of the K parts once. Returns rows updated (0 for a part that did not
-        complete its step)."""
+        and needs each step's lr), and reads see the step from then on. The commit rides on the
+        push (one request per shard) where rows cannot move (no hot shards), the push is the whole
+        step (one contributor) and each shard's part fits one request; otherwise it is a
+        CommitStep of its own once every request landed. With `contributors` K > 1 this is one of
+        K data-parallel workers' parts of the step: the shards apply the sum of the K parts once.
+        `announce`: ids a later fetch reads ({table: ids (any shape)}, that fetch's min_step), for
+        placement, riding on each shard's push where it can (as `announce` sends it otherwise).
+        Returns rows updated (0 for a part that did not complete its step)."""
         routes, summed = {}, {}
         for name, (table_ids, table_grads) in grads.items():
             routes[name] = route = self._route(name, table_ids)
             g = torch.as_tensor(table_grads, dtype=torch.float32).reshape(len(route.index), -1)  # (n, width)
             summed[name] = torch.zeros(len(route.grouped), g.shape[1]).index_add_(
                 0, torch.from_numpy(route.index), g).numpy()  # (u, width), grouped by shard
-        updated, moved = self._push_round(routes, summed, step, lr, contributors)
+        requests = self._requests(routes)
+        whole = None if self.num_hot or contributors > 1 else whole_step_requests(routes, requests, self.num_shards)
+        requests = whole or requests
+        riding, alone = self._riding(announce, requests)
+        announced = self._send_announcements(alone)
+        pushed = self._push_round(routes, summed, step, lr, contributors, requests, riding, commit_later=whole is None)
+        updated, moved = pushed.gather()
+        announced += self._send_announcements(pushed.unannounced)  # refused with their push: alone now
 
         def resend(moved: Refused) -> Refused:
             nonlocal updated  # only the refused requests' rows, to their homes now: the others applied
-            more, moved = self._push_round(*self._reroute(moved), step, lr, contributors)
+            more, moved = self._push_round(*self._reroute(moved), step, lr, contributors).gather()
             updated += more
             return moved
 
+        committed = whole is not None and not moved  # else: after the re-sends, a commit of its own
         self._resend_moved(moved, resend, f"push of step {step}")
-        return updated + self._commit(list(routes), step, lr, contributors)
+        if not committed:
+            updated += self._commit(list(routes), step, lr, contributors)
+        for future in announced:
+            self.transport.result(future)
+        return updated
+
+    def _riding(self, announce: Announcement | None, requests: list[Request]
+                ) -> tuple[dict[int, memory_pb2.AnnounceRequest], list[tuple[int, memory_pb2.AnnounceRequest]]]:
+        """`announce` routed: ({shard: its AnnounceRequest} to ride on that shard's push, [(shard,
+        AnnounceRequest)] to send alone: shards the push sends nothing to, or whose part of the
+        announcement needs several requests)."""
+        if announce is None:
+            return {}, []
+        routed = self._announce_requests(announce)
+        pushed = {shard for shard, _ in requests}
+        counts = Counter(shard for shard, _ in routed)
+        riding = {shard: request for shard, request in routed if shard in pushed and counts[shard] == 1}
+        return riding, [(shard, request) for shard, request in routed if shard not in riding]
 
     def _push_round(self, routes: dict[str, Route], summed: dict[str, np.ndarray], step: int, lr: float | None,
-                    contributors: int) -> tuple[int, Refused]:
-        """A push round of `routes` sent and its replies waited for (PushRound.gather)."""
+                    contributors: int, requests: list[Request] | None = None,
+                    announcements: dict[int, memory_pb2.AnnounceRequest] | None = None,
+                    commit_later: bool = True) -> PushRound:
+        """A push round of `routes` sent (`requests`: the routes cut to the wire's limits unless
+        given); `gather` waits for its replies."""
         configs = {name: self.table(name) for name in routes}
+        requests = self._requests(routes) if requests is None else requests
         return PushRound(self.transport, self.client_id, self._request_seqs, configs, routes, summed, step, lr,
-                         contributors, self.trace).send(self._requests(routes)).gather()
+                         contributors, self.trace, commit_later).send(requests, announcements)
 
     def _reroute(self, moved: Refused) -> tuple[dict[str, Route], dict[str, np.ndarray]]:
         """Refused rows {table: [(ids, grads)]} routed to their homes now: (routes, their distinct

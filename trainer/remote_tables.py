@@ -5,7 +5,10 @@ Each (layer, order, head) table of the model is one service table whose initial 
 Forward: the rows of every Engram layer of a batch come in one fetch (one request per shard),
 started by `prefetch` as soon as the row ids are known. Backward: a hook on each layer's rows hands
 their gradient to a push thread, which deduplicates, sums and sends it as the table step, while
-the backward goes on; the optimizer runs on the shards.
+the backward goes on; the optimizer runs on the shards. The announcements of later steps' ids
+(placement's look-ahead, `announce`) ride on the next push instead of requests of their own, and
+where rows cannot move (no hot shards) so does the step's commit: a step is then one Fetch and one
+Push per shard (MemoryClient.push).
 
 The step protocol: `begin_step(step, lr)` before the forward of training step `step` (0-based; its
 push is table step `step + 1`), `end_step()` after its backward. A fetch names the table step it
@@ -34,6 +37,7 @@ from torch.profiler import record_function
 from memory_service.client import MemoryClient
 from memory_service.config import OptimizerConfig, TableConfig
 from memory_service.rows import table_seed
+from memory_service.tables import Announcement
 from trainer.engram import EngramConfig, EngramTables
 
 
@@ -92,6 +96,7 @@ class RemoteTables(EngramTables):
         self._pusher = ThreadPoolExecutor(max_workers=1, thread_name_prefix="engram-push")  # in step order
         self._pushes: list[Future] = []
         self._announced: list[Future] = []  # announce hints not yet answered
+        self._ahead: Announcement | None = None  # the announcement that rides on the next push
 
     def create(self) -> "RemoteTables":
         """Creates the tables on every shard (idempotent: attaching to existing tables is fine)
@@ -139,8 +144,20 @@ class RemoteTables(EngramTables):
     def announce(self, row_ids: dict[int, torch.Tensor], min_step: int | None = None) -> None:
         """Tells the rows' homes that a later step reads `row_ids` {layer: (B, T, H)} (a hint for
         placement), with the `min_step` its prefetch will carry; a refusal surfaces at the next
-        end_step."""
-        self._announced.append(self.client.announce(self._per_table(row_ids), min_step))
+        end_step. A trainer's announcement rides on its next push (no request of its own); one
+        already waiting for a push is sent alone first (only one rides a push)."""
+        announcement = Announcement(self._per_table(row_ids), min_step)
+        if self.read_only:
+            self._announced.append(self.client.announce(announcement.ids, announcement.step))
+            return
+        self._send_ahead()
+        self._ahead = announcement
+
+    def _send_ahead(self) -> None:
+        """Sends the announcement waiting for a push, alone."""
+        if self._ahead is not None:
+            self._announced.append(self.client.announce(self._ahead.ids, self._ahead.step))
+            self._ahead = None
 
     def _per_table(self, row_ids: dict[int, torch.Tensor]) -> dict[str, torch.Tensor]:
         """{layer: (B, T, H)} on any device -> {table: (B, T)} host ids (one copy per layer)."""
@@ -214,18 +231,19 @@ class RemoteTables(EngramTables):
             ids, grads = _pinned_copy(ids), _pinned_copy(grads)
             copied = torch.cuda.Event()
             copied.record()
-        self._pushes.append(self._pusher.submit(self._push, layer, ids, grads, step, lr, copied))
+        announce, self._ahead = self._ahead, None  # the step's first push carries it
+        self._pushes.append(self._pusher.submit(self._push, layer, ids, grads, step, lr, copied, announce))
         self._pushed.add(layer)
 
     def _push(self, layer: int, ids: torch.Tensor, grads: torch.Tensor, step: int, lr: float,
-              copied=None) -> int:
+              copied=None, announce: Announcement | None = None) -> int:
         """On the push thread: one layer's (B*T, H) ids and (B*T, H, w) gradients as its tables'
-        step, once their copy from the GPU (`copied`, a CUDA event) is done."""
+        step, once their copy from the GPU (`copied`, a CUDA event) is done, carrying `announce`."""
         with record_function("engram.push"):
             if copied is not None:
                 copied.synchronize()
             tables = {name: (ids[:, h], grads[:, h]) for h, name in enumerate(self.names[layer])}
-            return self.client.push(tables, step, lr, self.contributors)
+            return self.client.push(tables, step, lr, self.contributors, announce=announce)
 
     def end_step(self) -> None:
         """The step's backward ended: every layer must have pushed; surfaces failed pushes."""
@@ -240,7 +258,9 @@ class RemoteTables(EngramTables):
             f.result()  # raises a push's (or announcement's) error here, in the training loop
 
     def flush(self) -> None:
-        """Waits until every push sent so far was applied (or raises its error)."""
+        """Waits until every push sent so far was applied (or raises its error); an announcement
+        still waiting for a push goes alone."""
+        self._send_ahead()
         pushes, self._pushes = self._pushes, []
         for f in pushes:
             f.result()
