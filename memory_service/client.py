@@ -24,10 +24,9 @@ import numpy as np
 import torch
 
 from memory_service.ops import collisions
-from memory_service.wire import codec
-from memory_service.wire import reply_files
+from memory_service.wire import codec, reply_files, small_fetch
 from memory_service.config import TableConfig
-from memory_service.errors import InvalidArgument
+from memory_service.errors import InvalidArgument, RowsMoved
 from memory_service.rpc import memory_pb2
 from memory_service.router import Request, Route, Router, as_row_ids
 from memory_service.tables import Announcement
@@ -35,6 +34,7 @@ from memory_service.wire.fetch_round import FetchRound
 from memory_service.wire.push_round import PushRound, Refused, whole_step_requests
 from memory_service.wire.reply_layout import ReplyLayout
 from memory_service.wire.retry import RetryPolicy
+from memory_service.wire.small_fetch import SmallFetch
 from memory_service.wire.security import ClientSecurity
 from memory_service.wire.transport import Transport
 from memory_service.ops.reports import ClusterReport
@@ -149,6 +149,40 @@ class MemoryClient:
         """`fetch` with the requests sent before it returns (routing runs in the caller's thread)
         and the replies gathered in the background: a Future of the rows, for prefetching."""
         return self.pool.submit(self._finish_fetch, self._start_fetch(ids, min_step, ngrams))
+
+    def fetch_stacked_async(self, names: list[str], ids: np.ndarray | torch.Tensor, min_step: int = 0) -> Future:
+        """Rows of several tables of one width: `ids` (K, n), row k of table `names[k]` -> a Future
+        of (K, n, width) float32, as of table step `min_step`. The requests leave before it
+        returns. A decode-sized fetch (generation: a few ids of each table) takes a short path
+        with no per-table routing (wire/small_fetch.py); a larger one, or one refused because
+        rows moved, goes the way of `fetch`."""
+        ids = _as_ids(ids)
+        if ids.ndim != 2 or ids.shape[0] != len(names):
+            raise InvalidArgument(f"stacked ids must be (K, n) with K = {len(names)} tables, got {ids.shape}")
+        configs = [self.table(name) for name in names]
+        if not small_fetch.fits(configs, ids.size):
+            return self.pool.submit(self._stacked, names, self._start_fetch(dict(zip(names, ids)), min_step))
+        started = time.perf_counter()
+        for name in names if self.num_hot else ():
+            self.hot_ids(name)  # the hot maps loaded (once)
+        small = SmallFetch(self.transport, self.router, configs, ids, min_step, self.trace).send()
+        return self.pool.submit(self._finish_small, small, names, started)
+
+    def _finish_small(self, small: SmallFetch, names: list[str], started: float) -> torch.Tensor:
+        """A SmallFetch's rows (K, n, width); on a refusal because rows moved, the hot maps
+        refreshed and the whole fetch re-sent the way of `fetch`."""
+        try:
+            rows = torch.from_numpy(small.rows())
+        except RowsMoved:
+            self._refresh_hot(names)
+            return self._stacked(names, self._start_fetch(dict(zip(names, small.ids)), small.min_step))
+        if self.trace is not None:
+            self.trace("fetch_done", {"step": small.min_step, "seconds": time.perf_counter() - started})
+        return rows
+
+    def _stacked(self, names: list[str], fetch: FetchRound) -> torch.Tensor:
+        rows = self._finish_fetch(fetch)
+        return torch.stack([rows[name] for name in names])  # (K, n, width)
 
     def announce(self, ids: dict[str, np.ndarray | torch.Tensor], step: int | None = None) -> Future:
         """Tell the rows' homes that a later fetch will read {table: ids (any shape)}, so

@@ -38,6 +38,7 @@ from memory_service.client import MemoryClient
 from memory_service.config import OptimizerConfig, TableConfig
 from memory_service.rows import table_seed
 from memory_service.tables import Announcement
+from memory_service.wire.small_fetch import MAX_SMALL_ROWS
 from trainer.engram import EngramConfig, EngramTables
 
 
@@ -53,6 +54,7 @@ class _Pending:
     row_ids: dict[int, torch.Tensor]
     future: Future
     unread: set[int] = field(default_factory=set)
+    stacked: list[int] | None = None  # decode-sized: the layers whose tables the (K, n, w) rows stack
 
 
 @dataclass
@@ -133,6 +135,8 @@ class RemoteTables(EngramTables):
         fingerprints of the N-grams behind the ids, for the tables' collision stats."""
         min_step = self.steps_pushed if min_step is None else min_step
         device = next(iter(row_ids.values())).device
+        if ngrams is None and device.type == "cpu" and self._decode_sized(row_ids):
+            return self._prefetch_stacked(row_ids, min_step)
         ids = self._per_table(row_ids)
         fingerprints = None if ngrams is None else {
             name: ngrams[layer][..., h] for layer in row_ids for h, name in enumerate(self.names[layer])}
@@ -140,6 +144,27 @@ class RemoteTables(EngramTables):
         future = self.client.fetch_async(ids, min_step, fingerprints)  # requests sent when this returns
         future = self.client.pool.submit(self._arrive, future, device, started)
         self._pending.append(_Pending(row_ids, future, set(row_ids)))
+
+    @staticmethod
+    def _decode_sized(row_ids: dict[int, torch.Tensor]) -> bool:
+        """Whether a fetch of `row_ids` {layer: (B, T, H)} is decode-sized: every layer's ids of
+        one (B, T), and few of them (the client's short path, wire/small_fetch.py)."""
+        shapes = {ids.shape[:-1] for ids in row_ids.values()}
+        return len(shapes) == 1 and sum(ids.numel() for ids in row_ids.values()) <= MAX_SMALL_ROWS
+
+    def _prefetch_stacked(self, row_ids: dict[int, torch.Tensor], min_step: int) -> None:
+        """A decode-sized prefetch: every table's ids as one (K, B*T) matrix (the layers' heads in
+        order), one request per shard, rows back as one (K, B*T, w) tensor: no work per table."""
+        layers = list(row_ids)
+        names = [name for layer in layers for name in self.names[layer]]
+        ids = torch.cat([row_ids[layer].reshape(-1, row_ids[layer].shape[-1]).T for layer in layers]).cpu()  # (K, B*T)
+        started = time.perf_counter()
+        future = self.client.fetch_stacked_async(names, ids, min_step)
+        future.add_done_callback(lambda _: self._fetched(started))
+        self._pending.append(_Pending(row_ids, future, set(layers), stacked=layers))
+
+    def _fetched(self, started: float) -> None:
+        self.times.fetch_s += time.perf_counter() - started
 
     def announce(self, row_ids: dict[int, torch.Tensor], min_step: int | None = None) -> None:
         """Tells the rows' homes that a later step reads `row_ids` {layer: (B, T, H)} (a hint for
@@ -203,7 +228,12 @@ class RemoteTables(EngramTables):
         pending.unread.discard(layer)
         if not pending.unread:
             self._pending.remove(pending)
-        rows = torch.cat([fetched[name] for name in self.names[layer]], dim=-1)  # (B, T, H * w), ids' device
+        if pending.stacked is not None:  # (K, B*T, w), the layers' heads in order
+            first = sum(len(self.names[before]) for before in pending.stacked[:pending.stacked.index(layer)])
+            H = len(self.names[layer])
+            rows = fetched[first:first + H].permute(1, 0, 2).reshape(*row_ids.shape[:-1], -1)  # (B, T, H * w)
+        else:
+            rows = torch.cat([fetched[name] for name in self.names[layer]], dim=-1)  # (B, T, H * w), ids' device
         rows = rows.to(row_ids.device)  # rows fetched without prefetch arrive on the host
         if torch.is_grad_enabled() and not self.read_only:
             if self._step is None:
