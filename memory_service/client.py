@@ -16,7 +16,6 @@ import itertools
 import secrets
 import time
 import uuid
-from collections import Counter
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 
@@ -31,7 +30,7 @@ from memory_service.rpc import memory_pb2
 from memory_service.router import Request, Route, Router, as_row_ids
 from memory_service.tables import Announcement
 from memory_service.wire.fetch_round import FetchRound
-from memory_service.wire.push_round import PushRound, Refused, whole_step_requests
+from memory_service.wire.push_round import PushRound, Refused, riding_announcements, whole_step_requests
 from memory_service.wire.reply_layout import ReplyLayout
 from memory_service.wire.retry import RetryPolicy
 from memory_service.wire.small_fetch import SmallFetch
@@ -352,7 +351,7 @@ class MemoryClient:
         requests = self._requests(routes)
         whole = None if self.num_hot or contributors > 1 else whole_step_requests(routes, requests, self.num_shards)
         requests = whole or requests
-        riding, alone = self._riding(announce, requests)
+        riding, alone = riding_announcements([] if announce is None else self._announce_requests(announce), requests)
         announced = self._send_announcements(alone)
         pushed = self._push_round(routes, summed, step, lr, contributors, requests, riding, commit_later=whole is None)
         updated, moved = pushed.gather()
@@ -371,19 +370,6 @@ class MemoryClient:
         for future in announced:
             self.transport.result(future)
         return updated
-
-    def _riding(self, announce: Announcement | None, requests: list[Request]
-                ) -> tuple[dict[int, memory_pb2.AnnounceRequest], list[tuple[int, memory_pb2.AnnounceRequest]]]:
-        """`announce` routed: ({shard: its AnnounceRequest} to ride on that shard's push, [(shard,
-        AnnounceRequest)] to send alone: shards the push sends nothing to, or whose part of the
-        announcement needs several requests)."""
-        if announce is None:
-            return {}, []
-        routed = self._announce_requests(announce)
-        pushed = {shard for shard, _ in requests}
-        counts = Counter(shard for shard, _ in routed)
-        riding = {shard: request for shard, request in routed if shard in pushed and counts[shard] == 1}
-        return riding, [(shard, request) for shard, request in routed if shard not in riding]
 
     def _push_round(self, routes: dict[str, Route], summed: dict[str, np.ndarray], step: int, lr: float | None,
                     contributors: int, requests: list[Request] | None = None,

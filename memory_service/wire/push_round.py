@@ -13,6 +13,7 @@ carried), for the client to re-send.
 """
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future
 
@@ -101,3 +102,14 @@ def whole_step_requests(routes: dict[str, Route], requests: list[Request], num_s
         return None
     return [(shard, [(name, int(route.bounds[shard]), int(route.bounds[shard + 1])) for name, route in routes.items()])
             for shard in range(num_shards)]
+
+
+def riding_announcements(announcements: list[tuple[int, memory_pb2.AnnounceRequest]], requests: list[Request]
+                         ) -> tuple[dict[int, memory_pb2.AnnounceRequest], list[tuple[int, memory_pb2.AnnounceRequest]]]:
+    """An announcement routed [(shard, AnnounceRequest)] split into ({shard: its AnnounceRequest}
+    to ride on that shard's push `requests`, [(shard, AnnounceRequest)] to send alone: shards the
+    push sends nothing to, or whose part of the announcement needs several requests)."""
+    pushed = {shard for shard, _ in requests}
+    counts = Counter(shard for shard, _ in announcements)
+    riding = {shard: request for shard, request in announcements if shard in pushed and counts[shard] == 1}
+    return riding, [(shard, request) for shard, request in announcements if shard not in riding]
