@@ -35,6 +35,8 @@ import os
 import sys
 import threading
 import time
+from collections import Counter
+from collections.abc import Callable
 from dataclasses import replace
 
 from memory_service.server.shard_process import SHARD_ENV, reexec_with
@@ -80,7 +82,7 @@ def process_cpu_s(pid: int) -> float:
 
 
 def interleaved(cfg: TrainConfig, corpus: Corpus, modes: dict[str, dict], block: int, settle: float,
-                shard_pids: list[int], progress: bool) -> dict[str, dict]:
+                shard_pids: list[int], progress: bool, sent: Callable[[], Counter] = Counter) -> dict[str, dict]:
     """Trains one model per mode, taking turns `block` steps at a time (one thread per mode, one
     running at any moment). Taking turns puts every mode under the same slow drifts of a shared
     machine (run in sequence, the order of the modes moved the figures by +-10%). At the end of a
@@ -88,15 +90,17 @@ def interleaved(cfg: TrainConfig, corpus: Corpus, modes: dict[str, dict], block:
     and held fetch), and the first step of a turn is not counted: its rows were ready before it
     began. Returns per mode: `step_s` (the counted steps' times), `turns` (turn -> its counted steps' times), CPU seconds of the trainer's
     process and of the shards over the counted steps and their settles (`trainer_cpu_s`,
-    `shard_cpu_s`), and `val_loss`."""
+    `shard_cpu_s`), the requests sent meanwhile by rpc (`requests`: `sent()` counts them so far),
+    and `val_loss`."""
     names = list(modes)
     turn = threading.Condition()
     state = {"running": names[0], "done": set()}
-    out = {name: {"step_s": [], "turns": {}, "trainer_cpu_s": 0.0, "shard_cpu_s": 0.0} for name in names}
+    out = {name: {"step_s": [], "turns": {}, "trainer_cpu_s": 0.0, "shard_cpu_s": 0.0, "requests": Counter()}
+           for name in names}
     errors: list[BaseException] = []
 
-    def cpu() -> tuple[float, float]:
-        return time.process_time(), sum(process_cpu_s(pid) for pid in shard_pids)
+    def cpu() -> tuple[float, float, Counter]:
+        return time.process_time(), sum(process_cpu_s(pid) for pid in shard_pids), sent()
 
     def hand_over(name: str) -> None:
         """`name` waits while the next unfinished mode takes its turn."""
@@ -108,7 +112,7 @@ def interleaved(cfg: TrainConfig, corpus: Corpus, modes: dict[str, dict], block:
             turn.wait_for(lambda: state["running"] in (name, None))
 
     def run(name: str) -> None:
-        mine, last, since = out[name], [0.0], [(0.0, 0.0)]
+        mine, last, since = out[name], [0.0], [(0.0, 0.0, Counter())]
 
         def on_step(step: int) -> None:
             if cfg.device == "cuda":
@@ -121,9 +125,10 @@ def interleaved(cfg: TrainConfig, corpus: Corpus, modes: dict[str, dict], block:
                 since[0] = cpu()
             if step % block == block - 1 or step == cfg.steps - 1:
                 time.sleep(settle)
-                (trainer, shards), (trainer0, shards0) = cpu(), since[0]
+                (trainer, shards, requests), (trainer0, shards0, requests0) = cpu(), since[0]
                 mine["trainer_cpu_s"] += trainer - trainer0
                 mine["shard_cpu_s"] += shards - shards0
+                mine["requests"] += requests - requests0
                 if step < cfg.steps - 1:
                     hand_over(name)
             last[0] = time.perf_counter()
@@ -207,7 +212,9 @@ def main(argv: list[str] | None = None) -> dict:
     try:
         with cluster.client() as client:
             modes = {"local": {}} | {name: {"client": client, "service": service} for name, service in MODES.items()}
-            runs = interleaved(cfg, corpus, modes, args.block, args.settle, pids, progress=not args.json)
+            runs = interleaved(cfg, corpus, modes, args.block, args.settle, pids, progress=not args.json,
+                               sent=lambda: client.transport.sent.copy())
+            num_shards = client.num_shards
             if args.profile:
                 profile = profiled(cfg, corpus, client, os.path.join(args.profile, "trace.json.gz"),
                                    args.profile_steps)
@@ -230,6 +237,9 @@ def main(argv: list[str] | None = None) -> dict:
         "ms_per_1k_rows": 1e3 * (step_s["sync"] - step_s["local"]) / (unique / 1e3),
         "shard_cpu_ms_per_1k_rows": cpu_ms["prefetch"]["shard"] / (unique / 1e3),
         "paired": {name: paired_ratios(runs, name) for name in MODES},  # overheads per round of turns
+        # rpcs a counted step sent to each shard, by rpc (the settles' included: a step's push and commit)
+        "requests_per_step_per_shard": {name: {rpc: n / len(runs[name]["step_s"]) / num_shards
+                                               for rpc, n in sorted(runs[name]["requests"].items())} for name in MODES},
         "profile": profile,
     }
     if profile is not None:
@@ -247,6 +257,8 @@ def main(argv: list[str] | None = None) -> dict:
         if paired["turns"]:
             print(f"{name:>9} vs local per round of turns ({paired['turns']}): median {paired['median']:+.1%}, "
                   f"p10 {paired['p10']:+.1%}, p90 {paired['p90']:+.1%}; {paired['within_10pct']:.0%} of rounds within +10%")
+    for name, requests in out["requests_per_step_per_shard"].items():
+        print(f"{name:>9} requests per step and shard: " + ", ".join(f"{rpc} {n:.2f}" for rpc, n in requests.items()))
     print(f"service cost: {out['ms_per_1k_rows']:.2f} ms per 1k unique rows (sync - local, wall); the shards' "
           f"CPU {out['shard_cpu_ms_per_1k_rows']:.2f} ms per 1k unique rows (prefetch)")
     return out

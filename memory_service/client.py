@@ -23,17 +23,18 @@ import numpy as np
 import torch
 
 from memory_service.ops import collisions
-from memory_service.wire import codec
-from memory_service.wire import reply_files
+from memory_service.wire import codec, reply_files, small_fetch
 from memory_service.config import TableConfig
-from memory_service.errors import InvalidArgument
+from memory_service.errors import InvalidArgument, RowsMoved
 from memory_service.rpc import memory_pb2
 from memory_service.router import Request, Route, Router, as_row_ids
+from memory_service.tables import Announcement
 from memory_service.wire.direct_reads import DirectReads
 from memory_service.wire.fetch_round import FetchRound
-from memory_service.wire.push_round import PushRound, Refused
+from memory_service.wire.push_round import PushRound, Refused, riding_announcements, whole_step_requests
 from memory_service.wire.reply_layout import ReplyLayout
 from memory_service.wire.retry import RetryPolicy
+from memory_service.wire.small_fetch import SmallFetch
 from memory_service.wire.security import ClientSecurity
 from memory_service.wire.transport import Transport
 from memory_service.ops.reports import ClusterReport
@@ -152,6 +153,40 @@ class MemoryClient:
         and the replies gathered in the background: a Future of the rows, for prefetching."""
         return self.pool.submit(self._finish_fetch, self._start_fetch(ids, min_step, ngrams))
 
+    def fetch_stacked_async(self, names: list[str], ids: np.ndarray | torch.Tensor, min_step: int = 0) -> Future:
+        """Rows of several tables of one width: `ids` (K, n), row k of table `names[k]` -> a Future
+        of (K, n, width) float32, as of table step `min_step`. The requests leave before it
+        returns. A decode-sized fetch (generation: a few ids of each table) takes a short path
+        with no per-table routing (wire/small_fetch.py); a larger one, or one refused because
+        rows moved, goes the way of `fetch`."""
+        ids = _as_ids(ids)
+        if ids.ndim != 2 or ids.shape[0] != len(names):
+            raise InvalidArgument(f"stacked ids must be (K, n) with K = {len(names)} tables, got {ids.shape}")
+        configs = [self.table(name) for name in names]
+        if not small_fetch.fits(configs, ids.size):
+            return self.pool.submit(self._stacked, names, self._start_fetch(dict(zip(names, ids)), min_step))
+        started = time.perf_counter()
+        for name in names if self.num_hot else ():
+            self.hot_ids(name)  # the hot maps loaded (once)
+        small = SmallFetch(self.transport, self.router, configs, ids, min_step, self.trace, self.direct).send()
+        return self.pool.submit(self._finish_small, small, names, started)
+
+    def _finish_small(self, small: SmallFetch, names: list[str], started: float) -> torch.Tensor:
+        """A SmallFetch's rows (K, n, width); on a refusal because rows moved, the hot maps
+        refreshed and the whole fetch re-sent the way of `fetch`."""
+        try:
+            rows = torch.from_numpy(small.rows())
+        except RowsMoved:
+            self._refresh_hot(names)
+            return self._stacked(names, self._start_fetch(dict(zip(names, small.ids)), small.min_step))
+        if self.trace is not None:
+            self.trace("fetch_done", {"step": small.min_step, "seconds": time.perf_counter() - started})
+        return rows
+
+    def _stacked(self, names: list[str], fetch: FetchRound) -> torch.Tensor:
+        rows = self._finish_fetch(fetch)
+        return torch.stack([rows[name] for name in names])  # (K, n, width)
+
     def announce(self, ids: dict[str, np.ndarray | torch.Tensor], step: int | None = None) -> Future:
         """Tell the rows' homes that a later fetch will read {table: ids (any shape)}, so
         placement can keep those rows or bring them in first (a hint: nothing is read). `step`:
@@ -159,13 +194,22 @@ class MemoryClient:
         step the shards got and order the steps (announce with it whenever fetches wait for
         steps); None: read after what was announced before. Returns at once; the Future ends when
         every shard answered (raising what a shard refused)."""
-        if step is not None and step < 0:
-            raise ValueError(f"announced step {step} must be >= 0")
-        routes = {name: self._route(name, table_ids) for name, table_ids in ids.items()}
-        futures = [self.transport.start(shard, "Announce", memory_pb2.AnnounceRequest(step=step, tables=[
+        futures = self._send_announcements(self._announce_requests(Announcement(ids, step)))
+        return self.pool.submit(lambda: [self.transport.result(f) for f in futures] and None)
+
+    def _announce_requests(self, announce: Announcement) -> list[tuple[int, memory_pb2.AnnounceRequest]]:
+        """The announcement routed to the ids' homes: [(shard, AnnounceRequest)], in shard order,
+        within the wire's limits."""
+        if announce.step is not None and announce.step < 0:
+            raise ValueError(f"announced step {announce.step} must be >= 0")
+        routes = {name: self._route(name, table_ids) for name, table_ids in announce.ids.items()}
+        return [(shard, memory_pb2.AnnounceRequest(step=announce.step, tables=[
             memory_pb2.TableIds(table=name, ids=codec.encode_ids(routes[name].grouped[start:stop]))
             for name, start, stop in chunk])) for shard, chunk in self._requests(routes)]
-        return self.pool.submit(lambda: [self.transport.result(f) for f in futures] and None)
+
+    def _send_announcements(self, requests: list[tuple[int, memory_pb2.AnnounceRequest]]) -> list[Future]:
+        """Each (shard, AnnounceRequest) sent as an Announce of its own; nothing waits here."""
+        return [self.transport.start(shard, "Announce", request) for shard, request in requests]
 
     # -- hot shards -----------------------------------------------------------------------------
     def hot_ids(self, name: str) -> np.ndarray:
@@ -288,38 +332,59 @@ class MemoryClient:
         return collisions.summarize(route.grouped, route.index, fingerprints, collisions.sample_threshold(rate))
 
     def push(self, grads: dict[str, tuple[np.ndarray | torch.Tensor, np.ndarray | torch.Tensor]],
-             step: int, lr: float | None = None, contributors: int = 1) -> int:
+             step: int, lr: float | None = None, contributors: int = 1,
+             announce: Announcement | None = None) -> int:
         """Apply gradients {table: (ids (n,), grads (n, width))} as table step `step` with learning
         rate `lr` (None: each table's configured lr) on the shards (duplicate ids summed here
         first). Requests refused because rows moved (hot/cold shards) are re-sent to the rows' new
         homes; then every shard gets the step's commit (an adam table catches rows up over steps
-        and needs each step's lr), and reads see the step from then on. With
-        `contributors` K > 1 this is one of K data-parallel workers' parts of the step: the shards
-        apply the sum of the K parts once. Returns rows updated (0 for a part that did not
-        complete its step)."""
+        and needs each step's lr), and reads see the step from then on. The commit rides on the
+        push (one request per shard) where rows cannot move (no hot shards), the push is the whole
+        step (one contributor) and each shard's part fits one request; otherwise it is a
+        CommitStep of its own once every request landed. With `contributors` K > 1 this is one of
+        K data-parallel workers' parts of the step: the shards apply the sum of the K parts once.
+        `announce`: ids a later fetch reads ({table: ids (any shape)}, that fetch's min_step), for
+        placement, riding on each shard's push where it can (as `announce` sends it otherwise).
+        Returns rows updated (0 for a part that did not complete its step)."""
         routes, summed = {}, {}
         for name, (table_ids, table_grads) in grads.items():
             routes[name] = route = self._route(name, table_ids)
             g = torch.as_tensor(table_grads, dtype=torch.float32).reshape(len(route.index), -1)  # (n, width)
             summed[name] = torch.zeros(len(route.grouped), g.shape[1]).index_add_(
                 0, torch.from_numpy(route.index), g).numpy()  # (u, width), grouped by shard
-        updated, moved = self._push_round(routes, summed, step, lr, contributors)
+        requests = self._requests(routes)
+        whole = None if self.num_hot or contributors > 1 else whole_step_requests(routes, requests, self.num_shards)
+        requests = whole or requests
+        riding, alone = riding_announcements([] if announce is None else self._announce_requests(announce), requests)
+        announced = self._send_announcements(alone)
+        pushed = self._push_round(routes, summed, step, lr, contributors, requests, riding, commit_later=whole is None)
+        updated, moved = pushed.gather()
+        announced += self._send_announcements(pushed.unannounced)  # refused with their push: alone now
 
         def resend(moved: Refused) -> Refused:
             nonlocal updated  # only the refused requests' rows, to their homes now: the others applied
-            more, moved = self._push_round(*self._reroute(moved), step, lr, contributors)
+            more, moved = self._push_round(*self._reroute(moved), step, lr, contributors).gather()
             updated += more
             return moved
 
+        committed = whole is not None and not moved  # else: after the re-sends, a commit of its own
         self._resend_moved(moved, resend, f"push of step {step}")
-        return updated + self._commit(list(routes), step, lr, contributors)
+        if not committed:
+            updated += self._commit(list(routes), step, lr, contributors)
+        for future in announced:
+            self.transport.result(future)
+        return updated
 
     def _push_round(self, routes: dict[str, Route], summed: dict[str, np.ndarray], step: int, lr: float | None,
-                    contributors: int) -> tuple[int, Refused]:
-        """A push round of `routes` sent and its replies waited for (PushRound.gather)."""
+                    contributors: int, requests: list[Request] | None = None,
+                    announcements: dict[int, memory_pb2.AnnounceRequest] | None = None,
+                    commit_later: bool = True) -> PushRound:
+        """A push round of `routes` sent (`requests`: the routes cut to the wire's limits unless
+        given); `gather` waits for its replies."""
         configs = {name: self.table(name) for name in routes}
+        requests = self._requests(routes) if requests is None else requests
         return PushRound(self.transport, self.client_id, self._request_seqs, configs, routes, summed, step, lr,
-                         contributors, self.trace).send(self._requests(routes)).gather()
+                         contributors, self.trace, commit_later).send(requests, announcements)
 
     def _reroute(self, moved: Refused) -> tuple[dict[str, Route], dict[str, np.ndarray]]:
         """Refused rows {table: [(ids, grads)]} routed to their homes now: (routes, their distinct

@@ -1,5 +1,5 @@
-"""What callers hand a shard and get back about one table: a push's gradients (`TablePush`) and a
-table's description (`TableInfo`). Plain values shared by the shard, the wire codec and the servicer,
+"""What callers hand a shard and get back about one table: a push's gradients (`TablePush`), the
+look-ahead a push may carry (`Announcement`) and a table's description (`TableInfo`). Plain values shared by the shard, the wire codec and the servicer,
 so none of them imports another for its types.
 """
 from __future__ import annotations
@@ -29,3 +29,13 @@ class TablePush:
     ids: np.ndarray
     grads: np.ndarray
     lr: float | None = None
+
+
+@dataclass(frozen=True, eq=False)  # eq on ndarray fields would be ambiguous
+class Announcement:
+    """Ids {table: (n,) integer} that the fetch of table step `step` will read (None: read after
+    what was announced before): placement's look-ahead, riding on a push (Shard.push) or alone
+    (Shard.announce)."""
+
+    ids: dict[str, np.ndarray]
+    step: int | None = None

@@ -5,7 +5,10 @@ Each (layer, order, head) table of the model is one service table whose initial 
 Forward: the rows of every Engram layer of a batch come in one fetch (one request per shard),
 started by `prefetch` as soon as the row ids are known. Backward: a hook on each layer's rows hands
 their gradient to a push thread, which deduplicates, sums and sends it as the table step, while
-the backward goes on; the optimizer runs on the shards.
+the backward goes on; the optimizer runs on the shards. The announcements of later steps' ids
+(placement's look-ahead, `announce`) ride on the next push instead of requests of their own, and
+where rows cannot move (no hot shards) so does the step's commit: a step is then one Fetch and one
+Push per shard (MemoryClient.push).
 
 The step protocol: `begin_step(step, lr)` before the forward of training step `step` (0-based; its
 push is table step `step + 1`), `end_step()` after its backward. A fetch names the table step it
@@ -34,6 +37,8 @@ from torch.profiler import record_function
 from memory_service.client import MemoryClient
 from memory_service.config import OptimizerConfig, TableConfig
 from memory_service.rows import table_seed
+from memory_service.tables import Announcement
+from memory_service.wire.small_fetch import MAX_SMALL_ROWS
 from trainer.engram import EngramConfig, EngramTables
 
 
@@ -49,6 +54,7 @@ class _Pending:
     row_ids: dict[int, torch.Tensor]
     future: Future
     unread: set[int] = field(default_factory=set)
+    stacked: list[int] | None = None  # decode-sized: the layers whose tables the (K, n, w) rows stack
 
 
 @dataclass
@@ -92,6 +98,7 @@ class RemoteTables(EngramTables):
         self._pusher = ThreadPoolExecutor(max_workers=1, thread_name_prefix="engram-push")  # in step order
         self._pushes: list[Future] = []
         self._announced: list[Future] = []  # announce hints not yet answered
+        self._ahead: Announcement | None = None  # the announcement that rides on the next push
 
     def create(self) -> "RemoteTables":
         """Creates the tables on every shard (idempotent: attaching to existing tables is fine)
@@ -128,6 +135,8 @@ class RemoteTables(EngramTables):
         fingerprints of the N-grams behind the ids, for the tables' collision stats."""
         min_step = self.steps_pushed if min_step is None else min_step
         device = next(iter(row_ids.values())).device
+        if ngrams is None and device.type == "cpu" and self._decode_sized(row_ids):
+            return self._prefetch_stacked(row_ids, min_step)
         ids = self._per_table(row_ids)
         fingerprints = None if ngrams is None else {
             name: ngrams[layer][..., h] for layer in row_ids for h, name in enumerate(self.names[layer])}
@@ -136,11 +145,44 @@ class RemoteTables(EngramTables):
         future = self.client.pool.submit(self._arrive, future, device, started)
         self._pending.append(_Pending(row_ids, future, set(row_ids)))
 
+    @staticmethod
+    def _decode_sized(row_ids: dict[int, torch.Tensor]) -> bool:
+        """Whether a fetch of `row_ids` {layer: (B, T, H)} is decode-sized: every layer's ids of
+        one (B, T), and few of them (the client's short path, wire/small_fetch.py)."""
+        shapes = {ids.shape[:-1] for ids in row_ids.values()}
+        return len(shapes) == 1 and sum(ids.numel() for ids in row_ids.values()) <= MAX_SMALL_ROWS
+
+    def _prefetch_stacked(self, row_ids: dict[int, torch.Tensor], min_step: int) -> None:
+        """A decode-sized prefetch: every table's ids as one (K, B*T) matrix (the layers' heads in
+        order), one request per shard, rows back as one (K, B*T, w) tensor: no work per table."""
+        layers = list(row_ids)
+        names = [name for layer in layers for name in self.names[layer]]
+        ids = torch.cat([row_ids[layer].reshape(-1, row_ids[layer].shape[-1]).T for layer in layers]).cpu()  # (K, B*T)
+        started = time.perf_counter()
+        future = self.client.fetch_stacked_async(names, ids, min_step)
+        future.add_done_callback(lambda _: self._fetched(started))
+        self._pending.append(_Pending(row_ids, future, set(layers), stacked=layers))
+
+    def _fetched(self, started: float) -> None:
+        self.times.fetch_s += time.perf_counter() - started
+
     def announce(self, row_ids: dict[int, torch.Tensor], min_step: int | None = None) -> None:
         """Tells the rows' homes that a later step reads `row_ids` {layer: (B, T, H)} (a hint for
         placement), with the `min_step` its prefetch will carry; a refusal surfaces at the next
-        end_step."""
-        self._announced.append(self.client.announce(self._per_table(row_ids), min_step))
+        end_step. A trainer's announcement rides on its next push (no request of its own); one
+        already waiting for a push is sent alone first (only one rides a push)."""
+        announcement = Announcement(self._per_table(row_ids), min_step)
+        if self.read_only:
+            self._announced.append(self.client.announce(announcement.ids, announcement.step))
+            return
+        self._send_ahead()
+        self._ahead = announcement
+
+    def _send_ahead(self) -> None:
+        """Sends the announcement waiting for a push, alone."""
+        if self._ahead is not None:
+            self._announced.append(self.client.announce(self._ahead.ids, self._ahead.step))
+            self._ahead = None
 
     def _per_table(self, row_ids: dict[int, torch.Tensor]) -> dict[str, torch.Tensor]:
         """{layer: (B, T, H)} on any device -> {table: (B, T)} host ids (one copy per layer)."""
@@ -186,7 +228,12 @@ class RemoteTables(EngramTables):
         pending.unread.discard(layer)
         if not pending.unread:
             self._pending.remove(pending)
-        rows = torch.cat([fetched[name] for name in self.names[layer]], dim=-1)  # (B, T, H * w), ids' device
+        if pending.stacked is not None:  # (K, B*T, w), the layers' heads in order
+            first = sum(len(self.names[before]) for before in pending.stacked[:pending.stacked.index(layer)])
+            H = len(self.names[layer])
+            rows = fetched[first:first + H].permute(1, 0, 2).reshape(*row_ids.shape[:-1], -1)  # (B, T, H * w)
+        else:
+            rows = torch.cat([fetched[name] for name in self.names[layer]], dim=-1)  # (B, T, H * w), ids' device
         rows = rows.to(row_ids.device)  # rows fetched without prefetch arrive on the host
         if torch.is_grad_enabled() and not self.read_only:
             if self._step is None:
@@ -214,18 +261,19 @@ class RemoteTables(EngramTables):
             ids, grads = _pinned_copy(ids), _pinned_copy(grads)
             copied = torch.cuda.Event()
             copied.record()
-        self._pushes.append(self._pusher.submit(self._push, layer, ids, grads, step, lr, copied))
+        announce, self._ahead = self._ahead, None  # the step's first push carries it
+        self._pushes.append(self._pusher.submit(self._push, layer, ids, grads, step, lr, copied, announce))
         self._pushed.add(layer)
 
     def _push(self, layer: int, ids: torch.Tensor, grads: torch.Tensor, step: int, lr: float,
-              copied=None) -> int:
+              copied=None, announce: Announcement | None = None) -> int:
         """On the push thread: one layer's (B*T, H) ids and (B*T, H, w) gradients as its tables'
-        step, once their copy from the GPU (`copied`, a CUDA event) is done."""
+        step, once their copy from the GPU (`copied`, a CUDA event) is done, carrying `announce`."""
         with record_function("engram.push"):
             if copied is not None:
                 copied.synchronize()
             tables = {name: (ids[:, h], grads[:, h]) for h, name in enumerate(self.names[layer])}
-            return self.client.push(tables, step, lr, self.contributors)
+            return self.client.push(tables, step, lr, self.contributors, announce=announce)
 
     def end_step(self) -> None:
         """The step's backward ended: every layer must have pushed; surfaces failed pushes."""
@@ -240,7 +288,9 @@ class RemoteTables(EngramTables):
             f.result()  # raises a push's (or announcement's) error here, in the training loop
 
     def flush(self) -> None:
-        """Waits until every push sent so far was applied (or raises its error)."""
+        """Waits until every push sent so far was applied (or raises its error); an announcement
+        still waiting for a push goes alone."""
+        self._send_ahead()
         pushes, self._pushes = self._pushes, []
         for f in pushes:
             f.result()

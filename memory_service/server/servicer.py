@@ -32,7 +32,7 @@ from memory_service.server.event_loop import EventLoop
 from memory_service.server.fetch_replies import FetchReplies, reply_nbytes
 from memory_service.shard import checkpoint_files
 from memory_service.shard.shard import Shard
-from memory_service.tables import TableInfo, TablePush
+from memory_service.tables import Announcement, TableInfo, TablePush
 from memory_service.wire import codec
 from memory_service.wire.codec import MESSAGE_OPTIONS
 from memory_service.wire.security import SecurityConfig, warn_if_exposed
@@ -202,13 +202,15 @@ class MemoryServicer(memory_pb2_grpc.MemoryServiceServicer):
     def Push(self, request, context):
         if not request.client_id:
             raise InvalidArgument("push: client_id must be non-empty")
-        budgets.check_rows(request.tables, "push")
+        budgets.check_rows([*request.tables, *request.announce.tables], "push")
         pushes = {}  # table -> TablePush, all decoded before the shard sees any
         for msg in request.tables:
             _check_once(pushes, msg.table, "push")
             pushes[msg.table] = _decode_push(msg, self.shard.describe_table(msg.table))
+        announce = _decode_announce(request.announce) if request.HasField("announce") else None
         rows_updated = self.shard.push(request.client_id, pushes, max(1, request.contributors),
-                                       commit=not request.commit_later, request_seq=request.request_seq)
+                                       commit=not request.commit_later, request_seq=request.request_seq,
+                                       announce=announce)
         return memory_pb2.PushResponse(rows_updated=rows_updated)
 
     @_maps_errors
@@ -246,6 +248,14 @@ def _decode_ids(messages, rpc: str) -> dict[str, np.ndarray]:
         _check_once(requests, msg.table, rpc)
         requests[msg.table] = codec.decode_ids(msg.ids, msg.table)
     return requests
+
+
+def _decode_announce(msg: memory_pb2.AnnounceRequest) -> Announcement:
+    """The announcement a push carries (ids per table, each named once; its step if set)."""
+    if msg.direct_reads:
+        raise InvalidArgument("push: an announcement riding on a push carries no direct_reads "
+                              "(report them with Announce)")
+    return Announcement(_decode_ids(msg.tables, "announce"), msg.step if msg.HasField("step") else None)
 
 
 def _decode_ngrams(messages, requests: dict[str, np.ndarray], configs: dict[str, TableConfig]) -> dict:

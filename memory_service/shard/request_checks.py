@@ -53,6 +53,12 @@ def check_contributors(contributors: int) -> None:
         raise InvalidArgument(f"contributors {contributors} must be in [1, {MAX_CONTRIBUTORS}]")
 
 
+def check_announced_step(step: int | None) -> None:
+    """ValueError (INVALID_ARGUMENT) unless an announced step is None or >= 0."""
+    if step is not None and step < 0:
+        raise ValueError(f"announced step {step} must be >= 0")
+
+
 def check_step(name: str, step: object, what: str = "step") -> None:
     """InvalidArgument unless `step` is an integer >= 1 (`what`: how the message names it)."""
     if not isinstance(step, (int, np.integer)) or step < 1:

@@ -44,7 +44,7 @@ from memory_service.sharding import shard_of
 from memory_service.storage.store import TableSnapshot, TableStore, Update
 from memory_service.storage.tiers.base import RowRecords
 from memory_service.storage.tiers.shared_arena import SharedArena
-from memory_service.tables import TableInfo, TablePush
+from memory_service.tables import Announcement, TableInfo, TablePush
 
 T = TypeVar("T")
 log = logging.getLogger(__name__)
@@ -311,8 +311,7 @@ class Shard:
         that other shards got and order the steps; None: read after those announced before. Only
         a hint: ids of rows that moved away since the client routed them inform placement all the
         same and change nothing."""
-        if step is not None and step < 0:
-            raise ValueError(f"announced step {step} must be >= 0")
+        checks.check_announced_step(step)
         with self._lock:
             for name, ids in self._checked_requests(requests).items():
                 self._expect(name, ids, step)
@@ -326,7 +325,7 @@ class Shard:
             self._accesses.expect(name, ids, step)
 
     def push(self, client_id: str, pushes: dict[str, TablePush], contributors: int = 1,
-             commit: bool = True, request_seq: int = 0) -> int:
+             commit: bool = True, request_seq: int = 0, announce: Announcement | None = None) -> int:
         """Applies each table's gradients at its step; returns the number of distinct rows updated.
 
         With `commit` the step is complete at once: fetches waiting for it are answered. Without,
@@ -337,13 +336,20 @@ class Shard:
         theirs. Otherwise `client_id` names the sender for logs and metrics.
         A request re-sent with the `request_seq` (> 0) of one already applied is answered with its
         first answer and not applied again.
+        `announce`: ids a later fetch will read (`announce`'s look-ahead riding on the push, saving
+        its round trip), checked with the push (a bad one refuses the push whole) and handed to
+        placement once the push is applied. A hint, not state: the journal does not log it, and a
+        re-sent push (already applied) does not announce again.
         """
         checks.check_contributors(contributors)
+        if announce is not None:
+            checks.check_announced_step(announce.step)
         with self._lock:
             if (done := self.journal.applied(client_id, request_seq)) is not None:
                 return done  # re-sent: its first answer
             self._expire_parts()
             checked = {name: self._checked_push(name, push) for name, push in pushes.items()}
+            announced = {} if announce is None else self._checked_requests(announce.ids)
             # every table's update computed and checked before anything changes (or is logged)
             whole = self._completed_parts(client_id, checked, contributors, commit) if contributors > 1 else checked
             updates = self._tables.prepare(whole)
@@ -352,6 +358,8 @@ class Shard:
                     self._hold_parts(client_id, checked, contributors, whole)
                 self._note_push(pushes)
                 change.result = self._tables.apply(updates, commit)
+            for name, ids in announced.items():
+                self._expect(name, ids, announce.step)
             self._stepped.notify_all()
             return change.result
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import threading
 import time
+from collections import Counter
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import NoReturn
 
@@ -44,6 +45,7 @@ class Transport:
         self.channels = [open_channel(t, (*MESSAGE_OPTIONS, *RECONNECT_OPTIONS), security) for t in self.targets]
         self.stubs = [memory_pb2_grpc.MemoryServiceStub(c) for c in self.channels]
         self.retries = 0  # rpcs re-sent because a shard was unavailable
+        self.sent: Counter[str] = Counter()  # rpcs sent, by rpc name (re-sends not counted): a step's requests
         self._retries_lock = threading.Lock()
         # rpcs get threads of their own: a fetch_async on the client's pool waits on its rpcs,
         # and a fetch held at a shard for a later step must leave threads for the push that releases it
@@ -69,6 +71,8 @@ class Transport:
         the shard's bound ended it before ours."""
         method = getattr(self.stubs[shard], rpc)
         name = f"{rpc} to {self.shard_name(shard)}"
+        with self._retries_lock:
+            self.sent[rpc] += 1
         if rpc != "Fetch" or request.min_step <= 0:
             return self.retry.call(lambda: method(request, timeout=self.timeout), name, self._count_retry)
         deadline = time.monotonic() + self.timeout

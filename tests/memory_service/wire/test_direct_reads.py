@@ -167,7 +167,7 @@ def test_direct_reads_of_the_raw_reader_never_see_part_of_a_step(cluster):
             for name in names:  # two requests per shard, the step open in between (as when rows
                 # moved under a push and part of it is re-sent), then the step's commit
                 route = writer._route(name, ids)
-                writer._push_round({name: route}, {name: grads[route.index]}, step, None, 1)
+                writer._push_round({name: route}, {name: grads[route.index]}, step, None, 1).gather()
             writer._commit(list(names), step, None, 1)
         stop.set()
         thread.join(30)
