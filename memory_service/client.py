@@ -223,8 +223,8 @@ class MemoryClient:
         """Wait for a started fetch's replies and assemble the rows in the caller's order."""
         try:
             grouped = self._gather(fetch)
-            # gather first, then widen bf16: the gather moves half the bytes
-            out = {name: torch.from_numpy(fetch.layout.decoded(name, route.reassemble(grouped[name])))
+            # bf16 widens during the gather: it moves half the bytes, and one pass writes the output
+            out = {name: torch.from_numpy(route.reassemble(grouped[name], fetch.layout.is_bf16(name)))
                    for name, route in fetch.routes.items()}
             if self.trace is not None:
                 self.trace("fetch_done", {"step": fetch.min_step, "seconds": time.perf_counter() - fetch.started})
