@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from memory_service.ops import collisions
-from memory_service.wire import codec
+from memory_service.wire import codec, heap
 from memory_service.wire import reply_files
 from memory_service.config import TableConfig
 from memory_service.errors import InvalidArgument
@@ -63,6 +63,7 @@ class MemoryClient:
                              f"(the shards' per-request limit)")
         if timeout <= 0:
             raise ValueError(f"timeout {timeout} must be > 0 (seconds)")
+        heap.keep_message_buffers()  # large replies off glibc's mmap-per-message path (wire/heap.py)
         self.num_cold, self.num_hot = len(targets), len(hot_targets)
         self.targets = list(targets) + list(hot_targets)  # shard index: cold 0..N-1, then hot
         self.router = Router(self.num_cold, self.num_hot, max_rows_per_request,
