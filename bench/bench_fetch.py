@@ -48,6 +48,7 @@ HEADLINE = (16384, "float32", 2)  # (ids, dtype, shards) of the headline cell
 CLIENTS = {
     "fetch": {},  # same host: rows through the client's shared-memory reply file
     "fetch, gRPC reply only": {"shared_memory": False},  # what a client on another host gets
+    # "fetch, direct reads": {"direct_reads": True},  # same host, rows gathered from the shards' arenas
 }
 
 
