@@ -11,4 +11,5 @@ setup(ext_modules=[
     Extension("memory_service.native._kernels", ["memory_service/native/kernels.c"], extra_compile_args=FLAGS),
     Extension("memory_service.native._arena", ["memory_service/native/arena.c"], extra_compile_args=FLAGS),
     Extension("memory_service.native._philox", ["memory_service/native/philox.c"], extra_compile_args=FLAGS),
+    Extension("memory_service.native._routing", ["memory_service/native/routing.c"], extra_compile_args=FLAGS),
 ])

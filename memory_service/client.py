@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from memory_service.ops import collisions
-from memory_service.wire import codec, reply_files, small_fetch
+from memory_service.wire import codec, heap, reply_files, small_fetch
 from memory_service.config import TableConfig
 from memory_service.errors import InvalidArgument, RowsMoved
 from memory_service.rpc import memory_pb2
@@ -65,6 +65,7 @@ class MemoryClient:
                              f"(the shards' per-request limit)")
         if timeout <= 0:
             raise ValueError(f"timeout {timeout} must be > 0 (seconds)")
+        heap.keep_message_buffers()  # large replies off glibc's mmap-per-message path (wire/heap.py)
         self.num_cold, self.num_hot = len(targets), len(hot_targets)
         self.targets = list(targets) + list(hot_targets)  # shard index: cold 0..N-1, then hot
         self.router = Router(self.num_cold, self.num_hot, max_rows_per_request,
@@ -271,8 +272,8 @@ class MemoryClient:
         """Wait for a started fetch's replies and assemble the rows in the caller's order."""
         try:
             grouped = self._gather(fetch)
-            # gather first, then widen bf16: the gather moves half the bytes
-            out = {name: torch.from_numpy(fetch.layout.decoded(name, route.reassemble(grouped[name])))
+            # bf16 widens during the gather: it moves half the bytes, and one pass writes the output
+            out = {name: torch.from_numpy(route.reassemble(grouped[name], fetch.layout.is_bf16(name)))
                    for name, route in fetch.routes.items()}
             if self.trace is not None:
                 self.trace("fetch_done", {"step": fetch.min_step, "seconds": time.perf_counter() - fetch.started})

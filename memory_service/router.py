@@ -9,6 +9,10 @@ order and shape (`Route.reassemble`).
 Homes: cold shard id % N (the rule of memory_service/sharding.py), except while a row is hot: then
 hot shard id % H, numbered N + id % H here (shard indices: cold 0..N-1, then hot N..N+H-1). Which
 rows are hot the client learns from the hot shards' maps and hands to `set_hot`.
+
+The per-row loops (dedup with its inverse, the gather back into the caller's order) run in C
+where memory_service.native is built (`unique_inverse`, `gather`), each beside the numpy
+statement it must equal bit for bit (`unique_inverse_reference`, `gather_reference`).
 """
 from __future__ import annotations
 
@@ -18,6 +22,7 @@ import numpy as np
 
 from memory_service.errors import InvalidArgument
 from memory_service.ids import contains, sorted_unique
+from memory_service.native import compiled
 from memory_service.sharding import shard_of
 
 ID_BYTES = 8  # each row travels with its int64 id
@@ -31,6 +36,45 @@ def as_row_ids(ids) -> np.ndarray:
     if ids.dtype.kind not in "iu":
         raise InvalidArgument(f"row ids must be integers, got dtype {ids.dtype}")
     return ids.astype(np.int64, copy=False)
+
+
+def unique_inverse_reference(keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """keys (n,) int64 -> (distinct keys ascending (u,), each key's position among them (n,))."""
+    unique, inverse = np.unique(keys, return_inverse=True)
+    return unique, inverse.reshape(-1).astype(np.int64, copy=False)
+
+
+def unique_inverse(keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """`unique_inverse_reference` for keys (n,) int64 >= 0: a radix sort in C where it is built
+    (np.unique's comparison sort of 16k ids took ~1.3 ms, a fifth of a same-host fetch)."""
+    if not compiled.AVAILABLE:
+        return unique_inverse_reference(keys)
+    keys = np.ascontiguousarray(keys, np.int64)  # (n,)
+    unique, inverse = np.empty_like(keys), np.empty_like(keys)
+    num = compiled._routing.unique_inverse(keys, unique, inverse)
+    return unique[:num], inverse
+
+
+def gather_reference(rows: np.ndarray, index: np.ndarray, widen_bf16: bool = False) -> np.ndarray:
+    """rows (u, width) float32, or uint16 bf16 bit patterns -> rows[index] (n, width); bf16 widened
+    to float32 when `widen_bf16` (exact: bf16 is float32's upper half)."""
+    out = rows.take(index, axis=0)  # (n, width)
+    return (out.astype(np.uint32) << 16).view(np.float32) if widen_bf16 else out
+
+
+def gather(rows: np.ndarray, index: np.ndarray, widen_bf16: bool = False) -> np.ndarray:
+    """`gather_reference` in one pass in C where it is built, with the GIL released (the other
+    replies' threads go on meanwhile); a bf16 gather then moves half the bytes and widens on the way."""
+    if not compiled.AVAILABLE or rows.ndim != 2 or not rows.flags.c_contiguous:
+        return gather_reference(rows, index, widen_bf16)
+    index = np.ascontiguousarray(index, np.int64)  # (n,)
+    if widen_bf16:
+        out = np.empty((len(index), rows.shape[1]), np.float32)
+        compiled._routing.gather_bf16(rows.view(np.uint16), rows.shape[1], index, out)
+    else:
+        out = np.empty((len(index), rows.shape[1]), rows.dtype)
+        compiled._routing.gather_rows(rows.reshape(-1).view(np.uint8), rows.shape[1] * rows.itemsize, index, out)
+    return out
 
 
 @dataclass(frozen=True)
@@ -47,9 +91,10 @@ class Route:
         """(bounds[shard+1] - bounds[shard],) the distinct ids whose home is `shard`."""
         return self.grouped[self.bounds[shard]:self.bounds[shard + 1]]
 
-    def reassemble(self, rows: np.ndarray) -> np.ndarray:
-        """Rows of the distinct ids (u, width) -> the caller's (*shape, width), in its order."""
-        return rows.take(self.index, axis=0).reshape(*self.shape, -1)
+    def reassemble(self, rows: np.ndarray, widen_bf16: bool = False) -> np.ndarray:
+        """Rows of the distinct ids (u, width) -> the caller's (*shape, width), in its order;
+        uint16 bf16 bit patterns widened to float32 on the way when `widen_bf16`."""
+        return gather(rows, self.index, widen_bf16).reshape(*self.shape, -1)
 
 
 class Router:
@@ -100,8 +145,8 @@ class Router:
         them against [0, num_rows) here: a push spans shards, and one shard rejecting its part
         after another applied its own would leave the table half-updated."""
         arr = as_row_ids(ids)
-        bad = arr[(arr < 0) | (arr >= num_rows)]
-        if bad.size:
+        if arr.size and (arr.min() < 0 or arr.max() >= num_rows):  # two reductions, no mask
+            bad = arr[(arr < 0) | (arr >= num_rows)]
             raise InvalidArgument(f"table {name!r}: row id {int(bad[0])} out of range [0, {num_rows})")
         flat = arr.reshape(-1)  # (n,)
         if len(self.hot_ids(name)):
@@ -114,7 +159,7 @@ class Router:
         num_rows + N."""
         n = self.num_cold
         per_shard = -(-num_rows // n)
-        keys, index = np.unique((flat % n) * per_shard + flat // n, return_inverse=True)  # (u,), (n,)
+        keys, index = unique_inverse((flat % n) * per_shard + flat // n)  # (u,), (n,)
         grouped = (keys % per_shard) * n + keys // per_shard  # (u,)
         bounds = np.searchsorted(keys, np.arange(n + 1) * per_shard)  # (N + 1,)
         bounds = np.concatenate([bounds, np.full(self.num_hot, bounds[-1])])  # no ids for hot shards
@@ -122,7 +167,7 @@ class Router:
 
     def _route_hot(self, name: str, flat: np.ndarray, shape: tuple[int, ...]) -> Route:
         """`route` when some rows are hot: hot ids go to hot shard id % H (index N + id % H)."""
-        distinct, index = np.unique(flat, return_inverse=True)  # (u,), (n,)
+        distinct, index = unique_inverse(flat)  # (u,), (n,)
         home = self.home_of(name, distinct)  # (u,)
         order = np.argsort(home, kind="stable")  # (u,) by shard, then id
         rank = np.empty_like(order)

@@ -13,7 +13,7 @@ import numpy as np
 from memory_service.config import TableConfig
 from memory_service.errors import InvalidArgument
 from memory_service.wire import reply_files
-from memory_service.wire.codec import ITEMSIZE, bfloat16_bits_to_float32
+from memory_service.wire.codec import ITEMSIZE
 
 
 class ReplyLayout:
@@ -65,9 +65,9 @@ class ReplyLayout:
             target = self.rows[name]
             target[start:stop] = np.frombuffer(rows.rows, target.dtype).reshape(-1, target.shape[1])
 
-    def decoded(self, name: str, rows: np.ndarray) -> np.ndarray:
-        """Rows of table `name` read from this layout (any shape) as float32 (bf16 widened)."""
-        return rows if self.configs[name].dtype == "float32" else bfloat16_bits_to_float32(rows)
+    def is_bf16(self, name: str) -> bool:
+        """Whether table `name`'s rows sit here as bf16 bit patterns (uint16), to be widened."""
+        return self.configs[name].dtype == "bfloat16"
 
     def release(self) -> None:
         """Hand the shared-memory buffer back to its pool (the rows' views must be done with)."""

@@ -16,8 +16,9 @@ from typing import NoReturn
 import grpc
 
 from memory_service.errors import error_of_status
-from memory_service.rpc import memory_pb2_grpc
+from memory_service.rpc import memory_pb2, memory_pb2_grpc
 from memory_service.wire.codec import MESSAGE_OPTIONS
+from memory_service.wire.fetch_reply import FetchReply
 from memory_service.wire.retry import RECONNECT_OPTIONS, RetryPolicy
 from memory_service.wire.security import ClientSecurity, open_channel
 
@@ -25,6 +26,7 @@ from memory_service.wire.security import ClientSecurity, open_channel
 # client's timeout left ended at the shard's own bound (server.budgets.MAX_FETCH_WAIT_S, seconds),
 # not at ours: it is sent again for the rest of the client's timeout.
 HELD_RESEND_MARGIN_S = 0.5
+FETCH_METHOD = "/engram_memory.v1.MemoryService/Fetch"
 
 
 def raise_error(err: grpc.RpcError) -> NoReturn:
@@ -44,6 +46,9 @@ class Transport:
         self.timeout, self.retry = timeout, retry
         self.channels = [open_channel(t, (*MESSAGE_OPTIONS, *RECONNECT_OPTIONS), security) for t in self.targets]
         self.stubs = [memory_pb2_grpc.MemoryServiceStub(c) for c in self.channels]
+        # Fetch replies read as FetchReply (rows left in the received bytes), not parsed by protobuf
+        self.fetch_calls = [c.unary_unary(FETCH_METHOD, request_serializer=memory_pb2.FetchRequest.SerializeToString,
+                                          response_deserializer=FetchReply.parse) for c in self.channels]
         self.retries = 0  # rpcs re-sent because a shard was unavailable
         self.sent: Counter[str] = Counter()  # rpcs sent, by rpc name (re-sends not counted): a step's requests
         self._retries_lock = threading.Lock()
@@ -69,7 +74,7 @@ class Transport:
         failures raise grpc.RpcError. A held fetch (a Fetch with a min_step) waits up to the
         client's timeout in all: a shard holds one for seconds at most, so it is sent again when
         the shard's bound ended it before ours."""
-        method = getattr(self.stubs[shard], rpc)
+        method = self.fetch_calls[shard] if rpc == "Fetch" else getattr(self.stubs[shard], rpc)
         name = f"{rpc} to {self.shard_name(shard)}"
         with self._retries_lock:
             self.sent[rpc] += 1

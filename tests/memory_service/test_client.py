@@ -69,7 +69,7 @@ def test_falls_back_to_grpc_when_shard_cannot_open_the_reply_file(cluster):
     ids = sample_ids(1)
     with MemoryClient(cluster.targets, shared_memory=False) as reference:
         expected = reference.fetch(ids)
-    with MemoryClient(cluster.targets) as client:
+    with MemoryClient(cluster.targets, direct_reads=False) as client:  # the Fetch rpc's reply files
         client.replies = UnlinkedReplies()
         got = client.fetch(ids)
         assert client.same_host == [False, False, False]
@@ -81,7 +81,7 @@ def test_falls_back_to_grpc_when_shard_cannot_open_the_reply_file(cluster):
 
 def test_large_batches_are_split(cluster):
     ids = np.arange(5000)
-    with MemoryClient(cluster.targets, max_rows_per_request=250) as client:
+    with MemoryClient(cluster.targets, max_rows_per_request=250, direct_reads=False) as client:  # Fetch rpcs
         before = fetch_requests(cluster)
         rows = client.fetch({"f32": ids})["f32"]
         assert fetch_requests(cluster) - before >= 5000 // 250
