@@ -79,19 +79,43 @@ static PyObject *index_lookup(PyObject *self, PyObject *args) {
     Py_RETURN_NONE;
 }
 
+/* Rows `at` (n,) of arenas of `count` rows, or rows 0..n-1 where at is None: a borrowed view
+ * of at's buffer in b (IndexError, -1, unless every index is in [0, count)). */
+static int get_at(PyObject *oat, Buf *b, Py_ssize_t n, Py_ssize_t count, const int64_t **at) {
+    *at = NULL;
+    if (oat == Py_None) {
+        if (n > count) {
+            PyErr_Format(PyExc_IndexError, "%zd rows of arenas of %zd", n, count);
+            return -1;
+        }
+        return 0;
+    }
+    if (get_buf(oat, b, 0, 8 * n, "at")) return -1;
+    *at = b->view.buf;
+    for (Py_ssize_t i = 0; i < n; i++)
+        if ((*at)[i] < 0 || (*at)[i] >= count) {
+            PyErr_Format(PyExc_IndexError, "row %lld out of [0, %zd)", (long long)(*at)[i], count);
+            return -1;
+        }
+    return 0;
+}
+
 /* --- gather / scatter of fixed-size records --- */
 
-/* gather(src, count, row_bytes, at, n, out): out[i] = src[at[i]], records of row_bytes bytes;
- * IndexError unless every at[i] is in [0, count). */
+/* gather(src, count, row_bytes, at, n, out, out_count, out_at): out[out_at[i]] = src[at[i]]
+ * (out[i] where out_at is None), records of row_bytes bytes; IndexError unless every at[i] is in
+ * [0, count) and every out_at[i] in [0, out_count). */
 static PyObject *gather(PyObject *self, PyObject *args) {
-    PyObject *osrc, *oat, *oout;
-    Py_ssize_t count, row_bytes, n;
-    if (!PyArg_ParseTuple(args, "OnnOnO", &osrc, &count, &row_bytes, &oat, &n, &oout)) return NULL;
-    Buf b[3];
+    PyObject *osrc, *oat, *oout, *oout_at;
+    Py_ssize_t count, row_bytes, n, out_count;
+    if (!PyArg_ParseTuple(args, "OnnOnOnO", &osrc, &count, &row_bytes, &oat, &n, &oout, &out_count, &oout_at))
+        return NULL;
+    Buf b[4];
+    const int64_t *out_at;
     memset(b, 0, sizeof b);
     if (get_buf(osrc, &b[0], 0, count * row_bytes, "src") || get_buf(oat, &b[1], 0, 8 * n, "at")
-        || get_buf(oout, &b[2], 1, n * row_bytes, "out")) {
-        release(b, 3);
+        || get_buf(oout, &b[2], 1, out_count * row_bytes, "out") || get_at(oout_at, &b[3], n, out_count, &out_at)) {
+        release(b, 4);
         return NULL;
     }
     const char *src = b[0].view.buf;
@@ -102,25 +126,27 @@ static PyObject *gather(PyObject *self, PyObject *args) {
     for (Py_ssize_t i = 0; i < n; i++) {
         int64_t s = at[i];
         if (s < 0 || s >= count) { bad = i; break; }
-        memcpy(out + i * row_bytes, src + s * row_bytes, (size_t)row_bytes);
+        memcpy(out + (out_at ? out_at[i] : i) * row_bytes, src + s * row_bytes, (size_t)row_bytes);
     }
     Py_END_ALLOW_THREADS
-    release(b, 3);
+    release(b, 4);
     if (bad >= 0) return PyErr_Format(PyExc_IndexError, "slot out of [0, %zd)", count), NULL;
     Py_RETURN_NONE;
 }
 
-/* scatter(dst, count, row_bytes, at, n, src): dst[at[i]] = src[i]; IndexError as gather (checked
- * before anything is written). */
+/* scatter(dst, count, row_bytes, at, n, src, src_count, src_at): dst[at[i]] = src[src_at[i]]
+ * (src[i] where src_at is None); IndexError as gather (checked before anything is written). */
 static PyObject *scatter(PyObject *self, PyObject *args) {
-    PyObject *odst, *oat, *osrc;
-    Py_ssize_t count, row_bytes, n;
-    if (!PyArg_ParseTuple(args, "OnnOnO", &odst, &count, &row_bytes, &oat, &n, &osrc)) return NULL;
-    Buf b[3];
+    PyObject *odst, *oat, *osrc, *osrc_at;
+    Py_ssize_t count, row_bytes, n, src_count;
+    if (!PyArg_ParseTuple(args, "OnnOnOnO", &odst, &count, &row_bytes, &oat, &n, &osrc, &src_count, &osrc_at))
+        return NULL;
+    Buf b[4];
+    const int64_t *src_at;
     memset(b, 0, sizeof b);
     if (get_buf(odst, &b[0], 1, count * row_bytes, "dst") || get_buf(oat, &b[1], 0, 8 * n, "at")
-        || get_buf(osrc, &b[2], 0, n * row_bytes, "src")) {
-        release(b, 3);
+        || get_buf(osrc, &b[2], 0, src_count * row_bytes, "src") || get_at(osrc_at, &b[3], n, src_count, &src_at)) {
+        release(b, 4);
         return NULL;
     }
     char *dst = b[0].view.buf;
@@ -132,9 +158,9 @@ static PyObject *scatter(PyObject *self, PyObject *args) {
         if (at[i] < 0 || at[i] >= count) { bad = i; break; }
     if (bad < 0)
         for (Py_ssize_t i = 0; i < n; i++)
-            memcpy(dst + at[i] * row_bytes, src + i * row_bytes, (size_t)row_bytes);
+            memcpy(dst + at[i] * row_bytes, src + (src_at ? src_at[i] : i) * row_bytes, (size_t)row_bytes);
     Py_END_ALLOW_THREADS
-    release(b, 3);
+    release(b, 4);
     if (bad >= 0) return PyErr_Format(PyExc_IndexError, "slot out of [0, %zd)", count), NULL;
     Py_RETURN_NONE;
 }
@@ -338,27 +364,6 @@ static PyObject *adam(PyObject *self, PyObject *args) {
 }
 
 /* --- dense Adam's catch-up (catch_up.py) --- */
-
-/* Rows `at` (n,) of arenas of `count` rows, or rows 0..n-1 where at is None: a borrowed view
- * of at's buffer in b (IndexError, -1, unless every index is in [0, count)). */
-static int get_at(PyObject *oat, Buf *b, Py_ssize_t n, Py_ssize_t count, const int64_t **at) {
-    *at = NULL;
-    if (oat == Py_None) {
-        if (n > count) {
-            PyErr_Format(PyExc_IndexError, "%zd rows of arenas of %zd", n, count);
-            return -1;
-        }
-        return 0;
-    }
-    if (get_buf(oat, b, 0, 8 * n, "at")) return -1;
-    *at = b->view.buf;
-    for (Py_ssize_t i = 0; i < n; i++)
-        if ((*at)[i] < 0 || (*at)[i] >= count) {
-            PyErr_Format(PyExc_IndexError, "row %lld out of [0, %zd)", (long long)(*at)[i], count);
-            return -1;
-        }
-    return 0;
-}
 
 /* adam_row_stats(rows, state, count, w, at, n, theta_absmax, inv_max, m_any): per row at[i] of
  * arenas rows (count, w), state (count, 2w) (row i where at is None): max |theta| (float32),

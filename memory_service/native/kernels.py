@@ -62,23 +62,31 @@ def index_lookup(keys: np.ndarray, slots: np.ndarray, ids: np.ndarray, bits: int
     return out
 
 
-def gather(src: np.ndarray, at: np.ndarray) -> np.ndarray:
-    """src[at] for a C-contiguous src (cap, ...) and at (m,) in [0, cap): (m, ...) copy."""
+def gather(src: np.ndarray, at: np.ndarray, out: np.ndarray | None = None,
+           out_at: np.ndarray | None = None) -> np.ndarray:
+    """src[at] for a C-contiguous src (cap, ...) and at (m,) in [0, cap): a new (m, ...) array,
+    or written into `out` (k, ...) at rows `out_at` (m,) (out[out_at] = src[at], no temporary)."""
     assert src.flags.c_contiguous
     at = _ids(at)
-    out = np.empty((len(at),) + src.shape[1:], dtype=src.dtype)
+    if out is None:
+        out = np.empty((len(at),) + src.shape[1:], dtype=src.dtype)
+    assert out.dtype == src.dtype and out.shape[1:] == src.shape[1:] and out.flags.c_contiguous
     row_bytes = src.itemsize * int(np.prod(src.shape[1:], dtype=np.int64))
-    _kernels.gather(src, src.shape[0], row_bytes, at, len(at), out)
+    _kernels.gather(src, src.shape[0], row_bytes, at, len(at), out, out.shape[0],
+                    None if out_at is None else _ids(out_at))
     return out
 
 
-def scatter(dst: np.ndarray, at: np.ndarray, src: np.ndarray) -> None:
-    """dst[at] = src for a C-contiguous dst (cap, ...), distinct at (m,) and src (m, ...)."""
+def scatter(dst: np.ndarray, at: np.ndarray, src: np.ndarray, src_at: np.ndarray | None = None) -> None:
+    """dst[at] = src (m, ...), or src[src_at] with src_at (m,), for a C-contiguous dst (cap, ...)
+    and distinct at (m,)."""
     assert dst.flags.c_contiguous
     at = _ids(at)
-    src = np.ascontiguousarray(src, dtype=dst.dtype).reshape((len(at),) + dst.shape[1:])
+    src = np.ascontiguousarray(src, dtype=dst.dtype)
+    src = src.reshape((len(at) if src_at is None else src.shape[0],) + dst.shape[1:])
     row_bytes = dst.itemsize * int(np.prod(dst.shape[1:], dtype=np.int64))
-    _kernels.scatter(dst, dst.shape[0], row_bytes, at, len(at), src)
+    _kernels.scatter(dst, dst.shape[0], row_bytes, at, len(at), src, src.shape[0],
+                     None if src_at is None else _ids(src_at))
 
 
 def sum_runs(grads: np.ndarray, starts: np.ndarray) -> np.ndarray:

@@ -121,7 +121,8 @@ class RowWriter:
             rows = np.empty((n, width), dtype=np.float32)
             state = np.empty((n, self.arena.state_width), dtype=np.float32)
             last = np.empty(n, dtype=np.int64)
-            rows[resident], state[resident], last[resident] = self.arena.records_at(slots[resident])
+            at = np.flatnonzero(resident)  # (r,) positions
+            self.arena.records_into(slots[at], rows, state, last, at)
             other = np.flatnonzero(~resident)  # (o,) positions
             found = np.zeros(len(other), bool)
             if self.disk is not None:
@@ -143,7 +144,8 @@ class RowWriter:
                 slots = slots.copy()
                 slots[~resident] = self.arena.append(ids[~resident], rows[~resident], state[~resident],
                                                      last[~resident])
-                self.arena.write_at(slots[resident], rows[resident], state[resident], last[resident])
+                at = np.flatnonzero(resident)  # (r,) positions
+                self.arena.write_from(slots[at], rows, state, last, at)
             else:
                 self.arena.write_at(slots, rows, state, last)
             self.optimizer_rows += len(ids)

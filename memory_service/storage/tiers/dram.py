@@ -87,6 +87,39 @@ class DramTier(Tier):
                     kernels.gather(self._last, slots))
         return self._rows[slots], self._state[slots], self._last[slots]
 
+    def _numpy_loops(self) -> bool:
+        """Whether the compiled loops run on this tier's arenas (numpy arrays, not DeviceTier's tensors)."""
+        return kernels.active() and isinstance(self._rows, np.ndarray)
+
+    def records_into(self, slots: np.ndarray, rows: np.ndarray, state: np.ndarray, last: np.ndarray,
+                     positions: np.ndarray) -> None:
+        """rows[positions], state[positions], last[positions] = the records at `slots` (m,): a
+        batch's resident part gathered straight into place (no temporary, no masked copy)."""
+        if self._numpy_loops() and kernels.takes(rows, state) and last.dtype == np.int64 and last.flags.c_contiguous:
+            kernels.gather(self._rows, slots, rows, positions)
+            kernels.gather(self._state, slots, state, positions)
+            kernels.gather(self._last, slots, last, positions)
+            return
+        rows[positions], state[positions], last[positions] = self.records_at(slots)
+
+    def rows_into(self, slots: np.ndarray, out: np.ndarray, positions: np.ndarray) -> None:
+        """out[positions] = the rows at `slots` (m,), straight into place."""
+        if self._numpy_loops() and kernels.takes(out):
+            kernels.gather(self._rows, slots, out, positions)
+            return
+        out[positions] = self.rows_at(slots)
+
+    def write_from(self, slots: np.ndarray, rows: np.ndarray, state: np.ndarray, last: np.ndarray,
+                   positions: np.ndarray) -> None:
+        """Overwrites the records at distinct `slots` (m,) with rows[positions], state[positions],
+        last[positions] (no masked copy of the batch first)."""
+        if self._numpy_loops() and kernels.takes(rows, state) and last.dtype == np.int64:
+            kernels.scatter(self._rows, slots, rows, positions)
+            kernels.scatter(self._state, slots, state, positions)
+            kernels.scatter(self._last, slots, last, positions)
+            return
+        self.write_at(slots, rows[positions], state[positions], last[positions])
+
     def write_at(self, slots: np.ndarray, rows: np.ndarray, state: np.ndarray, last: np.ndarray) -> None:
         """Overwrites the records at distinct `slots` (m,)."""
         m = len(slots)
