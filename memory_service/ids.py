@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from memory_service.native import kernels
+
 _MIX1 = np.uint64(0xBF58476D1CE4E5B9)
 _MIX2 = np.uint64(0x94D049BB133111EB)
 
@@ -91,6 +93,8 @@ class SlotIndex:
 
     def _find(self, ids: np.ndarray) -> np.ndarray:
         """ids (n,) int64 -> (n,) buckets holding them, -1 where absent."""
+        if kernels.active():
+            return kernels.index_lookup(self._keys, self._slots, ids, self._bits, want_slots=False)
         out = np.full(ids.shape[0], -1, dtype=np.int64)
         pending, bucket = np.arange(ids.shape[0]), self._home(ids)  # (m,) each, shrinking
         mask = len(self._keys) - 1
@@ -104,6 +108,8 @@ class SlotIndex:
 
     def lookup(self, ids: np.ndarray) -> np.ndarray:
         """ids (n,) int64 -> (n,) int64 slots, -1 where the id has no slot."""
+        if kernels.active():  # one probe loop per id, no passes over shrinking arrays
+            return kernels.index_lookup(self._keys, self._slots, ids, self._bits, want_slots=True)
         buckets = self._find(ids)
         return np.where(buckets >= 0, self._slots[buckets], -1)
 

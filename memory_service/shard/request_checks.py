@@ -15,6 +15,7 @@ import dataclasses
 import numpy as np
 
 from memory_service.errors import InvalidArgument
+from memory_service.native import kernels
 from memory_service.sharding import shard_of
 from memory_service.storage.store import TableStore
 from memory_service.storage.tiers.base import RowRecords
@@ -40,10 +41,13 @@ def sum_duplicates(ids: np.ndarray, grads: np.ndarray) -> tuple[np.ndarray, np.n
     if not len(ids):
         return ids, grads
     order = np.argsort(ids, kind="stable")
-    ids, grads = ids[order], grads[order]
+    native = kernels.active() and grads.dtype == np.float32 and grads.ndim == 2
+    ids, grads = ids[order], kernels.gather(np.ascontiguousarray(grads), order) if native else grads[order]
     starts = np.flatnonzero(np.r_[True, ids[1:] != ids[:-1]])  # (m,) first of each run
     if len(starts) == len(ids):
         return ids, grads
+    if native:  # the same float32 sums, in the same order, in one pass
+        return ids[starts], kernels.sum_runs(grads, starts)
     with np.errstate(over="ignore"):  # a sum past float32's range: check_finite_sum refuses it
         return ids[starts], np.add.reduceat(grads, starts, axis=0)
 

@@ -36,6 +36,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from memory_service.native import kernels
+
 HORIZON = 2.0**-26  # movement below this fraction of the row's largest |value| is not representable
 TRUNCATION = 2.0**-30  # allowed relative error of the truncated series
 MAX_TERMS = 12
@@ -88,7 +90,7 @@ def catch_up(rows: np.ndarray, m: np.ndarray, v: np.ndarray, last: np.ndarray, t
             catch_up(r, mm, vv, ll, target, ss, bsq, decay, stats)
             rows[idx], m[idx], v[idx], last[idx] = r, mm, vv, ll
         return
-    steps = _horizon(rows, m, last, target, ss, decay)  # (n,)
+    steps = _horizon(np.abs(rows).max(axis=1), m, last, target, ss, decay)  # (n,)
     inv = np.sqrt(v, dtype=np.float64)  # (n, w) sigma, then 1 / sigma
     with np.errstate(divide="ignore"):
         np.divide(1.0, inv, out=inv)
@@ -125,16 +127,88 @@ def moment_ratio(decay: AdamDecay) -> float | None:
     return 1.001 * (1 - b1) / math.sqrt((1 - b2) * (1 - b1 * b1 / b2))
 
 
-def _horizon(theta: np.ndarray, m: np.ndarray, last: np.ndarray, target: int, ss: np.ndarray,
+def catch_up_state(rows: np.ndarray, state: np.ndarray, last: np.ndarray, target: int, ss: np.ndarray,
+                   bsq: np.ndarray, decay: AdamDecay, stats: CatchUpStats, at: np.ndarray | None = None) -> None:
+    """`catch_up` through the compiled loops, bit-identical to it, on state (n, 2w) = [m, v] in
+    place (no copies of its halves), or with `at` (k,) on those distinct rows of arenas rows,
+    state, last (in place: no gather, no scatter). The same row selection, horizon and series
+    coefficients (per-row scalars, numpy); the per-element series and decay in one pass per row
+    (C); rows beyond the series' reach (sigma near eps) as `catch_up` moves them."""
+    w = rows.shape[1]
+    at = np.arange(len(last)) if at is None else at  # (k,) rows to bring up to date
+    if not len(at):
+        return
+    behind = last[at] < target  # (k,)
+    if not behind.all():  # only rows behind move
+        catch_up_state(rows, state, last, target, ss, bsq, decay, stats, at[behind])
+        return
+    theta_max, inv_max, moves = kernels.adam_row_stats(rows, state, at)  # (k,) each
+    if not moves.all():  # rows with m = 0 do not move: v decays, the step advances
+        still = at[~moves]
+        v = state[still, w:]
+        v *= (decay.b2 ** (target - last[still]).astype(np.float64))[:, None]
+        state[still, w:] = v
+        last[still] = target
+        at, theta_max, inv_max = at[moves], theta_max[moves], inv_max[moves]
+        if not len(at):
+            return
+    ll = last[at]  # (k,)
+    steps = _horizon(theta_max, state[at, :w], ll, target, ss, decay)  # (k,)
+    x_row = decay.eps * inv_max / decay.b2 ** (steps / 2)  # (k,)
+    series = x_row <= X_LIMIT
+    if series.all():
+        _series_native(rows, state, at, ll, steps, x_row, inv_max, target, ss, bsq, decay)
+    else:  # each row moves alone: the series rows in C, the others as catch_up moves them
+        rs = np.flatnonzero(series)
+        if rs.size:
+            _series_native(rows, state, at[rs], ll[rs], steps[rs], x_row[rs], inv_max[rs], target, ss, bsq, decay)
+        rs = np.flatnonzero(~series)
+        r, st = rows[at[rs]], state[at[rs]]
+        _mixed_rows(r, st, ll[rs], steps[rs], target, ss, bsq, decay, stats)
+        rows[at[rs]], state[at[rs]] = r, st
+    stats.series_elements += int(np.count_nonzero(series)) * w
+    last[at] = target
+    stats.rows += len(at)
+
+
+def _series_native(rows: np.ndarray, state: np.ndarray, at: np.ndarray, last: np.ndarray, steps: np.ndarray,
+                   x_row: np.ndarray, inv_max: np.ndarray, target: int, ss: np.ndarray, bsq: np.ndarray,
+                   decay: AdamDecay) -> None:
+    """catch_up's series branch on the rows `at` (r,) of rows, state, in place: coefficients per
+    row (numpy), the movement and the moments' decay per element (C); last (r,): their steps."""
+    coef = np.stack(_series_coefs(inv_max, last, steps, x_row, ss, bsq, decay), axis=1)  # (r, P)
+    gap = (target - last).astype(np.float64)  # (r,)
+    kernels.adam_catch_up_series(rows, state, at, coef, decay.b1**gap, decay.b2**gap)
+
+
+def _mixed_rows(rows: np.ndarray, state: np.ndarray, last: np.ndarray, steps: np.ndarray, target: int,
+                ss: np.ndarray, bsq: np.ndarray, decay: AdamDecay, stats: CatchUpStats) -> None:
+    """catch_up's branch for rows beyond the series' reach, on rows (r, w), state (r, 2w) in place."""
+    w = rows.shape[1]
+    m, v = state[:, :w].copy(), state[:, w:].copy()  # (r, w) each
+    inv = np.sqrt(v, dtype=np.float64)
+    with np.errstate(divide="ignore"):
+        np.divide(1.0, inv, out=inv)
+    delta = _mixed(m, inv, last, steps, ss, bsq, decay, stats)
+    delta += rows
+    rows[...] = delta
+    gap = (target - last).astype(np.float64)
+    np.multiply(m, (decay.b1**gap)[:, None], out=m, casting="unsafe")
+    np.multiply(v, (decay.b2**gap)[:, None], out=v, casting="unsafe")
+    state[:, :w], state[:, w:] = m, v
+
+
+def _horizon(theta_absmax: np.ndarray, m: np.ndarray, last: np.ndarray, target: int, ss: np.ndarray,
              decay: AdamDecay) -> np.ndarray:
-    """Steps (r,) after which the rest of each row's movement is below HORIZON of its largest |value|.
+    """Steps (r,) after which the rest of each row's movement is below HORIZON of its largest
+    |value| (`theta_absmax` (r,) float32).
 
     |m| / sqrt(v) <= (1 - b1) / sqrt((1 - b2)(1 - b1^2 / b2)) for any gradient history (Cauchy-
     Schwarz on the two moving averages), and catch-up only shrinks it, so with b1^2 < b2 the bound
     needs no pass over the elements; otherwise |m| / eps bounds each move."""
     ss_max = np.maximum.accumulate(ss[::-1])[::-1]  # (target + 1,): max of ss over [j, target]
     scale = ss_max[np.minimum(last + 1, target)]  # (r,)
-    limit = HORIZON * np.maximum(np.abs(theta).max(axis=1), _TINY)  # (r,)
+    limit = HORIZON * np.maximum(theta_absmax, _TINY)  # (r,)
     b1, b2 = decay.b1, decay.b2
     if (ratio := moment_ratio(decay)) is not None:
         steps = _steps_below(scale * ratio, b1 / math.sqrt(b2), limit)
@@ -162,10 +236,22 @@ def _series(m: np.ndarray, inv: np.ndarray, last: np.ndarray, steps: np.ndarray,
     it are zeros in Horner's scheme (0 + c and 0 * (1 / sigma) are exact), so a row moves the same
     bits whichever rows share its batch: the shards, the hot/cold migration and the in-process
     tables batch rows differently and must still agree."""
-    inv_max = inv.max(axis=1)  # (r,)
+    coef = _series_coefs(inv.max(axis=1), last, steps, x_row, ss, bsq, decay)
+    acc = np.multiply(inv, coef[-1][:, None])  # (r, w)
+    for c in reversed(coef[:-1]):
+        acc += c[:, None]
+        acc *= inv
+    acc *= m
+    return acc
+
+
+def _series_coefs(inv_max: np.ndarray, last: np.ndarray, steps: np.ndarray, x_row: np.ndarray,
+                  ss: np.ndarray, bsq: np.ndarray, decay: AdamDecay) -> list[np.ndarray]:
+    """The Horner coefficients (r,) each of `_series`, p = 0..P-1: -(-eps)^p W_p where p < the
+    row's own P, else 0. inv_max (r,): each row's largest 1 / sigma."""
     window_sum = _window_sums(last, steps, ss, bsq, decay)
     weights = [window_sum(0)]  # W_p (r,) each
-    terms = np.zeros(len(m), dtype=np.int64)  # (r,) each row's P, 0 until its tail is small enough
+    terms = np.zeros(len(inv_max), dtype=np.int64)  # (r,) each row's P, 0 until its tail is small enough
     while True:
         weights.append(window_sum(len(weights)))
         tail = (decay.eps * inv_max) ** (len(weights) - 1) * weights[-1] / weights[0]
@@ -173,14 +259,8 @@ def _series(m: np.ndarray, inv: np.ndarray, last: np.ndarray, steps: np.ndarray,
         if len(weights) > MAX_TERMS or terms.all():
             break
     terms[terms == 0] = len(weights) - 1
-    coef = [np.where(terms > p, -w * (-decay.eps) ** p, 0.0)  # -(-eps)^p W_p, (r,); 0 past the row's P
+    return [np.where(terms > p, -w * (-decay.eps) ** p, 0.0)  # -(-eps)^p W_p, (r,); 0 past the row's P
             for p, w in enumerate(weights[:-1])]
-    acc = np.multiply(inv, coef[-1][:, None])  # (r, w)
-    for c in reversed(coef[:-1]):
-        acc += c[:, None]
-        acc *= inv
-    acc *= m
-    return acc
 
 
 def _mixed(m: np.ndarray, inv: np.ndarray, last: np.ndarray, steps: np.ndarray, ss: np.ndarray,

@@ -22,7 +22,9 @@ from abc import ABC, abstractmethod
 
 import numpy as np
 
-from memory_service.storage.catch_up import MAX_MOVEMENT, AdamDecay, CatchUpStats, catch_up, moment_ratio
+from memory_service.native import kernels
+from memory_service.storage.catch_up import (MAX_MOVEMENT, AdamDecay, CatchUpStats, catch_up, catch_up_state,
+                                             moment_ratio)
 from memory_service.storage.step_log import StepLog
 from memory_service.config import OptimizerConfig
 
@@ -31,6 +33,13 @@ from memory_service.config import OptimizerConfig
 # step log keeps the steps named, not a slot per step (step_log.py), so a jump costs what any push
 # costs; the bound keeps steps far from int64's end, where step + 1 would overflow.
 MAX_STEP_AHEAD = 1 << 20
+
+
+def _native(rows: np.ndarray, state: np.ndarray, grads: np.ndarray) -> bool:
+    """Whether the compiled step runs (else the numpy reference): on, and arrays it can take
+    (float32 gradients: numpy would promote others, and the kernels compute in float32)."""
+    return kernels.active() and kernels.takes(rows, state) and grads.dtype == np.float32 \
+        and grads.shape == rows.shape
 
 
 def _fused_add(rows: np.ndarray, alpha: float, values: np.ndarray) -> None:
@@ -107,6 +116,12 @@ class TableOptimizer(ABC):
         """Brings rows last updated at steps `last` (n,) up to step `target` (n, ...) in place.
         Nothing to do for optimizers whose rows move only when they have a gradient."""
 
+    def catch_up_at(self, rows: np.ndarray, state: np.ndarray, last: np.ndarray, at: np.ndarray,
+                    target: int) -> bool:
+        """`catch_up` of the distinct rows `at` (k,) of arenas rows, state, last, in place (no
+        gather, no scatter), where the compiled loops can; False (nothing done) elsewhere."""
+        return False
+
     def update(self, rows: np.ndarray, state: np.ndarray, last: np.ndarray, grads: np.ndarray,
                step: int, lr: float | None = None) -> None:
         """Catch-up to step - 1, then the step's update with learning rate `lr` (`checked_lr`'s:
@@ -145,6 +160,11 @@ class SparseAdam(TableOptimizer):
               lr: float | None = None) -> None:
         c, w = self.config, rows.shape[1]
         lr = c.lr if lr is None else lr
+        if _native(rows, state, grads):  # the same float32 steps, fused per row
+            step_size = lr * math.sqrt(1 - c.beta2**step) / (1 - c.beta1**step)
+            kernels.sparse_adam(rows, state, grads, np.float32(1 - c.beta1), np.float32(1 - c.beta2),
+                                np.float32(c.eps), np.float32(-step_size))
+            return
         # Contiguous copies of the two halves: numpy runs an (n, w) op on a strided half as n
         # short loops, which made a 16k x 64 update 2x slower than copy + contiguous ops.
         exp_avg, exp_avg_sq = state[:, :w].copy(), state[:, w:].copy()  # (n, w) each
@@ -176,6 +196,9 @@ class Adagrad(TableOptimizer):
 
     def apply(self, rows: np.ndarray, state: np.ndarray, grads: np.ndarray, step: int,
               lr: float | None = None) -> None:
+        if _native(rows, state, grads):
+            kernels.adagrad(rows, state, grads, -(self.config.lr if lr is None else lr), self.config.eps)
+            return
         state += grads * grads
         std = np.sqrt(state)  # (n, w)
         std += np.float32(self.config.eps)
@@ -190,6 +213,9 @@ class SGD(TableOptimizer):
 
     def apply(self, rows: np.ndarray, state: np.ndarray, grads: np.ndarray, step: int,
               lr: float | None = None) -> None:
+        if _native(rows, state, grads):
+            kernels.sgd(rows, grads, -(self.config.lr if lr is None else lr))
+            return
         _fused_add(rows, -(self.config.lr if lr is None else lr), grads)
 
 
@@ -261,18 +287,35 @@ class Adam(TableOptimizer):
 
     def catch_up(self, rows: np.ndarray, state: np.ndarray, last: np.ndarray, target: int) -> None:
         w = rows.shape[1]
-        m, v = state[:, :w].copy(), state[:, w:].copy()
+        if kernels.active() and kernels.takes(rows, state):  # no copies of the halves: kernels read state rows
+            catch_up_state(rows, state, last, target, self._ss[: target + 1], self._bsq[: target + 1],
+                           self.decay, self.stats)
+            return
+        m, v = state[:, :w].copy(), state[:, w:].copy()  # numpy runs on contiguous halves
         catch_up(rows, m, v, last, target, self._ss[: target + 1], self._bsq[: target + 1],
                  self.decay, self.stats)
         state[:, :w], state[:, w:] = m, v
+
+    def catch_up_at(self, rows: np.ndarray, state: np.ndarray, last: np.ndarray, at: np.ndarray,
+                    target: int) -> bool:
+        if not (kernels.active() and kernels.takes(rows, state) and last.dtype == np.int64):
+            return False
+        catch_up_state(rows, state, last, target, self._ss[: target + 1], self._bsq[: target + 1],
+                       self.decay, self.stats, at)
+        return True
 
     def apply(self, rows: np.ndarray, state: np.ndarray, grads: np.ndarray, step: int,
               lr: float | None = None) -> None:
         c, w = self.config, rows.shape[1]
         lr = c.lr if lr is None else lr
-        m, v = state[:, :w].copy(), state[:, w:].copy()  # (n, w) each
         # exp_avg.lerp_(grad, 1 - beta1): one rounding of m + weight * (grad - m) (an FMA)
         weight = np.float32(1 - c.beta1)
+        if _native(rows, state, grads):  # the steps below, fused per row
+            kernels.adam(rows, state, grads, float(weight), float(np.float64(1 - weight)), np.float32(c.beta2),
+                         np.float32(1 - c.beta2), np.float32(math.sqrt(1 - c.beta2**step)), np.float32(c.eps),
+                         np.float32(-lr / (1 - c.beta1**step)))
+            return
+        m, v = state[:, :w].copy(), state[:, w:].copy()  # (n, w) each
         if weight < 0.5:
             m = (m + np.float64(weight) * (grads - m)).astype(np.float32)
         else:

@@ -43,7 +43,8 @@ class RowReader:
         if not missing.any():
             return self.arena.rows_at(slots), missing
         out = np.empty((len(ids), self.arena.width), dtype=np.float32)
-        out[~missing] = self.arena.rows_at(slots[~missing])
+        at = np.flatnonzero(~missing)  # (h,) positions of the stored rows
+        self.arena.rows_into(slots[at], out, at)
         return out, missing
 
     def read_tiered(self, ids: np.ndarray, committed: int) -> tuple[np.ndarray, bool]:

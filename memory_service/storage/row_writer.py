@@ -15,6 +15,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from memory_service.ids import sorted_unique
+from memory_service.native import kernels
 from memory_service.rows import InitialRows
 from memory_service.storage.optimizer import TableOptimizer
 from memory_service.storage.residency import Residency
@@ -36,8 +38,11 @@ class UpdateBatch:
 
     def first_non_finite(self) -> int | None:
         """Position of the first row whose new values or optimizer state are not finite, or None
-        (the common case: two passes of np.isfinite, nothing else)."""
-        if np.isfinite(self.rows).all() and np.isfinite(self.state).all():
+        (the common case: two passes over the values, nothing else)."""
+        if kernels.active():
+            if kernels.all_finite(self.rows) and kernels.all_finite(self.state):
+                return None
+        elif np.isfinite(self.rows).all() and np.isfinite(self.state).all():
             return None
         bad = ~(np.isfinite(self.rows).all(axis=1) & np.isfinite(self.state).all(axis=1))
         return int(bad.argmax())
@@ -66,12 +71,14 @@ class RowWriter:
     def catch_up_arena(self, slots: np.ndarray, committed: int) -> None:
         """Brings the rows at arena `slots` (n,) (repeats allowed) of an all-DRAM store up to
         step `committed`."""
-        behind = np.unique(slots[self.arena.last_at(slots) < committed])  # (m,)
+        behind = sorted_unique(slots[self.arena.last_at(slots) < committed])  # (m,) as np.unique, by a sort
         if not behind.size:
             return
-        rows, state, last = self.arena.records_at(behind)
-        self.optimizer.catch_up(rows, state, last, committed)
-        self.arena.write_at(behind, rows, state, last)
+        arenas = self.arena.arenas()
+        if arenas is None or not self.optimizer.catch_up_at(*arenas, behind, committed):
+            rows, state, last = self.arena.records_at(behind)
+            self.optimizer.catch_up(rows, state, last, committed)
+            self.arena.write_at(behind, rows, state, last)
         self.optimizer_rows += behind.size
 
     def catch_up_tiered(self, arena_slots: np.ndarray, disk_ids: np.ndarray, rows: np.ndarray,
@@ -114,7 +121,8 @@ class RowWriter:
             rows = np.empty((n, width), dtype=np.float32)
             state = np.empty((n, self.arena.state_width), dtype=np.float32)
             last = np.empty(n, dtype=np.int64)
-            rows[resident], state[resident], last[resident] = self.arena.records_at(slots[resident])
+            at = np.flatnonzero(resident)  # (r,) positions
+            self.arena.records_into(slots[at], rows, state, last, at)
             other = np.flatnonzero(~resident)  # (o,) positions
             found = np.zeros(len(other), bool)
             if self.disk is not None:
@@ -136,7 +144,8 @@ class RowWriter:
                 slots = slots.copy()
                 slots[~resident] = self.arena.append(ids[~resident], rows[~resident], state[~resident],
                                                      last[~resident])
-                self.arena.write_at(slots[resident], rows[resident], state[resident], last[resident])
+                at = np.flatnonzero(resident)  # (r,) positions
+                self.arena.write_from(slots[at], rows, state, last, at)
             else:
                 self.arena.write_at(slots, rows, state, last)
             self.optimizer_rows += len(ids)
