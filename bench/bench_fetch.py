@@ -10,8 +10,11 @@ embedding rows over loopback.
     python bench/bench_fetch.py [--ids 1024 16384 65536] [--shards 1 2 4] [--runs 3] [--repeats 20] [--cold] [--json]
 
 The headline cell is 16k ids, fp32 x 64, 2 shards, one client, with the client's default
-same-host path (rows written into a shared-memory file the client owns); "gRPC reply only" is the
-same fetch with the rows inside the gRPC response, what a client on another host gets.
+same-host path: direct reads, rows gathered straight from the shards' shared-memory arenas under
+their version check (memory_service/wire/direct_reads.py). "Fetch rpc" is a same-host Fetch whose
+rows the shards write into a shared-memory file the client owns (the path of rows on disk or behind
+dense Adam's step); "gRPC reply only" is the same fetch with the rows inside the gRPC response,
+what a client on another host gets.
 
 The machine is shared and small, so one figure means little: every cluster is measured `--runs`
 times, each run its floor cell, its Redis cell and its service cells back to back, so the ratios
@@ -46,9 +49,9 @@ WIDTH = 64
 HEADLINE = (16384, "float32", 2)  # (ids, dtype, shards) of the headline cell
 # The service's client variants, each a fetch path: name -> MemoryClient options.
 CLIENTS = {
-    "fetch": {},  # same host: rows through the client's shared-memory reply file
+    "fetch": {},  # same host, the default: rows gathered from the shards' shared arenas (direct reads)
+    "fetch, Fetch rpc": {"direct_reads": False},  # same host: a Fetch, rows through the client's reply file
     "fetch, gRPC reply only": {"shared_memory": False},  # what a client on another host gets
-    # "fetch, direct reads": {"direct_reads": True},  # same host, rows gathered from the shards' arenas
 }
 
 
