@@ -125,7 +125,9 @@ class MemoryClient:
         return self.tables[name]
 
     def stats(self) -> list:
-        """One StatsResponse per shard, in shard order."""
+        """One StatsResponse per shard, in shard order (counting this client's direct reads)."""
+        if self.direct is not None:
+            self.direct.flush()
         return self.transport.call_all("Stats", memory_pb2.StatsRequest())
 
     def report(self) -> ClusterReport:

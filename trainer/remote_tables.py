@@ -160,11 +160,8 @@ class RemoteTables(EngramTables):
         ids = torch.cat([row_ids[layer].reshape(-1, row_ids[layer].shape[-1]).T for layer in layers]).cpu()  # (K, B*T)
         started = time.perf_counter()
         future = self.client.fetch_stacked_async(names, ids, min_step)
-        future.add_done_callback(lambda _: self._fetched(started))
+        future = self.client.pool.submit(self._arrive, future, torch.device("cpu"), started)  # its profiler range
         self._pending.append(_Pending(row_ids, future, set(layers), stacked=layers))
-
-    def _fetched(self, started: float) -> None:
-        self.times.fetch_s += time.perf_counter() - started
 
     def announce(self, row_ids: dict[int, torch.Tensor], min_step: int | None = None) -> None:
         """Tells the rows' homes that a later step reads `row_ids` {layer: (B, T, H)} (a hint for

@@ -167,7 +167,7 @@ class MemoryServicer(memory_pb2_grpc.MemoryServiceServicer):
         if requests:
             self.shard.announce(requests, request.step if request.HasField("step") else None)
         if request.direct_reads:
-            self.shard.note_direct_reads(_decode_ids(request.direct_reads, "announce"))
+            self.shard.note_direct_reads(_decode_ids(request.direct_reads, "announce"), request.direct_fetches)
         return memory_pb2.AnnounceResponse()
 
     @_maps_errors

@@ -125,12 +125,14 @@ class Shard:
         where there is none."""
         return ("", b"") if self.shared is None else (self.shared.path, self.shared.nonce)
 
-    def note_direct_reads(self, requests: dict[str, np.ndarray]) -> None:
-        """Ids (n,) per table that a client read straight from the shared arena: counted and
-        recorded for placement as a fetch's reads are, so stats and migration see every read."""
+    def note_direct_reads(self, requests: dict[str, np.ndarray], fetches: int) -> None:
+        """Ids (n,) per table that a client read straight from the shared arena in `fetches`
+        fetches: counted and recorded for placement as fetches' reads are, so stats and migration
+        see every read."""
         with self._lock:
-            checked = {name: ids for name, ids in self._checked_requests(requests).items()}
+            checked = self._checked_requests(requests)
             self._note_reads(checked)
+            self.counters.fetch_requests += fetches - 1  # _note_reads counted one
             for name, ids in checked.items():
                 self._tables[name].note_reads(ids)
 

@@ -11,8 +11,8 @@ was never written (then, as the shard would, it computes the row from the table'
 not on disk and not moved), up to date (a dense-Adam table's rows at the committed step), no step
 is half written, the table is at `min_step`. Otherwise the request goes
 to the shard as a Fetch, which waits, catches up, reads the disk or refuses moved rows as before.
-The ids read are reported to their shard in the background (Announce.direct_reads), so its stats
-and placement see every read.
+The ids read are reported to their shard in the background (Announce.direct_reads), at most
+REPORT_SECONDS late, so its stats and placement see every read (`flush` before reading stats).
 """
 from __future__ import annotations
 
@@ -96,6 +96,8 @@ class DirectReads:
         self._arenas: list[_ShardArena | None | bool] = [None] * transport.num_shards  # False: never
         self._pending: list[dict[str, list[np.ndarray]]] = [{} for _ in range(transport.num_shards)]
         self._pending_ids = [0] * transport.num_shards
+        self._pending_fetches = [0] * transport.num_shards
+        self._timer: threading.Timer | None = None  # sends what is pending when reads stop
         self._reported = [time.monotonic()] * transport.num_shards
         self._sent: list[Future] = []
         self._lock = threading.Lock()  # reads come from the caller's and the prefetcher's threads
@@ -177,24 +179,40 @@ class DirectReads:
             for cfg, ids, _ in items:
                 pending.setdefault(cfg.name, []).append(ids.copy())
                 self._pending_ids[shard] += len(ids)
+            self._pending_fetches[shard] += 1
             self.reads += 1
             due = (self._pending_ids[shard] >= REPORT_IDS
                    or time.monotonic() - self._reported[shard] >= REPORT_SECONDS)
+            if not due and self._timer is None:
+                self._timer = threading.Timer(REPORT_SECONDS, self._report_late)
+                self._timer.daemon = True
+                self._timer.start()
         if due:
             self.report(shard)
+
+    def _report_late(self) -> None:
+        with self._lock:
+            self._timer = None
+        try:
+            self.report()
+        except Exception as err:  # the client closed meanwhile
+            log.debug("direct reads not reported: %s", err)
 
     def report(self, shard: int | None = None) -> None:
         """Sends the pending direct reads of `shard` (None: every shard) as an Announce."""
         for k in range(self.transport.num_shards) if shard is None else (shard,):
             with self._lock:
                 pending, self._pending[k], self._pending_ids[k] = self._pending[k], {}, 0
+                fetches, self._pending_fetches[k] = self._pending_fetches[k], 0
                 self._reported[k] = time.monotonic()
                 self._sent = [f for f in self._sent if not self._done(f)]
             if pending:
-                request = memory_pb2.AnnounceRequest(direct_reads=[
+                request = memory_pb2.AnnounceRequest(direct_fetches=fetches, direct_reads=[
                     memory_pb2.TableIds(table=name, ids=codec.encode_ids(np.concatenate(parts)))
                     for name, parts in pending.items()])
-                self._sent.append(self.transport.start(k, "Announce", request))
+                future = self.transport.start(k, "Announce", request)
+                with self._lock:
+                    self._sent.append(future)
 
     @staticmethod
     def _done(future: Future) -> bool:
@@ -204,12 +222,19 @@ class DirectReads:
             log.warning("a report of direct reads was lost (%s): the shard's read counts are short", err)
         return True
 
-    def close(self, timeout: float = 5.0) -> None:
-        """Sends what is pending and waits (up to `timeout` s) for the reports to arrive."""
+    def flush(self, timeout: float = 5.0) -> None:
+        """Sends what is pending and waits (up to `timeout` s) for the reports to arrive: the
+        shards' stats count every read made so far."""
         self.report()
-        for future in self._sent:
+        with self._lock:
+            sent, self._sent = self._sent, []
+        for future in sent:
             try:
                 future.result(timeout=timeout)
             except Exception as err:
                 log.warning("a report of direct reads was lost (%s)", err)
-        self._sent = []
+
+    def close(self, timeout: float = 5.0) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+        self.flush(timeout)

@@ -29,7 +29,7 @@ def test_known_traffic_at_two_shards(make_cluster):
     cluster = make_cluster(2)
     cfg = TableConfig(name="util", num_rows=1000, width=WIDTH,
                       optimizer=OptimizerConfig(kind="adagrad", lr=0.1))
-    with cluster.client() as client:
+    with cluster.client(direct_reads=False) as client:  # Fetch rpcs: the rpc windows hold every read
         client.create_table(cfg)
         drive(client, cfg.name)
         report = client.report()

@@ -45,6 +45,7 @@ def test_direct_reads_equal_fetches(cluster, kind, dtype):
     with MemoryClient(targets) as direct, MemoryClient(targets, direct_reads=False) as fetch:
         direct.create_table(cfg)
         rows_before = [s.counters.fetch_rows for s in shards]
+        requests_before = sum(s.counters.fetch_requests for s in shards)
         for step in (1, 2, 3):  # each step a part of the rows: dense Adam's others fall behind
             part = ids[1000 * (step - 1): 1000 * step]
             direct.push({cfg.name: (part, rng.standard_normal((len(part), 16)).astype(np.float32))}, step=step)
@@ -54,6 +55,8 @@ def test_direct_reads_equal_fetches(cluster, kind, dtype):
             assert np.array_equal(got[cfg.name].numpy(), want[cfg.name].numpy())
         direct.fetch({cfg.name: ids[2000:]})  # pushed at the last step: current for every optimizer
         assert direct.direct.reads >= NUM_SHARDS
+        direct.stats()  # reports what was read directly first
+        assert sum(s.counters.fetch_requests for s in shards) - requests_before == (3 + 4) * NUM_SHARDS  # one per shard a fetch
         if kind == "adam":
             assert direct.direct.fallbacks >= NUM_SHARDS  # rows behind the committed step go to Fetch
     # every distinct row read, directly or not, is counted by its shard (reports arrive at close)
