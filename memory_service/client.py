@@ -147,8 +147,24 @@ class MemoryClient:
 
         `ngrams`: {table: uint64 fingerprints shaped like its ids} of the N-grams behind the
         lookups (trainer.fingerprint), sent along for the tables' collision stats; ignored for
-        tables with collision stats off (see `samples_collisions`)."""
+        tables with collision stats off (see `samples_collisions`). A decode-sized fetch (as
+        many ids of each table, tables of one width) takes the short path of `fetch_stacked_async`
+        in this thread."""
+        if not ngrams and (stack := self._decode_sized(ids)) is not None:
+            names, matrix, shapes = stack
+            rows = self._finish_small(self._send_small(names, matrix, min_step), names, time.perf_counter())
+            return {name: rows[k].reshape(*shapes[k], -1) for k, name in enumerate(names)}
         return self._finish_fetch(self._start_fetch(ids, min_step, ngrams))
+
+    def _decode_sized(self, ids: dict) -> tuple[list[str], np.ndarray, list[tuple]] | None:
+        """(names, ids (K, n), each table's ids' shape) of a fetch the short path takes, or None."""
+        if not ids or len({tuple(np.shape(table_ids)) for table_ids in ids.values()}) > 1:
+            return None
+        names = list(ids)
+        if not small_fetch.fits([self.table(name) for name in names], sum(np.size(i) for i in ids.values())):
+            return None
+        shapes = [tuple(np.shape(ids[name])) for name in names]
+        return names, np.stack([_as_ids(ids[name]).reshape(-1) for name in names]), shapes
 
     def fetch_async(self, ids: dict[str, np.ndarray | torch.Tensor], min_step: int = 0,
                     ngrams: dict[str, np.ndarray] | None = None) -> Future:
@@ -165,14 +181,17 @@ class MemoryClient:
         ids = _as_ids(ids)
         if ids.ndim != 2 or ids.shape[0] != len(names):
             raise InvalidArgument(f"stacked ids must be (K, n) with K = {len(names)} tables, got {ids.shape}")
-        configs = [self.table(name) for name in names]
-        if not small_fetch.fits(configs, ids.size):
+        if not small_fetch.fits([self.table(name) for name in names], ids.size):
             return self.pool.submit(self._stacked, names, self._start_fetch(dict(zip(names, ids)), min_step))
         started = time.perf_counter()
+        return self.pool.submit(self._finish_small, self._send_small(names, ids, min_step), names, started)
+
+    def _send_small(self, names: list[str], ids: np.ndarray, min_step: int) -> SmallFetch:
+        """A SmallFetch of ids (K, n) of tables `names`, its requests sent (or read directly)."""
         for name in names if self.num_hot else ():
             self.hot_ids(name)  # the hot maps loaded (once)
-        small = SmallFetch(self.transport, self.router, configs, ids, min_step, self.trace, self.direct).send()
-        return self.pool.submit(self._finish_small, small, names, started)
+        configs = [self.table(name) for name in names]
+        return SmallFetch(self.transport, self.router, configs, ids, min_step, self.trace, self.direct).send()
 
     def _finish_small(self, small: SmallFetch, names: list[str], started: float) -> torch.Tensor:
         """A SmallFetch's rows (K, n, width); on a refusal because rows moved, the hot maps
