@@ -81,22 +81,43 @@ static int gather_table(const Entry *e, int64_t min_step) {
     const int64_t *last = (const int64_t *)((const char *)e->rows.buf + cap * width * 4);
     float *out = (float *)e->out.buf;
     uint64_t mask = (uint64_t)buckets - 1;
+    int shift = 64 - (int)bits;
+    /* Two passes, each prefetching AHEAD ids on: the probes (the index's buckets, random), then
+     * the rows (random in the arena). One pass chained bucket -> slot -> row per id, one cache
+     * miss after the other: 16k ids took ~1.7 ms a shard of ~0.3 that np.take needs. The slots
+     * of the first pass go in missing[1..n] (overwritten by the missing positions after). */
+    enum { AHEAD = 16 };
+    int64_t *found = missing + 1;
     for (Py_ssize_t i = 0; i < n; i++) {
+        if (i + AHEAD < n) {
+            uint64_t ahead = ((uint64_t)ids[i + AHEAD] * FIBONACCI) >> shift;
+            __builtin_prefetch(&keys[ahead]);
+            __builtin_prefetch(&slots[ahead]);
+        }
         int64_t id = ids[i], slot = -1;
-        uint64_t b = ((uint64_t)id * FIBONACCI) >> (64 - bits);
+        uint64_t b = ((uint64_t)id * FIBONACCI) >> shift;
         for (int64_t probes = 0; probes < buckets; probes++, b = (b + 1) & mask) {
             int64_t key = keys[b];
             if (key == id) { slot = slots[b]; break; }
             if (key == EMPTY) break;
         }
+        if (slot >= cap) return RETRY; /* torn: index and rows of different moments */
+        found[i] = slot;
+    }
+    for (Py_ssize_t i = 0; i < n; i++) {
+        if (i + AHEAD < n && found[i + AHEAD] >= 0) {
+            const char *row = (const char *)(rows + found[i + AHEAD] * width);
+            for (int64_t line = 0; line < width * 4; line += 64) __builtin_prefetch(row + line);
+        }
+        int64_t slot = found[i];
         if (slot < 0) { /* never written (its row is computed from the seed), or elsewhere */
+            int64_t id = ids[i];
             if (flags & FLAG_HAS_DISK) return FALLBACK; /* may be on disk */
             /* a cold shard's homes are the rows that moved away, a hot shard's those it serves */
             if (holds(homes, homes_len, id) != ((flags & FLAG_HOT) != 0)) return FALLBACK;
-            missing[1 + num_missing++] = i;
+            found[num_missing++] = i; /* behind i: its slot was read already */
             continue;
         }
-        if (slot >= cap) return RETRY; /* torn: index and rows of different moments */
         if ((flags & FLAG_CATCHES_UP) && last[slot] != committed) return FALLBACK; /* needs catching up */
         memcpy(out + i * width, rows + slot * width, (size_t)width * 4);
     }
