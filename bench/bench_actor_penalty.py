@@ -4,8 +4,9 @@ Ray actor (issue 23, point 5).
 One all-DRAM cold shard started by bench/shard_processes.py as a plain process and one started by
 `launch()` as a Ray actor (the embedded cluster), both at the same CPU priority and with the same
 malloc settings, each holding the same table (every row stored first). One client process (this
-one) fetches from each in turn through MemoryClient: 16k distinct ids x fp32 64 (same-host path:
-rows in a shared-memory file) and 1 id. The two servers are measured interleaved, run after run,
+one) fetches from each in turn through MemoryClient with Fetch rpcs (direct_reads=False: a direct
+read never reaches the server, so it would time the client alone): 16k distinct ids x fp32 64
+(same-host path: rows in a shared-memory reply file) and 1 id. The two servers are measured interleaved, run after run,
 so a noisy minute hits both; each run's figure is the median time of `--repeats` fetches.
 
     python bench/bench_actor_penalty.py [--runs 5] [--repeats 40] [--niceness 19] [--out PATH]
@@ -149,7 +150,7 @@ def main(argv: list[str] | None = None) -> int:
     plain = start_processes(num_shards=1, num_hot=0, niceness=args.niceness)
     cluster = launch(ClusterConfig(num_shards=1, num_hot=0, niceness=args.niceness, name="actor-penalty"))
     try:
-        with plain.client() as plain_client, cluster.client() as actor_client:
+        with plain.client(direct_reads=False) as plain_client, cluster.client(direct_reads=False) as actor_client:
             clients = {"plain process": plain_client, "Ray actor": actor_client}
             for client in clients.values():
                 fill(client)
