@@ -136,9 +136,13 @@ class DirectReads:
                 return True
             if status in (compiled._arena.NOT_YET, compiled._arena.FALLBACK):
                 break
-            remapped = status == compiled._arena.REMAP
-            if not remapped:
-                time.sleep(0)  # the shard holds its lock: let it finish
+            if status == compiled._arena.REMAP:
+                if remapped:  # the freshly mapped files are not current either: dropped, or out of memory
+                    break
+                remapped = True
+                continue
+            remapped = False
+            time.sleep(0)  # the shard holds its lock: let it finish
         self.fallbacks += 1
         return False
 

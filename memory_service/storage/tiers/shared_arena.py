@@ -1,7 +1,7 @@
 """A shard's DRAM arenas in shared memory, so a client on the same host reads rows without a
 request (issue 23: same-host reads at memory speed; the reader is memory_service/wire/direct_reads.py).
 
-The shard's directory under /dev/shm (mode 0700, named for the shard's pid) holds:
+The shard's directory under /dev/shm (mode 0700, named for the shard's pid namespace and pid) holds:
   nonce                 16 random bytes: a client that reads the same ones as DirectReads told
                         it shares this host
   shard                 int64 [seq, pid]: seq is odd while the shard's request lock is held
@@ -52,15 +52,40 @@ def table_key(name: str) -> str:
 
 
 def _mapped(path: str, nbytes: int, create: bool) -> mmap.mmap:
-    """A shared read-write mapping of `path` (created with `nbytes` when `create`)."""
+    """A shared read-write mapping of `path` (created with `nbytes` when `create`). The pages are
+    allocated up front: a full /dev/shm (a container's is 64 MiB by default) then fails here with
+    ENOSPC, where a sparse file would kill the shard with SIGBUS on the first write past it."""
     flags = os.O_RDWR | (os.O_CREAT | os.O_EXCL if create else 0)
     fd = os.open(path, flags, 0o600)
     try:
         if create:
-            os.ftruncate(fd, max(nbytes, 1))
+            try:
+                os.posix_fallocate(fd, 0, max(nbytes, 1))
+            except OSError:
+                os.unlink(path)
+                raise
         return mmap.mmap(fd, 0)
     finally:
         os.close(fd)
+
+
+def _private_index(bits: int) -> tuple[np.ndarray, np.ndarray]:
+    return np.full(1 << bits, -1, dtype=np.int64), np.zeros(1 << bits, dtype=np.int64)
+
+
+def _pid_namespace() -> str:
+    """This process's pid namespace (pids of shards in other containers mean nothing here)."""
+    try:
+        return str(os.stat("/proc/self/ns/pid").st_ino)
+    except OSError:
+        return "0"
+
+
+def _unlink(path: str) -> None:
+    try:
+        os.unlink(path)
+    except FileNotFoundError:  # the directory was removed under the shard (see `sweep`)
+        pass
 
 
 class SharedTable:
@@ -69,6 +94,7 @@ class SharedTable:
     def __init__(self, arena: "SharedArena", name: str, width: int, flags: int) -> None:
         self._arena, self._base = arena, os.path.join(arena.path, f"t-{table_key(name)}")
         self._maps: dict[str, mmap.mmap] = {}  # "index" / "rows" -> the current generation's mapping
+        self.disabled = False  # shared memory ran out: private arrays from then on, readers Fetch
         self._hdr_map = _mapped(self._base + ".hdr", 8 * len(HEADER), create=True)
         self.header = np.frombuffer(self._hdr_map, np.int64, len(HEADER))
         self.header[:] = 0
@@ -81,23 +107,44 @@ class SharedTable:
         new = _mapped(f"{self._base}.{kind}.{gen}", nbytes, create=True)
         old_gen = int(self.header[FIELD[f"{kind}_gen"]])
         if old_gen:
-            os.unlink(f"{self._base}.{kind}.{old_gen}")
+            _unlink(f"{self._base}.{kind}.{old_gen}")
         self.header[FIELD[f"{kind}_gen"]] = gen
         self._maps[kind] = new  # the old mapping lives on in the arrays still viewing it, if any
         return new
 
+    def _disable(self, err: OSError) -> None:
+        """No more shared memory for this table: readers see it dropped and Fetch its rows."""
+        log.warning("table %s: shared memory for same-host readers ran out (%s): its rows stay private, "
+                    "clients Fetch them", self._base, err)
+        self.disabled = True
+        self.header[FIELD["dropped"]] = 1
+
     def new_index(self, bits: int) -> tuple[np.ndarray, np.ndarray]:
-        """Keys and slots arrays of 2**bits buckets (keys -1: empty) in a new index file."""
+        """Keys and slots arrays of 2**bits buckets (keys -1: empty) in a new index file (private
+        arrays once shared memory ran out)."""
         buckets = 1 << bits
-        buf = self._new_file("index", 16 * buckets)
+        if self.disabled:
+            return _private_index(bits)
+        try:
+            buf = self._new_file("index", 16 * buckets)
+        except OSError as err:
+            self._disable(err)
+            return _private_index(bits)
         keys = np.frombuffer(buf, np.int64, buckets)
         keys[:] = -1
         self.header[FIELD["index_bits"]] = bits
         return keys, np.frombuffer(buf, np.int64, buckets, offset=8 * buckets)
 
     def new_rows(self, capacity: int, width: int) -> tuple[np.ndarray, np.ndarray]:
-        """Rows (capacity, width) float32 and last (capacity,) int64 in a new rows file."""
-        buf = self._new_file("rows", capacity * (4 * width + 8))
+        """Rows (capacity, width) float32 and last (capacity,) int64 in a new rows file (private
+        arrays once shared memory ran out)."""
+        if self.disabled:
+            return np.empty((capacity, width), np.float32), np.empty(capacity, np.int64)
+        try:
+            buf = self._new_file("rows", capacity * (4 * width + 8))
+        except OSError as err:
+            self._disable(err)
+            return np.empty((capacity, width), np.float32), np.empty(capacity, np.int64)
         rows = np.frombuffer(buf, np.float32, capacity * width).reshape(capacity, width)
         last = np.frombuffer(buf, np.int64, capacity, offset=4 * capacity * width)
         self.header[FIELD["capacity"]] = capacity
@@ -105,7 +152,13 @@ class SharedTable:
 
     def set_homes(self, ids: np.ndarray) -> None:
         """The table's homes now: sorted distinct ids (shard/homes.py)."""
-        buf = self._new_file("homes", 8 * len(ids))
+        if self.disabled:
+            return
+        try:
+            buf = self._new_file("homes", 8 * len(ids))
+        except OSError as err:
+            self._disable(err)
+            return
         np.frombuffer(buf, np.int64, len(ids))[:] = ids
         self.header[FIELD["homes_len"]] = len(ids)
 
@@ -122,8 +175,8 @@ class SharedTable:
         for kind in ("index", "rows", "homes"):
             gen = int(self.header[FIELD[f"{kind}_gen"]])
             if gen:
-                os.unlink(f"{self._base}.{kind}.{gen}")
-        os.unlink(self._base + ".hdr")
+                _unlink(f"{self._base}.{kind}.{gen}")
+        _unlink(self._base + ".hdr")
 
 
 class SharedArena:
@@ -133,7 +186,7 @@ class SharedArena:
     def __init__(self, hot: bool = False, root: str = ROOT) -> None:
         sweep(root)
         self.hot = hot  # a hot shard's arena (see HOT)
-        self.path = os.path.join(root, f"{PREFIX}{os.getpid()}-{os.urandom(4).hex()}")
+        self.path = os.path.join(root, f"{PREFIX}{_pid_namespace()}-{os.getpid()}-{os.urandom(4).hex()}")
         os.mkdir(self.path, 0o700)
         self.nonce = os.urandom(16)
         with open(os.path.join(self.path, "nonce"), "wb") as f:
@@ -169,8 +222,8 @@ class SharedArena:
 
 
 def sweep(root: str = ROOT) -> None:
-    """Removes the directories of this user's shards whose process is gone (a crashed shard
-    leaves its directory behind)."""
+    """Removes the directories of this user's shards, in this pid namespace, whose process is gone
+    (a crashed shard leaves its directory behind; another container's shards are not ours to judge)."""
     try:
         names = os.listdir(root)
     except OSError:
@@ -180,9 +233,10 @@ def sweep(root: str = ROOT) -> None:
             continue
         path = os.path.join(root, name)
         try:
-            pid = int(name[len(PREFIX):].split("-")[0])
-            if os.stat(path).st_uid != os.getuid():
+            namespace, pid = name[len(PREFIX):].split("-")[:2]
+            if namespace != _pid_namespace() or os.stat(path).st_uid != os.getuid():
                 continue
+            pid = int(pid)
             os.kill(pid, 0)
         except ProcessLookupError:
             shutil.rmtree(path, ignore_errors=True)
