@@ -194,13 +194,13 @@ class MemoryClient:
         return SmallFetch(self.transport, self.router, configs, ids, min_step, self.trace, self.direct).send()
 
     def _finish_small(self, small: SmallFetch, names: list[str], started: float) -> torch.Tensor:
-        """A SmallFetch's rows (K, n, width); on a refusal because rows moved, the hot maps
-        refreshed and the whole fetch re-sent the way of `fetch`."""
-        try:
-            rows = torch.from_numpy(small.rows())
-        except RowsMoved:
-            self._refresh_hot(names)
-            return self._stacked(names, self._start_fetch(dict(zip(names, small.ids)), small.min_step))
+        """A SmallFetch's rows (K, n, width); the requests refused because rows moved are sent
+        again alone, the way of `fetch`, after a refresh of the hot maps (each row read once)."""
+        def refetch(ids: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
+            self._refresh_hot(list(ids))
+            return self._finish_fetch(self._start_fetch(ids, small.min_step))
+
+        rows = torch.from_numpy(small.rows(refetch))
         if self.trace is not None:
             self.trace("fetch_done", {"step": small.min_step, "seconds": time.perf_counter() - started})
         return rows

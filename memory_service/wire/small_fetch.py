@@ -18,7 +18,7 @@ from concurrent.futures import Future
 import numpy as np
 
 from memory_service.config import TableConfig
-from memory_service.errors import InvalidArgument
+from memory_service.errors import InvalidArgument, RowsMoved
 from memory_service.router import Router
 from memory_service.rpc import memory_pb2
 from memory_service.wire import codec
@@ -105,24 +105,50 @@ class SmallFetch:
             self.trace("fetch_sent", {"shard": shard, "step": self.min_step, "direct": True})
         return True
 
+    def _refetch(self, refused: list[tuple[int, int, int]], refetch) -> None:
+        """Fills the refused slices [(table k, a, b)] of `grouped` through `refetch`."""
+        parts: dict[str, list[tuple[int, int]]] = {}
+        for k, a, b in refused:
+            parts.setdefault(self.configs[k].name, []).append((a, b))
+        rows = refetch({name: np.concatenate([self.distinct[a:b] for a, b in spans]) for name, spans in parts.items()})
+        for name, spans in parts.items():
+            table_rows = np.asarray(rows[name], dtype=np.float32).reshape(-1, self.width)
+            if self.dtype != "float32":  # bf16 values: their bits are exact
+                table_rows = codec.float32_to_bfloat16_bits(table_rows)
+            at = 0
+            for a, b in spans:
+                self.grouped[a:b] = table_rows[at:at + b - a]
+                at += b - a
+
     def _tables(self, start: int, stop: int) -> list[tuple[int, int, int]]:
         """[(table k, a, b)]: the tables of one shard's slice [start, stop), each contiguous."""
         tables = self.table_of[self.order[start:stop]]
         cuts = [start, *(start + np.flatnonzero(np.diff(tables)) + 1).tolist(), stop]
         return [(int(tables[a - start]), a, b) for a, b in zip(cuts[:-1], cuts[1:])]
 
-    def rows(self) -> np.ndarray:
-        """Waits for every reply: (K, n, width) float32 (bf16 widened). RowsMoved if a shard
-        refused its request because rows moved."""
+    def rows(self, refetch=None) -> np.ndarray:
+        """Waits for every reply: (K, n, width) float32 (bf16 widened). The requests a shard
+        refused because rows moved are fetched again alone, by `refetch({table: distinct ids})
+        -> {table: float32 rows}` (the general path, after a refresh of the hot maps): the shards
+        that answered are not asked twice. Without `refetch`, RowsMoved."""
         itemsize = codec.ITEMSIZE[self.dtype]
         grouped = self.grouped  # (u, w): direct reads in place already
+        refused: list[tuple[int, int, int]] = []
         for _, _, tables, future in self.sent:
-            response = self.transport.result(future)
+            try:
+                response = self.transport.result(future)
+            except RowsMoved:
+                if refetch is None:
+                    raise
+                refused += tables
+                continue
             for (k, a, b), rows in zip(tables, response.tables):
                 if len(rows.rows) != (b - a) * self.width * itemsize:
                     raise InvalidArgument(f"table {self.configs[k].name!r}: shard replied {len(rows.rows)} "
                                           f"bytes, expected {(b - a) * self.width * itemsize}")
                 grouped[a:b] = np.frombuffer(rows.rows, grouped.dtype).reshape(-1, self.width)
+        if refused:
+            self._refetch(refused, refetch)
         distinct = np.empty_like(grouped)
         distinct[self.order] = grouped  # (u, w) in key order
         out = distinct[self.inverse.reshape(-1)].reshape(*self.ids.shape, self.width)  # (K, n, w)

@@ -92,6 +92,7 @@ def test_a_refused_fetch_resends_only_the_moved_rows(make_cluster):
                 break
         ray.get(cluster.hot_actors[0].stop_migration.remote())
         expected = reader.fetch({"resend": ids}, min_step=1)["resend"].numpy()
+        reader.stats()  # its direct reads reported now, not during the stale client's fetch
         before = stale.report()
         got = stale.fetch({"resend": ids}, min_step=1)["resend"].numpy()
         after = stale.report()
