@@ -33,6 +33,14 @@ static int get_buf(PyObject *obj, Buf *b, int writable, Py_ssize_t min_bytes, co
     return 0;
 }
 
+/* row + alpha * value with one rounding of the sum, as optimizer.py's _fused_add (torch's
+ * add_(alpha=), an FMA): the float32 product is exact in float64. */
+static inline float fused_add(float row, float alpha, float value) {
+    double exact = (double)value * (double)alpha;
+    exact += (double)row;
+    return (float)exact;
+}
+
 static void release(Buf *bufs, int n) {
     for (int i = 0; i < n; i++)
         if (bufs[i].held) PyBuffer_Release(&bufs[i].view);
@@ -265,9 +273,7 @@ static PyObject *sgd(PyObject *self, PyObject *args) {
     (void)state;
     Py_BEGIN_ALLOW_THREADS
     for (Py_ssize_t k = 0; k < n * w; k++) {
-        double exact = (double)grads[k] * (double)alpha;
-        exact += (double)rows[k];
-        rows[k] = (float)exact;
+        rows[k] = fused_add(rows[k], alpha, grads[k]);
     }
     Py_END_ALLOW_THREADS
     release(b, 3);
@@ -288,9 +294,7 @@ static PyObject *adagrad(PyObject *self, PyObject *args) {
         float s = state[k] + g * g;
         state[k] = s;
         float q = g / (sqrtf(s) + eps);
-        double exact = (double)q * (double)alpha;
-        exact += (double)rows[k];
-        rows[k] = (float)exact;
+        rows[k] = fused_add(rows[k], alpha, q);
     }
     Py_END_ALLOW_THREADS
     release(b, 3);
