@@ -24,9 +24,12 @@ def test_extension_is_built():
     assert kernels.active()
 
 
-def both(fn):
-    """fn() run on the compiled path, then on the numpy reference."""
+def both(fn, rng: np.random.Generator | None = None):
+    """fn() run on the compiled path, then on the numpy reference (drawing `rng`'s same numbers)."""
+    state = rng.bit_generator.state if rng is not None else None
     native = fn()
+    if rng is not None:
+        rng.bit_generator.state = state
     with kernels.numpy_reference():
         reference = fn()
     return native, reference
@@ -64,12 +67,7 @@ def test_slot_index_lookup_with_tombstones():
             found.append(index.lookup(np.zeros(0, np.int64)))
         return found
 
-    state = rng.bit_generator.state
-    native = run()
-    rng.bit_generator.state = state
-    with kernels.numpy_reference():
-        reference = run()
-    assert_same(native, reference)
+    assert_same(*both(run, rng))
 
 
 def test_arena_gather_scatter():
@@ -86,12 +84,7 @@ def test_arena_gather_scatter():
         repeats = rng.integers(0, 1000, 700)
         return arena.rows_at(repeats), arena.records_at(repeats), arena.records_at(np.zeros(0, np.int64))
 
-    state = rng.bit_generator.state
-    native = run()
-    rng.bit_generator.state = state
-    with kernels.numpy_reference():
-        reference = run()
-    assert_same(native, reference)
+    assert_same(*both(run, rng))
     with pytest.raises(IndexError):
         kernels.gather(np.zeros((4, 2), np.float32), np.array([4]))
 
