@@ -57,7 +57,8 @@ _FIBONACCI = np.uint64(0x9E3779B97F4A7C15)  # multiplicative hash: spreads ids r
 MIN_INDEX_BITS = 4
 
 
-def _private_buckets(bits: int) -> tuple[np.ndarray, np.ndarray]:
+def new_buckets(bits: int) -> tuple[np.ndarray, np.ndarray]:
+    """Private keys (all empty) and slots arrays of a SlotIndex of 2**bits buckets."""
     return np.full(1 << bits, _EMPTY, dtype=np.int64), np.zeros(1 << bits, dtype=np.int64)
 
 
@@ -73,7 +74,7 @@ class SlotIndex:
     def __init__(self, min_size: int = 0, alloc=None) -> None:
         # alloc(bits) -> (keys, slots) of 2**bits buckets, keys -1: where the arrays live (a
         # shard's shared-memory arena, storage/tiers/shared_arena.py); None: private numpy arrays
-        self._alloc = alloc if alloc is not None else _private_buckets
+        self._alloc = alloc if alloc is not None else new_buckets
         self._bits = _bits_for(min_size)
         self._keys, self._slots = self._alloc(self._bits)  # (buckets,) row ids, (buckets,) arena slots
         self.size = 0

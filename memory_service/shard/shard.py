@@ -131,8 +131,7 @@ class Shard:
         see every read."""
         with self._lock:
             checked = self._checked_requests(requests)
-            self._note_reads(checked)
-            self.counters.fetch_requests += fetches - 1  # _note_reads counted one
+            self._note_reads(checked, fetches)
             for name, ids in checked.items():
                 self._tables[name].note_reads(ids)
 
@@ -297,10 +296,11 @@ class Shard:
         for name in checked:
             self._tables.store(name)  # dropped while this fetch waited
 
-    def _note_reads(self, checked: dict[str, np.ndarray]) -> None:
-        """Counts a fetch and, on a shard that keeps them, records its reads for placement."""
+    def _note_reads(self, checked: dict[str, np.ndarray], fetches: int = 1) -> None:
+        """Counts `fetches` fetches of these reads and, on a shard that keeps them, records the
+        reads for placement."""
         self._expire_parts()
-        self.counters.fetch_requests += 1
+        self.counters.fetch_requests += fetches
         self.counters.fetch_rows += sum(len(ids) for ids in checked.values())
         if self.track_accesses:
             for name, ids in checked.items():

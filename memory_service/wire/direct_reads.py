@@ -108,12 +108,25 @@ class DirectReads:
         return compiled.AVAILABLE
 
     def read(self, shard: int, items: list[tuple[TableConfig, np.ndarray, np.ndarray]], min_step: int) -> bool:
-        """Fills each (table, ids (n,) int64, out (n, width) float32) of one shard's request from
-        its arena; False (out partly written, to be overwritten) where the request must go to the
+        """Fills each (table, ids (n,) int64, out (n, width) in the table's wire dtype: float32, or
+        uint16 bf16 bits rounded as a shard rounds its replies) of one shard's request from its
+        arena; False (out partly written, to be overwritten) where the request must go to the
         shard as a Fetch."""
         arena = self._arena(shard)
         if arena is None:
             return False
+        wire = [out for _, _, out in items]
+        items = [(cfg, ids, out if out.dtype == np.float32 else np.empty(out.shape, np.float32))
+                 for cfg, ids, out in items]
+        if not self._gather(arena, shard, items, min_step):
+            return False
+        for target, (_, _, rows) in zip(wire, items):
+            if target is not rows:  # bf16 on the wire
+                target[...] = codec.float32_to_bfloat16_bits(rows)
+        return True
+
+    def _gather(self, arena: _ShardArena, shard: int, items, min_step: int) -> bool:
+        """`read` of float32 outputs."""
         remapped = False
         missing = [np.empty(len(ids) + 1, np.int64) for _, ids, _ in items]  # [m, positions...]
         for _ in range(ATTEMPTS):

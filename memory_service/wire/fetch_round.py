@@ -89,18 +89,10 @@ class FetchRound:
         (never for N-grams, which only a Fetch carries to the shard's collision stats)."""
         if self.direct is None or any(name in self.ngrams for name, _, _ in chunk):
             return False
-        items, narrow = [], []
-        for name, start, stop in chunk:
-            target = self.layout.rows[name][start:stop]  # (n, width) in the wire dtype
-            ids = np.ascontiguousarray(self.routes[name].grouped[start:stop], dtype=np.int64)
-            out = target if target.dtype == np.float32 else np.empty(target.shape, np.float32)
-            items.append((self.layout.configs[name], ids, out))
-            if out is not target:
-                narrow.append((target, out))
+        items = [(self.layout.configs[name], np.ascontiguousarray(self.routes[name].grouped[start:stop], dtype=np.int64),
+                  self.layout.rows[name][start:stop]) for name, start, stop in chunk]
         if not self.direct.read(shard, items, self.min_step):
             return False
-        for target, rows in narrow:  # bf16 on the wire: rounded as a shard rounds its replies
-            target[...] = codec.float32_to_bfloat16_bits(rows)
         if self.trace is not None:
             self.trace("fetch_sent", {"shard": shard, "step": self.min_step, "direct": True})
         return True

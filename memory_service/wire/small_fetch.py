@@ -95,12 +95,9 @@ class SmallFetch:
         """Whether the shard's slice [start, stop) was read from its shared arena into `grouped`."""
         if self.direct is None:
             return False
-        out = self.grouped[start:stop] if self.dtype == "float32" else np.empty((stop - start, self.width), np.float32)
-        items = [(self.configs[k], self.distinct[a:b], out[a - start:b - start]) for k, a, b in tables]
+        items = [(self.configs[k], self.distinct[a:b], self.grouped[a:b]) for k, a, b in tables]
         if not self.direct.read(shard, items, self.min_step):
             return False
-        if out.dtype != self.grouped.dtype:  # bf16 on the wire: rounded as a shard rounds its replies
-            self.grouped[start:stop] = codec.float32_to_bfloat16_bits(out)
         if self.trace is not None:
             self.trace("fetch_sent", {"shard": shard, "step": self.min_step, "direct": True})
         return True

@@ -31,6 +31,7 @@ import threading
 
 import numpy as np
 
+from memory_service.ids import new_buckets
 from memory_service.native import compiled
 
 log = logging.getLogger(__name__)
@@ -67,10 +68,6 @@ def _mapped(path: str, nbytes: int, create: bool) -> mmap.mmap:
         return mmap.mmap(fd, 0)
     finally:
         os.close(fd)
-
-
-def _private_index(bits: int) -> tuple[np.ndarray, np.ndarray]:
-    return np.full(1 << bits, -1, dtype=np.int64), np.zeros(1 << bits, dtype=np.int64)
 
 
 def _pid_namespace() -> str:
@@ -124,12 +121,12 @@ class SharedTable:
         arrays once shared memory ran out)."""
         buckets = 1 << bits
         if self.disabled:
-            return _private_index(bits)
+            return new_buckets(bits)
         try:
             buf = self._new_file("index", 16 * buckets)
         except OSError as err:
             self._disable(err)
-            return _private_index(bits)
+            return new_buckets(bits)
         keys = np.frombuffer(buf, np.int64, buckets)
         keys[:] = -1
         self.header[FIELD["index_bits"]] = bits
