@@ -57,6 +57,10 @@ class TableConfig:
     # Share of slots whose N-grams shards keep for collision stats (memory_service.ops.collisions);
     # 0 turns collision stats off: clients attach nothing and shards keep nothing.
     collision_sample_rate: float = 0.0
+    # What the table is in its model, as (key, value) pairs sorted by key: the trainer sets
+    # layer, order and head, by which `engram stats --by` and Prometheus group tables. A dict is
+    # accepted and kept sorted.
+    labels: tuple[tuple[str, str], ...] = ()
 
     def __post_init__(self) -> None:
         if not self.name or len(self.name) > 256 or not self.name.isprintable():
@@ -74,6 +78,7 @@ class TableConfig:
         if not 0.0 <= self.collision_sample_rate <= 1.0:
             raise ValueError(f"table {self.name!r}: collision_sample_rate "
                              f"{self.collision_sample_rate} must be in [0, 1]")
+        object.__setattr__(self, "labels", checked_labels(self.labels, f"table {self.name!r}"))
 
     def to_dict(self) -> dict:
         """Plain data (a cold shard stores it beside the table's rows)."""
@@ -82,6 +87,28 @@ class TableConfig:
     @classmethod
     def from_dict(cls, data: dict) -> "TableConfig":
         return cls(**{**data, "optimizer": OptimizerConfig(**data["optimizer"])})
+
+
+MAX_LABELS = 16
+
+
+def checked_labels(labels, what: str) -> tuple[tuple[str, str], ...]:
+    """`labels` (a mapping or (key, value) pairs) as pairs sorted by key; ValueError naming `what`
+    unless there are at most MAX_LABELS keys, each a Prometheus label name of at most 64
+    characters (letters, digits, '_', not starting with a digit or '__'), each value at most 256
+    printable characters."""
+    pairs = sorted((labels.items() if isinstance(labels, dict) else [tuple(p) for p in labels]))
+    if len(pairs) > MAX_LABELS or len({k for k, _ in pairs}) != len(pairs):
+        raise ValueError(f"{what}: labels must have at most {MAX_LABELS} distinct keys, got {pairs}")
+    for key, value in pairs:
+        if not (isinstance(key, str) and 0 < len(key) <= 64 and key.isascii()
+                and (key[0].isalpha() or key[0] == "_") and key.replace("_", "a").isalnum()
+                and not key.startswith("__")):
+            raise ValueError(f"{what}: label key {key!r} must be 1..64 letters, digits or '_', "
+                             f"not starting with a digit or '__'")
+        if not (isinstance(value, str) and len(value) <= 256 and value.isprintable()):
+            raise ValueError(f"{what}: label {key!r} value {value!r} must be at most 256 printable characters")
+    return tuple((str(k), str(v)) for k, v in pairs)
 
 
 @dataclass(frozen=True)

@@ -42,6 +42,13 @@ from memory_service.wire.small_fetch import MAX_SMALL_ROWS
 from trainer.engram import EngramConfig, EngramTables
 
 
+def table_labels(cfg: EngramConfig, layer: int, head: int) -> dict[str, str]:
+    """What table `head` of `layer` is (TableConfig.labels, for stats per layer, order and head):
+    the tables of one layer are all heads of order 2, then of order 3, ... (RowIndexer's columns)."""
+    order, order_head = divmod(head, cfg.heads_per_ngram)
+    return {"layer": str(layer), "order": str(order + 2), "head": str(order_head)}
+
+
 def table_name(prefix: str, layer: int, head: int) -> str:
     """The service table of one (order, head) column of an Engram layer's row ids."""
     return f"{prefix}/layer{layer}/head{head}"
@@ -85,7 +92,7 @@ class RemoteTables(EngramTables):
         self.names = {layer: [table_name(prefix, layer, h) for h in range(len(s))] for layer, s in sizes.items()}
         self.configs = [TableConfig(table_name(prefix, layer, h), size, cfg.head_width, "float32", cfg.init_scale,
                                     table_seed(cfg.seed, layer, h), optimizer,
-                                    collision_sample_rate=collision_sample_rate)
+                                    collision_sample_rate=collision_sample_rate, labels=table_labels(cfg, layer, h))
                         for layer, layer_sizes in sizes.items() for h, size in enumerate(layer_sizes)]
         self.wants_ngrams = collision_sample_rate > 0  # fetches carry the N-grams for collision stats
         self.times = FetchTimes()

@@ -33,6 +33,13 @@ from prometheus_client.exposition import ThreadingWSGIServer
 from prometheus_client.utils import floatToGoString
 
 from memory_service.ops.reports import RPCS, RpcWindow, ShardReport
+from memory_service.ops.table_groups import namespace_of
+
+# Every table series says which table and what it is: its namespace (the name up to the first
+# "/") and the model labels the trainer sets (TableConfig.labels; "" where a table has none), so
+# PromQL can sum by layer, order or head without a join.
+MODEL_LABELS = ("layer", "order", "head")
+TABLE_LABELS = ("table", "namespace", *MODEL_LABELS)
 
 # Latency bucket upper bounds: 25 us .. 26 s, 2^(1/2) apart, so a quantile read from the buckets
 # is within ~20% (geometric interpolation inside a bucket).
@@ -162,31 +169,34 @@ METRICS: tuple[tuple[str, str, tuple[str, ...], str], ...] = (
     ("engram_rpc_rows", "counter", ("rpc",), "Row ids carried by served calls (repeats counted)."),
     ("engram_rpc_errors", "counter", ("rpc",), "Calls that ended in an error status."),
     ("engram_rpc_duration_seconds", "histogram", ("rpc",), "Server-side handling time of a call."),
-    ("engram_table_step", "gauge", ("table",), "Largest optimizer step pushed to the table."),
-    ("engram_table_rows", "gauge", ("table", "tier"), "Rows the tier stores for the table."),
-    ("engram_table_bytes", "gauge", ("table", "tier"),
+    ("engram_table_step", "gauge", TABLE_LABELS, "Largest optimizer step pushed to the table."),
+    ("engram_table_rows", "gauge", (*TABLE_LABELS, "tier"), "Rows the tier stores for the table."),
+    ("engram_table_bytes", "gauge", (*TABLE_LABELS, "tier"),
      "Bytes the tier holds for the table's rows (ids, index, rows; optimizer state apart)."),
-    ("engram_table_optimizer_state_bytes", "gauge", ("table",), "Bytes of optimizer state."),
-    ("engram_table_rows_read", "counter", ("table",), "Row ids read by Fetch."),
-    ("engram_table_tier_hits", "counter", ("table", "tier"),
+    ("engram_table_optimizer_state_bytes", "gauge", TABLE_LABELS, "Bytes of optimizer state."),
+    ("engram_table_rows_read", "counter", TABLE_LABELS, "Row ids read by Fetch."),
+    ("engram_table_reads", "counter", TABLE_LABELS,
+     "Fetch requests (and reported direct reads) that named the table: rows_read / reads is the "
+     "distinct rows a read (a training step) takes from the shard."),
+    ("engram_table_tier_hits", "counter", (*TABLE_LABELS, "tier"),
      "Row reads served from the tier (the rest were never written: computed from the seed)."),
-    ("engram_table_tier_misses", "counter", ("table", "tier"),
+    ("engram_table_tier_misses", "counter", (*TABLE_LABELS, "tier"),
      "Row reads the tier did not hold (read from the tier below, or computed from the seed)."),
-    ("engram_table_tier_promotions", "counter", ("table", "tier"), "Rows placement moved into the tier."),
-    ("engram_table_tier_demotions", "counter", ("table", "tier"), "Rows placement moved out of the tier."),
-    ("engram_table_tier_dirty_rows", "gauge", ("table", "tier"),
+    ("engram_table_tier_promotions", "counter", (*TABLE_LABELS, "tier"), "Rows placement moved into the tier."),
+    ("engram_table_tier_demotions", "counter", (*TABLE_LABELS, "tier"), "Rows placement moved out of the tier."),
+    ("engram_table_tier_dirty_rows", "gauge", (*TABLE_LABELS, "tier"),
      "Rows the tier holds that are newer than the tier below's copy."),
-    ("engram_table_collision_sample_rate", "gauge", ("table",),
+    ("engram_table_collision_sample_rate", "gauge", TABLE_LABELS,
      "Share of slots sampled for collision stats now."),
-    ("engram_table_ngram_lookups", "counter", ("table",),
+    ("engram_table_ngram_lookups", "counter", TABLE_LABELS,
      "Lookups recorded with their N-gram, over slots with a lookup register."),
-    ("engram_table_colliding_lookups", "counter", ("table",),
+    ("engram_table_colliding_lookups", "counter", TABLE_LABELS,
      "Of those, lookups of slots holding >= 2 distinct N-grams."),
-    ("engram_table_touched_slots", "gauge", ("table",), "Slots with a lookup register."),
-    ("engram_table_sampled_slots_touched", "gauge", ("table",), "Sampled slots looked up."),
-    ("engram_table_sampled_distinct_ngrams", "gauge", ("table",),
+    ("engram_table_touched_slots", "gauge", TABLE_LABELS, "Slots with a lookup register."),
+    ("engram_table_sampled_slots_touched", "gauge", TABLE_LABELS, "Sampled slots looked up."),
+    ("engram_table_sampled_distinct_ngrams", "gauge", TABLE_LABELS,
      "Distinct N-grams over the sampled slots."),
-    ("engram_table_sampled_max_distinct_ngrams", "gauge", ("table",),
+    ("engram_table_sampled_max_distinct_ngrams", "gauge", TABLE_LABELS,
      "Most distinct N-grams in one sampled slot."),
 )
 
@@ -222,10 +232,12 @@ class ShardCollector:
 
     @staticmethod
     def _add_table(families: dict, base: tuple[str, str], table) -> None:
-        key = [*base, table.name]
+        labels = dict(table.labels)
+        key = [*base, table.name, namespace_of(table.name), *(labels.get(k, "") for k in MODEL_LABELS)]
         families["engram_table_step"].add_metric(key, table.step)
         families["engram_table_optimizer_state_bytes"].add_metric(key, table.optimizer_state_bytes)
         families["engram_table_rows_read"].add_metric(key, table.rows_read)
+        families["engram_table_reads"].add_metric(key, table.reads)
         for tier in table.tiers:
             families["engram_table_rows"].add_metric([*key, tier.tier], tier.rows)
             families["engram_table_bytes"].add_metric([*key, tier.tier], tier.bytes)

@@ -62,6 +62,8 @@ class TableUsage:
     optimizer_state_bytes: int
     tiers: tuple[TierUsage, ...]
     collisions: CollisionCounts | None = None  # None: collision stats off
+    reads: int = 0  # Fetch requests (and reported direct reads) that named the table
+    labels: tuple[tuple[str, str], ...] = ()  # TableConfig.labels
 
     @property
     def rows(self) -> int:
@@ -127,10 +129,26 @@ class TableSummary:
     hit_rate: dict[str, float | None]  # tier -> hits / rows_read
     rows_imbalance: float | None
     collisions: CollisionSummary | None
+    reads: int = 0  # the most read requests one shard saw (a training step reads each shard once)
+    hot_rows_read: int = 0  # of rows_read, those served by hot shards
+    labels: tuple[tuple[str, str], ...] = ()
+
+    @property
+    def distinct_rows_per_read(self) -> float | None:
+        """Distinct rows one read takes from the whole table (per step, in training: the client
+        deduplicates a step's ids before they reach the shards)."""
+        return self.rows_read / self.reads if self.reads else None
+
+    @property
+    def hot_hit_rate(self) -> float | None:
+        """Share of the rows read that hot shards served."""
+        return self.hot_rows_read / self.rows_read if self.rows_read else None
 
     @classmethod
-    def from_shards(cls, parts: list[TableUsage]) -> "TableSummary":
+    def from_shards(cls, parts: list[TableUsage], hot: list[bool] | None = None) -> "TableSummary":
+        """One table's parts, one per shard; `hot[i]` whether part i came from a hot shard."""
         first = parts[0]
+        hot = hot or [False] * len(parts)
         tiers: dict[str, TierUsage] = {}
         for part in parts:
             for t in part.tiers:
@@ -144,7 +162,9 @@ class TableSummary:
                    rows_read=rows_read, tiers=tiers,
                    hit_rate={name: t.hits / rows_read if rows_read else None for name, t in tiers.items()},
                    rows_imbalance=imbalance([p.rows for p in parts]),
-                   collisions=CollisionSummary.from_shards(counts, first.num_rows) if counts else None)
+                   collisions=CollisionSummary.from_shards(counts, first.num_rows) if counts else None,
+                   reads=max(p.reads for p in parts), labels=first.labels,
+                   hot_rows_read=sum(p.rows_read for p, is_hot in zip(parts, hot) if is_hot))
 
 
 @dataclass(frozen=True)
@@ -180,10 +200,12 @@ class ClusterReport:
     def tables(self, names: list[str] | None = None) -> list[TableSummary]:
         """Per-table totals, sorted by name; only `names` when given."""
         parts: dict[str, list[TableUsage]] = {}
+        hot: dict[str, list[bool]] = {}
         for shard in self.shards:
             for table in shard.tables:
                 parts.setdefault(table.name, []).append(table)
-        return [TableSummary.from_shards(parts[name]) for name in sorted(parts)
+                hot.setdefault(table.name, []).append(shard.role == "hot")
+        return [TableSummary.from_shards(parts[name], hot[name]) for name in sorted(parts)
                 if names is None or name in names]
 
     def to_json(self, names: list[str] | None = None) -> dict:
@@ -214,7 +236,8 @@ def _shard_json(shard: ShardReport, names: list[str] | None) -> dict:
 
 def _usage_json(t: TableUsage) -> dict:
     return {"name": t.name, "step": t.step, "rows": t.rows, "bytes": t.bytes,
-            "optimizer_state_bytes": t.optimizer_state_bytes, "rows_read": t.rows_read,
+            "optimizer_state_bytes": t.optimizer_state_bytes, "rows_read": t.rows_read, "reads": t.reads,
+            "labels": dict(t.labels),
             "tiers": [asdict(tier) for tier in t.tiers],
             "collisions": asdict(t.collisions) if t.collisions is not None else None}
 
@@ -222,4 +245,6 @@ def _usage_json(t: TableUsage) -> dict:
 def _table_json(t: TableSummary) -> dict:
     out = asdict(t)
     out["tiers"] = [asdict(tier) for tier in t.tiers.values()]
+    out["labels"] = dict(t.labels)
+    out["distinct_rows_per_read"], out["hot_hit_rate"] = t.distinct_rows_per_read, t.hot_hit_rate
     return out

@@ -26,7 +26,8 @@ from rich.table import Table
 from rich.text import Text
 
 from memory_service.ops.reports import ClusterReport, RpcWindow, ShardReport, TableSummary
-from memory_service.storage.usage import DEVICE_TIER, DRAM_TIER
+from memory_service.ops.table_groups import TableGroup
+from memory_service.storage.usage import DEVICE_TIER, DISK_TIER, DRAM_TIER
 
 
 def _ms(seconds: float) -> str:
@@ -193,6 +194,33 @@ def tables_tables(report: ClusterReport, names: list[str] | None = None, layout:
     return out
 
 
+def _group_columns(keys: Sequence[str]) -> tuple[Column, ...]:
+    key_columns = tuple(Column(key, key, lambda g, i=i: g.key[i][1] or "-", left=True) for i, key in enumerate(keys))
+    return (*key_columns,
+            Column("tables", "tables", lambda g: f"{g.tables:,}"),
+            Column("rows read", "rows\nread", lambda g: f"{g.rows_read:,}", compact=lambda g: _short(g.rows_read)),
+            Column("rows/read", "rows\n/read", lambda g: _ratio(g.distinct_rows_per_read, "{:,.1f}")),
+            Column("dram hits", "dram\nhits", lambda g: _ratio(g.hit_rate(DRAM_TIER), "{:.1%}")),
+            Column("disk hits", "disk\nhits", lambda g: _ratio(g.hit_rate(DISK_TIER), "{:.1%}")),
+            Column("computed", "com-\nputed", lambda g: _ratio(g.computed / g.rows_read if g.rows_read else None,
+                                                               "{:.1%}")),
+            Column("hot hits", "hot\nhits", lambda g: _ratio(g.hot_hit_rate, "{:.1%}")),
+            Column("collision share", "collision\nshare", lambda g: _ratio(g.collision_share, "{:.2%}")),
+            Column("rows stored", "rows\nstored", lambda g: f"{g.rows:,}", compact=lambda g: _short(g.rows)))
+
+
+GROUPS_NOTE = ("rows/read: distinct rows one read (a training step) takes from the group's tables; hits: "
+               "share of row reads each tier served (computed: never written, made from the seed); "
+               "hot hits: served by hot shards")
+
+
+def groups_tables(report: ClusterReport, keys: Sequence[str], names: list[str] | None = None,
+                  layout: Layout = FULL) -> list[Table]:
+    """One row per group of tables agreeing on `keys` (labels, or "namespace")."""
+    groups = TableGroup.of(report.tables(names), keys)
+    return [_table("tables by " + ", ".join(keys), _group_columns(keys), groups, layout, GROUPS_NOTE)]
+
+
 # The old single-table entry points (tests, notebooks): the full layout.
 def shards_table(report: ClusterReport) -> Table:
     return shards_tables(report)[0]
@@ -209,12 +237,15 @@ def _fits(console: Console, tables: list[Table], width: int) -> bool:
 
 
 def render(report: ClusterReport, names: list[str] | None = None, width: int | None = None,
-           console: Console | None = None) -> Group:
+           console: Console | None = None, by: Sequence[str] = ()) -> Group:
     """The report's tables in the first layout (FULL, NARROW, COMPACT) whose tables fit `width`
-    columns, for the shards and for the tables apart (None: always FULL)."""
+    columns, for the shards, the tables and (with `by`) the groups apart (None: always FULL)."""
     console = console or Console(width=width or 80)
     chosen: list[Table] = []
-    for make in (lambda layout: shards_tables(report, layout), lambda layout: tables_tables(report, names, layout)):
+    makers = [lambda layout: shards_tables(report, layout), lambda layout: tables_tables(report, names, layout)]
+    if by:
+        makers.append(lambda layout: groups_tables(report, by, names, layout))
+    for make in makers:
         for layout in (FULL, NARROW, COMPACT):
             tables = make(layout)
             if width is None or _fits(console, tables, width):
@@ -226,22 +257,31 @@ def render(report: ClusterReport, names: list[str] | None = None, width: int | N
     return Group(*parts)
 
 
+def to_json(report: ClusterReport, names: list[str] | None = None, by: Sequence[str] = ()) -> dict:
+    """The report as plain data (ClusterReport.to_json), with "groups" when grouped `by` keys."""
+    out = report.to_json(names)
+    if by:
+        out["groups"] = [g.to_json() for g in TableGroup.of(report.tables(names), by)]
+    return out
+
+
 def show(fetch: Callable[[], ClusterReport], names: list[str] | None = None, as_json: bool = False,
-         watch: float | None = None, console: Console | None = None) -> None:
+         watch: float | None = None, console: Console | None = None, by: Sequence[str] = ()) -> None:
     """Print the report once, or with `watch` redraw it every `watch` seconds until Ctrl-C (off a
     terminal: print it again every `watch` seconds, under a time stamp); the tables fit
-    `console`'s width (rich's: the terminal's, $COLUMNS, or 80 without a terminal)."""
+    `console`'s width (rich's: the terminal's, $COLUMNS, or 80 without a terminal). `by`: also
+    the tables summed per group of these label keys."""
     console = console or Console()
     if as_json and watch is None:
-        print(json.dumps(fetch().to_json(names), indent=1))
+        print(json.dumps(to_json(fetch(), names, by), indent=1))
         return
     if as_json:  # one JSON document per line, for scripts that follow a stream
         while True:
-            print(json.dumps(fetch().to_json(names)), flush=True)
+            print(json.dumps(to_json(fetch(), names, by)), flush=True)
             time.sleep(watch)
 
     def draw() -> Group:
-        return render(fetch(), names, console.width, console)
+        return render(fetch(), names, console.width, console, by)
 
     if watch is None:
         console.print(draw())

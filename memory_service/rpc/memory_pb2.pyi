@@ -46,7 +46,14 @@ class OptimizerConfig(_message.Message):
     def __init__(self, kind: _Optional[_Union[OptimizerKind, str]] = ..., lr: _Optional[float] = ..., beta1: _Optional[float] = ..., beta2: _Optional[float] = ..., eps: _Optional[float] = ..., initial_accumulator_value: _Optional[float] = ...) -> None: ...
 
 class TableConfig(_message.Message):
-    __slots__ = ("name", "num_rows", "width", "dtype", "init_scale", "seed", "optimizer", "collision_sample_rate")
+    __slots__ = ("name", "num_rows", "width", "dtype", "init_scale", "seed", "optimizer", "collision_sample_rate", "labels")
+    class LabelsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: str
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
     NAME_FIELD_NUMBER: _ClassVar[int]
     NUM_ROWS_FIELD_NUMBER: _ClassVar[int]
     WIDTH_FIELD_NUMBER: _ClassVar[int]
@@ -55,6 +62,7 @@ class TableConfig(_message.Message):
     SEED_FIELD_NUMBER: _ClassVar[int]
     OPTIMIZER_FIELD_NUMBER: _ClassVar[int]
     COLLISION_SAMPLE_RATE_FIELD_NUMBER: _ClassVar[int]
+    LABELS_FIELD_NUMBER: _ClassVar[int]
     name: str
     num_rows: int
     width: int
@@ -63,7 +71,8 @@ class TableConfig(_message.Message):
     seed: int
     optimizer: OptimizerConfig
     collision_sample_rate: float
-    def __init__(self, name: _Optional[str] = ..., num_rows: _Optional[int] = ..., width: _Optional[int] = ..., dtype: _Optional[_Union[DType, str]] = ..., init_scale: _Optional[float] = ..., seed: _Optional[int] = ..., optimizer: _Optional[_Union[OptimizerConfig, _Mapping]] = ..., collision_sample_rate: _Optional[float] = ...) -> None: ...
+    labels: _containers.ScalarMap[str, str]
+    def __init__(self, name: _Optional[str] = ..., num_rows: _Optional[int] = ..., width: _Optional[int] = ..., dtype: _Optional[_Union[DType, str]] = ..., init_scale: _Optional[float] = ..., seed: _Optional[int] = ..., optimizer: _Optional[_Union[OptimizerConfig, _Mapping]] = ..., collision_sample_rate: _Optional[float] = ..., labels: _Optional[_Mapping[str, str]] = ...) -> None: ...
 
 class TableInfo(_message.Message):
     __slots__ = ("config", "step", "rows_materialized", "nbytes", "optimizer_rows")
@@ -324,7 +333,14 @@ class ShardCounters(_message.Message):
     def __init__(self, fetch_requests: _Optional[int] = ..., fetch_rows: _Optional[int] = ..., push_requests: _Optional[int] = ..., push_rows: _Optional[int] = ...) -> None: ...
 
 class TableStats(_message.Message):
-    __slots__ = ("name", "num_rows", "width", "step", "rows_materialized", "nbytes", "optimizer_rows", "tiers", "optimizer_state_bytes", "rows_read", "collisions")
+    __slots__ = ("name", "num_rows", "width", "step", "rows_materialized", "nbytes", "optimizer_rows", "tiers", "optimizer_state_bytes", "rows_read", "collisions", "reads", "labels")
+    class LabelsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: str
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
     NAME_FIELD_NUMBER: _ClassVar[int]
     NUM_ROWS_FIELD_NUMBER: _ClassVar[int]
     WIDTH_FIELD_NUMBER: _ClassVar[int]
@@ -336,6 +352,8 @@ class TableStats(_message.Message):
     OPTIMIZER_STATE_BYTES_FIELD_NUMBER: _ClassVar[int]
     ROWS_READ_FIELD_NUMBER: _ClassVar[int]
     COLLISIONS_FIELD_NUMBER: _ClassVar[int]
+    READS_FIELD_NUMBER: _ClassVar[int]
+    LABELS_FIELD_NUMBER: _ClassVar[int]
     name: str
     num_rows: int
     width: int
@@ -347,7 +365,9 @@ class TableStats(_message.Message):
     optimizer_state_bytes: int
     rows_read: int
     collisions: CollisionStats
-    def __init__(self, name: _Optional[str] = ..., num_rows: _Optional[int] = ..., width: _Optional[int] = ..., step: _Optional[int] = ..., rows_materialized: _Optional[int] = ..., nbytes: _Optional[int] = ..., optimizer_rows: _Optional[int] = ..., tiers: _Optional[_Iterable[_Union[TierStats, _Mapping]]] = ..., optimizer_state_bytes: _Optional[int] = ..., rows_read: _Optional[int] = ..., collisions: _Optional[_Union[CollisionStats, _Mapping]] = ...) -> None: ...
+    reads: int
+    labels: _containers.ScalarMap[str, str]
+    def __init__(self, name: _Optional[str] = ..., num_rows: _Optional[int] = ..., width: _Optional[int] = ..., step: _Optional[int] = ..., rows_materialized: _Optional[int] = ..., nbytes: _Optional[int] = ..., optimizer_rows: _Optional[int] = ..., tiers: _Optional[_Iterable[_Union[TierStats, _Mapping]]] = ..., optimizer_state_bytes: _Optional[int] = ..., rows_read: _Optional[int] = ..., collisions: _Optional[_Union[CollisionStats, _Mapping]] = ..., reads: _Optional[int] = ..., labels: _Optional[_Mapping[str, str]] = ...) -> None: ...
 
 class StatsResponse(_message.Message):
     __slots__ = ("shard_id", "num_shards", "counters", "tables", "fetch", "push", "uptime_seconds", "metrics_port", "wal_replayed", "role")
@@ -374,16 +394,20 @@ class StatsResponse(_message.Message):
     def __init__(self, shard_id: _Optional[int] = ..., num_shards: _Optional[int] = ..., counters: _Optional[_Union[ShardCounters, _Mapping]] = ..., tables: _Optional[_Iterable[_Union[TableStats, _Mapping]]] = ..., fetch: _Optional[_Union[RpcStats, _Mapping]] = ..., push: _Optional[_Union[RpcStats, _Mapping]] = ..., uptime_seconds: _Optional[float] = ..., metrics_port: _Optional[int] = ..., wal_replayed: _Optional[int] = ..., role: _Optional[str] = ...) -> None: ...
 
 class AnnounceRequest(_message.Message):
-    __slots__ = ("tables", "step", "direct_reads", "direct_fetches")
+    __slots__ = ("tables", "step", "direct_reads", "direct_fetches", "direct_table_reads", "direct_computed")
     TABLES_FIELD_NUMBER: _ClassVar[int]
     STEP_FIELD_NUMBER: _ClassVar[int]
     DIRECT_READS_FIELD_NUMBER: _ClassVar[int]
     DIRECT_FETCHES_FIELD_NUMBER: _ClassVar[int]
+    DIRECT_TABLE_READS_FIELD_NUMBER: _ClassVar[int]
+    DIRECT_COMPUTED_FIELD_NUMBER: _ClassVar[int]
     tables: _containers.RepeatedCompositeFieldContainer[TableIds]
     step: int
     direct_reads: _containers.RepeatedCompositeFieldContainer[TableIds]
     direct_fetches: int
-    def __init__(self, tables: _Optional[_Iterable[_Union[TableIds, _Mapping]]] = ..., step: _Optional[int] = ..., direct_reads: _Optional[_Iterable[_Union[TableIds, _Mapping]]] = ..., direct_fetches: _Optional[int] = ...) -> None: ...
+    direct_table_reads: bytes
+    direct_computed: bytes
+    def __init__(self, tables: _Optional[_Iterable[_Union[TableIds, _Mapping]]] = ..., step: _Optional[int] = ..., direct_reads: _Optional[_Iterable[_Union[TableIds, _Mapping]]] = ..., direct_fetches: _Optional[int] = ..., direct_table_reads: _Optional[bytes] = ..., direct_computed: _Optional[bytes] = ...) -> None: ...
 
 class AnnounceResponse(_message.Message):
     __slots__ = ()

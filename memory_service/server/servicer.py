@@ -167,7 +167,8 @@ class MemoryServicer(memory_pb2_grpc.MemoryServiceServicer):
         if requests:
             self.shard.announce(requests, request.step if request.HasField("step") else None)
         if request.direct_reads:
-            self.shard.note_direct_reads(_decode_ids(request.direct_reads, "announce"), request.direct_fetches)
+            self.shard.note_direct_reads(_decode_ids(request.direct_reads, "announce"), request.direct_fetches,
+                                         *_decode_direct_counts(request))
         return memory_pb2.AnnounceResponse()
 
     @_maps_errors
@@ -256,6 +257,21 @@ def _decode_announce(msg: memory_pb2.AnnounceRequest) -> Announcement:
         raise InvalidArgument("push: an announcement riding on a push carries no direct_reads "
                               "(report them with Announce)")
     return Announcement(_decode_ids(msg.tables, "announce"), msg.step if msg.HasField("step") else None)
+
+
+def _decode_direct_counts(msg: memory_pb2.AnnounceRequest) -> tuple[dict[str, int] | None, dict[str, int] | None]:
+    """Per table of msg.direct_reads: the fetches that named it and the ids computed from the
+    seed (None where the client sent no counts: an older client)."""
+    names = [t.table for t in msg.direct_reads]
+    out = []
+    for raw, dtype in ((msg.direct_table_reads, "<u4"), (msg.direct_computed, "<u8")):
+        if not raw:
+            out.append(None)
+            continue
+        if len(raw) != len(names) * np.dtype(dtype).itemsize:
+            raise InvalidArgument(f"announce: {len(raw)} bytes of direct-read counts for {len(names)} tables")
+        out.append(dict(zip(names, np.frombuffer(raw, dtype).tolist())))
+    return out[0], out[1]
 
 
 def _decode_ngrams(messages, requests: dict[str, np.ndarray], configs: dict[str, TableConfig]) -> dict:

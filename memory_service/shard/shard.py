@@ -125,15 +125,22 @@ class Shard:
         where there is none."""
         return ("", b"") if self.shared is None else (self.shared.path, self.shared.nonce)
 
-    def note_direct_reads(self, requests: dict[str, np.ndarray], fetches: int) -> None:
+    def note_direct_reads(self, requests: dict[str, np.ndarray], fetches: int,
+                          table_reads: dict[str, int] | None = None, computed: dict[str, int] | None = None) -> None:
         """Ids (n,) per table that a client read straight from the shared arena in `fetches`
-        fetches: counted and recorded for placement as fetches' reads are, so stats and migration
-        see every read."""
+        fetches (`table_reads`: of those, the fetches naming each table; `computed`: the ids of
+        each it computed from the seed, never written): counted and recorded for placement as
+        fetches' reads are, so stats and migration see every read."""
+        computed = computed or {}
         with self._lock:
             checked = self._checked_requests(requests)
-            self._note_reads(checked, fetches)
             for name, ids in checked.items():
-                self._tables[name].note_reads(ids)
+                if not 0 <= computed.get(name, 0) <= len(ids):
+                    raise InvalidArgument(f"announce: table {name!r}: {computed[name]} computed of {len(ids)} "
+                                          "direct reads")
+            self._note_reads(checked, fetches, table_reads)
+            for name, ids in checked.items():
+                self._tables[name].note_reads(ids, computed.get(name, 0))
 
     def _open_disk(self) -> None:
         """Opens the LMDB directory and the tables it holds, recovers what its write-ahead log
@@ -296,12 +303,15 @@ class Shard:
         for name in checked:
             self._tables.store(name)  # dropped while this fetch waited
 
-    def _note_reads(self, checked: dict[str, np.ndarray], fetches: int = 1) -> None:
-        """Counts `fetches` fetches of these reads and, on a shard that keeps them, records the
-        reads for placement."""
+    def _note_reads(self, checked: dict[str, np.ndarray], fetches: int = 1,
+                    table_reads: dict[str, int] | None = None) -> None:
+        """Counts `fetches` fetches of these reads (`table_reads`: per table, if not all named
+        every table) and, on a shard that keeps them, records the reads for placement."""
         self._expire_parts()
         self.counters.fetch_requests += fetches
         self.counters.fetch_rows += sum(len(ids) for ids in checked.values())
+        for name in checked:
+            self._tables[name].reads += fetches if table_reads is None else table_reads.get(name, 0)
         if self.track_accesses:
             for name, ids in checked.items():
                 self._accesses.record(name, ids)
@@ -670,7 +680,8 @@ class Shard:
         cfg, state = store.cfg, store.state_nbytes
         return TableUsage(name=cfg.name, num_rows=cfg.num_rows, width=cfg.width, step=store.step,
                           rows_read=store.rows_read, optimizer_rows=store.optimizer_rows,
-                          optimizer_state_bytes=state, tiers=store.tier_usage())
+                          optimizer_state_bytes=state, tiers=store.tier_usage(), reads=store.reads,
+                          labels=cfg.labels)
 
     def owns(self, ids: np.ndarray) -> bool:
         """Whether every id (n,) lives on this shard."""

@@ -91,6 +91,7 @@ class TableStore:
         self.disk = disk
         self.arena_counters, self.disk_counters = TierCounters(), TierCounters()
         self.committed = 0  # the last complete step: reads are brought up to it (see `commit`)
+        self.reads = 0  # read requests naming the table (counted by the shard)
         self.residency = Residency(self.arena, disk, policy, self.arena_counters)
         self.writer = RowWriter(self.optimizer, self._init_rows, self.arena, disk, self.residency, self._note)
         self.reader = RowReader(self._init_rows, self.arena, disk, self.writer, self.arena_counters,
@@ -203,13 +204,16 @@ class TableStore:
                 out[name][missing] = rows
         return out
 
-    def note_reads(self, ids: np.ndarray) -> None:
-        """Counts ids (n,) a same-host client read from the shared arena (every one was there) and
-        tells placement, as `read` does."""
+    def note_reads(self, ids: np.ndarray, computed: int = 0) -> None:
+        """Counts ids (n,) a same-host client read from the shared arena (`computed` of them it
+        computed from the seed: never written, so no tier's hits) and tells placement, as `read`
+        does."""
         self.reader.rows_read += len(ids)
-        self.reader.hits += len(ids)
+        self.reader.hits += len(ids) - computed
         if self.disk is not None:
-            self.arena_counters.hits += len(ids)
+            self.arena_counters.hits += len(ids) - computed
+            self.arena_counters.misses += computed
+            self.disk_counters.misses += computed
             self.residency.tell(READ, ids)
 
     def expect(self, ids: np.ndarray, step: int | None = None) -> None:

@@ -169,7 +169,7 @@ def table_config_to_proto(cfg: TableConfig) -> memory_pb2.TableConfig:
         name=cfg.name, num_rows=cfg.num_rows, width=cfg.width, dtype=dtype_to_proto(cfg.dtype),
         init_scale=cfg.init_scale, seed=cfg.seed,
         optimizer=optimizer_config_to_proto(cfg.optimizer),
-        collision_sample_rate=cfg.collision_sample_rate)
+        collision_sample_rate=cfg.collision_sample_rate, labels=dict(cfg.labels))
 
 
 def table_config_from_proto(msg: memory_pb2.TableConfig) -> TableConfig:
@@ -180,7 +180,7 @@ def table_config_from_proto(msg: memory_pb2.TableConfig) -> TableConfig:
                     dtype=dtype_from_proto(msg.dtype, f"table {msg.name!r}"),
                     init_scale=msg.init_scale, seed=msg.seed,
                     optimizer=optimizer_config_from_proto(msg.optimizer, msg.name),
-                    collision_sample_rate=msg.collision_sample_rate)
+                    collision_sample_rate=msg.collision_sample_rate, labels=dict(msg.labels))
 
 
 def _checked(prefix: str, cls, **fields):
@@ -276,7 +276,8 @@ def _table_usage_to_proto(t: TableUsage) -> memory_pb2.TableStats:
         name=t.name, num_rows=t.num_rows, width=t.width, step=t.step, rows_materialized=t.rows,
         nbytes=t.bytes, optimizer_rows=t.optimizer_rows,
         tiers=[memory_pb2.TierStats(**dataclasses.asdict(x)) for x in t.tiers],
-        optimizer_state_bytes=t.optimizer_state_bytes, rows_read=t.rows_read)
+        optimizer_state_bytes=t.optimizer_state_bytes, rows_read=t.rows_read, reads=t.reads,
+        labels=dict(t.labels))
     if t.collisions is not None:
         msg.collisions.CopyFrom(memory_pb2.CollisionStats(**dataclasses.asdict(t.collisions)))
     return msg
@@ -292,7 +293,7 @@ def _table_usage_from_proto(msg: memory_pb2.TableStats) -> TableUsage:
                       optimizer_state_bytes=msg.optimizer_state_bytes,
                       tiers=tuple(TierUsage(**{f.name: getattr(x, f.name) for f in dataclasses.fields(TierUsage)})
                                   for x in msg.tiers),
-                      collisions=collisions)
+                      collisions=collisions, reads=msg.reads, labels=tuple(sorted(msg.labels.items())))
 
 
 def records_to_proto(table: str, records) -> memory_pb2.RowRecords:

@@ -22,6 +22,7 @@ import os
 import threading
 import time
 from concurrent.futures import Future
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -88,13 +89,22 @@ class _ShardArena:
         return self.tables[name]
 
 
+@dataclass
+class _TableReads:
+    """One table's direct reads on one shard since the last report."""
+
+    ids: list[np.ndarray] = field(default_factory=list)
+    reads: int = 0  # fetches that named the table
+    computed: int = 0  # ids the arena held no row for (never written: computed from the seed)
+
+
 class DirectReads:
     """Direct reads of a client's shards (`transport`'s) that share its host."""
 
     def __init__(self, transport: Transport) -> None:
         self.transport = transport
         self._arenas: list[_ShardArena | None | bool] = [None] * transport.num_shards  # False: never
-        self._pending: list[dict[str, list[np.ndarray]]] = [{} for _ in range(transport.num_shards)]
+        self._pending: list[dict[str, _TableReads]] = [{} for _ in range(transport.num_shards)]
         self._pending_ids = [0] * transport.num_shards
         self._pending_fetches = [0] * transport.num_shards
         self._timer: threading.Timer | None = None  # sends what is pending when reads stop
@@ -145,7 +155,7 @@ class DirectReads:
                     self._arenas[shard] = None
                     break
                 self._fill_initial(items, missing)
-                self._note(shard, items)
+                self._note(shard, items, missing)
                 return True
             if status in (compiled._arena.NOT_YET, compiled._arena.FALLBACK):
                 break
@@ -189,12 +199,16 @@ class DirectReads:
             self._arenas[shard] = arena
         return arena or None
 
-    def _note(self, shard: int, items) -> None:
-        """Keeps the ids read for the shard's next report, and sends it when due."""
+    def _note(self, shard: int, items, missing: list[np.ndarray]) -> None:
+        """Keeps the ids read (and how many were computed: `missing`'s counts) for the shard's
+        next report, and sends it when due."""
         with self._lock:
             pending = self._pending[shard]
-            for cfg, ids, _ in items:
-                pending.setdefault(cfg.name, []).append(ids.copy())
+            for (cfg, ids, _), gone in zip(items, missing):
+                table = pending.setdefault(cfg.name, _TableReads())
+                table.ids.append(ids.copy())
+                table.reads += 1
+                table.computed += int(gone[0])
                 self._pending_ids[shard] += len(ids)
             self._pending_fetches[shard] += 1
             self.reads += 1
@@ -224,9 +238,13 @@ class DirectReads:
                 self._reported[k] = time.monotonic()
                 self._sent = [f for f in self._sent if not self._done(f)]
             if pending:
-                request = memory_pb2.AnnounceRequest(direct_fetches=fetches, direct_reads=[
-                    memory_pb2.TableIds(table=name, ids=codec.encode_ids(np.concatenate(parts)))
-                    for name, parts in pending.items()])
+                tables = list(pending.values())
+                request = memory_pb2.AnnounceRequest(
+                    direct_fetches=fetches,
+                    direct_reads=[memory_pb2.TableIds(table=name, ids=codec.encode_ids(np.concatenate(t.ids)))
+                                  for name, t in pending.items()],
+                    direct_table_reads=np.array([t.reads for t in tables], "<u4").tobytes(),
+                    direct_computed=np.array([t.computed for t in tables], "<u8").tobytes())
                 future = self.transport.start(k, "Announce", request)
                 with self._lock:
                     self._sent.append(future)

@@ -32,7 +32,7 @@ def cmd_stats(args: argparse.Namespace) -> int:
         client = cluster.client(**bounds)
     try:
         with client:
-            stats_view.show(client.report, args.table or None, as_json=args.json, watch=args.watch)
+            stats_view.show(client.report, args.table or None, as_json=args.json, watch=args.watch, by=args.by)
     except KeyboardInterrupt:  # the way out of --watch
         pass
     finally:
@@ -80,11 +80,23 @@ def _checkpoint_cluster(args: argparse.Namespace, checkpoint) -> int:
     return 0
 
 
+def label_keys(text: str) -> tuple[str, ...]:
+    """--by's value: comma-separated label keys."""
+    keys = tuple(k.strip() for k in text.split(",") if k.strip())
+    if not keys:
+        raise argparse.ArgumentTypeError(f"--by {text!r}: name at least one label, e.g. layer,order,head")
+    return keys
+
+
 def add_parsers(sub) -> None:
     p = sub.add_parser("stats", help="show shard utilization and hash-collision stats of a tables cluster")
     add_cluster_args(p, CLIENT_ADDRESS_HELP)
     p.add_argument("--targets", default=None, help="comma-separated shard gRPC targets instead of --address")
     p.add_argument("--table", action="append", help="show only this table (repeatable)")
+    p.add_argument("--by", type=label_keys, default=(), metavar="KEYS",
+                   help="also sum the tables per group of these comma-separated labels, e.g. layer,order,head "
+                        "(the trainer labels each table with its Engram layer, N-gram order and head) or "
+                        "namespace: rows read per tier and on hot shards, distinct rows per step, collision share")
     p.add_argument("--json", action="store_true", help="print JSON (one document per line with --watch)")
     p.add_argument("--watch", type=positive_float, nargs="?", const=2.0, default=None, metavar="SECONDS",
                    help="redraw every SECONDS (default 2) until Ctrl-C")
