@@ -116,6 +116,12 @@ class LimitReached(RequestTooLarge):
     held first."""
 
 
+class QuotaExceeded(LimitReached):
+    """A request would store rows beyond its namespace's quota of rows or bytes (shard/quotas.py;
+    gRPC RESOURCE_EXHAUSTED, the details naming the namespace, the quota and its usage). Nothing
+    was applied."""
+
+
 class StepExpired(FailedPrecondition):
     """A part or commit of a data-parallel step whose parts the shard dropped: not every
     contributor's part or commit came within StorageConfig.parts_expiry_s of the first (gRPC
