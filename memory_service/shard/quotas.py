@@ -15,7 +15,8 @@ enforce nothing, hold only rows some cold shard already counts, and rows moving 
 never take a namespace past its quota (a conservative count: a hot row never written counts too).
 A change that would take a namespace's usage on this shard past its share is refused whole
 (QuotaExceeded, gRPC RESOURCE_EXHAUSTED) before anything changes; a skewed table can thus be
-refused on one shard before the cluster-wide total reaches the quota.
+refused on one shard before the cluster-wide total reaches the quota. A checkpoint restore is not
+checked: it brings back what a cluster held, within the quota it had then.
 """
 from __future__ import annotations
 
@@ -111,6 +112,6 @@ class Quotas:
                     ("bytes", nbytes, more_bytes, max_bytes, self.totals[namespace].max_bytes)):
                 if limit is not None and used + adding > limit:
                     raise QuotaExceeded(
-                        f"namespace {namespace!r} is over its quota of {total} {what} (this shard's share "
+                        f"{QuotaExceeded.PREFIX} namespace {namespace!r} is over its quota of {total} {what} (this shard's share "
                         f"{limit}): it uses {used} {what} on shard {self.shard_id}, and this request would "
                         f"store {adding} more; refused, nothing applied")

@@ -7,7 +7,9 @@ from __future__ import annotations
 import grpc
 import numpy as np
 import pytest
+import torch
 
+from memory_service.client import MemoryClient
 from memory_service.config import OptimizerConfig, TableConfig
 from memory_service.errors import QuotaExceeded
 from memory_service.rpc import memory_pb2, memory_pb2_grpc
@@ -124,5 +126,9 @@ def test_over_quota_over_grpc_is_resource_exhausted():
             assert "namespace 'q'" in err.value.details() and "quota of 3 rows" in err.value.details()
             assert shard.digest() == before
             assert push([2], 2).rows_updated == 1
+        with MemoryClient([server.address]) as client:  # the client raises the quota's own error
+            with pytest.raises(QuotaExceeded, match="namespace 'q'"):
+                client.push({"q/t": (np.array([7]), torch.ones(1, 4))}, step=3)
+        assert shard.digest() != before and shard.describe_table("q/t").rows_materialized == 3
     finally:
         server.stop(None)
