@@ -11,7 +11,8 @@ import pytest
 import ray
 import torch
 
-from memory_service.errors import PermissionDenied
+from memory_service.config import OptimizerConfig, TableConfig
+from memory_service.errors import PermissionDenied, QuotaExceeded
 from memory_service.shard.quotas import NamespaceQuota
 from memory_service.wire.security import ClientSecurity, SecurityConfig
 from trainer.data import Corpus
@@ -44,8 +45,10 @@ def test_two_runs_in_two_namespaces_share_a_cluster_and_each_equals_its_run_alon
     security = SecurityConfig.from_tokens(write_tokens=[ADMIN], namespace_tokens={
         ns: {"write": [token]} for ns, token in TOKENS.items()})
     cluster = make_cluster(2, security=security, quotas=(NamespaceQuota("runa", max_rows=100_000),
-                                                         NamespaceQuota("runb", max_rows=100_000)))
+                                                         NamespaceQuota("runb", max_rows=100_000),
+                                                         NamespaceQuota("tiny", max_rows=2)))
     runs = {ns: _train_remote.remote(cfg, cluster.targets, ns, TOKENS[ns]) for ns, cfg in cfgs.items()}
+    _tiny_quota_holds_across_shards(cluster)  # while the runs train
     remote = {ns: ray.get(ref, timeout=900) for ns, ref in runs.items()}
 
     for ns, cfg in cfgs.items():
@@ -62,3 +65,13 @@ def test_two_runs_in_two_namespaces_share_a_cluster_and_each_equals_its_run_alon
         for layer, rows in got.items():
             np.testing.assert_array_equal(rows, state[f"tables.embeddings.{layer}.weight"].numpy())
     assert remote["runa"][0] != remote["runb"][0]  # two different runs, each its own
+
+
+def _tiny_quota_holds_across_shards(cluster) -> None:
+    """Namespace "tiny" may store 2 rows: one per shard of the 2 (rows spread by id)."""
+    with cluster.client(security=ClientSecurity(token=ADMIN)) as client:
+        client.create_table(TableConfig(name="tiny/t", num_rows=64, width=4, seed=1,
+                                        optimizer=OptimizerConfig(kind="sgd", lr=0.1)))
+        with pytest.raises(QuotaExceeded, match="namespace 'tiny'"):
+            client.push({"tiny/t": (np.array([0, 2]), torch.ones(2, 4))}, step=1)  # both on shard 0
+        assert client.push({"tiny/t": (np.array([0, 1]), torch.ones(2, 4))}, step=1) == 2
