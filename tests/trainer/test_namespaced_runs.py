@@ -15,12 +15,11 @@ from memory_service.config import OptimizerConfig, TableConfig
 from memory_service.errors import PermissionDenied, QuotaExceeded
 from memory_service.shard.quotas import NamespaceQuota
 from memory_service.wire.security import ClientSecurity, SecurityConfig
+from tests.trainer.test_remote_tables import remote_rows
+from tests.trainer.test_train import small_train_config
 from trainer.data import Corpus
 from trainer.remote_tables import table_name
 from trainer.train import ServiceOptions, build, train
-
-from tests.trainer.test_remote_tables import remote_rows
-from tests.trainer.test_train import small_train_config
 
 pytestmark = pytest.mark.slow
 ADMIN, TOKENS = "admin-token-0", {"runa": "runa-token-1", "runb": "runb-token-2"}
@@ -55,7 +54,7 @@ def test_two_runs_in_two_namespaces_share_a_cluster_and_each_equals_its_run_alon
         ckpt = tmp_path / f"{ns}.pt"
         local = train(replace(cfg, checkpoint=str(ckpt)), Corpus.load(cfg.corpus))
         assert remote[ns] == (local.train_losses, local.val_loss), ns
-        model, indexer, _ = build(cfg, Corpus.load(cfg.corpus))
+        _, indexer, _ = build(cfg, Corpus.load(cfg.corpus))
         with cluster.client(security=ClientSecurity(token=TOKENS[ns])) as client:
             got = remote_rows(client, ns, indexer.table_sizes(), step=cfg.steps)
             other = "runb" if ns == "runa" else "runa"

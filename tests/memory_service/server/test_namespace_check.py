@@ -16,7 +16,12 @@ from memory_service.server.servicer import SERVICE_NAME, serve
 from memory_service.shard.shard import Shard
 from memory_service.tables import TablePush
 from memory_service.wire import codec
-from memory_service.wire.security import Caller, SecurityConfig, TokenCheck, token_digest
+from memory_service.wire.security import (
+    Caller,
+    SecurityConfig,
+    TokenCheck,
+    token_digest,
+)
 
 ADMIN, A_WRITE, A_READ, AB_MIXED = "admin-0001", "a-writer-0002", "a-reader-0003", "mixed-0004"
 OPT = OptimizerConfig(kind="sparse_adam", lr=0.01)
@@ -130,7 +135,7 @@ def test_a_read_token_of_a_is_refused_a_s_write_rpcs(served):
 
 
 def test_a_reader_of_b_reads_b_and_writes_a_only(served):
-    shard, channel = served
+    _, channel = served
     fetched = _call(channel, "Fetch", REQUESTS["Fetch"], AB_MIXED)
     assert [t.table for t in fetched.tables] == ["a/t", "b/t"]
     assert _code(channel, "Push", memory_pb2.PushRequest(client_id="m", tables=[_grads("a/t"), _grads("b/t")]),
