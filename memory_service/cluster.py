@@ -164,7 +164,7 @@ def _start_cold(config: ClusterConfig, lifetime: dict) -> list:
                            runtime_env={"env_vars": shard_env(config.storage)}, **restarts, **lifetime)
         .remote(i, config.num_shards, config.host, config.port, registry_name(config.name), config.metrics_port,
                 config.name, shards, track_accesses=config.num_hot > 0, storage=config.storage.for_shard(i),
-                security=config.security, niceness=config.niceness)
+                security=config.security, niceness=config.niceness, quotas=config.quotas)
         for i in range(config.num_shards)
     ]
 

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 
 from memory_service.config import StorageConfig
 from memory_service.placement import DEFAULT_POLICY
+from memory_service.shard.quotas import NamespaceQuota
 from memory_service.wire.security import SecurityConfig, is_loopback
 
 SHARD_RESOURCE = "engram_shard"
@@ -42,7 +43,9 @@ class ClusterConfig:
     shard). `ready_timeout_s`: the deadline of each wait for shards to serve, register or stop.
     `join_timeout_s`: how long launch waits for nodes offering the shard resources to join (0: they
     must be there already, so a missing resource fails at once; a Kubernetes sidecar that starts
-    before the shard pods join gives them time instead of failing into a restart loop)."""
+    before the shard pods join gives them time instead of failing into a restart loop).
+    `quotas`: the most rows and bytes each namespace's tables may store (shard/quotas.py: each cold
+    shard enforces its share, rows moved to hot shards counted by the cold shard they left)."""
 
     num_shards: int = 2
     name: str = "default"  # several tables clusters can share one Ray cluster under different names
@@ -65,6 +68,7 @@ class ClusterConfig:
     hot_device: str = "auto"  # where hot rows live: "cuda", "cpu", or "auto" (cuda if the cluster has a GPU per hot shard)
     ready_timeout_s: float = 120.0  # deadline of each wait for shards to come up or stop
     join_timeout_s: float = 0.0  # how long launch waits for nodes with the shard resources to join
+    quotas: tuple[NamespaceQuota, ...] = ()  # per namespace: max rows and bytes stored (None: no quotas)
 
     def __post_init__(self) -> None:
         if self.max_restarts < -1:
@@ -93,6 +97,10 @@ class ClusterConfig:
             raise ValueError(f"ready_timeout_s {self.ready_timeout_s} must be > 0")
         if not 0 <= self.join_timeout_s < math.inf:
             raise ValueError(f"join_timeout_s {self.join_timeout_s} must be >= 0 and finite")
+        if isinstance(self.quotas, (str, dict)) or not all(isinstance(q, NamespaceQuota) for q in self.quotas):
+            raise ValueError("quotas must be a tuple of NamespaceQuota")
+        if len({q.namespace for q in self.quotas}) != len(self.quotas):
+            raise ValueError(f"quotas name a namespace twice: {sorted(q.namespace for q in self.quotas)}")
         if self.security is not None and self.security.has_tokens and not self.security.is_tls \
                 and not is_loopback(self.host):
             raise ValueError(f"tokens without TLS on host {self.host}: clients send tokens only over TLS or "

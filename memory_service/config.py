@@ -221,3 +221,12 @@ class StorageConfig:
             return self
         return dataclasses.replace(self, path=os.path.join(self.path, f"hot-{shard_id:04d}"),
                                    checkpoint_root=self.checkpoint_dir)
+
+
+def namespace_of(name: str) -> str:
+    """The namespace of table `name`: its name up to the first "/" ("" without one, the default
+    namespace). The trainer names tables `<prefix>/layer<L>/head<h>`, so a training run's
+    `--prefix` is its namespace; tokens and quotas are scoped by it (wire/security.py,
+    shard/quotas.py)."""
+    head, sep, _ = name.partition("/")
+    return head if sep else ""

@@ -4,7 +4,10 @@ The file's keys are exactly the fields of `ClusterConfig` (memory_service/cluste
 `storage:` holding `StorageConfig` fields and `security:` the server's TLS files and the
 Prometheus endpoint's interface (`TLSFiles`); tokens never sit in the file: they come from
 $ENGRAM_READ_TOKENS / $ENGRAM_WRITE_TOKENS (comma-separated) and $ENGRAM_METRICS_TOKEN, as a
-Kubernetes Secret sets them. The reader walks `dataclasses.fields`, so a
+Kubernetes Secret sets them. Tokens scoped to namespaces sit in the file as their sha256 digests
+only (`security.namespace_tokens: {namespace: {read: [digest, ...], write: [...]}}`, the digest
+of a token being `printf %s TOKEN | sha256sum`), and `quotas: {namespace: {max_rows: N,
+max_bytes: SIZE}}` limits what each namespace stores. The reader walks `dataclasses.fields`, so a
 field added to a config is a key of the file with no change here.
 
 Precedence: the dataclasses' defaults < the file < `overrides` (the command line's flags, in the
@@ -55,6 +58,7 @@ class TLSFiles:
     tls_ca: str | None = None
     tls_client_ca: str | None = None
     metrics_host: str | None = None
+    namespace_tokens: tuple = ()  # NamespaceTokens: tokens scoped to namespaces, as digests
 
 
 def parse_size(value: int | str) -> int:
@@ -95,8 +99,11 @@ def read_fields(source: str | None, overrides: Mapping[str, Any]) -> tuple[dict[
     data = _read_yaml(source) if source is not None else {}
     merged = _merge(data, dict(overrides))
     where = source or "flags"
-    fields = _convert(ClusterConfig, merged, where, prefix="", skip={"security"})
-    tls = _build(TLSFiles, _convert(TLSFiles, _section(merged, "security", where), where, "security."), where)
+    fields = _convert(ClusterConfig, merged, where, prefix="", skip={"security", "quotas"})
+    fields["quotas"] = _quotas(_section(merged, "quotas", where), where)
+    security = dict(_section(merged, "security", where))
+    scoped = _namespace_tokens(security.pop("namespace_tokens", None), where)
+    tls = _build(TLSFiles, {**_convert(TLSFiles, security, where, "security."), "namespace_tokens": scoped}, where)
     storage_fields = _convert(StorageConfig, _section(merged, "storage", where), where, "storage.")
     if storage_fields.get("checkpoint_root"):  # absolute, as `path` below (StorageConfig insists)
         storage_fields["checkpoint_root"] = os.path.abspath(storage_fields["checkpoint_root"])
@@ -116,7 +123,8 @@ def server_security(tls: TLSFiles, environ: Mapping[str, str], where: str = "fla
 
     read, write = ([t for t in environ.get(var, "").split(",") if t] for var in (READ_TOKENS_VAR, WRITE_TOKENS_VAR))
     metrics_token = environ.get(METRICS_TOKEN_VAR) or None
-    if not (tls.tls_cert or tls.tls_key or read or write or tls.metrics_host or metrics_token):
+    if not (tls.tls_cert or tls.tls_key or read or write or tls.metrics_host or metrics_token
+            or tls.namespace_tokens):
         return None
     if read and not write:
         raise ConfigError(f"${READ_TOKENS_VAR} without ${WRITE_TOKENS_VAR}: nothing could write, not even the "
@@ -133,9 +141,40 @@ def server_security(tls: TLSFiles, environ: Mapping[str, str], where: str = "fla
                               client_cert=cert if mutual else None, client_key=key if mutual else None) \
             if cert or read or write else None
         return SecurityConfig.from_tokens(read, write, cert=cert, key=key, client_ca=client_ca, peer=peer,
-                                          metrics_token=metrics_token, metrics_host=tls.metrics_host)
+                                          metrics_token=metrics_token, metrics_host=tls.metrics_host,
+                                          scoped_digests=tls.namespace_tokens)
     except ValueError as err:
         raise ConfigError(f"{where}: security: {err}") from None
+
+
+def _quotas(data: dict, where: str) -> tuple:
+    """`quotas: {namespace: {max_rows: N, max_bytes: SIZE}}` as NamespaceQuota, sorted by namespace."""
+    from memory_service.shard.quotas import NamespaceQuota
+
+    quotas = []
+    for namespace, limits in sorted(data.items(), key=lambda item: str(item[0])):
+        what = f"{where}: quotas.{namespace}"
+        if not isinstance(limits, dict):
+            raise ConfigError(f"{what}: expected a mapping with max_rows and/or max_bytes, got {_kind(limits)}")
+        if not isinstance(namespace, str):
+            raise ConfigError(f"{what}: a namespace is a string")
+        fields = _convert(NamespaceQuota, limits, where, f"quotas.{namespace}.", skip={"namespace"})
+        quotas.append(_build(NamespaceQuota, {**fields, "namespace": namespace}, where))
+    return tuple(quotas)
+
+
+def _namespace_tokens(data: Any, where: str) -> tuple:
+    """`security.namespace_tokens: {namespace: {read: [digest], write: [digest]}}` as NamespaceTokens."""
+    from memory_service.wire.security import NamespaceTokens
+
+    if data is None:
+        return ()
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where}: security.namespace_tokens: expected a mapping of namespaces, got {_kind(data)}")
+    try:
+        return NamespaceTokens.from_mapping({str(k): v for k, v in data.items()}, digests=True)
+    except ValueError as err:
+        raise ConfigError(f"{where}: security.namespace_tokens: {err}") from None
 
 
 def _read_yaml(source: str) -> dict:

@@ -116,6 +116,14 @@ class LimitReached(RequestTooLarge):
     held first."""
 
 
+class QuotaExceeded(LimitReached):
+    """A request would store rows beyond its namespace's quota of rows or bytes (shard/quotas.py;
+    gRPC RESOURCE_EXHAUSTED, the details starting with PREFIX and naming the namespace, the quota
+    and its usage; the client raises it back). Nothing was applied."""
+
+    PREFIX = "quota:"
+
+
 class StepExpired(FailedPrecondition):
     """A part or commit of a data-parallel step whose parts the shard dropped: not every
     contributor's part or commit came within StorageConfig.parts_expiry_s of the first (gRPC
@@ -182,6 +190,8 @@ def error_of_status(status: str, message: str) -> MemoryServiceError:
     "DATA_LOSS": grpc.StatusCode.DATA_LOSS.name) with `message`."""
     if status == Overloaded.status and message.startswith(Overloaded.PREFIX):
         return Overloaded(message)
+    if status == QuotaExceeded.status and message.startswith(QuotaExceeded.PREFIX):
+        return QuotaExceeded(message)
     return STATUS_ERRORS.get(status, MemoryServiceError)(message)
 
 

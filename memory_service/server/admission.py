@@ -13,7 +13,8 @@ held:
   RESOURCE_EXHAUSTED (errors.Overloaded). A request body must arrive within `body_timeout_s`.
 
 Then the request bytes are parsed (request_guard: INVALID_ARGUMENT for bytes that are not a valid
-message) and the servicer's method runs on the server's worker pool, except a small plain fetch
+message), a token scoped to namespaces is checked against the tables the request names
+(namespace_check: PERMISSION_DENIED, before any state is read or changed) and the servicer's method runs on the server's worker pool, except a small plain fetch
 (at most `inline_ids` ids, no min_step), which runs on the event loop itself: its work is a
 fraction of the two thread hand-offs (loop -> worker -> loop) it would otherwise wait for, and
 since the shard serialises its requests under one lock, a loop waiting there delays nothing that
@@ -39,8 +40,9 @@ import grpc
 from grpc import aio
 
 from memory_service.errors import Overloaded, status_details
+from memory_service.server import namespace_check
 from memory_service.server.request_guard import Unparsable, parse
-from memory_service.wire.security import MEMORY_SERVICE, TokenCheck
+from memory_service.wire.security import MEMORY_SERVICE, OPEN_CALLER, Caller, TokenCheck
 
 HELD_METHOD = f"/{MEMORY_SERVICE}/Fetch"  # its requests with a min_step > 0 are held fetches
 INLINE_METHOD = HELD_METHOD  # its small requests without a min_step run on the event loop
@@ -181,19 +183,20 @@ class Admission(aio.ServerInterceptor):
 
     async def intercept_service(self, continuation, handler_call_details):
         method = handler_call_details.method
-        identity = ("read", "")  # no tokens: every caller may call everything
+        caller = OPEN_CALLER  # no tokens: every caller may call everything
         if self.tokens is not None:
-            identity = self.tokens.identify(handler_call_details.invocation_metadata)
-            refused = self.tokens.refusal(method, identity and identity[0])
+            caller = self.tokens.identify(handler_call_details.invocation_metadata)
+            refused = self.tokens.refusal(method, caller)
             if refused is not None:
                 return _refusal(*refused)
         handler = await continuation(handler_call_details)
         if handler is None or handler.request_streaming:  # unknown method: UNIMPLEMENTED; no streams served
             return handler
-        return self._admitted(handler, method, identity[1])
+        return self._admitted(handler, method, caller)
 
-    def _admitted(self, handler: grpc.RpcMethodHandler, method: str, token: str) -> grpc.RpcMethodHandler:
+    def _admitted(self, handler: grpc.RpcMethodHandler, method: str, caller: Caller) -> grpc.RpcMethodHandler:
         """`handler` as a handler of a request stream, which gRPC calls on the headers alone."""
+        token = caller.digest
         if handler.response_streaming:  # the health service's Watch: an aio handler that writes
             async def stream(requests, context):
                 client = (_client_host(context.peer()), token)
@@ -213,12 +216,15 @@ class Admission(aio.ServerInterceptor):
             client = (_client_host(context.peer()), token)
             async with _Place(self.calls, client, context):
                 request = await self._request(handler, method, context)
+                if not caller.is_cluster_wide and (refused := namespace_check.refusal(method, request, caller)):
+                    await context.abort(grpc.StatusCode.PERMISSION_DENIED, status_details(refused))
                 if method == HELD_METHOD and getattr(request, "min_step", 0) > 0:
                     async with _Place(self.held, client, context):
                         return await self._run(behavior, is_async, request, context, self.held_workers)
                 if method == INLINE_METHOD and _num_ids(request) <= self.limits.inline_ids and not self.busy():
                     return await self._run(behavior, is_async, request, context, None)
-                return await self._run(behavior, is_async, request, context, self.workers)
+                response = await self._run(behavior, is_async, request, context, self.workers)
+                return namespace_check.narrowed(method, response, caller)  # ListTables, Stats: the caller's tables
         return grpc.stream_unary_rpc_method_handler(unary, response_serializer=handler.response_serializer)
 
     async def _request(self, handler: grpc.RpcMethodHandler, method: str, context: aio.ServicerContext):

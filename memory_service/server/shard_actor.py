@@ -39,12 +39,12 @@ class ShardActor:
                  metrics_port: int | None = None, cluster: str = "default", port_tries: int = 1,
                  role: str = "cold", track_accesses: bool = False, migration: dict | None = None,
                  storage: StorageConfig | None = None, security: SecurityConfig | None = None,
-                 niceness: int = 0, device: str | None = None):
+                 niceness: int = 0, device: str | None = None, quotas: tuple = ()):
         set_priority(niceness)  # before serve(): the gRPC threads inherit this thread's priority
         registry = ray.get_actor(registry_name, namespace=NAMESPACE)
         previous = ray.get(registry.address.remote(role, shard_id), timeout=REGISTRY_TIMEOUT_S)  # set: a restart
         self.shard = Shard(shard_id, num_shards, role=role, track_accesses=track_accesses, storage=storage,
-                           device=device)
+                           device=device, quotas=quotas)  # quotas: cold shards' (shard/quotas.py)
         if previous is None:
             self.server = _serve_first_free(self.shard, host, port, metrics_port, cluster, port_tries, security)
         else:  # clients know this address: take it again

@@ -37,6 +37,7 @@ from memory_service.shard.accesses import Accesses
 from memory_service.shard.homes import Homes
 from memory_service.shard.move_gate import MoveGate
 from memory_service.shard.placer import Placer
+from memory_service.shard.quotas import NamespaceQuota, Quotas, TableUse, bytes_per_row
 from memory_service.shard.recovery import Recovery
 from memory_service.shard.step_parts import StepParts
 from memory_service.shard.table_stores import TableStores
@@ -66,10 +67,13 @@ class Shard:
     A "hot" `role` shard is home of the hot rows id % num_shards instead (memory_service/shard/homes.py).
     `device` (a torch device name, for a shard without `storage.path`) keeps every table's rows and
     optimizer state in a DeviceTier arena there, so a hot shard on a GPU gathers the rows it serves in
-    GPU memory; None keeps them in host DRAM (numpy)."""
+    GPU memory; None keeps them in host DRAM (numpy).
+    `quotas`: the namespaces' quotas of rows and bytes (shard/quotas.py); a cold shard enforces its
+    share of each, a hot shard none (its rows are counted by the cold shards they came from)."""
 
     def __init__(self, shard_id: int, num_shards: int, storage: StorageConfig | None = None,
-                 role: str = "cold", track_accesses: bool = False, device: str | None = None) -> None:
+                 role: str = "cold", track_accesses: bool = False, device: str | None = None,
+                 quotas: Iterable[NamespaceQuota] = ()) -> None:
         if not 0 <= shard_id < num_shards:
             raise InvalidArgument(f"shard id {shard_id} must be in [0, {num_shards})")
         if device is not None and storage is not None and storage.path is not None:
@@ -77,6 +81,7 @@ class Shard:
                                   f"{storage.path!r} keeps its rows in host DRAM over LMDB")
         self.shard_id, self.num_shards, self.device = shard_id, num_shards, device
         self.homes = Homes(role)  # a hot shard is shard `shard_id` of the `num_shards` hot ones
+        self.quotas = Quotas(quotas if role == "cold" else (), shard_id, num_shards)
         self.track_accesses = track_accesses  # keep reads for placement (hot shards, tiers) to drain
         self.storage = storage if storage is not None else StorageConfig()
         self._accesses = Accesses(self.storage.access_log_ids, self.storage.access_log_expiry_s)
@@ -365,6 +370,8 @@ class Shard:
             # every table's update computed and checked before anything changes (or is logged)
             whole = self._completed_parts(client_id, checked, contributors, commit) if contributors > 1 else checked
             updates = self._tables.prepare(whole)
+            if self.quotas:  # rows this push would store, checked against their namespaces' quotas
+                self.check_quotas({name: _ids_of(checked[name], updates.get(name)) for name in checked})
             with self.journal.change(client_id, request_seq) as change:
                 if contributors > 1:
                     self._hold_parts(client_id, checked, contributors, whole)
@@ -429,6 +436,8 @@ class Shard:
                 return done  # re-sent: its first answer
             self._expire_parts()
             updates = self._check_commits(client_id, steps, contributors)
+            if self.quotas:
+                self.check_quotas({name: _ids_of(None, update) for name, update in updates.items()})
             with self.journal.change(client_id, request_seq) as change:
                 change.result = sum(self._commit_step(client_id, name, step, lr, contributors, updates.get(name))
                                     for name, (step, lr) in steps.items())
@@ -692,6 +701,22 @@ class Shard:
         with self._lock:
             return self._tables.digest()
 
+    def check_quotas(self, writes: dict[str, np.ndarray]) -> None:
+        """QuotaExceeded (RESOURCE_EXHAUSTED) unless writing rows `writes` {table: checked ids (n,)
+        of this shard} keeps every namespace within its share of its quota here; under the lock,
+        before anything changes (push, commit; an import of rows calls it too). Costs nothing for
+        namespaces without a quota; for the others it looks up which ids are stored already."""
+        writes = {name: ids for name, ids in writes.items() if self.quotas.applies(name) and len(ids)}
+        if not writes:
+            return
+        new_rows = {name: int((self._tables[name].writer.last_of(ids) < 0).sum()) for name, ids in writes.items()}
+        uses = []
+        for name, store in self._tables.items():
+            if self.quotas.applies(name):  # rows moved to a hot shard still count here (quotas.py)
+                uses.append(TableUse(name, store.num_materialized + len(self.homes.ids(name)),
+                                     bytes_per_row(store.cfg.width, store.optimizer.state_width(store.cfg.width))))
+        self.quotas.check_new_rows(new_rows, uses)
+
     def _checked_requests(self, requests: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         """{table: its ids as (n,) int64} of a fetch or look-ahead, every id checked."""
         return {name: self._checked_ids(name, ids) for name, ids in requests.items()}
@@ -706,3 +731,11 @@ class Shard:
         ids = self._checked_ids(name, push.ids)
         self.homes.check(name, ids)
         return checks.checked_push(self._tables[name], push, ids)
+
+
+def _ids_of(push: TablePush | None, update: Update | None) -> np.ndarray:
+    """The distinct ids (n,) a push part and an update write, together."""
+    ids = [push.ids] if push is not None else []
+    if update is not None and update.batch is not None:
+        ids.append(update.batch.ids)
+    return np.unique(np.concatenate(ids)) if len(ids) > 1 else ids[0] if ids else np.empty(0, np.int64)

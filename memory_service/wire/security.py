@@ -8,6 +8,14 @@ UNAUTHENTICATED; a read token on a method outside READ_METHODS is PERMISSION_DEN
 may call everything. Methods are write scope unless listed as reads, so an rpc added later is
 closed to read tokens until someone decides otherwise.
 
+Namespaces: besides those cluster-wide tokens, a token may be scoped to namespaces
+(`NamespaceTokens`: a namespace is a table name's part before its first "/",
+config.namespace_of), with read or write on each. Its `Caller` then may call an rpc only on
+tables of its namespaces, with the scope the rpc needs there: server/namespace_check.py reads the
+tables each request names (PERMISSION_DENIED otherwise) and narrows ListTables and Stats to them;
+rpcs that span namespaces (migration, DrainAccesses, DirectReads, whole-shard checkpoints, and
+any rpc added later until it says which tables it names) need a cluster-wide token.
+
 The default `SecurityConfig()` is open (no TLS, no tokens), as the embedded cluster on 127.0.0.1
 needs; serving a host other than loopback without TLS warns (`InsecureBindWarning`).
 
@@ -27,6 +35,7 @@ import hashlib
 import hmac
 import ipaddress
 import warnings
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
 import grpc
@@ -141,6 +150,71 @@ def open_channel(target: str, options: tuple = (), security: ClientSecurity | No
     return grpc.insecure_channel(target, options=options) if security is None else security.channel(target, options)
 
 
+SCOPES = ("read", "write")
+
+
+@dataclass(frozen=True)
+class NamespaceTokens:
+    """The tokens scoped to one namespace: `read_token_digests` may call read-scope rpcs on its
+    tables, `write_token_digests` every rpc that names only tables of it (token_digest() each).
+    A token listed under several namespaces gets each one's scope there."""
+
+    namespace: str
+    read_token_digests: tuple[str, ...] = ()
+    write_token_digests: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.namespace, str) or "/" in self.namespace or len(self.namespace) > 255 \
+                or not all(" " <= c <= "~" for c in self.namespace):
+            raise ValueError(f"namespace {self.namespace!r} must be printable ASCII without '/' (a table "
+                             f"name's part before its first '/'; '' is the default namespace)")
+        for name in ("read_token_digests", "write_token_digests"):
+            digests = getattr(self, name)
+            if isinstance(digests, str) or not all(_is_digest(d) for d in digests):
+                raise ValueError(f"namespace {self.namespace!r}: {name} must be a tuple of sha256 hex "
+                                 f"digests (token_digest(token)), not tokens")
+
+    @classmethod
+    def from_mapping(cls, scoped: Mapping[str, Mapping[str, Iterable[str]]], digests: bool = False
+                     ) -> tuple["NamespaceTokens", ...]:
+        """{namespace: {"read": [...], "write": [...]}} of plain tokens (or of their digests, with
+        `digests`) as NamespaceTokens, sorted by namespace; ValueError naming a key other than
+        read and write."""
+        out = []
+        for namespace, scopes in sorted(scoped.items()):
+            if not isinstance(scopes, Mapping) or set(scopes) - set(SCOPES):
+                raise ValueError(f"namespace {namespace!r}: expected a mapping with keys read and/or write, "
+                                 f"got {scopes!r}")
+            if any(isinstance(scopes.get(s, ()), str) for s in SCOPES):
+                raise ValueError(f"namespace {namespace!r}: read and write take lists of tokens")
+            read, write = (tuple(t if digests else token_digest(t) for t in scopes.get(s) or ()) for s in SCOPES)
+            out.append(cls(namespace, read, write))
+        return tuple(out)
+
+
+@dataclass(frozen=True)
+class Caller:
+    """Whom a call's token names: `scope` "read" or "write" for a cluster-wide token (None for one
+    scoped to namespaces), `namespaces` {namespace: "read" or "write"} of a scoped token, `digest`
+    the token's digest ("" without tokens: the caller of an open server)."""
+
+    scope: str | None
+    namespaces: Mapping[str, str] = field(default_factory=dict)
+    digest: str = ""
+
+    @property
+    def is_cluster_wide(self) -> bool:
+        return self.scope is not None
+
+    def may(self, namespace: str, scope: str) -> bool:
+        """Whether this caller may use `scope` ("read" or "write") on tables of `namespace`."""
+        have = self.scope if self.scope is not None else self.namespaces.get(namespace)
+        return have == "write" or (have == "read" and scope == "read")
+
+
+OPEN_CALLER = Caller("write")  # every caller of a server without tokens
+
+
 @dataclass(frozen=True)
 class SecurityConfig:
     """A shard server's TLS and tokens; every field None/empty (the default) serves in the open.
@@ -148,7 +222,8 @@ class SecurityConfig:
     `cert`, `key`: the server's certificate chain and private key (TLS on). `client_ca`: clients
     must present a certificate signed by it (mutual TLS). `read_token_digests`,
     `write_token_digests`: token_digest() of the accepted tokens (tokens on when either is
-    non-empty; `from_tokens` builds them from plain tokens). `peer`: how this shard calls other
+    non-empty; `from_tokens` builds them from plain tokens). `namespace_tokens`: tokens scoped to
+    namespaces (NamespaceTokens; they turn tokens on too). `peer`: how this shard calls other
     shards (a hot shard's migration exports and imports rows through the cold shards' write rpcs),
     needed when shards of a secured cluster include hot ones.
 
@@ -164,8 +239,16 @@ class SecurityConfig:
     peer: ClientSecurity | None = None
     metrics_host: str | None = None
     metrics_token_digest: str | None = None
+    namespace_tokens: tuple[NamespaceTokens, ...] = ()
 
     def __post_init__(self) -> None:
+        if isinstance(self.namespace_tokens, (str, Mapping)) or \
+                not all(isinstance(n, NamespaceTokens) for n in self.namespace_tokens):
+            raise ValueError("SecurityConfig.namespace_tokens must be a tuple of NamespaceTokens "
+                             "(NamespaceTokens.from_mapping builds them)")
+        namespaces = [n.namespace for n in self.namespace_tokens]
+        if len(set(namespaces)) != len(namespaces):
+            raise ValueError(f"SecurityConfig.namespace_tokens names a namespace twice: {sorted(namespaces)}")
         for name in ("cert", "key", "client_ca"):
             _check_pem(getattr(self, name), f"SecurityConfig.{name}")
         if (self.cert is None) != (self.key is None):
@@ -187,11 +270,15 @@ class SecurityConfig:
 
     @classmethod
     def from_tokens(cls, read_tokens=(), write_tokens=(), metrics_token: str | None = None,
-                    **fields) -> "SecurityConfig":
-        """A config accepting these plain tokens (kept as digests only)."""
+                    namespace_tokens: Mapping[str, Mapping[str, Iterable[str]]] | None = None,
+                    scoped_digests: tuple[NamespaceTokens, ...] = (), **fields) -> "SecurityConfig":
+        """A config accepting these plain tokens (kept as digests only); `namespace_tokens`
+        {namespace: {"read": [...], "write": [...]}} the tokens scoped to namespaces, or
+        `scoped_digests` those given as digests already (a config file's)."""
         return cls(read_token_digests=tuple(token_digest(t) for t in read_tokens),
                    write_token_digests=tuple(token_digest(t) for t in write_tokens),
                    metrics_token_digest=token_digest(metrics_token) if metrics_token is not None else None,
+                   namespace_tokens=NamespaceTokens.from_mapping(namespace_tokens or {}) + tuple(scoped_digests),
                    **fields)
 
     @property
@@ -205,11 +292,12 @@ class SecurityConfig:
 
     @property
     def has_tokens(self) -> bool:
-        return bool(self.read_token_digests or self.write_token_digests)
+        return bool(self.read_token_digests or self.write_token_digests or self.namespace_tokens)
 
     def token_check(self) -> TokenCheck | None:
         """The server's token check, when tokens are on."""
-        return TokenCheck(self.read_token_digests, self.write_token_digests) if self.has_tokens else None
+        return TokenCheck(self.read_token_digests, self.write_token_digests, self.namespace_tokens) \
+            if self.has_tokens else None
 
     def add_port(self, server: grpc.Server, address: str) -> int:
         """Binds `address` on `server`, with TLS when configured; returns the bound port."""
@@ -257,15 +345,19 @@ class TokenCheck:
     """Checks a call's bearer token against the accepted digests from its headers alone, before
     any of its request is read (server/admission.py asks it first): UNAUTHENTICATED without
     exactly one 'authorization: Bearer <token>' of a known token, PERMISSION_DENIED for a read
-    token on a write method."""
+    token on a write method (a token scoped to namespaces: one with write on none of them). Which
+    tables a scoped token's request may name is server/namespace_check.py's, once it is read."""
 
-    def __init__(self, read_digests: tuple[str, ...], write_digests: tuple[str, ...]) -> None:
+    def __init__(self, read_digests: tuple[str, ...], write_digests: tuple[str, ...],
+                 namespace_tokens: tuple[NamespaceTokens, ...] = ()) -> None:
         self.read_digests = tuple(d.encode() for d in read_digests)
         self.write_digests = tuple(d.encode() for d in write_digests)
+        # (namespace, scope, digest) of every scoped token
+        self.scoped = tuple((n.namespace, scope, d.encode()) for n in namespace_tokens
+                            for scope in SCOPES for d in getattr(n, f"{scope}_token_digests"))
 
-    def identify(self, metadata) -> tuple[str, str] | None:
-        """(scope 'write' or 'read', the token's digest) of a call's metadata; None without a
-        valid token."""
+    def identify(self, metadata) -> Caller | None:
+        """The Caller of a call's metadata; None without a valid token."""
         values = [v for k, v in (metadata or ()) if k == METADATA_KEY]
         if len(values) != 1 or not isinstance(values[0], str):
             return None
@@ -276,21 +368,33 @@ class TokenCheck:
         # compare with every digest (no early exit), in constant time each
         write = sum(hmac.compare_digest(digest, d) for d in self.write_digests)
         read = sum(hmac.compare_digest(digest, d) for d in self.read_digests)
+        granted = [(namespace, scope) for namespace, scope, d in self.scoped if hmac.compare_digest(digest, d)]
+        namespaces: dict[str, str] = {}
+        for namespace, scope in granted:  # write wins where a token is listed under both
+            namespaces[namespace] = "write" if "write" in (scope, namespaces.get(namespace)) else "read"
         scope = "write" if write else "read" if read else None
-        return None if scope is None else (scope, digest.decode())
+        if scope is None and not namespaces:
+            return None
+        return Caller(scope, namespaces if scope is None else {}, digest.decode())
 
     def scope_of(self, metadata) -> str | None:
-        """'write', 'read' or None (no valid token) for a call's metadata."""
+        """'write', 'read' (cluster-wide), 'namespaces' (scoped) or None (no valid token) for a
+        call's metadata."""
         found = self.identify(metadata)
-        return None if found is None else found[0]
+        return None if found is None else found.scope or "namespaces"
 
-    def refusal(self, method: str, scope: str | None) -> tuple[grpc.StatusCode, str] | None:
-        """(status, details) refusing a call of `method` with a token of `scope` (None: no valid
-        token); None when the call may go on."""
-        if scope is None:
+    def refusal(self, method: str, caller: Caller | None) -> tuple[grpc.StatusCode, str] | None:
+        """(status, details) refusing a call of `method` by `caller` (None: no valid token) from
+        its headers; None when the call may go on (to the namespace check, for a scoped token)."""
+        if caller is None:
             return grpc.StatusCode.UNAUTHENTICATED, status_details(
                 f"{method}: missing or invalid token (send metadata '{METADATA_KEY}: Bearer <token>')")
-        if scope == "read" and method_scope(method) == "write":
+        needs = method_scope(method)
+        if caller.is_cluster_wide and not caller.may("", needs):
             return grpc.StatusCode.PERMISSION_DENIED, status_details(
                 f"{method} needs a write token; this token has the read scope")
+        if not caller.is_cluster_wide and needs == "write" and "write" not in caller.namespaces.values():
+            return grpc.StatusCode.PERMISSION_DENIED, status_details(
+                f"{method} needs a write token; this token has the read scope on namespaces "
+                f"{sorted(caller.namespaces)}")
         return None

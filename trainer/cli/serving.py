@@ -34,11 +34,38 @@ def serve_overrides(args: argparse.Namespace) -> dict:
             continue
         section, _, key = field.rpartition(".")
         (overrides.setdefault(section, {}) if section else overrides)[key] = value
+    for namespace, rows in args.quota_rows or ():
+        overrides.setdefault("quotas", {}).setdefault(namespace, {})["max_rows"] = rows
+    for namespace, nbytes in args.quota_bytes or ():
+        overrides.setdefault("quotas", {}).setdefault(namespace, {})["max_bytes"] = nbytes
+    for namespace, (scope, digest) in args.namespace_token or ():
+        scoped = overrides.setdefault("security", {}).setdefault("namespace_tokens", {})
+        scoped.setdefault(namespace, {}).setdefault(scope, []).append(digest)
     if args.no_metrics:
         overrides["metrics_port"] = None
     if args.detach:
         overrides["detached"] = True
     return overrides
+
+
+def _namespaced(value_type):
+    """An argparse type 'NAMESPACE=VALUE' -> (namespace, value_type(VALUE))."""
+    def parse(text: str):
+        namespace, sep, value = text.partition("=")
+        if not sep or "/" in namespace:
+            raise argparse.ArgumentTypeError(f"{text!r}: expected NAMESPACE=VALUE (a namespace has no '/'; "
+                                             f"'=VALUE' alone is the default namespace)")
+        return namespace, value_type(value)
+    return parse
+
+
+def _scoped_digest(text: str) -> tuple[str, str]:
+    """'read:DIGEST' or 'write:DIGEST' -> (scope, digest)."""
+    scope, _, digest = text.partition(":")
+    if scope not in ("read", "write") or len(digest) != 64:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected read:DIGEST or write:DIGEST, the digest being the "
+                                         f"token's sha256 hex (printf %s TOKEN | sha256sum)")
+    return scope, digest
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -132,7 +159,8 @@ def cmd_stop(args: argparse.Namespace) -> int:
 def add_parsers(sub) -> None:
     p = sub.add_parser("serve", help="run a tables cluster (Ray shard actors serving gRPC)",
                        description="Flags override the --config file; what neither gives keeps ClusterConfig's "
-                                   "default. Tokens: $ENGRAM_READ_TOKENS, $ENGRAM_WRITE_TOKENS (comma-separated).")
+                                   "default. Tokens: $ENGRAM_READ_TOKENS, $ENGRAM_WRITE_TOKENS (comma-separated); "
+                                   "tokens scoped to namespaces: --namespace-token (digests).")
     add_cluster_args(p, "Ray cluster to run on (default: $RAY_ADDRESS, else an embedded local one)")
     p.add_argument("--shards", type=positive_int, default=None, help="cold shards (default 2)")
     p.add_argument("--hot-shards", type=non_negative_int, default=None, help="hot shards (default 0)")
@@ -174,6 +202,17 @@ def add_parsers(sub) -> None:
     p.add_argument("--tls-ca", default=None,
                    help="CA that signed the shards' certificates, for shard-to-shard calls (default: --tls-cert)")
     p.add_argument("--tls-client-ca", default=None, help="require client certificates signed by this CA (mutual TLS)")
+    p.add_argument("--namespace-token", type=_namespaced(_scoped_digest), action="append", default=None,
+                   metavar="NS=SCOPE:DIGEST",
+                   help="a token scoped to namespace NS (a table name's part before its first '/'): SCOPE read "
+                        "or write, DIGEST its sha256 hex (printf %%s TOKEN | sha256sum); repeatable; replaces "
+                        "the file's security.namespace_tokens")
+    p.add_argument("--quota-rows", type=_namespaced(non_negative_int), action="append", default=None,
+                   metavar="NS=ROWS", help="the most rows namespace NS's tables may store in the cluster "
+                                           "(each cold shard enforces its share); repeatable")
+    p.add_argument("--quota-bytes", type=_namespaced(size), action="append", default=None, metavar="NS=BYTES",
+                   help="the most bytes (4 x (width + optimizer state) per stored row) namespace NS's tables "
+                        "may store, e.g. a=8GiB; repeatable")
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("stop", help="stop a detached tables cluster: flush every shard, remove its actors")
