@@ -33,7 +33,7 @@ from prometheus_client.exposition import ThreadingWSGIServer
 from prometheus_client.utils import floatToGoString
 
 from memory_service.ops.reports import RPCS, RpcWindow, ShardReport
-from memory_service.ops.table_groups import namespace_of
+from memory_service.config import namespace_of
 
 # Every table series says which table and what it is: its namespace (the name up to the first
 # "/") and the model labels the trainer sets (TableConfig.labels; "" where a table has none), so

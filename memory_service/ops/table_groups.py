@@ -11,14 +11,10 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from memory_service.config import namespace_of
 from memory_service.ops.reports import TableSummary
 
 NAMESPACE = "namespace"  # a key that groups by the table name's namespace, not by a label
-
-
-def namespace_of(name: str) -> str:
-    """The namespace of a table: its name up to the first "/" ("" without one)."""
-    return name.split("/", 1)[0] if "/" in name else ""
 
 
 def group_key(table: TableSummary, keys: Sequence[str]) -> tuple[str, ...]:
