@@ -23,6 +23,7 @@ import numpy as np
 import torch
 
 from memory_service.ops import collisions
+from memory_service import quantization
 from memory_service.wire import codec, heap, reply_files, small_fetch
 from memory_service.config import TableConfig
 from memory_service.errors import InvalidArgument, RowsMoved
@@ -112,6 +113,17 @@ class MemoryClient:
         """Create `cfg` on every shard (idempotent for an identical config)."""
         self.transport.call_all("CreateTable", memory_pb2.CreateTableRequest(config=codec.table_config_to_proto(cfg)))
         self.tables[cfg.name] = cfg
+
+    def freeze_table(self, name: str, quantization: str = "none") -> TableConfig:
+        """Freeze table `name` in place on every shard, cold and hot (Shard.freeze_table): no more
+        pushes, no optimizer state, rows kept bit for bit or, with `quantization` "fp8_e4m3" or
+        "int8", stored and sent quantized (fetch still returns float32). Idempotent; a frozen
+        table with another quantization is FailedPrecondition. Returns the frozen config. Other
+        clients that cached the table's config before the freeze must be reopened."""
+        replies = self.transport.call_all("FreezeTable", memory_pb2.FreezeTableRequest(table=name,
+                                                                                       quantization=quantization))
+        self.tables[name] = codec.table_config_from_proto(replies[0].table.config)
+        return self.tables[name]
 
     def drop_table(self, name: str) -> None:
         self.transport.call_all("DropTable", memory_pb2.DropTableRequest(name=name))
@@ -293,6 +305,9 @@ class MemoryClient:
         """Wait for a started fetch's replies and assemble the rows in the caller's order."""
         try:
             grouped = self._gather(fetch)
+            for name, cfg in fetch.layout.configs.items():  # packed rows -> float32, before the gather
+                if cfg.is_quantized:
+                    grouped[name] = quantization.dequantize(grouped[name], cfg.width, cfg.quantization)
             # bf16 widens during the gather: it moves half the bytes, and one pass writes the output
             out = {name: torch.from_numpy(route.reassemble(grouped[name], fetch.layout.is_bf16(name)))
                    for name, route in fetch.routes.items()}
@@ -441,8 +456,7 @@ class MemoryClient:
         return self.router.requests(routes, {name: self._row_bytes(name) for name in routes})
 
     def _row_bytes(self, name: str) -> int:
-        cfg = self.table(name)
-        return cfg.width * codec.ITEMSIZE[cfg.dtype]
+        return codec.row_nbytes(self.table(name))
 
     def close(self) -> None:
         if self.direct is not None:

@@ -125,6 +125,11 @@ class MemoryServiceStub:
                 request_serializer=engram__memory_dot_v1_dot_memory__pb2.CheckpointRestoreRequest.SerializeToString,
                 response_deserializer=engram__memory_dot_v1_dot_memory__pb2.CheckpointRestoreResponse.FromString,
                 _registered_method=True)
+        self.FreezeTable = channel.unary_unary(
+                '/engram_memory.v1.MemoryService/FreezeTable',
+                request_serializer=engram__memory_dot_v1_dot_memory__pb2.FreezeTableRequest.SerializeToString,
+                response_deserializer=engram__memory_dot_v1_dot_memory__pb2.FreezeTableResponse.FromString,
+                _registered_method=True)
 
 
 class MemoryServiceServicer:
@@ -306,6 +311,19 @@ class MemoryServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def FreezeTable(self, request, context):
+        """Freezes table `table` in place on this shard: drops its optimizer state, and with a
+        `quantization` stores its rows quantized (never-written rows stay computed from the seed and
+        are quantized the same way when read); otherwise keeps every row bit for bit. Durable (LMDB and
+        write-ahead log checkpointed before the answer) and idempotent: freezing a frozen table with
+        the same quantization changes nothing. Returns the table as it is now. NOT_FOUND for an
+        unknown table; INVALID_ARGUMENT for an unknown quantization; FAILED_PRECONDITION for a frozen
+        table with another quantization, or a data-parallel step of the table still open.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_MemoryServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -398,6 +416,11 @@ def add_MemoryServiceServicer_to_server(servicer, server):
                     servicer.CheckpointRestore,
                     request_deserializer=engram__memory_dot_v1_dot_memory__pb2.CheckpointRestoreRequest.FromString,
                     response_serializer=engram__memory_dot_v1_dot_memory__pb2.CheckpointRestoreResponse.SerializeToString,
+            ),
+            'FreezeTable': grpc.unary_unary_rpc_method_handler(
+                    servicer.FreezeTable,
+                    request_deserializer=engram__memory_dot_v1_dot_memory__pb2.FreezeTableRequest.FromString,
+                    response_serializer=engram__memory_dot_v1_dot_memory__pb2.FreezeTableResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -887,6 +910,33 @@ class MemoryService:
             '/engram_memory.v1.MemoryService/CheckpointRestore',
             engram__memory_dot_v1_dot_memory__pb2.CheckpointRestoreRequest.SerializeToString,
             engram__memory_dot_v1_dot_memory__pb2.CheckpointRestoreResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def FreezeTable(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/engram_memory.v1.MemoryService/FreezeTable',
+            engram__memory_dot_v1_dot_memory__pb2.FreezeTableRequest.SerializeToString,
+            engram__memory_dot_v1_dot_memory__pb2.FreezeTableResponse.FromString,
             options,
             channel_credentials,
             insecure,

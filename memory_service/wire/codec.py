@@ -47,6 +47,8 @@ MESSAGE_OPTIONS = (
 ITEMSIZE = {"float32": 4, "bfloat16": 2}
 _DTYPE_TO_PROTO = {"float32": memory_pb2.DTYPE_FLOAT32, "bfloat16": memory_pb2.DTYPE_BFLOAT16}
 _DTYPE_FROM_PROTO = {v: k for k, v in _DTYPE_TO_PROTO.items()}
+# Fetch replies of quantized (frozen) tables carry packed rows (memory_service/quantization.py)
+_WIRE_TO_PROTO = {**_DTYPE_TO_PROTO, "fp8_e4m3": memory_pb2.DTYPE_FP8_E4M3, "int8": memory_pb2.DTYPE_INT8}
 _OPTIMIZER_TO_PROTO = {
     "sparse_adam": memory_pb2.OPTIMIZER_KIND_SPARSE_ADAM,
     "adagrad": memory_pb2.OPTIMIZER_KIND_ADAGRAD,
@@ -126,6 +128,28 @@ def bfloat16_bits_to_float32(bits: np.ndarray) -> np.ndarray:
     return (bits.astype(np.uint32) << 16).view(np.float32)
 
 
+def wire_dtype(cfg: TableConfig) -> str:
+    """The dtype of table `cfg`'s rows in Fetch replies: its quantization, or its dtype."""
+    return cfg.quantization if cfg.is_quantized else cfg.dtype
+
+
+def word_dtype(cfg: TableConfig) -> str:
+    """How the rows a shard reads for `cfg` are encoded for the wire: "float32" for a quantized
+    table too (its packed words travel as they are stored, bytes untouched), else its dtype."""
+    return "float32" if cfg.is_quantized else cfg.dtype
+
+
+def row_nbytes(cfg: TableConfig) -> int:
+    """Bytes of one row of `cfg` in a Fetch reply: width x itemsize, or a packed row's
+    4 * stored_width (scale and codes, padded to a multiple of 4)."""
+    return 4 * cfg.stored_width if cfg.is_quantized else cfg.width * ITEMSIZE[cfg.dtype]
+
+
+def wire_dtype_to_proto(cfg: TableConfig) -> int:
+    """The DType enum value of table `cfg`'s rows in Fetch replies (TableRows.dtype)."""
+    return _WIRE_TO_PROTO[wire_dtype(cfg)]
+
+
 # --- enums ----------------------------------------------------------------------------------------
 
 def dtype_to_proto(dtype: str) -> int:
@@ -169,7 +193,8 @@ def table_config_to_proto(cfg: TableConfig) -> memory_pb2.TableConfig:
         name=cfg.name, num_rows=cfg.num_rows, width=cfg.width, dtype=dtype_to_proto(cfg.dtype),
         init_scale=cfg.init_scale, seed=cfg.seed,
         optimizer=optimizer_config_to_proto(cfg.optimizer),
-        collision_sample_rate=cfg.collision_sample_rate)
+        collision_sample_rate=cfg.collision_sample_rate, frozen=cfg.frozen,
+        quantization="" if cfg.quantization == "none" else cfg.quantization)
 
 
 def table_config_from_proto(msg: memory_pb2.TableConfig) -> TableConfig:
@@ -180,7 +205,8 @@ def table_config_from_proto(msg: memory_pb2.TableConfig) -> TableConfig:
                     dtype=dtype_from_proto(msg.dtype, f"table {msg.name!r}"),
                     init_scale=msg.init_scale, seed=msg.seed,
                     optimizer=optimizer_config_from_proto(msg.optimizer, msg.name),
-                    collision_sample_rate=msg.collision_sample_rate)
+                    collision_sample_rate=msg.collision_sample_rate, frozen=msg.frozen,
+                    quantization=msg.quantization or "none")
 
 
 def _checked(prefix: str, cls, **fields):
