@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 
 OPTIMIZERS = ("sparse_adam", "adam", "adagrad", "sgd")
 DTYPES = ("float32", "bfloat16")
+ITEMSIZE = {"float32": 4, "bfloat16": 2}  # bytes per value of each dtype
 # How a frozen table stores and sends its rows (memory_service/quantization.py): as they are
 # ("none"), or as one-byte codes plus a float32 scale per row.
 QUANTIZATIONS = ("none", "fp8_e4m3", "int8")
@@ -100,6 +101,12 @@ class TableConfig:
         """float32 words a stored row takes: `width`, or for a quantized table its packed row
         (a float32 scale and `width` one-byte codes: ceil((width + 4) / 4) words)."""
         return -(-(self.width + 4) // 4) if self.is_quantized else self.width
+
+    @property
+    def wire_row_bytes(self) -> int:
+        """Bytes of one row in a Fetch reply: width x itemsize, or a packed row's 4 * stored_width
+        (scale and codes, padded to a multiple of 4)."""
+        return 4 * self.stored_width if self.is_quantized else self.width * ITEMSIZE[self.dtype]
 
     def to_dict(self) -> dict:
         """Plain data (a cold shard stores it beside the table's rows)."""

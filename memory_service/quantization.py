@@ -5,6 +5,8 @@ touching the words as numbers): byte 0..3 the row's scale (float32 little-endian
 the codes, zero bytes to the end. Width 160: 164 bytes, against 320 in bf16. Value i is
 `decode(code_i) * scale`, computed in float32.
 
+Rows are finite (a table's rows always are: updates that would not be are refused).
+
 - fp8_e4m3: scale = amax / 448 (448 is e4m3fn's largest value); code = the e4m3fn bits of
   float32(x / scale), rounded to nearest even exactly as torch's `.to(torch.float8_e4m3fn)`.
   Error bound, per value: |x - q(x)| <= |x| * (2**-4 + 2**-22) + scale * 2**-10 + 2**-149.

@@ -62,6 +62,11 @@ class TableUsage:
     optimizer_state_bytes: int
     tiers: tuple[TierUsage, ...]
     collisions: CollisionCounts | None = None  # None: collision stats off
+    # bytes per row (a frozen or quantized table's are smaller; TableStore.row_bytes): in DRAM
+    # (row, optimizer state, id, last step, dirty flag), in LMDB (0 without disk), in a Fetch reply
+    dram_row_bytes: int = 0
+    disk_row_bytes: int = 0
+    wire_row_bytes: int = 0
 
     @property
     def rows(self) -> int:

@@ -699,9 +699,11 @@ class Shard:
     @staticmethod
     def _usage(store: TableStore) -> TableUsage:
         cfg, state = store.cfg, store.state_nbytes
+        dram_row_bytes, disk_row_bytes = store.row_bytes()
         return TableUsage(name=cfg.name, num_rows=cfg.num_rows, width=cfg.width, step=store.step,
                           rows_read=store.rows_read, optimizer_rows=store.optimizer_rows,
-                          optimizer_state_bytes=state, tiers=store.tier_usage())
+                          optimizer_state_bytes=state, tiers=store.tier_usage(), dram_row_bytes=dram_row_bytes,
+                          disk_row_bytes=disk_row_bytes, wire_row_bytes=cfg.wire_row_bytes)
 
     def owns(self, ids: np.ndarray) -> bool:
         """Whether every id (n,) lives on this shard."""

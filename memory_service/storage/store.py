@@ -477,6 +477,12 @@ class TableStore:
 
     # --- stats ---
 
+    def row_bytes(self) -> tuple[int, int]:
+        """(bytes per row in the arena: row, state, id, last step, dirty flag (index not counted);
+        bytes per LMDB record: row, state, last step (0 without a disk tier))."""
+        row = 4 * (self.arena.width + self.arena.state_width)
+        return row + 8 + 8 + 1, (row + 8 if self.disk is not None else 0)
+
     def tier_usage(self) -> tuple[TierUsage, ...]:
         """Rows, bytes and counters of each tier (optimizer state in DRAM counted apart)."""
         arena_bytes = self.arena.nbytes - self.arena.state_nbytes

@@ -12,7 +12,7 @@ import dataclasses
 import numpy as np
 
 from memory_service.ops.collisions import CollisionCounts, NgramBatch
-from memory_service.config import OptimizerConfig, TableConfig
+from memory_service.config import ITEMSIZE, OptimizerConfig, TableConfig  # ITEMSIZE: re-exported
 from memory_service.errors import InvalidArgument
 
 from memory_service.rpc import memory_pb2
@@ -44,7 +44,6 @@ MESSAGE_OPTIONS = (
     ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
 )
 
-ITEMSIZE = {"float32": 4, "bfloat16": 2}
 _DTYPE_TO_PROTO = {"float32": memory_pb2.DTYPE_FLOAT32, "bfloat16": memory_pb2.DTYPE_BFLOAT16}
 _DTYPE_FROM_PROTO = {v: k for k, v in _DTYPE_TO_PROTO.items()}
 # Fetch replies of quantized (frozen) tables carry packed rows (memory_service/quantization.py)
@@ -142,7 +141,7 @@ def word_dtype(cfg: TableConfig) -> str:
 def row_nbytes(cfg: TableConfig) -> int:
     """Bytes of one row of `cfg` in a Fetch reply: width x itemsize, or a packed row's
     4 * stored_width (scale and codes, padded to a multiple of 4)."""
-    return 4 * cfg.stored_width if cfg.is_quantized else cfg.width * ITEMSIZE[cfg.dtype]
+    return cfg.wire_row_bytes
 
 
 def wire_dtype_to_proto(cfg: TableConfig) -> int:
@@ -302,7 +301,8 @@ def _table_usage_to_proto(t: TableUsage) -> memory_pb2.TableStats:
         name=t.name, num_rows=t.num_rows, width=t.width, step=t.step, rows_materialized=t.rows,
         nbytes=t.bytes, optimizer_rows=t.optimizer_rows,
         tiers=[memory_pb2.TierStats(**dataclasses.asdict(x)) for x in t.tiers],
-        optimizer_state_bytes=t.optimizer_state_bytes, rows_read=t.rows_read)
+        optimizer_state_bytes=t.optimizer_state_bytes, rows_read=t.rows_read, dram_row_bytes=t.dram_row_bytes,
+        disk_row_bytes=t.disk_row_bytes, wire_row_bytes=t.wire_row_bytes)
     if t.collisions is not None:
         msg.collisions.CopyFrom(memory_pb2.CollisionStats(**dataclasses.asdict(t.collisions)))
     return msg
@@ -318,7 +318,8 @@ def _table_usage_from_proto(msg: memory_pb2.TableStats) -> TableUsage:
                       optimizer_state_bytes=msg.optimizer_state_bytes,
                       tiers=tuple(TierUsage(**{f.name: getattr(x, f.name) for f in dataclasses.fields(TierUsage)})
                                   for x in msg.tiers),
-                      collisions=collisions)
+                      collisions=collisions, dram_row_bytes=msg.dram_row_bytes,
+                      disk_row_bytes=msg.disk_row_bytes, wire_row_bytes=msg.wire_row_bytes)
 
 
 def records_to_proto(table: str, records) -> memory_pb2.RowRecords:

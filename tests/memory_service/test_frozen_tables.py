@@ -149,3 +149,13 @@ def test_quantization_requires_frozen():
     with pytest.raises(ValueError, match="quantization"):
         TableConfig("t", 10, 4, frozen=True, quantization="fp4")
     assert TableConfig("t", 10, 160, frozen=True, quantization="fp8_e4m3").stored_width * 4 == 164
+
+
+def test_stats_report_bytes_per_row(served):
+    shards, _, client, _ = served
+    client.freeze_table(ADAM.name, "fp8_e4m3")
+    usage = {t.name: t for t in client.report().shards[0].tables}
+    frozen, trained = usage[ADAM.name], usage[SPARSE.name]
+    assert frozen.wire_row_bytes == 16 and trained.wire_row_bytes == 2 * WIDTH  # 4 + 12 codes; bf16
+    assert frozen.disk_row_bytes == 16 + 8 and trained.disk_row_bytes == 4 * 3 * WIDTH + 8  # no Adam moments
+    assert frozen.dram_row_bytes == 16 + 17 and trained.dram_row_bytes == 4 * 3 * WIDTH + 17
