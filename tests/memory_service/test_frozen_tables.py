@@ -11,6 +11,7 @@ import pytest
 from memory_service import quantization
 from memory_service.client import MemoryClient
 from memory_service.config import OptimizerConfig, StorageConfig, TableConfig
+from memory_service.durability.checkpoint import restore_checkpoint, save_checkpoint
 from memory_service.errors import FailedPrecondition, InvalidArgument
 from memory_service.server.servicer import serve
 from memory_service.shard.shard import Shard
@@ -27,7 +28,8 @@ READ = np.concatenate([IDS, np.arange(301, 400, 7), IDS[:5]])  # written, never 
 def trained_shards(path) -> list[Shard]:
     """2 cold shards on LMDB and a hot one, every table pushed for 2 steps, rows 0 and 3 hot."""
     storage = StorageConfig(path=str(path), dram_budget_bytes=1 << 16)
-    shards = [Shard(0, 2, storage.for_shard(0)), Shard(1, 2, storage.for_shard(1)), Shard(0, 1, role="hot")]
+    hot = StorageConfig(checkpoint_root=storage.checkpoint_dir)
+    shards = [Shard(0, 2, storage.for_shard(0)), Shard(1, 2, storage.for_shard(1)), Shard(0, 1, hot, role="hot")]
     rng = np.random.default_rng(0)
     for shard in shards:
         for cfg in TABLES:
@@ -159,3 +161,13 @@ def test_stats_report_bytes_per_row(served):
     assert frozen.wire_row_bytes == 16 and trained.wire_row_bytes == 2 * WIDTH  # 4 + 12 codes; bf16
     assert frozen.disk_row_bytes == 16 + 8 and trained.disk_row_bytes == 4 * 3 * WIDTH + 8  # no Adam moments
     assert frozen.dram_row_bytes == 16 + 17 and trained.dram_row_bytes == 4 * 3 * WIDTH + 17
+
+
+def test_checkpoint_of_a_frozen_table_restores_it_frozen(served):
+    shards, _, client, tmp_path = served
+    client.freeze_table(ADAM.name, "fp8_e4m3")
+    want = fetch(client, ADAM.name)
+    save_checkpoint(tmp_path / "data" / "checkpoints" / "c1", client, tables=[ADAM.name])
+    restore_checkpoint(tmp_path / "data" / "checkpoints" / "c1", client, replace=True)
+    assert all(shard.describe_table(ADAM.name).config.quantization == "fp8_e4m3" for shard in shards)
+    np.testing.assert_array_equal(fetch(client, ADAM.name), want)
