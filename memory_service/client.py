@@ -179,10 +179,13 @@ class MemoryClient:
         return names, np.stack([_as_ids(ids[name]).reshape(-1) for name in names]), shapes
 
     def fetch_async(self, ids: dict[str, np.ndarray | torch.Tensor], min_step: int = 0,
-                    ngrams: dict[str, np.ndarray] | None = None) -> Future:
+                    ngrams: dict[str, np.ndarray] | None = None, packed: bool = False) -> Future:
         """`fetch` with the requests sent before it returns (routing runs in the caller's thread)
-        and the replies gathered in the background: a Future of the rows, for prefetching."""
-        return self.pool.submit(self._finish_fetch, self._start_fetch(ids, min_step, ngrams))
+        and the replies gathered in the background: a Future of the rows, for prefetching.
+        `packed`: a quantized table's rows come as their packed bytes, uint8 (*shape,
+        4 * stored_width) (memory_service/quantization.py), for the caller to dequantize where
+        it uses them (trainer/remote_tables.py: on the GPU, a quarter of the bytes to copy)."""
+        return self.pool.submit(self._finish_fetch, self._start_fetch(ids, min_step, ngrams), packed)
 
     def fetch_stacked_async(self, names: list[str], ids: np.ndarray | torch.Tensor, min_step: int = 0) -> Future:
         """Rows of several tables of one width: `ids` (K, n), row k of table `names[k]` -> a Future
@@ -301,16 +304,20 @@ class MemoryClient:
         return FetchRound(self.transport, routes, ngrams, layout, min_step, self.same_host, self.trace,
                           started, self.direct).send(requests)
 
-    def _finish_fetch(self, fetch: FetchRound) -> dict[str, torch.Tensor]:
-        """Wait for a started fetch's replies and assemble the rows in the caller's order."""
+    def _finish_fetch(self, fetch: FetchRound, packed: bool = False) -> dict[str, torch.Tensor]:
+        """Wait for a started fetch's replies and assemble the rows in the caller's order (a
+        quantized table's dequantized to float32, or with `packed` its packed bytes)."""
         try:
             grouped = self._gather(fetch)
             for name, cfg in fetch.layout.configs.items():  # packed rows -> float32, before the gather
-                if cfg.is_quantized:
+                if cfg.is_quantized and not packed:
                     grouped[name] = quantization.dequantize(grouped[name], cfg.width, cfg.quantization)
             # bf16 widens during the gather: it moves half the bytes, and one pass writes the output
             out = {name: torch.from_numpy(route.reassemble(grouped[name], fetch.layout.is_bf16(name)))
                    for name, route in fetch.routes.items()}
+            for name, cfg in fetch.layout.configs.items():
+                if cfg.is_quantized and packed:  # (*shape, stored_width) words -> their bytes
+                    out[name] = out[name].view(torch.uint8)
             if self.trace is not None:
                 self.trace("fetch_done", {"step": fetch.min_step, "seconds": time.perf_counter() - fetch.started})
             return out
