@@ -171,3 +171,14 @@ def test_checkpoint_of_a_frozen_table_restores_it_frozen(served):
     restore_checkpoint(tmp_path / "data" / "checkpoints" / "c1", client, replace=True)
     assert all(shard.describe_table(ADAM.name).config.quantization == "fp8_e4m3" for shard in shards)
     np.testing.assert_array_equal(fetch(client, ADAM.name), want)
+
+
+def test_freeze_waits_for_an_incomplete_step(served):
+    shards, _, _, _ = served
+    shards[0].push("t", {ADAM.name: TablePush(3, np.array([2]), np.ones((1, WIDTH), np.float32))}, commit=False)
+    digest = shards[0].digest()
+    with pytest.raises(FailedPrecondition, match="incomplete step"):
+        shards[0].freeze_table(ADAM.name, "int8")
+    assert shards[0].digest() == digest
+    shards[0].commit("t", {ADAM.name: (3, None)})
+    assert shards[0].freeze_table(ADAM.name, "int8").config.frozen
