@@ -255,7 +255,9 @@ class Shard:
             if store.committed != store.step or name in open_steps:
                 raise FailedPrecondition(f"table {name!r} has an incomplete step (at {store.step}, complete "
                                          f"{store.committed}): commit it before freezing")
-            records, log = frozen_records(store, cfg), store.optimizer.log_state()
+            with self.journal.change():  # dense Adam catches rows up as it reads them
+                records = frozen_records(store, cfg)
+            log = store.optimizer.log_state()
             sketch = self._collisions.pop(name, None)
             self._tables.remove(name)
             frozen = self._add_table(cfg)
