@@ -168,7 +168,7 @@ class MemoryServiceServicer:
 
     def Fetch(self, request, context):
         """Reads rows of one or several tables. Untouched rows are computed from (seed, id) without being
-        stored. NOT_FOUND for an unknown table; INVALID_ARGUMENT for bad ids or a bad ids payload;
+        stored (and, for a quantized table, quantized as its stored rows are). NOT_FOUND for an unknown table; INVALID_ARGUMENT for bad ids or a bad ids payload;
         nothing is read unless every table's ids are valid.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
@@ -181,6 +181,7 @@ class MemoryServiceServicer:
         range, finite gradients, step >= 1), and every table's update is computed and checked to leave
         every row and its optimizer state finite before any is stored, so a rejected push changes
         nothing, in any of its tables, and logs nothing. Returns the number of distinct rows updated.
+        FAILED_PRECONDITION ("table X is frozen") if a table is frozen: the whole push is refused.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -189,7 +190,7 @@ class MemoryServiceServicer:
     def CommitStep(self, request, context):
         """Completes a step pushed with commit_later on this shard: logs it (with its lr) if no push
         did, applies the summed parts of K contributors at the K-th commit, and answers the fetches
-        held for it. Every shard gets every step's commit.
+        held for it. Every shard gets every step's commit. FAILED_PRECONDITION if a table is frozen.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -20,12 +20,30 @@ ENGRAM = EngramConfig(hidden_size=32, num_branches=1, max_ngram=2, heads_per_ngr
 SIZES = {1: [257, 263]}
 
 
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)]
+
+
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("kind", ["fp8_e4m3", "int8"])
-def test_torch_dequantize_matches_numpy(kind):
+def test_torch_dequantize_matches_numpy(kind, device):
     rows = np.random.default_rng(0).standard_normal((3, 5, 24)).astype(np.float32)
+    rows[0, 0] = 0  # a zero row (scale 0)
+    rows[1, 1] *= 1e-40  # subnormals
     packed = quantization.quantize(rows.reshape(15, 24), kind)  # (15, 7) words
-    got = dequantize_packed(torch.from_numpy(packed.view(np.uint8).reshape(3, 5, 28).copy()), 24, kind)
-    np.testing.assert_array_equal(got.numpy(), quantization.dequantize(packed, 24, kind).reshape(3, 5, 24))
+    codes = torch.from_numpy(packed.view(np.uint8).reshape(3, 5, 28).copy()).to(device)
+    got = dequantize_packed(codes, 24, kind)  # (3, 5, 24) on `device`
+    assert got.device.type == device
+    np.testing.assert_array_equal(got.cpu().numpy(), quantization.dequantize(packed, 24, kind).reshape(3, 5, 24))
+
+
+@pytest.mark.gpu
+def test_fp8_codes_agree_with_cuda_within_range():
+    """The shard's (numpy) encoder against torch's CUDA conversion, over every float32 in [-448, 448]
+    on a stride (what quantize ever encodes: scaled values stay within 448)."""
+    bits = np.arange(0, 0x43E00001, 61, dtype=np.uint32)  # 0 .. 448.0
+    values = np.concatenate([bits.view(np.float32), -bits.view(np.float32)])
+    want = torch.from_numpy(values).cuda().to(torch.float8_e4m3fn).view(torch.uint8).cpu().numpy()
+    np.testing.assert_array_equal(quantization.fp8_e4m3_bits(values), want)
 
 
 @pytest.mark.parametrize("kind", ["fp8_e4m3", "int8"])
