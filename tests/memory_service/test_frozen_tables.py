@@ -182,3 +182,22 @@ def test_freeze_waits_for_an_incomplete_step(served):
     assert shards[0].digest() == digest
     shards[0].commit("t", {ADAM.name: (3, None)})
     assert shards[0].freeze_table(ADAM.name, "int8").config.frozen
+
+
+def test_packed_rows_move_between_cold_and_hot_shards(served):
+    """A frozen quantized table's rows move as the migrator moves them (ExportRows' message, its
+    records decoded at the stored width, ImportRows), bytes untouched: no finite check on codes."""
+    from memory_service.wire import codec
+
+    shards, _, client, _ = served
+    client.freeze_table(ADAM.name, "int8")
+    ids = np.array([6, 12, 13])  # written and never written rows of cold shard 0... and 13 of shard 1
+    want = fetch(client, ADAM.name, ids)
+    for k, moved in ((0, np.array([6, 12])), (1, np.array([13]))):
+        records = shards[k].export_rows(ADAM.name, moved, version=2)
+        cfg = shards[2].describe_table(ADAM.name).config
+        message = codec.records_to_proto(ADAM.name, records)
+        shards[2].import_rows(ADAM.name, codec.records_from_proto(message, cfg.stored_width, 0), 2, moved)
+    client._refresh_hot([ADAM.name])
+    np.testing.assert_array_equal(fetch(client, ADAM.name, ids), want)
+    assert shards[2].hot_map(ADAM.name)[1].tolist() == [0, 6, 12, 13]
