@@ -96,8 +96,8 @@ def report(usage: dict, rates: dict[str, list[float]], args: argparse.Namespace)
     lines = [f"# Frozen tables: bytes per row and fetch throughput (width {WIDTH}, {ROWS} rows, all written)",
              "",
              f"One cold shard (LMDB + DRAM), served over gRPC on 127.0.0.1; fetch: {FETCH_IDS} distinct random ids,",
-             f"median of {args.repeats} fetches per run, median [min, max] of {args.runs} interleaved runs. A bf16 row: "
-             f"{bf16_row} bytes. `python bench/bench_quantized.py`",
+             f"median of {args.repeats} fetches per run, median [min, max] of {args.runs} interleaved runs. "
+             f"A bf16 row: {bf16_row} bytes. `python bench/bench_quantized.py`",
              "",
              "| table | stored row B (x bf16) | wire row B (x bf16) | DRAM B/row | LMDB B/row (pages) | "
              "fetch Mrows/s | x bf16 table |",
@@ -107,7 +107,8 @@ def report(usage: dict, rates: dict[str, list[float]], args: argparse.Namespace)
         stored = t.disk_row_bytes - 8  # the record less its last step: the row itself
         disk = next(x for x in t.tiers if x.tier == "disk")
         rate = statistics.median(rates[name])
-        lines.append(f"| {name} | {stored} ({stored / bf16_row:.2f}) | {t.wire_row_bytes} ({t.wire_row_bytes / bf16_row:.2f}) "
+        wire = t.wire_row_bytes
+        lines.append(f"| {name} | {stored} ({stored / bf16_row:.2f}) | {wire} ({wire / bf16_row:.2f}) "
                      f"| {t.dram_row_bytes} | {disk.bytes / max(disk.rows, 1):.0f} | "
                      f"{rate / 1e6:.2f} [{min(rates[name]) / 1e6:.2f}, {max(rates[name]) / 1e6:.2f}] | "
                      f"{rate / floor:.2f} |")

@@ -157,13 +157,15 @@ class TableStores(Mapping[str, TableStore]):
 
             return TableStore(cfg, arena=DeviceTier(cfg.stored_width, state_width_of(cfg), device=self.device))
         if self.disk is None:
-            return TableStore(cfg, arena=DramTier(cfg.stored_width, state_width_of(cfg), shared=self._shared_table(cfg)))
+            return TableStore(cfg, arena=DramTier(cfg.stored_width, state_width_of(cfg),
+                                                  shared=self._shared_table(cfg)))
         state_width = state_width_of(cfg)
         rows_here = -(-cfg.num_rows // self.num_shards)
         self.disk.reserve(min(rows_here * record_dtype(cfg.stored_width, state_width).itemsize * 3 // 2,
                               self.storage.map_bytes))
         disk = self.disk.open_table(cfg.name, {"config": cfg.to_dict()}, cfg.stored_width, state_width)
-        dram = DramTier(cfg.stored_width, state_width, max_rows=0, shared=self._shared_table(cfg))  # _split_budget sizes it
+        # _split_budget sizes it
+        dram = DramTier(cfg.stored_width, state_width, max_rows=0, shared=self._shared_table(cfg))
         return TableStore(cfg, arena=dram, disk=disk, policy=make_policy(self.storage.policy, 0))
 
     def _shared_table(self, cfg: TableConfig):

@@ -40,8 +40,10 @@ def test_dequantize_agrees_with_torch_on_the_codes():
 
 def adversarial_rows(width: int) -> np.ndarray:
     rng = np.random.default_rng(7)
-    rows = [np.zeros(width), rng.standard_normal(width), rng.standard_normal(width) * 1e-40,  # subnormals
-            np.full(width, np.finfo(np.float32).smallest_subnormal), rng.uniform(-1, 1, width) * 3e38,  # near float32's largest
+    rows = [np.zeros(width), rng.standard_normal(width),
+            rng.standard_normal(width) * 1e-40,  # subnormals
+            np.full(width, np.finfo(np.float32).smallest_subnormal),
+            rng.uniform(-1, 1, width) * 3e38,  # near float32's largest
             np.concatenate([[1e30], rng.standard_normal(width - 1)]),  # one huge value
             np.concatenate([[-1e-30], np.zeros(width - 1)]), np.full(width, 1 / 3)]
     return np.array(rows, dtype=np.float32)
@@ -51,8 +53,9 @@ def adversarial_rows(width: int) -> np.ndarray:
 @pytest.mark.parametrize("width", [1, 3, 160])
 def test_error_bound_holds(kind, width):
     rng = np.random.default_rng(width)
+    random = rng.standard_normal((500, width)) * np.exp(rng.uniform(-30, 30, (500, 1)))  # magnitudes e^-30..e^30
     rows = np.concatenate([adversarial_rows(width) if width > 1 else np.zeros((1, 1), np.float32),
-                           (rng.standard_normal((500, width)) * np.exp(rng.uniform(-30, 30, (500, 1)))).astype(np.float32)])
+                           random.astype(np.float32)])
     got = quant.dequantize(quant.quantize(rows, kind), width, kind)
     err = np.abs(got.astype(np.float64) - rows)
     assert np.isfinite(got).all()

@@ -54,7 +54,8 @@ def test_remote_tables_read_frozen_quantized_tables(kind):
             tables = RemoteTables(client, ENGRAM, SIZES, OptimizerConfig(), prefix="frozen", read_only=True).create()
             for cfg in tables.configs:
                 client.freeze_table(cfg.name, kind)
-            ids = torch.from_numpy(np.random.default_rng(1).integers(0, 257, (8, 300, 2)))  # (B, T, H): past the decode-sized path, so rows come packed
+            # (B, T, H): past the decode-sized path, so rows come packed
+            ids = torch.from_numpy(np.random.default_rng(1).integers(0, 257, (8, 300, 2)))
             assert not tables._decode_sized({1: ids})
             with torch.no_grad():
                 rows = tables.lookup(1, ids)  # (B, T, H * w)
