@@ -13,7 +13,7 @@ import numpy as np
 
 from memory_service.ops.collisions import CollisionCounts, NgramBatch
 from memory_service.config import ITEMSIZE, OptimizerConfig, TableConfig  # ITEMSIZE: re-exported
-from memory_service.errors import InvalidArgument
+from memory_service.errors import FailedPrecondition, InvalidArgument
 
 from memory_service.rpc import memory_pb2
 from memory_service.tables import TableInfo
@@ -147,6 +147,15 @@ def row_nbytes(cfg: TableConfig) -> int:
 def wire_dtype_to_proto(cfg: TableConfig) -> int:
     """The DType enum value of table `cfg`'s rows in Fetch replies (TableRows.dtype)."""
     return _WIRE_TO_PROTO[wire_dtype(cfg)]
+
+
+def check_reply_dtype(cfg: TableConfig, rows: memory_pb2.TableRows) -> None:
+    """FailedPrecondition when a Fetch reply's rows are not in the dtype the client expects for
+    `cfg`: the table was frozen (quantized) since the client cached its config."""
+    if rows.dtype != _WIRE_TO_PROTO[wire_dtype(cfg)]:
+        raise FailedPrecondition(f"table {cfg.name!r}: the shard sent {_enum_name(memory_pb2.DType, rows.dtype)} "
+                                 f"rows, this client expects {wire_dtype(cfg)}: the table changed (a freeze) "
+                                 f"since the client read its config; open a new client")
 
 
 # --- enums ----------------------------------------------------------------------------------------

@@ -142,6 +142,7 @@ class SmallFetch:
                 refused += tables
                 continue
             for (k, a, b), rows in zip(tables, response.tables):
+                codec.check_reply_dtype(self.configs[k], rows)
                 if len(rows.rows) != (b - a) * self.width * itemsize:
                     raise InvalidArgument(f"table {self.configs[k].name!r}: shard replied {len(rows.rows)} "
                                           f"bytes, expected {(b - a) * self.width * itemsize}")

@@ -201,3 +201,13 @@ def test_packed_rows_move_between_cold_and_hot_shards(served):
     client._refresh_hot([ADAM.name])
     np.testing.assert_array_equal(fetch(client, ADAM.name, ids), want)
     assert shards[2].hot_map(ADAM.name)[1].tolist() == [0, 6, 12, 13]
+
+
+@pytest.mark.parametrize("ids", [np.arange(4), np.arange(5000)])  # the decode-sized path and the general one
+def test_a_client_that_cached_the_config_before_a_freeze_is_told(served, ids):
+    _, servers, client, _ = served
+    with MemoryClient([s.address for s in servers[:2]], hot_targets=[servers[2].address]) as stale:
+        stale.table(SPARSE.name)
+        client.freeze_table(SPARSE.name, "int8")
+        with pytest.raises(FailedPrecondition, match="open a new client"):
+            stale.fetch({SPARSE.name: ids % SPARSE.num_rows})
