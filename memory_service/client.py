@@ -119,7 +119,8 @@ class MemoryClient:
         pushes, no optimizer state, rows kept bit for bit or, with `quantization` "fp8_e4m3" or
         "int8", stored and sent quantized (fetch still returns float32). Idempotent; a frozen
         table with another quantization is FailedPrecondition. Returns the frozen config. Other
-        clients that cached the table's config before the freeze must be reopened."""
+        clients that cached the table's config before the freeze get FailedPrecondition from
+        their fetches of it (codec.check_reply_dtype) and must be reopened."""
         replies = self.transport.call_all("FreezeTable", memory_pb2.FreezeTableRequest(table=name,
                                                                                        quantization=quantization))
         self.tables[name] = codec.table_config_from_proto(replies[0].table.config)
