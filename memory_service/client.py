@@ -23,6 +23,7 @@ import numpy as np
 import torch
 
 from memory_service.ops import collisions
+from memory_service import quantization
 from memory_service.wire import codec, heap, reply_files, small_fetch
 from memory_service.config import TableConfig
 from memory_service.errors import InvalidArgument, RowsMoved
@@ -113,6 +114,18 @@ class MemoryClient:
         self.transport.call_all("CreateTable", memory_pb2.CreateTableRequest(config=codec.table_config_to_proto(cfg)))
         self.tables[cfg.name] = cfg
 
+    def freeze_table(self, name: str, quantization: str = "none") -> TableConfig:
+        """Freeze table `name` in place on every shard, cold and hot (Shard.freeze_table): no more
+        pushes, no optimizer state, rows kept bit for bit or, with `quantization` "fp8_e4m3" or
+        "int8", stored and sent quantized (fetch still returns float32). Idempotent; a frozen
+        table with another quantization is FailedPrecondition. Returns the frozen config. Other
+        clients that cached the table's config before the freeze get FailedPrecondition from
+        their fetches of it (codec.check_reply_dtype) and must be reopened."""
+        replies = self.transport.call_all("FreezeTable", memory_pb2.FreezeTableRequest(table=name,
+                                                                                       quantization=quantization))
+        self.tables[name] = codec.table_config_from_proto(replies[0].table.config)
+        return self.tables[name]
+
     def drop_table(self, name: str) -> None:
         self.transport.call_all("DropTable", memory_pb2.DropTableRequest(name=name))
         self.tables.pop(name, None)
@@ -167,10 +180,13 @@ class MemoryClient:
         return names, np.stack([_as_ids(ids[name]).reshape(-1) for name in names]), shapes
 
     def fetch_async(self, ids: dict[str, np.ndarray | torch.Tensor], min_step: int = 0,
-                    ngrams: dict[str, np.ndarray] | None = None) -> Future:
+                    ngrams: dict[str, np.ndarray] | None = None, packed: bool = False) -> Future:
         """`fetch` with the requests sent before it returns (routing runs in the caller's thread)
-        and the replies gathered in the background: a Future of the rows, for prefetching."""
-        return self.pool.submit(self._finish_fetch, self._start_fetch(ids, min_step, ngrams))
+        and the replies gathered in the background: a Future of the rows, for prefetching.
+        `packed`: a quantized table's rows come as their packed bytes, uint8 (*shape,
+        4 * stored_width) (memory_service/quantization.py), for the caller to dequantize where
+        it uses them (trainer/remote_tables.py: on the GPU, a quarter of the bytes to copy)."""
+        return self.pool.submit(self._finish_fetch, self._start_fetch(ids, min_step, ngrams), packed)
 
     def fetch_stacked_async(self, names: list[str], ids: np.ndarray | torch.Tensor, min_step: int = 0) -> Future:
         """Rows of several tables of one width: `ids` (K, n), row k of table `names[k]` -> a Future
@@ -289,13 +305,20 @@ class MemoryClient:
         return FetchRound(self.transport, routes, ngrams, layout, min_step, self.same_host, self.trace,
                           started, self.direct).send(requests)
 
-    def _finish_fetch(self, fetch: FetchRound) -> dict[str, torch.Tensor]:
-        """Wait for a started fetch's replies and assemble the rows in the caller's order."""
+    def _finish_fetch(self, fetch: FetchRound, packed: bool = False) -> dict[str, torch.Tensor]:
+        """Wait for a started fetch's replies and assemble the rows in the caller's order (a
+        quantized table's dequantized to float32, or with `packed` its packed bytes)."""
         try:
             grouped = self._gather(fetch)
+            for name, cfg in fetch.layout.configs.items():  # packed rows -> float32, before the gather
+                if cfg.is_quantized and not packed:
+                    grouped[name] = quantization.dequantize(grouped[name], cfg.width, cfg.quantization)
             # bf16 widens during the gather: it moves half the bytes, and one pass writes the output
             out = {name: torch.from_numpy(route.reassemble(grouped[name], fetch.layout.is_bf16(name)))
                    for name, route in fetch.routes.items()}
+            for name, cfg in fetch.layout.configs.items():
+                if cfg.is_quantized and packed:  # (*shape, stored_width) words -> their bytes
+                    out[name] = out[name].view(torch.uint8)
             if self.trace is not None:
                 self.trace("fetch_done", {"step": fetch.min_step, "seconds": time.perf_counter() - fetch.started})
             return out
@@ -441,8 +464,7 @@ class MemoryClient:
         return self.router.requests(routes, {name: self._row_bytes(name) for name in routes})
 
     def _row_bytes(self, name: str) -> int:
-        cfg = self.table(name)
-        return cfg.width * codec.ITEMSIZE[cfg.dtype]
+        return codec.row_nbytes(self.table(name))
 
     def close(self) -> None:
         if self.direct is not None:

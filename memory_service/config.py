@@ -8,6 +8,10 @@ from dataclasses import dataclass, field
 
 OPTIMIZERS = ("sparse_adam", "adam", "adagrad", "sgd")
 DTYPES = ("float32", "bfloat16")
+ITEMSIZE = {"float32": 4, "bfloat16": 2}  # bytes per value of each dtype
+# How a frozen table stores and sends its rows (memory_service/quantization.py): as they are
+# ("none"), or as one-byte codes plus a float32 scale per row.
+QUANTIZATIONS = ("none", "fp8_e4m3", "int8")
 MAX_TABLE_ROWS = 2**62
 # The most ids a shard's access log may keep (StorageConfig.access_log_ids): 128 MiB of ids, half
 # of a gRPC message (wire/codec.py's MAX_MESSAGE_BYTES), so a drained log always fits one reply.
@@ -45,7 +49,12 @@ class OptimizerConfig:
 class TableConfig:
     """One Engram table: `num_rows` rows of `width` values. Rows are created lazily from
     (seed, row id) by memory_service.rows.init_rows with std `init_scale`. `dtype` is the dtype
-    rows travel in (storage and optimizer math are float32)."""
+    rows travel in (storage and optimizer math are float32).
+
+    A `frozen` table is read-only: it keeps no optimizer state, and pushes and commits naming it
+    are refused (FAILED_PRECONDITION). Its `quantization` ("none", "fp8_e4m3", "int8"; anything
+    but "none" requires `frozen`) is how its rows are stored and sent: "none" as they are, else
+    quantized per row (memory_service/quantization.py), `stored_width` float32 words a row."""
 
     name: str
     num_rows: int
@@ -57,6 +66,8 @@ class TableConfig:
     # Share of slots whose N-grams shards keep for collision stats (memory_service.ops.collisions);
     # 0 turns collision stats off: clients attach nothing and shards keep nothing.
     collision_sample_rate: float = 0.0
+    frozen: bool = False
+    quantization: str = "none"
     # What the table is in its model, as (key, value) pairs sorted by key: the trainer sets
     # layer, order and head, by which `engram stats --by` and Prometheus group tables. A dict is
     # accepted and kept sorted.
@@ -79,6 +90,28 @@ class TableConfig:
             raise ValueError(f"table {self.name!r}: collision_sample_rate "
                              f"{self.collision_sample_rate} must be in [0, 1]")
         object.__setattr__(self, "labels", checked_labels(self.labels, f"table {self.name!r}"))
+        if self.quantization not in QUANTIZATIONS:
+            raise ValueError(f"table {self.name!r}: quantization {self.quantization!r} must be one of "
+                             f"{QUANTIZATIONS}")
+        if self.quantization != "none" and not self.frozen:
+            raise ValueError(f"table {self.name!r}: quantization {self.quantization!r} requires a frozen table")
+
+    @property
+    def is_quantized(self) -> bool:
+        """Whether rows are stored and sent quantized (one-byte codes and a scale per row)."""
+        return self.quantization != "none"
+
+    @property
+    def stored_width(self) -> int:
+        """float32 words a stored row takes: `width`, or for a quantized table its packed row
+        (a float32 scale and `width` one-byte codes: ceil((width + 4) / 4) words)."""
+        return -(-(self.width + 4) // 4) if self.is_quantized else self.width
+
+    @property
+    def wire_row_bytes(self) -> int:
+        """Bytes of one row in a Fetch reply: width x itemsize, or a packed row's 4 * stored_width
+        (scale and codes, padded to a multiple of 4)."""
+        return 4 * self.stored_width if self.is_quantized else self.width * ITEMSIZE[self.dtype]
 
     def to_dict(self) -> dict:
         """Plain data (a cold shard stores it beside the table's rows)."""

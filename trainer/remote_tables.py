@@ -148,7 +148,8 @@ class RemoteTables(EngramTables):
         fingerprints = None if ngrams is None else {
             name: ngrams[layer][..., h] for layer in row_ids for h, name in enumerate(self.names[layer])}
         started = time.perf_counter()
-        future = self.client.fetch_async(ids, min_step, fingerprints)  # requests sent when this returns
+        # quantized tables' rows come packed and are dequantized on the ids' device (`_dequantized`)
+        future = self.client.fetch_async(ids, min_step, fingerprints, packed=True)  # requests sent when this returns
         future = self.client.pool.submit(self._arrive, future, device, started)
         self._pending.append(_Pending(row_ids, future, set(row_ids)))
 
@@ -198,7 +199,10 @@ class RemoteTables(EngramTables):
         ids), timed as `fetch_s` and recorded as the profiler range "engram.fetch"."""
         with record_function("engram.fetch"):
             rows = future.result()
-            out = self._to_gpu(rows, device) if device.type == "cuda" else rows
+            if device.type == "cuda":
+                out = self._to_gpu(rows, device)
+            else:  # a stacked (decode-sized) fetch's tensor comes dequantized already
+                out = self._dequantized(rows) if isinstance(rows, dict) else rows
         self.times.fetch_s += time.perf_counter() - started
         return out
 
@@ -209,9 +213,18 @@ class RemoteTables(EngramTables):
             self._copy_stream = torch.cuda.Stream(device)
         with torch.cuda.stream(self._copy_stream):
             on_gpu = {name: r.pin_memory().to(device, non_blocking=True) for name, r in rows.items()}
+            on_gpu = self._dequantized(on_gpu)  # on the side stream, after the copy of the codes
             done = torch.cuda.Event()
             done.record(self._copy_stream)
         return on_gpu, done
+
+    def _dequantized(self, rows: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Fetched rows with a quantized table's packed bytes (uint8) dequantized where they are."""
+        out = {}
+        for name, r in rows.items():
+            cfg = self.client.table(name)
+            out[name] = dequantize_packed(r, cfg.width, cfg.quantization) if r.dtype == torch.uint8 else r
+        return out
 
     def lookup(self, layer: int, row_ids: torch.Tensor) -> torch.Tensor:
         pending = next((p for p in self._pending if p.row_ids.get(layer) is row_ids), None)
@@ -302,6 +315,16 @@ class RemoteTables(EngramTables):
     def close(self) -> None:
         self.flush()
         self._pusher.shutdown(wait=True)
+
+
+def dequantize_packed(packed: torch.Tensor, width: int, kind: str) -> torch.Tensor:
+    """Packed rows (..., 4 * stored_width) uint8 (memory_service/quantization.py's layout: a
+    float32 scale, then `width` codes) -> (..., width) float32 on their device: code value *
+    scale in float32, the same bits as quantization.dequantize (tests/trainer/test_remote_quantized.py)."""
+    scale = packed[..., :4].contiguous().view(torch.float32)  # (..., 1)
+    codes = packed[..., 4:4 + width].contiguous()  # (..., width)
+    values = codes.view(torch.float8_e4m3fn if kind == "fp8_e4m3" else torch.int8).to(torch.float32)
+    return values * scale
 
 
 def _pinned_copy(t: torch.Tensor) -> torch.Tensor:

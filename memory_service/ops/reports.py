@@ -64,6 +64,11 @@ class TableUsage:
     collisions: CollisionCounts | None = None  # None: collision stats off
     reads: int = 0  # Fetch requests (and reported direct reads) that named the table
     labels: tuple[tuple[str, str], ...] = ()  # TableConfig.labels
+    # bytes per row (a frozen or quantized table's are smaller; TableStore.row_bytes): in DRAM
+    # (row, optimizer state, id, last step, dirty flag), in LMDB (0 without disk), in a Fetch reply
+    dram_row_bytes: int = 0
+    disk_row_bytes: int = 0
+    wire_row_bytes: int = 0
 
     @property
     def rows(self) -> int:

@@ -12,6 +12,8 @@ class DType(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     DTYPE_UNSPECIFIED: _ClassVar[DType]
     DTYPE_FLOAT32: _ClassVar[DType]
     DTYPE_BFLOAT16: _ClassVar[DType]
+    DTYPE_FP8_E4M3: _ClassVar[DType]
+    DTYPE_INT8: _ClassVar[DType]
 
 class OptimizerKind(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
@@ -23,6 +25,8 @@ class OptimizerKind(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
 DTYPE_UNSPECIFIED: DType
 DTYPE_FLOAT32: DType
 DTYPE_BFLOAT16: DType
+DTYPE_FP8_E4M3: DType
+DTYPE_INT8: DType
 OPTIMIZER_KIND_UNSPECIFIED: OptimizerKind
 OPTIMIZER_KIND_SPARSE_ADAM: OptimizerKind
 OPTIMIZER_KIND_ADAGRAD: OptimizerKind
@@ -46,7 +50,7 @@ class OptimizerConfig(_message.Message):
     def __init__(self, kind: _Optional[_Union[OptimizerKind, str]] = ..., lr: _Optional[float] = ..., beta1: _Optional[float] = ..., beta2: _Optional[float] = ..., eps: _Optional[float] = ..., initial_accumulator_value: _Optional[float] = ...) -> None: ...
 
 class TableConfig(_message.Message):
-    __slots__ = ("name", "num_rows", "width", "dtype", "init_scale", "seed", "optimizer", "collision_sample_rate", "labels")
+    __slots__ = ("name", "num_rows", "width", "dtype", "init_scale", "seed", "optimizer", "collision_sample_rate", "labels", "frozen", "quantization")
     class LabelsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -63,6 +67,8 @@ class TableConfig(_message.Message):
     OPTIMIZER_FIELD_NUMBER: _ClassVar[int]
     COLLISION_SAMPLE_RATE_FIELD_NUMBER: _ClassVar[int]
     LABELS_FIELD_NUMBER: _ClassVar[int]
+    FROZEN_FIELD_NUMBER: _ClassVar[int]
+    QUANTIZATION_FIELD_NUMBER: _ClassVar[int]
     name: str
     num_rows: int
     width: int
@@ -72,7 +78,9 @@ class TableConfig(_message.Message):
     optimizer: OptimizerConfig
     collision_sample_rate: float
     labels: _containers.ScalarMap[str, str]
-    def __init__(self, name: _Optional[str] = ..., num_rows: _Optional[int] = ..., width: _Optional[int] = ..., dtype: _Optional[_Union[DType, str]] = ..., init_scale: _Optional[float] = ..., seed: _Optional[int] = ..., optimizer: _Optional[_Union[OptimizerConfig, _Mapping]] = ..., collision_sample_rate: _Optional[float] = ..., labels: _Optional[_Mapping[str, str]] = ...) -> None: ...
+    frozen: bool
+    quantization: str
+    def __init__(self, name: _Optional[str] = ..., num_rows: _Optional[int] = ..., width: _Optional[int] = ..., dtype: _Optional[_Union[DType, str]] = ..., init_scale: _Optional[float] = ..., seed: _Optional[int] = ..., optimizer: _Optional[_Union[OptimizerConfig, _Mapping]] = ..., collision_sample_rate: _Optional[float] = ..., labels: _Optional[_Mapping[str, str]] = ..., frozen: _Optional[bool] = ..., quantization: _Optional[str] = ...) -> None: ...
 
 class TableInfo(_message.Message):
     __slots__ = ("config", "step", "rows_materialized", "nbytes", "optimizer_rows")
@@ -333,7 +341,7 @@ class ShardCounters(_message.Message):
     def __init__(self, fetch_requests: _Optional[int] = ..., fetch_rows: _Optional[int] = ..., push_requests: _Optional[int] = ..., push_rows: _Optional[int] = ...) -> None: ...
 
 class TableStats(_message.Message):
-    __slots__ = ("name", "num_rows", "width", "step", "rows_materialized", "nbytes", "optimizer_rows", "tiers", "optimizer_state_bytes", "rows_read", "collisions", "reads", "labels")
+    __slots__ = ("name", "num_rows", "width", "step", "rows_materialized", "nbytes", "optimizer_rows", "tiers", "optimizer_state_bytes", "rows_read", "collisions", "reads", "labels", "dram_row_bytes", "disk_row_bytes", "wire_row_bytes")
     class LabelsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -354,6 +362,9 @@ class TableStats(_message.Message):
     COLLISIONS_FIELD_NUMBER: _ClassVar[int]
     READS_FIELD_NUMBER: _ClassVar[int]
     LABELS_FIELD_NUMBER: _ClassVar[int]
+    DRAM_ROW_BYTES_FIELD_NUMBER: _ClassVar[int]
+    DISK_ROW_BYTES_FIELD_NUMBER: _ClassVar[int]
+    WIRE_ROW_BYTES_FIELD_NUMBER: _ClassVar[int]
     name: str
     num_rows: int
     width: int
@@ -367,7 +378,10 @@ class TableStats(_message.Message):
     collisions: CollisionStats
     reads: int
     labels: _containers.ScalarMap[str, str]
-    def __init__(self, name: _Optional[str] = ..., num_rows: _Optional[int] = ..., width: _Optional[int] = ..., step: _Optional[int] = ..., rows_materialized: _Optional[int] = ..., nbytes: _Optional[int] = ..., optimizer_rows: _Optional[int] = ..., tiers: _Optional[_Iterable[_Union[TierStats, _Mapping]]] = ..., optimizer_state_bytes: _Optional[int] = ..., rows_read: _Optional[int] = ..., collisions: _Optional[_Union[CollisionStats, _Mapping]] = ..., reads: _Optional[int] = ..., labels: _Optional[_Mapping[str, str]] = ...) -> None: ...
+    dram_row_bytes: int
+    disk_row_bytes: int
+    wire_row_bytes: int
+    def __init__(self, name: _Optional[str] = ..., num_rows: _Optional[int] = ..., width: _Optional[int] = ..., step: _Optional[int] = ..., rows_materialized: _Optional[int] = ..., nbytes: _Optional[int] = ..., optimizer_rows: _Optional[int] = ..., tiers: _Optional[_Iterable[_Union[TierStats, _Mapping]]] = ..., optimizer_state_bytes: _Optional[int] = ..., rows_read: _Optional[int] = ..., collisions: _Optional[_Union[CollisionStats, _Mapping]] = ..., reads: _Optional[int] = ..., labels: _Optional[_Mapping[str, str]] = ..., dram_row_bytes: _Optional[int] = ..., disk_row_bytes: _Optional[int] = ..., wire_row_bytes: _Optional[int] = ...) -> None: ...
 
 class StatsResponse(_message.Message):
     __slots__ = ("shard_id", "num_shards", "counters", "tables", "fetch", "push", "uptime_seconds", "metrics_port", "wal_replayed", "role")
@@ -598,3 +612,17 @@ class CheckpointRestoreResponse(_message.Message):
     TABLES_FIELD_NUMBER: _ClassVar[int]
     tables: _containers.RepeatedCompositeFieldContainer[CheckpointTableRows]
     def __init__(self, tables: _Optional[_Iterable[_Union[CheckpointTableRows, _Mapping]]] = ...) -> None: ...
+
+class FreezeTableRequest(_message.Message):
+    __slots__ = ("table", "quantization")
+    TABLE_FIELD_NUMBER: _ClassVar[int]
+    QUANTIZATION_FIELD_NUMBER: _ClassVar[int]
+    table: str
+    quantization: str
+    def __init__(self, table: _Optional[str] = ..., quantization: _Optional[str] = ...) -> None: ...
+
+class FreezeTableResponse(_message.Message):
+    __slots__ = ("table",)
+    TABLE_FIELD_NUMBER: _ClassVar[int]
+    table: TableInfo
+    def __init__(self, table: _Optional[_Union[TableInfo, _Mapping]] = ...) -> None: ...

@@ -125,6 +125,11 @@ class MemoryServiceStub:
                 request_serializer=engram__memory_dot_v1_dot_memory__pb2.CheckpointRestoreRequest.SerializeToString,
                 response_deserializer=engram__memory_dot_v1_dot_memory__pb2.CheckpointRestoreResponse.FromString,
                 _registered_method=True)
+        self.FreezeTable = channel.unary_unary(
+                '/engram_memory.v1.MemoryService/FreezeTable',
+                request_serializer=engram__memory_dot_v1_dot_memory__pb2.FreezeTableRequest.SerializeToString,
+                response_deserializer=engram__memory_dot_v1_dot_memory__pb2.FreezeTableResponse.FromString,
+                _registered_method=True)
 
 
 class MemoryServiceServicer:
@@ -163,7 +168,7 @@ class MemoryServiceServicer:
 
     def Fetch(self, request, context):
         """Reads rows of one or several tables. Untouched rows are computed from (seed, id) without being
-        stored. NOT_FOUND for an unknown table; INVALID_ARGUMENT for bad ids or a bad ids payload;
+        stored (and, for a quantized table, quantized as its stored rows are). NOT_FOUND for an unknown table; INVALID_ARGUMENT for bad ids or a bad ids payload;
         nothing is read unless every table's ids are valid.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
@@ -176,6 +181,7 @@ class MemoryServiceServicer:
         range, finite gradients, step >= 1), and every table's update is computed and checked to leave
         every row and its optimizer state finite before any is stored, so a rejected push changes
         nothing, in any of its tables, and logs nothing. Returns the number of distinct rows updated.
+        FAILED_PRECONDITION ("table X is frozen") if a table is frozen: the whole push is refused.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -184,7 +190,7 @@ class MemoryServiceServicer:
     def CommitStep(self, request, context):
         """Completes a step pushed with commit_later on this shard: logs it (with its lr) if no push
         did, applies the summed parts of K contributors at the K-th commit, and answers the fetches
-        held for it. Every shard gets every step's commit.
+        held for it. Every shard gets every step's commit. FAILED_PRECONDITION if a table is frozen.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -306,6 +312,19 @@ class MemoryServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def FreezeTable(self, request, context):
+        """Freezes table `table` in place on this shard: drops its optimizer state, and with a
+        `quantization` stores its rows quantized (never-written rows stay computed from the seed and
+        are quantized the same way when read); otherwise keeps every row bit for bit. Durable (LMDB and
+        write-ahead log checkpointed before the answer) and idempotent: freezing a frozen table with
+        the same quantization changes nothing. Returns the table as it is now. NOT_FOUND for an
+        unknown table; INVALID_ARGUMENT for an unknown quantization; FAILED_PRECONDITION for a frozen
+        table with another quantization, or a data-parallel step of the table still open.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_MemoryServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -398,6 +417,11 @@ def add_MemoryServiceServicer_to_server(servicer, server):
                     servicer.CheckpointRestore,
                     request_deserializer=engram__memory_dot_v1_dot_memory__pb2.CheckpointRestoreRequest.FromString,
                     response_serializer=engram__memory_dot_v1_dot_memory__pb2.CheckpointRestoreResponse.SerializeToString,
+            ),
+            'FreezeTable': grpc.unary_unary_rpc_method_handler(
+                    servicer.FreezeTable,
+                    request_deserializer=engram__memory_dot_v1_dot_memory__pb2.FreezeTableRequest.FromString,
+                    response_serializer=engram__memory_dot_v1_dot_memory__pb2.FreezeTableResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -887,6 +911,33 @@ class MemoryService:
             '/engram_memory.v1.MemoryService/CheckpointRestore',
             engram__memory_dot_v1_dot_memory__pb2.CheckpointRestoreRequest.SerializeToString,
             engram__memory_dot_v1_dot_memory__pb2.CheckpointRestoreResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def FreezeTable(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/engram_memory.v1.MemoryService/FreezeTable',
+            engram__memory_dot_v1_dot_memory__pb2.FreezeTableRequest.SerializeToString,
+            engram__memory_dot_v1_dot_memory__pb2.FreezeTableResponse.FromString,
             options,
             channel_credentials,
             insecure,

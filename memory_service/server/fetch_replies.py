@@ -18,7 +18,7 @@ from memory_service.wire.reply_files import ReplyFiles
 
 def reply_nbytes(requests: dict[str, np.ndarray], configs: dict[str, TableConfig]) -> int:
     """Bytes of rows a fetch of ids (n,) per table answers, in the tables' wire dtypes."""
-    return sum(len(ids) * configs[name].width * codec.ITEMSIZE[configs[name].dtype] for name, ids in requests.items())
+    return sum(len(ids) * codec.row_nbytes(configs[name]) for name, ids in requests.items())
 
 
 class FetchReplies:
@@ -46,16 +46,16 @@ class FetchReplies:
         if request.HasField("shared_memory"):
             path = request.shared_memory.path
             try:
-                self.files.write(path, [(msg.reply_offset, rows[msg.table], configs[msg.table].dtype)
+                self.files.write(path, [(msg.reply_offset, rows[msg.table], codec.word_dtype(configs[msg.table]))
                                         for msg in request.tables])
             except OSError as err:  # /dev/shm full, say: the client falls back to gRPC replies
                 raise FailedPrecondition(f"shared-memory reply file {path!r} cannot be written: {err}") from None
             payloads = [b""] * len(rows)
         else:
-            payloads = [codec.encode_rows(rows[name], cfg.dtype) for name, cfg in configs.items()]
+            payloads = [codec.encode_rows(rows[name], codec.word_dtype(cfg)) for name, cfg in configs.items()]
         # tables.add sets the fields in place: a TableRows built apart is copied again, rows and
         # all, when the response takes it (MergeFrom: 2 MiB more a 8k-row reply)
         response = memory_pb2.FetchResponse()
         for (name, cfg), payload in zip(configs.items(), payloads):
-            response.tables.add(table=name, dtype=codec.dtype_to_proto(cfg.dtype), width=cfg.width, rows=payload)
+            response.tables.add(table=name, dtype=codec.wire_dtype_to_proto(cfg), width=cfg.width, rows=payload)
         return response

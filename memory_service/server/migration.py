@@ -278,7 +278,8 @@ class Migrator:
         when the import fails for another reason, are given back (`_give_back`), after the intent
         says so (a crash then re-sends the return, never the export). Returns the error, if any."""
         c = int(part[0] % len(self.cold))
-        width, state_width = self.hot.describe_table(name).config.width, self.hot.state_width(name)
+        cfg = self.hot.describe_table(name).config
+        width, state_width = cfg.stored_width, self.hot.state_width(name)
         try:
             reply = self._rpc(self.cold[c], "ExportRows", memory_pb2.ExportRowsRequest(
                 table=name, ids=codec.encode_ids(part), version=version, client_id=client_id, request_seq=seq))
@@ -288,6 +289,8 @@ class Migrator:
             raise
         records = codec.records_from_proto(reply, width, state_width)
         finite = np.isfinite(records.rows).all(axis=1) & np.isfinite(records.state).all(axis=1)
+        if cfg.is_quantized:  # packed codes, not numbers (memory_service/quantization.py)
+            finite = np.ones(len(records), bool)
         refused, error = records.ids[~finite], None
         keep = np.setdiff1d(part, refused)
         try:

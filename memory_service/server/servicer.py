@@ -140,7 +140,7 @@ class MemoryServicer(memory_pb2_grpc.MemoryServiceServicer):
         name = request.records.table
         budgets.check_rows([request, request.records], "import")
         cfg = self.shard.describe_table(name).config
-        records = codec.records_from_proto(request.records, cfg.width, self.shard.state_width(name))
+        records = codec.records_from_proto(request.records, cfg.stored_width, self.shard.state_width(name))
         self.shard.import_rows(name, records, request.version, codec.decode_ids(request.ids, name))
         return memory_pb2.ImportRowsResponse()
 
@@ -197,6 +197,11 @@ class MemoryServicer(memory_pb2_grpc.MemoryServiceServicer):
         restored = checkpoint_files.restore_shard(self.shard, request.path)
         return memory_pb2.CheckpointRestoreResponse(tables=[
             memory_pb2.CheckpointTableRows(table=name, rows=rows) for name, rows in restored.items()])
+
+    @_maps_errors
+    def FreezeTable(self, request, context):
+        info = self.shard.freeze_table(request.table, request.quantization)
+        return memory_pb2.FreezeTableResponse(table=codec.table_info_to_proto(info))
 
     @_observed("push")
     @_maps_errors

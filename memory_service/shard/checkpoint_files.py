@@ -46,7 +46,7 @@ from numpy.lib import format as npy_format
 from memory_service.errors import CheckpointCorrupt, FailedPrecondition, InvalidArgument
 from memory_service.durability.manifest import FileEntry, Manifest, ShardEntry, TableEntry, fsync_dir
 from memory_service.shard.shard import Shard
-from memory_service.storage.optimizer import make_optimizer
+from memory_service.storage.optimizer import optimizer_of
 from memory_service.storage.store import TableSnapshot, state_width_of
 from memory_service.storage.tiers.base import RowRecords
 
@@ -134,7 +134,7 @@ def _write_npy(base: Path, rel: str, dtype: np.dtype, num: int, blocks: Iterator
 
 
 def _write_rows(base: Path, rel: str, table: TableSnapshot) -> FileEntry:
-    dtype = record_dtype(table.cfg.width, table.state_width)
+    dtype = record_dtype(table.cfg.stored_width, table.state_width)
 
     def blocks() -> Iterator[np.ndarray]:
         for chunk in table.records(CHUNK_ROWS):
@@ -211,7 +211,7 @@ def _read_log(base: Path, entry: FileEntry, table: TableEntry) -> dict[str, np.n
         log = {"step": np.int64(table.step), "steps": np.array(records["step"], dtype=np.int64),
                "lrs": np.array(records["lr"], dtype=np.float64)}
     try:
-        make_optimizer(table.config.optimizer).load_log_state(log)  # checked as the restore will take it
+        optimizer_of(table.config).load_log_state(log)  # checked as the restore will take it
     except ValueError as err:
         raise CheckpointCorrupt(f"checkpoint file {entry.path}: not a step log of table {table.name!r} at "
                                 f"step {table.step}: {err}") from None
@@ -223,7 +223,7 @@ def _rows_of(base: Path, sources: list[ShardEntry], table: TableEntry, shard_id:
     """The saved records of `table` whose home is cold shard `shard_id` of `num_shards`, in
     chunks read from the files of `sources`."""
     cfg = table.config
-    dtype = record_dtype(cfg.width, state_width_of(cfg))
+    dtype = record_dtype(cfg.stored_width, state_width_of(cfg))
     for source in sources:
         entry = source.file(table.name, "rows")
         records = _load(base, entry, dtype, entry.rows)

@@ -78,7 +78,7 @@ class Recovery:
         self.homes.version = state["homes"]["version"]
         for name, step, contributors, lr, clients, ids, grads, *client_bytes in state["parts"]:
             if name in self.stores:  # client_bytes: absent from checkpoints before parts were bounded
-                width = self.stores[name].cfg.width
+                width = self.stores[name].cfg.width  # gradients
                 self.parts.hold(name, step, Parts(contributors, lr, set(clients), [_ids(i) for i in ids],
                                                   [_matrix(g, width) for g in grads], *client_bytes))
         for name, step, clients in state["commits"]:
@@ -131,7 +131,7 @@ class Recovery:
 
 def _widths(store: TableStore) -> tuple[int, int]:
     """(row width, optimizer-state width) of the table's records."""
-    return store.cfg.width, store.optimizer.state_width(store.cfg.width)
+    return store.cfg.stored_width, store.optimizer.state_width(store.cfg.stored_width)
 
 
 def _ids(raw: bytes) -> np.ndarray:

@@ -14,7 +14,7 @@ import dataclasses
 
 import numpy as np
 
-from memory_service.errors import InvalidArgument
+from memory_service.errors import FailedPrecondition, InvalidArgument
 from memory_service.native import kernels
 from memory_service.sharding import shard_of
 from memory_service.storage.store import TableStore
@@ -97,17 +97,25 @@ def checked_ids(name: str, ids: np.ndarray, num_rows: int, shard_id: int, num_sh
     return ids
 
 
-def check_records(name: str, records: RowRecords, ids: np.ndarray, record_ids: np.ndarray) -> None:
+def check_records(name: str, records: RowRecords, ids: np.ndarray, record_ids: np.ndarray,
+                  packed: bool = False) -> None:
     """InvalidArgument unless `records` (their ids `record_ids` (k,), checked) can be stored as
-    moved rows `ids` (n,), checked: distinct ids, the records' among them, finite values, steps >= 0."""
+    moved rows `ids` (n,), checked: distinct ids, the records' among them, finite values (not
+    checked for `packed` rows: a quantized table's codes are bytes, not numbers), steps >= 0."""
     if len(np.unique(ids)) != len(ids) or len(np.unique(record_ids)) != len(record_ids):
         raise InvalidArgument(f"table {name!r}: imported ids must be distinct")
     if not np.isin(record_ids, ids).all():
         raise InvalidArgument(f"table {name!r}: imported records name ids outside the moved ids")
-    if not (np.isfinite(records.rows).all() and np.isfinite(records.state).all()):
+    if not packed and not (np.isfinite(records.rows).all() and np.isfinite(records.state).all()):
         raise InvalidArgument(f"table {name!r}: imported rows and optimizer state must be finite")
     if len(records.last) and records.last.min() < 0:
         raise InvalidArgument(f"table {name!r}: imported last step {records.last.min()} must be >= 0")
+
+
+def check_not_frozen(store: TableStore) -> None:
+    """FailedPrecondition for a frozen table: it takes no push, commit or step."""
+    if store.cfg.frozen:
+        raise FailedPrecondition(f"table {store.cfg.name!r} is frozen: it takes no push or commit")
 
 
 def checked_push(store: TableStore, push: TablePush, ids: np.ndarray) -> TablePush:

@@ -33,6 +33,7 @@ from memory_service.native import compiled
 from memory_service.ops.collisions import CollisionSketch, NgramBatch
 from memory_service.ops.reports import ShardCounters, TableUsage
 from memory_service.shard import request_checks as checks
+from memory_service.shard.freeze import frozen_config, frozen_records
 from memory_service.shard.accesses import Accesses
 from memory_service.shard.homes import Homes
 from memory_service.shard.move_gate import MoveGate
@@ -250,6 +251,36 @@ class Shard:
             self._collisions[cfg.name] = CollisionSketch(cfg.collision_sample_rate)
         return store
 
+    def freeze_table(self, name: str, quantization: str = "none") -> TableInfo:
+        """Freezes table `name` in place (freeze.py): its store swapped for a frozen one holding
+        the same rows (quantized if asked) and step log, no optimizer state; then a checkpoint, so
+        LMDB and the write-ahead log hold the frozen table before the answer. A no-op for a table
+        frozen so already. FailedPrecondition while a step of it is incomplete (pushed without a
+        commit, or data-parallel parts held). A crash during the swap can lose the table's rows
+        on this shard: freeze after a checkpoint."""
+        with self._lock:
+            store = self._tables.store(name)
+            cfg = frozen_config(store.cfg, quantization)
+            if cfg is None:
+                return self._tables.info(name)
+            open_steps = [table for table, _, _ in self._parts.held()] + [table for table, _, _ in self._parts.voters()]
+            if store.committed != store.step or name in open_steps:
+                raise FailedPrecondition(f"table {name!r} has an incomplete step (at {store.step}, complete "
+                                         f"{store.committed}): commit it before freezing")
+            with self.journal.change():  # dense Adam catches rows up as it reads them
+                records = frozen_records(store, cfg)
+            log = store.optimizer.log_state()
+            sketch = self._collisions.pop(name, None)
+            self._tables.remove(name)
+            frozen = self._add_table(cfg)
+            if sketch is not None:
+                self._collisions[name] = sketch
+            frozen.load_log_state(log)
+            frozen.import_rows(records)
+            frozen.journal = self.journal.for_table(name)
+            self._checkpoint()
+            return self._tables.info(name)
+
     def describe_table(self, name: str) -> TableInfo:
         with self._lock:
             return self._tables.info(name)
@@ -451,6 +482,7 @@ class Shard:
         parts held (K > 1 contributors), computed and checked (TableStores.prepare)."""
         whole = {}
         for name, (step, lr) in steps.items():
+            checks.check_not_frozen(self._tables.store(name))
             checks.check_step(name, step, "commit step")
             checks.check_lr(self._tables.store(name), step, lr)
             if contributors > 1:
@@ -524,7 +556,8 @@ class Shard:
         rows updated since they arrived."""
         with self._lock:
             ids = self._checked_ids(name, records.ids if ids is None else ids)
-            checks.check_records(name, records, ids, self._checked_ids(name, records.ids))
+            checks.check_records(name, records, ids, self._checked_ids(name, records.ids),
+                                 packed=self._tables[name].cfg.is_quantized)
             if not (away := self.homes.away(name, ids)).all():
                 ids, records = ids[away], records.take(self.homes.away(name, records.ids))
             with self.journal.change():
@@ -640,7 +673,7 @@ class Shard:
         """Optimizer-state values per row of table `name`."""
         with self._lock:
             store = self._tables.store(name)
-            return store.optimizer.state_width(store.cfg.width)
+            return store.optimizer.state_width(store.cfg.stored_width)
 
     def hot_map(self, name: str) -> tuple[int, np.ndarray]:
         """(version, sorted ids) of the rows of `name` this hot shard is home of."""
@@ -687,9 +720,11 @@ class Shard:
     @staticmethod
     def _usage(store: TableStore) -> TableUsage:
         cfg, state = store.cfg, store.state_nbytes
+        dram_row_bytes, disk_row_bytes = store.row_bytes()
         return TableUsage(name=cfg.name, num_rows=cfg.num_rows, width=cfg.width, step=store.step,
                           rows_read=store.rows_read, optimizer_rows=store.optimizer_rows,
-                          optimizer_state_bytes=state, tiers=store.tier_usage(), reads=store.reads,
+                          optimizer_state_bytes=state, tiers=store.tier_usage(), dram_row_bytes=dram_row_bytes,
+                          disk_row_bytes=disk_row_bytes, wire_row_bytes=cfg.wire_row_bytes, reads=store.reads,
                           labels=cfg.labels)
 
     def owns(self, ids: np.ndarray) -> bool:
@@ -728,6 +763,7 @@ class Shard:
     def _checked_push(self, name: str, push: TablePush) -> TablePush:
         """`push` as the store applies it: step, distinct ids (m,) int64, their summed grads
         (m, width) f32, lr; else InvalidArgument (or RowsMoved)."""
+        checks.check_not_frozen(self._tables.store(name))
         ids = self._checked_ids(name, push.ids)
         self.homes.check(name, ids)
         return checks.checked_push(self._tables[name], push, ids)

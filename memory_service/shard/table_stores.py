@@ -19,7 +19,7 @@ import numpy as np
 from memory_service.config import StorageConfig, TableConfig
 from memory_service.errors import InvalidArgument, TableNotFound
 from memory_service.placement import make_policy
-from memory_service.storage.optimizer import make_optimizer
+from memory_service.storage.optimizer import optimizer_of
 from memory_service.storage.store import TableStore, Update, state_width_of
 from memory_service.storage.tiers.disk import DiskEnvironment, record_dtype
 from memory_service.storage.tiers.dram import DramTier
@@ -155,22 +155,24 @@ class TableStores(Mapping[str, TableStore]):
         if self.disk is None and self.device is not None:
             from memory_service.storage.tiers.device import DeviceTier  # torch only where a shard asks for a device
 
-            return TableStore(cfg, arena=DeviceTier(cfg.width, state_width_of(cfg), device=self.device))
+            return TableStore(cfg, arena=DeviceTier(cfg.stored_width, state_width_of(cfg), device=self.device))
         if self.disk is None:
-            return TableStore(cfg, arena=DramTier(cfg.width, state_width_of(cfg), shared=self._shared_table(cfg)))
+            return TableStore(cfg, arena=DramTier(cfg.stored_width, state_width_of(cfg),
+                                                  shared=self._shared_table(cfg)))
         state_width = state_width_of(cfg)
         rows_here = -(-cfg.num_rows // self.num_shards)
-        self.disk.reserve(min(rows_here * record_dtype(cfg.width, state_width).itemsize * 3 // 2,
+        self.disk.reserve(min(rows_here * record_dtype(cfg.stored_width, state_width).itemsize * 3 // 2,
                               self.storage.map_bytes))
-        disk = self.disk.open_table(cfg.name, {"config": cfg.to_dict()}, cfg.width, state_width)
-        dram = DramTier(cfg.width, state_width, max_rows=0, shared=self._shared_table(cfg))  # _split_budget sizes it
+        disk = self.disk.open_table(cfg.name, {"config": cfg.to_dict()}, cfg.stored_width, state_width)
+        # _split_budget sizes it
+        dram = DramTier(cfg.stored_width, state_width, max_rows=0, shared=self._shared_table(cfg))
         return TableStore(cfg, arena=dram, disk=disk, policy=make_policy(self.storage.policy, 0))
 
     def _shared_table(self, cfg: TableConfig):
         """Table `cfg`'s shared-memory files, or None where the shard shares none."""
-        if self.shared is None:
+        if self.shared is None or cfg.is_quantized:  # packed rows: clients Fetch them (direct_reads.py)
             return None
-        flags = (CATCHES_UP if make_optimizer(cfg.optimizer).catches_up else 0) | (HAS_DISK if self.disk else 0)
+        flags = (CATCHES_UP if optimizer_of(cfg).catches_up else 0) | (HAS_DISK if self.disk else 0)
         return self.shared.table(cfg.name, cfg.width, flags)
 
     def _split_budget(self) -> None:
@@ -181,5 +183,5 @@ class TableStores(Mapping[str, TableStore]):
         share = self.storage.dram_budget_bytes // len(self._stores)
         share -= share // HEADROOM
         for store in self._stores.values():
-            width, state_width = store.cfg.width, store.optimizer.state_width(store.cfg.width)
+            width, state_width = store.cfg.stored_width, store.optimizer.state_width(store.cfg.stored_width)
             store.set_arena_capacity(DramTier.rows_within(share, width, state_width))

@@ -26,7 +26,7 @@ from memory_service.native import kernels
 from memory_service.storage.catch_up import (MAX_MOVEMENT, AdamDecay, CatchUpStats, catch_up, catch_up_state,
                                              moment_ratio)
 from memory_service.storage.step_log import StepLog
-from memory_service.config import OptimizerConfig
+from memory_service.config import OptimizerConfig, TableConfig
 
 
 # The furthest a push or commit may step beyond the table's step (INVALID_ARGUMENT beyond). The
@@ -330,6 +330,21 @@ class Adam(TableOptimizer):
         state[:, :w], state[:, w:] = m, v
 
 
+class Frozen(TableOptimizer):
+    """A frozen table's: no state, no updates. The shard refuses pushes and commits of a frozen
+    table before they reach the store (FAILED_PRECONDITION); this refuses any that would."""
+
+    def state_width(self, width: int) -> int:
+        return 0
+
+    def checked_lr(self, step: int, lr: float | None) -> float:
+        raise ValueError(f"the table is frozen: it takes no step (step {step} refused)")
+
+    def apply(self, rows: np.ndarray, state: np.ndarray, grads: np.ndarray, step: int,
+              lr: float | None = None) -> None:
+        raise ValueError("the table is frozen: it takes no update")
+
+
 _KINDS: dict[str, type[TableOptimizer]] = {"sparse_adam": SparseAdam, "adam": Adam,
                                            "adagrad": Adagrad, "sgd": SGD}
 
@@ -337,3 +352,9 @@ _KINDS: dict[str, type[TableOptimizer]] = {"sparse_adam": SparseAdam, "adam": Ad
 def make_optimizer(cfg: OptimizerConfig) -> TableOptimizer:
     """The optimizer of kind `cfg.kind` (config.OPTIMIZERS lists them)."""
     return _KINDS[cfg.kind](cfg)
+
+
+def optimizer_of(cfg: TableConfig) -> TableOptimizer:
+    """Table `cfg`'s optimizer: Frozen for a frozen table (which keeps its optimizer config only
+    as a record of how it was trained), else `make_optimizer(cfg.optimizer)`."""
+    return Frozen(cfg.optimizer) if cfg.frozen else make_optimizer(cfg.optimizer)

@@ -32,7 +32,8 @@ import numpy as np
 from memory_service.config import TableConfig
 from memory_service.placement.policy import READ, UNTAGGED, Policy
 from memory_service.rows import InitialRows, initial_rows_many
-from memory_service.storage.optimizer import make_optimizer
+from memory_service.storage.optimizer import optimizer_of
+from memory_service.storage.quantized_rows import QuantizedInitialRows
 from memory_service.storage.residency import Residency
 from memory_service.storage.row_reader import RowReader
 from memory_service.storage.row_writer import RowWriter, UpdateBatch
@@ -70,7 +71,7 @@ class TableSnapshot:
 
 def state_width_of(cfg: TableConfig) -> int:
     """float32 optimizer-state values per row of the table."""
-    return make_optimizer(cfg.optimizer).state_width(cfg.width)
+    return optimizer_of(cfg).state_width(cfg.stored_width)
 
 
 class TableStore:
@@ -83,10 +84,12 @@ class TableStore:
     def __init__(self, cfg: TableConfig, arena: DramTier | None = None, disk: DiskTier | None = None,
                  policy: Policy | None = None) -> None:
         self.cfg = cfg
-        self.optimizer = make_optimizer(cfg.optimizer)
-        self._init_rows = InitialRows(cfg.seed, cfg.width, cfg.init_scale)  # never-written rows' values
-        self._state_width = self.optimizer.state_width(cfg.width)
-        self.arena = arena if arena is not None else DramTier(cfg.width, self._state_width)
+        self.optimizer = optimizer_of(cfg)
+        # never-written rows' values (a quantized table's: packed, as its stored rows)
+        self._init_rows = (QuantizedInitialRows(cfg) if cfg.is_quantized
+                           else InitialRows(cfg.seed, cfg.width, cfg.init_scale))
+        self._state_width = self.optimizer.state_width(cfg.stored_width)
+        self.arena = arena if arena is not None else DramTier(cfg.stored_width, self._state_width)
         self._check_tiers(disk, policy)
         self.disk = disk
         self.arena_counters, self.disk_counters = TierCounters(), TierCounters()
@@ -109,9 +112,9 @@ class TableStore:
         comes with a placement policy."""
         cfg = self.cfg
         for tier in (self.arena, disk):
-            if tier is not None and (tier.width, tier.state_width) != (cfg.width, self._state_width):
+            if tier is not None and (tier.width, tier.state_width) != (cfg.stored_width, self._state_width):
                 raise ValueError(f"table {cfg.name!r}: {tier.name} tier holds width {tier.width} + state "
-                                 f"{tier.state_width}, the table needs {cfg.width} + {self._state_width}")
+                                 f"{tier.state_width}, the table needs {cfg.stored_width} + {self._state_width}")
         if disk is not None and policy is None:
             raise ValueError(f"table {cfg.name!r}: a store with a disk tier needs a placement policy")
 
@@ -197,7 +200,9 @@ class TableStore:
             if missing.any():
                 pending.append((name, store, ids[missing], missing))
         computed = initial_rows_many([(store._init_rows, ids) for _, store, ids, _ in pending], remember=True)
-        for (name, _, _, missing), rows in zip(pending, computed):  # their first push reuses them
+        for (name, store, _, missing), rows in zip(pending, computed):  # their first push reuses them
+            if isinstance(store._init_rows, QuantizedInitialRows):
+                rows = store._init_rows.pack(rows)
             if missing.all():
                 out[name] = rows  # no copy: a wide fetch of new rows would hold them twice
             else:
@@ -359,7 +364,7 @@ class TableStore:
         of the disk tier's environment, DiskEnvironment.reader) and no dirty arena row, the rows
         come from that transaction's snapshot, so they can be read while the shard goes on
         serving; otherwise they are read live (under the shard's lock)."""
-        state_width = self.optimizer.state_width(self.cfg.width)
+        state_width = self._state_width
         steps, lrs = self.optimizer.log.entries()  # copies
         if self.disk is None or reader is None:
             return TableSnapshot(self.cfg, state_width, self.num_materialized, steps, lrs, self.records)
@@ -445,7 +450,7 @@ class TableStore:
     def state_dict(self) -> dict[str, np.ndarray]:
         """Everything a restore needs: written rows as they stand, their optimizer state and last
         step, and the step log (dense Adam's catch-up reads the skipped steps' learning rates)."""
-        records = RowRecords.concat([RowRecords.empty(self.cfg.width, self._state_width), *self.records()])
+        records = RowRecords.concat([RowRecords.empty(self.cfg.stored_width, self._state_width), *self.records()])
         return {"ids": records.ids, "rows": records.rows, "state": records.state, "last": records.last,
                 **self.optimizer.log_state()}
 
@@ -475,6 +480,12 @@ class TableStore:
             self.committed = self.step  # a reopened shard's steps are complete
 
     # --- stats ---
+
+    def row_bytes(self) -> tuple[int, int]:
+        """(bytes per row in the arena: row, state, id, last step, dirty flag (index not counted);
+        bytes per LMDB record: row, state, last step (0 without a disk tier))."""
+        row = 4 * (self.arena.width + self.arena.state_width)
+        return row + 8 + 8 + 1, (row + 8 if self.disk is not None else 0)
 
     def tier_usage(self) -> tuple[TierUsage, ...]:
         """Rows, bytes and counters of each tier (optimizer state in DRAM counted apart)."""

@@ -12,8 +12,8 @@ import dataclasses
 import numpy as np
 
 from memory_service.ops.collisions import CollisionCounts, NgramBatch
-from memory_service.config import OptimizerConfig, TableConfig
-from memory_service.errors import InvalidArgument
+from memory_service.config import ITEMSIZE, OptimizerConfig, TableConfig  # ITEMSIZE: re-exported
+from memory_service.errors import FailedPrecondition, InvalidArgument
 
 from memory_service.rpc import memory_pb2
 from memory_service.tables import TableInfo
@@ -44,9 +44,10 @@ MESSAGE_OPTIONS = (
     ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
 )
 
-ITEMSIZE = {"float32": 4, "bfloat16": 2}
 _DTYPE_TO_PROTO = {"float32": memory_pb2.DTYPE_FLOAT32, "bfloat16": memory_pb2.DTYPE_BFLOAT16}
 _DTYPE_FROM_PROTO = {v: k for k, v in _DTYPE_TO_PROTO.items()}
+# Fetch replies of quantized (frozen) tables carry packed rows (memory_service/quantization.py)
+_WIRE_TO_PROTO = {**_DTYPE_TO_PROTO, "fp8_e4m3": memory_pb2.DTYPE_FP8_E4M3, "int8": memory_pb2.DTYPE_INT8}
 _OPTIMIZER_TO_PROTO = {
     "sparse_adam": memory_pb2.OPTIMIZER_KIND_SPARSE_ADAM,
     "adagrad": memory_pb2.OPTIMIZER_KIND_ADAGRAD,
@@ -126,6 +127,37 @@ def bfloat16_bits_to_float32(bits: np.ndarray) -> np.ndarray:
     return (bits.astype(np.uint32) << 16).view(np.float32)
 
 
+def wire_dtype(cfg: TableConfig) -> str:
+    """The dtype of table `cfg`'s rows in Fetch replies: its quantization, or its dtype."""
+    return cfg.quantization if cfg.is_quantized else cfg.dtype
+
+
+def word_dtype(cfg: TableConfig) -> str:
+    """How the rows a shard reads for `cfg` are encoded for the wire: "float32" for a quantized
+    table too (its packed words travel as they are stored, bytes untouched), else its dtype."""
+    return "float32" if cfg.is_quantized else cfg.dtype
+
+
+def row_nbytes(cfg: TableConfig) -> int:
+    """Bytes of one row of `cfg` in a Fetch reply: width x itemsize, or a packed row's
+    4 * stored_width (scale and codes, padded to a multiple of 4)."""
+    return cfg.wire_row_bytes
+
+
+def wire_dtype_to_proto(cfg: TableConfig) -> int:
+    """The DType enum value of table `cfg`'s rows in Fetch replies (TableRows.dtype)."""
+    return _WIRE_TO_PROTO[wire_dtype(cfg)]
+
+
+def check_reply_dtype(cfg: TableConfig, rows: memory_pb2.TableRows) -> None:
+    """FailedPrecondition when a Fetch reply's rows are not in the dtype the client expects for
+    `cfg`: the table was frozen (quantized) since the client cached its config."""
+    if rows.dtype != _WIRE_TO_PROTO[wire_dtype(cfg)]:
+        raise FailedPrecondition(f"table {cfg.name!r}: the shard sent {_enum_name(memory_pb2.DType, rows.dtype)} "
+                                 f"rows, this client expects {wire_dtype(cfg)}: the table changed (a freeze) "
+                                 f"since the client read its config; open a new client")
+
+
 # --- enums ----------------------------------------------------------------------------------------
 
 def dtype_to_proto(dtype: str) -> int:
@@ -169,7 +201,8 @@ def table_config_to_proto(cfg: TableConfig) -> memory_pb2.TableConfig:
         name=cfg.name, num_rows=cfg.num_rows, width=cfg.width, dtype=dtype_to_proto(cfg.dtype),
         init_scale=cfg.init_scale, seed=cfg.seed,
         optimizer=optimizer_config_to_proto(cfg.optimizer),
-        collision_sample_rate=cfg.collision_sample_rate, labels=dict(cfg.labels))
+        collision_sample_rate=cfg.collision_sample_rate, frozen=cfg.frozen,
+        quantization="" if cfg.quantization == "none" else cfg.quantization, labels=dict(cfg.labels))
 
 
 def table_config_from_proto(msg: memory_pb2.TableConfig) -> TableConfig:
@@ -180,7 +213,8 @@ def table_config_from_proto(msg: memory_pb2.TableConfig) -> TableConfig:
                     dtype=dtype_from_proto(msg.dtype, f"table {msg.name!r}"),
                     init_scale=msg.init_scale, seed=msg.seed,
                     optimizer=optimizer_config_from_proto(msg.optimizer, msg.name),
-                    collision_sample_rate=msg.collision_sample_rate, labels=dict(msg.labels))
+                    collision_sample_rate=msg.collision_sample_rate, frozen=msg.frozen,
+                    quantization=msg.quantization or "none", labels=dict(msg.labels))
 
 
 def _checked(prefix: str, cls, **fields):
@@ -276,8 +310,8 @@ def _table_usage_to_proto(t: TableUsage) -> memory_pb2.TableStats:
         name=t.name, num_rows=t.num_rows, width=t.width, step=t.step, rows_materialized=t.rows,
         nbytes=t.bytes, optimizer_rows=t.optimizer_rows,
         tiers=[memory_pb2.TierStats(**dataclasses.asdict(x)) for x in t.tiers],
-        optimizer_state_bytes=t.optimizer_state_bytes, rows_read=t.rows_read, reads=t.reads,
-        labels=dict(t.labels))
+        optimizer_state_bytes=t.optimizer_state_bytes, rows_read=t.rows_read, dram_row_bytes=t.dram_row_bytes,
+        disk_row_bytes=t.disk_row_bytes, wire_row_bytes=t.wire_row_bytes, reads=t.reads, labels=dict(t.labels))
     if t.collisions is not None:
         msg.collisions.CopyFrom(memory_pb2.CollisionStats(**dataclasses.asdict(t.collisions)))
     return msg
@@ -293,7 +327,9 @@ def _table_usage_from_proto(msg: memory_pb2.TableStats) -> TableUsage:
                       optimizer_state_bytes=msg.optimizer_state_bytes,
                       tiers=tuple(TierUsage(**{f.name: getattr(x, f.name) for f in dataclasses.fields(TierUsage)})
                                   for x in msg.tiers),
-                      collisions=collisions, reads=msg.reads, labels=tuple(sorted(msg.labels.items())))
+                      collisions=collisions, dram_row_bytes=msg.dram_row_bytes,
+                      disk_row_bytes=msg.disk_row_bytes, wire_row_bytes=msg.wire_row_bytes, reads=msg.reads,
+                      labels=tuple(sorted(msg.labels.items())))
 
 
 def records_to_proto(table: str, records) -> memory_pb2.RowRecords:

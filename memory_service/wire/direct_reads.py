@@ -123,7 +123,7 @@ class DirectReads:
         arena; False (out partly written, to be overwritten) where the request must go to the
         shard as a Fetch."""
         arena = self._arena(shard)
-        if arena is None:
+        if arena is None or any(cfg.is_quantized for cfg, _, _ in items):  # shards publish no packed rows
             return False
         wire = [out for _, _, out in items]
         items = [(cfg, ids, out if out.dtype == np.float32 else np.empty(out.shape, np.float32))

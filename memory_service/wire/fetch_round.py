@@ -64,6 +64,8 @@ class FetchRound:
                 for name, start, stop in chunk:
                     moved.setdefault(name, []).append(np.arange(start, stop))
                 continue
+            for (name, _, _), rows in zip(chunk, response.tables):
+                codec.check_reply_dtype(self.layout.configs[name], rows)
             if not via_shm:  # shared-memory replies are in place already
                 self.layout.place(chunk, response)
         return {name: np.concatenate(parts) for name, parts in moved.items()}

@@ -13,7 +13,7 @@ import numpy as np
 from memory_service.config import TableConfig
 from memory_service.errors import InvalidArgument
 from memory_service.wire import reply_files
-from memory_service.wire.codec import ITEMSIZE
+from memory_service.wire.codec import row_nbytes, word_dtype
 
 
 class ReplyLayout:
@@ -40,20 +40,20 @@ class ReplyLayout:
         return None if self.buffer is None else self.buffer.path
 
     def row_bytes(self, name: str) -> int:
-        cfg = self.configs[name]
-        return cfg.width * ITEMSIZE[cfg.dtype]
+        return row_nbytes(self.configs[name])
 
     def offset(self, name: str, start: int) -> int:
         """Byte offset in the file of table `name`'s distinct row `start`."""
         return self.bases[name] + start * self.row_bytes(name)
 
     def _view(self, name: str, num: int) -> np.ndarray:
-        """Where a table's distinct rows land: (num, width) in the table's wire dtype."""
+        """Where a table's distinct rows land: (num, width) in the table's wire dtype, or a
+        quantized table's packed rows (num, stored_width) float32 words."""
         cfg = self.configs[name]
-        dtype = np.float32 if cfg.dtype == "float32" else np.uint16
+        dtype = np.uint16 if word_dtype(cfg) == "bfloat16" else np.float32
         if self.buffer is None:
-            return np.empty((num, cfg.width), dtype)
-        return self.buffer.view(self.bases[name], num * self.row_bytes(name)).view(dtype).reshape(num, cfg.width)
+            return np.empty((num, cfg.stored_width), dtype)
+        return self.buffer.view(self.bases[name], num * self.row_bytes(name)).view(dtype).reshape(num, cfg.stored_width)
 
     def place(self, chunk: list[tuple[str, int, int]], response) -> None:
         """Copy the rows of a FetchResponse to request `chunk` [(table, start, stop)] into their
@@ -67,7 +67,7 @@ class ReplyLayout:
 
     def is_bf16(self, name: str) -> bool:
         """Whether table `name`'s rows sit here as bf16 bit patterns (uint16), to be widened."""
-        return self.configs[name].dtype == "bfloat16"
+        return word_dtype(self.configs[name]) == "bfloat16"
 
     def release(self) -> None:
         """Hand the shared-memory buffer back to its pool (the rows' views must be done with)."""

@@ -30,8 +30,10 @@ MAX_SMALL_ROWS = 4096  # ids summed over the tables: a decode step (batch 16 x 8
 
 def fits(configs: list[TableConfig], num_ids: int) -> bool:
     """Whether a fetch of `num_ids` ids (summed) of tables `configs` takes the short path: small,
-    and every table of one width and dtype (so their rows stack)."""
-    return 0 < num_ids <= MAX_SMALL_ROWS and len({(c.width, c.dtype) for c in configs}) == 1
+    and every table of one width and dtype (so their rows stack), none quantized (their packed
+    rows take the general path, which dequantizes them)."""
+    return 0 < num_ids <= MAX_SMALL_ROWS and len({(c.width, c.dtype) for c in configs}) == 1 \
+        and not any(c.is_quantized for c in configs)
 
 
 class SmallFetch:
@@ -140,6 +142,7 @@ class SmallFetch:
                 refused += tables
                 continue
             for (k, a, b), rows in zip(tables, response.tables):
+                codec.check_reply_dtype(self.configs[k], rows)
                 if len(rows.rows) != (b - a) * self.width * itemsize:
                     raise InvalidArgument(f"table {self.configs[k].name!r}: shard replied {len(rows.rows)} "
                                           f"bytes, expected {(b - a) * self.width * itemsize}")

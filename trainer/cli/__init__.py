@@ -2,7 +2,7 @@
 top layer, so the table service never imports the trainer.
 
 One module per family of commands: training.py (train-local, train, demo, generate), serving.py
-(serve, stop), operations.py (stats, checkpoint); options.py holds the flags they share. Nothing
+(serve, stop), operations.py (stats, checkpoint, freeze); options.py holds the flags they share. Nothing
 heavy loads before a command runs (torch and Ray load inside the command functions), so `engram
 --help` and a usage error answer at once. Exit codes: 0 done, 1 the command failed (one line
 `engram <cmd>: <why>` on stderr; `--log-level debug` adds the traceback), 2 a usage or config

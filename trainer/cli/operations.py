@@ -1,5 +1,6 @@
-"""An operator's commands on a running tables cluster: `stats` (memory_service/ops/stats_view.py)
-and `checkpoint save | restore | inspect` (memory_service/durability/checkpoint.py)."""
+"""An operator's commands on a running tables cluster: `stats` (memory_service/ops/stats_view.py),
+`checkpoint save | restore | inspect` (memory_service/durability/checkpoint.py) and `freeze`
+(MemoryClient.freeze_table)."""
 from __future__ import annotations
 
 import argparse
@@ -88,6 +89,35 @@ def label_keys(text: str) -> tuple[str, ...]:
     return keys
 
 
+def cmd_freeze(args: argparse.Namespace) -> int:
+    """Freeze a trained table in place on every shard of the cluster `--name`: read-only, no
+    optimizer state, rows kept or quantized (--quantization)."""
+    name, tls_ca = client_settings(args)
+    security = client_security(args, tls_ca)
+    address = None if args.targets else ray_address(args.address)
+    from memory_service.client import MemoryClient
+
+    cluster = None
+    if args.targets:
+        client = MemoryClient(args.targets.split(","), shared_memory=False, security=security,
+                              hot_targets=args.hot_targets.split(",") if args.hot_targets else ())
+    else:
+        from memory_service.cluster import connect
+
+        cluster = connect(address, name=name)
+        client = cluster.client(shared_memory=False, security=security)
+    try:
+        with client:
+            cfg = client.freeze_table(args.table, args.quantization)
+            bf16_bytes = 2 * cfg.width
+            print(f"froze {cfg.name!r} ({cfg.quantization}): {cfg.wire_row_bytes} bytes a row on the wire "
+                  f"({cfg.wire_row_bytes / bf16_bytes:.2f}x bf16), no optimizer state")
+    finally:
+        if cluster is not None:
+            cluster.shutdown()  # detaches only: the shards keep serving
+    return 0
+
+
 def add_parsers(sub) -> None:
     p = sub.add_parser("stats", help="show shard utilization and hash-collision stats of a tables cluster")
     add_cluster_args(p, CLIENT_ADDRESS_HELP)
@@ -124,3 +154,16 @@ def add_parsers(sub) -> None:
                            help="the step every table must be at (default: theirs)")
             a.add_argument("--table", action="append", help="save only this table (repeatable; default: all)")
     p.set_defaults(func=cmd_checkpoint)
+
+    p = sub.add_parser("freeze", help="make a trained table read-only in place: no optimizer state, rows "
+                                      "kept bit for bit or quantized to fp8/int8 (idempotent)")
+    add_cluster_args(p, CLIENT_ADDRESS_HELP)
+    p.add_argument("--targets", default=None, help="comma-separated cold shard gRPC targets instead of --address")
+    p.add_argument("--hot-targets", default=None, help="with --targets: the hot shards' (every shard must be named)")
+    p.add_argument("--table", required=True, help="the table to freeze")
+    p.add_argument("--quantization", choices=("none", "fp8_e4m3", "int8"), default="none",
+                   help="store and send its rows as fp8 e4m3 or int8 codes with a float32 scale per row "
+                        "(4 + width bytes a row; error bounds in memory_service/quantization.py); default: "
+                        "keep them as they are")
+    add_client_security_args(p)
+    p.set_defaults(func=cmd_freeze)

@@ -67,6 +67,7 @@ REQUESTS = {
     "CheckpointPause": memory_pb2.CheckpointPauseRequest(pause=True, lease_seconds=1, timeout_seconds=1),
     "CheckpointSave": memory_pb2.CheckpointSaveRequest(path="/tmp", step=1, tables=["a/t", "b/t"]),
     "CheckpointRestore": memory_pb2.CheckpointRestoreRequest(path="/tmp/nothing"),
+    "FreezeTable": memory_pb2.FreezeTableRequest(table="b/t"),
 }
 
 
