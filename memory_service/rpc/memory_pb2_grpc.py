@@ -316,7 +316,9 @@ class MemoryServiceServicer:
         """Freezes table `table` in place on this shard: drops its optimizer state, and with a
         `quantization` stores its rows quantized (never-written rows stay computed from the seed and
         are quantized the same way when read); otherwise keeps every row bit for bit. Durable (LMDB and
-        write-ahead log checkpointed before the answer) and idempotent: freezing a frozen table with
+        write-ahead log checkpointed before the answer; a crash midway leaves the table as it was or
+        frozen, never a mix: the frozen rows are staged in LMDB and swapped in by one transaction) and
+        idempotent: freezing a frozen table with
         the same quantization changes nothing. Returns the table as it is now. NOT_FOUND for an
         unknown table; INVALID_ARGUMENT for an unknown quantization; FAILED_PRECONDITION for a frozen
         table with another quantization, or a data-parallel step of the table still open.

@@ -253,11 +253,15 @@ class Shard:
 
     def freeze_table(self, name: str, quantization: str = "none") -> TableInfo:
         """Freezes table `name` in place (freeze.py): its store swapped for a frozen one holding
-        the same rows (quantized if asked) and step log, no optimizer state; then a checkpoint, so
-        LMDB and the write-ahead log hold the frozen table before the answer. A no-op for a table
+        the same rows (quantized if asked) and step log, no optimizer state. A no-op for a table
         frozen so already. FailedPrecondition while a step of it is incomplete (pushed without a
-        commit, or data-parallel parts held). A crash during the swap can lose the table's rows
-        on this shard: freeze after a checkpoint."""
+        commit, or data-parallel parts held).
+
+        On disk nothing is lost at any point: the frozen rows are written to LMDB beside the
+        table's (TableStores.stage), a checkpoint then leaves the write-ahead log empty of the old
+        table, and one LMDB transaction swaps the two (DiskEnvironment.replace_table). A crash
+        before the swap reopens the table unfrozen (the staged copy dropped), one after it
+        frozen."""
         with self._lock:
             store = self._tables.store(name)
             cfg = frozen_config(store.cfg, quantization)
@@ -270,16 +274,30 @@ class Shard:
             with self.journal.change():  # dense Adam catches rows up as it reads them
                 records = frozen_records(store, cfg)
             log = store.optimizer.log_state()
-            sketch = self._collisions.pop(name, None)
-            self._tables.remove(name)
-            frozen = self._add_table(cfg)
-            if sketch is not None:
-                self._collisions[name] = sketch
-            frozen.load_log_state(log)
-            frozen.import_rows(records)
+            if self._tables.disk is not None:
+                frozen = self._swap_staged(cfg, log, records)
+            else:
+                sketch = self._collisions.pop(name, None)
+                self._tables.remove(name)
+                frozen = self._add_table(cfg)
+                if sketch is not None:
+                    self._collisions[name] = sketch
+                frozen.load_log_state(log)
+                frozen.import_rows(records)
             frozen.journal = self.journal.for_table(name)
             self._checkpoint()
             return self._tables.info(name)
+
+    def _swap_staged(self, cfg: TableConfig, log: dict[str, np.ndarray], records: RowRecords) -> TableStore:
+        """freeze_table's swap on a shard with LMDB: the frozen table `cfg` staged in LMDB whole,
+        the log checkpointed, then swapped in for the table of that name in one transaction."""
+        staged = self._tables.stage(cfg)
+        staged.load_log_state(log)
+        staged.import_rows(records)
+        self._checkpoint()  # the old table's changes (dense Adam's catch-ups) in LMDB, not in the log
+        frozen = self._tables.replace(staged)
+        self._publish_homes(cfg.name)
+        return frozen
 
     def describe_table(self, name: str) -> TableInfo:
         with self._lock:

@@ -33,6 +33,9 @@ from memory_service.tables import TableInfo, TablePush
 HEADROOM = 16
 
 
+STAGED = "\x00staged:"  # prefix of a table being built to replace another (no table name has it)
+
+
 class TableStores(Mapping[str, TableStore]):
     """{table name: its TableStore} of shard `shard_id` of `num_shards`, read-only as a mapping:
     tables come with `add` and go with `remove`."""
@@ -112,7 +115,10 @@ class TableStores(Mapping[str, TableStore]):
         except ValueError as err:
             self.disk.close()
             raise InvalidArgument(str(err)) from None
-        for meta in self.disk.tables().values():
+        for name, meta in self.disk.tables().items():
+            if name.startswith(STAGED):  # a freeze that did not finish: its table stands as it was
+                self.disk.drop_table(name)
+                continue
             cfg = TableConfig.from_dict(meta["config"])
             self._stores[cfg.name] = self._new_store(cfg)
         self._split_budget()
@@ -132,6 +138,29 @@ class TableStores(Mapping[str, TableStore]):
         if self.disk is not None:
             self.disk.drop_table(name)
             self._split_budget()
+
+    def stage(self, cfg: TableConfig) -> TableStore:
+        """A store for table `cfg` that will replace the table of that name (`replace`), its rows
+        written straight to LMDB under a staging entry (no DRAM, no shared memory): until the
+        swap the old table stands whole, and a reopened shard drops the staged one."""
+        self.disk.drop_table(STAGED + cfg.name)  # what a failed freeze may have left
+        state_width = state_width_of(cfg)
+        disk = self.disk.open_table(STAGED + cfg.name, {"config": cfg.to_dict()}, cfg.stored_width, state_width)
+        return TableStore(cfg, arena=DramTier(cfg.stored_width, state_width, max_rows=0), disk=disk,
+                          policy=make_policy(self.storage.policy, 0))
+
+    def replace(self, staged: TableStore) -> TableStore:
+        """Swaps table `staged.cfg.name` for the staged store's rows in one LMDB transaction, and
+        returns its store, opened afresh from them."""
+        name = staged.cfg.name
+        staged.close(flush=False)  # nothing in DRAM: every row went to LMDB
+        self._stores.pop(name).close(flush=False)
+        if self.shared is not None:
+            self.shared.drop(name)
+        self.disk.replace_table(name, STAGED + name)
+        store = self._stores[name] = self._new_store(staged.cfg)
+        self._split_budget()
+        return store
 
     def flush(self, names: Iterable[str] | None = None) -> None:
         """Writes every table's (or the tables `names`') dirty DRAM rows to LMDB."""

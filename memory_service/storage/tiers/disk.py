@@ -217,23 +217,49 @@ class DiskEnvironment:
 
     def open_table(self, name: str, meta: dict, width: int, state_width: int) -> "DiskTier":
         """The table's disk tier, created (with `meta` stored beside it) if new."""
-        key = _table_key(name)
         if name not in self.tables() and len(self.tables()) >= self.max_tables:
             raise ValueError(f"{self.path}: {self.max_tables} tables already (max_tables)")
-        self.write(lambda txn: txn.put(_TABLE_PREFIX + key, msgpack.packb({"name": name, "meta": meta}),
-                                       db=self._meta))
-        return DiskTier(self, key, width, state_width)
+        db = self._db_of(name)
+        self.write(lambda txn: txn.put(_TABLE_PREFIX + _table_key(name),
+                                       msgpack.packb({"name": name, "meta": meta, "db": db.decode()}), db=self._meta))
+        return DiskTier(self, db, width, state_width)
+
+    def _db_of(self, name: str) -> bytes:
+        """The key of the databases holding table `name`'s rows and log: its entry's (a table that
+        took a staged table's place keeps that one's), else one derived from the name."""
+        with self.env.begin(db=self._meta) as txn:
+            raw = txn.get(_TABLE_PREFIX + _table_key(name))
+        db = msgpack.unpackb(raw).get("db") if raw is not None else None
+        return db.encode() if db else _table_key(name)
 
     def drop_table(self, name: str) -> None:
         """Deletes the table's rows, step log and metadata."""
-        key = _table_key(name)
+        db = self._db_of(name)
 
         def drop(txn: lmdb.Transaction) -> None:
-            for prefix in (b"rows:", b"log:"):
-                txn.drop(self.env.open_db(prefix + key, txn=txn), delete=True)
-            txn.delete(_TABLE_PREFIX + key, db=self._meta)
+            self._drop_databases(txn, db)
+            txn.delete(_TABLE_PREFIX + _table_key(name), db=self._meta)
 
         self.write(drop)
+
+    def _drop_databases(self, txn: lmdb.Transaction, db: bytes) -> None:
+        for prefix in (b"rows:", b"log:"):
+            txn.drop(self.env.open_db(prefix + db, txn=txn), delete=True)
+
+    def replace_table(self, name: str, staged: str) -> None:
+        """In one transaction: table `name` takes the rows, step log and metadata of table
+        `staged`, which is gone after, and `name`'s own rows and log are deleted. A crash leaves
+        one or the other whole, never a mix (how a freeze swaps a table, shard/freeze.py)."""
+        old, new = self._db_of(name), self._db_of(staged)
+
+        def swap(txn: lmdb.Transaction) -> None:
+            entry = msgpack.unpackb(txn.get(_TABLE_PREFIX + _table_key(staged), db=self._meta))
+            self._drop_databases(txn, old)
+            txn.delete(_TABLE_PREFIX + _table_key(staged), db=self._meta)
+            txn.put(_TABLE_PREFIX + _table_key(name),
+                    msgpack.packb({"name": name, "meta": entry["meta"], "db": new.decode()}), db=self._meta)
+
+        self.write(swap)
 
     def sync(self) -> None:
         """Flushes every committed write to disk."""
