@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from memory_service.ops import collisions
-from memory_service.wire import codec, heap, reply_files, small_fetch
+from memory_service.wire import codec, heap, record_rounds, reply_files, small_fetch
 from memory_service.config import TableConfig
 from memory_service.errors import InvalidArgument, RowsMoved
 from memory_service.rpc import memory_pb2
@@ -425,6 +425,26 @@ class MemoryClient:
             tables=[memory_pb2.TableStep(table=name, step=step, **codec.lr_field(lr)) for name in names])
         replies = self.transport.call_all("CommitStep", request, pool=self.transport.push_pool)
         return sum(r.rows_updated for r in replies)
+
+    # -- whole row records: import and export (wire/record_rounds.py) ----------------------------
+    def state_width(self, name: str) -> int:
+        """Optimizer-state values per row of table `name` (what ReadRecords returns per row)."""
+        return len(self.transport.call(0, "ReadRecords", memory_pb2.ReadRecordsRequest(
+            table=name, ids=codec.encode_ids(np.zeros(1, np.int64)))).state) // 4
+
+    def write_records(self, name: str, ids: np.ndarray, rows: np.ndarray, state: np.ndarray | None = None,
+                      last: np.ndarray | None = None, log: dict[str, np.ndarray] | None = None) -> int:
+        """Sets rows (n, width) float32 of distinct `ids` (n,), with their optimizer state and last
+        step or (None) a new row's, after the step log `log` if given (record_rounds.write)."""
+        state_width = 0 if state is None else state.shape[1]
+        return record_rounds.write(self.transport, self.num_cold, name, _as_ids(ids), rows, state, last,
+                                   state_width, log)
+
+    def read_records(self, name: str, ids: np.ndarray):
+        """RowRecords of `ids` (n,) exactly as stored, never-written rows with last step -1."""
+        cfg = self.table(name)
+        return record_rounds.read(self.transport, self.num_cold, name, _as_ids(ids), cfg.width,
+                                  self.state_width(name))
 
     # -- plumbing -------------------------------------------------------------------------------
     def _route(self, name: str, ids) -> Route:

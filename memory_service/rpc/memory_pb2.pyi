@@ -574,3 +574,35 @@ class CheckpointRestoreResponse(_message.Message):
     TABLES_FIELD_NUMBER: _ClassVar[int]
     tables: _containers.RepeatedCompositeFieldContainer[CheckpointTableRows]
     def __init__(self, tables: _Optional[_Iterable[_Union[CheckpointTableRows, _Mapping]]] = ...) -> None: ...
+
+class StepLog(_message.Message):
+    __slots__ = ("step", "steps", "lrs")
+    STEP_FIELD_NUMBER: _ClassVar[int]
+    STEPS_FIELD_NUMBER: _ClassVar[int]
+    LRS_FIELD_NUMBER: _ClassVar[int]
+    step: int
+    steps: bytes
+    lrs: bytes
+    def __init__(self, step: _Optional[int] = ..., steps: _Optional[bytes] = ..., lrs: _Optional[bytes] = ...) -> None: ...
+
+class WriteRecordsRequest(_message.Message):
+    __slots__ = ("records", "log")
+    RECORDS_FIELD_NUMBER: _ClassVar[int]
+    LOG_FIELD_NUMBER: _ClassVar[int]
+    records: RowRecords
+    log: StepLog
+    def __init__(self, records: _Optional[_Union[RowRecords, _Mapping]] = ..., log: _Optional[_Union[StepLog, _Mapping]] = ...) -> None: ...
+
+class WriteRecordsResponse(_message.Message):
+    __slots__ = ("rows_written",)
+    ROWS_WRITTEN_FIELD_NUMBER: _ClassVar[int]
+    rows_written: int
+    def __init__(self, rows_written: _Optional[int] = ...) -> None: ...
+
+class ReadRecordsRequest(_message.Message):
+    __slots__ = ("table", "ids")
+    TABLE_FIELD_NUMBER: _ClassVar[int]
+    IDS_FIELD_NUMBER: _ClassVar[int]
+    table: str
+    ids: bytes
+    def __init__(self, table: _Optional[str] = ..., ids: _Optional[bytes] = ...) -> None: ...

@@ -125,6 +125,16 @@ class MemoryServiceStub:
                 request_serializer=engram__memory_dot_v1_dot_memory__pb2.CheckpointRestoreRequest.SerializeToString,
                 response_deserializer=engram__memory_dot_v1_dot_memory__pb2.CheckpointRestoreResponse.FromString,
                 _registered_method=True)
+        self.WriteRecords = channel.unary_unary(
+                '/engram_memory.v1.MemoryService/WriteRecords',
+                request_serializer=engram__memory_dot_v1_dot_memory__pb2.WriteRecordsRequest.SerializeToString,
+                response_deserializer=engram__memory_dot_v1_dot_memory__pb2.WriteRecordsResponse.FromString,
+                _registered_method=True)
+        self.ReadRecords = channel.unary_unary(
+                '/engram_memory.v1.MemoryService/ReadRecords',
+                request_serializer=engram__memory_dot_v1_dot_memory__pb2.ReadRecordsRequest.SerializeToString,
+                response_deserializer=engram__memory_dot_v1_dot_memory__pb2.RowRecords.FromString,
+                _registered_method=True)
 
 
 class MemoryServiceServicer:
@@ -306,6 +316,34 @@ class MemoryServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def WriteRecords(self, request, context):
+        """-- whole row records: import and export of tables (memory_service/transfer/) ------------------
+        Ids are this shard's (id % num_shards == shard_id) and at home here (a row that moved to a hot
+        shard: ABORTED "moved: <version>", as for a Fetch).
+
+        Sets rows of a table, with their optimizer state and last step or with a new row's state, and
+        optionally first the table's step log; durable (in the write-ahead log of a shard with disk)
+        before it answers. Overwrites what the rows held: a re-sent write changes nothing more.
+        INVALID_ARGUMENT for ids not distinct, not this shard's or out of range, payload lengths that
+        do not match, a value that is not finite, a last step < 0; FAILED_PRECONDITION for a step log
+        given to a table that logged another one (a table past step 0); NOT_FOUND for an unknown
+        table; RESOURCE_EXHAUSTED over wire.MAX_REQUEST_ROWS ids. A rejected write changes nothing.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ReadRecords(self, request, context):
+        """Reads rows of a table exactly as stored, with their optimizer state and last step, without
+        catching them up, counting them as reads or moving them between tiers (read scope). A row
+        never written comes back as its initial row, a new row's optimizer state and last step -1.
+        INVALID_ARGUMENT for bad ids; NOT_FOUND for an unknown table; RESOURCE_EXHAUSTED for a reply
+        over wire.MAX_REPLY_BYTES (ids x (4 x (width + state width) + 16) bytes).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_MemoryServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -398,6 +436,16 @@ def add_MemoryServiceServicer_to_server(servicer, server):
                     servicer.CheckpointRestore,
                     request_deserializer=engram__memory_dot_v1_dot_memory__pb2.CheckpointRestoreRequest.FromString,
                     response_serializer=engram__memory_dot_v1_dot_memory__pb2.CheckpointRestoreResponse.SerializeToString,
+            ),
+            'WriteRecords': grpc.unary_unary_rpc_method_handler(
+                    servicer.WriteRecords,
+                    request_deserializer=engram__memory_dot_v1_dot_memory__pb2.WriteRecordsRequest.FromString,
+                    response_serializer=engram__memory_dot_v1_dot_memory__pb2.WriteRecordsResponse.SerializeToString,
+            ),
+            'ReadRecords': grpc.unary_unary_rpc_method_handler(
+                    servicer.ReadRecords,
+                    request_deserializer=engram__memory_dot_v1_dot_memory__pb2.ReadRecordsRequest.FromString,
+                    response_serializer=engram__memory_dot_v1_dot_memory__pb2.RowRecords.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -887,6 +935,60 @@ class MemoryService:
             '/engram_memory.v1.MemoryService/CheckpointRestore',
             engram__memory_dot_v1_dot_memory__pb2.CheckpointRestoreRequest.SerializeToString,
             engram__memory_dot_v1_dot_memory__pb2.CheckpointRestoreResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def WriteRecords(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/engram_memory.v1.MemoryService/WriteRecords',
+            engram__memory_dot_v1_dot_memory__pb2.WriteRecordsRequest.SerializeToString,
+            engram__memory_dot_v1_dot_memory__pb2.WriteRecordsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ReadRecords(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/engram_memory.v1.MemoryService/ReadRecords',
+            engram__memory_dot_v1_dot_memory__pb2.ReadRecordsRequest.SerializeToString,
+            engram__memory_dot_v1_dot_memory__pb2.RowRecords.FromString,
             options,
             channel_credentials,
             insecure,

@@ -33,6 +33,7 @@ from memory_service.native import compiled
 from memory_service.ops.collisions import CollisionSketch, NgramBatch
 from memory_service.ops.reports import ShardCounters, TableUsage
 from memory_service.shard import request_checks as checks
+from memory_service.shard import row_records
 from memory_service.shard.accesses import Accesses
 from memory_service.shard.homes import Homes
 from memory_service.shard.move_gate import MoveGate
@@ -546,6 +547,39 @@ class Shard:
         journal.MAX_EXPORTS batches of rows)."""
         with self._lock:
             self.journal.forget_export(client_id, request_seq)
+
+    # -- whole row records: import and export (shard/row_records.py) ----------------------------
+    def read_records(self, name: str, ids: np.ndarray) -> RowRecords:
+        """Records of `ids` (n,) exactly as stored, changing nothing (row_records.peek)."""
+        with self._lock:
+            ids = self._checked_ids(name, ids)
+            self.homes.check(name, ids)
+            return row_records.peek(self._tables[name], ids)
+
+    def write_records(self, name: str, records: RowRecords, has_state: bool,
+                      log: dict[str, np.ndarray] | None = None) -> int:
+        """Sets rows `records` (row_records.checked_write), after the step log `log`
+        (optimizer.log_state()'s form) when given; logged before it answers. Returns the rows set."""
+        with self._lock:
+            store = self._tables.store(name)
+            self.homes.check(name, self._checked_ids(name, records.ids))
+            if log is not None:
+                row_records.checked_log(name, int(log["step"]), log["steps"], log["lrs"])
+            step = store.step if log is None else int(log["step"])
+            records = row_records.checked_write(store, records, has_state, step)
+            if log is not None:
+                if row_records.log_matches(store, int(log["step"]), log["steps"], log["lrs"]):
+                    log = None
+            with self.journal.change():
+                if log is not None:
+                    store.load_log_state(log)
+                    for step, lr in zip(log["steps"].tolist(), log["lrs"].tolist()):
+                        self.journal.note(name, "step", step, lr)
+                    self.journal.note(name, "commit", int(log["step"]))
+                self.journal.note(name, "rows", records.ids, records.rows, records.state, records.last)
+                store.import_rows(records)
+            self._stepped.notify_all()
+            return len(records)
 
     # -- checkpoints (memory_service/durability/checkpoint.py) ------------------------------------------------
     def checkpoint_tables(self, step: int, names: list[str], timeout: float,
