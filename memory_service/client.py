@@ -440,11 +440,18 @@ class MemoryClient:
         return record_rounds.write(self.transport, self.num_cold, name, _as_ids(ids), rows, state, last,
                                    state_width, log)
 
-    def read_records(self, name: str, ids: np.ndarray):
-        """RowRecords of `ids` (n,) exactly as stored, never-written rows with last step -1."""
-        cfg = self.table(name)
-        return record_rounds.read(self.transport, self.num_cold, name, _as_ids(ids), cfg.width,
-                                  self.state_width(name))
+    def read_records(self, name: str, ids: np.ndarray, state_width: int | None = None):
+        """RowRecords of `ids` (n,) exactly as stored, never-written rows with last step -1
+        (`state_width`: the table's, asked of shard 0 when None)."""
+        state_width = self.state_width(name) if state_width is None else state_width
+        return record_rounds.read(self.transport, self.num_cold, name, _as_ids(ids), self.table(name).width,
+                                  state_width)
+
+    def step_log(self, name: str) -> dict[str, np.ndarray]:
+        """Table `name`'s step log {"step", "steps" (k,) int64, "lrs" (k,) float64}, as shard 0 logged
+        it (every shard logs every step)."""
+        reply = self.transport.call(0, "ReadRecords", memory_pb2.ReadRecordsRequest(table=name, with_log=True))
+        return record_rounds.log_of(reply, name)
 
     # -- plumbing -------------------------------------------------------------------------------
     def _route(self, name: str, ids) -> Route:

@@ -416,18 +416,20 @@ class ExportRowsRequest(_message.Message):
     def __init__(self, table: _Optional[str] = ..., ids: _Optional[bytes] = ..., version: _Optional[int] = ..., client_id: _Optional[str] = ..., request_seq: _Optional[int] = ...) -> None: ...
 
 class RowRecords(_message.Message):
-    __slots__ = ("table", "ids", "rows", "state", "last")
+    __slots__ = ("table", "ids", "rows", "state", "last", "log")
     TABLE_FIELD_NUMBER: _ClassVar[int]
     IDS_FIELD_NUMBER: _ClassVar[int]
     ROWS_FIELD_NUMBER: _ClassVar[int]
     STATE_FIELD_NUMBER: _ClassVar[int]
     LAST_FIELD_NUMBER: _ClassVar[int]
+    LOG_FIELD_NUMBER: _ClassVar[int]
     table: str
     ids: bytes
     rows: bytes
     state: bytes
     last: bytes
-    def __init__(self, table: _Optional[str] = ..., ids: _Optional[bytes] = ..., rows: _Optional[bytes] = ..., state: _Optional[bytes] = ..., last: _Optional[bytes] = ...) -> None: ...
+    log: StepLog
+    def __init__(self, table: _Optional[str] = ..., ids: _Optional[bytes] = ..., rows: _Optional[bytes] = ..., state: _Optional[bytes] = ..., last: _Optional[bytes] = ..., log: _Optional[_Union[StepLog, _Mapping]] = ...) -> None: ...
 
 class ImportRowsRequest(_message.Message):
     __slots__ = ("records", "version", "ids")
@@ -600,9 +602,11 @@ class WriteRecordsResponse(_message.Message):
     def __init__(self, rows_written: _Optional[int] = ...) -> None: ...
 
 class ReadRecordsRequest(_message.Message):
-    __slots__ = ("table", "ids")
+    __slots__ = ("table", "ids", "with_log")
     TABLE_FIELD_NUMBER: _ClassVar[int]
     IDS_FIELD_NUMBER: _ClassVar[int]
+    WITH_LOG_FIELD_NUMBER: _ClassVar[int]
     table: str
     ids: bytes
-    def __init__(self, table: _Optional[str] = ..., ids: _Optional[bytes] = ...) -> None: ...
+    with_log: bool
+    def __init__(self, table: _Optional[str] = ..., ids: _Optional[bytes] = ..., with_log: _Optional[bool] = ...) -> None: ...

@@ -158,7 +158,10 @@ class MemoryServicer(memory_pb2_grpc.MemoryServiceServicer):
         budgets.check_rows([request], "read records")
         width = self.shard.describe_table(request.table).config.width
         budgets.check_reply(len(ids) * (4 * (width + self.shard.state_width(request.table)) + 16), "read records")
-        return codec.records_to_proto(request.table, self.shard.read_records(request.table, ids))
+        reply = codec.records_to_proto(request.table, self.shard.read_records(request.table, ids))
+        if request.with_log:
+            reply.log.CopyFrom(row_record_messages.log_to_proto(self.shard.step_log(request.table)))
+        return reply
 
     @_maps_errors
     def ReturnRows(self, request, context):

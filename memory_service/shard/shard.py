@@ -556,6 +556,11 @@ class Shard:
             self.homes.check(name, ids)
             return row_records.peek(self._tables[name], ids)
 
+    def step_log(self, name: str) -> dict[str, np.ndarray]:
+        """Table `name`'s step log (optimizer.log_state(): step, steps (k,), lrs (k,))."""
+        with self._lock:
+            return self._tables.store(name).optimizer.log_state()
+
     def write_records(self, name: str, records: RowRecords, has_state: bool,
                       log: dict[str, np.ndarray] | None = None) -> int:
         """Sets rows `records` (row_records.checked_write), after the step log `log`

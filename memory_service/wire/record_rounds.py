@@ -63,3 +63,8 @@ def read(transport: Transport, num_cold: int, table: str, ids: np.ndarray, width
         got = row_record_messages.records_from_reply(transport.result(future), width, state_width)
         out.rows[part], out.state[part], out.last[part] = got.rows, got.state, got.last
     return out
+
+
+def log_of(reply: memory_pb2.RowRecords, table: str) -> dict[str, np.ndarray]:
+    """The step log a ReadRecords with with_log returned."""
+    return row_record_messages.log_from_proto(reply.log, table)

@@ -26,9 +26,14 @@ def write_request(table: str, ids: np.ndarray, rows: np.ndarray, state: np.ndarr
         records.last = codec.encode_ids(last)
     request = memory_pb2.WriteRecordsRequest(records=records)
     if log is not None:
-        request.log.CopyFrom(memory_pb2.StepLog(step=int(log["step"]), steps=codec.encode_ids(log["steps"]),
-                                                lrs=np.ascontiguousarray(log["lrs"], "<f8").tobytes()))
+        request.log.CopyFrom(log_to_proto(log))
     return request
+
+
+def log_to_proto(log: dict[str, np.ndarray]) -> memory_pb2.StepLog:
+    """{"step", "steps" (k,) int64, "lrs" (k,) float64} (optimizer.log_state()) -> StepLog."""
+    return memory_pb2.StepLog(step=int(log["step"]), steps=codec.encode_ids(log["steps"]),
+                              lrs=np.ascontiguousarray(log["lrs"], "<f8").tobytes())
 
 
 def records_from_request(request: memory_pb2.WriteRecordsRequest, width: int, state_width: int

@@ -1,0 +1,69 @@
+"""Export a table to a safetensors file (table_file.py's layout), streamed chunk by chunk.
+
+Rows come from the shards exactly as stored (MemoryClient.read_records: no catch-up, nothing
+counted or moved), `chunk_rows` at a time, and go to their offsets in the file: the exporter holds
+one chunk whatever the table's size. With `with_state` the rows are float32 and the optimizer
+state, each row's last step and the table's step log go too, so import -> continued training is
+bit-identical to continuing the exported table. The table should not be trained while it is
+exported (chunks are read at different moments).
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from memory_service.client import MemoryClient
+from memory_service.transfer import table_file as tf
+from memory_service.transfer.checksum import chunk_digest, table_checksum
+from memory_service.transfer.importer import DEFAULT_CHUNK_ROWS
+from memory_service.transfer.safetensors_file import SafetensorsWriter
+from memory_service.wire import codec
+
+
+def export_table(client: MemoryClient, table: str, path: str, with_state: bool = False,
+                 dtype: str | None = None, chunk_rows: int = DEFAULT_CHUNK_ROWS) -> str:
+    """Writes table `table` to `path` and returns its rows' checksum (checksum.py, also in the
+    file's metadata). `dtype`: "float32" or "bfloat16" for the rows; None: the table's dtype
+    (float32 whenever `with_state`: the state continues float32 rows exactly)."""
+    cfg = client.table(table)
+    dtype = dtype or ("float32" if with_state else cfg.dtype)
+    if dtype not in ("float32", "bfloat16") or (with_state and dtype != "float32"):
+        raise ValueError(f"export dtype {dtype!r}: float32, or bfloat16 without state")
+    state_width = client.state_width(table)
+    log = client.step_log(table)
+    writer = SafetensorsWriter(path, _layout(cfg.num_rows, cfg.width, state_width, len(log["steps"]), dtype,
+                                             with_state), _metadata(cfg, log, with_state, chunk_rows))
+    digests = []
+    for start in range(0, cfg.num_rows, chunk_rows):
+        stop = min(start + chunk_rows, cfg.num_rows)
+        records = client.read_records(table, np.arange(start, stop, dtype=np.int64), state_width)
+        digests.append(chunk_digest(records.rows))
+        rows = records.rows if dtype == "float32" else codec.float32_to_bfloat16_bits(records.rows)
+        writer.write(tf.ROWS, start, rows)
+        if with_state:
+            if state_width:
+                writer.write(tf.STATE, start, records.state)
+            writer.write(tf.LAST, start, records.last)
+    if with_state:
+        writer.write(tf.LOG_STEPS, 0, log["steps"])
+        writer.write(tf.LOG_LRS, 0, log["lrs"])
+    checksum = table_checksum(digests, chunk_rows)
+    writer.set_metadata(tf.CHECKSUM_KEY, checksum)
+    writer.close()
+    return checksum
+
+
+def _layout(num_rows: int, width: int, state_width: int, log_steps: int, dtype: str,
+            with_state: bool) -> dict[str, tuple[str, tuple[int, ...]]]:
+    tensors = {tf.ROWS: ("F32" if dtype == "float32" else "BF16", (num_rows, width))}
+    if with_state:
+        if state_width:
+            tensors[tf.STATE] = ("F32", (num_rows, state_width))
+        tensors.update({tf.LAST: ("I64", (num_rows,)), tf.LOG_STEPS: ("I64", (log_steps,)),
+                        tf.LOG_LRS: ("F64", (log_steps,))})
+    return tensors
+
+
+def _metadata(cfg, log: dict[str, np.ndarray], with_state: bool, chunk_rows: int) -> dict[str, str]:
+    placeholder = table_checksum([], chunk_rows).split(":")[0] + ":" + "0" * 64  # set at the end
+    return {tf.FORMAT_KEY: tf.FORMAT, tf.CONFIG_KEY: tf.config_to_json(cfg), tf.STEP_KEY: str(int(log["step"])),
+            "engram.with_state": str(with_state).lower(), tf.CHECKSUM_KEY: placeholder}
