@@ -334,9 +334,10 @@ class MemoryServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def ReadRecords(self, request, context):
-        """Reads rows of a table exactly as stored, with their optimizer state and last step, without
-        catching them up, counting them as reads or moving them between tiers (read scope). A row
-        never written comes back as its initial row, a new row's optimizer state and last step -1.
+        """Reads rows of a table as they stand at its step, with their optimizer state and last step
+        (read scope). Rows are returned as stored, uncounted and left in their tiers, except in a dense
+        Adam table, which first catches them up as a Fetch does (counted as reads, kept caught up). A
+        row never written comes back as its initial row, a new row's optimizer state and last step -1.
         INVALID_ARGUMENT for bad ids; NOT_FOUND for an unknown table; RESOURCE_EXHAUSTED for a reply
         over wire.MAX_REPLY_BYTES (ids x (4 x (width + state width) + 16) bytes).
         """

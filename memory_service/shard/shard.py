@@ -550,11 +550,16 @@ class Shard:
 
     # -- whole row records: import and export (shard/row_records.py) ----------------------------
     def read_records(self, name: str, ids: np.ndarray) -> RowRecords:
-        """Records of `ids` (n,) exactly as stored, changing nothing (row_records.peek)."""
+        """Records of `ids` (n,) as they stand at the table's step (row_records.peek): a dense
+        Adam table first catches the rows up as a Fetch would (and keeps them, counted as reads)."""
         with self._lock:
             ids = self._checked_ids(name, ids)
             self.homes.check(name, ids)
-            return row_records.peek(self._tables[name], ids)
+            store = self._tables[name]
+            if store.optimizer.catches_up:
+                with self.journal.change():  # the caught-up rows are logged, as a Fetch's are
+                    self._tables.read({name: ids})
+            return row_records.peek(store, ids)
 
     def step_log(self, name: str) -> dict[str, np.ndarray]:
         """Table `name`'s step log (optimizer.log_state(): step, steps (k,), lrs (k,))."""
