@@ -20,7 +20,8 @@ from __future__ import annotations
 import hashlib
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
@@ -81,17 +82,13 @@ def import_table(client: MemoryClient, path: str, tensor: str, table: str, cfg: 
                                   _identity(reader, tensor, table, chunk_rows, state is not None))
         num_chunks = -(-cfg.num_rows // chunk_rows)
         skipped, written = progress.chunks_done, 0
-        for chunk in range(skipped, num_chunks):
-            if max_chunks is not None and written >= max_chunks:
-                break
-            start, stop = chunk * chunk_rows, min((chunk + 1) * chunk_rows, cfg.num_rows)
-            rows = reader.rows(tensor, start, stop)  # (n, width) float32
-            _check_finite(reader.path, tensor, start, rows)
+        last = num_chunks if max_chunks is None else min(num_chunks, skipped + max_chunks)
+        for chunk, start, rows, digest in _prepared(reader, tensor, range(skipped, last), chunk_rows, cfg.num_rows):
             _write_chunk(client, table, start, rows, state, reader, first=chunk == 0)
-            progress.finish(chunk, chunk_digest(rows))
+            progress.finish(chunk, digest)
             written += 1
             if on_progress is not None:
-                on_progress(stop, cfg.num_rows, time.monotonic() - started)
+                on_progress(start + len(rows), cfg.num_rows, time.monotonic() - started)
         checksum, verify_started = None, time.monotonic()
         if progress.chunks_done == num_chunks:
             checksum = verify(client, table, cfg.num_rows, chunk_rows, progress.digests)
@@ -119,6 +116,26 @@ def _checked_config(reader: SafetensorsReader, tensor: str, table: str, cfg: Tab
         raise ValueError(f"{reader.path}: tensor {tensor!r} of shape {list(info.shape)} does not fit table {table!r} "
                          f"of {cfg.num_rows} rows x width {cfg.width}")
     return cfg
+
+
+def _prepared(reader: SafetensorsReader, tensor: str, chunks: range, chunk_rows: int,
+              num_rows: int) -> Iterator[tuple[int, int, np.ndarray, str]]:
+    """(chunk, first row, rows (n, width) float32, digest) of each of `chunks`, the next one read,
+    decoded, checked and hashed on a thread while the caller writes this one (numpy and sha256
+    release the GIL), so the file's side of an import overlaps the shards'; only one chunk is ever
+    in flight to the shards (a killed import redoes at most one)."""
+    def prepare(chunk: int) -> tuple[int, int, np.ndarray, str]:
+        start = chunk * chunk_rows
+        rows = reader.rows(tensor, start, min(start + chunk_rows, num_rows))  # (n, width) float32
+        _check_finite(reader.path, tensor, start, rows)
+        return chunk, start, rows, chunk_digest(rows)
+
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="import-read") as pool:
+        ahead = None
+        for chunk in chunks:
+            current = prepare(chunk) if ahead is None else ahead.result()
+            ahead = pool.submit(prepare, chunk + 1) if chunk + 1 in chunks else None
+            yield current
 
 
 def _check_finite(path: str, tensor: str, start: int, rows: np.ndarray) -> None:
