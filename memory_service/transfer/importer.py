@@ -77,6 +77,9 @@ def import_table(client: MemoryClient, path: str, tensor: str, table: str, cfg: 
     try:
         cfg = _checked_config(reader, tensor, table, cfg)
         state = table_file.state_of(reader) if with_state and tensor == table_file.ROWS else None
+        if state is not None and cfg.optimizer != table_file.config_of(reader).optimizer:
+            raise ValueError(f"{path} holds optimizer state of {table_file.config_of(reader).optimizer}, not of "
+                             f"table {table!r}'s {cfg.optimizer}: import it with its own config, or rows only")
         client.create_table(cfg)
         progress = ImportProgress(progress_path or default_progress_path(path, table),
                                   _identity(reader, tensor, table, chunk_rows, state is not None))

@@ -60,3 +60,17 @@ def test_rows_only_export_is_a_plain_tensor_in_the_tables_dtype(client, tmp_path
     assert sorted(reader.tensors) == ["rows"] and reader.tensor("rows").dtype == "BF16"
     fetched = client.fetch({"run/bf16": np.arange(ROWS)})["run/bf16"].float().numpy()
     np.testing.assert_array_equal(reader.rows("rows", 0, ROWS), fetched)
+
+
+def test_state_of_another_optimizer_is_refused(client, tmp_path):
+    client.create_table(TableConfig("run/other", ROWS, WIDTH, optimizer=OptimizerConfig("adagrad", lr=0.1)))
+    train(client, "run/other", range(1, 3))
+    path = str(tmp_path / "t.safetensors")
+    export_table(client, "run/other", path, with_state=True)
+    with pytest.raises(ValueError, match="optimizer state"):
+        import_table(client, path, "rows", "copy/other", TableConfig("copy/other", ROWS, WIDTH),
+                     progress_path=str(tmp_path / "p.json"))
+    result = import_table(client, path, "rows", "copy/other", TableConfig("copy/other", ROWS, WIDTH),
+                          with_state=False, progress_path=str(tmp_path / "q.json"))
+    np.testing.assert_array_equal(records(client, "copy/other").rows, records(client, "run/other").rows)
+    assert result.checksum is not None
