@@ -11,7 +11,6 @@ from __future__ import annotations
 import numpy as np
 
 from memory_service.errors import FailedPrecondition, InvalidArgument
-from memory_service.shard import request_checks as checks
 from memory_service.storage.store import TableStore
 from memory_service.storage.tiers.base import RowRecords
 
@@ -54,7 +53,12 @@ def checked_write(store: TableStore, records: RowRecords, has_state: bool, step:
         records = RowRecords(records.ids, records.rows,
                              store.optimizer.initial_state(n, store.cfg.width),
                              np.full(n, step, np.int64))
-    checks.check_records(name, records, records.ids, records.ids)
+    if len(np.unique(records.ids)) != len(records):
+        raise InvalidArgument(f"table {name!r}: written ids must be distinct")
+    if not (np.isfinite(records.rows).all() and np.isfinite(records.state).all()):
+        raise InvalidArgument(f"table {name!r}: written rows and optimizer state must be finite")
+    if len(records.last) and records.last.min() < 0:
+        raise InvalidArgument(f"table {name!r}: written last step {records.last.min()} must be >= 0")
     return records
 
 
