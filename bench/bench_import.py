@@ -182,14 +182,15 @@ def check_fetched(client, table: str, path: str, chunk_rows: int) -> int:
     return rows
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> dict:
+    """Runs the bench; returns its figures (tests/bench/test_bench_import.py reads them)."""
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--rows", type=int, default=4 << 20)
     p.add_argument("--runs", type=int, default=3)
     p.add_argument("--chunk-rows", type=int, default=65536)
     p.add_argument("--dir", default=None, help="scratch folder (default: a temporary one, removed)")
     p.add_argument("--out", default=os.path.join(REPO_ROOT, "bench", "results", "import.md"))
-    args = p.parse_args()
+    args = p.parse_args(argv)
     root = args.dir or tempfile.mkdtemp(prefix="bench-import-")
     path = os.path.join(root, "table.safetensors")
     procs: list[subprocess.Popen] = []
@@ -222,7 +223,7 @@ def main() -> None:
                       f"{result['verify_seconds']:.1f} s read-back check", flush=True)
                 client.drop_table(f"bench/run{run}")  # frees the shards' disk for the next run
         rss = peaks.stop()
-        report(args, path, floor_s, killed, resumed, redone, checked, timed, rss)
+        return report(args, path, floor_s, killed, resumed, redone, checked, timed, rss)
     finally:
         for proc in procs:
             proc.stdin.close()
@@ -235,8 +236,8 @@ IMPORTER_BOUND, SHARD_BOUND = 1 << 30, DRAM_BUDGET + (640 << 20)  # bytes of Rss
 
 
 def report(args, path: str, floor_s: float, killed: dict, resumed: dict, redone: int, checked: int,
-           timed: list[dict], rss: dict[str, int]) -> None:
-    """Prints the figures and writes them to `args.out` as markdown."""
+           timed: list[dict], rss: dict[str, int]) -> dict:
+    """Prints the figures, writes them to `args.out` as markdown and returns them."""
     import_s = statistics.median(r["seconds"] - r["verify_seconds"] for r in timed)
     verify_s = statistics.median(r["verify_seconds"] for r in timed)
     rate, floor_rate = args.rows / import_s, args.rows / floor_s
@@ -272,6 +273,8 @@ def report(args, path: str, floor_s: float, killed: dict, resumed: dict, redone:
     print(text)
     with open(args.out, "w") as f:
         f.write(text)
+    return {"rows_per_s": rate, "floor_rows_per_s": floor_rate, "redone": redone, "skipped": resumed["skipped"],
+            "checked": checked, "rss": rss, "within_bounds": within, "checksum": resumed["checksum"]}
 
 
 if __name__ == "__main__":
