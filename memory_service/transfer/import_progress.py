@@ -33,6 +33,8 @@ class ImportProgress:
                     f"{ {k: saved['identity'].get(k) for k in differs} }); delete it to start this "
                     f"import afresh, or name another with --progress")
             self.digests = list(saved["digests"])
+        else:
+            self._save({})  # now: a folder it cannot be written in fails before any row is sent
 
     @property
     def chunks_done(self) -> int:

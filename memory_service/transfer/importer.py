@@ -80,9 +80,9 @@ def import_table(client: MemoryClient, path: str, tensor: str, table: str, cfg: 
         if state is not None and cfg.optimizer != table_file.config_of(reader).optimizer:
             raise ValueError(f"{path} holds optimizer state of {table_file.config_of(reader).optimizer}, not of "
                              f"table {table!r}'s {cfg.optimizer}: import it with its own config, or rows only")
-        client.create_table(cfg)
         progress = ImportProgress(progress_path or default_progress_path(path, table),
                                   _identity(reader, tensor, table, chunk_rows, state is not None))
+        client.create_table(cfg)
         num_chunks = -(-cfg.num_rows // chunk_rows)
         skipped, written = progress.chunks_done, 0
         last = num_chunks if max_chunks is None else min(num_chunks, skipped + max_chunks)
