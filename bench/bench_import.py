@@ -232,7 +232,7 @@ def main(argv: list[str] | None = None) -> dict:
             shutil.rmtree(root, ignore_errors=True)
 
 
-IMPORTER_BOUND, SHARD_BOUND = 1 << 30, DRAM_BUDGET + (640 << 20)  # bytes of RssAnon, whatever --rows
+IMPORTER_BOUND, SHARD_BOUND = 768 << 20, DRAM_BUDGET + (640 << 20)  # bytes of RssAnon, whatever --rows
 
 
 def report(args, path: str, floor_s: float, killed: dict, resumed: dict, redone: int, checked: int,

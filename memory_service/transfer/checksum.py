@@ -11,13 +11,23 @@ same chunk size give the same checksum wherever they come from (the file, the sh
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Iterable
 
 import numpy as np
 
 
 def chunk_digest(rows: np.ndarray) -> str:
     """sha256 hex of rows (n, width) as float32 little-endian, row-major."""
-    return hashlib.sha256(np.ascontiguousarray(rows, "<f4").tobytes()).hexdigest()
+    return digest_of_parts([rows])
+
+
+def digest_of_parts(parts: Iterable[np.ndarray]) -> str:
+    """`chunk_digest` of the rows the parts (k_i, width) make one after the other (read in parts,
+    a chunk is never held whole)."""
+    h = hashlib.sha256()
+    for rows in parts:
+        h.update(np.ascontiguousarray(rows, "<f4").data)
+    return h.hexdigest()
 
 
 def table_checksum(digests: list[str], chunk_rows: int) -> str:

@@ -29,11 +29,12 @@ import numpy as np
 from memory_service.client import MemoryClient
 from memory_service.config import TableConfig
 from memory_service.transfer import table_file
-from memory_service.transfer.checksum import chunk_digest, table_checksum
+from memory_service.transfer.checksum import chunk_digest, digest_of_parts, table_checksum
 from memory_service.transfer.import_progress import ImportProgress
 from memory_service.transfer.safetensors_file import FLOAT_DTYPES, SafetensorsReader
 
 DEFAULT_CHUNK_ROWS = 65536
+VERIFY_ROWS = 16384  # rows read back per request while checking (keeps the replies' memory small)
 Progress = Callable[[int, int, float], None]  # (rows done, rows in all, seconds since start)
 
 
@@ -177,8 +178,9 @@ def verify(client: MemoryClient, table: str, num_rows: int, chunk_rows: int, dig
     state_width = client.state_width(table)
     for chunk, expected in enumerate(digests):
         start, stop = chunk * chunk_rows, min((chunk + 1) * chunk_rows, num_rows)
-        got = client.read_records(table, np.arange(start, stop, dtype=np.int64), state_width).rows
-        if chunk_digest(got) != expected:
+        parts = (client.read_records(table, np.arange(at, min(at + VERIFY_ROWS, stop), dtype=np.int64),
+                                     state_width).rows for at in range(start, stop, VERIFY_ROWS))
+        if digest_of_parts(parts) != expected:
             raise ValueError(f"table {table!r}: rows {start}..{stop - 1} read back differ from the file's "
                              f"(chunk {chunk}): the import did not land whole")
     return table_checksum(digests, chunk_rows)

@@ -48,7 +48,9 @@ def to_float32(stored: np.ndarray, dtype: str) -> np.ndarray:
     if dtype == "F32":
         return np.ascontiguousarray(stored, np.float32)
     if dtype == "BF16":  # bf16 is float32's upper half
-        return (stored.astype(np.uint32) << 16).view(np.float32)
+        bits = stored.astype(np.uint32)
+        bits <<= 16  # in place: one array of the chunk's size, not two
+        return bits.view(np.float32)
     if dtype == "F16":
         return stored.astype(np.float32)
     if dtype == "F8_E4M3":

@@ -1,8 +1,8 @@
 """Client side of WriteRecords and ReadRecords: a table's records routed to their cold shards.
 
 Row r's records go to (come from) cold shard r % num_cold, split into requests of at most
-codec.MAX_REPLY_BYTES of records each (so neither end holds more than that per request), all
-shards' requests in flight at once. A write is idempotent (it sets rows), so the transport may
+WRITE_REQUEST_BYTES (reads: codec.MAX_REPLY_BYTES) of records each, so neither end holds more
+than that per request, all shards' requests in flight at once. A write is idempotent (it sets rows), so the transport may
 re-send it to a restarted shard. Rows hot on a hot shard are not routed there: a cold shard refuses
 them (RowsMoved); import and export are for tables without hot rows.
 """
@@ -17,9 +17,15 @@ from memory_service.wire import codec, row_record_messages
 from memory_service.wire.transport import Transport
 
 
-def rows_per_request(width: int, state_width: int) -> int:
-    """Records per request within codec.MAX_REPLY_BYTES (float32 row and state, int64 id and last)."""
-    return max(1, codec.MAX_REPLY_BYTES // (4 * (width + state_width) + 16))
+# Bytes of records per WriteRecords: each one is copied ~4 times on its way (numpy, message,
+# serialized, the shard's parse), so smaller requests keep both ends' memory small; 8 MiB costs
+# no measurable throughput against 32 MiB (bench/bench_import.py).
+WRITE_REQUEST_BYTES = 8 << 20
+
+
+def rows_per_request(width: int, state_width: int, max_bytes: int = codec.MAX_REPLY_BYTES) -> int:
+    """Records per request within `max_bytes` (float32 row and state, int64 id and last)."""
+    return max(1, max_bytes // (4 * (width + state_width) + 16))
 
 
 def write(transport: Transport, num_cold: int, table: str, ids: np.ndarray, rows: np.ndarray,
@@ -29,7 +35,7 @@ def write(transport: Transport, num_cold: int, table: str, ids: np.ndarray, rows
     neither) on their shards; with `log`, every shard first takes the table's step log. Returns the
     rows written once every shard acknowledged (durably: each logs before it answers)."""
     homes = shard_of(ids, num_cold)
-    step = rows_per_request(rows.shape[1], state_width if state is not None else 0)
+    step = rows_per_request(rows.shape[1], state_width if state is not None else 0, WRITE_REQUEST_BYTES)
     futures = []
     for shard in range(num_cold):
         at = np.flatnonzero(homes == shard)
