@@ -1,8 +1,9 @@
 """Export a table to a safetensors file (table_file.py's layout), streamed chunk by chunk.
 
-Rows come from the shards exactly as stored (MemoryClient.read_records: no catch-up, nothing
-counted or moved), `chunk_rows` at a time, and go to their offsets in the file: the exporter holds
-one chunk whatever the table's size. With `with_state` the rows are float32 and the optimizer
+Rows come from the shards as they stand at the table's step (MemoryClient.read_records: as
+stored, a dense Adam table's caught up first), VERIFY_ROWS at a time, and go to their offsets in
+the file: the exporter holds a few MiB whatever the table's size. The checksum is per chunk of
+`chunk_rows` rows, as an import of the file computes it. With `with_state` the rows are float32 and the optimizer
 state, each row's last step and the table's step log go too, so import -> continued training is
 bit-identical to continuing the exported table. The table should not be trained while it is
 exported (chunks are read at different moments).
@@ -13,8 +14,8 @@ import numpy as np
 
 from memory_service.client import MemoryClient
 from memory_service.transfer import table_file as tf
-from memory_service.transfer.checksum import chunk_digest, table_checksum
-from memory_service.transfer.importer import DEFAULT_CHUNK_ROWS
+from memory_service.transfer.checksum import digest_of_parts, table_checksum
+from memory_service.transfer.importer import DEFAULT_CHUNK_ROWS, VERIFY_ROWS
 from memory_service.transfer.safetensors_file import SafetensorsWriter
 from memory_service.wire import codec
 
@@ -35,14 +36,9 @@ def export_table(client: MemoryClient, table: str, path: str, with_state: bool =
     digests = []
     for start in range(0, cfg.num_rows, chunk_rows):
         stop = min(start + chunk_rows, cfg.num_rows)
-        records = client.read_records(table, np.arange(start, stop, dtype=np.int64), state_width)
-        digests.append(chunk_digest(records.rows))
-        rows = records.rows if dtype == "float32" else codec.float32_to_bfloat16_bits(records.rows)
-        writer.write(tf.ROWS, start, rows)
-        if with_state:
-            if state_width:
-                writer.write(tf.STATE, start, records.state)
-            writer.write(tf.LAST, start, records.last)
+        parts = (_write_part(client, writer, table, at, min(at + VERIFY_ROWS, stop), state_width, dtype, with_state)
+                 for at in range(start, stop, VERIFY_ROWS))
+        digests.append(digest_of_parts(parts))  # per chunk, as an import of the file hashes it
     if with_state:
         writer.write(tf.LOG_STEPS, 0, log["steps"])
         writer.write(tf.LOG_LRS, 0, log["lrs"])
@@ -50,6 +46,18 @@ def export_table(client: MemoryClient, table: str, path: str, with_state: bool =
     writer.set_metadata(tf.CHECKSUM_KEY, checksum)
     writer.close()
     return checksum
+
+
+def _write_part(client: MemoryClient, writer: SafetensorsWriter, table: str, start: int, stop: int,
+                state_width: int, dtype: str, with_state: bool) -> np.ndarray:
+    """Rows [start, stop) read from the shards and written to the file; returns them as float32."""
+    records = client.read_records(table, np.arange(start, stop, dtype=np.int64), state_width)
+    writer.write(tf.ROWS, start, records.rows if dtype == "float32" else codec.float32_to_bfloat16_bits(records.rows))
+    if with_state:
+        if state_width:
+            writer.write(tf.STATE, start, records.state)
+        writer.write(tf.LAST, start, records.last)
+    return records.rows
 
 
 def _layout(num_rows: int, width: int, state_width: int, log_steps: int, dtype: str,

@@ -141,3 +141,14 @@ def test_non_finite_rows_are_refused_whole(client, tmp_path):
                      chunk_rows=CHUNK, progress_path=str(tmp_path / "p.json"))
     np.testing.assert_array_equal(client.read_records("ns/inf", np.arange(640, 768)).last, -1)  # chunk 5 unwritten
     assert SafetensorsReader(str(tmp_path / "inf.safetensors")).tensor("emb").shape == (ROWS, WIDTH)
+
+
+@pytest.mark.parametrize("dtype, torch_dtype, view", [("F16", torch.float16, torch.int16),
+                                                       ("F8_E4M3", torch.float8_e4m3fn, torch.uint8)])
+def test_other_dtypes_import_bit_equal(client, tmp_path, dtype, torch_dtype, view):
+    rows = (torch.randn(ROWS, WIDTH, generator=torch.Generator().manual_seed(2)) * 4).to(torch_dtype)
+    write_by_hand(tmp_path / "m.safetensors", {"emb": (dtype, rows.view(view).numpy())})
+    name = f"ns/{dtype.lower()}"
+    import_table(client, str(tmp_path / "m.safetensors"), "emb", name, config(name), chunk_rows=CHUNK,
+                 progress_path=str(tmp_path / "p.json"))
+    np.testing.assert_array_equal(stored_rows(client, name), rows.float().numpy())
