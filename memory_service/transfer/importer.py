@@ -154,6 +154,7 @@ def _check_finite(path: str, tensor: str, start: int, rows: np.ndarray) -> None:
 def _identity(reader: SafetensorsReader, tensor: str, table: str, chunk_rows: int, with_state: bool) -> dict:
     """What a progress file records of its import (a re-run must match it)."""
     return {"file": os.path.abspath(reader.path), "file_bytes": reader.size,
+            "file_mtime_ns": os.stat(reader.path).st_mtime_ns,  # a file rewritten in place is another import
             "header_sha256": hashlib.sha256(reader.header_bytes).hexdigest(), "tensor": tensor, "table": table,
             "chunk_rows": chunk_rows, "with_state": with_state}
 

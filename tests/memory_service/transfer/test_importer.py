@@ -152,3 +152,14 @@ def test_other_dtypes_import_bit_equal(client, tmp_path, dtype, torch_dtype, vie
     import_table(client, str(tmp_path / "m.safetensors"), "emb", name, config(name), chunk_rows=CHUNK,
                  progress_path=str(tmp_path / "p.json"))
     np.testing.assert_array_equal(stored_rows(client, name), rows.float().numpy())
+
+
+def test_a_file_rewritten_in_place_is_another_import(client, tmp_path):
+    path = tmp_path / "m.safetensors"
+    write_by_hand(path, {"emb": ("F32", np.zeros((ROWS, WIDTH), np.float32))})
+    kwargs = dict(chunk_rows=CHUNK, progress_path=str(tmp_path / "p.json"))
+    import_table(client, str(path), "emb", "ns/rewritten", config("ns/rewritten"), max_chunks=2, **kwargs)
+    write_by_hand(path, {"emb": ("F32", np.ones((ROWS, WIDTH), np.float32))})  # same size and header
+    os.utime(path, ns=(1, 1))
+    with pytest.raises(ImportMismatch, match="file_mtime_ns"):
+        import_table(client, str(path), "emb", "ns/rewritten", config("ns/rewritten"), **kwargs)
