@@ -429,8 +429,7 @@ class MemoryClient:
     # -- whole row records: import and export (wire/record_rounds.py) ----------------------------
     def state_width(self, name: str) -> int:
         """Optimizer-state values per row of table `name` (what ReadRecords returns per row)."""
-        return len(self.transport.call(0, "ReadRecords", memory_pb2.ReadRecordsRequest(
-            table=name, ids=codec.encode_ids(np.zeros(1, np.int64)))).state) // 4
+        return self.transport.call(0, "ReadRecords", memory_pb2.ReadRecordsRequest(table=name)).state_width
 
     def write_records(self, name: str, ids: np.ndarray, rows: np.ndarray, state: np.ndarray | None = None,
                       last: np.ndarray | None = None, log: dict[str, np.ndarray] | None = None) -> int:
@@ -441,8 +440,8 @@ class MemoryClient:
                                    state_width, log)
 
     def read_records(self, name: str, ids: np.ndarray, state_width: int | None = None):
-        """RowRecords of `ids` (n,) exactly as stored, never-written rows with last step -1
-        (`state_width`: the table's, asked of shard 0 when None)."""
+        """RowRecords of `ids` (n,) as they stand at the table's step (ReadRecords), never-written
+        rows with last step -1 (`state_width`: the table's, asked of shard 0 when None)."""
         state_width = self.state_width(name) if state_width is None else state_width
         return record_rounds.read(self.transport, self.num_cold, name, _as_ids(ids), self.table(name).width,
                                   state_width)

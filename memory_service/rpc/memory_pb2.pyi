@@ -416,20 +416,22 @@ class ExportRowsRequest(_message.Message):
     def __init__(self, table: _Optional[str] = ..., ids: _Optional[bytes] = ..., version: _Optional[int] = ..., client_id: _Optional[str] = ..., request_seq: _Optional[int] = ...) -> None: ...
 
 class RowRecords(_message.Message):
-    __slots__ = ("table", "ids", "rows", "state", "last", "log")
+    __slots__ = ("table", "ids", "rows", "state", "last", "log", "state_width")
     TABLE_FIELD_NUMBER: _ClassVar[int]
     IDS_FIELD_NUMBER: _ClassVar[int]
     ROWS_FIELD_NUMBER: _ClassVar[int]
     STATE_FIELD_NUMBER: _ClassVar[int]
     LAST_FIELD_NUMBER: _ClassVar[int]
     LOG_FIELD_NUMBER: _ClassVar[int]
+    STATE_WIDTH_FIELD_NUMBER: _ClassVar[int]
     table: str
     ids: bytes
     rows: bytes
     state: bytes
     last: bytes
     log: StepLog
-    def __init__(self, table: _Optional[str] = ..., ids: _Optional[bytes] = ..., rows: _Optional[bytes] = ..., state: _Optional[bytes] = ..., last: _Optional[bytes] = ..., log: _Optional[_Union[StepLog, _Mapping]] = ...) -> None: ...
+    state_width: int
+    def __init__(self, table: _Optional[str] = ..., ids: _Optional[bytes] = ..., rows: _Optional[bytes] = ..., state: _Optional[bytes] = ..., last: _Optional[bytes] = ..., log: _Optional[_Union[StepLog, _Mapping]] = ..., state_width: _Optional[int] = ...) -> None: ...
 
 class ImportRowsRequest(_message.Message):
     __slots__ = ("records", "version", "ids")

@@ -159,6 +159,7 @@ class MemoryServicer(memory_pb2_grpc.MemoryServiceServicer):
         width = self.shard.describe_table(request.table).config.width
         budgets.check_reply(len(ids) * (4 * (width + self.shard.state_width(request.table)) + 16), "read records")
         reply = codec.records_to_proto(request.table, self.shard.read_records(request.table, ids))
+        reply.state_width = self.shard.state_width(request.table)
         if request.with_log:
             reply.log.CopyFrom(row_record_messages.log_to_proto(self.shard.step_log(request.table)))
         return reply
