@@ -249,7 +249,8 @@ def report(args, path: str, floor_s: float, killed: dict, resumed: dict, redone:
         f"`python bench/bench_import.py --rows {args.rows} --runs {args.runs} --chunk-rows {args.chunk_rows}`: "
         f"{args.rows} rows x {WIDTH} BF16 ({os.path.getsize(path) / 2**30:.2f} GiB), 2 cold shard processes with "
         f"LMDB and dram_budget_bytes {mib(DRAM_BUDGET)} each, table float32 rows with sgd (no optimizer state), "
-        f"the importer a process of its own. {os.cpu_count()} cores shared by all processes.",
+        f"the importer a process of its own. {os.cpu_count()} cores shared by all processes (load average "
+        f"{os.getloadavg()[2]:.1f} over the last 15 minutes, other work included).",
         "",
         "| figure | value | against |",
         "|---|---|---|",
