@@ -50,14 +50,21 @@ def export_table(client: MemoryClient, table: str, path: str, with_state: bool =
 
 def _write_part(client: MemoryClient, writer: SafetensorsWriter, table: str, start: int, stop: int,
                 state_width: int, dtype: str, with_state: bool) -> np.ndarray:
-    """Rows [start, stop) read from the shards and written to the file; returns them as float32."""
+    """Rows [start, stop) read from the shards and written to the file; returns them as the file
+    holds them, in float32 (what an import of the file hashes)."""
     records = client.read_records(table, np.arange(start, stop, dtype=np.int64), state_width)
-    writer.write(tf.ROWS, start, records.rows if dtype == "float32" else codec.float32_to_bfloat16_bits(records.rows))
+    rows = records.rows
+    if dtype == "bfloat16":
+        bits = codec.float32_to_bfloat16_bits(rows)
+        writer.write(tf.ROWS, start, bits)
+        rows = codec.bfloat16_bits_to_float32(bits)
+    else:
+        writer.write(tf.ROWS, start, rows)
     if with_state:
         if state_width:
             writer.write(tf.STATE, start, records.state)
         writer.write(tf.LAST, start, records.last)
-    return records.rows
+    return rows
 
 
 def _layout(num_rows: int, width: int, state_width: int, log_steps: int, dtype: str,

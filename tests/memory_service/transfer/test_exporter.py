@@ -55,7 +55,9 @@ def test_rows_only_export_is_a_plain_tensor_in_the_tables_dtype(client, tmp_path
     client.create_table(TableConfig("run/bf16", ROWS, WIDTH, dtype="bfloat16"))
     train(client, "run/bf16", range(1, 3), lambda step: None)
     path = str(tmp_path / "rows.safetensors")
-    export_table(client, "run/bf16", path)
+    checksum = export_table(client, "run/bf16", path)
+    imported = import_table(client, path, "rows", "copy/bf16", progress_path=str(tmp_path / "p.json"))
+    assert imported.checksum == checksum  # the file's rows, as bf16 values
     reader = SafetensorsReader(path)
     assert sorted(reader.tensors) == ["rows"] and reader.tensor("rows").dtype == "BF16"
     fetched = client.fetch({"run/bf16": np.arange(ROWS)})["run/bf16"].float().numpy()
