@@ -272,6 +272,10 @@ def report(args, path: str, floor_s: float, killed: dict, resumed: dict, redone:
         "",
         f"Within the memory bounds: {'yes' if within else 'NO'}. The floor reads the file from the page cache "
         f"(just written), as the imports do.",
+        "",
+        "Why the gap to the floor: the floor only maps and decodes the file; an import also sends each row over "
+        "gRPC, and each shard checks it, logs it in its write-ahead log (durable before it answers) and writes it "
+        "to LMDB, the importer and both shards sharing the machine's cores.",
     ]
     text = "\n".join(lines) + "\n"
     print(text)
