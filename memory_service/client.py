@@ -24,7 +24,7 @@ import torch
 
 from memory_service.ops import collisions
 from memory_service import quantization
-from memory_service.wire import codec, heap, reply_files, small_fetch
+from memory_service.wire import codec, heap, record_rounds, reply_files, small_fetch
 from memory_service.config import TableConfig
 from memory_service.errors import InvalidArgument, RowsMoved
 from memory_service.rpc import memory_pb2
@@ -448,6 +448,32 @@ class MemoryClient:
             tables=[memory_pb2.TableStep(table=name, step=step, **codec.lr_field(lr)) for name in names])
         replies = self.transport.call_all("CommitStep", request, pool=self.transport.push_pool)
         return sum(r.rows_updated for r in replies)
+
+    # -- whole row records: import and export (wire/record_rounds.py) ----------------------------
+    def state_width(self, name: str) -> int:
+        """Optimizer-state values per row of table `name` (what ReadRecords returns per row)."""
+        return self.transport.call(0, "ReadRecords", memory_pb2.ReadRecordsRequest(table=name)).state_width
+
+    def write_records(self, name: str, ids: np.ndarray, rows: np.ndarray, state: np.ndarray | None = None,
+                      last: np.ndarray | None = None, log: dict[str, np.ndarray] | None = None) -> int:
+        """Sets rows (n, width) float32 of distinct `ids` (n,), with their optimizer state and last
+        step or (None) a new row's, after the step log `log` if given (record_rounds.write)."""
+        state_width = 0 if state is None else state.shape[1]
+        return record_rounds.write(self.transport, self.num_cold, name, _as_ids(ids), rows, state, last,
+                                   state_width, log)
+
+    def read_records(self, name: str, ids: np.ndarray, state_width: int | None = None):
+        """RowRecords of `ids` (n,) as they stand at the table's step (ReadRecords), never-written
+        rows with last step -1 (`state_width`: the table's, asked of shard 0 when None)."""
+        state_width = self.state_width(name) if state_width is None else state_width
+        return record_rounds.read(self.transport, self.num_cold, name, _as_ids(ids), self.table(name).width,
+                                  state_width)
+
+    def step_log(self, name: str) -> dict[str, np.ndarray]:
+        """Table `name`'s step log {"step", "steps" (k,) int64, "lrs" (k,) float64}, as shard 0 logged
+        it (every shard logs every step)."""
+        reply = self.transport.call(0, "ReadRecords", memory_pb2.ReadRecordsRequest(table=name, with_log=True))
+        return record_rounds.log_of(reply, name)
 
     # -- plumbing -------------------------------------------------------------------------------
     def _route(self, name: str, ids) -> Route:

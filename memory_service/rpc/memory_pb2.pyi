@@ -454,18 +454,22 @@ class ExportRowsRequest(_message.Message):
     def __init__(self, table: _Optional[str] = ..., ids: _Optional[bytes] = ..., version: _Optional[int] = ..., client_id: _Optional[str] = ..., request_seq: _Optional[int] = ...) -> None: ...
 
 class RowRecords(_message.Message):
-    __slots__ = ("table", "ids", "rows", "state", "last")
+    __slots__ = ("table", "ids", "rows", "state", "last", "log", "state_width")
     TABLE_FIELD_NUMBER: _ClassVar[int]
     IDS_FIELD_NUMBER: _ClassVar[int]
     ROWS_FIELD_NUMBER: _ClassVar[int]
     STATE_FIELD_NUMBER: _ClassVar[int]
     LAST_FIELD_NUMBER: _ClassVar[int]
+    LOG_FIELD_NUMBER: _ClassVar[int]
+    STATE_WIDTH_FIELD_NUMBER: _ClassVar[int]
     table: str
     ids: bytes
     rows: bytes
     state: bytes
     last: bytes
-    def __init__(self, table: _Optional[str] = ..., ids: _Optional[bytes] = ..., rows: _Optional[bytes] = ..., state: _Optional[bytes] = ..., last: _Optional[bytes] = ...) -> None: ...
+    log: StepLog
+    state_width: int
+    def __init__(self, table: _Optional[str] = ..., ids: _Optional[bytes] = ..., rows: _Optional[bytes] = ..., state: _Optional[bytes] = ..., last: _Optional[bytes] = ..., log: _Optional[_Union[StepLog, _Mapping]] = ..., state_width: _Optional[int] = ...) -> None: ...
 
 class ImportRowsRequest(_message.Message):
     __slots__ = ("records", "version", "ids")
@@ -626,3 +630,37 @@ class FreezeTableResponse(_message.Message):
     TABLE_FIELD_NUMBER: _ClassVar[int]
     table: TableInfo
     def __init__(self, table: _Optional[_Union[TableInfo, _Mapping]] = ...) -> None: ...
+
+class StepLog(_message.Message):
+    __slots__ = ("step", "steps", "lrs")
+    STEP_FIELD_NUMBER: _ClassVar[int]
+    STEPS_FIELD_NUMBER: _ClassVar[int]
+    LRS_FIELD_NUMBER: _ClassVar[int]
+    step: int
+    steps: bytes
+    lrs: bytes
+    def __init__(self, step: _Optional[int] = ..., steps: _Optional[bytes] = ..., lrs: _Optional[bytes] = ...) -> None: ...
+
+class WriteRecordsRequest(_message.Message):
+    __slots__ = ("records", "log")
+    RECORDS_FIELD_NUMBER: _ClassVar[int]
+    LOG_FIELD_NUMBER: _ClassVar[int]
+    records: RowRecords
+    log: StepLog
+    def __init__(self, records: _Optional[_Union[RowRecords, _Mapping]] = ..., log: _Optional[_Union[StepLog, _Mapping]] = ...) -> None: ...
+
+class WriteRecordsResponse(_message.Message):
+    __slots__ = ("rows_written",)
+    ROWS_WRITTEN_FIELD_NUMBER: _ClassVar[int]
+    rows_written: int
+    def __init__(self, rows_written: _Optional[int] = ...) -> None: ...
+
+class ReadRecordsRequest(_message.Message):
+    __slots__ = ("table", "ids", "with_log")
+    TABLE_FIELD_NUMBER: _ClassVar[int]
+    IDS_FIELD_NUMBER: _ClassVar[int]
+    WITH_LOG_FIELD_NUMBER: _ClassVar[int]
+    table: str
+    ids: bytes
+    with_log: bool
+    def __init__(self, table: _Optional[str] = ..., ids: _Optional[bytes] = ..., with_log: _Optional[bool] = ...) -> None: ...

@@ -130,6 +130,16 @@ class MemoryServiceStub:
                 request_serializer=engram__memory_dot_v1_dot_memory__pb2.FreezeTableRequest.SerializeToString,
                 response_deserializer=engram__memory_dot_v1_dot_memory__pb2.FreezeTableResponse.FromString,
                 _registered_method=True)
+        self.WriteRecords = channel.unary_unary(
+                '/engram_memory.v1.MemoryService/WriteRecords',
+                request_serializer=engram__memory_dot_v1_dot_memory__pb2.WriteRecordsRequest.SerializeToString,
+                response_deserializer=engram__memory_dot_v1_dot_memory__pb2.WriteRecordsResponse.FromString,
+                _registered_method=True)
+        self.ReadRecords = channel.unary_unary(
+                '/engram_memory.v1.MemoryService/ReadRecords',
+                request_serializer=engram__memory_dot_v1_dot_memory__pb2.ReadRecordsRequest.SerializeToString,
+                response_deserializer=engram__memory_dot_v1_dot_memory__pb2.RowRecords.FromString,
+                _registered_method=True)
 
 
 class MemoryServiceServicer:
@@ -327,6 +337,35 @@ class MemoryServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def WriteRecords(self, request, context):
+        """-- whole row records: import and export of tables (memory_service/transfer/) ------------------
+        Ids are this shard's (id % num_shards == shard_id) and at home here (a row that moved to a hot
+        shard: ABORTED "moved: <version>", as for a Fetch).
+
+        Sets rows of a table, with their optimizer state and last step or with a new row's state, and
+        optionally first the table's step log; durable (in the write-ahead log of a shard with disk)
+        before it answers. Overwrites what the rows held: a re-sent write changes nothing more.
+        INVALID_ARGUMENT for ids not distinct, not this shard's or out of range, payload lengths that
+        do not match, a value that is not finite, a last step < 0; FAILED_PRECONDITION for a step log
+        given to a table that logged another one (a table past step 0); NOT_FOUND for an unknown
+        table; RESOURCE_EXHAUSTED over wire.MAX_REQUEST_ROWS ids. A rejected write changes nothing.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ReadRecords(self, request, context):
+        """Reads rows of a table as they stand at its step, with their optimizer state and last step
+        (read scope). Rows are returned as stored, uncounted and left in their tiers, except in a dense
+        Adam table, which first catches them up as a Fetch does (counted as reads, kept caught up). A
+        row never written comes back as its initial row, a new row's optimizer state and last step -1.
+        INVALID_ARGUMENT for bad ids; NOT_FOUND for an unknown table; RESOURCE_EXHAUSTED for a reply
+        over wire.MAX_REPLY_BYTES (ids x (4 x (width + state width) + 16) bytes).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_MemoryServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -424,6 +463,16 @@ def add_MemoryServiceServicer_to_server(servicer, server):
                     servicer.FreezeTable,
                     request_deserializer=engram__memory_dot_v1_dot_memory__pb2.FreezeTableRequest.FromString,
                     response_serializer=engram__memory_dot_v1_dot_memory__pb2.FreezeTableResponse.SerializeToString,
+            ),
+            'WriteRecords': grpc.unary_unary_rpc_method_handler(
+                    servicer.WriteRecords,
+                    request_deserializer=engram__memory_dot_v1_dot_memory__pb2.WriteRecordsRequest.FromString,
+                    response_serializer=engram__memory_dot_v1_dot_memory__pb2.WriteRecordsResponse.SerializeToString,
+            ),
+            'ReadRecords': grpc.unary_unary_rpc_method_handler(
+                    servicer.ReadRecords,
+                    request_deserializer=engram__memory_dot_v1_dot_memory__pb2.ReadRecordsRequest.FromString,
+                    response_serializer=engram__memory_dot_v1_dot_memory__pb2.RowRecords.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -940,6 +989,60 @@ class MemoryService:
             '/engram_memory.v1.MemoryService/FreezeTable',
             engram__memory_dot_v1_dot_memory__pb2.FreezeTableRequest.SerializeToString,
             engram__memory_dot_v1_dot_memory__pb2.FreezeTableResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def WriteRecords(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/engram_memory.v1.MemoryService/WriteRecords',
+            engram__memory_dot_v1_dot_memory__pb2.WriteRecordsRequest.SerializeToString,
+            engram__memory_dot_v1_dot_memory__pb2.WriteRecordsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ReadRecords(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/engram_memory.v1.MemoryService/ReadRecords',
+            engram__memory_dot_v1_dot_memory__pb2.ReadRecordsRequest.SerializeToString,
+            engram__memory_dot_v1_dot_memory__pb2.RowRecords.FromString,
             options,
             channel_credentials,
             insecure,

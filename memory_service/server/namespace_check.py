@@ -30,6 +30,8 @@ TABLES_OF: dict[str, Callable[[object], list[str] | None]] = {
     "Announce": lambda r: [t.table for t in r.tables] + [t.table for t in r.direct_reads],
     "CheckpointSave": lambda r: list(r.tables) or None,  # no tables: every table of the shard
     "FreezeTable": lambda r: [r.table],
+    "WriteRecords": lambda r: [r.records.table],
+    "ReadRecords": lambda r: [r.table],
 }
 LISTINGS = frozenset({"ListTables", "Stats"})  # narrowed to the caller's namespaces' tables
 

@@ -33,7 +33,7 @@ from memory_service.server.fetch_replies import FetchReplies, reply_nbytes
 from memory_service.shard import checkpoint_files
 from memory_service.shard.shard import Shard
 from memory_service.tables import Announcement, TableInfo, TablePush
-from memory_service.wire import codec
+from memory_service.wire import codec, row_record_messages
 from memory_service.wire.codec import MESSAGE_OPTIONS
 from memory_service.wire.security import SecurityConfig, warn_if_exposed
 
@@ -143,6 +143,26 @@ class MemoryServicer(memory_pb2_grpc.MemoryServiceServicer):
         records = codec.records_from_proto(request.records, cfg.stored_width, self.shard.state_width(name))
         self.shard.import_rows(name, records, request.version, codec.decode_ids(request.ids, name))
         return memory_pb2.ImportRowsResponse()
+
+    @_maps_errors
+    def WriteRecords(self, request, context):
+        name = request.records.table
+        budgets.check_rows([request.records], "write records")
+        return memory_pb2.WriteRecordsResponse(rows_written=self.shard.write_records(
+            name, *row_record_messages.records_from_request(request, self.shard.describe_table(name).config.width,
+                                                            self.shard.state_width(name))))
+
+    @_maps_errors
+    def ReadRecords(self, request, context):
+        ids = codec.decode_ids(request.ids, request.table)
+        budgets.check_rows([request], "read records")
+        width = self.shard.describe_table(request.table).config.width
+        budgets.check_reply(len(ids) * (4 * (width + self.shard.state_width(request.table)) + 16), "read records")
+        reply = codec.records_to_proto(request.table, self.shard.read_records(request.table, ids))
+        reply.state_width = self.shard.state_width(request.table)
+        if request.with_log:
+            reply.log.CopyFrom(row_record_messages.log_to_proto(self.shard.step_log(request.table)))
+        return reply
 
     @_maps_errors
     def ReturnRows(self, request, context):

@@ -33,6 +33,7 @@ from memory_service.native import compiled
 from memory_service.ops.collisions import CollisionSketch, NgramBatch
 from memory_service.ops.reports import ShardCounters, TableUsage
 from memory_service.shard import request_checks as checks
+from memory_service.shard import row_records
 from memory_service.shard.freeze import frozen_config, frozen_records
 from memory_service.shard.accesses import Accesses
 from memory_service.shard.homes import Homes
@@ -617,6 +618,53 @@ class Shard:
         with self._lock:
             self.journal.forget_export(client_id, request_seq)
 
+    # -- whole row records: import and export (shard/row_records.py) ----------------------------
+    def read_records(self, name: str, ids: np.ndarray) -> RowRecords:
+        """Records of `ids` (n,) as they stand at the table's step (row_records.peek): a dense
+        Adam table first catches the rows up as a Fetch would (and keeps them, counted as reads)."""
+        with self._lock:
+            ids = self._checked_ids(name, ids)
+            self.homes.check(name, ids)
+            store = self._tables[name]
+            _refuse_quantized(store.cfg, "read as records (Fetch its rows)")
+            if store.optimizer.catches_up:
+                with self.journal.change():  # the caught-up rows are logged, as a Fetch's are
+                    self._tables.read({name: ids})
+            return row_records.peek(store, ids)
+
+    def step_log(self, name: str) -> dict[str, np.ndarray]:
+        """Table `name`'s step log (optimizer.log_state(): step, steps (k,), lrs (k,))."""
+        with self._lock:
+            return self._tables.store(name).optimizer.log_state()
+
+    def write_records(self, name: str, records: RowRecords, has_state: bool,
+                      log: dict[str, np.ndarray] | None = None) -> int:
+        """Sets rows `records` (row_records.checked_write), after the step log `log`
+        (optimizer.log_state()'s form) when given; logged before it answers. Returns the rows set."""
+        with self._lock:
+            store = self._tables.store(name)
+            _refuse_quantized(store.cfg, "written (write its rows, then freeze it with a quantization)")
+            self.homes.check(name, self._checked_ids(name, records.ids))
+            if self.quotas:
+                self.check_quotas({name: np.asarray(records.ids, np.int64)})
+            if log is not None:
+                row_records.checked_log(name, int(log["step"]), log["steps"], log["lrs"])
+            step = store.step if log is None else int(log["step"])
+            records = row_records.checked_write(store, records, has_state, step)
+            if log is not None:
+                if row_records.log_matches(store, int(log["step"]), log["steps"], log["lrs"]):
+                    log = None
+            with self.journal.change():
+                if log is not None:
+                    store.load_log_state(log)
+                    for step, lr in zip(log["steps"].tolist(), log["lrs"].tolist()):
+                        self.journal.note(name, "step", step, lr)
+                    self.journal.note(name, "commit", int(log["step"]))
+                self.journal.note(name, "rows", records.ids, records.rows, records.state, records.last)
+                store.import_rows(records)
+            self._stepped.notify_all()
+            return len(records)
+
     # -- checkpoints (memory_service/durability/checkpoint.py) ------------------------------------------------
     def checkpoint_tables(self, step: int, names: list[str], timeout: float,
                           write: Callable[[TableSnapshot], T]) -> dict[str, T]:
@@ -793,3 +841,9 @@ def _ids_of(push: TablePush | None, update: Update | None) -> np.ndarray:
     if update is not None and update.batch is not None:
         ids.append(update.batch.ids)
     return np.unique(np.concatenate(ids)) if len(ids) > 1 else ids[0] if ids else np.empty(0, np.int64)
+
+
+def _refuse_quantized(cfg: TableConfig, what: str) -> None:
+    """FailedPrecondition for a quantized table: its stored rows are packed codes, not records."""
+    if cfg.is_quantized:
+        raise FailedPrecondition(f"table {cfg.name!r} is quantized ({cfg.quantization}): its rows cannot be {what}")

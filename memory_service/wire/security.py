@@ -49,8 +49,10 @@ HEALTH_SERVICE = "grpc.health.v1.Health"
 # DropTable, ExportRows, ImportRows, DrainAccesses, and any rpc added later) needs a write token.
 # Announce is a reader's: it only hints placement, as a Fetch's reads do, and carries the count of
 # a reader's direct reads (DirectReads: where a same-host reader finds the shared-memory arena).
+# ReadRecords reads rows with their optimizer state as stored (export), changing nothing.
 READ_METHODS = frozenset(f"/{MEMORY_SERVICE}/{name}" for name in
-                         ("Fetch", "Stats", "DescribeTable", "ListTables", "HotMap", "Announce", "DirectReads"))
+                         ("Fetch", "Stats", "DescribeTable", "ListTables", "HotMap", "Announce", "DirectReads",
+                          "ReadRecords"))
 METADATA_KEY = "authorization"  # gRPC metadata keys are lower case
 PEM = str | bytes  # bytes: PEM contents; str: the path of a PEM file
 

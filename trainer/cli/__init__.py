@@ -2,8 +2,8 @@
 top layer, so the table service never imports the trainer.
 
 One module per family of commands: training.py (train-local, train, demo, generate), serving.py
-(serve, stop), operations.py (stats, checkpoint, freeze); options.py holds the flags they share. Nothing
-heavy loads before a command runs (torch and Ray load inside the command functions), so `engram
+(serve, stop), operations.py (stats, checkpoint, freeze), transfer.py (import, export); options.py holds
+the flags they share. Nothing heavy loads before a command runs (torch and Ray load inside the command functions), so `engram
 --help` and a usage error answer at once. Exit codes: 0 done, 1 the command failed (one line
 `engram <cmd>: <why>` on stderr; `--log-level debug` adds the traceback), 2 a usage or config
 error (one line), 130 interrupted."""
@@ -17,7 +17,7 @@ from trainer import colocation
 
 colocation.apply()  # before torch loads: the embedded cluster's shards share these cores
 
-from trainer.cli import logs, operations, serving, training  # noqa: E402
+from trainer.cli import logs, operations, serving, training, transfer  # noqa: E402
 from trainer.cli.options import CommandError  # noqa: E402
 
 log = logging.getLogger("engram")
@@ -53,6 +53,7 @@ def build_parser() -> argparse.ArgumentParser:
     training.add_parsers(sub)
     serving.add_parsers(sub)
     operations.add_parsers(sub)
+    transfer.add_parsers(sub)
     return parser
 
 

@@ -68,6 +68,8 @@ REQUESTS = {
     "CheckpointSave": memory_pb2.CheckpointSaveRequest(path="/tmp", step=1, tables=["a/t", "b/t"]),
     "CheckpointRestore": memory_pb2.CheckpointRestoreRequest(path="/tmp/nothing"),
     "FreezeTable": memory_pb2.FreezeTableRequest(table="b/t"),
+    "WriteRecords": memory_pb2.WriteRecordsRequest(records=_records("b/t")),
+    "ReadRecords": memory_pb2.ReadRecordsRequest(table="b/t", ids=_ids(0)),
 }
 
 
@@ -110,7 +112,7 @@ def test_a_token_of_a_is_refused_every_rpc_on_b(served, token):
     for rpc, request in REQUESTS.items():
         if request is None:
             continue
-        if token == AB_MIXED and rpc in ("DescribeTable", "HotMap", "Fetch", "Announce"):
+        if token == AB_MIXED and rpc in ("DescribeTable", "HotMap", "Fetch", "Announce", "ReadRecords"):
             continue  # it may read b (below)
         code, details = _code(channel, rpc, request, token)
         assert code == grpc.StatusCode.PERMISSION_DENIED, (rpc, code, details)

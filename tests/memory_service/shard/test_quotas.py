@@ -132,3 +132,21 @@ def test_over_quota_over_grpc_is_resource_exhausted():
         assert shard.digest() != before and shard.describe_table("q/t").rows_materialized == 3
     finally:
         server.stop(None)
+
+
+def test_an_import_over_the_row_quota_is_refused_and_changes_nothing():
+    """WriteRecords (what `engram import` sends) counts against the quota as a push does."""
+    from memory_service.storage.tiers.base import RowRecords
+
+    def records(ids):
+        ids = np.asarray(ids, np.int64)
+        return RowRecords(ids, np.ones((len(ids), 4), np.float32), np.empty((len(ids), 0), np.float32),
+                          np.zeros(len(ids), np.int64))  # no state: the rows' new state and the table's step
+
+    shard = _shard(NamespaceQuota("q", max_rows=10))
+    assert shard.write_records("q/t", records(range(8)), has_state=False) == 8
+    before = shard.digest()
+    with pytest.raises(QuotaExceeded, match="namespace 'q' is over its quota of 10 rows"):
+        shard.write_records("q/t", records(range(5, 11)), has_state=False)  # 3 new: 11
+    assert shard.digest() == before
+    assert shard.write_records("q/t", records(range(5, 10)), has_state=False) == 5  # 2 new: at the quota
