@@ -136,6 +136,8 @@ class TableSummary:
     collisions: CollisionSummary | None
     reads: int = 0  # the most read requests one shard saw (a training step reads each shard once)
     hot_rows_read: int = 0  # of rows_read, those served by hot shards
+    dram_row_bytes: int = 0  # bytes a stored row takes in DRAM (the largest over shards)
+    wire_row_bytes: int = 0  # bytes a row takes in a Fetch reply
     labels: tuple[tuple[str, str], ...] = ()
 
     @property
@@ -169,6 +171,7 @@ class TableSummary:
                    rows_imbalance=imbalance([p.rows for p in parts]),
                    collisions=CollisionSummary.from_shards(counts, first.num_rows) if counts else None,
                    reads=max(p.reads for p in parts), labels=first.labels,
+                   dram_row_bytes=max(p.dram_row_bytes for p in parts), wire_row_bytes=first.wire_row_bytes,
                    hot_rows_read=sum(p.rows_read for p, is_hot in zip(parts, hot) if is_hot))
 
 
