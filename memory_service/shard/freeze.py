@@ -40,8 +40,11 @@ def frozen_records(store: TableStore, cfg: TableConfig) -> RowRecords:
     """Every written row of `store` as table `cfg` (frozen) stores it: the rows as a read sees
     them now, quantized where `cfg` says, no optimizer state, the last steps kept. Held whole:
     at most the table's rows on this shard (a quantized copy takes about a quarter of them)."""
-    ids = np.concatenate([np.empty(0, np.int64), *(chunk.ids for chunk in store.records(CHUNK_ROWS))])
-    last = np.concatenate([np.empty(0, np.int64), *(chunk.last for chunk in store.records(CHUNK_ROWS))])
+    ids_parts, last_parts = [np.empty(0, np.int64)], [np.empty(0, np.int64)]
+    for chunk in store.records(CHUNK_ROWS):  # one pass over the tiers (LMDB included), ids and steps kept
+        ids_parts.append(chunk.ids)
+        last_parts.append(chunk.last)
+    ids, last = np.concatenate(ids_parts), np.concatenate(last_parts)
     parts = []
     for start in range(0, len(ids), CHUNK_ROWS):
         rows = store.read(ids[start:start + CHUNK_ROWS])  # (c, width): as a Fetch sees them
