@@ -490,7 +490,7 @@ class MemoryClient:
         return self.router.requests(routes, {name: self._row_bytes(name) for name in routes})
 
     def _row_bytes(self, name: str) -> int:
-        return codec.row_nbytes(self.table(name))
+        return self.table(name).wire_row_bytes
 
     def close(self) -> None:
         if self.direct is not None:

@@ -18,7 +18,7 @@ from memory_service.wire.reply_files import ReplyFiles
 
 def reply_nbytes(requests: dict[str, np.ndarray], configs: dict[str, TableConfig]) -> int:
     """Bytes of rows a fetch of ids (n,) per table answers, in the tables' wire dtypes."""
-    return sum(len(ids) * codec.row_nbytes(configs[name]) for name, ids in requests.items())
+    return sum(len(ids) * configs[name].wire_row_bytes for name, ids in requests.items())
 
 
 class FetchReplies:

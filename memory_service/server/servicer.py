@@ -130,10 +130,14 @@ class MemoryServicer(memory_pb2_grpc.MemoryServiceServicer):
     def ExportRows(self, request, context):
         ids = codec.decode_ids(request.ids, request.table)
         budgets.check_rows([request], "export")
-        width = self.shard.describe_table(request.table).config.width
-        budgets.check_reply(len(ids) * (4 * (width + self.shard.state_width(request.table)) + 16), "export")
+        self._check_records_reply(request.table, len(ids), "export")
         records = self.shard.export_rows(request.table, ids, request.version, request.client_id, request.request_seq)
         return codec.records_to_proto(request.table, records)
+
+    def _check_records_reply(self, table: str, num_ids: int, rpc: str) -> None:
+        """RESOURCE_EXHAUSTED when `num_ids` records of `table` would not fit one reply."""
+        width = self.shard.describe_table(table).config.width
+        budgets.check_reply(num_ids * codec.record_nbytes(width, self.shard.state_width(table)), rpc)
 
     @_maps_errors
     def ImportRows(self, request, context):
@@ -156,8 +160,7 @@ class MemoryServicer(memory_pb2_grpc.MemoryServiceServicer):
     def ReadRecords(self, request, context):
         ids = codec.decode_ids(request.ids, request.table)
         budgets.check_rows([request], "read records")
-        width = self.shard.describe_table(request.table).config.width
-        budgets.check_reply(len(ids) * (4 * (width + self.shard.state_width(request.table)) + 16), "read records")
+        self._check_records_reply(request.table, len(ids), "read records")
         reply = codec.records_to_proto(request.table, self.shard.read_records(request.table, ids))
         reply.state_width = self.shard.state_width(request.table)
         if request.with_log:

@@ -21,7 +21,7 @@ def peek(store: TableStore, ids: np.ndarray) -> RowRecords:
     """Records of `ids` (n,), repeats allowed, in their order, exactly as stored: the arena's copy
     where it holds one (it is the current one), else the disk tier's, else the row's initial value,
     a new row's optimizer state and last step NEVER_WRITTEN."""
-    width, state_width = store.cfg.width, store.optimizer.state_width(store.cfg.width)
+    width, state_width = store.cfg.width, store.state_width
     distinct, inverse = np.unique(ids, return_inverse=True)  # (u,), (n,)
     rows = np.empty((len(distinct), width), np.float32)
     state = np.empty((len(distinct), state_width), np.float32)

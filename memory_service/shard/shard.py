@@ -738,8 +738,7 @@ class Shard:
     def state_width(self, name: str) -> int:
         """Optimizer-state values per row of table `name`."""
         with self._lock:
-            store = self._tables.store(name)
-            return store.optimizer.state_width(store.cfg.stored_width)
+            return self._tables.store(name).state_width
 
     def hot_map(self, name: str) -> tuple[int, np.ndarray]:
         """(version, sorted ids) of the rows of `name` this hot shard is home of."""
@@ -815,7 +814,7 @@ class Shard:
         for name, store in self._tables.items():
             if self.quotas.applies(name):  # rows moved to a hot shard still count here (quotas.py)
                 uses.append(TableUse(name, store.num_materialized + len(self.homes.ids(name)),
-                                     bytes_per_row(store.cfg.width, store.optimizer.state_width(store.cfg.width))))
+                                     bytes_per_row(store.cfg.width, store.state_width)))
         self.quotas.check_new_rows(new_rows, uses)
 
     def _checked_requests(self, requests: dict[str, np.ndarray]) -> dict[str, np.ndarray]:

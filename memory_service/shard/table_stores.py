@@ -212,5 +212,4 @@ class TableStores(Mapping[str, TableStore]):
         share = self.storage.dram_budget_bytes // len(self._stores)
         share -= share // HEADROOM
         for store in self._stores.values():
-            width, state_width = store.cfg.stored_width, store.optimizer.state_width(store.cfg.stored_width)
-            store.set_arena_capacity(DramTier.rows_within(share, width, state_width))
+            store.set_arena_capacity(DramTier.rows_within(share, store.cfg.stored_width, store.state_width))

@@ -126,6 +126,11 @@ class TableStore:
         self.closed = True
 
     @property
+    def state_width(self) -> int:
+        """float32 optimizer-state values per stored row (0 for a frozen table)."""
+        return self._state_width
+
+    @property
     def step(self) -> int:
         """The largest table step pushed so far (0 before any push)."""
         return self.optimizer.step
@@ -485,7 +490,7 @@ class TableStore:
         """(bytes per row in the arena: row, state, id, last step, dirty flag (index not counted);
         bytes per LMDB record: row, state, last step (0 without a disk tier))."""
         row = 4 * (self.arena.width + self.arena.state_width)
-        return row + 8 + 8 + 1, (row + 8 if self.disk is not None else 0)
+        return DramTier.row_nbytes(self.arena.width, self.arena.state_width), (row + 8 if self.disk is not None else 0)
 
     def tier_usage(self) -> tuple[TierUsage, ...]:
         """Rows, bytes and counters of each tier (optimizer state in DRAM counted apart)."""

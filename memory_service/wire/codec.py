@@ -138,12 +138,6 @@ def word_dtype(cfg: TableConfig) -> str:
     return "float32" if cfg.is_quantized else cfg.dtype
 
 
-def row_nbytes(cfg: TableConfig) -> int:
-    """Bytes of one row of `cfg` in a Fetch reply: width x itemsize, or a packed row's
-    4 * stored_width (scale and codes, padded to a multiple of 4)."""
-    return cfg.wire_row_bytes
-
-
 def wire_dtype_to_proto(cfg: TableConfig) -> int:
     """The DType enum value of table `cfg`'s rows in Fetch replies (TableRows.dtype)."""
     return _WIRE_TO_PROTO[wire_dtype(cfg)]
@@ -330,6 +324,12 @@ def _table_usage_from_proto(msg: memory_pb2.TableStats) -> TableUsage:
                       collisions=collisions, dram_row_bytes=msg.dram_row_bytes,
                       disk_row_bytes=msg.disk_row_bytes, wire_row_bytes=msg.wire_row_bytes, reads=msg.reads,
                       labels=tuple(sorted(msg.labels.items())))
+
+
+def record_nbytes(width: int, state_width: int) -> int:
+    """Bytes of one row record in a RowRecords message: float32 row and state, int64 id and last
+    step (what bounds ExportRows and ReadRecords replies, and sizes WriteRecords requests)."""
+    return 4 * (width + state_width) + 16
 
 
 def records_to_proto(table: str, records) -> memory_pb2.RowRecords:

@@ -25,7 +25,7 @@ WRITE_REQUEST_BYTES = 8 << 20
 
 def rows_per_request(width: int, state_width: int, max_bytes: int = codec.MAX_REPLY_BYTES) -> int:
     """Records per request within `max_bytes` (float32 row and state, int64 id and last)."""
-    return max(1, max_bytes // (4 * (width + state_width) + 16))
+    return max(1, max_bytes // codec.record_nbytes(width, state_width))
 
 
 def write(transport: Transport, num_cold: int, table: str, ids: np.ndarray, rows: np.ndarray,
@@ -66,7 +66,7 @@ def read(transport: Transport, num_cold: int, table: str, ids: np.ndarray, width
     out = RowRecords(np.asarray(ids, np.int64), np.empty((len(ids), width), np.float32),
                      np.empty((len(ids), state_width), np.float32), np.empty(len(ids), np.int64))
     for part, future in parts:
-        got = row_record_messages.records_from_reply(transport.result(future), width, state_width)
+        got = codec.records_from_proto(transport.result(future), width, state_width)
         out.rows[part], out.state[part], out.last[part] = got.rows, got.state, got.last
     return out
 

@@ -13,7 +13,7 @@ import numpy as np
 from memory_service.config import TableConfig
 from memory_service.errors import InvalidArgument
 from memory_service.wire import reply_files
-from memory_service.wire.codec import row_nbytes, word_dtype
+from memory_service.wire.codec import word_dtype
 
 
 class ReplyLayout:
@@ -40,7 +40,7 @@ class ReplyLayout:
         return None if self.buffer is None else self.buffer.path
 
     def row_bytes(self, name: str) -> int:
-        return row_nbytes(self.configs[name])
+        return self.configs[name].wire_row_bytes
 
     def offset(self, name: str, start: int) -> int:
         """Byte offset in the file of table `name`'s distinct row `start`."""

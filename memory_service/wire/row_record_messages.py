@@ -60,8 +60,3 @@ def log_from_proto(msg: memory_pb2.StepLog, table: str) -> dict[str, np.ndarray]
         raise InvalidArgument(f"table {table!r}: step log learning rates of {len(msg.lrs)} bytes (float64: 8 each)")
     return {"step": np.int64(msg.step), "steps": codec.decode_ids(msg.steps, table),
             "lrs": np.frombuffer(msg.lrs, "<f8").copy()}
-
-
-def records_from_reply(reply: memory_pb2.RowRecords, width: int, state_width: int) -> RowRecords:
-    """A ReadRecords answer -> RowRecords (lengths checked)."""
-    return codec.records_from_proto(reply, width, state_width)

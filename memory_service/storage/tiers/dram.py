@@ -46,9 +46,15 @@ class DramTier(Tier):
             self._rows, self._last = shared.new_rows(0, width)
 
     @staticmethod
+    def row_nbytes(width: int, state_width: int) -> int:
+        """Bytes a row takes in the arenas (its share of the index apart): id, last step, dirty
+        flag, row and optimizer state."""
+        return 8 + 8 + 1 + 4 * (width + state_width)
+
+    @staticmethod
     def rows_within(budget_bytes: int, width: int, state_width: int) -> int:
         """The most rows a tier of this kind keeps in `budget_bytes`: arenas plus index."""
-        per_row = 8 + 8 + 1 + 4 * (width + state_width)  # id, last, dirty, row, state
+        per_row = DramTier.row_nbytes(width, state_width)
         best = 0
         for bits in range(MIN_INDEX_BITS, 63):
             index_bytes = 16 << bits
